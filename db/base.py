@@ -1,0 +1,98 @@
+"""Declarative base, portable column types and the mixins every resource table shares."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+import uuid
+from typing import Annotated, Any
+
+from sqlalchemy import JSON, DateTime, Integer, MetaData, String, TypeDecorator, Uuid
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 v7): new rows land at the right edge of the primary-key index."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return uuid.UUID(int=value)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware timestamps on every engine.
+
+    SQLite has no timestamp type and SQLAlchemy stores naive text there; this stores UTC and hands
+    back aware datetimes, so comparisons in filters and page tokens agree on both engines.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+# JSONB where it matters (PostgreSQL: indexable, containment operators), JSON text on SQLite.
+PortableJSON = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+uuid_pk = Annotated[uuid.UUID, mapped_column(Uuid, primary_key=True, default=uuid7)]
+timestamp = Annotated[dt.datetime, mapped_column(UTCDateTime, nullable=False)]
+optional_timestamp = Annotated[dt.datetime | None, mapped_column(UTCDateTime, nullable=True)]
+json_object = Annotated[dict[str, Any] | None, mapped_column(PortableJSON, nullable=True)]
+json_list = Annotated[list[Any], mapped_column(PortableJSON, nullable=False, default=list)]
+short_text = Annotated[str, mapped_column(String(255), nullable=False)]
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ResourceMixin:
+    """id, create/update times and the revision behind the etag, for every resource table."""
+
+    id: Mapped[uuid_pk]
+    create_time: Mapped[timestamp] = mapped_column(default=utcnow)
+    update_time: Mapped[timestamp] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Optimistic concurrency: SQLAlchemy adds "AND revision = :old" to every UPDATE, so two
+    # writers that read the same etag cannot both win.
+    revision: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+
+    @declared_attr.directive
+    def __mapper_args__(cls) -> dict[str, Any]:  # noqa: N805
+        return {"version_id_col": cls.revision}
+
+
+class SoftDeleteMixin:
+    """delete_time marks a soft-deleted row; Undelete clears it."""
+
+    delete_time: Mapped[optional_timestamp]

@@ -1,0 +1,333 @@
+"""Proto field <-> row attribute conversion, one codec per field kind.
+
+The resource declaration (db/resource.py) picks a codec for every field of the message from the
+field's descriptor and the model's column, so conversion is written once for every resource.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from db.errors import InvalidArgument
+
+_MIN_TS = dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc)
+NANOS = Decimal(1_000_000_000)
+
+
+class FieldCodec:
+    """Moves one proto field between a message and a row."""
+
+    name: str
+    attr: str | None = None  # the model attribute it maps to, when there is exactly one
+    writable = True
+
+    def present(self, msg: Message) -> bool:
+        """Whether the client set the field (proto3: a non-default value, or presence)."""
+        raise NotImplementedError
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        """Row attribute values for the field's value in msg; raises InvalidArgument."""
+        raise NotImplementedError
+
+    def dump(self, row: Any, msg: Message) -> None:
+        """Set the field on msg from row."""
+        raise NotImplementedError
+
+
+class ScalarCodec(FieldCodec):
+    """string, bool, int and double fields stored in a column of the same kind."""
+
+    def __init__(self, fd: FieldDescriptor, attr: str, nullable: bool, max_length: int | None) -> None:
+        self.name = fd.name
+        self.attr = attr
+        self.nullable = nullable
+        self.max_length = max_length
+        self.has_presence = fd.has_presence
+        self.is_string = fd.type == FieldDescriptor.TYPE_STRING
+        self.is_float = fd.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+        self.default = fd.default_value
+
+    def present(self, msg: Message) -> bool:
+        if self.has_presence:
+            return msg.HasField(self.name)
+        return getattr(msg, self.name) != self.default
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        value = getattr(msg, self.name)
+        if self.is_string:
+            if self.max_length is not None and len(value) > self.max_length:
+                raise InvalidArgument.field(self.name, f"must be at most {self.max_length} characters")
+            if value == "" and self.nullable:
+                value = None
+        elif self.is_float and value != value:  # NaN never compares equal to itself
+            raise InvalidArgument.field(self.name, "must be a number, not NaN")
+        return {self.attr: value}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        value = getattr(row, self.attr)
+        if value is not None:
+            setattr(msg, self.name, value)
+
+
+class UuidCodec(FieldCodec):
+    """A string id field stored as a UUID column; the empty string is NULL."""
+
+    def __init__(self, fd: FieldDescriptor, attr: str) -> None:
+        self.name = fd.name
+        self.attr = attr
+
+    def present(self, msg: Message) -> bool:
+        return getattr(msg, self.name) != ""
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        return {self.attr: parse_uuid(getattr(msg, self.name), self.name, allow_empty=True)}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        value = getattr(row, self.attr)
+        if value is not None:
+            setattr(msg, self.name, str(value))
+
+
+class EnumCodec(FieldCodec):
+    """An enum stored as its short lower-case name ("in_progress" for TASK_STATUS_IN_PROGRESS)."""
+
+    def __init__(self, fd: FieldDescriptor, attr: str) -> None:
+        self.name = fd.name
+        self.attr = attr
+        self.to_db, self.to_number = enum_maps(fd.enum_type)
+
+    def present(self, msg: Message) -> bool:
+        return getattr(msg, self.name) != 0
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        number = getattr(msg, self.name)
+        if number == 0:
+            return {self.attr: None}
+        if number not in self.to_db:
+            raise InvalidArgument.field(self.name, f"unknown enum value {number}")
+        return {self.attr: self.to_db[number]}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        value = getattr(row, self.attr)
+        if value is not None:
+            setattr(msg, self.name, self.to_number[value])
+
+
+class TimestampCodec(FieldCodec):
+    def __init__(self, fd: FieldDescriptor, attr: str) -> None:
+        self.name = fd.name
+        self.attr = attr
+
+    def present(self, msg: Message) -> bool:
+        return msg.HasField(self.name)
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        if not msg.HasField(self.name):
+            return {self.attr: None}
+        ts: timestamp_pb2.Timestamp = getattr(msg, self.name)
+        try:
+            value = ts.ToDatetime(tzinfo=dt.timezone.utc)
+        except (ValueError, OverflowError) as exc:
+            raise InvalidArgument.field(self.name, f"not a valid timestamp: {exc}") from None
+        if value <= _MIN_TS:
+            raise InvalidArgument.field(self.name, "must be after year 1")
+        return {self.attr: value}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        value = getattr(row, self.attr)
+        if value is not None:
+            getattr(msg, self.name).FromDatetime(value)
+
+
+class DateCodec(FieldCodec):
+    """nexus.common.v1.Date <-> DATE."""
+
+    def __init__(self, fd: FieldDescriptor, attr: str) -> None:
+        self.name = fd.name
+        self.attr = attr
+
+    def present(self, msg: Message) -> bool:
+        return msg.HasField(self.name)
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        if not msg.HasField(self.name):
+            return {self.attr: None}
+        d = getattr(msg, self.name)
+        try:
+            return {self.attr: dt.date(d.year, d.month, d.day)}
+        except ValueError as exc:
+            raise InvalidArgument.field(self.name, f"not a valid date ({d.year}-{d.month}-{d.day}): {exc}") from None
+
+    def dump(self, row: Any, msg: Message) -> None:
+        value = getattr(row, self.attr)
+        if value is not None:
+            d = getattr(msg, self.name)
+            d.year, d.month, d.day = value.year, value.month, value.day
+
+
+class StructCodec(FieldCodec):
+    """google.protobuf.Struct <-> JSON object column."""
+
+    def __init__(self, fd: FieldDescriptor, attr: str) -> None:
+        self.name = fd.name
+        self.attr = attr
+
+    def present(self, msg: Message) -> bool:
+        return msg.HasField(self.name)
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        if not msg.HasField(self.name):
+            return {self.attr: None}
+        return {self.attr: json_format.MessageToDict(getattr(msg, self.name))}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        value = getattr(row, self.attr)
+        if value is not None:
+            target: struct_pb2.Struct = getattr(msg, self.name)
+            target.update(value)
+
+
+class StringListCodec(FieldCodec):
+    """repeated string <-> JSON array column."""
+
+    def __init__(self, fd: FieldDescriptor, attr: str, max_items: int = 100, max_length: int = 255) -> None:
+        self.name = fd.name
+        self.attr = attr
+        self.max_items = max_items
+        self.max_length = max_length
+
+    def present(self, msg: Message) -> bool:
+        return len(getattr(msg, self.name)) > 0
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        items = list(getattr(msg, self.name))
+        if len(items) > self.max_items:
+            raise InvalidArgument.field(self.name, f"at most {self.max_items} items")
+        for i, item in enumerate(items):
+            if not item or len(item) > self.max_length:
+                raise InvalidArgument.field(f"{self.name}[{i}]", f"must be 1 to {self.max_length} characters")
+        # Duplicates carry no meaning in a set of labels; keep the first of each, in order.
+        return {self.attr: list(dict.fromkeys(items))}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        value = getattr(row, self.attr)
+        if value:
+            getattr(msg, self.name).extend(value)
+
+
+class MoneyCodec(FieldCodec):
+    """nexus.common.v1.Money <-> NUMERIC amount column + currency column."""
+
+    def __init__(self, name: str, amount_attr: str, currency_attr: str) -> None:
+        self.name = name
+        self.amount_attr = amount_attr
+        self.currency_attr = currency_attr
+
+    def present(self, msg: Message) -> bool:
+        return msg.HasField(self.name)
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        if not msg.HasField(self.name):
+            return {self.amount_attr: None, self.currency_attr: None}
+        money = getattr(msg, self.name)
+        code = money.currency_code
+        if len(code) != 3 or not code.isalpha() or not code.isupper():
+            raise InvalidArgument.field(f"{self.name}.currency_code", "must be a three-letter upper-case ISO 4217 code")
+        if abs(money.nanos) >= 1_000_000_000:
+            raise InvalidArgument.field(f"{self.name}.nanos", "must be between -999,999,999 and 999,999,999")
+        if (money.units > 0 and money.nanos < 0) or (money.units < 0 and money.nanos > 0):
+            raise InvalidArgument.field(f"{self.name}.nanos", "must have the same sign as units")
+        amount = Decimal(money.units) + Decimal(money.nanos) / NANOS
+        return {self.amount_attr: amount, self.currency_attr: code}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        amount = getattr(row, self.amount_attr)
+        if amount is None:
+            return
+        money = getattr(msg, self.name)
+        amount = Decimal(amount)
+        units = int(amount)
+        money.currency_code = getattr(row, self.currency_attr) or ""
+        money.units = units
+        money.nanos = int((amount - units) * NANOS)
+
+
+class OutputCodec(FieldCodec):
+    """An output-only field computed from the row (relationship ids, etag...)."""
+
+    writable = False
+
+    def __init__(self, name: str, compute: Callable[[Any], Any], repeated: bool = False) -> None:
+        self.name = name
+        self.compute = compute
+        self.repeated = repeated
+
+    def present(self, msg: Message) -> bool:
+        return False
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        return {}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        value = self.compute(row)
+        if self.repeated:
+            getattr(msg, self.name).extend(value)
+        elif value is not None:
+            setattr(msg, self.name, value)
+
+
+class InputCodec(FieldCodec):
+    """A write-only field (a password): loaded through a transform, never dumped."""
+
+    def __init__(self, name: str, transform: Callable[[str], dict[str, Any]]) -> None:
+        self.name = name
+        self.transform = transform
+
+    def present(self, msg: Message) -> bool:
+        return getattr(msg, self.name) != ""
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        value = getattr(msg, self.name)
+        return self.transform(value) if value else {}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        return None
+
+
+def parse_uuid(value: str, field_path: str, allow_empty: bool = False) -> uuid.UUID | None:
+    """Parse a client-supplied id; INVALID_ARGUMENT naming the field when it is not a UUID."""
+    if value == "":
+        if allow_empty:
+            return None
+        raise InvalidArgument.field(field_path, "is required", reason="REQUIRED_FIELD")
+    try:
+        return uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidArgument.field(field_path, f"{value[:80]!r} is not a valid id (a UUID)") from None
+
+
+def enum_maps(enum: EnumDescriptor) -> tuple[dict[int, str], dict[str, int]]:
+    """number -> stored short name, and back, for an AIP enum (PREFIX_UNSPECIFIED = 0)."""
+    prefix = enum.values_by_number[0].name[: -len("UNSPECIFIED")]
+    to_db = {v.number: v.name[len(prefix):].lower() for v in enum.values if v.number != 0}
+    return to_db, {name: number for number, name in to_db.items()}
+
+
+def enum_filter_names(enum: EnumDescriptor) -> dict[str, str]:
+    """Names a filter may use for each stored value: full (TASK_STATUS_DONE) and short (DONE)."""
+    prefix = enum.values_by_number[0].name[: -len("UNSPECIFIED")]
+    names: dict[str, str] = {}
+    for v in enum.values:
+        if v.number == 0:
+            continue
+        short = v.name[len(prefix):]
+        names[v.name] = short.lower()
+        names[short] = short.lower()
+    return names

@@ -1,0 +1,337 @@
+"""The standard methods (AIP-131..135, 154, 155, 158, 160, 164), written once for every resource.
+
+Each function runs inside a unit of work (a Session in a transaction) and returns protos; the
+service layer only translates requests and awaits these through Database.run.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import empty_pb2
+from google.protobuf.message import Message
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db import errors
+from db.base import utcnow
+from db.codecs import parse_uuid
+from db.models import RequestRecord
+from db.paging import (
+    decode_token,
+    encode_token,
+    fingerprint,
+    keyset_after,
+    order_clauses,
+    page_size,
+    parse_order_by,
+)
+from db.resource import REGISTRY, ResourceSpec, etag_of
+from db.search import search_terms
+
+MAX_BATCH = 1000
+MAX_REQUEST_ID = 128
+
+
+@dataclass
+class Call:
+    """What the service knows about the RPC a unit of work serves."""
+
+    request_id: str = ""
+    dialect: str = "sqlite"
+    actor_user_id: uuid.UUID | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def fetch(session: Session, spec: ResourceSpec, raw_id: str, *, show_deleted: bool = False, field_path: str = "id", lock: bool = False) -> Any:
+    """The row with that id, or NOT_FOUND with ResourceInfo (soft-deleted rows count as absent)."""
+    row_id = parse_uuid(raw_id, field_path)
+    stmt = select(spec.model).where(spec.table.c.id == row_id)
+    if spec.load_options:
+        stmt = stmt.options(*spec.load_options)
+    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    row = session.scalars(stmt).one_or_none()
+    if row is None or (spec.soft_delete and row.delete_time is not None and not show_deleted):
+        raise errors.NotFound.resource(spec.name, raw_id, field_path)
+    return row
+
+
+def read_mask_paths(spec: ResourceSpec, paths: Sequence[str]) -> list[str] | None:
+    """Validated read_mask paths, None for the whole resource."""
+    if not paths or list(paths) == ["*"]:
+        return None
+    unknown = [p for p in paths if p not in spec.codecs]
+    if unknown:
+        raise errors.InvalidArgument.field("read_mask", f"unknown field(s) {', '.join(unknown)} of {spec.name}", reason="INVALID_FIELD_MASK")
+    return list(dict.fromkeys(paths))
+
+
+def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
+    mask = read_mask_paths(spec, request.read_mask.paths)
+    show_deleted = bool(getattr(request, "show_deleted", False))
+    return spec.to_proto(fetch(session, spec, request.id, show_deleted=show_deleted), mask)
+
+
+def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Message]:
+    ids = list(request.ids)
+    if not ids:
+        raise errors.InvalidArgument.field("ids", "must name at least one id", reason="REQUIRED_FIELD")
+    if len(ids) > MAX_BATCH:
+        raise errors.InvalidArgument.field("ids", f"at most {MAX_BATCH} ids per call", reason="BATCH_TOO_LARGE")
+    mask = read_mask_paths(spec, request.read_mask.paths)
+    parsed = [parse_uuid(raw, f"ids[{i}]") for i, raw in enumerate(ids)]
+    stmt = select(spec.model).where(spec.table.c.id.in_(set(parsed)))
+    if spec.load_options:
+        stmt = stmt.options(*spec.load_options)
+    rows = {row.id: row for row in session.scalars(stmt)}
+    out = []
+    for i, row_id in enumerate(parsed):
+        row = rows.get(row_id)
+        if row is None or (spec.soft_delete and row.delete_time is not None):
+            raise errors.NotFound.resource(spec.name, ids[i], f"ids[{i}]")
+        out.append(spec.to_proto(row, mask))
+    return out
+
+
+def _base_query(session: Session, spec: ResourceSpec, filter_text: str, show_deleted: bool, call: Call) -> tuple[Any, list[Any]]:
+    conditions: list[Any] = []
+    compiled = spec.filter_compiler(call.dialect).compile(filter_text)
+    if compiled is not None:
+        conditions.append(compiled)
+    if spec.soft_delete and not show_deleted:
+        conditions.append(spec.table.c.delete_time.is_(None))
+    return select(spec.model), conditions
+
+
+def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[Message], str, int]:
+    """One keyset page: (resources, next_page_token, total_size)."""
+    size = page_size(request.page_size)
+    show_deleted = bool(getattr(request, "show_deleted", False))
+    orderable = {name: spec.table.c[name] for name in (*spec.orderable, "id")}
+    keys = parse_order_by(request.order_by, orderable, spec.default_order)
+    stmt, conditions = _base_query(session, spec, request.filter, show_deleted, call)
+    query_fp = fingerprint(spec.name, request.filter, [(k.field, k.descending) for k in keys], show_deleted)
+    page_conditions = list(conditions)
+    if request.page_token:
+        payload = decode_token(request.page_token, query_fp, len(keys))
+        if "k" not in payload:
+            raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
+        page_conditions.append(keyset_after(keys, payload["k"]))
+    stmt = stmt.where(*page_conditions).order_by(*order_clauses(keys)).limit(size + 1)
+    if spec.load_options:
+        stmt = stmt.options(*spec.load_options)
+    rows = list(session.scalars(stmt))
+    next_token = ""
+    if len(rows) > size:
+        rows = rows[:size]
+        last = rows[-1]
+        next_token = encode_token(query_fp, after=[getattr(last, spec.table.c[k.field].key) for k in keys])
+    total = session.scalar(select(func.count()).select_from(spec.table).where(*conditions)) or 0
+    return [spec.to_proto(r) for r in rows], next_token, int(total)
+
+
+def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[tuple[Message, float]], str, int]:
+    """Ranked full-text hits: ([(resource, score)], next_page_token, total_size)."""
+    size = page_size(request.page_size)
+    terms = search_terms(call.dialect, spec.table.name, spec.search_fields, request.query)
+    _, conditions = _base_query(session, spec, request.filter, False, call)
+    conditions.append(terms.match)
+    query_fp = fingerprint(spec.name, "search", request.query, request.filter)
+    offset = 0
+    if request.page_token:
+        payload = decode_token(request.page_token, query_fp)
+        if "o" not in payload:
+            raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
+        offset = payload["o"]
+    score = terms.score.label("score")
+    stmt = select(spec.model, score)
+    count = select(func.count()).select_from(spec.table)
+    if terms.join is not None:
+        target, on = terms.join
+        stmt = stmt.join_from(spec.model, target, on)
+        count = count.join(target, on)
+    stmt = stmt.where(*conditions).order_by(score.desc(), spec.table.c.id).offset(offset).limit(size + 1)
+    if spec.load_options:
+        stmt = stmt.options(*spec.load_options)
+    rows = list(session.execute(stmt).all())
+    next_token = ""
+    if len(rows) > size:
+        rows = rows[:size]
+        next_token = encode_token(query_fp, offset=offset + size)
+    total = session.scalar(count.where(*conditions)) or 0
+    return [(spec.to_proto(r[0]), float(r[1])) for r in rows], next_token, int(total)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _load_fields(spec: ResourceSpec, msg: Message, names: Iterable[str], prefix: str) -> dict[str, Any]:
+    """Row values for the named fields; every violation is reported at once."""
+    values: dict[str, Any] = {}
+    violations = errors.Violations()
+    for name in names:
+        try:
+            values.update(spec.codecs[name].load(msg))
+        except errors.InvalidArgument as exc:
+            for v in exc.violations:
+                violations.add(prefix + v.field, v.description, v.reason)
+    violations.raise_if_any()
+    return values
+
+
+def check_references(session: Session, spec: ResourceSpec, values: dict[str, Any], prefix: str = "") -> None:
+    """NOT_FOUND naming the field when a referenced resource does not exist (or is deleted)."""
+    for field_name, target_name in spec.references.items():
+        attr = spec.codecs[field_name].attr
+        value = values.get(attr) if attr else None
+        if value is None:
+            continue
+        target = REGISTRY[target_name]
+        stmt = select(target.table.c.id).where(target.table.c.id == value)
+        if target.soft_delete:
+            stmt = stmt.where(target.table.c.delete_time.is_(None))
+        if session.scalar(stmt) is None:
+            raise errors.NotFound.resource(target.name, str(value), prefix + field_name)
+
+
+def _missing_required(spec: ResourceSpec, row: Any, prefix: str) -> None:
+    violations = errors.Violations()
+    for name in sorted(spec.required):
+        attr = spec.codecs[name].attr
+        if attr is not None and getattr(row, attr) in (None, ""):
+            violations.add(prefix + name, "is required", "REQUIRED_FIELD")
+    violations.raise_if_any()
+
+
+def _apply_defaults(spec: ResourceSpec, row: Any) -> None:
+    """Column defaults for attributes left None, so hooks and validation see the final values."""
+    for col in spec.table.c:
+        if col.default is not None and col.default.is_scalar and getattr(row, col.key, None) is None:
+            setattr(row, col.key, col.default.arg)
+
+
+def validate_request_id(request_id: str, field_path: str = "request_id") -> str:
+    if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+        raise errors.InvalidArgument.field(field_path, f"must be at most {MAX_REQUEST_ID} printable characters (a UUID is best)")
+    return request_id
+
+
+def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefix: str = "") -> Message:
+    request_id = validate_request_id(request.request_id, prefix + "request_id")
+    if request_id:
+        earlier = session.scalar(
+            select(RequestRecord.resource_id).where(
+                RequestRecord.resource_type == spec.name, RequestRecord.request_id == request_id
+            )
+        )
+        if earlier is not None:
+            row = session.get(spec.model, earlier)
+            if row is not None:
+                return spec.to_proto(row)
+    msg = getattr(request, spec.singular_field)
+    field_prefix = f"{prefix}{spec.singular_field}."
+    names = [n for n in spec.creatable if spec.codecs[n].present(msg)]
+    values = _load_fields(spec, msg, names, field_prefix)
+    row = spec.model(**{k: v for k, v in values.items() if v is not None})
+    _apply_defaults(spec, row)
+    _missing_required(spec, row, field_prefix)
+    check_references(session, spec, values, field_prefix)
+    if spec.before_write is not None:
+        spec.before_write(session, row, set(names), True, call)
+    session.add(row)
+    session.flush()
+    if request_id:
+        session.add(RequestRecord(resource_type=spec.name, request_id=request_id, resource_id=row.id))
+        session.flush()
+    return spec.to_proto(row)
+
+
+def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
+    requests = list(request.requests)
+    if not requests:
+        raise errors.InvalidArgument.field("requests", "must hold at least one request", reason="REQUIRED_FIELD")
+    if len(requests) > MAX_BATCH:
+        raise errors.InvalidArgument.field("requests", f"at most {MAX_BATCH} per call", reason="BATCH_TOO_LARGE")
+    return [create(session, spec, sub, call, prefix=f"requests[{i}].") for i, sub in enumerate(requests)]
+
+
+def update_paths(spec: ResourceSpec, msg: Message, paths: Sequence[str]) -> list[str]:
+    """The fields an update changes: the mask, "*" for every updatable field, or the set fields."""
+    if not paths:
+        return [n for n in spec.updatable if spec.codecs[n].present(msg)]
+    if list(paths) == ["*"]:
+        return list(spec.updatable)
+    violations = errors.Violations()
+    for path in paths:
+        if path not in spec.codecs:
+            violations.add("update_mask", f"{path!r} is not a field of {spec.name}", "INVALID_FIELD_MASK")
+        elif path in spec.all_output_only:
+            violations.add("update_mask", f"{path!r} is output only", "INVALID_FIELD_MASK")
+        elif path in spec.immutable:
+            violations.add("update_mask", f"{path!r} cannot change after creation", "IMMUTABLE_FIELD")
+    violations.raise_if_any()
+    return list(dict.fromkeys(paths))
+
+
+def check_etag(row: Any, etag: str, field_path: str) -> None:
+    if etag and etag != etag_of(row):
+        raise errors.Aborted(
+            f"etag {etag!r} is stale: the resource is now at {etag_of(row)!r}; read it again",
+            reason="ETAG_MISMATCH",
+            metadata={"field": field_path, "current_etag": etag_of(row)},
+        )
+
+
+def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:
+    msg = getattr(request, spec.singular_field)
+    field_prefix = f"{spec.singular_field}."
+    names = update_paths(spec, msg, request.update_mask.paths)
+    row = fetch(session, spec, msg.id, field_path=field_prefix + "id", lock=True)
+    check_etag(row, msg.etag, field_prefix + "etag")
+    values = _load_fields(spec, msg, names, field_prefix)
+    for key, value in values.items():
+        setattr(row, key, value)
+    _apply_defaults_for_cleared(spec, row, values)
+    _missing_required(spec, row, field_prefix)
+    check_references(session, spec, values, field_prefix)
+    if spec.before_write is not None:
+        spec.before_write(session, row, set(names), False, call)
+    session.flush()
+    return spec.to_proto(row)
+
+
+def _apply_defaults_for_cleared(spec: ResourceSpec, row: Any, values: dict[str, Any]) -> None:
+    """A masked enum or flag cleared to its zero value goes back to the column default."""
+    for key, value in values.items():
+        col = spec.table.c.get(key)
+        if value is None and col is not None and not col.nullable and col.default is not None and col.default.is_scalar:
+            setattr(row, key, col.default.arg)
+
+
+def delete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:
+    force = bool(getattr(request, "force", False))
+    row = fetch(session, spec, request.id, show_deleted=force, lock=True)
+    check_etag(row, request.etag, "etag")
+    if spec.soft_delete and not force:
+        row.delete_time = utcnow()
+        session.flush()
+        return spec.to_proto(row)
+    result = spec.to_proto(row) if spec.soft_delete else empty_pb2.Empty()
+    session.delete(row)
+    session.flush()
+    return result
+
+
+def undelete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:
+    row = fetch(session, spec, request.id, show_deleted=True, lock=True)
+    if row.delete_time is None:
+        raise errors.FailedPrecondition(f"{spec.name} {request.id!r} is not deleted", reason="NOT_DELETED")
+    row.delete_time = None
+    session.flush()
+    return spec.to_proto(row)

@@ -1,0 +1,171 @@
+"""Engine, session factory and the unit of work every RPC runs in."""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from db import errors
+from db.translate import RetryableConflict, translate
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    size: int = 10
+    max_overflow: int = 20
+    timeout: float = 10.0
+    recycle: int = 1800
+    pre_ping: bool = True
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from pysqlite so BEGIN is ours (see _on_begin).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # A write transaction that starts DEFERRED and upgrades later can fail with SQLITE_BUSY
+        # at once, without waiting on busy_timeout; BEGIN IMMEDIATE takes the write lock up front.
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def create_db_engine(url: str, pool: PoolSettings, echo: bool = False) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            engine = create_engine(url, echo=echo, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(
+                url,
+                echo=echo,
+                pool_size=pool.size,
+                max_overflow=pool.max_overflow,
+                pool_timeout=pool.timeout,
+                pool_pre_ping=pool.pre_ping,
+                connect_args={"check_same_thread": False, "timeout": pool.timeout},
+            )
+        _configure_sqlite(engine, int(pool.timeout * 1000))
+        return engine
+    return create_engine(
+        url,
+        echo=echo,
+        pool_size=pool.size,
+        max_overflow=pool.max_overflow,
+        pool_timeout=pool.timeout,
+        pool_recycle=pool.recycle,
+        pool_pre_ping=pool.pre_ping,
+        connect_args={"connect_timeout": max(1, int(pool.timeout)), "application_name": "nexus-data"},
+    )
+
+
+class Database:
+    """Owns the engine and runs units of work in a bounded thread pool off the event loop."""
+
+    max_attempts = 5
+
+    def __init__(self, url: str, pool: PoolSettings | None = None, echo: bool = False) -> None:
+        self.url = url
+        self.pool = pool or PoolSettings()
+        self.engine = create_db_engine(url, self.pool, echo)
+        self.dialect = self.engine.dialect.name
+        write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(write_engine, expire_on_commit=False)
+        # One worker per pooled connection: a unit of work never waits for a thread while it
+        # holds a connection, and the event loop never blocks on the database.
+        workers = max(2, self.pool.size + self.pool.max_overflow)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nexus-db")
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    def run_sync(
+        self,
+        work: Callable[[Session], T],
+        *,
+        write: bool = True,
+        deadline: float | None = None,
+        resource_type: str = "",
+    ) -> T:
+        """Run work(session) in one transaction; commit on success; retry conflicts; translate errors."""
+        factory = self._write_sessions if write else self._read_sessions
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                with factory() as session, session.begin():
+                    if deadline is not None and self.is_postgres:
+                        remaining_ms = int((deadline - time.monotonic()) * 1000)
+                        if remaining_ms <= 0:
+                            raise errors.DeadlineExceeded("the call's deadline passed before it reached the database")
+                        session.execute(
+                            text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": str(remaining_ms)}
+                        )
+                    return work(session)
+            except Exception as exc:  # noqa: BLE001 - every database error is translated here, once
+                translated = translate(exc, resource_type)
+                if isinstance(translated, RetryableConflict):
+                    if attempt < self.max_attempts:
+                        time.sleep(random.uniform(0.005, 0.02) * attempt)
+                        continue
+                    raise errors.Aborted(
+                        "the transaction kept conflicting with concurrent ones; retry the call",
+                        reason="TRANSACTION_CONFLICT",
+                    ) from exc
+                if translated is exc:
+                    raise
+                raise translated from exc
+        raise AssertionError("unreachable")
+
+    async def run(
+        self,
+        work: Callable[[Session], T],
+        *,
+        write: bool = True,
+        deadline: float | None = None,
+        resource_type: str = "",
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        return await loop.run_in_executor(
+            self.executor,
+            lambda: ctx.run(self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type),
+        )
+
+    def ping(self) -> bool:
+        """True when a connection answers SELECT 1."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"
+            return False
+
+    def dispose(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.engine.dispose()

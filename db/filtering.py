@@ -1,0 +1,820 @@
+"""AIP-160 filters: a tokenizer, a recursive-descent parser and a compiler to SQLAlchemy.
+
+Supported grammar (a subset of https://google.aip.dev/160)::
+
+    filter      := [expression]
+    expression  := sequence { "AND" sequence }
+    sequence    := factor { factor }                 (juxtaposition, means AND)
+    factor      := term { "OR" term }
+    term        := { "NOT" | "-" } simple
+    simple      := restriction | "(" expression ")"
+    restriction := path comparator arg
+    comparator  := "=" | "!=" | "<" | "<=" | ">" | ">=" | ":"
+    path        := IDENT { "." IDENT }               IDENT = [A-Za-z_][A-Za-z0-9_]*
+    arg         := STRING | NUMBER | "true" | "false" | "null" | "*" | IDENT-or-path (a bare string)
+
+Precedence is AIP-160's, which is NOT the usual one: OR binds tighter than AND (and than
+juxtaposition), so ``a AND b OR c`` means ``a AND (b OR c)`` and ``a b OR c`` means
+``a AND (b OR c)``. ``NOT`` / ``-`` bind tightest. Keywords are upper-case; ``and`` is a bare word.
+
+Semantics that AIP-160 leaves open:
+- Comparisons keep SQL three-valued logic: ``x != v`` and ``NOT x = v`` do not match rows where
+  ``x`` is NULL (or, for JSON paths, missing or of another JSON type). Use ``x = null`` for those.
+- A string literal ending in an unescaped ``*`` is a case-sensitive prefix match with ``=`` (and its
+  negation with ``!=``); ``\\*`` is a literal star. ``:`` on a string is case-insensitive substring.
+- ``field:*`` means present: NOT NULL (strings: also non-empty; repeated: non-empty array; JSON
+  path: key present). ``field = null`` / ``!= null`` is IS NULL / IS NOT NULL for every kind.
+- JSON nested comparisons are typed by the literal: a string literal only matches JSON strings, a
+  number only JSON numbers, true/false only JSON booleans; ``prefs.a:key`` means object has key.
+- Timestamps are compared in UTC. UUID, timestamp and date literals must be quoted.
+Limits: 2048 characters, nesting (parentheses and NOTs) 32 deep, 64 comparisons.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import functools
+import math
+import operator
+import re
+import unicodedata
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Float,
+    and_,
+    case,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    type_coerce,
+)
+from sqlalchemy.dialects import postgresql
+
+from db.errors import FieldViolation, InvalidArgument
+
+__all__ = [
+    "And",
+    "Comparison",
+    "FieldKind",
+    "FilterCompiler",
+    "FilterField",
+    "Literal",
+    "LiteralKind",
+    "Node",
+    "Not",
+    "Or",
+    "parse_filter",
+]
+
+FILTER_FIELD = "filter"
+MAX_LENGTH = 2048
+MAX_DEPTH = 32
+MAX_COMPARISONS = 64
+_CACHE_SIZE = 512
+
+INVALID_FILTER = "INVALID_FILTER"
+UNKNOWN_FILTER_FIELD = "UNKNOWN_FILTER_FIELD"
+INVALID_FILTER_VALUE = "INVALID_FILTER_VALUE"
+UNSUPPORTED_FILTER_OPERATOR = "UNSUPPORTED_FILTER_OPERATOR"
+
+_WHITESPACE = " \t\r\n"
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_PATH_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*")
+_NUMBER_RE = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_INT_RE = re.compile(r"-?[0-9]+")
+_COMPARATORS = ("<=", ">=", "!=", "<", ">", "=", ":")
+_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "*": "*", "n": "\n", "t": "\t", "r": "\r"}
+_KEYWORDS = ("AND", "OR", "NOT")
+_DIGITS = frozenset("0123456789")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _error(reason: str, description: str) -> InvalidArgument:
+    """The one way this module reports a problem: InvalidArgument on the `filter` field."""
+    return InvalidArgument(
+        f"invalid filter: {description}",
+        reason=reason,
+        violations=[FieldViolation(FILTER_FIELD, description, reason)],
+        metadata={"field": FILTER_FIELD},
+    )
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    """A short, printable rendering of user text for error descriptions."""
+    shown = text if len(text) <= limit else text[:limit] + "..."
+    return repr(shown)
+
+
+# --------------------------------------------------------------------------------------- tokens
+
+
+class TokenType(enum.Enum):
+    LPAREN = "'('"
+    RPAREN = "')'"
+    AND = "AND"
+    OR = "OR"
+    NOT = "NOT"
+    MINUS = "'-'"
+    COMPARATOR = "comparator"
+    PATH = "name"
+    STRING = "string"
+    NUMBER = "number"
+    STAR = "'*'"
+    EOF = "end of filter"
+
+
+@dataclass(frozen=True)
+class Token:
+    type: TokenType
+    text: str  # source text; for STRING the unescaped value
+    position: int
+    wildcard: bool = False  # STRING ending in an unescaped '*'
+
+    def describe(self) -> str:
+        """How an error message names this token."""
+        if self.type is TokenType.EOF:
+            return "end of filter"
+        if self.type is TokenType.STRING:
+            return f"string {_quote(self.text)}"
+        return _quote(self.text)
+
+
+def _check_characters(text: str) -> None:
+    """Rejects control characters (except ordinary whitespace) and lone surrogates."""
+    for position, char in enumerate(text):
+        if char in _WHITESPACE or char.isprintable():
+            continue
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise _error(
+                INVALID_FILTER, f"control character U+{ord(char):04X} at position {position} is not allowed"
+            )
+
+
+class _Tokenizer:
+    """Splits filter text into tokens in one linear pass."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._pos = 0
+
+    def tokens(self) -> list[Token]:
+        result: list[Token] = []
+        while True:
+            token = self._next()
+            result.append(token)
+            if token.type is TokenType.EOF:
+                return result
+
+    def _next(self) -> Token:
+        text = self._text
+        while self._pos < len(text) and text[self._pos] in _WHITESPACE:
+            self._pos += 1
+        start = self._pos
+        if start >= len(text):
+            return Token(TokenType.EOF, "", start)
+        char = text[start]
+        if char in "()":
+            self._pos += 1
+            return Token(TokenType.LPAREN if char == "(" else TokenType.RPAREN, char, start)
+        if char in "\"'":
+            return self._string(char)
+        if char == "*":
+            self._pos += 1
+            return Token(TokenType.STAR, char, start)
+        for comparator in _COMPARATORS:
+            if text.startswith(comparator, start):
+                self._pos += len(comparator)
+                return Token(TokenType.COMPARATOR, comparator, start)
+        if char in _DIGITS or (char == "-" and text[start + 1 : start + 2] in _DIGITS):
+            return self._number()
+        if char == "-":
+            self._pos += 1
+            return Token(TokenType.MINUS, char, start)
+        match = _PATH_RE.match(text, start)
+        if match:
+            return self._path(match)
+        raise _error(INVALID_FILTER, f"unexpected character {char!r} at position {start}")
+
+    def _string(self, quote: str) -> Token:
+        text, start = self._text, self._pos
+        chars: list[str] = []
+        escaped_last = False
+        pos = start + 1
+        while pos < len(text):
+            char = text[pos]
+            if char == quote:
+                self._pos = pos + 1
+                wildcard = bool(chars) and chars[-1] == "*" and not escaped_last
+                return Token(TokenType.STRING, "".join(chars), start, wildcard)
+            if char == "\\":
+                escape = text[pos + 1 : pos + 2]
+                if escape not in _ESCAPES:
+                    shown = repr("\\" + escape) if escape else "'\\' at end of filter"
+                    raise _error(INVALID_FILTER, f"invalid escape {shown} at position {pos}")
+                chars.append(_ESCAPES[escape])
+                escaped_last = True
+                pos += 2
+                continue
+            chars.append(char)
+            escaped_last = False
+            pos += 1
+        raise _error(INVALID_FILTER, f"unterminated string starting at position {start}")
+
+    def _number(self) -> Token:
+        start = self._pos
+        match = _NUMBER_RE.match(self._text, start)
+        assert match is not None  # the caller saw a digit
+        end = match.end()
+        following = self._text[end : end + 1]
+        if following and (following.isalnum() or following in "._"):
+            bad = re.match(r"[^\s()]*", self._text[start:])
+            raise _error(INVALID_FILTER, f"invalid number {_quote(bad.group() if bad else '')} at position {start}")
+        self._pos = end
+        return Token(TokenType.NUMBER, match.group(), start)
+
+    def _path(self, match: re.Match[str]) -> Token:
+        start, end = match.start(), match.end()
+        if self._text[end : end + 1] == ".":
+            raise _error(INVALID_FILTER, f"invalid field path {_quote(self._text[start : end + 1])} at position {start}")
+        word = match.group()
+        self._pos = end
+        if word in _KEYWORDS:
+            return Token(TokenType[word], word, start)
+        return Token(TokenType.PATH, word, start)
+
+
+# ------------------------------------------------------------------------------------------ AST
+
+
+class LiteralKind(enum.Enum):
+    STRING = "string"  # quoted
+    TEXT = "text"  # bare word, used as a string
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    NULL = "null"
+    STAR = "*"
+
+
+@dataclass(frozen=True)
+class Literal:
+    """A comparison's right-hand side; `text` is the unescaped string or the source text."""
+
+    kind: LiteralKind
+    text: str
+    position: int
+    wildcard: bool = False
+
+    def describe(self) -> str:
+        """How an error message names this literal."""
+        if self.kind is LiteralKind.STRING:
+            return f"string {_quote(self.text)}"
+        return _quote(self.text)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`path op value`, e.g. `preferences.theme = "dark"` is (("preferences", "theme"), "=", ...)."""
+
+    path: tuple[str, ...]
+    op: str
+    value: Literal
+    position: int
+    op_position: int
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: Node
+
+
+@dataclass(frozen=True)
+class And:
+    operands: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Or:
+    operands: tuple[Node, ...]
+
+
+Node: TypeAlias = "Comparison | Not | And | Or"
+
+
+def _combine(cls: type[And] | type[Or], parts: list[Node]) -> Node:
+    """One node for several operands, flattening nested nodes of the same class."""
+    if len(parts) == 1:
+        return parts[0]
+    flat: list[Node] = []
+    for part in parts:
+        flat.extend(part.operands if isinstance(part, cls) else (part,))
+    return cls(tuple(flat))
+
+
+# --------------------------------------------------------------------------------------- parser
+
+_TERM_START = frozenset({TokenType.LPAREN, TokenType.PATH, TokenType.NOT, TokenType.MINUS})
+_LITERAL_WORDS = {"true": LiteralKind.BOOL, "false": LiteralKind.BOOL, "null": LiteralKind.NULL}
+
+
+class _Parser:
+    """Recursive descent over the grammar in the module docstring; depth is bounded by MAX_DEPTH."""
+
+    def __init__(self, tokens: list[Token]) -> None:
+        self._tokens = tokens
+        self._index = 0
+        self._depth = 0
+        self._comparisons = 0
+
+    def parse(self) -> Node:
+        node = self._expression()
+        token = self._peek()
+        if token.type is not TokenType.EOF:
+            raise _error(INVALID_FILTER, f"unexpected {token.describe()} at position {token.position}")
+        return node
+
+    def _peek(self) -> Token:
+        return self._tokens[self._index]
+
+    def _advance(self) -> Token:
+        token = self._tokens[self._index]
+        if token.type is not TokenType.EOF:
+            self._index += 1
+        return token
+
+    def _accept(self, kind: TokenType) -> bool:
+        if self._peek().type is kind:
+            self._advance()
+            return True
+        return False
+
+    def _enter(self, token: Token) -> None:
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _error(
+                INVALID_FILTER, f"filter nested deeper than {MAX_DEPTH} levels at position {token.position}"
+            )
+
+    def _expression(self) -> Node:
+        parts = [self._sequence()]
+        while self._accept(TokenType.AND):
+            parts.append(self._sequence())
+        return _combine(And, parts)
+
+    def _sequence(self) -> Node:
+        parts = [self._factor()]
+        while self._peek().type in _TERM_START:
+            parts.append(self._factor())
+        return _combine(And, parts)
+
+    def _factor(self) -> Node:
+        parts = [self._term()]
+        while self._accept(TokenType.OR):
+            parts.append(self._term())
+        return _combine(Or, parts)
+
+    def _term(self) -> Node:
+        negations = 0
+        while self._peek().type in (TokenType.NOT, TokenType.MINUS):
+            self._enter(self._advance())
+            negations += 1
+        node = self._simple()
+        for _ in range(negations):
+            node = Not(node)
+        self._depth -= negations
+        return node
+
+    def _simple(self) -> Node:
+        token = self._peek()
+        if token.type is TokenType.LPAREN:
+            self._enter(self._advance())
+            node = self._expression()
+            closing = self._peek()
+            if closing.type is not TokenType.RPAREN:
+                raise _error(
+                    INVALID_FILTER,
+                    f"expected ')' to close '(' at position {token.position}, "
+                    f"found {closing.describe()} at position {closing.position}",
+                )
+            self._advance()
+            self._depth -= 1
+            return node
+        if token.type is TokenType.PATH:
+            return self._restriction()
+        raise _error(
+            INVALID_FILTER, f"expected a field name or '(' but found {token.describe()} at position {token.position}"
+        )
+
+    def _restriction(self) -> Comparison:
+        field = self._advance()
+        comparator = self._peek()
+        if comparator.type is not TokenType.COMPARATOR:
+            raise _error(
+                INVALID_FILTER,
+                f"expected a comparison operator after {_quote(field.text)} at position {comparator.position}, "
+                f"found {comparator.describe()}",
+            )
+        self._advance()
+        value = self._literal(comparator)
+        self._comparisons += 1
+        if self._comparisons > MAX_COMPARISONS:
+            raise _error(
+                INVALID_FILTER,
+                f"filter has more than {MAX_COMPARISONS} comparisons (the one at position {field.position})",
+            )
+        return Comparison(tuple(field.text.split(".")), comparator.text, value, field.position, comparator.position)
+
+    def _literal(self, comparator: Token) -> Literal:
+        token = self._advance()
+        if token.type is TokenType.STRING:
+            return Literal(LiteralKind.STRING, token.text, token.position, token.wildcard)
+        if token.type is TokenType.NUMBER:
+            is_int = _INT_RE.fullmatch(token.text) is not None
+            return Literal(LiteralKind.INT if is_int else LiteralKind.FLOAT, token.text, token.position)
+        if token.type is TokenType.STAR:
+            return Literal(LiteralKind.STAR, token.text, token.position)
+        if token.type is TokenType.PATH:
+            return Literal(_LITERAL_WORDS.get(token.text, LiteralKind.TEXT), token.text, token.position)
+        raise _error(
+            INVALID_FILTER,
+            f"expected a value after {_quote(comparator.text)} at position {token.position}, found {token.describe()}",
+        )
+
+
+def parse_filter(text: str) -> Node:
+    """Parses a non-empty AIP-160 filter into an AST; raises InvalidArgument on any problem."""
+    if not isinstance(text, str):
+        raise _error(INVALID_FILTER, "filter must be a string")
+    if len(text) > MAX_LENGTH:
+        raise _error(INVALID_FILTER, f"filter is {len(text)} characters long; the maximum is {MAX_LENGTH}")
+    _check_characters(text)
+    tokens = _Tokenizer(text).tokens()
+    if tokens[0].type is TokenType.EOF:
+        raise _error(INVALID_FILTER, "filter is empty")
+    return _Parser(tokens).parse()
+
+
+_parse_cached = functools.lru_cache(maxsize=_CACHE_SIZE)(parse_filter)
+
+
+# ------------------------------------------------------------------------------------- compiler
+
+
+class FieldKind(enum.Enum):
+    STRING = "string"
+    UUID = "uuid"
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    TIMESTAMP = "timestamp"
+    DATE = "date"
+    ENUM = "enum"
+    REPEATED_STRING = "repeated_string"
+    JSON = "json"
+
+
+@dataclass(frozen=True)
+class FilterField:
+    """One filterable field: its kind, its column and, for enums, accepted names -> stored value."""
+
+    kind: FieldKind
+    column: Any
+    enum_values: Mapping[str, str] | None = None
+
+
+_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "=": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+_EQUALITY = frozenset({"=", "!="})
+_ORDERING = frozenset(_OPERATORS)
+_ALLOWED_OPERATORS: dict[FieldKind, frozenset[str]] = {
+    FieldKind.STRING: _ORDERING | {":"},
+    FieldKind.UUID: _EQUALITY,
+    FieldKind.INT: _ORDERING,
+    FieldKind.FLOAT: _ORDERING,
+    FieldKind.BOOL: _EQUALITY,
+    FieldKind.TIMESTAMP: _ORDERING,
+    FieldKind.DATE: _ORDERING,
+    FieldKind.ENUM: _EQUALITY,
+    FieldKind.REPEATED_STRING: frozenset({":"}),
+    FieldKind.JSON: frozenset({":"}),
+}
+_JSON_PATH_OPERATORS = _ORDERING | {":"}
+
+_TIMESTAMP_RE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))?"
+)
+_DATE_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
+_STRINGISH = frozenset({LiteralKind.STRING, LiteralKind.TEXT})
+_SCALAR_TEXT = frozenset({LiteralKind.STRING, LiteralKind.TEXT, LiteralKind.INT, LiteralKind.FLOAT, LiteralKind.BOOL})
+
+
+class FilterCompiler:
+    """Compiles filter text into a SQLAlchemy boolean expression over an allow-list of fields."""
+
+    def __init__(self, fields: Mapping[str, FilterField], dialect_name: str) -> None:
+        if dialect_name not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported dialect {dialect_name!r}")
+        self._fields = dict(fields)
+        self._postgres = dialect_name == "postgresql"
+        self._enum_names: dict[str, dict[str, str]] = {}
+        for name, spec in self._fields.items():
+            if spec.kind is FieldKind.ENUM:
+                if not spec.enum_values:
+                    raise ValueError(f"enum filter field {name!r} needs enum_values")
+                self._enum_names[name] = {key.upper(): value for key, value in spec.enum_values.items()}
+
+    def compile(self, text: str) -> ColumnElement[bool] | None:
+        """None for an empty / whitespace-only filter; raises InvalidArgument otherwise on any problem."""
+        if not isinstance(text, str):
+            raise _error(INVALID_FILTER, "filter must be a string")
+        if not text.strip(_WHITESPACE):
+            return None
+        return self._visit(_parse_cached(text))
+
+    # -- tree
+
+    def _visit(self, node: Node) -> ColumnElement[bool]:
+        if isinstance(node, And):
+            return and_(*(self._visit(operand) for operand in node.operands))
+        if isinstance(node, Or):
+            return or_(*(self._visit(operand) for operand in node.operands))
+        if isinstance(node, Not):
+            return not_(self._visit(node.operand))
+        return self._comparison(node)
+
+    def _comparison(self, node: Comparison) -> ColumnElement[bool]:
+        spec = self._field(node)
+        column = spec.column
+        subpath = node.path[1:]
+        if node.value.kind is LiteralKind.NULL:
+            return self._null_check(node, spec, subpath)
+        if node.value.kind is LiteralKind.STAR:
+            if node.op != ":":
+                raise _error(
+                    INVALID_FILTER_VALUE,
+                    f"'*' at position {node.value.position} is only allowed after ':' (as in {node.name}:*)",
+                )
+            return self._presence(spec, subpath)
+        if subpath:
+            return self._json_path(node, column, subpath)
+        self._check_operator(node, spec.kind, _ALLOWED_OPERATORS[spec.kind])
+        return _HANDLERS[spec.kind](self, node, spec)
+
+    def _field(self, node: Comparison) -> FilterField:
+        spec = self._fields.get(node.path[0])
+        if spec is None:
+            allowed = ", ".join(sorted(self._fields)) or "none"
+            raise _error(
+                UNKNOWN_FILTER_FIELD,
+                f"unknown field {_quote(node.path[0])} at position {node.position}; filterable fields: {allowed}",
+            )
+        if len(node.path) > 1 and spec.kind is not FieldKind.JSON:
+            raise _error(
+                UNKNOWN_FILTER_FIELD,
+                f"unknown field {_quote(node.name)} at position {node.position}: "
+                f"{_quote(node.path[0])} has no subfields",
+            )
+        return spec
+
+    def _check_operator(self, node: Comparison, kind: FieldKind, allowed: frozenset[str]) -> None:
+        if node.op not in allowed:
+            ops = " ".join(op for op in (*_OPERATORS, ":") if op in allowed)
+            raise _error(
+                UNSUPPORTED_FILTER_OPERATOR,
+                f"operator {_quote(node.op)} at position {node.op_position} is not supported on "
+                f"{kind.value} field {_quote(node.name)}; use one of: {ops}",
+            )
+
+    def _null_check(self, node: Comparison, spec: FilterField, subpath: tuple[str, ...]) -> ColumnElement[bool]:
+        if node.op not in _EQUALITY:
+            raise _error(
+                UNSUPPORTED_FILTER_OPERATOR,
+                f"operator {_quote(node.op)} at position {node.op_position} cannot compare "
+                f"{_quote(node.name)} with null; use = or !=",
+            )
+        # JSON paths: missing keys and JSON null both extract as SQL NULL on both engines.
+        target = spec.column[subpath].as_string() if subpath else spec.column
+        return target.is_(None) if node.op == "=" else target.is_not(None)
+
+    def _presence(self, spec: FilterField, subpath: tuple[str, ...]) -> ColumnElement[bool]:
+        column = spec.column
+        if subpath:
+            if self._postgres:
+                return self._jsonb(column)[subpath].is_not(None)
+            return func.json_type(column, _sqlite_json_path(subpath)).is_not(None)
+        if spec.kind is FieldKind.STRING:
+            return and_(column.is_not(None), column != "")
+        if spec.kind is FieldKind.REPEATED_STRING:
+            if self._postgres:
+                # jsonb_array_length raises on non-arrays; CASE keeps it from being evaluated there.
+                length = case((func.jsonb_typeof(column) == "array", func.jsonb_array_length(column)), else_=0)
+            else:
+                length = func.json_array_length(column)
+            return and_(column.is_not(None), length > 0)
+        return column.is_not(None)
+
+    # -- kinds
+
+    def _string(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        column, value = spec.column, self._text(node)
+        if node.op == ":":
+            return column.icontains(value, autoescape=True)
+        if node.op in _EQUALITY and node.value.wildcard:
+            prefix = self._prefix(column, value[:-1])
+            return prefix if node.op == "=" else not_(prefix)
+        return _OPERATORS[node.op](column, value)
+
+    def _prefix(self, column: Any, prefix: str) -> ColumnElement[bool]:
+        like = column.startswith(prefix, autoescape=True)
+        if self._postgres:
+            return like
+        # SQLite's LIKE ignores ASCII case; the prefix match must be as case-sensitive as '='.
+        return and_(like, func.substr(column, 1, len(prefix)) == prefix)
+
+    def _uuid(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        literal_ = node.value
+        try:
+            if literal_.kind not in _STRINGISH:
+                raise ValueError
+            value = uuid.UUID(literal_.text)
+        except ValueError:
+            raise self._bad_value(node, "a UUID such as \"123e4567-e89b-12d3-a456-426614174000\"") from None
+        return _OPERATORS[node.op](spec.column, value)
+
+    def _int(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        literal_ = node.value
+        if literal_.kind not in (LiteralKind.INT, LiteralKind.STRING) or not _INT_RE.fullmatch(literal_.text):
+            raise self._bad_value(node, "an integer")
+        value = int(literal_.text)
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise self._bad_value(node, "an integer in the 64-bit range")
+        # BIGINT bind: PostgreSQL casts the parameter to its type, and INTEGER would overflow.
+        return _OPERATORS[node.op](spec.column, literal(value, BigInteger()))
+
+    def _float(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        return _OPERATORS[node.op](spec.column, literal(self._number(node), Float()))
+
+    def _bool(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        return _OPERATORS[node.op](spec.column, self._boolean(node))
+
+    def _timestamp(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        literal_ = node.value
+        match = _TIMESTAMP_RE.fullmatch(literal_.text) if literal_.kind in _STRINGISH else None
+        expected = 'an RFC 3339 timestamp such as "2026-01-02T03:04:05Z"'
+        if match is None:
+            raise self._bad_value(node, expected)
+        year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+        if not zulu and not sign:
+            raise self._bad_value(node, f"{expected} with a time zone offset (Z or +hh:mm)")
+        try:
+            offset = dt.timedelta(hours=int(off_h), minutes=int(off_m)) if sign else dt.timedelta(0)
+            tz = dt.timezone(-offset if sign == "-" else offset)
+            micros = int((fraction or "0")[:6].ljust(6, "0"))
+            value = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tz)
+            # SQLite stores naive UTC text: compare in UTC on every engine.
+            value = value.astimezone(dt.timezone.utc)
+        except (ValueError, OverflowError):
+            raise self._bad_value(node, expected) from None
+        return _OPERATORS[node.op](spec.column, value)
+
+    def _date(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        literal_ = node.value
+        match = _DATE_RE.fullmatch(literal_.text) if literal_.kind in _STRINGISH else None
+        try:
+            if match is None:
+                raise ValueError
+            value = dt.date(*(int(part) for part in match.groups()))
+        except ValueError:
+            raise self._bad_value(node, 'a date such as "2026-01-02"') from None
+        return _OPERATORS[node.op](spec.column, value)
+
+    def _enum(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        names = self._enum_names[node.path[0]]
+        stored = names.get(node.value.text.upper()) if node.value.kind in _STRINGISH else None
+        if stored is None:
+            raise self._bad_value(node, "one of: " + ", ".join(sorted(names)))
+        return _OPERATORS[node.op](spec.column, stored)
+
+    def _repeated_string(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        value, column = self._text(node), spec.column
+        if self._postgres:
+            # Two-valued like SQLite's EXISTS, so that NOT agrees on both engines for NULL columns.
+            return case((func.jsonb_typeof(column) == "array", self._jsonb(column).contains([value])), else_=false())
+        elements = func.json_each(column).table_valued("value")
+        return exists(select(literal(1)).select_from(elements).where(elements.c.value == value))
+
+    def _json(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        return self._has_key(spec.column, (), self._text(node))
+
+    # -- JSON paths
+
+    def _json_path(self, node: Comparison, column: Any, subpath: tuple[str, ...]) -> ColumnElement[bool]:
+        self._check_operator(node, FieldKind.JSON, _JSON_PATH_OPERATORS)
+        if node.op == ":":
+            return self._has_key(column, subpath, self._text(node))
+        kind = node.value.kind
+        value: Any
+        if kind is LiteralKind.BOOL:
+            self._check_operator(node, FieldKind.BOOL, _EQUALITY)
+            extracted, value = column[subpath].as_boolean(), self._boolean(node)
+            json_types = ("boolean", ("true", "false"))
+        elif kind in (LiteralKind.INT, LiteralKind.FLOAT):
+            extracted, value = column[subpath].as_float(), literal(self._number(node), Float())
+            json_types = ("number", ("integer", "real"))
+        else:
+            extracted, value = column[subpath].as_string(), node.value.text
+            json_types = ("string", ("text",))
+        # The casts raise on PostgreSQL for a value of another JSON type; CASE guards them.
+        guarded = case((self._json_type_in(column, subpath, *json_types), extracted))
+        return _OPERATORS[node.op](guarded, value)
+
+    def _json_type_in(
+        self, column: Any, subpath: tuple[str, ...], postgres_type: str, sqlite_types: tuple[str, ...]
+    ) -> ColumnElement[bool]:
+        if self._postgres:
+            return func.jsonb_typeof(self._jsonb(column)[subpath]) == postgres_type
+        return func.json_type(column, _sqlite_json_path(subpath)).in_(sqlite_types)
+
+    def _has_key(self, column: Any, subpath: tuple[str, ...], key: str) -> ColumnElement[bool]:
+        if self._postgres:
+            target = self._jsonb(column)[subpath] if subpath else self._jsonb(column)
+            return case((func.jsonb_typeof(target) == "object", target.has_key(key)), else_=false())
+        # json_each compares the key as a bound value: no JSON-path quoting of user text.
+        args = (column, _sqlite_json_path(subpath)) if subpath else (column,)
+        entries = func.json_each(*args).table_valued("key")
+        return exists(select(literal(1)).select_from(entries).where(entries.c.key == key))
+
+    @staticmethod
+    def _jsonb(column: Any) -> Any:
+        return type_coerce(column, postgresql.JSONB())
+
+    # -- literals
+
+    def _bad_value(self, node: Comparison, expected: str) -> InvalidArgument:
+        return _error(
+            INVALID_FILTER_VALUE,
+            f"invalid value {node.value.describe()} at position {node.value.position} "
+            f"for field {_quote(node.name)}: expected {expected}",
+        )
+
+    def _text(self, node: Comparison) -> str:
+        if node.value.kind not in _SCALAR_TEXT:
+            raise self._bad_value(node, "a string")
+        return node.value.text
+
+    def _number(self, node: Comparison) -> float:
+        literal_ = node.value
+        numeric = literal_.kind in (LiteralKind.INT, LiteralKind.FLOAT) or (
+            literal_.kind is LiteralKind.STRING and _NUMBER_RE.fullmatch(literal_.text)
+        )
+        value = float(literal_.text) if numeric else math.nan
+        if not math.isfinite(value):
+            raise self._bad_value(node, "a finite number")
+        return value
+
+    def _boolean(self, node: Comparison) -> bool:
+        literal_ = node.value
+        if literal_.kind in (LiteralKind.BOOL, *_STRINGISH) and literal_.text.lower() in ("true", "false"):
+            return literal_.text.lower() == "true"
+        raise self._bad_value(node, "true or false")
+
+
+_HANDLERS: dict[FieldKind, Callable[[FilterCompiler, Comparison, FilterField], ColumnElement[bool]]] = {
+    FieldKind.STRING: FilterCompiler._string,
+    FieldKind.UUID: FilterCompiler._uuid,
+    FieldKind.INT: FilterCompiler._int,
+    FieldKind.FLOAT: FilterCompiler._float,
+    FieldKind.BOOL: FilterCompiler._bool,
+    FieldKind.TIMESTAMP: FilterCompiler._timestamp,
+    FieldKind.DATE: FilterCompiler._date,
+    FieldKind.ENUM: FilterCompiler._enum,
+    FieldKind.REPEATED_STRING: FilterCompiler._repeated_string,
+    FieldKind.JSON: FilterCompiler._json,
+}
+
+
+def _sqlite_json_path(subpath: tuple[str, ...]) -> str:
+    """`$."a"."b"`; safe to build as text because path segments are identifiers."""
+    return "$" + "".join(f'."{segment}"' for segment in subpath)

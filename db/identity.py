@@ -1,0 +1,211 @@
+"""Identity domain: users, roles, API keys, and their custom methods."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from nexus.identity.v1 import identity_pb2 as pb
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db import crud, errors, secrets
+from db.base import utcnow
+from db.codecs import InputCodec, OutputCodec
+from db.models import ApiKey, Role, User
+from db.resource import REGISTRY, ResourceSpec
+
+USERNAME = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MIN_PASSWORD = 8
+MAX_PASSWORD = 1024
+
+
+def _password(plain: str) -> dict[str, Any]:
+    if not MIN_PASSWORD <= len(plain) <= MAX_PASSWORD:
+        raise errors.InvalidArgument.field("password", f"must be {MIN_PASSWORD} to {MAX_PASSWORD} characters", reason="WEAK_PASSWORD")
+    return {"password_hash": secrets.hash_secret(plain)}
+
+
+def _user_rules(session: Session, row: User, changed: set[str], creating: bool, call: crud.Call) -> None:
+    violations = errors.Violations()
+    if not USERNAME.match(row.username or ""):
+        violations.add("user.username", "must be 3 to 64 letters, digits, '.', '_' or '-'")
+    row.email = (row.email or "").strip().lower()
+    if not EMAIL.match(row.email):
+        violations.add("user.email", f"{row.email[:80]!r} is not an e-mail address")
+    if row.avatar_url and not row.avatar_url.startswith(("https://", "http://")):
+        violations.add("user.avatar_url", "must be an http(s) URL")
+    violations.raise_if_any()
+
+
+USERS = REGISTRY.add(
+    ResourceSpec(
+        name="User",
+        plural="Users",
+        model=User,
+        message=pb.User,
+        singular_field="user",
+        output_only=frozenset({"role_names", "last_login_time", "is_verified"}),
+        required=frozenset({"username", "email"}),
+        extra_codecs={
+            "password": InputCodec("password", _password),
+            "role_names": OutputCodec("role_names", lambda r: [role.name for role in r.roles], repeated=True),
+        },
+        orderable=("create_time", "update_time", "username", "email"),
+        search_fields=(("username", "A"), ("full_name", "A"), ("email", "B")),
+        batch_get=True,
+        before_write=_user_rules,
+    )
+)
+
+
+def _role_rules(session: Session, row: Role, changed: set[str], creating: bool, call: crud.Call) -> None:
+    if not USERNAME.match(row.name or ""):
+        raise errors.InvalidArgument.field("role.name", "must be 3 to 64 letters, digits, '.', '_' or '-'")
+
+
+ROLES = REGISTRY.add(
+    ResourceSpec(
+        name="Role",
+        plural="Roles",
+        model=Role,
+        message=pb.Role,
+        singular_field="role",
+        required=frozenset({"name"}),
+        orderable=("create_time", "update_time", "name"),
+        search_fields=(("name", "A"), ("description", "B")),
+        before_write=_role_rules,
+    )
+)
+
+
+def _api_key_rules(session: Session, row: ApiKey, changed: set[str], creating: bool, call: crud.Call) -> None:
+    if creating:
+        prefix, secret = secrets.new_api_key()
+        row.key_prefix = prefix
+        row.secret_hash = secrets.hash_secret(secret)
+        # Transient: only the CreateApiKey response carries it; no later read can.
+        row.plain_secret = secret
+    if row.expire_time is not None and creating and row.expire_time <= utcnow():
+        raise errors.InvalidArgument.field("api_key.expire_time", "must be in the future")
+
+
+API_KEYS = REGISTRY.add(
+    ResourceSpec(
+        name="ApiKey",
+        plural="ApiKeys",
+        model=ApiKey,
+        message=pb.ApiKey,
+        singular_field="api_key",
+        output_only=frozenset({"key_prefix", "revoke_time", "last_used_time"}),
+        immutable=frozenset({"user_id"}),
+        required=frozenset({"name"}),
+        references={"user_id": "User"},
+        extra_codecs={"secret": OutputCodec("secret", lambda r: getattr(r, "plain_secret", None))},
+        orderable=("create_time", "update_time", "name", "expire_time"),
+        before_write=_api_key_rules,
+    )
+)
+
+
+# ---------------------------------------------------------------- custom methods
+
+
+def lookup_user(session: Session, request: pb.LookupUserRequest) -> pb.User:
+    key = request.WhichOneof("key")
+    if key is None:
+        raise errors.InvalidArgument.field("key", "set one of email, username or external_id", reason="REQUIRED_FIELD")
+    value = getattr(request, key)
+    column = User.email if key == "email" else getattr(User, key)
+    if key == "email":
+        value = value.strip().lower()
+    row = session.scalars(select(User).where(column == value, User.delete_time.is_(None))).one_or_none()
+    if row is None:
+        raise errors.NotFound.resource("User", f"{key}={value}", key)
+    return USERS.to_proto(row)
+
+
+def ensure_user(session: Session, request: pb.EnsureUserRequest, call: crud.Call) -> pb.EnsureUserResponse:
+    external_id = request.user.external_id
+    if not external_id:
+        raise errors.InvalidArgument.field("user.external_id", "is required", reason="REQUIRED_FIELD")
+    for _ in range(2):
+        row = session.scalars(select(User).where(User.external_id == external_id)).one_or_none()
+        if row is not None:
+            if row.delete_time is not None:
+                raise errors.FailedPrecondition(
+                    f"the user with external_id {external_id!r} is deleted; undelete it first",
+                    reason="USER_DELETED",
+                    metadata={"resource_id": str(row.id)},
+                )
+            return pb.EnsureUserResponse(user=USERS.to_proto(row), created=False)
+        try:
+            # A savepoint: losing a race with a concurrent EnsureUser must not abort the call.
+            with session.begin_nested():
+                created = crud.create(session, USERS, pb.CreateUserRequest(user=request.user), call)
+            return pb.EnsureUserResponse(user=created, created=True)
+        except IntegrityError:
+            continue
+    raise errors.Aborted("EnsureUser raced with another writer twice; retry", reason="TRANSACTION_CONFLICT")
+
+
+def authenticate_user(session: Session, request: pb.AuthenticateUserRequest) -> pb.AuthenticateUserResponse:
+    if not request.login:
+        raise errors.InvalidArgument.field("login", "is required", reason="REQUIRED_FIELD")
+    if not request.password:
+        raise errors.InvalidArgument.field("password", "is required", reason="REQUIRED_FIELD")
+    login = request.login.strip()
+    row = session.scalars(
+        select(User).where(
+            (User.username == login) | (User.email == login.lower()), User.delete_time.is_(None)
+        )
+    ).first()
+    ok = secrets.verify_secret(row.password_hash if row is not None else None, request.password)
+    if row is None or not ok or not row.is_active:
+        return pb.AuthenticateUserResponse(authenticated=False)
+    if row.password_hash and secrets.needs_rehash(row.password_hash):
+        row.password_hash = secrets.hash_secret(request.password)
+    row.last_login_time = utcnow()
+    session.flush()
+    return pb.AuthenticateUserResponse(authenticated=True, user=USERS.to_proto(row))
+
+
+def verify_user_email(session: Session, request: pb.VerifyUserEmailRequest) -> pb.User:
+    row = crud.fetch(session, USERS, request.id, lock=True)
+    if not row.is_verified:
+        row.is_verified = True
+        session.flush()
+    return USERS.to_proto(row)
+
+
+def _user_and_role(session: Session, user_id: str, role_id: str) -> tuple[User, Role]:
+    user = crud.fetch(session, USERS, user_id, field_path="user_id", lock=True)
+    role = crud.fetch(session, ROLES, role_id, field_path="role_id")
+    return user, role
+
+
+def assign_role(session: Session, request: pb.AssignRoleRequest) -> pb.User:
+    user, role = _user_and_role(session, request.user_id, request.role_id)
+    if role not in user.roles:
+        user.roles.append(role)
+        user.update_time = utcnow()
+        session.flush()
+    return USERS.to_proto(user)
+
+
+def revoke_role(session: Session, request: pb.RevokeRoleRequest) -> pb.User:
+    user, role = _user_and_role(session, request.user_id, request.role_id)
+    if role in user.roles:
+        user.roles.remove(role)
+        user.update_time = utcnow()
+        session.flush()
+    return USERS.to_proto(user)
+
+
+def revoke_api_key(session: Session, request: pb.RevokeApiKeyRequest) -> pb.ApiKey:
+    row = crud.fetch(session, API_KEYS, request.id, lock=True)
+    if row.revoke_time is None:
+        row.revoke_time = utcnow()
+        session.flush()
+    return API_KEYS.to_proto(row)

@@ -1,0 +1,62 @@
+"""Schema migrations at run time: upgrade to head, or check the schema is at head."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, text
+
+import migrations
+
+MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+# Any fixed number: replicas starting together on PostgreSQL migrate one at a time.
+_ADVISORY_LOCK_KEY = 7_340_221
+
+
+class SchemaMismatch(RuntimeError):
+    """The database is not at the schema this build expects."""
+
+
+def alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, target: str = "head") -> None:
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, target)
+
+
+def downgrade(engine: Engine, target: str) -> None:
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, target)
+
+
+def check(engine: Engine) -> None:
+    """Raise SchemaMismatch unless the database is at this build's head revision."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise SchemaMismatch(
+            f"database schema is at {current or 'nothing'}, this build needs {head}: run `nexus-data migrate`"
+        )

@@ -1,0 +1,200 @@
+"""SQLAlchemy models of every table the service owns."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    Date,
+    Float,
+    ForeignKey,
+    Index,
+    Numeric,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from db.base import (
+    Base,
+    ResourceMixin,
+    SoftDeleteMixin,
+    UTCDateTime,
+    json_list,
+    json_object,
+    optional_timestamp,
+    short_text,
+    timestamp,
+    utcnow,
+)
+
+USER_ROLES = ("admin", "manager", "user", "guest")
+PROJECT_STATUSES = ("planning", "active", "on_hold", "completed", "cancelled")
+PRIORITIES = ("low", "medium", "high", "critical")
+TASK_STATUSES = ("todo", "in_progress", "review", "done", "blocked")
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> CheckConstraint:
+    listed = ", ".join(f"'{v}'" for v in values)
+    return CheckConstraint(f"{column} IN ({listed})", name=f"{column}_valid")
+
+
+user_roles = Table(
+    "user_roles",
+    Base.metadata,
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("role_id", Uuid, ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True),
+    Column("create_time", UTCDateTime, nullable=False, default=utcnow),
+    Index("ix_user_roles_role_id", "role_id"),
+)
+
+project_members = Table(
+    "project_members",
+    Base.metadata,
+    Column("project_id", Uuid, ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("create_time", UTCDateTime, nullable=False, default=utcnow),
+    Index("ix_project_members_user_id", "user_id"),
+)
+
+task_dependencies = Table(
+    "task_dependencies",
+    Base.metadata,
+    Column("task_id", Uuid, ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
+    Column("depends_on_id", Uuid, ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
+    Column("create_time", UTCDateTime, nullable=False, default=utcnow),
+    Index("ix_task_dependencies_depends_on_id", "depends_on_id"),
+    CheckConstraint("task_id <> depends_on_id", name="not_self"),
+)
+
+
+class User(ResourceMixin, SoftDeleteMixin, Base):
+    __tablename__ = "users"
+    __table_args__ = (
+        _one_of("role", USER_ROLES),
+        Index("ix_users_create_time_id", "create_time", "id"),
+    )
+
+    username: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    email: Mapped[str] = mapped_column(String(320), nullable=False, unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
+    full_name: Mapped[str | None] = mapped_column(String(255))
+    avatar_url: Mapped[str | None] = mapped_column(String(2048))
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="user", index=True)
+    is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    is_verified: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    preferences: Mapped[json_object]
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    last_login_time: Mapped[optional_timestamp]
+
+    roles: Mapped[list[Role]] = relationship(secondary=user_roles, lazy="selectin", order_by="Role.name")
+
+
+class Role(ResourceMixin, Base):
+    __tablename__ = "roles"
+    __table_args__ = (Index("ix_roles_create_time_id", "create_time", "id"),)
+
+    name: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    permissions: Mapped[json_list]
+
+
+class ApiKey(ResourceMixin, Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        _one_of("role", USER_ROLES),
+        Index("ix_api_keys_create_time_id", "create_time", "id"),
+    )
+
+    name: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="user")
+    user_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    key_prefix: Mapped[str] = mapped_column(String(16), nullable=False, unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(255), nullable=False)
+    expire_time: Mapped[optional_timestamp]
+    revoke_time: Mapped[optional_timestamp]
+    last_used_time: Mapped[optional_timestamp]
+
+
+class Project(ResourceMixin, SoftDeleteMixin, Base):
+    __tablename__ = "projects"
+    __table_args__ = (
+        _one_of("status", PROJECT_STATUSES),
+        _one_of("priority", PRIORITIES),
+        CheckConstraint("end_date IS NULL OR start_date IS NULL OR end_date >= start_date", name="dates_ordered"),
+        Index("ix_projects_create_time_id", "create_time", "id"),
+        Index("ix_projects_owner_id_status", "owner_id", "status"),
+    )
+
+    name: Mapped[short_text]
+    description: Mapped[str | None] = mapped_column(Text)
+    owner_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id", ondelete="RESTRICT"), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="planning", index=True)
+    priority: Mapped[str] = mapped_column(String(16), nullable=False, default="medium", index=True)
+    start_date: Mapped[dt.date | None] = mapped_column(Date)
+    end_date: Mapped[dt.date | None] = mapped_column(Date)
+    # Money as exact decimal plus its currency, never a float.
+    budget_amount: Mapped[Decimal | None] = mapped_column(Numeric(24, 9))
+    budget_currency: Mapped[str | None] = mapped_column(String(3))
+    archived: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+
+    members: Mapped[list[User]] = relationship(secondary=project_members, lazy="selectin", order_by="User.id")
+
+
+class Task(ResourceMixin, SoftDeleteMixin, Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        _one_of("status", TASK_STATUSES),
+        _one_of("priority", PRIORITIES),
+        CheckConstraint("estimated_hours IS NULL OR estimated_hours >= 0", name="estimated_hours_non_negative"),
+        CheckConstraint("actual_hours IS NULL OR actual_hours >= 0", name="actual_hours_non_negative"),
+        Index("ix_tasks_create_time_id", "create_time", "id"),
+        Index("ix_tasks_project_id_status", "project_id", "status"),
+        Index("ix_tasks_assignee_id_status", "assignee_id", "status"),
+        Index("ix_tasks_due_date", "due_date"),
+    )
+
+    project_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False)
+    title: Mapped[short_text]
+    description: Mapped[str | None] = mapped_column(Text)
+    assignee_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("users.id", ondelete="SET NULL"))
+    creator_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="todo", index=True)
+    priority: Mapped[str] = mapped_column(String(16), nullable=False, default="medium", index=True)
+    due_date: Mapped[dt.date | None] = mapped_column(Date)
+    estimated_hours: Mapped[float | None] = mapped_column(Float)
+    actual_hours: Mapped[float | None] = mapped_column(Float)
+    tags: Mapped[json_list]
+    completed_time: Mapped[optional_timestamp]
+
+    dependencies: Mapped[list[Task]] = relationship(
+        secondary=task_dependencies,
+        primaryjoin=lambda: Task.id == task_dependencies.c.task_id,
+        secondaryjoin=lambda: Task.id == task_dependencies.c.depends_on_id,
+        lazy="selectin",
+        order_by=lambda: Task.id,
+    )
+
+
+class RequestRecord(Base):
+    """Remembers the resource a Create with a request_id made, so a retry returns it (AIP-155)."""
+
+    __tablename__ = "request_records"
+    __table_args__ = (UniqueConstraint("resource_type", "request_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    resource_type: Mapped[str] = mapped_column(String(64), nullable=False)
+    request_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    resource_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    create_time: Mapped[timestamp] = mapped_column(default=utcnow, index=True)

@@ -1,0 +1,163 @@
+"""Page sizes, order_by parsing, opaque page tokens and keyset conditions."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, false, or_
+from sqlalchemy.sql.elements import ColumnElement
+
+from db.errors import InvalidArgument
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+_ORDER_TERM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
+
+
+def page_size(requested: int, field_path: str = "page_size") -> int:
+    """AIP-158: 0 means the default; negative is invalid; above the maximum is coerced down."""
+    if requested < 0:
+        raise InvalidArgument.field(field_path, f"must not be negative (got {requested})", reason="INVALID_PAGE_SIZE")
+    if requested == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(requested, MAX_PAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class OrderKey:
+    field: str
+    column: Any
+    descending: bool
+
+
+def parse_order_by(text: str, columns: dict[str, Any], default: tuple[tuple[str, bool], ...]) -> list[OrderKey]:
+    """"a desc, b" -> keys, always ending with the id tiebreaker so the order is total."""
+    keys: list[OrderKey] = []
+    if text.strip():
+        seen: set[str] = set()
+        for term in text.split(","):
+            match = _ORDER_TERM.match(term)
+            if not match:
+                raise InvalidArgument.field("order_by", f"cannot parse {term.strip()!r}; use 'field [asc|desc], ...'", reason="INVALID_ORDER_BY")
+            name, direction = match.group(1), (match.group(2) or "asc").lower()
+            if name not in columns:
+                allowed = ", ".join(sorted(columns))
+                raise InvalidArgument.field("order_by", f"cannot order by {name!r}; orderable fields: {allowed}", reason="INVALID_ORDER_BY")
+            if name in seen:
+                raise InvalidArgument.field("order_by", f"{name!r} appears twice", reason="INVALID_ORDER_BY")
+            seen.add(name)
+            keys.append(OrderKey(name, columns[name], direction == "desc"))
+    else:
+        keys = [OrderKey(name, columns[name], desc) for name, desc in default]
+    if not any(k.field == "id" for k in keys):
+        keys.append(OrderKey("id", columns["id"], keys[-1].descending if keys else False))
+    return keys
+
+
+def order_clauses(keys: list[OrderKey]) -> list[Any]:
+    # NULLs sort last ascending and first descending on both engines, matching keyset_after.
+    return [k.column.desc().nulls_first() if k.descending else k.column.asc().nulls_last() for k in keys]
+
+
+def keyset_after(keys: list[OrderKey], values: list[Any]) -> ColumnElement[bool]:
+    """Rows strictly after the row whose order-key values are `values`, NULL-aware."""
+    clauses = []
+    for i, key in enumerate(keys):
+        prefix = [_equal(keys[j].column, values[j]) for j in range(i)]
+        clauses.append(and_(*prefix, _after(key, values[i])))
+    return or_(*clauses)
+
+
+def _equal(column: Any, value: Any) -> ColumnElement[bool]:
+    return column.is_(None) if value is None else column == value
+
+
+def _after(key: OrderKey, value: Any) -> ColumnElement[bool]:
+    col = key.column
+    if key.descending:  # NULLS FIRST, then values descending
+        return col.is_not(None) if value is None else col < value
+    if value is None:  # NULLS LAST: nothing after a NULL but other NULLs, ordered by later keys
+        return false()
+    return or_(col > value, col.is_(None))
+
+
+def _encode_value(value: Any) -> list[Any]:
+    if value is None:
+        return ["n"]
+    if isinstance(value, bool):
+        return ["b", value]
+    if isinstance(value, dt.datetime):
+        return ["t", value.isoformat()]
+    if isinstance(value, dt.date):
+        return ["d", value.isoformat()]
+    if isinstance(value, uuid.UUID):
+        return ["u", str(value)]
+    if isinstance(value, (int, float, str)):
+        return ["v", value]
+    return ["s", str(value)]
+
+
+def _decode_value(item: list[Any]) -> Any:
+    tag = item[0]
+    if tag == "n":
+        return None
+    raw = item[1]
+    if tag == "t":
+        return dt.datetime.fromisoformat(raw)
+    if tag == "d":
+        return dt.date.fromisoformat(raw)
+    if tag == "u":
+        return uuid.UUID(raw)
+    if tag in ("b", "v", "s"):
+        return raw
+    raise ValueError(tag)
+
+
+def fingerprint(*parts: Any) -> str:
+    """Ties a token to the query it was made for, so it cannot be replayed against another."""
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def encode_token(query_fingerprint: str, *, after: list[Any] | None = None, offset: int | None = None) -> str:
+    payload: dict[str, Any] = {"q": query_fingerprint}
+    if after is not None:
+        payload["k"] = [_encode_value(v) for v in after]
+    if offset is not None:
+        payload["o"] = offset
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    check = hashlib.sha256(raw).digest()[:6]
+    return base64.urlsafe_b64encode(check + raw).decode().rstrip("=")
+
+
+def decode_token(token: str, query_fingerprint: str, key_count: int | None = None) -> dict[str, Any]:
+    """The payload of a page token; INVALID_ARGUMENT if it is corrupt or for another query."""
+    bad = InvalidArgument.field("page_token", "is not a page token this query issued", reason="INVALID_PAGE_TOKEN")
+    try:
+        blob = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        check, raw = blob[:6], blob[6:]
+        if hashlib.sha256(raw).digest()[:6] != check:
+            raise bad
+        payload = json.loads(raw)
+        if payload.get("q") != query_fingerprint:
+            raise InvalidArgument.field(
+                "page_token",
+                "was issued for a different filter, order_by or show_deleted; keep them unchanged between pages",
+                reason="INVALID_PAGE_TOKEN",
+            )
+        if "k" in payload:
+            payload["k"] = [_decode_value(v) for v in payload["k"]]
+            if key_count is not None and len(payload["k"]) != key_count:
+                raise bad
+        if "o" in payload and (not isinstance(payload["o"], int) or payload["o"] < 0):
+            raise bad
+        return payload
+    except InvalidArgument:
+        raise
+    except Exception:  # noqa: BLE001 - any decoding failure is the same client error
+        raise bad from None

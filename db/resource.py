@@ -1,0 +1,210 @@
+"""The resource declaration: everything the generic engine needs to serve one resource."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from sqlalchemy import JSON, Boolean, Date, Float, Integer, Numeric, String, Uuid, inspect
+from sqlalchemy.orm import Session
+
+from db.base import UTCDateTime
+from db.codecs import (
+    DateCodec,
+    EnumCodec,
+    FieldCodec,
+    OutputCodec,
+    ScalarCodec,
+    StringListCodec,
+    StructCodec,
+    TimestampCodec,
+    UuidCodec,
+    enum_filter_names,
+)
+from db.filtering import FieldKind, FilterCompiler, FilterField
+
+COMMON_OUTPUT_ONLY = frozenset({"id", "create_time", "update_time", "delete_time", "etag"})
+# Hook signature: (session, row, changed field names, creating?, call) -> None; may raise NexusError.
+WriteHook = Callable[[Session, Any, set[str], bool, Any], None]
+
+
+def etag_of(row: Any) -> str:
+    return f'W/"{row.revision}"'
+
+
+@dataclass(eq=False)
+class ResourceSpec:
+    """Declares one resource: its model, message and field rules. Built codecs are cached."""
+
+    name: str
+    plural: str
+    model: type
+    message: type[Message]
+    singular_field: str
+    output_only: frozenset[str] = frozenset()
+    immutable: frozenset[str] = frozenset()
+    required: frozenset[str] = frozenset()
+    extra_codecs: dict[str, FieldCodec] = field(default_factory=dict)
+    # field -> name of the resource it references; checked before writing (NOT_FOUND naming it).
+    references: dict[str, str] = field(default_factory=dict)
+    orderable: tuple[str, ...] = ("create_time", "update_time")
+    default_order: tuple[tuple[str, bool], ...] = (("create_time", False),)
+    search_fields: tuple[tuple[str, str], ...] = ()  # (column, weight A-D), best weight first
+    filter_exclude: frozenset[str] = frozenset()
+    extra_filters: dict[str, FilterField] = field(default_factory=dict)
+    batch_create: bool = False
+    batch_get: bool = False
+    before_write: WriteHook | None = None
+    # Options a servicer may load eagerly with every row (relationships the output needs).
+    load_options: tuple[Any, ...] = ()
+
+    @property
+    def soft_delete(self) -> bool:
+        return hasattr(self.model, "delete_time")
+
+    @property
+    def searchable(self) -> bool:
+        return bool(self.search_fields)
+
+    @functools.cached_property
+    def table(self) -> Any:
+        return self.model.__table__  # type: ignore[attr-defined]
+
+    @functools.cached_property
+    def codecs(self) -> dict[str, FieldCodec]:
+        """One codec per message field, in field order."""
+        out: dict[str, FieldCodec] = {}
+        mapper = inspect(self.model)
+        columns = {c.key: c for c in mapper.columns}
+        for fd in self.message.DESCRIPTOR.fields:
+            if fd.name in self.extra_codecs:
+                out[fd.name] = self.extra_codecs[fd.name]
+            elif fd.name == "etag":
+                out[fd.name] = OutputCodec("etag", etag_of)
+            elif fd.name in columns:
+                out[fd.name] = _codec_for(fd, columns[fd.name])
+            else:
+                raise TypeError(f"{self.name}.{fd.name}: no column and no codec declared")
+        return out
+
+    @functools.cached_property
+    def all_output_only(self) -> frozenset[str]:
+        computed = {n for n, c in self.codecs.items() if not c.writable}
+        return COMMON_OUTPUT_ONLY | self.output_only | computed
+
+    @functools.cached_property
+    def creatable(self) -> tuple[str, ...]:
+        return tuple(n for n in self.codecs if n not in self.all_output_only)
+
+    @functools.cached_property
+    def updatable(self) -> tuple[str, ...]:
+        return tuple(n for n in self.creatable if n not in self.immutable)
+
+    @functools.cached_property
+    def filter_fields(self) -> dict[str, FilterField]:
+        """Filterable fields: every column-backed field of the message, minus exclusions."""
+        fields: dict[str, FilterField] = {}
+        columns = self.table.c
+        for fd in self.message.DESCRIPTOR.fields:
+            if fd.name in self.filter_exclude or fd.name not in columns:
+                continue
+            kind = _filter_kind(fd, columns[fd.name])
+            if kind is None:
+                continue
+            enum_values = enum_filter_names(fd.enum_type) if kind is FieldKind.ENUM else None
+            fields[fd.name] = FilterField(kind, columns[fd.name], enum_values)
+        fields.update(self.extra_filters)
+        return fields
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - one per dialect, specs live for the process
+    def filter_compiler(self, dialect: str) -> FilterCompiler:
+        return FilterCompiler(self.filter_fields, dialect)
+
+    def to_proto(self, row: Any, read_mask: Iterable[str] | None = None) -> Message:
+        msg = self.message()
+        codecs = self.codecs
+        names = codecs.keys() if read_mask is None else read_mask
+        for name in names:
+            codecs[name].dump(row, msg)
+        return msg
+
+
+def _codec_for(fd: FieldDescriptor, column: Any) -> FieldCodec:
+    ctype = column.type
+    attr = column.key
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        return EnumCodec(fd, attr)
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+        full = fd.message_type.full_name
+        if full == "google.protobuf.Timestamp":
+            return TimestampCodec(fd, attr)
+        if full == "google.protobuf.Struct":
+            return StructCodec(fd, attr)
+        if full == "nexus.common.v1.Date":
+            return DateCodec(fd, attr)
+        raise TypeError(f"{fd.full_name}: message type {full} needs a declared codec")
+    if fd.is_repeated:
+        if fd.type == FieldDescriptor.TYPE_STRING and isinstance(ctype, JSON):
+            return StringListCodec(fd, attr)
+        raise TypeError(f"{fd.full_name}: repeated field needs a declared codec")
+    if isinstance(ctype, Uuid):
+        return UuidCodec(fd, attr)
+    length = getattr(ctype, "length", None) if isinstance(ctype, String) else None
+    return ScalarCodec(fd, attr, bool(column.nullable), length)
+
+
+def _filter_kind(fd: FieldDescriptor, column: Any) -> FieldKind | None:
+    ctype = column.type
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        return FieldKind.ENUM
+    if isinstance(ctype, UTCDateTime):
+        return FieldKind.TIMESTAMP
+    if isinstance(ctype, Date):
+        return FieldKind.DATE
+    if isinstance(ctype, Uuid):
+        return FieldKind.UUID
+    if isinstance(ctype, JSON):
+        return FieldKind.REPEATED_STRING if fd.is_repeated else FieldKind.JSON
+    if isinstance(ctype, Boolean):
+        return FieldKind.BOOL
+    if isinstance(ctype, Integer):
+        return FieldKind.INT
+    if isinstance(ctype, (Float, Numeric)):
+        return FieldKind.FLOAT
+    if isinstance(ctype, String):
+        return FieldKind.STRING
+    return None
+
+
+class Registry:
+    """Every served resource, by name; tests iterate it so none is forgotten."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, ResourceSpec] = {}
+
+    def add(self, spec: ResourceSpec) -> ResourceSpec:
+        if spec.name in self._specs:
+            raise ValueError(f"resource {spec.name} registered twice")
+        self._specs[spec.name] = spec
+        return spec
+
+    def __getitem__(self, name: str) -> ResourceSpec:
+        return self._specs[name]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def by_model(self, model: type) -> ResourceSpec:
+        for spec in self._specs.values():
+            if spec.model is model:
+                return spec
+        raise KeyError(model)
+
+
+REGISTRY = Registry()

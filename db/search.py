@@ -1,0 +1,97 @@
+"""Full-text search: tsvector + GIN on PostgreSQL, FTS5 on SQLite, both kept in sync on write.
+
+PostgreSQL indexes an expression over the searchable columns (no stored column to keep in sync);
+SQLite keeps an external-content FTS5 table up to date with triggers. Both are created by the
+migrations through the DDL helpers below, and queried through `search_terms`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, literal_column, table, column
+from sqlalchemy.sql.elements import ColumnElement
+
+from db.errors import InvalidArgument
+
+# bm25 column weights for SQLite and the ts_rank weights PostgreSQL applies to A..D.
+_SQLITE_WEIGHT = {"A": 10.0, "B": 4.0, "C": 2.0, "D": 1.0}
+_WORD = re.compile(r"\w+", re.UNICODE)
+MAX_QUERY_LENGTH = 1024
+
+
+def _pg_vector_sql(fields: tuple[tuple[str, str], ...]) -> str:
+    parts = [f"setweight(to_tsvector('english'::regconfig, coalesce({col}, '')), '{weight}')" for col, weight in fields]
+    return " || ".join(parts)
+
+
+def pg_index_ddl(table_name: str, fields: tuple[tuple[str, str], ...]) -> str:
+    return f"CREATE INDEX ix_{table_name}_search ON {table_name} USING gin (({_pg_vector_sql(fields)}))"
+
+
+def sqlite_fts_ddl(table_name: str, fields: tuple[tuple[str, str], ...]) -> list[str]:
+    """The FTS5 table and the triggers that keep it in sync with `table_name`.
+
+    Trap: an external-content FTS5 table joins on rowid, and SQLite may renumber the implicit
+    rowid of a table without an INTEGER PRIMARY KEY on VACUUM. After a VACUUM run
+    `INSERT INTO <t>_fts(<t>_fts) VALUES('rebuild')` (`nexus-data migrate --rebuild-search` does).
+    """
+    fts = f"{table_name}_fts"
+    cols = [c for c, _ in fields]
+    col_list = ", ".join(cols)
+    new_vals = ", ".join(f"new.{c}" for c in cols)
+    old_vals = ", ".join(f"old.{c}" for c in cols)
+    return [
+        f"CREATE VIRTUAL TABLE {fts} USING fts5({col_list}, content='{table_name}', content_rowid='rowid', tokenize='porter unicode61')",
+        f"CREATE TRIGGER {fts}_ai AFTER INSERT ON {table_name} BEGIN "
+        f"INSERT INTO {fts}(rowid, {col_list}) VALUES (new.rowid, {new_vals}); END",
+        f"CREATE TRIGGER {fts}_ad AFTER DELETE ON {table_name} BEGIN "
+        f"INSERT INTO {fts}({fts}, rowid, {col_list}) VALUES ('delete', old.rowid, {old_vals}); END",
+        f"CREATE TRIGGER {fts}_au AFTER UPDATE OF {col_list} ON {table_name} BEGIN "
+        f"INSERT INTO {fts}({fts}, rowid, {col_list}) VALUES ('delete', old.rowid, {old_vals}); "
+        f"INSERT INTO {fts}(rowid, {col_list}) VALUES (new.rowid, {new_vals}); END",
+        f"INSERT INTO {fts}({fts}) VALUES ('rebuild')",
+    ]
+
+
+def sqlite_fts_drop(table_name: str) -> list[str]:
+    fts = f"{table_name}_fts"
+    return [f"DROP TRIGGER IF EXISTS {fts}_{s}" for s in ("ai", "ad", "au")] + [f"DROP TABLE IF EXISTS {fts}"]
+
+
+def sqlite_fts_rebuild(table_name: str) -> str:
+    return f"INSERT INTO {table_name}_fts({table_name}_fts) VALUES ('rebuild')"
+
+
+@dataclass(frozen=True)
+class SearchTerms:
+    """What a search adds to a query: a join target (SQLite), a match condition and a score."""
+
+    join: tuple[Any, ColumnElement[bool]] | None
+    match: ColumnElement[bool]
+    score: ColumnElement[float]
+
+
+def search_terms(dialect: str, table_name: str, fields: tuple[tuple[str, str], ...], query: str) -> SearchTerms:
+    """Match condition and relevance score for `query`; INVALID_ARGUMENT for an empty query."""
+    if len(query) > MAX_QUERY_LENGTH:
+        raise InvalidArgument.field("query", f"must be at most {MAX_QUERY_LENGTH} characters")
+    words = _WORD.findall(query.lower())
+    if not words:
+        raise InvalidArgument.field("query", "must contain at least one word", reason="EMPTY_QUERY")
+    if dialect == "postgresql":
+        vector = literal_column(f"({_pg_vector_sql(fields)})")
+        tsquery = func.websearch_to_tsquery(literal_column("'english'::regconfig"), query)
+        return SearchTerms(None, vector.op("@@")(tsquery), func.ts_rank(vector, tsquery))
+    fts_name = f"{table_name}_fts"
+    fts = table(fts_name, column("rowid"))
+    # Each word quoted: user text never reaches FTS5's query syntax as operators.
+    match_expr = " ".join(f'"{w}"' for w in words)
+    weights = [_SQLITE_WEIGHT[w] for _, w in fields]
+    fts_ref = literal_column(fts_name)
+    return SearchTerms(
+        (fts, literal_column(f"{table_name}.rowid") == fts.c.rowid),
+        fts_ref.op("MATCH")(match_expr),
+        -func.bm25(fts_ref, *weights),
+    )

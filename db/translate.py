@@ -1,0 +1,90 @@
+"""Database exceptions become service errors here, once, for every resource."""
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import exc as orm_exc
+
+from db import errors
+
+# SQLSTATE classes (PostgreSQL) that a retry of the whole transaction can cure.
+RETRYABLE_SQLSTATES = {"40001", "40P01"}
+_SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.+)")
+_PG_UNIQUE_DETAIL = re.compile(r"Key \((?P<cols>[^)]*)\)=")
+
+
+class RetryableConflict(Exception):
+    """A serialization failure, deadlock or busy SQLite file: retry the transaction."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _sqlstate(exc: sa_exc.DBAPIError) -> str | None:
+    return getattr(exc.orig, "pgcode", None)
+
+
+def _unique_fields(exc: sa_exc.IntegrityError) -> list[str]:
+    message = str(exc.orig)
+    match = _SQLITE_UNIQUE.search(message)
+    if match:
+        return [part.strip().split(".")[-1] for part in match.group(1).split(",")]
+    diag = getattr(exc.orig, "diag", None)
+    detail = getattr(diag, "message_detail", None) or ""
+    match = _PG_UNIQUE_DETAIL.search(detail)
+    if match:
+        return [c.strip() for c in match.group("cols").split(",")]
+    return []
+
+
+def translate(exc: Exception, resource_type: str = "") -> Exception:
+    """Map a database exception to a NexusError, or to RetryableConflict when a retry may succeed."""
+    if isinstance(exc, errors.NexusError):
+        return exc
+    if isinstance(exc, orm_exc.StaleDataError):
+        return errors.Aborted(
+            "the resource changed while it was being updated; read it again and retry",
+            reason="CONCURRENT_MODIFICATION",
+            metadata={"resource_type": resource_type} if resource_type else None,
+        )
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return exc
+    state = _sqlstate(exc)
+    message = str(exc.orig)
+    if isinstance(exc, sa_exc.IntegrityError):
+        if state == "23505" or "UNIQUE constraint failed" in message:
+            fields = _unique_fields(exc)
+            what = ", ".join(fields) or "a unique field"
+            return errors.AlreadyExists(
+                f"{resource_type or 'resource'} with the same {what} already exists",
+                metadata={"resource_type": resource_type, "fields": ",".join(fields)},
+                violations=[errors.FieldViolation(f, "must be unique", "DUPLICATE") for f in fields],
+                resource_type=resource_type,
+            )
+        if state == "23503" or "FOREIGN KEY constraint failed" in message:
+            return errors.FailedPrecondition(
+                f"{resource_type or 'resource'} is referenced by, or references, a row that blocks this change",
+                reason="FOREIGN_KEY_VIOLATION",
+                metadata={"resource_type": resource_type},
+            )
+        if state == "23514" or "CHECK constraint failed" in message:
+            return errors.InvalidArgument(
+                f"{resource_type or 'resource'} violates a rule of its fields: {message.splitlines()[0]}",
+                reason="CHECK_VIOLATION",
+            )
+        if state == "23502" or "NOT NULL constraint failed" in message:
+            return errors.InvalidArgument(f"a required field is missing: {message.splitlines()[0]}", reason="REQUIRED_FIELD")
+        return errors.FailedPrecondition(message.splitlines()[0], reason="INTEGRITY_VIOLATION")
+    if state in RETRYABLE_SQLSTATES:
+        return RetryableConflict(exc)
+    if state == "57014":
+        return errors.DeadlineExceeded("the statement ran past the call's deadline", reason="STATEMENT_TIMEOUT")
+    if "database is locked" in message or "database is busy" in message:
+        return RetryableConflict(exc)
+    if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError) and state in (None, "08000", "08003", "08006", "08001", "57P01", "57P02", "57P03"):
+        return errors.Unavailable("the database is unreachable; retry later", metadata={"detail": type(exc.orig).__name__})
+    if isinstance(exc, sa_exc.DataError):
+        return errors.InvalidArgument(f"a value is out of range for its field: {message.splitlines()[0]}", reason="VALUE_OUT_OF_RANGE")
+    return exc

@@ -1,0 +1,181 @@
+"""Work domain: projects, members, tasks, dependencies and progress."""
+from __future__ import annotations
+
+import datetime as dt
+
+from nexus.work.v1 import work_pb2 as pb
+from sqlalchemy import case, func, literal, select
+from sqlalchemy.orm import Session
+
+from db import crud, errors
+from db.base import utcnow
+from db.codecs import MoneyCodec, OutputCodec, enum_maps, parse_uuid
+from db.models import Project, Task, task_dependencies
+from db.resource import REGISTRY, ResourceSpec
+
+_TASK_STATUS_TO_DB, _TASK_STATUS_NUMBER = enum_maps(pb.TaskStatus.DESCRIPTOR)
+
+
+def _project_rules(session: Session, row: Project, changed: set[str], creating: bool, call: crud.Call) -> None:
+    if row.start_date and row.end_date and row.end_date < row.start_date:
+        raise errors.InvalidArgument.field(
+            "project.end_date", f"{row.end_date} is before start_date {row.start_date}", reason="END_BEFORE_START"
+        )
+    if row.budget_amount is not None and row.budget_amount < 0:
+        raise errors.InvalidArgument.field("project.budget", "must not be negative")
+
+
+PROJECTS = REGISTRY.add(
+    ResourceSpec(
+        name="Project",
+        plural="Projects",
+        model=Project,
+        message=pb.Project,
+        singular_field="project",
+        immutable=frozenset({"owner_id"}),
+        required=frozenset({"name", "owner_id"}),
+        references={"owner_id": "User"},
+        extra_codecs={
+            "budget": MoneyCodec("budget", "budget_amount", "budget_currency"),
+            "member_ids": OutputCodec("member_ids", lambda r: [str(u.id) for u in r.members], repeated=True),
+        },
+        orderable=("create_time", "update_time", "name", "start_date", "end_date"),
+        search_fields=(("name", "A"), ("description", "B")),
+        before_write=_project_rules,
+    )
+)
+
+
+def _task_rules(session: Session, row: Task, changed: set[str], creating: bool, call: crud.Call) -> None:
+    violations = errors.Violations()
+    for name in ("estimated_hours", "actual_hours"):
+        value = getattr(row, name)
+        if value is not None and value < 0:
+            violations.add(f"task.{name}", f"must not be negative (got {value})", "NEGATIVE_HOURS")
+    violations.raise_if_any()
+    if creating and row.creator_id is None and call.actor_user_id is not None:
+        row.creator_id = call.actor_user_id
+    # completed_time follows the status: set on reaching done, cleared on leaving it.
+    if row.status == "done" and row.completed_time is None:
+        row.completed_time = utcnow()
+    elif row.status != "done":
+        row.completed_time = None
+
+
+TASKS = REGISTRY.add(
+    ResourceSpec(
+        name="Task",
+        plural="Tasks",
+        model=Task,
+        message=pb.Task,
+        singular_field="task",
+        output_only=frozenset({"completed_time"}),
+        immutable=frozenset({"project_id", "creator_id"}),
+        required=frozenset({"project_id", "title"}),
+        references={"project_id": "Project", "assignee_id": "User", "creator_id": "User"},
+        extra_codecs={
+            "dependency_ids": OutputCodec("dependency_ids", lambda r: [str(t.id) for t in r.dependencies], repeated=True),
+        },
+        orderable=("create_time", "update_time", "due_date", "title", "completed_time"),
+        search_fields=(("title", "A"), ("description", "B")),
+        batch_create=True,
+        batch_get=True,
+        before_write=_task_rules,
+    )
+)
+
+
+# ---------------------------------------------------------------- custom methods
+
+
+def add_project_member(session: Session, request: pb.AddProjectMemberRequest) -> pb.Project:
+    from db.identity import USERS
+
+    project = crud.fetch(session, PROJECTS, request.project_id, field_path="project_id", lock=True)
+    user = crud.fetch(session, USERS, request.user_id, field_path="user_id")
+    if user not in project.members:
+        project.members.append(user)
+        project.update_time = utcnow()
+        session.flush()
+    return PROJECTS.to_proto(project)
+
+
+def remove_project_member(session: Session, request: pb.RemoveProjectMemberRequest) -> pb.Project:
+    project = crud.fetch(session, PROJECTS, request.project_id, field_path="project_id", lock=True)
+    user_id = parse_uuid(request.user_id, "user_id")
+    kept = [u for u in project.members if u.id != user_id]
+    if len(kept) != len(project.members):
+        project.members = kept
+        project.update_time = utcnow()
+        session.flush()
+    return PROJECTS.to_proto(project)
+
+
+def project_progress(session: Session, request: pb.GetProjectProgressRequest) -> pb.ProjectProgress:
+    project = crud.fetch(session, PROJECTS, request.project_id, field_path="project_id")
+    today = dt.datetime.now(dt.timezone.utc).date()
+    live = (Task.project_id == project.id, Task.delete_time.is_(None))
+    by_status = dict(session.execute(select(Task.status, func.count()).where(*live).group_by(Task.status)).all())
+    sums = session.execute(
+        select(
+            func.coalesce(func.sum(Task.estimated_hours), 0.0),
+            func.coalesce(func.sum(Task.actual_hours), 0.0),
+            func.coalesce(func.sum(case((Task.due_date < today, 1), else_=0)).filter(Task.status != "done"), 0),
+        ).where(*live)
+    ).one()
+    total = sum(by_status.values())
+    done = by_status.get("done", 0)
+    return pb.ProjectProgress(
+        project_id=str(project.id),
+        total_tasks=total,
+        status_counts=[
+            pb.TaskStatusCount(status=number, count=by_status.get(name, 0))
+            for name, number in _TASK_STATUS_NUMBER.items()
+        ],
+        completion_percent=round(100.0 * done / total, 2) if total else 0.0,
+        estimated_hours=float(sums[0]),
+        actual_hours=float(sums[1]),
+        overdue_tasks=int(sums[2]),
+    )
+
+
+def _depends_transitively(session: Session, start: object, target: object) -> bool:
+    """Whether `start` already depends, directly or not, on `target` (a recursive CTE)."""
+    deps = task_dependencies.c
+    reach = select(deps.depends_on_id.label("id")).where(deps.task_id == start).cte("reach", recursive=True)
+    reach = reach.union(select(deps.depends_on_id).where(deps.task_id == reach.c.id))
+    return session.scalar(select(literal(1)).where(reach.c.id == target).limit(1)) is not None
+
+
+def add_task_dependency(session: Session, request: pb.AddTaskDependencyRequest) -> pb.Task:
+    task = crud.fetch(session, TASKS, request.task_id, field_path="task_id")
+    other = crud.fetch(session, TASKS, request.depends_on_task_id, field_path="depends_on_task_id")
+    if task.project_id != other.project_id:
+        raise errors.FailedPrecondition(
+            "a task can only depend on a task of the same project", reason="CROSS_PROJECT_DEPENDENCY"
+        )
+    # Serialise dependency changes per project so two concurrent adds cannot close a cycle.
+    crud.fetch(session, PROJECTS, str(task.project_id), field_path="task_id", lock=True)
+    if other in task.dependencies:
+        return TASKS.to_proto(task)
+    if task.id == other.id or _depends_transitively(session, other.id, task.id):
+        raise errors.FailedPrecondition(
+            f"task {request.depends_on_task_id} already depends on task {request.task_id}: the dependency would close a cycle",
+            reason="DEPENDENCY_CYCLE",
+            metadata={"task_id": request.task_id, "depends_on_task_id": request.depends_on_task_id},
+        )
+    task.dependencies.append(other)
+    task.update_time = utcnow()
+    session.flush()
+    return TASKS.to_proto(task)
+
+
+def remove_task_dependency(session: Session, request: pb.RemoveTaskDependencyRequest) -> pb.Task:
+    task = crud.fetch(session, TASKS, request.task_id, field_path="task_id", lock=True)
+    other_id = parse_uuid(request.depends_on_task_id, "depends_on_task_id")
+    kept = [t for t in task.dependencies if t.id != other_id]
+    if len(kept) != len(task.dependencies):
+        task.dependencies = kept
+        task.update_time = utcnow()
+        session.flush()
+    return TASKS.to_proto(task)

@@ -1,0 +1,99 @@
+"""Configuration: one typed object from environment variables and command-line flags."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from db.database import PoolSettings
+
+DEFAULT_DB_PATH = "data/nexus.db"
+
+
+def _bool(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def normalize_url(url: str) -> str:
+    """postgres:// and postgresql:// URLs use psycopg2 explicitly."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+def database_url_from_env(env: Mapping[str, str]) -> str:
+    """DATABASE_URL wins; then DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD (PostgreSQL); else DB_PATH (SQLite)."""
+    if env.get("DATABASE_URL"):
+        return normalize_url(env["DATABASE_URL"])
+    if env.get("DB_HOST"):
+        from sqlalchemy.engine import URL
+
+        return URL.create(
+            "postgresql+psycopg2",
+            username=env.get("DB_USER", "postgres"),
+            password=env.get("DB_PASSWORD") or None,
+            host=env["DB_HOST"],
+            port=int(env.get("DB_PORT", "5432")),
+            database=env.get("DB_NAME", "nexus"),
+        ).render_as_string(hide_password=False)
+    return f"sqlite:///{env.get('DB_PATH', DEFAULT_DB_PATH)}"
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str = f"sqlite:///{DEFAULT_DB_PATH}"
+    host: str = "[::]"
+    port: int = 50051
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    db_echo: bool = False
+    # True: apply pending migrations at start. False: refuse to start unless the schema is at head.
+    migrate_on_start: bool = True
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_concurrent_rpcs: int = 1000
+    drain_seconds: float = 1.0
+    grace_seconds: float = 10.0
+    health_interval_seconds: float = 2.0
+    log_level: str = "INFO"
+    # argon2id cost of password and key hashes (argon2-cffi defaults: 3 passes, 64 MiB).
+    hash_time_cost: int = 3
+    hash_memory_kib: int = 65536
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
+        env = os.environ if env is None else env
+        pool = PoolSettings(
+            size=int(env.get("DB_POOL_SIZE", PoolSettings.size)),
+            max_overflow=int(env.get("DB_MAX_OVERFLOW", PoolSettings.max_overflow)),
+            timeout=float(env.get("DB_POOL_TIMEOUT", PoolSettings.timeout)),
+            recycle=int(env.get("DB_POOL_RECYCLE", PoolSettings.recycle)),
+            pre_ping=_bool(env.get("DB_POOL_PRE_PING", "true")),
+        )
+        values: dict[str, Any] = {
+            "database_url": database_url_from_env(env),
+            "host": env.get("NEXUS_HOST", cls.host),
+            "port": int(env.get("NEXUS_PORT", cls.port)),
+            "pool": pool,
+            "db_echo": _bool(env.get("DB_ECHO", "false")),
+            "migrate_on_start": _bool(env.get("NEXUS_MIGRATE_ON_START", "true")),
+            "max_message_bytes": int(env.get("NEXUS_MAX_MESSAGE_BYTES", cls.max_message_bytes)),
+            "max_concurrent_rpcs": int(env.get("NEXUS_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs)),
+            "grace_seconds": float(env.get("NEXUS_GRACE_SECONDS", cls.grace_seconds)),
+            "log_level": env.get("LOG_LEVEL", cls.log_level).upper(),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting, with the database password masked: safe to log."""
+        out = dataclasses.asdict(self)
+        out["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+        return out

@@ -1,0 +1,161 @@
+"""Binds the generic standard methods of every declared resource onto a servicer.
+
+A domain servicer subclasses the generated base, lists its resources, and writes only its custom
+methods; `StandardMethods.bind` adds Get/List/Create/Update/Delete/Undelete/Search/Batch* for each.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from sqlalchemy.orm import Session
+
+from db import crud
+from db.database import Database
+from db.resource import ResourceSpec
+
+T = TypeVar("T")
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class Runner:
+    """Runs a unit of work for an RPC: its deadline, its call context, its database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def call(self, context: grpc.aio.ServicerContext) -> crud.Call:
+        return crud.Call(dialect=self.db.dialect)
+
+    async def __call__(
+        self,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[Session], T],
+        *,
+        write: bool = True,
+        resource_type: str = "",
+    ) -> T:
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return await self.db.run(work, write=write, deadline=deadline, resource_type=resource_type)
+
+
+def _module_of(spec: ResourceSpec) -> Any:
+    return sys.modules[spec.message.__module__]
+
+
+def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
+    """The standard-method handlers of one resource, keyed by RPC name."""
+    pb = _module_of(spec)
+    E, Es, plural_field = spec.name, spec.plural, _plural_field(spec)
+    name = spec.name
+
+    async def get(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await run(context, lambda s: crud.get(s, spec, request), write=False, resource_type=name)
+
+    async def list_(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = run.call(context)
+        items, token, total = await run(context, lambda s: crud.list_page(s, spec, request, call), write=False, resource_type=name)
+        response = getattr(pb, f"List{Es}Response")(next_page_token=token, total_size=total)
+        getattr(response, plural_field).extend(items)
+        return response
+
+    async def create(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = run.call(context)
+        return await run(context, lambda s: crud.create(s, spec, request, call), resource_type=name)
+
+    async def update(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = run.call(context)
+        return await run(context, lambda s: crud.update(s, spec, request, call), resource_type=name)
+
+    async def delete(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = run.call(context)
+        return await run(context, lambda s: crud.delete(s, spec, request, call), resource_type=name)
+
+    handlers: dict[str, Handler] = {
+        f"Get{E}": get,
+        f"List{Es}": list_,
+        f"Create{E}": create,
+        f"Update{E}": update,
+        f"Delete{E}": delete,
+    }
+
+    if spec.soft_delete:
+
+        async def undelete(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = run.call(context)
+            return await run(context, lambda s: crud.undelete(s, spec, request, call), resource_type=name)
+
+        handlers[f"Undelete{E}"] = undelete
+
+    if spec.searchable:
+        result_type = getattr(pb, f"{E}SearchResult")
+
+        async def search(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = run.call(context)
+            hits, token, total = await run(context, lambda s: crud.search(s, spec, request, call), write=False, resource_type=name)
+            results = [result_type(**{spec.singular_field: item, "score": score}) for item, score in hits]
+            return getattr(pb, f"Search{Es}Response")(results=results, next_page_token=token, total_size=total)
+
+        handlers[f"Search{Es}"] = search
+
+    if spec.batch_create:
+
+        async def batch_create(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = run.call(context)
+            items = await run(context, lambda s: crud.batch_create(s, spec, request, call), resource_type=name)
+            response = getattr(pb, f"BatchCreate{Es}Response")()
+            getattr(response, plural_field).extend(items)
+            return response
+
+        handlers[f"BatchCreate{Es}"] = batch_create
+
+    if spec.batch_get:
+
+        async def batch_get(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            items = await run(context, lambda s: crud.batch_get(s, spec, request), write=False, resource_type=name)
+            response = getattr(pb, f"BatchGet{Es}Response")()
+            getattr(response, plural_field).extend(items)
+            return response
+
+        handlers[f"BatchGet{Es}"] = batch_get
+
+    return handlers
+
+
+def _plural_field(spec: ResourceSpec) -> str:
+    """The repeated field of List responses: the snake_case plural ("api_keys")."""
+    pb = _module_of(spec)
+    response = getattr(pb, f"List{spec.plural}Response")
+    for fd in response.DESCRIPTOR.fields:
+        if fd.is_repeated and fd.message_type is spec.message.DESCRIPTOR:
+            return fd.name
+    raise TypeError(f"List{spec.plural}Response has no repeated {spec.name} field")
+
+
+class DomainServicer:
+    """Base of every domain servicer: binds the standard methods of its resources at construction."""
+
+    resources: tuple[ResourceSpec, ...] = ()
+    service_descriptor: Any = None  # the generated ServiceDescriptor
+
+    def __init__(self, run: Runner) -> None:
+        self.run = run
+        for spec in self.resources:
+            for rpc_name, handler in standard_handlers(run, spec).items():
+                setattr(self, rpc_name, handler)
+        missing = self.unimplemented()
+        if missing:
+            raise TypeError(f"{type(self).__name__} does not implement {', '.join(missing)}")
+
+    def unimplemented(self) -> list[str]:
+        """RPCs of the service that still resolve to the generated UNIMPLEMENTED stub."""
+        out = []
+        for method in self.service_descriptor.methods:
+            impl = getattr(self, method.name, None)
+            if impl is None or getattr(impl, "__qualname__", "").endswith("Servicer." + method.name):
+                out.append(method.name)
+        return out

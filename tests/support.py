@@ -1,0 +1,164 @@
+"""Test helpers: reading rich errors, and a valid sample of every registered resource."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2, struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from nexus.common.v1 import common_pb2
+from nexus.identity.v1 import identity_pb2 as ipb
+from nexus.work.v1 import work_pb2 as wpb
+
+from tests.conftest import Client, unique
+
+
+@dataclass
+class RichError:
+    code: grpc.StatusCode
+    message: str
+    info: error_details_pb2.ErrorInfo
+    violations: list[error_details_pb2.BadRequest.FieldViolation]
+    resource: error_details_pb2.ResourceInfo | None
+    error_info_count: int
+
+
+def rich_error(exc: grpc.RpcError) -> RichError:
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    assert status is not None, f"no google.rpc.Status in {exc.code()}: {exc.details()}"
+    infos, violations, resource = [], [], None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            infos.append(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(bad.field_violations)
+        elif detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+            resource = error_details_pb2.ResourceInfo()
+            detail.Unpack(resource)
+    assert infos, "every error carries an ErrorInfo"
+    return RichError(exc.code(), status.message, infos[0], violations, resource, len(infos))
+
+
+def expect_error(code: grpc.StatusCode, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> RichError:
+    """Call fn, assert it fails with `code` and a well-formed google.rpc.Status; return the details."""
+    with pytest.raises(grpc.RpcError) as caught:
+        fn(*args, **kwargs)
+    err = rich_error(caught.value)
+    assert err.code == code, f"expected {code}, got {err.code}: {err.message}"
+    assert err.error_info_count == 1
+    assert err.info.domain == "nexus"
+    assert err.info.reason and err.info.reason == err.info.reason.upper()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        assert err.violations, "INVALID_ARGUMENT carries BadRequest field violations"
+    if code == grpc.StatusCode.NOT_FOUND:
+        assert err.resource is not None, "NOT_FOUND carries ResourceInfo"
+    return err
+
+
+def mask(*paths: str) -> field_mask_pb2.FieldMask:
+    return field_mask_pb2.FieldMask(paths=list(paths))
+
+
+# ------------------------------------------------------------------ samples per resource
+
+
+def new_user(c: Client, **fields: Any) -> ipb.User:
+    name = unique("u")
+    values: dict[str, Any] = {"username": name, "email": f"{name}@example.com", "full_name": f"User {name}"}
+    values.update(fields)
+    return c.identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(**values)))
+
+
+def new_project(c: Client, owner: ipb.User | None = None, **fields: Any) -> wpb.Project:
+    owner = owner or new_user(c)
+    values: dict[str, Any] = {"name": f"Project {unique()}", "owner_id": owner.id}
+    values.update(fields)
+    return c.work.CreateProject(wpb.CreateProjectRequest(project=wpb.Project(**values)))
+
+
+def new_task(c: Client, project: wpb.Project | None = None, **fields: Any) -> wpb.Task:
+    project = project or new_project(c)
+    values: dict[str, Any] = {"project_id": project.id, "title": f"Task {unique()}"}
+    values.update(fields)
+    return c.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(**values)))
+
+
+@dataclass
+class Sample:
+    """How the generic tests make and change one resource."""
+
+    service: str
+    # message fields for a valid new resource whose searchable text contains `word`
+    fields: Callable[[Client, str], dict[str, Any]]
+    # (field, value) an update changes
+    change: tuple[str, Any]
+    # a filter that matches exactly the resources made with `word`
+    filter_for: Callable[[str], str]
+
+
+def _user_fields(c: Client, word: str) -> dict[str, Any]:
+    return {
+        "username": word,
+        "email": f"{word}@example.com",
+        "full_name": f"{word} Person",
+        "preferences": struct_pb2.Struct(fields={"theme": struct_pb2.Value(string_value="dark")}),
+        "password": "correct horse battery",
+    }
+
+
+def _project_fields(c: Client, word: str) -> dict[str, Any]:
+    return {
+        "name": f"{word} project",
+        "description": "a sample project",
+        "owner_id": new_user(c).id,
+        "start_date": common_pb2.Date(year=2026, month=1, day=1),
+        "end_date": common_pb2.Date(year=2026, month=12, day=31),
+        "budget": common_pb2.Money(currency_code="EUR", units=1000, nanos=500_000_000),
+    }
+
+
+def _task_fields(c: Client, word: str) -> dict[str, Any]:
+    return {
+        "project_id": new_project(c).id,
+        "title": f"{word} task",
+        "description": "a sample task",
+        "estimated_hours": 3.5,
+        "tags": ["sample", word],
+        "due_date": common_pb2.Date(year=2026, month=6, day=1),
+    }
+
+
+SAMPLES: dict[str, Sample] = {
+    "User": Sample("nexus.identity.v1.IdentityService", _user_fields, ("full_name", "Changed Name"), lambda w: f'username = "{w}"'),
+    "Role": Sample(
+        "nexus.identity.v1.IdentityService",
+        lambda c, w: {"name": w, "description": f"{w} role", "permissions": ["tasks.read"]},
+        ("description", "changed description"),
+        lambda w: f'name = "{w}"',
+    ),
+    "ApiKey": Sample(
+        "nexus.identity.v1.IdentityService",
+        lambda c, w: {"name": w, "role": ipb.USER_ROLE_USER, "expire_time": _future()},
+        ("name", None),  # None: a fresh unique value
+        lambda w: f'name = "{w}"',
+    ),
+    "Project": Sample("nexus.work.v1.WorkService", _project_fields, ("description", "changed description"), lambda w: f'name = "{w} project"'),
+    "Task": Sample("nexus.work.v1.WorkService", _task_fields, ("title", None), lambda w: f'tags:"{w}"'),
+}
+
+
+def _future() -> Any:
+    from google.protobuf import timestamp_pb2
+
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30))
+    return ts

@@ -20,6 +20,8 @@ juxtaposition), so ``a AND b OR c`` means ``a AND (b OR c)`` and ``a b OR c`` me
 Semantics that AIP-160 leaves open:
 - Comparisons keep SQL three-valued logic: ``x != v`` and ``NOT x = v`` do not match rows where
   ``x`` is NULL (or, for JSON paths, missing or of another JSON type). Use ``x = null`` for those.
+  The ``:`` tests other than string containment (has element, has key, ``:*``) are two-valued, so
+  ``NOT tags:x`` also matches a NULL ``tags``, identically on SQLite and PostgreSQL.
 - A string literal ending in an unescaped ``*`` is a case-sensitive prefix match with ``=`` (and its
   negation with ``!=``); ``\\*`` is a literal star. ``:`` on a string is case-insensitive substring.
 - ``field:*`` means present: NOT NULL (strings: also non-empty; repeated: non-empty array; JSON
@@ -156,9 +158,7 @@ def _check_characters(text: str) -> None:
         if char in _WHITESPACE or char.isprintable():
             continue
         if unicodedata.category(char) in ("Cc", "Cs"):
-            raise _error(
-                INVALID_FILTER, f"control character U+{ord(char):04X} at position {position} is not allowed"
-            )
+            raise _error(INVALID_FILTER, f"control character U+{ord(char):04X} at position {position} is not allowed")
 
 
 class _Tokenizer:
@@ -246,7 +246,8 @@ class _Tokenizer:
     def _path(self, match: re.Match[str]) -> Token:
         start, end = match.start(), match.end()
         if self._text[end : end + 1] == ".":
-            raise _error(INVALID_FILTER, f"invalid field path {_quote(self._text[start : end + 1])} at position {start}")
+            bad = _quote(self._text[start : end + 1])
+            raise _error(INVALID_FILTER, f"invalid field path {bad} at position {start}")
         word = match.group()
         self._pos = end
         if word in _KEYWORDS:
@@ -366,9 +367,7 @@ class _Parser:
     def _enter(self, token: Token) -> None:
         self._depth += 1
         if self._depth > MAX_DEPTH:
-            raise _error(
-                INVALID_FILTER, f"filter nested deeper than {MAX_DEPTH} levels at position {token.position}"
-            )
+            raise _error(INVALID_FILTER, f"filter nested deeper than {MAX_DEPTH} levels at position {token.position}")
 
     def _expression(self) -> Node:
         parts = [self._sequence()]
@@ -497,7 +496,7 @@ class FilterField:
     enum_values: Mapping[str, str] | None = None
 
 
-_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+_OPERATORS: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
     "=": operator.eq,
     "!=": operator.ne,
     "<": operator.lt,
@@ -615,18 +614,19 @@ class FilterCompiler:
                 f"{_quote(node.name)} with null; use = or !=",
             )
         # JSON paths: missing keys and JSON null both extract as SQL NULL on both engines.
-        target = spec.column[subpath].as_string() if subpath else spec.column
+        target: ColumnElement[Any] = spec.column[subpath].as_string() if subpath else spec.column
         return target.is_(None) if node.op == "=" else target.is_not(None)
 
     def _presence(self, spec: FilterField, subpath: tuple[str, ...]) -> ColumnElement[bool]:
-        column = spec.column
+        column: ColumnElement[Any] = spec.column
         if subpath:
             if self._postgres:
-                return self._jsonb(column)[subpath].is_not(None)
+                return self._jsonb(column)[subpath].is_not(None)  # type: ignore[no-any-return]
             return func.json_type(column, _sqlite_json_path(subpath)).is_not(None)
         if spec.kind is FieldKind.STRING:
             return and_(column.is_not(None), column != "")
         if spec.kind is FieldKind.REPEATED_STRING:
+            length: ColumnElement[Any]
             if self._postgres:
                 # jsonb_array_length raises on non-arrays; CASE keeps it from being evaluated there.
                 length = case((func.jsonb_typeof(column) == "array", func.jsonb_array_length(column)), else_=0)
@@ -638,7 +638,8 @@ class FilterCompiler:
     # -- kinds
 
     def _string(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        column, value = spec.column, self._text(node)
+        column: ColumnElement[Any] = spec.column
+        value = self._text(node)
         if node.op == ":":
             return column.icontains(value, autoescape=True)
         if node.op in _EQUALITY and node.value.wildcard:
@@ -646,7 +647,7 @@ class FilterCompiler:
             return prefix if node.op == "=" else not_(prefix)
         return _OPERATORS[node.op](column, value)
 
-    def _prefix(self, column: Any, prefix: str) -> ColumnElement[bool]:
+    def _prefix(self, column: ColumnElement[Any], prefix: str) -> ColumnElement[bool]:
         like = column.startswith(prefix, autoescape=True)
         if self._postgres:
             return like
@@ -660,7 +661,7 @@ class FilterCompiler:
                 raise ValueError
             value = uuid.UUID(literal_.text)
         except ValueError:
-            raise self._bad_value(node, "a UUID such as \"123e4567-e89b-12d3-a456-426614174000\"") from None
+            raise self._bad_value(node, 'a UUID such as "123e4567-e89b-12d3-a456-426614174000"') from None
         return _OPERATORS[node.op](spec.column, value)
 
     def _int(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
@@ -694,7 +695,7 @@ class FilterCompiler:
             micros = int((fraction or "0")[:6].ljust(6, "0"))
             value = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tz)
             # SQLite stores naive UTC text: compare in UTC on every engine.
-            value = value.astimezone(dt.timezone.utc)
+            value = value.astimezone(dt.UTC)
         except (ValueError, OverflowError):
             raise self._bad_value(node, expected) from None
         return _OPERATORS[node.op](spec.column, value)
@@ -736,6 +737,7 @@ class FilterCompiler:
             return self._has_key(column, subpath, self._text(node))
         kind = node.value.kind
         value: Any
+        json_types: tuple[str, tuple[str, ...]]
         if kind is LiteralKind.BOOL:
             self._check_operator(node, FieldKind.BOOL, _EQUALITY)
             extracted, value = column[subpath].as_boolean(), self._boolean(node)

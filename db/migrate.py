@@ -20,6 +20,16 @@ class SchemaMismatch(RuntimeError):
     """The database is not at the schema this build expects."""
 
 
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """Autogenerate's filter: full-text search objects (SQLite FTS5 tables and their shadow
+    tables, PostgreSQL GIN expression indexes) are made by migrations, not declared on models."""
+    if name is None:
+        return True
+    if type_ == "table" and "_fts" in name:
+        return False
+    return not (type_ == "index" and name.startswith("ix_") and name.endswith("_search"))
+
+
 def alembic_config() -> AlembicConfig:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))

@@ -7,16 +7,10 @@ from sqlalchemy import create_engine, pool
 import db.identity  # noqa: F401 - registers the models' tables on the metadata
 import db.work  # noqa: F401
 from db.base import Base
+from db.migrate import include_name
 
 config = context.config
 target_metadata = Base.metadata
-
-
-def include_name(name: str | None, type_: str, parent_names: object) -> bool:
-    # SQLite's FTS5 tables (and their shadow tables) are made by migrations, not by the models.
-    if type_ == "table" and name is not None and "_fts" in name:
-        return False
-    return True
 
 
 def _configure(connection: object) -> None:

@@ -87,6 +87,9 @@ class Config:
             "max_message_bytes": int(env.get("NEXUS_MAX_MESSAGE_BYTES", cls.max_message_bytes)),
             "max_concurrent_rpcs": int(env.get("NEXUS_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs)),
             "grace_seconds": float(env.get("NEXUS_GRACE_SECONDS", cls.grace_seconds)),
+            "drain_seconds": float(env.get("NEXUS_DRAIN_SECONDS", cls.drain_seconds)),
+            "hash_time_cost": int(env.get("NEXUS_HASH_TIME_COST", cls.hash_time_cost)),
+            "hash_memory_kib": int(env.get("NEXUS_HASH_MEMORY_KIB", cls.hash_memory_kib)),
             "log_level": env.get("LOG_LEVEL", cls.log_level).upper(),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -23,7 +23,7 @@ from tests.databases import fresh_postgres_database
 BACKENDS = ["sqlite", "postgresql"]
 
 
-def test_config(database_url: str, **overrides: Any) -> Config:
+def make_config(database_url: str, **overrides: Any) -> Config:
     """A real configuration, with cheap password hashing so suites stay fast."""
     values: dict[str, Any] = dict(
         database_url=database_url,
@@ -134,7 +134,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="session")
 def client(database_url: str) -> Iterator[Client]:
     """A started server on that database and a channel to it."""
-    server = ServerThread(test_config(database_url)).start()
+    server = ServerThread(make_config(database_url)).start()
     backend = "postgresql" if database_url.startswith("postgresql") else "sqlite"
     c = connect(backend, database_url, server)
     yield c

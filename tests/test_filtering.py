@@ -40,7 +40,7 @@ from db.filtering import (
 PG_URL = os.environ.get("FILTER_TEST_PG_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
 REASONS = {"INVALID_FILTER", "UNKNOWN_FILTER_FIELD", "INVALID_FILTER_VALUE", "UNSUPPORTED_FILTER_OPERATOR"}
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -80,7 +80,10 @@ def render(node: Node) -> str:
         ("a = -1", "(= a int:-1)"),
         ("a\t=\n1\r\n", "(= a int:1)"),
         # every comparator, with and without spaces
-        ("a<1 a<=1 a>1 a>=1 a=1 a!=1 a:1", "(AND (< a int:1) (<= a int:1) (> a int:1) (>= a int:1) (= a int:1) (!= a int:1) (: a int:1))"),
+        (
+            "a<1 a<=1 a>1 a>=1 a=1 a!=1 a:1",
+            "(AND (< a int:1) (<= a int:1) (> a int:1) (>= a int:1) (= a int:1) (!= a int:1) (: a int:1))",
+        ),
         ("a != 1", "(!= a int:1)"),
         # literals
         ('a = "x y"', "(= a string:x y)"),
@@ -263,40 +266,27 @@ def row_id(n: int) -> uuid.UUID:
     return uuid.UUID(int=n)
 
 
-ROWS: list[dict[str, Any]] = [
-    dict(
-        n=1, name="alpha", status="todo", hours=1.5, count=1, active=True, created=ts("2026-01-01T00:00:00"),
-        due=dt.date(2026, 2, 1), tags=["urgent", "backend"], prefs={"theme": "dark", "ui": {"size": 3}, "beta": True},
-    ),
-    dict(
-        n=2, name="alphabet", status="done", hours=2.0, count=2, active=False, created=ts("2026-01-02T12:00:00"),
-        due=dt.date(2026, 2, 2), tags=["frontend"], prefs={"theme": "light", "ui": {"size": 5}},
-    ),
-    dict(
-        n=3, name="Alpine", status="in_progress", hours=0.0, count=0, active=True,
-        created=ts("2026-01-03T00:00:00.500000"), due=None, tags=[], prefs={"theme": 5, "beta": False},
-    ),
-    dict(
-        n=4, name="gamma_ray", status="done", hours=None, count=10, active=None, created=ts("2025-12-31T23:59:59"),
-        due=dt.date(2026, 3, 1), tags=["urgent"], prefs={},
-    ),
-    dict(
-        n=5, name="gammaXray", status="todo", hours=7.25, count=-3, active=False, created=ts("2026-01-05T00:00:00"),
-        due=dt.date(2026, 1, 15), tags=["a%b", "x_y"], prefs={"theme": "dark", "ui": {"size": "big"}},
-    ),
-    dict(
-        n=6, name="100%_off", status="cancelled", hours=3.0, count=5, active=True, created=ts("2026-02-01T00:00:00"),
-        due=dt.date(2026, 2, 1), tags=["URGENT"], prefs={"ui": None},
-    ),
-    dict(
-        n=7, name="O'Brien \"q\" \\ back", status="todo", hours=4.5, count=100, active=True,
-        created=ts("2026-01-04T00:00:00"), due=dt.date(2026, 2, 10), tags=sa.JSON.NULL, prefs=[1, 2],
-    ),
-    dict(
-        n=8, name=None, status=None, hours=None, count=None, active=None, created=None, due=None,
-        tags=sa.null(), prefs=sa.null(),
-    ),
-]
+COLUMNS = ("n", "name", "status", "hours", "count", "active", "created", "due", "tags", "prefs")
+# fmt: off
+ROWS: list[dict[str, Any]] = [dict(zip(COLUMNS, values, strict=True)) for values in [
+    (1, "alpha", "todo", 1.5, 1, True, ts("2026-01-01T00:00:00"), dt.date(2026, 2, 1),
+     ["urgent", "backend"], {"theme": "dark", "ui": {"size": 3}, "beta": True}),
+    (2, "alphabet", "done", 2.0, 2, False, ts("2026-01-02T12:00:00"), dt.date(2026, 2, 2),
+     ["frontend"], {"theme": "light", "ui": {"size": 5}}),
+    (3, "Alpine", "in_progress", 0.0, 0, True, ts("2026-01-03T00:00:00.500000"), None,
+     [], {"theme": 5, "beta": False}),
+    (4, "gamma_ray", "done", None, 10, None, ts("2025-12-31T23:59:59"), dt.date(2026, 3, 1),
+     ["urgent"], {}),
+    (5, "gammaXray", "todo", 7.25, -3, False, ts("2026-01-05T00:00:00"), dt.date(2026, 1, 15),
+     ["a%b", "x_y"], {"theme": "dark", "ui": {"size": "big"}}),
+    (6, "100%_off", "cancelled", 3.0, 5, True, ts("2026-02-01T00:00:00"), dt.date(2026, 2, 1),
+     ["URGENT"], {"ui": None}),
+    # tags: JSON null (not SQL NULL); prefs: an array, not an object
+    (7, "O'Brien \"q\" \\ back", "todo", 4.5, 100, True, ts("2026-01-04T00:00:00"), dt.date(2026, 2, 10),
+     sa.JSON.NULL, [1, 2]),
+    (8, None, None, None, None, None, None, None, sa.null(), sa.null()),
+]]
+# fmt: on
 ALL = {row["n"] for row in ROWS}
 
 
@@ -548,11 +538,11 @@ def test_literals_are_bound_parameters(dialect: Any) -> None:
     compiler = FilterCompiler(make_fields(table), dialect.name)
     texts = [
         'name = "x\'; DROP TABLE t; --"',
-        "name:\"'; DROP TABLE t; --\"",
+        'name:"\'; DROP TABLE t; --"',
         'name = "evil\'; DROP TABLE t; --*"',
-        "tags:\"'; DROP TABLE t; --\"",
-        "prefs:\"'; DROP TABLE t; --\"",
-        "prefs.ui:\"'; DROP TABLE t; --\"",
+        'tags:"\'; DROP TABLE t; --"',
+        'prefs:"\'; DROP TABLE t; --"',
+        'prefs.ui:"\'; DROP TABLE t; --"',
         'prefs.theme = "\'; DROP TABLE t; --"',
     ]
     for text in texts:
@@ -637,23 +627,108 @@ def test_compile_rejects_non_string() -> None:
 # ------------------------------------------------------------------------------------- fuzzing
 
 FIELD_WORDS = [
-    "name", "status", "status_text", "hours", "count", "active", "created", "due", "tags", "prefs", "id",
-    "prefs.theme", "prefs.ui.size", "prefs.beta", "prefs.ui", "nope", "name.x", "NAME",
+    "name",
+    "status",
+    "status_text",
+    "hours",
+    "count",
+    "active",
+    "created",
+    "due",
+    "tags",
+    "prefs",
+    "id",
+    "prefs.theme",
+    "prefs.ui.size",
+    "prefs.beta",
+    "prefs.ui",
+    "nope",
+    "name.x",
+    "NAME",
 ]
 OPERATORS = ["=", "!=", "<", "<=", ">", ">=", ":"]
 VALUES = [
-    '"alpha"', "'alp*'", '"Alp*"', "DONE", "done", "TASK_STATUS_TODO", "urgent", "theme", "ui", "size",
-    "1", "-2.5", "1e3", "0", "99999999999999999999", "-9223372036854775809", "1e999", '"1e999"', '"nan"',
-    "true", "false", "null", "*", '"TRUE"', '""', '"%"', '"_"', r'"\\"', r'"\*"', r'"\""', "'\\''",
-    '"2026-01-02T00:00:00Z"', '"2026-01-02T00:00:00"', '"2026-01-02T00:00:00+05:30"', '"2026-01-02"',
-    '"9999-12-31T23:59:59-23:59"', '"0001-01-01T00:00:00Z"', '"00000000-0000-0000-0000-000000000001"',
-    "\"x'; DROP TABLE filter_items; --\"", "\"' OR '1'='1\"", '"Robert\'); DROP TABLE t;--"', '"😀"', '"é"',
-    '"\u202e"', '"a\\nb"',
+    '"alpha"',
+    "'alp*'",
+    '"Alp*"',
+    "DONE",
+    "done",
+    "TASK_STATUS_TODO",
+    "urgent",
+    "theme",
+    "ui",
+    "size",
+    "1",
+    "-2.5",
+    "1e3",
+    "0",
+    "99999999999999999999",
+    "-9223372036854775809",
+    "1e999",
+    '"1e999"',
+    '"nan"',
+    "true",
+    "false",
+    "null",
+    "*",
+    '"TRUE"',
+    '""',
+    '"%"',
+    '"_"',
+    r'"\\"',
+    r'"\*"',
+    r'"\""',
+    "'\\''",
+    '"2026-01-02T00:00:00Z"',
+    '"2026-01-02T00:00:00"',
+    '"2026-01-02T00:00:00+05:30"',
+    '"2026-01-02"',
+    '"9999-12-31T23:59:59-23:59"',
+    '"0001-01-01T00:00:00Z"',
+    '"00000000-0000-0000-0000-000000000001"',
+    '"x\'; DROP TABLE filter_items; --"',
+    "\"' OR '1'='1\"",
+    '"Robert\'); DROP TABLE t;--"',
+    '"😀"',
+    '"é"',
+    '"\u202e"',
+    '"a\\nb"',
 ]
 TOKENS = [
-    "(", ")", "AND", "OR", "NOT", "-", "*", ".", "!", "\\", '"', "'", ";", "--", "/*", "\x00", "\ud800",
-    "\x1b", "é", "😀", "\u202e", "\t", "\n", "$", "?", "%", "%s", "{", "}", "[", "]",
-    *OPERATORS, *FIELD_WORDS, *VALUES,
+    "(",
+    ")",
+    "AND",
+    "OR",
+    "NOT",
+    "-",
+    "*",
+    ".",
+    "!",
+    "\\",
+    '"',
+    "'",
+    ";",
+    "--",
+    "/*",
+    "\x00",
+    "\ud800",
+    "\x1b",
+    "é",
+    "😀",
+    "\u202e",
+    "\t",
+    "\n",
+    "$",
+    "?",
+    "%",
+    "%s",
+    "{",
+    "}",
+    "[",
+    "]",
+    *OPERATORS,
+    *FIELD_WORDS,
+    *VALUES,
 ]
 
 

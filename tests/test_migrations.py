@@ -1,0 +1,98 @@
+"""Alembic owns the schema: models and migrations agree, and migrations run both ways."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+
+import db.identity  # noqa: F401 - registers tables
+import db.work  # noqa: F401
+from db import migrate
+from db.migrate import include_name
+from db.base import Base
+from db.database import Database
+from service.config import Config
+from service.server import create_server
+from tests.conftest import BACKENDS, make_config
+from tests.databases import fresh_postgres_database
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+    else:
+        with fresh_postgres_database("nexus_migr") as url:
+            yield url
+
+
+def _diff(url: str) -> list[object]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "include_name": include_name})
+            return list(compare_metadata(context, Base.metadata))
+    finally:
+        engine.dispose()
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_models_and_migrations_agree(empty_url: str) -> None:
+    database = Database(empty_url)
+    migrate.upgrade(database.engine)
+    database.dispose()
+    assert _diff(empty_url) == []
+
+
+def test_upgrade_downgrade_upgrade(empty_url: str) -> None:
+    database = Database(empty_url)
+    try:
+        migrate.upgrade(database.engine)
+        assert migrate.current_revision(database.engine) == migrate.head_revision()
+        model_tables = set(Base.metadata.tables)
+        assert model_tables <= _tables(empty_url)
+        migrate.downgrade(database.engine, "base")
+        assert migrate.current_revision(database.engine) is None
+        assert _tables(empty_url) & model_tables == set()
+        assert not {t for t in _tables(empty_url) if t.endswith("_fts")}, "search tables dropped too"
+        migrate.upgrade(database.engine)
+        assert migrate.current_revision(database.engine) == migrate.head_revision()
+    finally:
+        database.dispose()
+    assert _diff(empty_url) == []
+
+
+def test_search_index_exists_after_upgrade(empty_url: str) -> None:
+    database = Database(empty_url)
+    try:
+        migrate.upgrade(database.engine)
+        with database.engine.connect() as conn:
+            if database.is_postgres:
+                names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE indexname LIKE '%_search'")).scalars())
+                assert {"ix_users_search", "ix_roles_search", "ix_projects_search", "ix_tasks_search"} <= names
+            else:
+                names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '%_fts'")).scalars())
+                assert {"users_fts", "roles_fts", "projects_fts", "tasks_fts"} <= names
+    finally:
+        database.dispose()
+
+
+def test_server_refuses_a_mismatched_schema_when_not_migrating(empty_url: str) -> None:
+    config: Config = make_config(empty_url, migrate_on_start=False)
+    with pytest.raises(migrate.SchemaMismatch, match="nexus-data migrate"):
+        create_server(config)
+    # With migration on (the default) the same database is brought to head and served.
+    app = create_server(make_config(empty_url))
+    assert migrate.current_revision(app.db.engine) == migrate.head_revision()
+    app.db.dispose()

@@ -1,0 +1,163 @@
+"""The server as operators see it: every RPC served, health, outages, shutdown, generated code."""
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nexus.identity.v1 import identity_pb2 as ipb
+from sqlalchemy.engine import make_url
+
+from service.server import DOMAIN_SERVICES
+from tests.conftest import Client, ServerThread, connect, make_config, unique
+from tests.databases import fresh_postgres_database
+from tests.support import expect_error
+from tests.tcp_proxy import TcpProxy
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_of(channel: grpc.Channel, service: str) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def test_every_rpc_of_every_service_is_implemented(client: Client) -> None:
+    assert client.server.app is not None
+    servicers = client.server.app.servicers
+    assert len(servicers) == len(DOMAIN_SERVICES)
+    for servicer in servicers:
+        assert servicer.unimplemented() == []
+        for method in servicer.service_descriptor.methods:
+            assert callable(getattr(servicer, method.name))
+
+
+def test_health_names(client: Client) -> None:
+    names = ["", "liveness", "readiness", *(full for _, _, full in DOMAIN_SERVICES)]
+    for name in names:
+        assert health_of(client.channel, name) == SERVING, name
+    with pytest.raises(grpc.RpcError) as caught:
+        health_of(client.channel, "no.such.Service")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _proxied(url: str) -> tuple[str, TcpProxy]:
+    parsed = make_url(url)
+    socket_dir = parsed.query.get("host")
+    if socket_dir:  # embedded PostgreSQL listens on a Unix socket only
+        port = parsed.port or 5432
+        proxy = TcpProxy("", 0, unix_path=f"{socket_dir}/.s.PGSQL.{port}")
+    else:
+        proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+    routed = parsed.set(host="127.0.0.1", port=proxy.port, query={})
+    return routed.render_as_string(hide_password=False), proxy
+
+
+@pytest.fixture
+def blinking_postgres() -> Iterator[tuple[Client, TcpProxy]]:
+    """A server whose PostgreSQL sits behind a proxy the test can cut."""
+    with fresh_postgres_database("nexus_blink") as url:
+        routed, proxy = _proxied(url)
+        proxy.open()
+        server = ServerThread(make_config(routed)).start()
+        c = connect("postgresql", routed, server)
+        try:
+            yield c, proxy
+        finally:
+            c.channel.close()
+            server.stop()
+            proxy.close()
+
+
+def test_database_outage_is_unavailable_and_not_ready_then_recovers(blinking_postgres: tuple[Client, TcpProxy]) -> None:
+    c, proxy = blinking_postgres
+    c.identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(username=unique("u"), email=f"{unique()}@example.com")))
+    assert health_of(c.channel, "readiness") == SERVING
+
+    proxy.close()
+    assert wait_for(lambda: health_of(c.channel, "readiness") == NOT_SERVING), "readiness follows the database"
+    assert health_of(c.channel, "liveness") == SERVING, "liveness never depends on the database"
+    assert health_of(c.channel, "nexus.identity.v1.IdentityService") == NOT_SERVING
+    name = unique("u")
+    err = expect_error(
+        grpc.StatusCode.UNAVAILABLE,
+        c.identity.CreateUser,
+        ipb.CreateUserRequest(user=ipb.User(username=name, email=f"{name}@example.com")),
+    )
+    assert err.info.reason == "DATABASE_UNAVAILABLE"
+
+    proxy.open()
+    assert wait_for(lambda: health_of(c.channel, "readiness") == SERVING), "ready again once the database answers"
+    created = c.identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(username=name, email=f"{name}@example.com")))
+    assert c.identity.GetUser(ipb.GetUserRequest(id=created.id)).username == name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_goes_not_serving_drains_and_exits(database_url: str, tmp_path: Path) -> None:
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=database_url,
+        NEXUS_PORT=str(port),
+        NEXUS_HOST="127.0.0.1",
+        NEXUS_DRAIN_SECONDS="1.0",
+        NEXUS_GRACE_SECONDS="2",
+        NEXUS_HASH_TIME_COST="1",
+        NEXUS_HASH_MEMORY_KIB="1024",
+    )
+    exe = Path(sys.executable).parent / "nexus-data"
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen([str(exe), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        assert wait_for(lambda: health_of(channel, "readiness") == SERVING)
+        proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: health_of(channel, "readiness") == NOT_SERVING, timeout=0.9), "NOT_SERVING during the drain"
+        assert health_of(channel, "liveness") == SERVING
+        assert proc.wait(timeout=15) == 0
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.kill()
+        log.seek(0)
+        output = log.read()
+    assert "shutting down" in output and "stopped" in output
+
+
+def test_generated_code_is_fresh(tmp_path: Path) -> None:
+    out = tmp_path / "generated"
+    subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--out", str(out)], check=True, capture_output=True)
+    stale = []
+
+    def compare(cmp: filecmp.dircmp) -> None:  # type: ignore[type-arg]
+        stale.extend(cmp.left_only + cmp.right_only + cmp.diff_files)
+        for sub in cmp.subdirs.values():
+            compare(sub)
+
+    compare(filecmp.dircmp(out, ROOT / "generated", ignore=["__pycache__"]))
+    assert stale == [], f"generated/ is stale: run python protos/generate.py ({stale})"

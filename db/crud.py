@@ -13,10 +13,11 @@ from typing import Any
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import errors
-from db.base import utcnow
+from db.base import utcnow, uuid7
 from db.codecs import parse_uuid
 from db.models import RequestRecord
 from db.paging import (
@@ -222,33 +223,55 @@ def validate_request_id(request_id: str, field_path: str = "request_id") -> str:
     return request_id
 
 
+def _earlier_result(session: Session, spec: ResourceSpec, request_id: str) -> Message | None:
+    earlier = session.scalar(
+        select(RequestRecord.resource_id).where(
+            RequestRecord.resource_type == spec.name, RequestRecord.request_id == request_id
+        )
+    )
+    row = session.get(spec.model, earlier) if earlier is not None else None
+    return spec.to_proto(row) if row is not None else None
+
+
+def _claim_request_id(session: Session, spec: ResourceSpec, request_id: str, row_id: uuid.UUID) -> Message | None:
+    """Record request_id for row_id; if a concurrent call claimed it first, return that call's result."""
+    try:
+        # A savepoint: on PostgreSQL the insert waits for a concurrent claim to commit, then fails
+        # here, and (READ COMMITTED) the next statement sees the winner's row.
+        with session.begin_nested():
+            session.add(RequestRecord(resource_type=spec.name, request_id=request_id, resource_id=row_id))
+            session.flush()
+    except IntegrityError:
+        result = _earlier_result(session, spec, request_id)
+        if result is None:
+            raise errors.Aborted("a concurrent call with the same request_id did not finish; retry", reason="REQUEST_IN_FLIGHT") from None
+        return result
+    return None
+
+
 def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefix: str = "") -> Message:
     request_id = validate_request_id(request.request_id, prefix + "request_id")
     if request_id:
-        earlier = session.scalar(
-            select(RequestRecord.resource_id).where(
-                RequestRecord.resource_type == spec.name, RequestRecord.request_id == request_id
-            )
-        )
+        earlier = _earlier_result(session, spec, request_id)
         if earlier is not None:
-            row = session.get(spec.model, earlier)
-            if row is not None:
-                return spec.to_proto(row)
+            return earlier
     msg = getattr(request, spec.singular_field)
     field_prefix = f"{prefix}{spec.singular_field}."
     names = [n for n in spec.creatable if spec.codecs[n].present(msg)]
     values = _load_fields(spec, msg, names, field_prefix)
     row = spec.model(**{k: v for k, v in values.items() if v is not None})
+    row.id = uuid7()
     _apply_defaults(spec, row)
     _missing_required(spec, row, field_prefix)
     check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), True, call)
+    if request_id:
+        winner = _claim_request_id(session, spec, request_id, row.id)
+        if winner is not None:
+            return winner
     session.add(row)
     session.flush()
-    if request_id:
-        session.add(RequestRecord(resource_type=spec.name, request_id=request_id, resource_id=row.id))
-        session.flush()
     return spec.to_proto(row)
 
 

@@ -161,3 +161,18 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
 
     compare(filecmp.dircmp(out, ROOT / "generated", ignore=["__pycache__"]))
     assert stale == [], f"generated/ is stale: run python protos/generate.py ({stale})"
+
+
+def test_oversized_message_is_resource_exhausted(database_url: str) -> None:
+    server = ServerThread(make_config(database_url, max_message_bytes=4096)).start()
+    c = connect("any", database_url, server)
+    try:
+        big = ipb.User(username=unique("u"), email=f"{unique()}@example.com", full_name="x" * 10_000)
+        with pytest.raises(grpc.RpcError) as caught:
+            c.identity.CreateUser(ipb.CreateUserRequest(user=big))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        found = c.identity.ListUsers(ipb.ListUsersRequest(filter=f'username = "{big.username}"'))
+        assert found.total_size == 0
+    finally:
+        c.channel.close()
+        server.stop()

@@ -286,3 +286,18 @@ def test_batch_methods_are_all_or_nothing(batch_api: Api) -> None:
         created = api.call("BatchCreate{Es}", requests=good)
         assert len(api.items(created)) == 3
         assert api.list(filter=api.sample.filter_for(word)).total_size == 3
+
+
+def test_concurrent_creates_with_one_request_id_make_one_resource(api: Api) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    word, request_id = unique("w"), str(uuid.uuid4())
+    fields = api.sample.fields(api.c, word)
+
+    def attempt(_: int) -> str:
+        return api.call("Create{E}", **{api.spec.singular_field: api.message(**fields)}, request_id=request_id).id
+
+    with ThreadPoolExecutor(6) as pool:
+        ids = set(pool.map(attempt, range(6)))
+    assert len(ids) == 1
+    assert api.list(filter=api.sample.filter_for(word)).total_size == 1

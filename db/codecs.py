@@ -6,6 +6,8 @@ field's descriptor and the model's column, so conversion is written once for eve
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -64,10 +66,11 @@ class ScalarCodec(FieldCodec):
         if self.is_string:
             if self.max_length is not None and len(value) > self.max_length:
                 raise InvalidArgument.field(self.name, f"must be at most {self.max_length} characters")
+            check_text(value, self.name)
             if value == "" and self.nullable:
                 value = None
-        elif self.is_float and value != value:  # NaN never compares equal to itself
-            raise InvalidArgument.field(self.name, "must be a number, not NaN")
+        elif self.is_float and not math.isfinite(value):
+            raise InvalidArgument.field(self.name, f"must be a finite number (got {value})")
         return {self.attr: value}
 
     def dump(self, row: Any, msg: Message) -> None:
@@ -185,7 +188,10 @@ class StructCodec(FieldCodec):
     def load(self, msg: Message) -> dict[str, Any]:
         if not msg.HasField(self.name):
             return {self.attr: None}
-        return {self.attr: json_format.MessageToDict(getattr(msg, self.name))}
+        value = json_format.MessageToDict(getattr(msg, self.name))
+        if "\\u0000" in json.dumps(value):
+            raise InvalidArgument.field(self.name, "must not contain NUL characters")
+        return {self.attr: value}
 
     def dump(self, row: Any, msg: Message) -> None:
         value = getattr(row, self.attr)
@@ -213,6 +219,7 @@ class StringListCodec(FieldCodec):
         for i, item in enumerate(items):
             if not item or len(item) > self.max_length:
                 raise InvalidArgument.field(f"{self.name}[{i}]", f"must be 1 to {self.max_length} characters")
+            check_text(item, f"{self.name}[{i}]")
         # Duplicates carry no meaning in a set of labels; keep the first of each, in order.
         return {self.attr: list(dict.fromkeys(items))}
 
@@ -295,10 +302,19 @@ class InputCodec(FieldCodec):
 
     def load(self, msg: Message) -> dict[str, Any]:
         value = getattr(msg, self.name)
-        return self.transform(value) if value else {}
+        if not value:
+            return {}
+        check_text(value, self.name)
+        return self.transform(value)
 
     def dump(self, row: Any, msg: Message) -> None:
         return None
+
+
+def check_text(value: str, field_path: str) -> None:
+    """Text both databases can store: PostgreSQL refuses NUL characters."""
+    if "\x00" in value:
+        raise InvalidArgument.field(field_path, "must not contain NUL characters")
 
 
 def parse_uuid(value: str, field_path: str, allow_empty: bool = False) -> uuid.UUID | None:

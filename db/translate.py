@@ -49,6 +49,9 @@ def translate(exc: Exception, resource_type: str = "") -> Exception:
             reason="CONCURRENT_MODIFICATION",
             metadata={"resource_type": resource_type} if resource_type else None,
         )
+    if isinstance(exc, ValueError) and "NUL" in str(exc):
+        # psycopg2 refuses NUL in text parameters before sending them (a plain ValueError).
+        return errors.InvalidArgument.field("request", "text must not contain NUL characters")
     if not isinstance(exc, sa_exc.DBAPIError):
         return exc
     state = _sqlstate(exc)

@@ -301,3 +301,29 @@ def test_concurrent_creates_with_one_request_id_make_one_resource(api: Api) -> N
         ids = set(pool.map(attempt, range(6)))
     assert len(ids) == 1
     assert api.list(filter=api.sample.filter_for(word)).total_size == 1
+
+
+def test_hostile_field_values_are_refused_precisely_and_change_nothing(api: Api) -> None:
+    """NUL in text, non-finite numbers and unknown enum numbers, for every writable field."""
+    from google.protobuf.descriptor import FieldDescriptor as FD
+
+    word = unique("h")
+    base = api.sample.fields(api.c, word)
+    cases: list[tuple[str, Any]] = []
+    for fd in api.spec.message.DESCRIPTOR.fields:
+        if fd.name not in api.spec.creatable:
+            continue
+        if fd.type == FD.TYPE_STRING and not fd.is_repeated and fd.name not in api.spec.references:
+            cases.append((fd.name, "bad\x00value"))
+        elif fd.type == FD.TYPE_STRING and fd.is_repeated:
+            cases.append((fd.name, ["ok", "bad\x00"]))
+        elif fd.type in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
+            cases += [(fd.name, float("inf")), (fd.name, float("nan"))]
+        elif fd.type == FD.TYPE_ENUM:
+            cases.append((fd.name, 99))
+    assert cases
+    for name, value in cases:
+        fields = dict(base, **{name: value})
+        err = expect_error(Code.INVALID_ARGUMENT, api.call, "Create{E}", **{api.spec.singular_field: api.message(**fields)})
+        assert err.violations[0].field.startswith(f"{api.spec.singular_field}.{name}"), (name, err.violations[0].field)
+    assert api.list(filter=api.sample.filter_for(word)).total_size == 0

@@ -5,9 +5,10 @@ import datetime as dt
 import os
 import time
 import uuid
+from decimal import Decimal
 from typing import Annotated, Any
 
-from sqlalchemy import JSON, DateTime, Integer, MetaData, String, TypeDecorator, Uuid
+from sqlalchemy import JSON, DateTime, Integer, MetaData, Numeric, String, TypeDecorator, Uuid
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
@@ -60,6 +61,24 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=dt.timezone.utc)
         return value.astimezone(dt.timezone.utc)
+
+
+class ExactDecimal(TypeDecorator[Decimal]):
+    """NUMERIC(24, 9) on PostgreSQL; exact decimal text on SQLite, whose NUMERIC goes through float."""
+
+    impl = Numeric(24, 9)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        return dialect.type_descriptor(String(40) if dialect.name == "sqlite" else Numeric(24, 9))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Any) -> Any:
+        if value is None or dialect.name != "sqlite":
+            return value
+        return format(Decimal(value), "f")
+
+    def process_result_value(self, value: Any, dialect: Any) -> Decimal | None:
+        return None if value is None else Decimal(value)
 
 
 # JSONB where it matters (PostgreSQL: indexable, containment operators), JSON text on SQLite.

@@ -229,6 +229,36 @@ class StringListCodec(FieldCodec):
             getattr(msg, self.name).extend(value)
 
 
+class MessageListCodec(FieldCodec):
+    """repeated SomeMessage <-> JSON array of objects (attachments and the like)."""
+
+    def __init__(self, name: str, attr: str, message_type: type[Message], max_items: int = 50) -> None:
+        self.name = name
+        self.attr = attr
+        self.message_type = message_type
+        self.max_items = max_items
+
+    def present(self, msg: Message) -> bool:
+        return len(getattr(msg, self.name)) > 0
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        items = getattr(msg, self.name)
+        if len(items) > self.max_items:
+            raise InvalidArgument.field(self.name, f"at most {self.max_items} items")
+        out = []
+        for i, item in enumerate(items):
+            value = json_format.MessageToDict(item, preserving_proto_field_name=True)
+            if "\\u0000" in json.dumps(value):
+                raise InvalidArgument.field(f"{self.name}[{i}]", "must not contain NUL characters")
+            out.append(value)
+        return {self.attr: out}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        target = getattr(msg, self.name)
+        for value in getattr(row, self.attr) or ():
+            json_format.ParseDict(value, target.add(), ignore_unknown_fields=True)
+
+
 class MoneyCodec(FieldCodec):
     """nexus.common.v1.Money <-> NUMERIC amount column + currency column."""
 

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db import errors
+from db import errors, events
 from db.base import utcnow, uuid7
 from db.codecs import parse_uuid
 from db.models import RequestRecord
@@ -272,7 +272,7 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
             return winner
     session.add(row)
     session.flush()
-    return spec.to_proto(row)
+    return publish(session, spec, row, events.CREATED, spec.to_proto(row))
 
 
 def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
@@ -326,7 +326,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), False, call)
     session.flush()
-    return spec.to_proto(row)
+    return publish(session, spec, row, events.UPDATED, spec.to_proto(row))
 
 
 def _apply_defaults_for_cleared(spec: ResourceSpec, row: Any, values: dict[str, Any]) -> None:
@@ -344,11 +344,12 @@ def delete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     if spec.soft_delete and not force:
         row.delete_time = utcnow()
         session.flush()
-        return spec.to_proto(row)
-    result = spec.to_proto(row) if spec.soft_delete else empty_pb2.Empty()
+        return publish(session, spec, row, events.DELETED, spec.to_proto(row))
+    last_state = spec.to_proto(row)
+    publish(session, spec, row, events.DELETED, last_state)
     session.delete(row)
     session.flush()
-    return result
+    return last_state if spec.soft_delete else empty_pb2.Empty()
 
 
 def undelete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:
@@ -357,4 +358,32 @@ def undelete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> 
         raise errors.FailedPrecondition(f"{spec.name} {request.id!r} is not deleted", reason="NOT_DELETED")
     row.delete_time = None
     session.flush()
-    return spec.to_proto(row)
+    return publish(session, spec, row, events.UPDATED, spec.to_proto(row))
+
+
+def publish(session: Session, spec: ResourceSpec, row: Any, event_type: str, msg: Message) -> Message:
+    """Append the change to the resource's stream, in this transaction; returns msg."""
+    if spec.stream_scope is not None:
+        events.emit(session, spec.stream_scope(row), event_type, spec.name, row.id, msg)
+    return msg
+
+
+def change_membership(session: Session, spec: ResourceSpec, parent_id: str, user_id: str, *, add: bool, parent_field: str) -> Message:
+    """Add or remove a user in a resource's `members`; idempotent; a real change moves the etag."""
+    parent = fetch(session, spec, parent_id, field_path=parent_field, lock=True)
+    if add:
+        user = fetch(session, REGISTRY["User"], user_id, field_path="user_id")
+        changed = user not in parent.members
+        if changed:
+            parent.members.append(user)
+    else:
+        member_id = parse_uuid(user_id, "user_id")
+        kept = [u for u in parent.members if u.id != member_id]
+        changed = len(kept) != len(parent.members)
+        if changed:
+            parent.members = kept
+    if not changed:
+        return spec.to_proto(parent)
+    parent.update_time = utcnow()
+    session.flush()
+    return publish(session, spec, parent, events.UPDATED, spec.to_proto(parent))

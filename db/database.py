@@ -21,6 +21,8 @@ from db import errors
 from db.translate import RetryableConflict, translate
 
 log = logging.getLogger(__name__)
+# Session.info key under which db/events.py lists the (scope, seq) pairs a transaction appended.
+COMMITTED_EVENTS_KEY = "nexus_events"
 T = TypeVar("T")
 
 
@@ -97,6 +99,8 @@ class Database:
         write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(write_engine, expire_on_commit=False)
+        self._commit_listeners: list[Callable[[list[tuple[str, int]]], None]] = []
+        event.listen(self._write_sessions, "after_commit", self._after_commit)
         # One worker per pooled connection: a unit of work never waits for a thread while it
         # holds a connection, and the event loop never blocks on the database.
         workers = max(2, self.pool.size + self.pool.max_overflow)
@@ -156,6 +160,20 @@ class Database:
             self.executor,
             lambda: ctx.run(self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type),
         )
+
+    def add_commit_listener(self, listener: Callable[[list[tuple[str, int]]], None]) -> None:
+        """Call listener(moved) after every commit that appended change events: (scope, seq) pairs."""
+        self._commit_listeners.append(listener)
+
+    def remove_commit_listener(self, listener: Callable[[list[tuple[str, int]]], None]) -> None:
+        if listener in self._commit_listeners:
+            self._commit_listeners.remove(listener)
+
+    def _after_commit(self, session: Session) -> None:
+        moved = session.info.pop(COMMITTED_EVENTS_KEY, None)
+        if moved:
+            for listener in list(self._commit_listeners):
+                listener(moved)
 
     def ping(self) -> bool:
         """True when a connection answers SELECT 1."""

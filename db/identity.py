@@ -146,6 +146,10 @@ def ensure_user(session: Session, request: pb.EnsureUserRequest, call: crud.Call
                 created = crud.create(session, USERS, pb.CreateUserRequest(user=request.user), call)
             return pb.EnsureUserResponse(user=created, created=True)
         except IntegrityError:
+            # Lost the race on external_id: the next pass finds the winner. A conflict on another
+            # unique field (username, email) is real: translate() makes it ALREADY_EXISTS.
+            if session.scalar(select(User.id).where(User.external_id == external_id)) is None:
+                raise
             continue
     raise errors.Aborted("EnsureUser raced with another writer twice; retry", reason="TRANSACTION_CONFLICT")
 

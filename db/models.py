@@ -6,6 +6,7 @@ import uuid
 from decimal import Decimal
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -13,6 +14,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Index,
+    LargeBinary,
     Numeric,
     String,
     Table,
@@ -24,6 +26,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from db.base import (
     Base,
+    ExactDecimal,
     ResourceMixin,
     SoftDeleteMixin,
     UTCDateTime,
@@ -143,7 +146,7 @@ class Project(ResourceMixin, SoftDeleteMixin, Base):
     start_date: Mapped[dt.date | None] = mapped_column(Date)
     end_date: Mapped[dt.date | None] = mapped_column(Date)
     # Money as exact decimal plus its currency, never a float.
-    budget_amount: Mapped[Decimal | None] = mapped_column(Numeric(24, 9))
+    budget_amount: Mapped[Decimal | None] = mapped_column(ExactDecimal())
     budget_currency: Mapped[str | None] = mapped_column(String(3))
     archived: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
 
@@ -173,8 +176,9 @@ class Task(ResourceMixin, SoftDeleteMixin, Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="todo", index=True)
     priority: Mapped[str] = mapped_column(String(16), nullable=False, default="medium", index=True)
     due_date: Mapped[dt.date | None] = mapped_column(Date)
-    estimated_hours: Mapped[float | None] = mapped_column(Float)
-    actual_hours: Mapped[float | None] = mapped_column(Float)
+    # 0 is "not set" in proto3 as well as zero hours: stored as 0, never NULL, so filters agree.
+    estimated_hours: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    actual_hours: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
     tags: Mapped[json_list]
     completed_time: Mapped[optional_timestamp]
 
@@ -198,3 +202,116 @@ class RequestRecord(Base):
     request_id: Mapped[str] = mapped_column(String(128), nullable=False)
     resource_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
     create_time: Mapped[timestamp] = mapped_column(default=utcnow, index=True)
+
+
+# ---------------------------------------------------------------- chat and conversations
+
+CONVERSATION_STATUSES = ("active", "archived")
+SENDER_TYPES = ("user", "assistant", "system")
+
+channel_members = Table(
+    "channel_members",
+    Base.metadata,
+    Column("channel_id", Uuid, ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("create_time", UTCDateTime, nullable=False, default=utcnow),
+    Index("ix_channel_members_user_id", "user_id"),
+)
+
+
+class Channel(ResourceMixin, SoftDeleteMixin, Base):
+    __tablename__ = "channels"
+    __table_args__ = (Index("ix_channels_create_time_id", "create_time", "id"),)
+
+    name: Mapped[short_text]
+    description: Mapped[str | None] = mapped_column(Text)
+    project_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("projects.id", ondelete="SET NULL"), index=True
+    )
+    is_private: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    creator_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("users.id", ondelete="SET NULL"))
+
+    members: Mapped[list[User]] = relationship(secondary=channel_members, lazy="selectin", order_by="User.id")
+
+
+class ChatMessage(ResourceMixin, SoftDeleteMixin, Base):
+    __tablename__ = "chat_messages"
+    __table_args__ = (
+        Index("ix_chat_messages_create_time_id", "create_time", "id"),
+        Index("ix_chat_messages_channel_id_create_time", "channel_id", "create_time"),
+    )
+
+    channel_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("channels.id", ondelete="CASCADE"), nullable=False)
+    author_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    # Replies keep pointing at a soft-deleted parent; a parent removed for good takes its replies.
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("chat_messages.id", ondelete="CASCADE"), index=True
+    )
+    attachments: Mapped[json_list]
+    edited_time: Mapped[optional_timestamp]
+
+
+class Conversation(ResourceMixin, Base):
+    __tablename__ = "conversations"
+    __table_args__ = (
+        _one_of("status", CONVERSATION_STATUSES),
+        Index("ix_conversations_create_time_id", "create_time", "id"),
+        Index("ix_conversations_user_id_status", "user_id", "status"),
+    )
+
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"))
+    title: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="active")
+
+
+class ConversationMessage(ResourceMixin, Base):
+    __tablename__ = "conversation_messages"
+    __table_args__ = (
+        _one_of("sender_type", SENDER_TYPES),
+        Index("ix_conversation_messages_create_time_id", "create_time", "id"),
+        Index("ix_conversation_messages_conversation_id_create_time", "conversation_id", "create_time"),
+    )
+
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
+    )
+    sender_type: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    role_metadata: Mapped[json_object]
+
+
+# ---------------------------------------------------------------- the durable change log
+
+
+class StreamScope(Base):
+    """One row per channel or conversation that has events: its last sequence number.
+
+    Writers bump last_seq with UPDATE ... RETURNING, which holds the row lock until commit, so
+    within a scope sequence numbers are gap-free and become visible in commit order.
+    """
+
+    __tablename__ = "stream_scopes"
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)  # "channels/<id>"
+    last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    # Events up to this sequence were purged by retention; a token older than it must reload.
+    purged_seq: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class ChangeEvent(Base):
+    """A change to a streamed resource, written in the same transaction as the change."""
+
+    __tablename__ = "change_events"
+    __table_args__ = (Index("ix_change_events_create_time", "create_time"),)
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    event_type: Mapped[str] = mapped_column(String(16), nullable=False)
+    resource_type: Mapped[str] = mapped_column(String(64), nullable=False)
+    resource_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    # The resource's proto, serialized: replayed as is, whatever happens to the row later.
+    payload: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    create_time: Mapped[timestamp] = mapped_column(default=utcnow)

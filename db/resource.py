@@ -60,6 +60,8 @@ class ResourceSpec:
     before_write: WriteHook | None = None
     # Options a servicer may load eagerly with every row (relationships the output needs).
     load_options: tuple[Any, ...] = ()
+    # For streamed resources: the scope ("channels/<id>") whose event log a change goes to.
+    stream_scope: Callable[[Any], str] | None = None
 
     @property
     def soft_delete(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import func, literal_column, table, column
@@ -95,3 +96,20 @@ def search_terms(dialect: str, table_name: str, fields: tuple[tuple[str, str], .
         fts_ref.op("MATCH")(match_expr),
         -func.bm25(fts_ref, *weights),
     )
+
+
+def create_search_objects(op: Any, tables: dict[str, tuple[tuple[str, str], ...]]) -> None:
+    """For a migration: the GIN index (PostgreSQL) or FTS5 table and triggers (SQLite) of each table."""
+    dialect = op.get_bind().dialect.name
+    for table_name, fields in tables.items():
+        statements = [pg_index_ddl(table_name, fields)] if dialect == "postgresql" else sqlite_fts_ddl(table_name, fields)
+        for statement in statements:
+            op.execute(statement)
+
+
+def drop_search_objects(op: Any, table_names: Iterable[str]) -> None:
+    dialect = op.get_bind().dialect.name
+    for table_name in table_names:
+        statements = [f"DROP INDEX IF EXISTS ix_{table_name}_search"] if dialect == "postgresql" else sqlite_fts_drop(table_name)
+        for statement in statements:
+            op.execute(statement)

@@ -89,26 +89,11 @@ TASKS = REGISTRY.add(
 
 
 def add_project_member(session: Session, request: pb.AddProjectMemberRequest) -> pb.Project:
-    from db.identity import USERS
-
-    project = crud.fetch(session, PROJECTS, request.project_id, field_path="project_id", lock=True)
-    user = crud.fetch(session, USERS, request.user_id, field_path="user_id")
-    if user not in project.members:
-        project.members.append(user)
-        project.update_time = utcnow()
-        session.flush()
-    return PROJECTS.to_proto(project)
+    return crud.change_membership(session, PROJECTS, request.project_id, request.user_id, add=True, parent_field="project_id")
 
 
 def remove_project_member(session: Session, request: pb.RemoveProjectMemberRequest) -> pb.Project:
-    project = crud.fetch(session, PROJECTS, request.project_id, field_path="project_id", lock=True)
-    user_id = parse_uuid(request.user_id, "user_id")
-    kept = [u for u in project.members if u.id != user_id]
-    if len(kept) != len(project.members):
-        project.members = kept
-        project.update_time = utcnow()
-        session.flush()
-    return PROJECTS.to_proto(project)
+    return crud.change_membership(session, PROJECTS, request.project_id, request.user_id, add=False, parent_field="project_id")
 
 
 def project_progress(session: Session, request: pb.GetProjectProgressRequest) -> pb.ProjectProgress:

@@ -4,8 +4,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-import db.identity  # noqa: F401 - registers the models' tables on the metadata
-import db.work  # noqa: F401
+import db.domains  # noqa: F401 - every domain's tables on the metadata
 from db.base import Base
 from db.migrate import include_name
 

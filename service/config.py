@@ -63,6 +63,12 @@ class Config:
     grace_seconds: float = 10.0
     health_interval_seconds: float = 2.0
     log_level: str = "INFO"
+    # Change log: how long events stay resumable, how often old ones are purged.
+    event_retention_seconds: float = 7 * 24 * 3600.0
+    event_purge_interval_seconds: float = 300.0
+    # Live streams: events buffered per subscriber before it is cut off; the lost-NOTIFY poll.
+    stream_queue_size: int = 1000
+    stream_poll_seconds: float = 1.0
     # argon2id cost of password and key hashes (argon2-cffi defaults: 3 passes, 64 MiB).
     hash_time_cost: int = 3
     hash_memory_kib: int = 65536
@@ -91,6 +97,9 @@ class Config:
             "hash_time_cost": int(env.get("NEXUS_HASH_TIME_COST", cls.hash_time_cost)),
             "hash_memory_kib": int(env.get("NEXUS_HASH_MEMORY_KIB", cls.hash_memory_kib)),
             "log_level": env.get("LOG_LEVEL", cls.log_level).upper(),
+            "event_retention_seconds": float(env.get("NEXUS_EVENT_RETENTION_SECONDS", cls.event_retention_seconds)),
+            "stream_queue_size": int(env.get("NEXUS_STREAM_QUEUE_SIZE", cls.stream_queue_size)),
+            "stream_poll_seconds": float(env.get("NEXUS_STREAM_POLL_SECONDS", cls.stream_poll_seconds)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -142,8 +142,9 @@ class DomainServicer:
     resources: tuple[ResourceSpec, ...] = ()
     service_descriptor: Any = None  # the generated ServiceDescriptor
 
-    def __init__(self, run: Runner) -> None:
+    def __init__(self, run: Runner, hub: Any = None) -> None:
         self.run = run
+        self.hub = hub  # the process's ChangeHub, for services that stream
         for spec in self.resources:
             for rpc_name, handler in standard_handlers(run, spec).items():
                 setattr(self, rpc_name, handler)

@@ -2,23 +2,29 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import signal
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from nexus.chat.v1 import chat_pb2, chat_pb2_grpc
 from nexus.identity.v1 import identity_pb2, identity_pb2_grpc
 from nexus.work.v1 import work_pb2, work_pb2_grpc
 
-from db import migrate, secrets
+from db import events, migrate, secrets
+from db.base import utcnow
 from db.database import Database
+from service.chat import ChatService
 from service.config import Config
 from service.errors import ErrorInterceptor
 from service.identity import IdentityService
 from service.rpc import Runner
+from service.streams import ChangeHub, HubSettings
 from service.work import WorkService
 
 log = logging.getLogger("nexus.server")
@@ -32,6 +38,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DOMAIN_SERVICES = (
     (IdentityService, identity_pb2_grpc.add_IdentityServiceServicer_to_server, identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name),
     (WorkService, work_pb2_grpc.add_WorkServiceServicer_to_server, work_pb2.DESCRIPTOR.services_by_name["WorkService"].full_name),
+    (ChatService, chat_pb2_grpc.add_ChatServiceServicer_to_server, chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name),
 )
 
 
@@ -45,7 +52,9 @@ class App:
     port: int
     health: health.aio.HealthServicer
     service_names: list[str]
+    hub: ChangeHub
     _monitor: asyncio.Task[None] | None = None
+    _purger: asyncio.Task[None] | None = None
     _stopping: bool = False
     ready: bool = False
     servicers: list[Any] = field(default_factory=list)
@@ -66,11 +75,25 @@ class App:
                 await self.set_ready(ok)
             await asyncio.sleep(self.config.health_interval_seconds)
 
+    async def _purge_old_events(self) -> None:
+        """Retention of the change log: older events go; tokens older than them must reload."""
+        while not self._stopping:
+            await asyncio.sleep(self.config.event_purge_interval_seconds)
+            cutoff = utcnow() - dt.timedelta(seconds=self.config.event_retention_seconds)
+            try:
+                removed = await self.db.run(lambda s: events.purge(s, cutoff))
+                if removed:
+                    log.info("purged %d change events older than %s", removed, cutoff.isoformat())
+            except Exception as exc:  # noqa: BLE001 - retried at the next interval
+                log.warning("change event purge failed: %s", exc)
+
     async def start(self) -> None:
+        await self.hub.start()
         await self.server.start()
         await self.health.set(LIVENESS, SERVING)
         await self.set_ready(await asyncio.get_running_loop().run_in_executor(None, self.db.ping))
         self._monitor = asyncio.create_task(self._watch_database())
+        self._purger = asyncio.create_task(self._purge_old_events())
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, a short drain so load balancers notice, stop with grace, dispose the engine."""
@@ -78,12 +101,41 @@ class App:
             return
         self._stopping = True
         await self.set_ready(False)
-        if self._monitor is not None:
-            self._monitor.cancel()
+        for task in (self._monitor, self._purger):
+            if task is not None:
+                task.cancel()
         if self.config.drain_seconds > 0:
             await asyncio.sleep(self.config.drain_seconds)
+        # Streams end with a final event carrying their resume token before the server stops.
+        await self.hub.close()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await asyncio.get_running_loop().run_in_executor(None, self.db.dispose)
+
+
+class _MethodAwarePool:
+    """The default descriptor pool, whose FindFileContainingSymbol also resolves methods.
+
+    grpcurl's `describe pkg.Service.Method` asks reflection for the file defining the method; the
+    upb protobuf backend's pool knows services but not their method names, so it would answer
+    "Symbol not found".
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - the pool's API
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            try:
+                self._pool.FindServiceByName(service).methods_by_name[method]
+            except KeyError:
+                raise KeyError(symbol) from None
+            return self._pool.FindFileContainingSymbol(service)
 
 
 def prepare_database(config: Config) -> Database:
@@ -116,22 +168,25 @@ def create_server(config: Config, database: Database | None = None) -> App:
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     run = Runner(db)
+    hub = ChangeHub(db, HubSettings(queue_size=config.stream_queue_size, poll_seconds=config.stream_poll_seconds))
     names = []
     servicers = []
     for servicer_cls, register, full_name in DOMAIN_SERVICES:
-        servicer = servicer_cls(run)
+        servicer = servicer_cls(run, hub)
         register(servicer, server)
         servicers.append(servicer)
         names.append(full_name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+        pool=_MethodAwarePool(descriptor_pool.Default()),
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise RuntimeError(f"could not bind {config.host}:{config.port}")
-    return App(config, server, db, port, health_servicer, names, servicers=servicers)
+    return App(config, server, db, port, health_servicer, names, hub, servicers=servicers)
 
 
 async def serve(config: Config) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from nexus.chat.v1 import chat_pb2_grpc
 from nexus.identity.v1 import identity_pb2_grpc
 from nexus.work.v1 import work_pb2_grpc
 
@@ -95,6 +96,7 @@ class Client:
     channel: grpc.Channel
     identity: identity_pb2_grpc.IdentityServiceStub
     work: work_pb2_grpc.WorkServiceStub
+    chat: chat_pb2_grpc.ChatServiceStub
 
     @property
     def address(self) -> str:
@@ -104,6 +106,7 @@ class Client:
         return {
             "nexus.identity.v1.IdentityService": self.identity,
             "nexus.work.v1.WorkService": self.work,
+            "nexus.chat.v1.ChatService": self.chat,
         }[service_full_name]
 
 
@@ -117,6 +120,7 @@ def connect(backend: str, database_url: str, server: ServerThread) -> Client:
         channel,
         identity_pb2_grpc.IdentityServiceStub(channel),
         work_pb2_grpc.WorkServiceStub(channel),
+        chat_pb2_grpc.ChatServiceStub(channel),
     )
 
 

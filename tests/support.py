@@ -11,6 +11,7 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.common.v1 import common_pb2
 from nexus.identity.v1 import identity_pb2 as ipb
 from nexus.work.v1 import work_pb2 as wpb
@@ -92,6 +93,18 @@ def new_task(c: Client, project: wpb.Project | None = None, **fields: Any) -> wp
     return c.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(**values)))
 
 
+def new_channel(c: Client, **fields: Any) -> cpb.Channel:
+    values: dict[str, Any] = {"name": f"channel {unique()}"}
+    values.update(fields)
+    return c.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(**values)))
+
+
+def new_conversation(c: Client, **fields: Any) -> cpb.Conversation:
+    values: dict[str, Any] = {"title": f"conversation {unique()}", "user_id": new_user(c).id}
+    values.update(fields)
+    return c.chat.CreateConversation(cpb.CreateConversationRequest(conversation=cpb.Conversation(**values)))
+
+
 @dataclass
 class Sample:
     """How the generic tests make and change one resource."""
@@ -153,6 +166,40 @@ SAMPLES: dict[str, Sample] = {
     ),
     "Project": Sample("nexus.work.v1.WorkService", _project_fields, ("description", "changed description"), lambda w: f'name = "{w} project"'),
     "Task": Sample("nexus.work.v1.WorkService", _task_fields, ("title", None), lambda w: f'tags:"{w}"'),
+    "Channel": Sample(
+        "nexus.chat.v1.ChatService",
+        lambda c, w: {"name": f"{w} channel", "description": "a sample channel", "project_id": new_project(c).id},
+        ("description", "changed description"),
+        lambda w: f'name = "{w} channel"',
+    ),
+    "ChatMessage": Sample(
+        "nexus.chat.v1.ChatService",
+        lambda c, w: {
+            "channel_id": new_channel(c).id,
+            "author_id": new_user(c).id,
+            "content": f"{w} says hello",
+            "attachments": [cpb.Attachment(name="a.png", url="https://files.example.com/a.png", mime_type="image/png", size_bytes=10)],
+        },
+        ("content", None),
+        lambda w: f'content = "{w} says hello"',
+    ),
+    "Conversation": Sample(
+        "nexus.chat.v1.ChatService",
+        lambda c, w: {"title": f"{w} conversation", "user_id": new_user(c).id},
+        ("title", None),
+        lambda w: f'title = "{w} conversation"',
+    ),
+    "ConversationMessage": Sample(
+        "nexus.chat.v1.ChatService",
+        lambda c, w: {
+            "conversation_id": new_conversation(c).id,
+            "sender_type": cpb.SENDER_TYPE_USER,
+            "content": f"{w} asks a question",
+            "role_metadata": struct_pb2.Struct(fields={"tokens": struct_pb2.Value(number_value=12)}),
+        },
+        ("content", None),
+        lambda w: f'content = "{w} asks a question"',
+    ),
 }
 
 

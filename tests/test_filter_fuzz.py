@@ -7,8 +7,7 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import db.identity  # noqa: F401
-import db.work  # noqa: F401
+import db.domains  # noqa: F401 - every resource in the registry
 from db.resource import REGISTRY
 from tests.conftest import Client
 from tests.support import SAMPLES, rich_error

@@ -9,12 +9,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-import db.identity  # noqa: F401 - registers tables
-import db.work  # noqa: F401
+import db.domains  # noqa: F401 - every table on the metadata
 from db import migrate
 from db.migrate import include_name
 from db.base import Base
 from db.database import Database
+from db.resource import REGISTRY
 from service.config import Config
 from service.server import create_server
 from tests.conftest import BACKENDS, make_config
@@ -78,12 +78,14 @@ def test_search_index_exists_after_upgrade(empty_url: str) -> None:
     try:
         migrate.upgrade(database.engine)
         with database.engine.connect() as conn:
+            searchable = [spec.table.name for spec in REGISTRY if spec.searchable]
+            assert searchable
             if database.is_postgres:
                 names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE indexname LIKE '%_search'")).scalars())
-                assert {"ix_users_search", "ix_roles_search", "ix_projects_search", "ix_tasks_search"} <= names
+                assert {f"ix_{t}_search" for t in searchable} <= names
             else:
                 names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '%_fts'")).scalars())
-                assert {"users_fts", "roles_fts", "projects_fts", "tasks_fts"} <= names
+                assert {f"{t}_fts" for t in searchable} <= names
     finally:
         database.dispose()
 

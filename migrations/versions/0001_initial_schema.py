@@ -9,7 +9,7 @@ from alembic import op
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from db.search import pg_index_ddl, sqlite_fts_ddl, sqlite_fts_drop
+from db.search import create_search_objects, drop_search_objects
 
 revision = '0001'
 down_revision = None
@@ -110,7 +110,8 @@ def upgrade() -> None:
     sa.Column('priority', sa.String(length=16), nullable=False),
     sa.Column('start_date', sa.Date(), nullable=True),
     sa.Column('end_date', sa.Date(), nullable=True),
-    sa.Column('budget_amount', sa.Numeric(precision=24, scale=9), nullable=True),
+    # Exact decimal text on SQLite: its NUMERIC affinity would turn the amount into a float.
+    sa.Column('budget_amount', sa.Numeric(precision=24, scale=9).with_variant(sa.String(length=40), 'sqlite'), nullable=True),
     sa.Column('budget_currency', sa.String(length=3), nullable=True),
     sa.Column('archived', sa.Boolean(), nullable=False),
     sa.Column('id', sa.Uuid(), nullable=False),
@@ -161,8 +162,8 @@ def upgrade() -> None:
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('priority', sa.String(length=16), nullable=False),
     sa.Column('due_date', sa.Date(), nullable=True),
-    sa.Column('estimated_hours', sa.Float(), nullable=True),
-    sa.Column('actual_hours', sa.Float(), nullable=True),
+    sa.Column('estimated_hours', sa.Float(), nullable=False),
+    sa.Column('actual_hours', sa.Float(), nullable=False),
     sa.Column('tags', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.Column('completed_time', sa.DateTime(timezone=True), nullable=True),
     sa.Column('id', sa.Uuid(), nullable=False),
@@ -200,11 +201,11 @@ def upgrade() -> None:
     with op.batch_alter_table('task_dependencies', schema=None) as batch_op:
         batch_op.create_index('ix_task_dependencies_depends_on_id', ['depends_on_id'], unique=False)
 
-    _create_search()
+    create_search_objects(op, SEARCH)
 
 
 def downgrade() -> None:
-    _drop_search()
+    drop_search_objects(op, SEARCH)
     with op.batch_alter_table('task_dependencies', schema=None) as batch_op:
         batch_op.drop_index('ix_task_dependencies_depends_on_id')
 
@@ -252,19 +253,3 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_request_records_create_time'))
 
     op.drop_table('request_records')
-
-
-def _create_search() -> None:
-    dialect = op.get_bind().dialect.name
-    for table, fields in SEARCH.items():
-        statements = [pg_index_ddl(table, fields)] if dialect == "postgresql" else sqlite_fts_ddl(table, fields)
-        for statement in statements:
-            op.execute(statement)
-
-
-def _drop_search() -> None:
-    dialect = op.get_bind().dialect.name
-    for table in SEARCH:
-        statements = [f"DROP INDEX IF EXISTS ix_{table}_search"] if dialect == "postgresql" else sqlite_fts_drop(table)
-        for statement in statements:
-            op.execute(statement)

@@ -1,0 +1,188 @@
+"""Chat domain: channels, their messages, AI conversations and their messages (all streamed)."""
+from __future__ import annotations
+
+from nexus.chat.v1 import chat_pb2 as pb
+from sqlalchemy.orm import Session
+
+from db import crud, errors, events
+from db.base import utcnow
+from db.codecs import MessageListCodec, OutputCodec
+from db.models import Channel, ChatMessage, Conversation, ConversationMessage
+from db.resource import REGISTRY, ResourceSpec
+
+
+def channel_scope(channel_id: object) -> str:
+    return f"channels/{channel_id}"
+
+
+def conversation_scope(conversation_id: object) -> str:
+    return f"conversations/{conversation_id}"
+
+
+def _channel_rules(session: Session, row: Channel, changed: set[str], creating: bool, call: crud.Call) -> None:
+    if creating and row.creator_id is None and call.actor_user_id is not None:
+        row.creator_id = call.actor_user_id
+
+
+CHANNELS = REGISTRY.add(
+    ResourceSpec(
+        name="Channel",
+        plural="Channels",
+        model=Channel,
+        message=pb.Channel,
+        singular_field="channel",
+        immutable=frozenset({"creator_id"}),
+        required=frozenset({"name"}),
+        references={"project_id": "Project", "creator_id": "User"},
+        extra_codecs={"member_ids": OutputCodec("member_ids", lambda r: [str(u.id) for u in r.members], repeated=True)},
+        orderable=("create_time", "update_time", "name"),
+        search_fields=(("name", "A"), ("description", "B")),
+        before_write=_channel_rules,
+        stream_scope=lambda r: channel_scope(r.id),
+    )
+)
+
+
+def _chat_message_rules(session: Session, row: ChatMessage, changed: set[str], creating: bool, call: crud.Call) -> None:
+    if creating:
+        if row.author_id is None and call.actor_user_id is not None:
+            row.author_id = call.actor_user_id
+        if row.parent_id is not None:
+            parent = session.get(ChatMessage, row.parent_id)
+            if parent is not None and parent.channel_id != row.channel_id:
+                raise errors.FailedPrecondition(
+                    "a reply must be in the same channel as its parent", reason="PARENT_IN_OTHER_CHANNEL",
+                    metadata={"field": "chat_message.parent_id"},
+                )
+    elif changed & {"content", "attachments"}:
+        row.edited_time = utcnow()
+
+
+CHAT_MESSAGES = REGISTRY.add(
+    ResourceSpec(
+        name="ChatMessage",
+        plural="ChatMessages",
+        model=ChatMessage,
+        message=pb.ChatMessage,
+        singular_field="chat_message",
+        output_only=frozenset({"edited_time"}),
+        immutable=frozenset({"channel_id", "author_id", "parent_id"}),
+        required=frozenset({"channel_id", "content"}),
+        references={"channel_id": "Channel", "author_id": "User", "parent_id": "ChatMessage"},
+        extra_codecs={"attachments": MessageListCodec("attachments", "attachments", pb.Attachment)},
+        orderable=("create_time", "update_time"),
+        search_fields=(("content", "A"),),
+        before_write=_chat_message_rules,
+        stream_scope=lambda r: channel_scope(r.channel_id),
+    )
+)
+
+
+CONVERSATIONS = REGISTRY.add(
+    ResourceSpec(
+        name="Conversation",
+        plural="Conversations",
+        model=Conversation,
+        message=pb.Conversation,
+        singular_field="conversation",
+        immutable=frozenset({"user_id"}),
+        required=frozenset({"user_id"}),
+        references={"user_id": "User"},
+        orderable=("create_time", "update_time", "title"),
+        search_fields=(("title", "A"),),
+        stream_scope=lambda r: conversation_scope(r.id),
+    )
+)
+
+
+def _conversation_message_rules(
+    session: Session, row: ConversationMessage, changed: set[str], creating: bool, call: crud.Call
+) -> None:
+    conversation = session.get(Conversation, row.conversation_id)
+    if creating and conversation is not None and conversation.status == "archived":
+        raise errors.FailedPrecondition(
+            "the conversation is archived; start a new one", reason="CONVERSATION_ARCHIVED",
+            metadata={"conversation_id": str(row.conversation_id)},
+        )
+
+
+CONVERSATION_MESSAGES = REGISTRY.add(
+    ResourceSpec(
+        name="ConversationMessage",
+        plural="ConversationMessages",
+        model=ConversationMessage,
+        message=pb.ConversationMessage,
+        singular_field="conversation_message",
+        immutable=frozenset({"conversation_id"}),
+        required=frozenset({"conversation_id", "sender_type", "content"}),
+        references={"conversation_id": "Conversation"},
+        orderable=("create_time", "update_time"),
+        search_fields=(("content", "A"),),
+        before_write=_conversation_message_rules,
+        stream_scope=lambda r: conversation_scope(r.conversation_id),
+    )
+)
+
+
+# ---------------------------------------------------------------- custom methods
+
+
+def add_channel_member(session: Session, request: pb.AddChannelMemberRequest) -> pb.Channel:
+    return crud.change_membership(session, CHANNELS, request.channel_id, request.user_id, add=True, parent_field="channel_id")
+
+
+def remove_channel_member(session: Session, request: pb.RemoveChannelMemberRequest) -> pb.Channel:
+    return crud.change_membership(session, CHANNELS, request.channel_id, request.user_id, add=False, parent_field="channel_id")
+
+
+def archive_conversation(session: Session, request: pb.ArchiveConversationRequest) -> pb.Conversation:
+    row = crud.fetch(session, CONVERSATIONS, request.id, lock=True)
+    if row.status == "archived":
+        return CONVERSATIONS.to_proto(row)
+    row.status = "archived"
+    session.flush()
+    return crud.publish(session, CONVERSATIONS, row, events.UPDATED, CONVERSATIONS.to_proto(row))
+
+
+MAX_STREAM_SCOPES = 1000
+
+
+def _scope_ids(session: Session, spec: ResourceSpec, raw_ids: list[str], field_name: str, scope_of: object) -> list[str]:
+    scopes = []
+    for i, raw in enumerate(raw_ids):
+        row = crud.fetch(session, spec, raw, field_path=f"{field_name}[{i}]")
+        scopes.append(scope_of(row.id))  # type: ignore[operator]
+    return scopes
+
+
+def stream_positions(session: Session, request: pb.StreamEventsRequest) -> dict[str, int]:
+    """Where a new stream starts in each scope: after its resume token, or at the current end."""
+    from db.events import decode_token, last_sequences
+
+    if len(request.channel_ids) + len(request.conversation_ids) > MAX_STREAM_SCOPES:
+        raise errors.InvalidArgument.field("channel_ids", f"at most {MAX_STREAM_SCOPES} channels and conversations per stream")
+    scopes = _scope_ids(session, CHANNELS, list(request.channel_ids), "channel_ids", channel_scope)
+    scopes += _scope_ids(session, CONVERSATIONS, list(request.conversation_ids), "conversation_ids", conversation_scope)
+    resumed = decode_token(request.resume_token) if request.resume_token else {}
+    if not scopes:
+        scopes = list(resumed)
+    if not scopes:
+        raise errors.InvalidArgument.field("channel_ids", "name at least one channel or conversation (or a resume_token)", reason="REQUIRED_FIELD")
+    current = last_sequences(session, scopes)
+    positions: dict[str, int] = {}
+    for scope in dict.fromkeys(scopes):
+        last, purged = current[scope]
+        if scope not in resumed:
+            positions[scope] = last
+            continue
+        position = resumed[scope]
+        if position > last:
+            raise errors.InvalidArgument.field("resume_token", f"is ahead of the log of {scope}: it was issued by another database")
+        if position < purged:
+            raise errors.FailedPrecondition(
+                f"the resume token is older than the event retention of {scope}: reload its state and subscribe again without a token",
+                reason="RESUME_TOKEN_EXPIRED",
+                metadata={"scope": scope, "oldest_available": str(purged + 1)},
+            )
+        positions[scope] = position
+    return positions

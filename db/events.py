@@ -1,0 +1,133 @@
+"""The durable change log: events written in the writer's transaction, read back in order.
+
+Ordering trap: a sequence number handed out before commit can become visible after a larger one
+(two writers, the later one commits first), and a reader that remembers "the largest seen" skips
+the late one for good. Here every scope (a channel or a conversation) has its own counter row in
+stream_scopes; a writer bumps it with an UPSERT ... RETURNING, which holds the row lock until the
+writer commits. So within a scope the numbers are gap-free and commit in order: a reader that
+has seen n knows the next event is n + 1, and a gap means "not committed yet" or "fetch again",
+never "skipped".
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import Message
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db import errors
+from db.base import utcnow
+from db.database import COMMITTED_EVENTS_KEY
+from db.models import ChangeEvent, StreamScope
+
+CREATED, UPDATED, DELETED = "created", "updated", "deleted"
+NOTIFY_CHANNEL = "nexus_events"
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    scope: str
+    seq: int
+    event_type: str
+    resource_type: str
+    payload: bytes
+    create_time: dt.datetime
+
+
+def _upsert(dialect: str) -> Any:
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+def emit(session: Session, scope: str, event_type: str, resource_type: str, resource_id: uuid.UUID, resource: Message) -> int:
+    """Append an event to `scope` in the current transaction; returns its sequence number."""
+    dialect = session.get_bind().dialect.name
+    insert = _upsert(dialect)(StreamScope).values(scope=scope, last_seq=1, purged_seq=0)
+    bump = insert.on_conflict_do_update(
+        index_elements=[StreamScope.scope], set_={"last_seq": StreamScope.last_seq + 1}
+    ).returning(StreamScope.last_seq)
+    seq = int(session.execute(bump).scalar_one())
+    session.execute(
+        ChangeEvent.__table__.insert().values(
+            scope=scope,
+            seq=seq,
+            event_type=event_type,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            payload=resource.SerializeToString(),
+            create_time=utcnow(),
+        )
+    )
+    if dialect == "postgresql":
+        # Delivered to listeners of every replica when (and only if) this transaction commits.
+        session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": NOTIFY_CHANNEL, "payload": f"{scope} {seq}"})
+    session.info.setdefault(COMMITTED_EVENTS_KEY, []).append((scope, seq))
+    return seq
+
+
+def last_sequences(session: Session, scopes: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """scope -> (last_seq, purged_seq); scopes without events are (0, 0)."""
+    wanted = list(scopes)
+    found = {
+        row.scope: (int(row.last_seq), int(row.purged_seq))
+        for row in session.execute(select(StreamScope).where(StreamScope.scope.in_(wanted))).scalars()
+    }
+    return {s: found.get(s, (0, 0)) for s in wanted}
+
+
+def read_after(session: Session, scope: str, after: int, limit: int) -> list[StoredEvent]:
+    """Events of `scope` with seq > after, oldest first, at most `limit`."""
+    rows = session.execute(
+        select(ChangeEvent).where(ChangeEvent.scope == scope, ChangeEvent.seq > after).order_by(ChangeEvent.seq).limit(limit)
+    ).scalars()
+    return [StoredEvent(r.scope, int(r.seq), r.event_type, r.resource_type, r.payload, r.create_time) for r in rows]
+
+
+def purge(session: Session, older_than: dt.datetime) -> int:
+    """Delete events created before `older_than`; remember per scope how far they were purged."""
+    horizons = session.execute(
+        select(ChangeEvent.scope, func.max(ChangeEvent.seq)).where(ChangeEvent.create_time < older_than).group_by(ChangeEvent.scope)
+    ).all()
+    removed = 0
+    for scope, max_seq in horizons:
+        removed += session.execute(delete(ChangeEvent).where(ChangeEvent.scope == scope, ChangeEvent.seq <= max_seq)).rowcount or 0
+        session.execute(
+            update(StreamScope).where(StreamScope.scope == scope, StreamScope.purged_seq < max_seq).values(purged_seq=max_seq)
+        )
+    return removed
+
+
+# ---------------------------------------------------------------- resume tokens
+
+
+def encode_token(positions: dict[str, int]) -> str:
+    raw = json.dumps({"p": positions}, separators=(",", ":"), sort_keys=True).encode()
+    check = hashlib.sha256(raw).digest()[:6]
+    return base64.urlsafe_b64encode(check + raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> dict[str, int]:
+    bad = errors.InvalidArgument.field("resume_token", "is not a resume token this service issued", reason="INVALID_RESUME_TOKEN")
+    try:
+        blob = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        check, raw = blob[:6], blob[6:]
+        if hashlib.sha256(raw).digest()[:6] != check:
+            raise bad
+        positions = json.loads(raw)["p"]
+        if not isinstance(positions, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in positions.items()
+        ):
+            raise bad
+        return positions
+    except errors.InvalidArgument:
+        raise
+    except Exception:  # noqa: BLE001 - any decoding failure is the same client error
+        raise bad from None

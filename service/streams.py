@@ -1,0 +1,312 @@
+"""Live event streams: one ChangeHub per process fans the durable change log out to subscribers.
+
+The change log in the database is the source of truth (db/events.py). The hub only learns *that*
+a scope moved on: from this process's own commits, from PostgreSQL NOTIFY for other replicas'
+commits, and from a periodic poll that repairs a lost notification. It then reads the new
+events once and offers them to every subscriber of the scope through a bounded queue.
+
+Each stream keeps its own cursor per scope and takes the next event only if it is exactly
+cursor + 1; anything else (a duplicate from the catch-up race, a gap after an overflow or a
+missed wake-up) is settled by reading the log again. So a stream never repeats or skips an
+event, and a slow stream never slows the hub: when its queue is full it is cut off with its
+resume token.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import select
+import threading
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+import psycopg2
+from google.protobuf import timestamp_pb2
+from nexus.chat.v1 import chat_pb2 as pb
+from sqlalchemy.engine import make_url
+
+from db import errors, events
+from db.database import Database
+
+log = logging.getLogger("nexus.streams")
+
+EVENT_TYPES = {
+    events.CREATED: pb.EVENT_TYPE_CREATED,
+    events.UPDATED: pb.EVENT_TYPE_UPDATED,
+    events.DELETED: pb.EVENT_TYPE_DELETED,
+}
+RESOURCE_FIELDS = {
+    "Channel": ("channel", pb.Channel),
+    "ChatMessage": ("chat_message", pb.ChatMessage),
+    "Conversation": ("conversation", pb.Conversation),
+    "ConversationMessage": ("conversation_message", pb.ConversationMessage),
+}
+READ_BATCH = 500
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    queue_size: int = 1000
+    poll_seconds: float = 1.0
+    default_heartbeat_seconds: float = 15.0
+
+
+def to_response(event: events.StoredEvent) -> pb.StreamEventsResponse:
+    """A stream message for a stored event, without the per-stream resume token."""
+    field_name, message_type = RESOURCE_FIELDS[event.resource_type]
+    commit_time = timestamp_pb2.Timestamp()
+    commit_time.FromDatetime(event.create_time)
+    response = pb.StreamEventsResponse(
+        type=EVENT_TYPES[event.event_type], scope=event.scope, sequence=event.seq, commit_time=commit_time
+    )
+    getattr(response, field_name).MergeFromString(event.payload)
+    return response
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One open stream: its cursor per scope and its bounded inbox."""
+
+    positions: dict[str, int]
+    queue: asyncio.Queue[pb.StreamEventsResponse | None]
+    overflowed: bool = False
+    closing: bool = False
+    stale_scopes: set[str] = field(default_factory=set)
+
+    def offer(self, response: pb.StreamEventsResponse) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(response)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    def token(self) -> str:
+        return events.encode_token(self.positions)
+
+
+class ChangeHub:
+    """Per-process fan-out of the change log to subscriptions."""
+
+    def __init__(self, db: Database, settings: HubSettings | None = None) -> None:
+        self.db = db
+        self.settings = settings or HubSettings()
+        self._subs: dict[str, set[Subscription]] = defaultdict(set)
+        self._known: dict[str, int] = {}  # scope -> last seq the hub has read and offered
+        self._dirty: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listener: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.closed = False
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.db.add_commit_listener(self.notify_threadsafe)
+        self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._poll())]
+        if self.db.is_postgres:
+            self._listener = threading.Thread(target=self._listen, name="nexus-listen", daemon=True)
+            self._listener.start()
+
+    async def close(self) -> None:
+        """Every subscription gets its final event; no new ones are accepted."""
+        self.closed = True
+        self._stopping.set()
+        self.db.remove_commit_listener(self.notify_threadsafe)
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.closing = True
+                try:
+                    sub.queue.put_nowait(None)
+                except asyncio.QueueFull:
+                    pass  # it is reading already; it sees `closing` after the current event
+        for task in self._tasks:
+            task.cancel()
+
+    # -------------------------------------------------------------- wake-ups
+
+    def notify_threadsafe(self, moved: Iterable[tuple[str, int]]) -> None:
+        """Called from any thread after a commit (or a NOTIFY) with (scope, seq) pairs."""
+        items = list(moved)
+        if self._loop is not None and items:
+            self._loop.call_soon_threadsafe(self._mark_dirty, items)
+
+    def _mark_dirty(self, items: list[tuple[str, int]]) -> None:
+        for scope, seq in items:
+            if scope in self._subs and seq > self._known.get(scope, 0):
+                self._dirty.add(scope)
+        if self._dirty:
+            self._wakeup.set()
+
+    def _listen(self) -> None:
+        """LISTEN on a dedicated connection; commits of other replicas wake this hub."""
+        url = make_url(self.db.url)
+        while not self._stopping.is_set():
+            conn = None
+            try:
+                conn = psycopg2.connect(**_libpq_args(url))
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute(f"LISTEN {events.NOTIFY_CHANNEL}")
+                # Anything committed while we were not listening is found by the poll.
+                while not self._stopping.is_set():
+                    if select.select([conn], [], [], 0.5) == ([], [], []):
+                        continue
+                    conn.poll()
+                    moved = []
+                    while conn.notifies:
+                        note = conn.notifies.pop(0)
+                        scope, _, seq = note.payload.rpartition(" ")
+                        if scope and seq.isdigit():
+                            moved.append((scope, int(seq)))
+                    self.notify_threadsafe(moved)
+            except Exception as exc:  # noqa: BLE001 - the listener reconnects; the poll covers the gap
+                if not self._stopping.is_set():
+                    log.warning("change listener lost its connection (%s); reconnecting", type(exc).__name__)
+                    time.sleep(1.0)
+            finally:
+                if conn is not None:
+                    conn.close()
+
+    async def _poll(self) -> None:
+        """The fallback: a lost notification delays an event by at most one poll, never loses it."""
+        while True:
+            await asyncio.sleep(self.settings.poll_seconds)
+            scopes = list(self._subs)
+            if not scopes:
+                continue
+            try:
+                latest = await self.db.run(lambda s: events.last_sequences(s, scopes), write=False)
+            except errors.NexusError:
+                continue
+            self._mark_dirty([(scope, last) for scope, (last, _) in latest.items()])
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            dirty, self._dirty = self._dirty, set()
+            for scope in dirty:
+                await self._read_and_offer(scope)
+
+    async def _read_and_offer(self, scope: str) -> None:
+        while scope in self._subs:
+            after = self._known.get(scope, 0)
+            try:
+                batch = await self.db.run(lambda s: events.read_after(s, scope, after, READ_BATCH), write=False)
+            except errors.NexusError as exc:
+                log.warning("could not read events of %s: %s", scope, exc.message)
+                self._dirty.add(scope)
+                return
+            if not batch:
+                return
+            self._known[scope] = batch[-1].seq
+            subs = list(self._subs.get(scope, ()))
+            for event in batch:
+                response = to_response(event)
+                for sub in subs:
+                    sub.offer(response)
+            if len(batch) < READ_BATCH:
+                return
+
+    # -------------------------------------------------------------- subscriptions
+
+    async def subscribe(self, positions: dict[str, int]) -> Subscription:
+        if self.closed:
+            raise errors.Unavailable("the server is shutting down; reconnect", reason="SERVER_SHUTTING_DOWN")
+        sub = Subscription(dict(positions), asyncio.Queue(self.settings.queue_size))
+        new_scopes = [s for s in positions if s not in self._subs]
+        for scope in positions:
+            self._subs[scope].add(sub)
+        if new_scopes:
+            latest = await self.db.run(lambda s: events.last_sequences(s, new_scopes), write=False)
+            for scope, (last, _) in latest.items():
+                self._known[scope] = max(self._known.get(scope, 0), last)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        for scope in sub.positions:
+            subs = self._subs.get(scope)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[scope]
+                    self._known.pop(scope, None)
+
+    @property
+    def subscription_count(self) -> int:
+        return len({id(s) for subs in self._subs.values() for s in subs})
+
+
+def _libpq_args(url: object) -> dict[str, object]:
+    u = make_url(str(url)) if not hasattr(url, "query") else url
+    args: dict[str, object] = {"dbname": u.database, "user": u.username, "application_name": "nexus-data-listen"}  # type: ignore[attr-defined]
+    if u.password:  # type: ignore[attr-defined]
+        args["password"] = u.password  # type: ignore[attr-defined]
+    host = u.query.get("host") or u.host  # type: ignore[attr-defined]
+    if host:
+        args["host"] = host
+    if u.port:  # type: ignore[attr-defined]
+        args["port"] = u.port  # type: ignore[attr-defined]
+    return args
+
+
+async def stream(
+    hub: ChangeHub,
+    db: Database,
+    positions: dict[str, int],
+    heartbeat_seconds: float,
+) -> AsyncIterator[pb.StreamEventsResponse]:
+    """The events of one subscription: catch-up from the log, then live, never a gap or a repeat."""
+    sub = await hub.subscribe(positions)
+    try:
+        pending = set(positions)  # scopes whose log must be read before live events are trusted
+        while True:
+            while pending:
+                scope = pending.pop()
+                after = sub.positions[scope]
+                batch = await db.run(lambda s: events.read_after(s, scope, after, READ_BATCH), write=False)
+                for event in batch:
+                    response = to_response(event)
+                    sub.positions[scope] = event.seq
+                    response.resume_token = sub.token()
+                    yield response
+                    if sub.overflowed or sub.closing:
+                        break
+                if len(batch) == READ_BATCH:
+                    pending.add(scope)
+            if sub.closing:
+                yield pb.StreamEventsResponse(type=pb.EVENT_TYPE_SERVER_SHUTDOWN, resume_token=sub.token())
+                return
+            if sub.overflowed:
+                raise errors.ResourceExhausted(
+                    "the stream fell too far behind and was cut off; reconnect with resume_token",
+                    reason="SUBSCRIBER_TOO_SLOW",
+                    metadata={"resume_token": sub.token()},
+                )
+            try:
+                item = await asyncio.wait_for(sub.queue.get(), heartbeat_seconds)
+            except asyncio.TimeoutError:
+                yield pb.StreamEventsResponse(type=pb.EVENT_TYPE_HEARTBEAT, resume_token=sub.token())
+                continue
+            if item is None:
+                continue  # the shutdown sentinel; handled at the top of the loop
+            scope, seq = item.scope, item.sequence
+            expected = sub.positions.get(scope, 0) + 1
+            if seq < expected:
+                continue  # already delivered by the catch-up read
+            if seq > expected:
+                pending.add(scope)  # a gap: read the log, which has everything in order
+                continue
+            response = pb.StreamEventsResponse()
+            response.CopyFrom(item)
+            sub.positions[scope] = seq
+            response.resume_token = sub.token()
+            yield response
+    finally:
+        hub.unsubscribe(sub)

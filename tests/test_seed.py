@@ -1,0 +1,309 @@
+"""`nexus-data seed`: the real CLI in a subprocess, then the seeded data read back through the API.
+
+Each backend gets its own fresh database (the seed's exact counts would be blurred by what the
+other suites write into the shared session database); a server runs on it before the seed, so
+totals are asserted as growth, and keeps running while the CLI writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nexus.identity.v1 import identity_pb2 as ipb
+from nexus.work.v1 import work_pb2 as wpb
+from sqlalchemy import select
+
+from db import migrate, seed
+from db.database import Database
+from db.models import Project, Task, User
+from tests.conftest import Client, ServerThread, connect, make_config
+from tests.databases import fresh_postgres_database
+
+REPO = Path(__file__).resolve().parents[1]
+NEXUS_DATA = Path(sys.executable).parent / "nexus-data"
+USERS, PROJECTS, TASKS = 12, 3, 5
+SIZE_ARGS = ["--users", str(USERS), "--projects", str(PROJECTS), "--tasks", str(TASKS)]
+COUNTS_LINE = re.compile(r"^(\d+ [a-z_]+)(, \d+ [a-z_]+)*$")
+
+
+def run_seed(url: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DB_HOST", "DB_PATH")}
+    return subprocess.run(
+        [str(NEXUS_DATA), "seed", *args, "--database-url", url],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def parse_counts(stdout: str) -> dict[str, int]:
+    """The CLI's last line: "12 users, 4 roles, ..." -> {"users": 12, "roles": 4, ...}."""
+    line = stdout.strip().splitlines()[-1]
+    assert COUNTS_LINE.match(line), f"not a counts line: {line!r}"
+    pairs = (item.split(" ", 1) for item in line.split(", "))
+    return {name: int(n) for n, name in pairs}
+
+
+@contextlib.contextmanager
+def fresh_database(backend: str, tmp: Path) -> Iterator[str]:
+    if backend == "postgresql":
+        with fresh_postgres_database("nexus_seed") as url:
+            yield url
+    else:
+        yield f"sqlite:///{tmp / 'seed.db'}"
+
+
+def backend_of(url: str) -> str:
+    return "postgresql" if url.startswith("postgresql") else "sqlite"
+
+
+def list_all(method: Any, request_type: Any, items: str, **fields: Any) -> list[Any]:
+    out: list[Any] = []
+    token = ""
+    while True:
+        response = method(request_type(page_size=1000, page_token=token, **fields))
+        out.extend(getattr(response, items))
+        token = response.next_page_token
+        if not token:
+            return out
+
+
+def totals(c: Client) -> dict[str, int]:
+    return {
+        "users": c.identity.ListUsers(ipb.ListUsersRequest(page_size=1)).total_size,
+        "roles": c.identity.ListRoles(ipb.ListRolesRequest(page_size=1)).total_size,
+        "api_keys": c.identity.ListApiKeys(ipb.ListApiKeysRequest(page_size=1)).total_size,
+        "projects": c.work.ListProjects(wpb.ListProjectsRequest(page_size=1)).total_size,
+        "tasks": c.work.ListTasks(wpb.ListTasksRequest(page_size=1)).total_size,
+    }
+
+
+@dataclass
+class Seeded:
+    """The first seed of a fresh database, and everything the API returned right after it."""
+
+    url: str
+    client: Client
+    result: subprocess.CompletedProcess[str]
+    before: dict[str, int]
+    after: dict[str, int]
+    users: list[ipb.User]
+    roles: list[ipb.Role]
+    projects: list[wpb.Project]
+    tasks: list[wpb.Task]
+
+
+@pytest.fixture(scope="module")
+def seeded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
+    backend = backend_of(database_url)
+    with fresh_database(backend, tmp_path_factory.mktemp("seed")) as url:
+        server = ServerThread(make_config(url)).start()  # migrates the fresh database
+        client = connect(backend, url, server)
+        try:
+            before = totals(client)
+            result = run_seed(url, *SIZE_ARGS, "--quiet")
+            assert result.returncode == 0, result.stderr
+            yield Seeded(
+                url,
+                client,
+                result,
+                before,
+                totals(client),
+                list_all(client.identity.ListUsers, ipb.ListUsersRequest, "users", order_by="create_time"),
+                list_all(client.identity.ListRoles, ipb.ListRolesRequest, "roles"),
+                list_all(client.work.ListProjects, wpb.ListProjectsRequest, "projects"),
+                list_all(client.work.ListTasks, wpb.ListTasksRequest, "tasks", order_by="create_time"),
+            )
+        finally:
+            client.channel.close()
+            server.stop()
+
+
+def test_cli_prints_the_counts(seeded: Seeded) -> None:
+    counts = parse_counts(seeded.result.stdout)
+    assert list(counts) == list(seed.COUNT_KINDS)
+    assert counts["users"] == USERS
+    assert counts["roles"] == 4
+    assert counts["role_assignments"] == USERS
+    assert counts["api_keys"] >= 1  # one per admin, and the first user is one
+    assert counts["projects"] == PROJECTS
+    assert PROJECTS * 3 <= counts["project_members"] <= PROJECTS * 8  # the owner and 2 to 7 more
+    assert counts["tasks"] == PROJECTS * TASKS
+    assert 0 <= counts["task_dependencies"] <= PROJECTS * (TASKS - 1) * 2
+    assert seeded.result.stdout.strip().count("\n") == 0, "--quiet prints the counts line only"
+    assert seeded.result.stderr == "", "--quiet draws no progress bar"
+    assert "password" not in (seeded.result.stdout + seeded.result.stderr).lower()
+
+
+def test_totals_grew_by_the_counts(seeded: Seeded) -> None:
+    counts = parse_counts(seeded.result.stdout)
+    for kind, total in seeded.after.items():
+        assert total - seeded.before[kind] == counts[kind], kind
+
+
+def test_roles_and_users(seeded: Seeded) -> None:
+    roles = {r.name: r for r in seeded.roles}
+    assert set(roles) == {"admin", "manager", "user", "guest"}
+    assert all(r.description and r.permissions for r in roles.values())
+    assert set(roles["guest"].permissions) < set(roles["admin"].permissions)
+
+    users = seeded.users
+    assert len(users) == USERS
+    assert len({u.username for u in users}) == len({u.email for u in users}) == USERS
+    platform = {number: name for name, number in seed.PLATFORM_ROLE.items()}
+    for user in users:
+        first, last = user.full_name.split(" ")
+        assert user.username.startswith(f"{first}.{last}".lower())
+        assert user.email.startswith(user.username + "@")
+        assert list(user.role_names) == [platform[user.role]]  # the Role row of the platform role
+        assert user.preferences["theme"] in ("dark", "light")
+        assert user.preferences["language"]
+    assert [platform[u.role] for u in users[:3]] == ["admin", "manager", "user"]
+    assert any(u.is_verified for u in users)
+
+
+def test_only_the_first_users_can_sign_in(seeded: Seeded) -> None:
+    c = seeded.client
+    for user in seeded.users[: seed.PASSWORD_USERS]:
+        response = c.identity.AuthenticateUser(ipb.AuthenticateUserRequest(login=user.username, password=seed.SAMPLE_PASSWORD))
+        assert response.authenticated and response.user.id == user.id
+    later = seeded.users[seed.PASSWORD_USERS]
+    response = c.identity.AuthenticateUser(ipb.AuthenticateUserRequest(login=later.username, password=seed.SAMPLE_PASSWORD))
+    assert not response.authenticated
+
+
+def test_projects(seeded: Seeded) -> None:
+    users = {u.id: u for u in seeded.users}
+    assert len(seeded.projects) == PROJECTS
+    for project in seeded.projects:
+        assert project.name and project.description
+        assert users[project.owner_id].role in (ipb.USER_ROLE_MANAGER, ipb.USER_ROLE_ADMIN)
+        assert project.owner_id in project.member_ids
+        assert 3 <= len(project.member_ids) <= 8
+        assert set(project.member_ids) <= set(users)
+        assert project.status != wpb.PROJECT_STATUS_UNSPECIFIED and project.priority != wpb.PRIORITY_UNSPECIFIED
+        start = dt.date(project.start_date.year, project.start_date.month, project.start_date.day)
+        end = dt.date(project.end_date.year, project.end_date.month, project.end_date.day)
+        assert start <= end
+        if project.HasField("budget"):
+            assert len(project.budget.currency_code) == 3 and project.budget.units > 0
+
+
+def test_tasks(seeded: Seeded) -> None:
+    projects = {p.id: p for p in seeded.projects}
+    tasks = {t.id: t for t in seeded.tasks}
+    assert len(tasks) == PROJECTS * TASKS
+    position = {t.id: i for i, t in enumerate(seeded.tasks)}  # creation order
+    for task in seeded.tasks:
+        project = projects[task.project_id]
+        assert task.title and task.description and task.tags
+        assert task.status != wpb.TASK_STATUS_UNSPECIFIED
+        assert task.estimated_hours > 0 and task.HasField("due_date")
+        assert task.creator_id in project.member_ids
+        assert task.assignee_id == "" or task.assignee_id in project.member_ids
+        assert task.HasField("completed_time") == (task.status == wpb.TASK_STATUS_DONE)
+        for dep in task.dependency_ids:
+            assert tasks[dep].project_id == task.project_id
+            assert position[dep] < position[task.id], "dependencies point to earlier tasks only"
+
+
+def test_project_progress_of_a_seeded_project(seeded: Seeded) -> None:
+    for project in seeded.projects:
+        progress = seeded.client.work.GetProjectProgress(wpb.GetProjectProgressRequest(project_id=project.id))
+        mine = [t for t in seeded.tasks if t.project_id == project.id]
+        assert progress.project_id == project.id
+        assert progress.total_tasks == len(mine) == TASKS
+        assert sum(s.count for s in progress.status_counts) == TASKS
+        done = sum(t.status == wpb.TASK_STATUS_DONE for t in mine)
+        assert progress.completion_percent == pytest.approx(100.0 * done / TASKS)
+        assert progress.estimated_hours == pytest.approx(sum(t.estimated_hours for t in mine))
+        assert progress.actual_hours == pytest.approx(sum(t.actual_hours for t in mine))
+
+
+def test_seeding_again_adds_more_without_collisions(seeded: Seeded) -> None:
+    before = totals(seeded.client)
+    result = run_seed(seeded.url, *SIZE_ARGS, "--quiet")
+    assert result.returncode == 0, result.stderr
+    counts = parse_counts(result.stdout)
+    assert counts["users"] == USERS and counts["projects"] == PROJECTS and counts["tasks"] == PROJECTS * TASKS
+    assert counts["roles"] == 0, "the role rows exist already and are reused"
+    assert counts["role_assignments"] == USERS
+    after = totals(seeded.client)
+    assert {k: after[k] - before[k] for k in after} == {k: counts[k] for k in after}
+    users = list_all(seeded.client.identity.ListUsers, ipb.ListUsersRequest, "users")
+    assert len({u.username for u in users}) == len(users) == after["users"]
+
+
+def test_progress_bar_goes_to_stderr(database_url: str, tmp_path: Path) -> None:
+    with fresh_database(backend_of(database_url), tmp_path) as url:
+        result = run_seed(url, "--users", "3", "--projects", "1", "--tasks", "2")
+    assert result.returncode == 0, result.stderr
+    counts = parse_counts(result.stdout)
+    total = sum(counts.values())
+    assert "seeding" in result.stderr and "100%" in result.stderr
+    assert f"{total}/{total}" in result.stderr
+    assert "seeding" not in result.stdout and "%" not in result.stdout
+
+
+# ------------------------------------------------------------------ in-process
+
+
+SNAPSHOT_COLUMNS = {
+    User: (User.username, User.email, User.full_name, User.role, User.preferences, User.is_active),
+    Project: (Project.name, Project.status, Project.priority, Project.budget_amount, Project.start_date),
+    Task: (Task.title, Task.status, Task.priority, Task.tags, Task.estimated_hours, Task.actual_hours),
+}
+
+
+def _snapshot(url: str) -> dict[str, list[Any]]:
+    """The seeded rows' generated values, in creation order."""
+    database = Database(url)
+    try:
+        return database.run_sync(
+            lambda s: {
+                model.__name__: list(s.execute(select(*columns).order_by(model.create_time)))
+                for model, columns in SNAPSHOT_COLUMNS.items()
+            },
+            write=False,
+        )
+    finally:
+        database.dispose()
+
+
+def _seed_in_process(url: str, **kwargs: Any) -> dict[str, int]:
+    database = Database(url)
+    try:
+        migrate.upgrade(database.engine)
+        return seed.seed(database, progress=False, **kwargs)
+    finally:
+        database.dispose()
+
+
+def test_a_seed_number_makes_it_deterministic(tmp_path: Path) -> None:
+    urls = [f"sqlite:///{tmp_path / name}.db" for name in ("a", "b", "c")]
+    sizes = dict(users=8, projects=2, tasks_per_project=6)
+    counts = [_seed_in_process(urls[0], rng_seed=42, **sizes), _seed_in_process(urls[1], rng_seed=42, **sizes)]
+    assert counts[0] == counts[1]
+    assert _snapshot(urls[0]) == _snapshot(urls[1])
+    _seed_in_process(urls[2], rng_seed=43, **sizes)
+    assert _snapshot(urls[2]) != _snapshot(urls[0])
+
+
+def test_sizes_are_checked(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    with pytest.raises(ValueError, match="at least one user"):
+        _seed_in_process(url, users=0, projects=1)
+    with pytest.raises(ValueError, match="negative"):
+        _seed_in_process(url, users=-1)
+    assert _seed_in_process(url, users=0, projects=0) == dict.fromkeys(seed.COUNT_KINDS, 0) | {"roles": 4}

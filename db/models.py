@@ -15,7 +15,6 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     LargeBinary,
-    Numeric,
     String,
     Table,
     Text,

@@ -20,7 +20,7 @@ from nexus.chat.v1 import chat_pb2_grpc
 from db import events
 from db.base import utcnow
 from db.database import Database
-from tests.conftest import Client, ServerThread, connect, make_config, unique
+from tests.conftest import Client, ServerThread, connect, make_config
 from tests.support import expect_error, new_channel, new_conversation, new_user, rich_error
 
 Code = grpc.StatusCode

@@ -363,3 +363,38 @@ def test_two_replicas_on_one_database(client: Client, processes: list[ServerProc
     got = reader.take(20)
     reader.cancel()
     assert contents(got) == [f"r{i}" for i in range(20)]
+
+
+def test_an_event_committed_without_a_wakeup_is_still_delivered(client: Client) -> None:
+    """A lost notification (here: a writer that sends none) delays an event by a poll, never loses it."""
+    import uuid
+
+    from sqlalchemy import update
+
+    from db.models import ChangeEvent, StreamScope
+
+    channel = new_channel(client)
+    reader = EventReader(client.chat, cpb.StreamEventsRequest(channel_ids=[channel.id]))
+    time.sleep(0.2)
+    post(client, channel, "normal")
+    assert contents(reader.take(1)) == ["normal"]
+    scope = f"channels/{channel.id}"
+    silent = cpb.ChatMessage(id=str(uuid.uuid4()), channel_id=channel.id, content="silent")
+
+    def append_silently(session: Any) -> None:
+        seq = session.execute(
+            update(StreamScope).where(StreamScope.scope == scope).values(last_seq=StreamScope.last_seq + 1).returning(StreamScope.last_seq)
+        ).scalar_one()
+        session.add(ChangeEvent(scope=scope, seq=seq, event_type=events.CREATED, resource_type="ChatMessage",
+                                resource_id=uuid.UUID(silent.id), payload=silent.SerializeToString(), create_time=utcnow()))
+
+    database = Database(client.database_url)  # another process's view: no hub listens to its commits
+    try:
+        database.run_sync(append_silently)
+    finally:
+        database.dispose()
+    got = reader.take(1, timeout=10)
+    assert got[0].chat_message == silent
+    post(client, channel, "after")
+    assert contents(reader.take(1)) == ["after"]
+    reader.cancel()

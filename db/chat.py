@@ -19,11 +19,6 @@ def conversation_scope(conversation_id: object) -> str:
     return f"conversations/{conversation_id}"
 
 
-def _channel_rules(session: Session, row: Channel, changed: set[str], creating: bool, call: crud.Call) -> None:
-    if creating and row.creator_id is None and call.actor_user_id is not None:
-        row.creator_id = call.actor_user_id
-
-
 CHANNELS = REGISTRY.add(
     ResourceSpec(
         name="Channel",
@@ -31,13 +26,14 @@ CHANNELS = REGISTRY.add(
         model=Channel,
         message=pb.Channel,
         singular_field="channel",
+        relation_fields={"members": ("member_ids", lambda u: str(u.id))},
         immutable=frozenset({"creator_id"}),
         required=frozenset({"name"}),
         references={"project_id": "Project", "creator_id": "User"},
         extra_codecs={"member_ids": OutputCodec("member_ids", lambda r: [str(u.id) for u in r.members], repeated=True)},
         orderable=("create_time", "update_time", "name"),
         search_fields=(("name", "A"), ("description", "B")),
-        before_write=_channel_rules,
+        owner_field="creator_id",
         stream_scope=lambda r: channel_scope(r.id),
     )
 )
@@ -45,8 +41,6 @@ CHANNELS = REGISTRY.add(
 
 def _chat_message_rules(session: Session, row: ChatMessage, changed: set[str], creating: bool, call: crud.Call) -> None:
     if creating:
-        if row.author_id is None and call.actor_user_id is not None:
-            row.author_id = call.actor_user_id
         if row.parent_id is not None:
             parent = session.get(ChatMessage, row.parent_id)
             if parent is not None and parent.channel_id != row.channel_id:
@@ -73,6 +67,7 @@ CHAT_MESSAGES = REGISTRY.add(
         orderable=("create_time", "update_time"),
         search_fields=(("content", "A"),),
         before_write=_chat_message_rules,
+        owner_field="author_id",
         stream_scope=lambda r: channel_scope(r.channel_id),
     )
 )
@@ -90,6 +85,7 @@ CONVERSATIONS = REGISTRY.add(
         references={"user_id": "User"},
         orderable=("create_time", "update_time", "title"),
         search_fields=(("title", "A"),),
+        owner_field="user_id",
         stream_scope=lambda r: conversation_scope(r.id),
     )
 )
@@ -98,8 +94,11 @@ CONVERSATIONS = REGISTRY.add(
 def _conversation_message_rules(
     session: Session, row: ConversationMessage, changed: set[str], creating: bool, call: crud.Call
 ) -> None:
-    conversation = session.get(Conversation, row.conversation_id)
-    if creating and conversation is not None and conversation.status == "archived":
+    if not creating:
+        return
+    # A share lock: a concurrent ArchiveConversation (FOR UPDATE) waits until this message commits.
+    conversation = session.get(Conversation, row.conversation_id, with_for_update={"read": True})
+    if conversation is not None and conversation.status == "archived":
         raise errors.FailedPrecondition(
             "the conversation is archived; start a new one", reason="CONVERSATION_ARCHIVED",
             metadata={"conversation_id": str(row.conversation_id)},

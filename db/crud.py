@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db import errors, events
+from db import errors, events, policy
 from db.base import utcnow, uuid7
 from db.codecs import parse_uuid
 from db.models import RequestRecord
@@ -38,29 +39,91 @@ MAX_REQUEST_ID = 128
 
 @dataclass
 class Call:
-    """What the service knows about the RPC a unit of work serves."""
+    """What the service knows about the RPC a unit of work serves: who calls, and which RPC."""
 
     request_id: str = ""
+    method: str = ""
     dialect: str = "sqlite"
-    actor_user_id: uuid.UUID | None = None
+    actor_type: str = "system"  # "user" (JWT), "api_key", or "system" (the service itself, --insecure-dev)
+    actor_id: uuid.UUID | None = None
+    role: str = "admin"
+    actor_user_id: uuid.UUID | None = None  # the user the caller acts for, if any
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+# Set per RPC by the authentication interceptor; database threads see it (Database.run copies it).
+CURRENT_CALL: ContextVar[Call] = ContextVar("nexus_call")
 
 
 # ---------------------------------------------------------------- reading
 
 
+def current_call() -> Call | None:
+    return CURRENT_CALL.get(None)
+
+
+def _predicate(spec: ResourceSpec, write: bool) -> Any:
+    """The caller's row filter for spec (None: every row), from db/policy.py."""
+    call = current_call()
+    if call is None:
+        return None
+    if write:
+        return policy.manage_predicate(spec.name, call.role, call.actor_user_id)
+    return policy.read_predicate(spec.name, call.role, call.actor_user_id)
+
+
+def denied(spec: ResourceSpec, raw_id: str, write: bool) -> errors.PermissionDenied:
+    verb = "change" if write else "see"
+    return errors.PermissionDenied(
+        f"the caller may not {verb} {spec.name} {raw_id!r}",
+        reason="ROW_ACCESS_DENIED",
+        metadata={"resource_type": spec.name, "resource_id": raw_id},
+    )
+
+
 def fetch(session: Session, spec: ResourceSpec, raw_id: str, *, show_deleted: bool = False, field_path: str = "id", lock: bool = False) -> Any:
-    """The row with that id, or NOT_FOUND with ResourceInfo (soft-deleted rows count as absent)."""
+    """The row with that id, or NOT_FOUND with ResourceInfo (soft-deleted rows count as absent).
+
+    lock=True means the caller is about to change the row: it takes the row lock (PostgreSQL) and
+    applies the caller's manage rule instead of its read rule. A caller whose rule hides the row —
+    or who asks for an id that does not exist — gets PERMISSION_DENIED, not NOT_FOUND (AIP-193:
+    permission is checked before existence, so hidden ids do not leak).
+    """
     row_id = parse_uuid(raw_id, field_path)
     stmt = select(spec.model).where(spec.table.c.id == row_id)
+    allowed = _predicate(spec, write=lock)
+    if allowed is not None:
+        stmt = stmt.where(allowed)
     if spec.load_options:
         stmt = stmt.options(*spec.load_options)
     if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
+        stmt = stmt.with_for_update(of=spec.table)
     row = session.scalars(stmt).one_or_none()
     if row is None or (spec.soft_delete and row.delete_time is not None and not show_deleted):
+        if allowed is not None and row is None:
+            raise denied(spec, raw_id, lock)
         raise errors.NotFound.resource(spec.name, raw_id, field_path)
     return row
+
+
+def check_managed(session: Session, spec: ResourceSpec, row: Any) -> None:
+    """After a write: the caller must still manage the row it created or changed."""
+    allowed = _predicate(spec, write=True)
+    if allowed is not None and session.scalar(select(spec.table.c.id).where(spec.table.c.id == row.id, allowed)) is None:
+        raise denied(spec, str(row.id), True)
+
+
+def check_field_rights(spec: ResourceSpec, names: Iterable[str], prefix: str) -> None:
+    call = current_call()
+    if call is None or call.role == "admin":
+        return
+    forbidden = sorted(set(names) & policy.ADMIN_ONLY_FIELDS.get(spec.name, frozenset()))
+    if forbidden:
+        raise errors.PermissionDenied(
+            f"only an admin may set {', '.join(prefix + f for f in forbidden)}",
+            reason="FIELD_ACCESS_DENIED",
+            metadata={"field": prefix + forbidden[0]},
+        )
 
 
 def read_mask_paths(spec: ResourceSpec, paths: Sequence[str]) -> list[str] | None:
@@ -88,12 +151,17 @@ def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Messag
     mask = read_mask_paths(spec, request.read_mask.paths)
     parsed = [parse_uuid(raw, f"ids[{i}]") for i, raw in enumerate(ids)]
     stmt = select(spec.model).where(spec.table.c.id.in_(set(parsed)))
+    allowed = _predicate(spec, write=False)
+    if allowed is not None:
+        stmt = stmt.where(allowed)
     if spec.load_options:
         stmt = stmt.options(*spec.load_options)
     rows = {row.id: row for row in session.scalars(stmt)}
     out = []
     for i, row_id in enumerate(parsed):
         row = rows.get(row_id)
+        if row is None and allowed is not None:
+            raise denied(spec, ids[i], False)
         if row is None or (spec.soft_delete and row.delete_time is not None):
             raise errors.NotFound.resource(spec.name, ids[i], f"ids[{i}]")
         out.append(spec.to_proto(row, mask))
@@ -107,6 +175,9 @@ def _base_query(session: Session, spec: ResourceSpec, filter_text: str, show_del
         conditions.append(compiled)
     if spec.soft_delete and not show_deleted:
         conditions.append(spec.table.c.delete_time.is_(None))
+    allowed = _predicate(spec, write=False)
+    if allowed is not None:
+        conditions.append(allowed)
     return select(spec.model), conditions
 
 
@@ -197,6 +268,8 @@ def check_references(session: Session, spec: ResourceSpec, values: dict[str, Any
         stmt = select(target.table.c.id).where(target.table.c.id == value)
         if target.soft_delete:
             stmt = stmt.where(target.table.c.delete_time.is_(None))
+        # FOR SHARE (PostgreSQL): a concurrent delete of the target waits for this write to commit.
+        stmt = stmt.with_for_update(read=True)
         if session.scalar(stmt) is None:
             raise errors.NotFound.resource(target.name, str(value), prefix + field_name)
 
@@ -258,10 +331,14 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
     msg = getattr(request, spec.singular_field)
     field_prefix = f"{prefix}{spec.singular_field}."
     names = [n for n in spec.creatable if spec.codecs[n].present(msg)]
+    check_field_rights(spec, names, field_prefix)
     values = _load_fields(spec, msg, names, field_prefix)
     row = spec.model(**{k: v for k, v in values.items() if v is not None})
     row.id = uuid7()
     _apply_defaults(spec, row)
+    if spec.owner_field and getattr(row, spec.owner_field) is None and call.actor_user_id is not None:
+        setattr(row, spec.owner_field, call.actor_user_id)
+        values[spec.owner_field] = call.actor_user_id
     _missing_required(spec, row, field_prefix)
     check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:
@@ -272,6 +349,7 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
             return winner
     session.add(row)
     session.flush()
+    check_managed(session, spec, row)
     return publish(session, spec, row, events.CREATED, spec.to_proto(row))
 
 
@@ -315,6 +393,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     msg = getattr(request, spec.singular_field)
     field_prefix = f"{spec.singular_field}."
     names = update_paths(spec, msg, request.update_mask.paths)
+    check_field_rights(spec, names, field_prefix)
     row = fetch(session, spec, msg.id, field_path=field_prefix + "id", lock=True)
     check_etag(row, msg.etag, field_prefix + "etag")
     values = _load_fields(spec, msg, names, field_prefix)
@@ -326,6 +405,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), False, call)
     session.flush()
+    check_managed(session, spec, row)
     return publish(session, spec, row, events.UPDATED, spec.to_proto(row))
 
 

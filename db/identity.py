@@ -46,6 +46,7 @@ USERS = REGISTRY.add(
         model=User,
         message=pb.User,
         singular_field="user",
+        relation_fields={"roles": ("role_names", lambda role: role.name)},
         output_only=frozenset({"role_names", "last_login_time", "is_verified"}),
         required=frozenset({"username", "email"}),
         extra_codecs={
@@ -102,6 +103,7 @@ API_KEYS = REGISTRY.add(
         immutable=frozenset({"user_id"}),
         required=frozenset({"name"}),
         references={"user_id": "User"},
+        owner_field="user_id",
         extra_codecs={"secret": OutputCodec("secret", lambda r: getattr(r, "plain_secret", None))},
         orderable=("create_time", "update_time", "name", "expire_time"),
         before_write=_api_key_rules,
@@ -213,3 +215,24 @@ def revoke_api_key(session: Session, request: pb.RevokeApiKeyRequest) -> pb.ApiK
         row.revoke_time = utcnow()
         session.flush()
     return API_KEYS.to_proto(row)
+
+
+def create_api_key(session: Session, name: str, role: str, user_id: str = "", expire_time: object = None) -> tuple[pb.ApiKey, str]:
+    """A new key through the standard create path; returns it and its secret (shown once)."""
+    request = pb.CreateApiKeyRequest(api_key=pb.ApiKey(name=name, role=pb.UserRole.Value(f"USER_ROLE_{role.upper()}"), user_id=user_id))
+    if expire_time is not None:
+        request.api_key.expire_time.FromDatetime(expire_time)  # type: ignore[arg-type]
+    created = crud.create(session, API_KEYS, request, crud.Call(dialect=session.get_bind().dialect.name))
+    return created, created.secret
+
+
+def create_api_key_if_none(session: Session) -> str | None:
+    """The bootstrap admin key of an empty database, or None when any key exists."""
+    if session.scalar(select(ApiKey.id).limit(1)) is not None:
+        return None
+    try:
+        with session.begin_nested():  # two replicas starting together: one wins, the other skips
+            _, secret = create_api_key(session, "bootstrap-admin", "admin")
+    except IntegrityError:
+        return None
+    return secret

@@ -35,6 +35,7 @@ from db.base import (
     short_text,
     timestamp,
     utcnow,
+    uuid7,
 )
 
 USER_ROLES = ("admin", "manager", "user", "guest")
@@ -314,3 +315,42 @@ class ChangeEvent(Base):
     # The resource's proto, serialized: replayed as is, whatever happens to the row later.
     payload: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     create_time: Mapped[timestamp] = mapped_column(default=utcnow)
+
+
+# ---------------------------------------------------------------- security
+
+ACTOR_TYPES = ("user", "api_key", "system")
+AUDIT_ACTIONS = ("create", "update", "delete", "undelete")
+
+
+class AuditLogEntry(Base):
+    """A change to a resource, written by the service in the same transaction as the change."""
+
+    __tablename__ = "audit_log_entries"
+    __table_args__ = (
+        _one_of("actor_type", ACTOR_TYPES),
+        _one_of("action", AUDIT_ACTIONS),
+        Index("ix_audit_log_entries_create_time_id", "create_time", "id"),
+        Index("ix_audit_log_entries_resource_type_resource_id", "resource_type", "resource_id"),
+        Index("ix_audit_log_entries_actor_id_create_time", "actor_id", "create_time"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid7)
+    actor_type: Mapped[str] = mapped_column(String(16), nullable=False)
+    actor_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    action: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    resource_type: Mapped[str] = mapped_column(String(64), nullable=False)
+    resource_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
+    # [{"field": ..., "old_value": ..., "new_value": ...}], secrets masked.
+    changes: Mapped[json_list]
+    request_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    method: Mapped[str | None] = mapped_column(String(255))
+    # Words for full-text search: action, resource type, changed field names.
+    summary: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    create_time: Mapped[timestamp] = mapped_column(default=utcnow)
+
+    @property
+    def update_time(self) -> dt.datetime:
+        return self.create_time
+
+    revision = 1

@@ -62,6 +62,14 @@ class ResourceSpec:
     load_options: tuple[Any, ...] = ()
     # For streamed resources: the scope ("channels/<id>") whose event log a change goes to.
     stream_scope: Callable[[Any], str] | None = None
+    # Relationship -> (API field, label of one related row), for audit diffs of memberships.
+    relation_fields: dict[str, tuple[str, Callable[[Any], str]]] = field(default_factory=dict)
+    # The field naming the user who owns a new row; defaults to the caller when left empty.
+    owner_field: str | None = None
+    # Served with Get / List / Search only (written by the service itself).
+    read_only: bool = False
+    # Whether changes are recorded in the audit trail.
+    audited: bool = True
 
     @property
     def soft_delete(self) -> bool:

@@ -32,6 +32,7 @@ PROJECTS = REGISTRY.add(
         model=Project,
         message=pb.Project,
         singular_field="project",
+        relation_fields={"members": ("member_ids", lambda u: str(u.id))},
         immutable=frozenset({"owner_id"}),
         required=frozenset({"name", "owner_id"}),
         references={"owner_id": "User"},
@@ -42,6 +43,7 @@ PROJECTS = REGISTRY.add(
         orderable=("create_time", "update_time", "name", "start_date", "end_date"),
         search_fields=(("name", "A"), ("description", "B")),
         before_write=_project_rules,
+        owner_field="owner_id",
     )
 )
 
@@ -53,8 +55,6 @@ def _task_rules(session: Session, row: Task, changed: set[str], creating: bool, 
         if value is not None and value < 0:
             violations.add(f"task.{name}", f"must not be negative (got {value})", "NEGATIVE_HOURS")
     violations.raise_if_any()
-    if creating and row.creator_id is None and call.actor_user_id is not None:
-        row.creator_id = call.actor_user_id
     # completed_time follows the status: set on reaching done, cleared on leaving it.
     if row.status == "done" and row.completed_time is None:
         row.completed_time = utcnow()
@@ -69,6 +69,7 @@ TASKS = REGISTRY.add(
         model=Task,
         message=pb.Task,
         singular_field="task",
+        relation_fields={"dependencies": ("dependency_ids", lambda t: str(t.id))},
         output_only=frozenset({"completed_time"}),
         immutable=frozenset({"project_id", "creator_id"}),
         required=frozenset({"project_id", "title"}),
@@ -81,6 +82,7 @@ TASKS = REGISTRY.add(
         batch_create=True,
         batch_get=True,
         before_write=_task_rules,
+        owner_field="creator_id",
     )
 )
 
@@ -133,14 +135,15 @@ def _depends_transitively(session: Session, start: object, target: object) -> bo
 
 
 def add_task_dependency(session: Session, request: pb.AddTaskDependencyRequest) -> pb.Task:
-    task = crud.fetch(session, TASKS, request.task_id, field_path="task_id")
+    task = crud.fetch(session, TASKS, request.task_id, field_path="task_id", lock=True)
     other = crud.fetch(session, TASKS, request.depends_on_task_id, field_path="depends_on_task_id")
     if task.project_id != other.project_id:
         raise errors.FailedPrecondition(
             "a task can only depend on a task of the same project", reason="CROSS_PROJECT_DEPENDENCY"
         )
     # Serialise dependency changes per project so two concurrent adds cannot close a cycle.
-    crud.fetch(session, PROJECTS, str(task.project_id), field_path="task_id", lock=True)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(Project.id).where(Project.id == task.project_id).with_for_update())
     if other in task.dependencies:
         return TASKS.to_proto(task)
     if task.id == other.id or _depends_transitively(session, other.id, task.id):

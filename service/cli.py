@@ -18,6 +18,10 @@ def _config(args: argparse.Namespace) -> Config:
     }
     if getattr(args, "no_migrate", False):
         overrides["migrate_on_start"] = False
+    if getattr(args, "insecure_dev", False):
+        overrides["insecure_dev"] = True
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        overrides[name] = getattr(args, name, None)
     return Config.from_env(**overrides)
 
 
@@ -86,6 +90,27 @@ def _seed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_create(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    import db.domains  # noqa: F401 - the audit trail records the new key
+    from db import migrate
+    from db.database import Database
+    from db.identity import create_api_key
+
+    config = _config(args)
+    database = Database(config.database_url, config.pool)
+    try:
+        migrate.check(database.engine)
+        expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=args.expires_in_days) if args.expires_in_days else None
+        key, secret = database.run_sync(lambda s: create_api_key(s, args.name, args.role, args.user_id or "", expires))
+    finally:
+        database.dispose()
+    print(f"API key {key.name!r} ({key.id}, role {args.role}). The secret is shown once:", file=sys.stderr)
+    print(secret)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nexus-data", description="Nexus Data Service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (NEXUS_HOST, default [::])")
     serve.add_argument("--port", type=int, help="port (NEXUS_PORT, default 50051)")
     serve.add_argument("--no-migrate", action="store_true", help="refuse to start unless the schema is at head")
+    serve.add_argument("--insecure-dev", action="store_true", help="turn authentication OFF (local experiments only)")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (NEXUS_TLS_CERT)")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert (NEXUS_TLS_KEY)")
+    serve.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mTLS)")
     serve.set_defaults(func=_serve)
 
     mig = sub.add_parser("migrate", help="upgrade the schema to head, or downgrade to a revision")
@@ -108,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     chk = sub.add_parser("check-schema", help="exit 1 unless the schema is at head")
     common(chk)
     chk.set_defaults(func=_check)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create an API key and print its secret once")
+    common(create)
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True, choices=["admin", "manager", "user", "guest"])
+    create.add_argument("--user-id", help="the user the key acts for")
+    create.add_argument("--expires-in-days", type=int, help="days until the key stops working")
+    create.set_defaults(func=_keys_create)
 
     seed = sub.add_parser("seed", help="fill the database with realistic sample data")
     common(seed)

@@ -69,6 +69,17 @@ class Config:
     # Live streams: events buffered per subscriber before it is cut off; the lost-NOTIFY poll.
     stream_queue_size: int = 1000
     stream_poll_seconds: float = 1.0
+    # Authentication. insecure_dev turns it off (never in production: every caller is an admin).
+    insecure_dev: bool = False
+    jwt_hs256_secret: str | None = field(default=None, repr=False)
+    jwt_rs256_public_key_file: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_role_claim: str = "role"
+    # TLS: certificate and key to serve TLS; a client CA to require client certificates (mTLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
     # argon2id cost of password and key hashes (argon2-cffi defaults: 3 passes, 64 MiB).
     hash_time_cost: int = 3
     hash_memory_kib: int = 65536
@@ -100,6 +111,14 @@ class Config:
             "event_retention_seconds": float(env.get("NEXUS_EVENT_RETENTION_SECONDS", cls.event_retention_seconds)),
             "stream_queue_size": int(env.get("NEXUS_STREAM_QUEUE_SIZE", cls.stream_queue_size)),
             "stream_poll_seconds": float(env.get("NEXUS_STREAM_POLL_SECONDS", cls.stream_poll_seconds)),
+            "jwt_hs256_secret": env.get("NEXUS_JWT_HS256_SECRET") or None,
+            "jwt_rs256_public_key_file": env.get("NEXUS_JWT_RS256_PUBLIC_KEY_FILE") or None,
+            "jwt_issuer": env.get("NEXUS_JWT_ISSUER") or None,
+            "jwt_audience": env.get("NEXUS_JWT_AUDIENCE") or None,
+            "jwt_role_claim": env.get("NEXUS_JWT_ROLE_CLAIM", cls.jwt_role_claim),
+            "tls_cert": env.get("NEXUS_TLS_CERT") or None,
+            "tls_key": env.get("NEXUS_TLS_KEY") or None,
+            "tls_client_ca": env.get("NEXUS_TLS_CLIENT_CA") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -108,4 +127,6 @@ class Config:
         """Every setting, with the database password masked: safe to log."""
         out = dataclasses.asdict(self)
         out["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+        if self.jwt_hs256_secret:
+            out["jwt_hs256_secret"] = "***"
         return out

@@ -75,15 +75,11 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
         call = run.call(context)
         return await run(context, lambda s: crud.delete(s, spec, request, call), resource_type=name)
 
-    handlers: dict[str, Handler] = {
-        f"Get{E}": get,
-        f"List{Es}": list_,
-        f"Create{E}": create,
-        f"Update{E}": update,
-        f"Delete{E}": delete,
-    }
+    handlers: dict[str, Handler] = {f"Get{E}": get, f"List{Es}": list_}
+    if not spec.read_only:
+        handlers.update({f"Create{E}": create, f"Update{E}": update, f"Delete{E}": delete})
 
-    if spec.soft_delete:
+    if spec.soft_delete and not spec.read_only:
 
         async def undelete(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = run.call(context)

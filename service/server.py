@@ -5,6 +5,8 @@ import asyncio
 import datetime as dt
 import logging
 import signal
+import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,16 +16,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nexus.chat.v1 import chat_pb2, chat_pb2_grpc
 from nexus.identity.v1 import identity_pb2, identity_pb2_grpc
+from nexus.security.v1 import security_pb2, security_pb2_grpc
 from nexus.work.v1 import work_pb2, work_pb2_grpc
 
+import db.domains  # noqa: F401 - every resource registered, the audit listener installed
 from db import events, migrate, secrets
 from db.base import utcnow
 from db.database import Database
 from service.chat import ChatService
 from service.config import Config
-from service.errors import ErrorInterceptor
+from service import policy
+from service.auth import Authenticator, JwtSettings
+from service.interceptors import ServiceInterceptor
 from service.identity import IdentityService
 from service.rpc import Runner
+from service.security import SecurityService
 from service.streams import ChangeHub, HubSettings
 from service.work import WorkService
 
@@ -39,6 +46,7 @@ DOMAIN_SERVICES = (
     (IdentityService, identity_pb2_grpc.add_IdentityServiceServicer_to_server, identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name),
     (WorkService, work_pb2_grpc.add_WorkServiceServicer_to_server, work_pb2.DESCRIPTOR.services_by_name["WorkService"].full_name),
     (ChatService, chat_pb2_grpc.add_ChatServiceServicer_to_server, chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name),
+    (SecurityService, security_pb2_grpc.add_SecurityServiceServicer_to_server, security_pb2.DESCRIPTOR.services_by_name["SecurityService"].full_name),
 )
 
 
@@ -58,6 +66,8 @@ class App:
     _stopping: bool = False
     ready: bool = False
     servicers: list[Any] = field(default_factory=list)
+    # The admin API key made on the first start of an empty database: shown once, never stored.
+    bootstrap_secret: str | None = None
 
     async def set_ready(self, ready: bool) -> None:
         self.ready = ready
@@ -162,8 +172,11 @@ def create_server(config: Config, database: Database | None = None) -> App:
         ("grpc.max_connection_idle_ms", 30 * 60_000),
         ("grpc.so_reuseport", 0),
     ]
+    methods = [f"/{full}/{m.name}" for cls, _, full in DOMAIN_SERVICES for m in cls.service_descriptor.methods]
+    actions = policy.check_all_covered(methods)  # refuses to start if an RPC has no access rule
+    authenticator = None if config.insecure_dev else Authenticator(db, _jwt_settings(config))
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=[ServiceInterceptor(actions, authenticator, db.dialect)],
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -183,16 +196,52 @@ def create_server(config: Config, database: Database | None = None) -> App:
         server,
         pool=_MethodAwarePool(descriptor_pool.Default()),
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, _tls_credentials(config)) if config.tls_cert else server.add_insecure_port(address)
     if port == 0:
-        raise RuntimeError(f"could not bind {config.host}:{config.port}")
-    return App(config, server, db, port, health_servicer, names, hub, servicers=servicers)
+        raise RuntimeError(f"could not bind {address}")
+    secret = None if config.insecure_dev else bootstrap_admin_key(db)
+    return App(config, server, db, port, health_servicer, names, hub, servicers=servicers, bootstrap_secret=secret)
+
+
+def _jwt_settings(config: Config) -> JwtSettings:
+    public_key = Path(config.jwt_rs256_public_key_file).read_text() if config.jwt_rs256_public_key_file else None
+    return JwtSettings(config.jwt_hs256_secret, public_key, config.jwt_issuer, config.jwt_audience, config.jwt_role_claim)
+
+
+def _tls_credentials(config: Config) -> grpc.ServerCredentials:
+    if not config.tls_key:
+        raise ValueError("--tls-cert needs --tls-key")
+    pair = [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]  # type: ignore[arg-type]
+    if config.tls_client_ca:
+        return grpc.ssl_server_credentials(pair, root_certificates=Path(config.tls_client_ca).read_bytes(), require_client_auth=True)
+    return grpc.ssl_server_credentials(pair)
+
+
+def bootstrap_admin_key(db: Database) -> str | None:
+    """On an empty database (no API key at all), make one admin key and return its secret."""
+    from db.identity import create_api_key_if_none
+
+    return db.run_sync(create_api_key_if_none)
 
 
 async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     log.info("configuration: %s", config.describe())
     app = create_server(config)
+    if config.insecure_dev:
+        log.warning("=" * 72)
+        log.warning("--insecure-dev: AUTHENTICATION IS OFF. Every caller is an admin. Never run this in production.")
+        log.warning("=" * 72)
+    if app.bootstrap_secret:
+        # Printed once, to the terminal only (not to the log): only its hash is stored.
+        print(
+            "\nFirst start on an empty database: an admin API key was created. It is shown once:\n\n"
+            f"    {app.bootstrap_secret}\n\n"
+            "Call with: -H 'authorization: Bearer <key>'. Create more with `nexus-data keys create`.\n",
+            file=sys.stderr,
+            flush=True,
+        )
     await app.start()
     log.info("nexus-data serving on %s:%d (%s)", config.host, app.port, app.db.dialect)
     stop = asyncio.Event()

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from nexus.chat.v1 import chat_pb2_grpc
 from nexus.identity.v1 import identity_pb2_grpc
+from nexus.security.v1 import security_pb2_grpc
 from nexus.work.v1 import work_pb2_grpc
 
 from db.database import PoolSettings
@@ -86,6 +87,44 @@ class ServerThread:
         return self.app.port
 
 
+# Admin API key secrets by database URL: the first server on a database makes one and shows it once.
+ADMIN_KEYS: dict[str, str] = {}
+
+
+class BearerAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <secret>` to every call of a channel."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def _with_auth(self, details: Any) -> Any:
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+        metadata.append(("authorization", f"Bearer {self.secret}"))
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_auth(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_auth(details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base: Any, metadata: list[tuple[str, str]]) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+def authed_channel(address: str, secret: str | None, **kwargs: Any) -> grpc.Channel:
+    """A channel whose calls carry the API key `secret` (none: unauthenticated)."""
+    channel = grpc.insecure_channel(address, **kwargs)
+    return grpc.intercept_channel(channel, BearerAuth(secret)) if secret else channel
+
+
 @dataclass
 class Client:
     """A real channel to a running server, with a stub per service."""
@@ -94,9 +133,11 @@ class Client:
     database_url: str
     server: ServerThread
     channel: grpc.Channel
+    admin_secret: str
     identity: identity_pb2_grpc.IdentityServiceStub
     work: work_pb2_grpc.WorkServiceStub
     chat: chat_pb2_grpc.ChatServiceStub
+    security: security_pb2_grpc.SecurityServiceStub
 
     @property
     def address(self) -> str:
@@ -107,20 +148,29 @@ class Client:
             "nexus.identity.v1.IdentityService": self.identity,
             "nexus.work.v1.WorkService": self.work,
             "nexus.chat.v1.ChatService": self.chat,
+            "nexus.security.v1.SecurityService": self.security,
         }[service_full_name]
 
 
-def connect(backend: str, database_url: str, server: ServerThread) -> Client:
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    grpc.channel_ready_future(channel).result(timeout=10)
+def connect(backend: str, database_url: str, server: ServerThread, secret: str | None = None) -> Client:
+    """A client of `server`, calling as an admin (or with the API key `secret`)."""
+    assert server.app is not None
+    if server.app.bootstrap_secret:
+        ADMIN_KEYS[database_url] = server.app.bootstrap_secret
+    secret = secret or ADMIN_KEYS[database_url]
+    raw = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    grpc.channel_ready_future(raw).result(timeout=10)
+    channel = grpc.intercept_channel(raw, BearerAuth(secret))
     return Client(
         backend,
         database_url,
         server,
         channel,
+        secret,
         identity_pb2_grpc.IdentityServiceStub(channel),
         work_pb2_grpc.WorkServiceStub(channel),
         chat_pb2_grpc.ChatServiceStub(channel),
+        security_pb2_grpc.SecurityServiceStub(channel),
     )
 
 

@@ -72,11 +72,27 @@ def mask(*paths: str) -> field_mask_pb2.FieldMask:
 # ------------------------------------------------------------------ samples per resource
 
 
+def service_of(resource: str) -> str:
+    """Full name of the service that serves a resource."""
+    from service.server import DOMAIN_SERVICES
+
+    for cls, _, full_name in DOMAIN_SERVICES:
+        if any(spec.name == resource for spec in cls.resources):
+            return full_name
+    raise KeyError(resource)
+
+
 def new_user(c: Client, **fields: Any) -> ipb.User:
     name = unique("u")
     values: dict[str, Any] = {"username": name, "email": f"{name}@example.com", "full_name": f"User {name}"}
     values.update(fields)
     return c.identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(**values)))
+
+
+def new_role(c: Client, **fields: Any) -> ipb.Role:
+    values: dict[str, Any] = {"name": unique("role")}
+    values.update(fields)
+    return c.identity.CreateRole(ipb.CreateRoleRequest(role=ipb.Role(**values)))
 
 
 def new_project(c: Client, owner: ipb.User | None = None, **fields: Any) -> wpb.Project:

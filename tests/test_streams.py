@@ -20,7 +20,7 @@ from nexus.chat.v1 import chat_pb2_grpc
 from db import events
 from db.base import utcnow
 from db.database import Database
-from tests.conftest import Client, ServerThread, connect, make_config
+from tests.conftest import Client, ServerThread, authed_channel, connect, make_config
 from tests.support import expect_error, new_channel, new_conversation, new_user, rich_error
 
 Code = grpc.StatusCode
@@ -164,7 +164,7 @@ def test_concurrent_writers_reach_one_subscriber_exactly_once(client: Client) ->
     writers, per_writer = 4, 15
 
     def write(w: int) -> None:
-        channel = grpc.insecure_channel(client.address)  # its own connection
+        channel = authed_channel(client.address, client.admin_secret)  # its own connection
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         for i in range(per_writer):
             say(stub, conversation, f"w{w}-{i}")
@@ -237,7 +237,7 @@ def test_slow_subscriber_is_cut_off_with_its_token_while_a_fast_one_keeps_up(dat
     c = connect("any", database_url, server)
     # The slow client never reads until the end; without BDP probing its flow-control window
     # stays small, so the server's writes to it block and its queue overflows.
-    slow_channel = grpc.insecure_channel(c.address, options=[("grpc.http2.bdp_probe", 0)])
+    slow_channel = authed_channel(c.address, c.admin_secret, options=[("grpc.http2.bdp_probe", 0)])
     try:
         channel = new_channel(c)
         slow = chat_pb2_grpc.ChatServiceStub(slow_channel).StreamEvents(cpb.StreamEventsRequest(channel_ids=[channel.id]), timeout=120)
@@ -298,14 +298,15 @@ def _free_port() -> int:
 class ServerProcess:
     """`nexus-data serve` in its own process."""
 
-    def __init__(self, database_url: str, log: Path) -> None:
+    def __init__(self, database_url: str, log: Path, secret: str) -> None:
         self.port = _free_port()
         env = dict(os.environ, DATABASE_URL=database_url, NEXUS_PORT=str(self.port), NEXUS_HOST="127.0.0.1",
                    NEXUS_DRAIN_SECONDS="0", NEXUS_GRACE_SECONDS="1", NEXUS_HASH_TIME_COST="1", NEXUS_HASH_MEMORY_KIB="1024")
         self.proc = subprocess.Popen([str(Path(sys.executable).parent / "nexus-data"), "serve"], env=env,
                                      stdout=log.open("a"), stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        grpc.channel_ready_future(self.channel).result(timeout=30)
+        raw = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        grpc.channel_ready_future(raw).result(timeout=30)
+        self.channel = authed_channel(f"127.0.0.1:{self.port}", secret)
         self.chat = chat_pb2_grpc.ChatServiceStub(self.channel)
 
     def kill(self) -> None:
@@ -329,7 +330,7 @@ def processes(tmp_path: Path) -> Iterator[list[ServerProcess]]:
 
 
 def test_resume_after_the_server_is_killed_and_restarted(client: Client, processes: list[ServerProcess], tmp_path: Path) -> None:
-    first = ServerProcess(client.database_url, tmp_path / "server.log")
+    first = ServerProcess(client.database_url, tmp_path / "server.log", client.admin_secret)
     processes.append(first)
     conversation = new_conversation(client)
     reader = EventReader(first.chat, cpb.StreamEventsRequest(conversation_ids=[conversation.id]))
@@ -340,7 +341,7 @@ def test_resume_after_the_server_is_killed_and_restarted(client: Client, process
     for i in range(3):
         say(first.chat, conversation, f"acked{i}")  # acknowledged, then the server dies
     first.kill()
-    second = ServerProcess(client.database_url, tmp_path / "server.log")
+    second = ServerProcess(client.database_url, tmp_path / "server.log", client.admin_secret)
     processes.append(second)
     say(second.chat, conversation, "after restart")
     resumed = EventReader(second.chat, cpb.StreamEventsRequest(resume_token=seen[-1].resume_token))
@@ -352,8 +353,8 @@ def test_resume_after_the_server_is_killed_and_restarted(client: Client, process
 
 def test_two_replicas_on_one_database(client: Client, processes: list[ServerProcess], tmp_path: Path) -> None:
     """Subscribe on one server process, write through another: every event arrives, in order."""
-    a = ServerProcess(client.database_url, tmp_path / "a.log")
-    b = ServerProcess(client.database_url, tmp_path / "b.log")
+    a = ServerProcess(client.database_url, tmp_path / "a.log", client.admin_secret)
+    b = ServerProcess(client.database_url, tmp_path / "b.log", client.admin_secret)
     processes += [a, b]
     channel = new_channel(client)
     reader = EventReader(a.chat, cpb.StreamEventsRequest(channel_ids=[channel.id]))

@@ -1,0 +1,182 @@
+"""The audit trail: every change to every resource, recorded in the transaction that makes it.
+
+A `before_flush` listener on every session sees all new, changed and deleted resource rows —
+whatever code path changed them (standard methods, custom methods, the seed) — and writes one
+AuditLogEntry per row per flush, with the changed fields' old and new values, secrets masked.
+Nothing here is per resource: the registry's codecs map columns back to API field names.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from nexus.security.v1 import security_pb2 as pb
+from sqlalchemy import event, inspect
+from sqlalchemy.orm import Session
+
+from db import crud
+from db.codecs import InputCodec, OutputCodec, TimestampCodec
+from db.models import AuditLogEntry
+from db.resource import REGISTRY, ResourceSpec
+
+MASK = "***"
+# Bookkeeping columns every change touches: not news in an audit entry.
+_NOISE = {"update_time", "revision"}
+# Columns that hold secrets, reported under their API field name with masked values.
+_SECRET_COLUMNS = {"password_hash": "password", "secret_hash": "secret"}
+
+AUDIT_LOG_ENTRIES = REGISTRY.add(
+    ResourceSpec(
+        name="AuditLogEntry",
+        plural="AuditLogEntries",
+        model=AuditLogEntry,
+        message=pb.AuditLogEntry,
+        singular_field="audit_log_entry",
+        extra_codecs={
+            "update_time": TimestampCodec(pb.AuditLogEntry.DESCRIPTOR.fields_by_name["update_time"], "create_time"),
+            "changes": OutputCodec("changes", lambda r: [_change_proto(c) for c in r.changes or ()], repeated=True),
+        },
+        orderable=("create_time",),
+        search_fields=(("summary", "A"),),
+        read_only=True,
+        audited=False,
+    )
+)
+
+
+def _change_proto(change: dict[str, Any]) -> pb.FieldChange:
+    out = pb.FieldChange(field=change["field"])
+    for key in ("old_value", "new_value"):
+        value = change.get(key)
+        target = getattr(out, key)
+        if value is None:
+            target.null_value = 0
+        elif isinstance(value, bool):
+            target.bool_value = value
+        elif isinstance(value, (int, float)):
+            target.number_value = value
+        elif isinstance(value, str):
+            target.string_value = value
+        elif isinstance(value, list):
+            target.list_value.SetInParent()  # an empty list is still a list, not "unset"
+            target.list_value.extend(value)
+        elif isinstance(value, dict):
+            target.struct_value.SetInParent()
+            target.struct_value.update(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe form of a column value."""
+    if isinstance(value, (uuid.UUID, Decimal)):
+        return str(value)
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return value
+
+
+def _field_names(spec: ResourceSpec) -> dict[str, str]:
+    """Column attribute -> the API field it appears as."""
+    names: dict[str, str] = {}
+    for name, codec in spec.codecs.items():
+        if isinstance(codec, (InputCodec, OutputCodec)):
+            continue
+        attrs = [codec.attr] if codec.attr else [getattr(codec, "amount_attr", None), getattr(codec, "currency_attr", None)]
+        for attr in attrs:
+            if attr:
+                names[attr] = name
+    return names
+
+
+def _changes(spec: ResourceSpec, obj: Any, mode: str) -> list[dict[str, Any]]:
+    state = inspect(obj)
+    fields = _field_names(spec)
+    merged: dict[str, dict[str, Any]] = {}
+    for attr in state.mapper.column_attrs:
+        key = attr.key
+        if key in _NOISE:
+            continue
+        history = state.attrs[key].history
+        if mode == "create":
+            old, new, changed = None, getattr(obj, key), getattr(obj, key) is not None
+        elif mode == "delete":
+            old, new, changed = getattr(obj, key), None, True
+        else:
+            changed = history.has_changes()
+            old = history.deleted[0] if history.deleted else (history.unchanged[0] if history.unchanged else None)
+            new = history.added[0] if history.added else getattr(obj, key)
+        if not changed:
+            continue
+        if key in _SECRET_COLUMNS:
+            merged[_SECRET_COLUMNS[key]] = {"field": _SECRET_COLUMNS[key], "old_value": MASK if old is not None else None,
+                                            "new_value": MASK if new is not None else None}
+            continue
+        field_name = fields.get(key)
+        if field_name is None:
+            continue
+        if field_name in merged:  # a field made of several columns (Money): report it once
+            continue
+        if old == new and mode == "update":
+            continue
+        merged[field_name] = {"field": field_name, "old_value": _plain(old), "new_value": _plain(new)}
+    if mode == "update":
+        for key, (field_name, label) in spec.relation_fields.items():
+            history = state.attrs[key].history
+            if not (history.added or history.deleted):
+                continue
+            now = [label(o) for o in getattr(obj, key)]
+            before = [label(o) for o in (*history.unchanged, *history.deleted)]
+            merged[field_name] = {"field": field_name, "old_value": sorted(before), "new_value": sorted(now)}
+    return list(merged.values())
+
+
+def _entry(spec: ResourceSpec, obj: Any, action: str, changes: list[dict[str, Any]]) -> AuditLogEntry:
+    call = crud.CURRENT_CALL.get(None)
+    summary = " ".join([action, spec.name, *(c["field"] for c in changes)])
+    return AuditLogEntry(
+        actor_type=call.actor_type if call else "system",
+        actor_id=call.actor_id if call else None,
+        action=action,
+        resource_type=spec.name,
+        resource_id=obj.id,
+        changes=changes,
+        request_id=(call.request_id or None) if call else None,
+        method=(call.method or None) if call else None,
+        summary=summary,
+    )
+
+
+def _specs_by_model() -> dict[type, ResourceSpec]:
+    return {spec.model: spec for spec in REGISTRY if spec.audited}
+
+
+@event.listens_for(Session, "before_flush")
+def _record(session: Session, flush_context: Any, instances: Any) -> None:
+    specs = _specs_by_model()
+    entries: list[AuditLogEntry] = []
+    for obj in session.new:
+        spec = specs.get(type(obj))
+        if spec is not None:
+            entries.append(_entry(spec, obj, "create", _changes(spec, obj, "create")))
+    for obj in session.dirty:
+        spec = specs.get(type(obj))
+        if spec is None or not session.is_modified(obj, include_collections=True):
+            continue
+        changes = _changes(spec, obj, "update")
+        if not changes:
+            continue
+        action = "update"
+        deleted = next((c for c in changes if c["field"] == "delete_time"), None)
+        if deleted is not None:
+            action = "delete" if deleted["new_value"] is not None else "undelete"
+        entries.append(_entry(spec, obj, action, changes))
+    for obj in session.deleted:
+        spec = specs.get(type(obj))
+        if spec is not None:
+            entries.append(_entry(spec, obj, "delete", _changes(spec, obj, "delete")))
+    for entry in entries:
+        session.add(entry)

@@ -1,0 +1,130 @@
+"""The one interceptor every domain RPC passes: request id, authentication, the role gate,
+and the translation of errors into google.rpc.Status. Health and reflection pass untouched."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from db import errors
+from db.crud import CURRENT_CALL, Call
+from service.auth import INSECURE_PRINCIPAL, Authenticator, Principal
+from service.errors import internal_status, to_status
+from service.policy import Action, authorize
+
+log = logging.getLogger("nexus.rpc")
+MAX_REQUEST_ID = 128
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+
+def _request_id(metadata: dict[str, str]) -> str:
+    given = metadata.get("x-request-id", "")
+    if given and len(given) <= MAX_REQUEST_ID and given.isprintable():
+        return given
+    return str(uuid.uuid4())
+
+
+class CallGuard:
+    """Runs one method's behavior inside the checks; one instance per method, built once."""
+
+    def __init__(self, method: str, action: Action, authenticator: Authenticator | None, dialect: str) -> None:
+        self.method = method
+        self.action = action
+        self.authenticator = authenticator
+        self.dialect = dialect
+
+    async def enter(self, context: grpc.aio.ServicerContext) -> tuple[Call, Any]:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        request_id = _request_id(metadata)
+        call = Call(request_id=request_id, method=self.method, dialect=self.dialect)
+        token = CURRENT_CALL.set(call)
+        principal: Principal = (
+            INSECURE_PRINCIPAL if self.authenticator is None else await self.authenticator.authenticate(metadata.get("authorization"))
+        )
+        authorize(principal.role, self.action, self.method)
+        call.actor_type, call.actor_id, call.role, call.actor_user_id = (
+            principal.actor_type, principal.actor_id, principal.role, principal.user_id,
+        )
+        return call, token
+
+    async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        call = CURRENT_CALL.get(None)
+        request_id = call.request_id if call else ""
+        if isinstance(exc, errors.NexusError):
+            if exc.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                log.info("%s %s [%s]: %s", exc.code.name, self.method, request_id, exc.reason)
+            await context.abort_with_status(to_status(exc, request_id))
+        log.exception("unhandled error in %s [request %s]", self.method, request_id)
+        await context.abort_with_status(internal_status(f"internal error in {self.method} (request {request_id}); it has been logged", request_id))
+
+    def unary(self, behavior: Behavior) -> Behavior:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            token = None
+            try:
+                call, token = await self.enter(context)
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - NexusError or a bug: both become a Status
+                await self.fail(context, exc)
+            finally:
+                if token is not None:
+                    CURRENT_CALL.reset(token)
+
+        return guarded
+
+    def stream(self, behavior: Behavior) -> Behavior:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            token = None
+            try:
+                call, token = await self.enter(context)
+                async for item in behavior(request, context):
+                    yield item
+            except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self.fail(context, exc)
+            finally:
+                if token is not None:
+                    CURRENT_CALL.reset(token)
+
+        return guarded
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each domain method once (cached), with the checks of CallGuard."""
+
+    def __init__(self, actions: dict[str, Action], authenticator: Authenticator | None, dialect: str) -> None:
+        self.actions = actions
+        self.authenticator = authenticator
+        self.dialect = dialect
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or method not in self.actions:
+            return handler  # health, reflection, or an unknown method (UNIMPLEMENTED)
+        guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect)
+        kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(guard.unary(handler.unary_unary), **kwargs)
+        elif handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(guard.stream(handler.unary_stream), **kwargs)
+        elif handler.stream_unary is not None:
+            wrapped = grpc.stream_unary_rpc_method_handler(guard.unary(handler.stream_unary), **kwargs)
+        else:
+            wrapped = grpc.stream_stream_rpc_method_handler(guard.stream(handler.stream_stream), **kwargs)
+        self._wrapped[method] = wrapped
+        return wrapped

@@ -1,0 +1,85 @@
+"""Which role may call which RPC: one table, checked by the interceptor before any servicer runs.
+
+Standard methods take their action from their name (Get/List/Search/BatchGet read; Create/Update/
+Delete/Undelete/BatchCreate write), so a resource added later is covered with no new entry.
+Custom methods are listed here; a method that is in neither is refused at start-up, so no RPC
+can ship without a rule. Row-level rules (which rows a role sees or manages) are db/policy.py's.
+"""
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+from db import errors
+from db.policy import ROLE_RANK
+
+
+class Action(enum.Enum):
+    READ = "guest"  # value: the least role allowed
+    WRITE = "user"
+    ADMIN = "admin"
+
+
+STANDARD_PREFIXES = (
+    ("BatchGet", Action.READ),
+    ("BatchCreate", Action.WRITE),
+    ("Undelete", Action.WRITE),
+    ("Get", Action.READ),
+    ("List", Action.READ),
+    ("Search", Action.READ),
+    ("Create", Action.WRITE),
+    ("Update", Action.WRITE),
+    ("Delete", Action.WRITE),
+)
+
+CUSTOM_METHODS: dict[str, Action] = {
+    "nexus.identity.v1.IdentityService/LookupUser": Action.READ,
+    "nexus.identity.v1.IdentityService/EnsureUser": Action.ADMIN,
+    "nexus.identity.v1.IdentityService/AuthenticateUser": Action.ADMIN,
+    "nexus.identity.v1.IdentityService/VerifyUserEmail": Action.ADMIN,
+    "nexus.identity.v1.IdentityService/AssignRole": Action.ADMIN,
+    "nexus.identity.v1.IdentityService/RevokeRole": Action.ADMIN,
+    "nexus.identity.v1.IdentityService/RevokeApiKey": Action.WRITE,
+    "nexus.work.v1.WorkService/AddProjectMember": Action.WRITE,
+    "nexus.work.v1.WorkService/RemoveProjectMember": Action.WRITE,
+    "nexus.work.v1.WorkService/GetProjectProgress": Action.READ,
+    "nexus.work.v1.WorkService/AddTaskDependency": Action.WRITE,
+    "nexus.work.v1.WorkService/RemoveTaskDependency": Action.WRITE,
+    "nexus.chat.v1.ChatService/AddChannelMember": Action.WRITE,
+    "nexus.chat.v1.ChatService/RemoveChannelMember": Action.WRITE,
+    "nexus.chat.v1.ChatService/ArchiveConversation": Action.WRITE,
+    "nexus.chat.v1.ChatService/StreamEvents": Action.READ,
+}
+
+# Services no role below this may call at all (the audit trail is for admins).
+SERVICE_MINIMUM: dict[str, Action] = {"nexus.security.v1.SecurityService": Action.ADMIN}
+
+
+def action_for(full_method: str) -> Action:
+    """The action of "/pkg.Service/Method" (or "pkg.Service/Method"); KeyError if it has no rule."""
+    key = full_method.lstrip("/")
+    service, _, method = key.partition("/")
+    if key in CUSTOM_METHODS:
+        action = CUSTOM_METHODS[key]
+    else:
+        action = next((a for prefix, a in STANDARD_PREFIXES if method.startswith(prefix)), None)
+        if action is None:
+            raise KeyError(f"{key} has no access rule in service/policy.py")
+    floor = SERVICE_MINIMUM.get(service)
+    if floor is not None and ROLE_RANK[floor.value] > ROLE_RANK[action.value]:
+        return floor
+    return action
+
+
+def check_all_covered(full_methods: Iterable[str]) -> dict[str, Action]:
+    """The table for every served method; raises if one has no rule (the server then refuses to start)."""
+    return {m: action_for(m) for m in full_methods}
+
+
+def authorize(role: str, action: Action, full_method: str) -> None:
+    if ROLE_RANK.get(role, -1) < ROLE_RANK[action.value]:
+        raise errors.PermissionDenied(
+            f"role {role!r} may not call {full_method.lstrip('/')} (needs {action.value} or above)",
+            reason="ROLE_FORBIDS_METHOD",
+            metadata={"role": role, "required_role": action.value, "method": full_method.lstrip("/")},
+        )

@@ -18,10 +18,13 @@ from sqlalchemy.orm import Session
 
 from db import crud
 from db.codecs import InputCodec, OutputCodec, TimestampCodec
+from db.database import CREDENTIALS_CHANGED_KEY
 from db.models import AuditLogEntry
 from db.resource import REGISTRY, ResourceSpec
 
 MASK = "***"
+# Changes to these make cached credentials stale (a revoked key, a deactivated user).
+_CREDENTIAL_RESOURCES = {"ApiKey", "User"}
 # Bookkeeping columns every change touches: not news in an audit entry.
 _NOISE = {"update_time", "revision"}
 # Columns that hold secrets, reported under their API field name with masked values.
@@ -180,3 +183,5 @@ def _record(session: Session, flush_context: Any, instances: Any) -> None:
             entries.append(_entry(spec, obj, "delete", _changes(spec, obj, "delete")))
     for entry in entries:
         session.add(entry)
+    if any(e.resource_type in _CREDENTIAL_RESOURCES for e in entries):
+        session.info[CREDENTIALS_CHANGED_KEY] = True

@@ -23,6 +23,8 @@ from db.translate import RetryableConflict, translate
 log = logging.getLogger(__name__)
 # Session.info key under which db/events.py lists the (scope, seq) pairs a transaction appended.
 COMMITTED_EVENTS_KEY = "nexus_events"
+# Session.info key set when a transaction changed an API key or a user (cached credentials go stale).
+CREDENTIALS_CHANGED_KEY = "nexus_credentials_changed"
 T = TypeVar("T")
 
 
@@ -99,7 +101,7 @@ class Database:
         write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(write_engine, expire_on_commit=False)
-        self._commit_listeners: list[Callable[[list[tuple[str, int]]], None]] = []
+        self._commit_listeners: list[Callable[[dict[str, Any]], None]] = []
         event.listen(self._write_sessions, "after_commit", self._after_commit)
         # One worker per pooled connection: a unit of work never waits for a thread while it
         # holds a connection, and the event loop never blocks on the database.
@@ -161,19 +163,23 @@ class Database:
             lambda: ctx.run(self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type),
         )
 
-    def add_commit_listener(self, listener: Callable[[list[tuple[str, int]]], None]) -> None:
-        """Call listener(moved) after every commit that appended change events: (scope, seq) pairs."""
+    def add_commit_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call listener(notes) after every commit that left notes in Session.info.
+
+        The notes are what the transaction reported: db/events.py lists the (scope, seq) pairs it
+        appended under COMMITTED_EVENTS_KEY, db/audit.py sets CREDENTIALS_CHANGED_KEY.
+        """
         self._commit_listeners.append(listener)
 
-    def remove_commit_listener(self, listener: Callable[[list[tuple[str, int]]], None]) -> None:
+    def remove_commit_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         if listener in self._commit_listeners:
             self._commit_listeners.remove(listener)
 
     def _after_commit(self, session: Session) -> None:
-        moved = session.info.pop(COMMITTED_EVENTS_KEY, None)
-        if moved:
+        notes = {k: session.info.pop(k) for k in (COMMITTED_EVENTS_KEY, CREDENTIALS_CHANGED_KEY) if k in session.info}
+        if notes:
             for listener in list(self._commit_listeners):
-                listener(moved)
+                listener(notes)
 
     def ping(self) -> bool:
         """True when a connection answers SELECT 1."""

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from db import errors, secrets
 from db.base import utcnow
-from db.database import Database
+from db.database import CREDENTIALS_CHANGED_KEY, Database
 from db.models import ApiKey, User
 from db.policy import ROLE_RANK
 
@@ -73,10 +73,15 @@ class Authenticator:
         self.db = db
         self.jwt = jwt_settings or JwtSettings()
         self._known: dict[str, _Known] = {}
+        # A key or user changed through this replica: its cached checks go at once.
+        db.add_commit_listener(self._on_commit)
 
-    def forget(self) -> None:
-        """Drop every cached credential (after a revocation through this replica)."""
-        self._known.clear()
+    def _on_commit(self, notes: dict[str, object]) -> None:
+        if notes.get(CREDENTIALS_CHANGED_KEY):
+            # Stale, not forgotten: the next call re-reads the row (a primary-key lookup) but a
+            # key already proven by its hash is not hashed again.
+            for known in list(self._known.values()):
+                known.checked_at = float("-inf")
 
     async def authenticate(self, header: str | None) -> Principal:
         if not header:

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg2
 from google.protobuf import timestamp_pb2
@@ -28,7 +29,7 @@ from nexus.chat.v1 import chat_pb2 as pb
 from sqlalchemy.engine import make_url
 
 from db import errors, events
-from db.database import Database
+from db.database import COMMITTED_EVENTS_KEY, Database
 
 log = logging.getLogger("nexus.streams")
 
@@ -107,7 +108,7 @@ class ChangeHub:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.db.add_commit_listener(self.notify_threadsafe)
+        self.db.add_commit_listener(self.on_commit)
         self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._poll())]
         if self.db.is_postgres:
             self._listener = threading.Thread(target=self._listen, name="nexus-listen", daemon=True)
@@ -117,7 +118,7 @@ class ChangeHub:
         """Every subscription gets its final event; no new ones are accepted."""
         self.closed = True
         self._stopping.set()
-        self.db.remove_commit_listener(self.notify_threadsafe)
+        self.db.remove_commit_listener(self.on_commit)
         for subs in self._subs.values():
             for sub in subs:
                 sub.closing = True
@@ -129,6 +130,12 @@ class ChangeHub:
             task.cancel()
 
     # -------------------------------------------------------------- wake-ups
+
+    def on_commit(self, notes: dict[str, Any]) -> None:
+        """Database commit listener: wake up for the events the transaction appended."""
+        moved = notes.get(COMMITTED_EVENTS_KEY)
+        if moved:
+            self.notify_threadsafe(moved)
 
     def notify_threadsafe(self, moved: Iterable[tuple[str, int]]) -> None:
         """Called from any thread after a commit (or a NOTIFY) with (scope, seq) pairs."""

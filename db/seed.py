@@ -27,6 +27,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
+import db.domains  # noqa: F401 - the audit trail records seeded rows too
 from db import crud, identity, work
 from db.database import Database
 from db.models import Role, User

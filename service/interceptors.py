@@ -55,8 +55,7 @@ class CallGuard:
         call = CURRENT_CALL.get(None)
         request_id = call.request_id if call else ""
         if isinstance(exc, errors.NexusError):
-            if exc.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                log.info("%s %s [%s]: %s", exc.code.name, self.method, request_id, exc.reason)
+            log.info("%s %s [request %s]: %s", exc.code.name, self.method, request_id, exc.reason)
             await context.abort_with_status(to_status(exc, request_id))
         log.exception("unhandled error in %s [request %s]", self.method, request_id)
         await context.abort_with_status(internal_status(f"internal error in {self.method} (request {request_id}); it has been logged", request_id))
@@ -66,7 +65,10 @@ class CallGuard:
             token = None
             try:
                 call, token = await self.enter(context)
-                return await behavior(request, context)
+                response = await behavior(request, context)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("OK %s [request %s] by %s %s", self.method, call.request_id, call.actor_type, call.actor_id)
+                return response
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001 - NexusError or a bug: both become a Status

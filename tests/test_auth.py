@@ -142,3 +142,12 @@ def test_health_and_reflection_need_no_credentials(client: Client) -> None:
         assert discovered_methods(client.address)
     finally:
         channel.close()
+
+
+def test_the_request_id_reaches_the_log(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    request_id = f"req-{unique()}"
+    caplog.set_level("INFO", logger="nexus.rpc")
+    with pytest.raises(grpc.RpcError) as caught:
+        client.identity.GetUser(ipb.GetUserRequest(id="not-a-uuid"), metadata=[("x-request-id", request_id)])
+    assert rich_error(caught.value).info.metadata["request_id"] == request_id
+    assert any(request_id in record.getMessage() for record in caplog.records)

@@ -15,6 +15,7 @@ def _config(args: argparse.Namespace) -> Config:
         "database_url": getattr(args, "database_url", None),
         "port": getattr(args, "port", None),
         "host": getattr(args, "host", None),
+        "workers": getattr(args, "workers", None),
     }
     if getattr(args, "no_migrate", False):
         overrides["migrate_on_start"] = False
@@ -26,11 +27,13 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.server import serve
+    from service.server import serve, serve_workers
 
     config = _config(args)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if config.workers > 1:
+            return serve_workers(config)
         asyncio.run(serve(config))
     except Exception as exc:  # noqa: BLE001 - a start-up failure is reported in one line, not a trace
         from db.migrate import SchemaMismatch
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (NEXUS_HOST, default [::])")
     serve.add_argument("--port", type=int, help="port (NEXUS_PORT, default 50051)")
     serve.add_argument("--no-migrate", action="store_true", help="refuse to start unless the schema is at head")
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (NEXUS_WORKERS, default 1)")
     serve.add_argument("--insecure-dev", action="store_true", help="turn authentication OFF (local experiments only)")
     serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (NEXUS_TLS_CERT)")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert (NEXUS_TLS_KEY)")

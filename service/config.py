@@ -53,6 +53,8 @@ class Config:
     database_url: str = f"sqlite:///{DEFAULT_DB_PATH}"
     host: str = "[::]"
     port: int = 50051
+    # Server processes sharing the port (SO_REUSEPORT); each has its own engine and event loop.
+    workers: int = 1
     pool: PoolSettings = field(default_factory=PoolSettings)
     db_echo: bool = False
     # True: apply pending migrations at start. False: refuse to start unless the schema is at head.
@@ -98,6 +100,7 @@ class Config:
             "database_url": database_url_from_env(env),
             "host": env.get("NEXUS_HOST", cls.host),
             "port": int(env.get("NEXUS_PORT", cls.port)),
+            "workers": int(env.get("NEXUS_WORKERS", cls.workers)),
             "pool": pool,
             "db_echo": _bool(env.get("DB_ECHO", "false")),
             "migrate_on_start": _bool(env.get("NEXUS_MIGRATE_ON_START", "true")),

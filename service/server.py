@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import os
 import logging
 import signal
 import sys
@@ -170,7 +172,8 @@ def create_server(config: Config, database: Database | None = None) -> App:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_connection_idle_ms", 30 * 60_000),
-        ("grpc.so_reuseport", 0),
+        # Several worker processes share one port (serve --workers N); a lone server owns it.
+        ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
     ]
     methods = [f"/{full}/{m.name}" for cls, _, full in DOMAIN_SERVICES for m in cls.service_descriptor.methods]
     actions = policy.check_all_covered(methods)  # refuses to start if an RPC has no access rule
@@ -200,7 +203,8 @@ def create_server(config: Config, database: Database | None = None) -> App:
     port = server.add_secure_port(address, _tls_credentials(config)) if config.tls_cert else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
-    secret = None if config.insecure_dev else bootstrap_admin_key(db)
+    # With several workers the parent made the bootstrap key (if any) before forking them.
+    secret = None if config.insecure_dev or config.workers > 1 else bootstrap_admin_key(db)
     return App(config, server, db, port, health_servicer, names, hub, servicers=servicers, bootstrap_secret=secret)
 
 
@@ -225,23 +229,68 @@ def bootstrap_admin_key(db: Database) -> str | None:
     return db.run_sync(create_api_key_if_none)
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    log.info("configuration: %s", config.describe())
-    app = create_server(config)
+def _announce(config: Config, bootstrap_secret: str | None) -> None:
     if config.insecure_dev:
         log.warning("=" * 72)
         log.warning("--insecure-dev: AUTHENTICATION IS OFF. Every caller is an admin. Never run this in production.")
         log.warning("=" * 72)
-    if app.bootstrap_secret:
+    if bootstrap_secret:
         # Printed once, to the terminal only (not to the log): only its hash is stored.
         print(
             "\nFirst start on an empty database: an admin API key was created. It is shown once:\n\n"
-            f"    {app.bootstrap_secret}\n\n"
+            f"    {bootstrap_secret}\n\n"
             "Call with: -H 'authorization: Bearer <key>'. Create more with `nexus-data keys create`.\n",
             file=sys.stderr,
             flush=True,
         )
+
+
+def _run_worker(config: Config) -> None:
+    """Entry point of one worker process (a fresh interpreter: its own engine, its own gRPC)."""
+    logging.basicConfig(level=config.log_level, format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
+    asyncio.run(serve(config))
+
+
+def serve_workers(config: Config) -> int:
+    """`serve --workers N`: migrate and bootstrap once, then N processes on one port (SO_REUSEPORT).
+
+    Workers are spawned, not forked, so each builds its engine and gRPC runtime after it starts;
+    they behave as replicas of one database (streams included: LISTEN/NOTIFY on PostgreSQL, the
+    change-log poll on SQLite).
+    """
+    import multiprocessing
+
+    if config.port == 0:
+        raise ValueError("--workers needs a fixed port")
+    database = prepare_database(config)
+    secret = None if config.insecure_dev else bootstrap_admin_key(database)
+    database.dispose()
+    log.info("configuration: %s", config.describe())
+    _announce(config, secret)
+    worker_config = dataclasses.replace(config, migrate_on_start=False)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_run_worker, args=(worker_config,), name=f"nexus-worker-{i}") for i in range(config.workers)]
+    for worker in workers:
+        worker.start()
+    log.info("nexus-data serving on %s:%d with %d workers", config.host, config.port, config.workers)
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.join()
+    return max((w.exitcode or 0) for w in workers)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    log.info("configuration: %s", config.describe())
+    app = create_server(config)
+    _announce(config, app.bootstrap_secret)
     await app.start()
     log.info("nexus-data serving on %s:%d (%s)", config.host, app.port, app.db.dialect)
     stop = asyncio.Event()

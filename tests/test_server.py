@@ -176,3 +176,51 @@ def test_oversized_message_is_resource_exhausted(database_url: str) -> None:
     finally:
         c.channel.close()
         server.stop()
+
+
+def test_workers_share_one_port_and_behave_as_replicas(client: Client, tmp_path: Path) -> None:
+    """`serve --workers 2`: two processes on one port; a stream on one connection sees writes from others."""
+    from nexus.chat.v1 import chat_pb2 as cpb
+    from nexus.chat.v1 import chat_pb2_grpc
+
+    from tests.conftest import authed_channel
+    from tests.support import new_channel
+
+    port = _free_port()
+    env = dict(os.environ, DATABASE_URL=client.database_url, NEXUS_PORT=str(port), NEXUS_HOST="127.0.0.1",
+               NEXUS_DRAIN_SECONDS="0", NEXUS_GRACE_SECONDS="1", NEXUS_STREAM_POLL_SECONDS="0.2")
+    log = (tmp_path / "workers.log").open("w+")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "nexus-data"), "serve", "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    channels = []
+    try:
+        probe = grpc.insecure_channel(address)
+        grpc.channel_ready_future(probe).result(timeout=60)
+        assert wait_for(lambda: health_of(probe, "readiness") == SERVING, timeout=30)
+        probe.close()
+        channel = new_channel(client)
+        # Separate connections: the kernel spreads them over the workers.
+        channels = [authed_channel(address, client.admin_secret, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(6)]
+        stub = chat_pb2_grpc.ChatServiceStub(channels[0])
+        stream = stub.StreamEvents(cpb.StreamEventsRequest(channel_ids=[channel.id]), timeout=60)
+        time.sleep(0.5)
+        for i, ch in enumerate(channels[1:] * 2):
+            chat_pb2_grpc.ChatServiceStub(ch).CreateChatMessage(
+                cpb.CreateChatMessageRequest(chat_message=cpb.ChatMessage(channel_id=channel.id, content=f"w{i}")))
+        got = []
+        for item in stream:
+            got.append(item.chat_message.content)
+            if len(got) == 10:
+                break
+        stream.cancel()
+        assert got == [f"w{i}" for i in range(10)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        for ch in channels:
+            ch.close()
+        if proc.poll() is None:
+            proc.kill()
+        log.seek(0)
+        output = log.read()
+    assert output.count("nexus-data serving on") >= 1 and "with 2 workers" in output, output[-2000:]

@@ -147,11 +147,7 @@ MAX_STREAM_SCOPES = 1000
 
 
 def _scope_ids(session: Session, spec: ResourceSpec, raw_ids: list[str], field_name: str, scope_of: object) -> list[str]:
-    scopes = []
-    for i, raw in enumerate(raw_ids):
-        row = crud.fetch(session, spec, raw, field_path=f"{field_name}[{i}]")
-        scopes.append(scope_of(row.id))  # type: ignore[operator]
-    return scopes
+    return [scope_of(crud.visible_id(session, spec, raw, f"{field_name}[{i}]")) for i, raw in enumerate(raw_ids)]  # type: ignore[operator]
 
 
 def stream_positions(session: Session, request: pb.StreamEventsRequest) -> dict[str, int]:

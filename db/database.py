@@ -65,13 +65,13 @@ def create_db_engine(url: str, pool: PoolSettings, echo: bool = False) -> Engine
             engine = create_engine(url, echo=echo, poolclass=StaticPool, connect_args={"check_same_thread": False})
         else:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+            # No pre-ping: a SQLite "connection" is a file handle, there is no server to lose.
             engine = create_engine(
                 url,
                 echo=echo,
                 pool_size=pool.size,
                 max_overflow=pool.max_overflow,
                 pool_timeout=pool.timeout,
-                pool_pre_ping=pool.pre_ping,
                 connect_args={"check_same_thread": False, "timeout": pool.timeout},
             )
         _configure_sqlite(engine, int(pool.timeout * 1000))
@@ -132,7 +132,12 @@ class Database:
                         session.execute(
                             text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": str(remaining_ms)}
                         )
-                    return work(session)
+                    result = work(session)
+                    if deadline is not None and time.monotonic() > deadline:
+                        # The caller has given up (DEADLINE_EXCEEDED): do not commit what it
+                        # will never see acknowledged, or a retry would write it twice.
+                        raise errors.DeadlineExceeded("the call's deadline passed before its changes committed; nothing was changed")
+                    return result
             except Exception as exc:  # noqa: BLE001 - every database error is translated here, once
                 translated = translate(exc, resource_type)
                 if isinstance(translated, RetryableConflict):

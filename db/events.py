@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
-import json
 import uuid
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -109,23 +108,24 @@ def purge(session: Session, older_than: dt.datetime) -> int:
 
 
 def encode_token(positions: dict[str, int]) -> str:
-    raw = json.dumps({"p": positions}, separators=(",", ":"), sort_keys=True).encode()
-    check = hashlib.sha256(raw).digest()[:6]
-    return base64.urlsafe_b64encode(check + raw).decode().rstrip("=")
+    """Opaque resume token: every followed scope's position, with a checksum against corruption."""
+    raw = ";".join(f"{scope}={seq}" for scope, seq in sorted(positions.items())).encode()
+    return base64.urlsafe_b64encode(zlib.crc32(raw).to_bytes(4, "big") + raw).decode().rstrip("=")
 
 
 def decode_token(token: str) -> dict[str, int]:
     bad = errors.InvalidArgument.field("resume_token", "is not a resume token this service issued", reason="INVALID_RESUME_TOKEN")
     try:
         blob = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        check, raw = blob[:6], blob[6:]
-        if hashlib.sha256(raw).digest()[:6] != check:
+        check, raw = blob[:4], blob[4:]
+        if not raw or zlib.crc32(raw).to_bytes(4, "big") != check:
             raise bad
-        positions = json.loads(raw)["p"]
-        if not isinstance(positions, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in positions.items()
-        ):
-            raise bad
+        positions: dict[str, int] = {}
+        for part in raw.decode().split(";"):
+            scope, _, seq = part.rpartition("=")
+            if not scope or not seq.isdigit() or not (scope.startswith("channels/") or scope.startswith("conversations/")):
+                raise bad
+            positions[scope] = int(seq)
         return positions
     except errors.InvalidArgument:
         raise

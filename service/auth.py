@@ -9,6 +9,7 @@ issuer's public key; `sub` is the user's external_id, the role claim (default "r
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import time
@@ -73,6 +74,7 @@ class Authenticator:
         self.db = db
         self.jwt = jwt_settings or JwtSettings()
         self._known: dict[str, _Known] = {}
+        self._checking: dict[str, asyncio.Future[_Known]] = {}
         # A key or user changed through this replica: its cached checks go at once.
         db.add_commit_listener(self._on_commit)
 
@@ -93,7 +95,13 @@ class Authenticator:
         digest = hashlib.sha256(token.encode()).hexdigest()
         known = self._known.get(digest)
         if known is None or time.monotonic() - known.checked_at > self.recheck_seconds:
-            known = await self._check(token, known)
+            # Concurrent first calls with one credential share one check (one slow hash).
+            pending = self._checking.get(digest)
+            if pending is None:
+                pending = asyncio.ensure_future(self._check(token, known))
+                self._checking[digest] = pending
+                pending.add_done_callback(lambda _: self._checking.pop(digest, None))
+            known = await asyncio.shield(pending)
             if len(self._known) >= self.max_cached:
                 self._known.clear()
             self._known[digest] = known

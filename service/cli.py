@@ -101,7 +101,10 @@ def _keys_create(args: argparse.Namespace) -> int:
     from db.database import Database
     from db.identity import create_api_key
 
+    from db import secrets
+
     config = _config(args)
+    secrets.configure(config.hash_time_cost, config.hash_memory_kib)
     database = Database(config.database_url, config.pool)
     try:
         migrate.check(database.engine)

@@ -236,6 +236,10 @@ class ChangeHub:
                 self._known[scope] = max(self._known.get(scope, 0), last)
         return sub
 
+    def known(self, scope: str) -> int:
+        """The last sequence of `scope` the hub has seen (read, or found at subscription)."""
+        return self._known.get(scope, 0)
+
     def unsubscribe(self, sub: Subscription) -> None:
         for scope in sub.positions:
             subs = self._subs.get(scope)
@@ -272,7 +276,8 @@ async def stream(
     """The events of one subscription: catch-up from the log, then live, never a gap or a repeat."""
     sub = await hub.subscribe(positions)
     try:
-        pending = set(positions)  # scopes whose log must be read before live events are trusted
+        # Scopes whose log must be read before live events are trusted: those behind the hub.
+        pending = {scope for scope, seq in positions.items() if seq < hub.known(scope)}
         while True:
             while pending:
                 scope = pending.pop()
@@ -297,10 +302,15 @@ async def stream(
                     metadata={"resume_token": sub.token()},
                 )
             try:
-                item = await asyncio.wait_for(sub.queue.get(), heartbeat_seconds)
-            except asyncio.TimeoutError:
-                yield pb.StreamEventsResponse(type=pb.EVENT_TYPE_HEARTBEAT, resume_token=sub.token())
-                continue
+                # The common case (events waiting) costs no timer and no extra task.
+                item = sub.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    async with asyncio.timeout(heartbeat_seconds):
+                        item = await sub.queue.get()
+                except TimeoutError:
+                    yield pb.StreamEventsResponse(type=pb.EVENT_TYPE_HEARTBEAT, resume_token=sub.token())
+                    continue
             if item is None:
                 continue  # the shutdown sentinel; handled at the top of the loop
             scope, seq = item.scope, item.sequence

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -35,6 +36,8 @@ class PoolSettings:
     timeout: float = 10.0
     recycle: int = 1800
     pre_ping: bool = True
+    # pre_ping tests a connection only when it sat idle at least this long (seconds).
+    ping_after: float = 5.0
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
@@ -76,16 +79,43 @@ def create_db_engine(url: str, pool: PoolSettings, echo: bool = False) -> Engine
             )
         _configure_sqlite(engine, int(pool.timeout * 1000))
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         echo=echo,
         pool_size=pool.size,
         max_overflow=pool.max_overflow,
         pool_timeout=pool.timeout,
         pool_recycle=pool.recycle,
-        pool_pre_ping=pool.pre_ping,
         connect_args={"connect_timeout": max(1, int(pool.timeout)), "application_name": "nexus-data"},
     )
+    if pool.pre_ping:
+        _ping_idle_connections(engine, pool.ping_after)
+    return engine
+
+
+def _ping_idle_connections(engine: Engine, idle_seconds: float) -> None:
+    """Pre-ping a pooled connection only when it sat idle for a while.
+
+    SQLAlchemy's pool_pre_ping costs a round trip on every checkout, i.e. on every RPC. A
+    connection returned moments ago is as good as the last query it ran; one that sat idle may
+    have been cut by a restart or a firewall. If a busy connection dies anyway, the failing call
+    is UNAVAILABLE and SQLAlchemy invalidates the whole pool, so the next calls reconnect.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        if time.monotonic() - record.info.get("idle_since", 0.0) < idle_seconds:
+            return
+        try:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+        except Exception as exc:  # noqa: BLE001 - any failure means a dead connection
+            raise DisconnectionError() from exc
 
 
 class Database:

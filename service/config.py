@@ -95,6 +95,7 @@ class Config:
             timeout=float(env.get("DB_POOL_TIMEOUT", PoolSettings.timeout)),
             recycle=int(env.get("DB_POOL_RECYCLE", PoolSettings.recycle)),
             pre_ping=_bool(env.get("DB_POOL_PRE_PING", "true")),
+            ping_after=float(env.get("DB_POOL_PING_AFTER", PoolSettings.ping_after)),
         )
         values: dict[str, Any] = {
             "database_url": database_url_from_env(env),

@@ -8,6 +8,7 @@ Nothing here is per resource: the registry's codecs map columns back to API fiel
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -82,6 +83,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=None)
 def _field_names(spec: ResourceSpec) -> dict[str, str]:
     """Column attribute -> the API field it appears as."""
     names: dict[str, str] = {}
@@ -153,8 +155,14 @@ def _entry(spec: ResourceSpec, obj: Any, action: str, changes: list[dict[str, An
     )
 
 
+_audited: dict[type, ResourceSpec] = {}
+
+
 def _specs_by_model() -> dict[type, ResourceSpec]:
-    return {spec.model: spec for spec in REGISTRY if spec.audited}
+    if len(_audited) != sum(1 for spec in REGISTRY if spec.audited):
+        _audited.clear()
+        _audited.update({spec.model: spec for spec in REGISTRY if spec.audited})
+    return _audited
 
 
 @event.listens_for(Session, "before_flush")

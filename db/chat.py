@@ -150,6 +150,15 @@ def _scope_ids(session: Session, spec: ResourceSpec, raw_ids: list[str], field_n
     return [scope_of(crud.visible_id(session, spec, raw, f"{field_name}[{i}]")) for i, raw in enumerate(raw_ids)]  # type: ignore[operator]
 
 
+def _resumed_scope(session: Session, scope: str) -> str:
+    kind, _, raw_id = scope.partition("/")
+    spec = {"channels": CHANNELS, "conversations": CONVERSATIONS}.get(kind)
+    if spec is None:
+        raise errors.InvalidArgument.field("resume_token", "is not a resume token this service issued", reason="INVALID_RESUME_TOKEN")
+    crud.visible_id(session, spec, raw_id, "resume_token")
+    return scope
+
+
 def stream_positions(session: Session, request: pb.StreamEventsRequest) -> dict[str, int]:
     """Where a new stream starts in each scope: after its resume token, or at the current end."""
     from db.events import decode_token, last_sequences
@@ -160,7 +169,8 @@ def stream_positions(session: Session, request: pb.StreamEventsRequest) -> dict[
     scopes += _scope_ids(session, CONVERSATIONS, list(request.conversation_ids), "conversation_ids", conversation_scope)
     resumed = decode_token(request.resume_token) if request.resume_token else {}
     if not scopes:
-        scopes = list(resumed)
+        # A token is checksummed, not signed: its scopes pass the same read rule as named ids.
+        scopes = [_resumed_scope(session, scope) for scope in resumed]
     if not scopes:
         raise errors.InvalidArgument.field("channel_ids", "name at least one channel or conversation (or a resume_token)", reason="REQUIRED_FIELD")
     current = last_sequences(session, scopes)

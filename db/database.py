@@ -65,13 +65,14 @@ def create_db_engine(url: str, pool: PoolSettings, echo: bool = False) -> Engine
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database in ("", ":memory:"):
-            engine = create_engine(url, echo=echo, poolclass=StaticPool, connect_args={"check_same_thread": False})
+            engine = create_engine(url, echo=echo, hide_parameters=True, poolclass=StaticPool, connect_args={"check_same_thread": False})
         else:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
             # No pre-ping: a SQLite "connection" is a file handle, there is no server to lose.
             engine = create_engine(
                 url,
                 echo=echo,
+                hide_parameters=True,  # DB_ECHO must never log a password hash or a key secret
                 pool_size=pool.size,
                 max_overflow=pool.max_overflow,
                 pool_timeout=pool.timeout,
@@ -82,6 +83,7 @@ def create_db_engine(url: str, pool: PoolSettings, echo: bool = False) -> Engine
     engine = create_engine(
         url,
         echo=echo,
+        hide_parameters=True,
         pool_size=pool.size,
         max_overflow=pool.max_overflow,
         pool_timeout=pool.timeout,

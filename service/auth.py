@@ -14,7 +14,7 @@ import datetime as dt
 import hashlib
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jwt
 from sqlalchemy import select, update
@@ -62,7 +62,7 @@ class _Known:
     expire_time: dt.datetime | None
     checked_at: float
     last_used: dt.datetime | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    reason: str = "INVALID_CREDENTIALS"
 
 
 class Authenticator:
@@ -106,7 +106,7 @@ class Authenticator:
                 self._known.clear()
             self._known[digest] = known
         if known.principal is None:
-            raise errors.Unauthenticated(known.problem, reason="INVALID_CREDENTIALS")
+            raise errors.Unauthenticated(known.problem, reason=known.reason)
         if known.expire_time is not None and known.expire_time <= utcnow():
             raise errors.Unauthenticated("the credentials have expired", reason="EXPIRED_CREDENTIALS")
         return known.principal
@@ -133,6 +133,10 @@ class Authenticator:
             return _Known(None, "the API key is not valid", None, now)
         if row.revoke_time is not None:
             return _Known(None, "the API key was revoked", None, now)
+        if row.user_id is not None:
+            owner = session.execute(select(User.is_active, User.delete_time).where(User.id == row.user_id)).one_or_none()
+            if owner is None or not owner.is_active or owner.delete_time is not None:
+                return _Known(None, "the API key acts for a user who is not active", None, now)
         principal = Principal("api_key", row.id, row.role, row.user_id)
         return _Known(principal, "", row.expire_time, now, row.last_used_time)
 
@@ -150,7 +154,7 @@ class Authenticator:
                 options={"require": ["exp", "sub"], "verify_aud": self.jwt.audience is not None},
             )
         except jwt.ExpiredSignatureError:
-            return _Known(None, "the JWT has expired", None, now)
+            return _Known(None, "the JWT has expired", None, now, reason="EXPIRED_CREDENTIALS")
         except jwt.PyJWTError as exc:
             return _Known(None, f"the JWT is not valid: {exc}", None, now)
         subject = str(claims["sub"])

@@ -1,13 +1,12 @@
-"""db/filtering.py: parser, compiler run against real SQLite (and PostgreSQL), errors, fuzzing.
+"""db/filtering.py: parser, compiler run against real SQLite and PostgreSQL, errors, fuzzing.
 
-Set FILTER_TEST_PG_URL (e.g. postgresql+psycopg2://postgres@127.0.0.1:5432/postgres) to run the
-database tests against PostgreSQL as well; the table lives in a throw-away schema.
+PostgreSQL comes from tests/databases.py like everywhere else (TEST_DATABASE_URL, or a throwaway
+embedded server); the table lives in a throw-away schema.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,8 +36,7 @@ from db.filtering import (
     parse_filter,
 )
 
-PG_URL = os.environ.get("FILTER_TEST_PG_URL")
-BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
+BACKENDS = ["sqlite", "postgresql"]
 REASONS = {"INVALID_FILTER", "UNKNOWN_FILTER_FIELD", "INVALID_FILTER_VALUE", "UNSUPPORTED_FILTER_OPERATOR"}
 UTC = dt.UTC
 
@@ -352,8 +350,9 @@ class Db:
 def _engine(backend: str) -> sa.Engine:
     if backend == "sqlite":
         return sa.create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
-    assert PG_URL
-    return sa.create_engine(PG_URL)
+    from tests.databases import postgres_admin_url
+
+    return sa.create_engine(postgres_admin_url())
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from db import errors, events, policy
 from db.base import utcnow, uuid7
@@ -366,6 +367,9 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
             return winner
     session.add(row)
     session.flush()
+    for key in spec.relation_fields:
+        # A new row has no members, roles or dependencies yet: say so instead of a lazy SELECT.
+        set_committed_value(row, key, [])
     check_managed(session, spec, row)
     return publish(session, spec, row, events.CREATED, spec.to_proto(row))
 

@@ -186,7 +186,10 @@ class Task(ResourceMixin, SoftDeleteMixin, Base):
         secondary=task_dependencies,
         primaryjoin=lambda: Task.id == task_dependencies.c.task_id,
         secondaryjoin=lambda: Task.id == task_dependencies.c.depends_on_id,
+        # Self-referential eager loads stop at depth 0 unless told: without join_depth every
+        # task of a page lazy-loaded its dependencies with a query of its own (N+1).
         lazy="selectin",
+        join_depth=1,
         order_by=lambda: Task.id,
     )
 

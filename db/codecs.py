@@ -189,8 +189,7 @@ class StructCodec(FieldCodec):
         if not msg.HasField(self.name):
             return {self.attr: None}
         value = json_format.MessageToDict(getattr(msg, self.name))
-        if "\\u0000" in json.dumps(value):
-            raise InvalidArgument.field(self.name, "must not contain NUL characters")
+        check_json_text(value, self.name)
         return {self.attr: value}
 
     def dump(self, row: Any, msg: Message) -> None:
@@ -248,8 +247,7 @@ class MessageListCodec(FieldCodec):
         out = []
         for i, item in enumerate(items):
             value = json_format.MessageToDict(item, preserving_proto_field_name=True)
-            if "\\u0000" in json.dumps(value):
-                raise InvalidArgument.field(f"{self.name}[{i}]", "must not contain NUL characters")
+            check_json_text(value, f"{self.name}[{i}]")
             out.append(value)
         return {self.attr: out}
 
@@ -344,6 +342,12 @@ class InputCodec(FieldCodec):
 def check_text(value: str, field_path: str) -> None:
     """Text both databases can store: PostgreSQL refuses NUL characters."""
     if "\x00" in value:
+        raise InvalidArgument.field(field_path, "must not contain NUL characters")
+
+
+def check_json_text(value: Any, field_path: str) -> None:
+    """check_text for every string inside a JSON value (PostgreSQL's JSONB refuses \\u0000 too)."""
+    if "\\u0000" in json.dumps(value):
         raise InvalidArgument.field(field_path, "must not contain NUL characters")
 
 

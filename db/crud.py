@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -49,7 +49,6 @@ class Call:
     actor_id: uuid.UUID | None = None
     role: str = "admin"
     actor_user_id: uuid.UUID | None = None  # the user the caller acts for, if any
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 # Set per RPC by the authentication interceptor; database threads see it (Database.run copies it).

@@ -26,7 +26,6 @@ from typing import Any
 import psycopg2
 from google.protobuf import timestamp_pb2
 from nexus.chat.v1 import chat_pb2 as pb
-from sqlalchemy.engine import make_url
 
 from db import errors, events
 from db.database import COMMITTED_EVENTS_KEY, Database
@@ -152,11 +151,12 @@ class ChangeHub:
 
     def _listen(self) -> None:
         """LISTEN on a dedicated connection; commits of other replicas wake this hub."""
-        url = make_url(self.db.url)
+        # The engine's own connect arguments, but a connection of our own: it is held for good.
+        args, kwargs = self.db.engine.dialect.create_connect_args(self.db.engine.url)
         while not self._stopping.is_set():
             conn = None
             try:
-                conn = psycopg2.connect(**_libpq_args(url))
+                conn = psycopg2.connect(*args, **kwargs)
                 conn.autocommit = True
                 with conn.cursor() as cur:
                     cur.execute(f"LISTEN {events.NOTIFY_CHANNEL}")
@@ -252,19 +252,6 @@ class ChangeHub:
     @property
     def subscription_count(self) -> int:
         return len({id(s) for subs in self._subs.values() for s in subs})
-
-
-def _libpq_args(url: object) -> dict[str, object]:
-    u = make_url(str(url)) if not hasattr(url, "query") else url
-    args: dict[str, object] = {"dbname": u.database, "user": u.username, "application_name": "nexus-data-listen"}  # type: ignore[attr-defined]
-    if u.password:  # type: ignore[attr-defined]
-        args["password"] = u.password  # type: ignore[attr-defined]
-    host = u.query.get("host") or u.host  # type: ignore[attr-defined]
-    if host:
-        args["host"] = host
-    if u.port:  # type: ignore[attr-defined]
-        args["port"] = u.port  # type: ignore[attr-defined]
-    return args
 
 
 async def stream(

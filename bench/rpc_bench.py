@@ -636,24 +636,16 @@ def _layer(path: str) -> str:
     return "other stdlib / libs"
 
 
-def _run_sync_lines() -> tuple[set[str], set[str]]:
-    """Lines of db/database.py's run_sync: the transaction's with-statement, the statement_timeout call."""
+def _run_sync_lines() -> set[str]:
+    """Lines of db/database.py's run_sync that open and close the session and its transaction."""
     try:
         src = (REPO / "db" / "database.py").read_text().splitlines()
     except OSError:
-        return set(), set()
-    tx = {str(i + 1) for i, line in enumerate(src) if "with factory() as session" in line}
-    timeout: set[str] = set()
-    for i, line in enumerate(src):
-        if "set_config('statement_timeout'" in line:
-            j = i
-            while j > 0 and "session.execute(" not in src[j]:
-                j -= 1
-            timeout |= {str(k + 1) for k in range(j, i + 1)}
-    return tx, timeout
+        return set()
+    return {str(i + 1) for i, line in enumerate(src) if "with factory() as session" in line or "with session.begin()" in line}
 
 
-_TX_LINES, _TIMEOUT_LINES = _run_sync_lines()
+_TX_LINES = _run_sync_lines()
 PHASES: tuple[tuple[str, Callable[[set[str], str], bool]], ...] = (
     ("ORM lazy loads (one SELECT per row: N+1)", lambda n, r: "_LazyLoader._emit_lazyload" in n),
     ("ORM selectin loads (relationships)", lambda n, r: "_SelectInLoader._load_for_path" in n),
@@ -661,8 +653,7 @@ PHASES: tuple[tuple[str, Callable[[set[str], str], bool]], ...] = (
     ("Session.flush (unit of work: INSERT / UPDATE)", lambda n, r: "Session._flush" in n),
     ("audit trail (before_flush listener)", lambda n, r: "_record" in n and "db/audit.py" in r),
     ("reference checks (SELECT ... FOR SHARE per reference)", lambda n, r: "check_references" in n),
-    ("statement_timeout: SELECT set_config(...) per transaction",
-     lambda n, r: any(f"Database.run_sync (db/database.py:{ln})" in r for ln in _TIMEOUT_LINES)),
+    ("statement_timeout (SET when a connection's value changes)", lambda n, r: "Database._statement_timeout" in n),
     ("transaction begin / commit / session close",
      lambda n, r: any(f"Database.run_sync (db/database.py:{ln})" in r for ln in _TX_LINES)),
     ("authentication + role check (CallGuard.enter)", lambda n, r: "CallGuard.enter" in n),
@@ -834,7 +825,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-concurrency", type=int, default=1, help="calls in flight in the scale test (default 1: latency without queueing)")
     p.add_argument("--scale-seconds", type=float, default=3.0, help="seconds per scale measurement (default 3)")
     p.add_argument("--pool-size", type=int, default=10, help="DB_POOL_SIZE of the project's server (default 10, its default)")
-    p.add_argument("--max-overflow", type=int, default=20, help="DB_MAX_OVERFLOW of the project's server (default 20, its default)")
+    p.add_argument("--max-overflow", type=int, default=0, help="DB_MAX_OVERFLOW of the project's server (default 0, its default)")
     p.add_argument("--floor-threads", type=int, default=8,
                    help="database threads (= connections) of the floor (default 8: more threads only add GIL contention)")
     p.add_argument("--rounds", type=int, default=1,

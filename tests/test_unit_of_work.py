@@ -5,10 +5,10 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 
 from db import errors
-from db.database import Database
+from db.database import Database, PoolSettings, timeout_step
 from db.models import Role
 from tests.conftest import Client
 
@@ -32,3 +32,37 @@ def test_nothing_commits_after_the_deadline(client: Client) -> None:
         assert _count(database, name) == 1
     finally:
         database.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # statement_timeout is PostgreSQL's
+def test_statement_timeout_follows_the_deadline_on_a_reused_connection(database_url: str) -> None:
+    """A statement outliving the call's deadline is cut; the next call on the same connection is not."""
+    database = Database(database_url, PoolSettings(size=1, max_overflow=0))
+    try:
+        sleep = lambda seconds: lambda s: s.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})  # noqa: E731
+        started = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded):
+            database.run_sync(sleep(5), write=False, deadline=time.monotonic() + 0.3)
+        assert time.monotonic() - started < 3
+        # Same (only) connection, a longer deadline and then none: both run past 0.3 s.
+        database.run_sync(sleep(0.5), write=False, deadline=time.monotonic() + 30)
+        database.run_sync(sleep(0.5), write=False)
+        shown = database.run_sync(lambda s: s.scalar(text("SHOW statement_timeout")), write=False)
+        assert shown == "0"
+        # A rolled-back transaction undoes its SET; the connection's known value must follow.
+        def failing(session: object) -> None:
+            raise errors.InvalidArgument("stop")
+
+        with pytest.raises(errors.InvalidArgument):
+            database.run_sync(failing, write=False, deadline=time.monotonic() + 2)
+        with pytest.raises(errors.DeadlineExceeded):
+            database.run_sync(sleep(5), write=False, deadline=time.monotonic() + 0.3)
+    finally:
+        database.dispose()
+
+
+def test_timeout_steps_round_down_by_at_most_a_fifth() -> None:
+    for ms in (1, 999, 1000, 1024, 1300, 9_950, 10_000, 30_000, 3_600_000):
+        step = timeout_step(ms)
+        assert step <= ms and step >= ms * 0.8 - 1, (ms, step)
+    assert timeout_step(10_000) == timeout_step(9_990)  # steady deadlines map to one value

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from db import errors, events, policy
+from db import errors, events, policy, reading
 from db.base import utcnow, uuid7
 from db.codecs import parse_uuid
 from db.models import RequestRecord
@@ -156,7 +156,19 @@ def read_mask_paths(spec: ResourceSpec, paths: Sequence[str]) -> list[str] | Non
 def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
     mask = read_mask_paths(spec, request.read_mask.paths)
     show_deleted = bool(getattr(request, "show_deleted", False))
-    return spec.to_proto(fetch(session, spec, request.id, show_deleted=show_deleted), mask)
+    raw_id = request.id
+    row_id = parse_uuid(raw_id, "id")
+    stmt = select(*reading.columns(spec)).where(spec.table.c.id == row_id)
+    allowed = _predicate(spec, write=False)
+    if allowed is not None:
+        stmt = stmt.where(allowed)
+    rows = reading.load_rows(session, spec, stmt)
+    row = rows[0] if rows else None
+    if row is None or (spec.soft_delete and row.delete_time is not None and not show_deleted):
+        if allowed is not None and row is None:
+            raise denied(spec, raw_id, False)
+        raise errors.NotFound.resource(spec.name, raw_id, "id")
+    return spec.to_proto(row, mask)
 
 
 def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Message]:
@@ -167,13 +179,11 @@ def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Messag
         raise errors.InvalidArgument.field("ids", f"at most {MAX_BATCH} ids per call", reason="BATCH_TOO_LARGE")
     mask = read_mask_paths(spec, request.read_mask.paths)
     parsed = [parse_uuid(raw, f"ids[{i}]") for i, raw in enumerate(ids)]
-    stmt = select(spec.model).where(spec.table.c.id.in_(set(parsed)))
+    stmt = select(*reading.columns(spec)).where(spec.table.c.id.in_(set(parsed)))
     allowed = _predicate(spec, write=False)
     if allowed is not None:
         stmt = stmt.where(allowed)
-    if spec.load_options:
-        stmt = stmt.options(*spec.load_options)
-    rows = {row.id: row for row in session.scalars(stmt)}
+    rows = {row.id: row for row in reading.load_rows(session, spec, stmt)}
     out = []
     for i, row_id in enumerate(parsed):
         row = rows.get(row_id)
@@ -195,7 +205,7 @@ def _base_query(session: Session, spec: ResourceSpec, filter_text: str, show_del
     allowed = _predicate(spec, write=False)
     if allowed is not None:
         conditions.append(allowed)
-    return select(spec.model), conditions
+    return select(*reading.columns(spec)), conditions
 
 
 def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[Message], str, int]:
@@ -213,9 +223,7 @@ def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) ->
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         page_conditions.append(keyset_after(keys, payload["k"]))
     stmt = stmt.where(*page_conditions).order_by(*order_clauses(keys)).limit(size + 1)
-    if spec.load_options:
-        stmt = stmt.options(*spec.load_options)
-    rows = list(session.scalars(stmt))
+    rows = reading.load_rows(session, spec, stmt)
     next_token = ""
     if len(rows) > size:
         rows = rows[:size]
@@ -239,16 +247,14 @@ def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tu
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         offset = payload["o"]
     score = terms.score.label("score")
-    stmt = select(spec.model, score)
+    stmt = select(*reading.columns(spec), score)
     count = select(func.count()).select_from(spec.table)
     if terms.join is not None:
         target, on = terms.join
-        stmt = stmt.join_from(spec.model, target, on)
+        stmt = stmt.join_from(spec.table, target, on)
         count = count.join(target, on)
     stmt = stmt.where(*conditions).order_by(score.desc(), spec.table.c.id).offset(offset).limit(size + 1)
-    if spec.load_options:
-        stmt = stmt.options(*spec.load_options)
-    rows = list(session.execute(stmt).all())
+    rows = reading.load_rows(session, spec, stmt, extra=1)
     next_token = ""
     if len(rows) > size:
         rows = rows[:size]

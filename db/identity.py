@@ -47,6 +47,7 @@ USERS = REGISTRY.add(
         message=pb.User,
         singular_field="user",
         relation_fields={"roles": ("role_names", lambda role: role.name)},
+        relation_columns={"roles": ("id", "name")},
         output_only=frozenset({"role_names", "last_login_time", "is_verified"}),
         required=frozenset({"username", "email"}),
         extra_codecs={

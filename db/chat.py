@@ -30,7 +30,7 @@ CHANNELS = REGISTRY.add(
         immutable=frozenset({"creator_id"}),
         required=frozenset({"name"}),
         references={"project_id": "Project", "creator_id": "User"},
-        extra_codecs={"member_ids": OutputCodec("member_ids", lambda r: [str(u.id) for u in r.members], repeated=True)},
+        extra_codecs={"member_ids": OutputCodec("member_ids", lambda r: sorted(str(u.id) for u in r.members), repeated=True)},
         orderable=("create_time", "update_time", "name"),
         search_fields=(("name", "A"), ("description", "B")),
         owner_field="creator_id",

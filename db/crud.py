@@ -158,12 +158,9 @@ def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
     show_deleted = bool(getattr(request, "show_deleted", False))
     raw_id = request.id
     row_id = parse_uuid(raw_id, "id")
-    stmt = select(*reading.columns(spec)).where(spec.table.c.id == row_id)
     allowed = _predicate(spec, write=False)
-    if allowed is not None:
-        stmt = stmt.where(allowed)
-    rows = reading.load_rows(session, spec, stmt)
-    row = rows[0] if rows else None
+    conditions = [spec.table.c.id == row_id] if allowed is None else [spec.table.c.id == row_id, allowed]
+    row = reading.load_one(session, spec, *conditions)
     if row is None or (spec.soft_delete and row.delete_time is not None and not show_deleted):
         if allowed is not None and row is None:
             raise denied(spec, raw_id, False)
@@ -179,7 +176,7 @@ def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Messag
         raise errors.InvalidArgument.field("ids", f"at most {MAX_BATCH} ids per call", reason="BATCH_TOO_LARGE")
     mask = read_mask_paths(spec, request.read_mask.paths)
     parsed = [parse_uuid(raw, f"ids[{i}]") for i, raw in enumerate(ids)]
-    stmt = select(*reading.columns(spec)).where(spec.table.c.id.in_(set(parsed)))
+    stmt = reading.select_rows(spec).where(spec.table.c.id.in_(set(parsed)))
     allowed = _predicate(spec, write=False)
     if allowed is not None:
         stmt = stmt.where(allowed)
@@ -205,7 +202,7 @@ def _base_query(session: Session, spec: ResourceSpec, filter_text: str, show_del
     allowed = _predicate(spec, write=False)
     if allowed is not None:
         conditions.append(allowed)
-    return select(*reading.columns(spec)), conditions
+    return reading.select_rows(spec), conditions
 
 
 def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[Message], str, int]:

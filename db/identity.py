@@ -52,7 +52,7 @@ USERS = REGISTRY.add(
         required=frozenset({"username", "email"}),
         extra_codecs={
             "password": InputCodec("password", _password),
-            "role_names": OutputCodec("role_names", lambda r: [role.name for role in r.roles], repeated=True),
+            "role_names": OutputCodec("role_names", lambda r: sorted(role.name for role in r.roles), repeated=True),
         },
         orderable=("create_time", "update_time", "username", "email"),
         search_fields=(("username", "A"), ("full_name", "A"), ("email", "B")),

@@ -38,7 +38,7 @@ PROJECTS = REGISTRY.add(
         references={"owner_id": "User"},
         extra_codecs={
             "budget": MoneyCodec("budget", "budget_amount", "budget_currency"),
-            "member_ids": OutputCodec("member_ids", lambda r: [str(u.id) for u in r.members], repeated=True),
+            "member_ids": OutputCodec("member_ids", lambda r: sorted(str(u.id) for u in r.members), repeated=True),
         },
         orderable=("create_time", "update_time", "name", "start_date", "end_date"),
         search_fields=(("name", "A"), ("description", "B")),
@@ -75,7 +75,7 @@ TASKS = REGISTRY.add(
         required=frozenset({"project_id", "title"}),
         references={"project_id": "Project", "assignee_id": "User", "creator_id": "User"},
         extra_codecs={
-            "dependency_ids": OutputCodec("dependency_ids", lambda r: [str(t.id) for t in r.dependencies], repeated=True),
+            "dependency_ids": OutputCodec("dependency_ids", lambda r: sorted(str(t.id) for t in r.dependencies), repeated=True),
         },
         orderable=("create_time", "update_time", "due_date", "title", "completed_time"),
         search_fields=(("title", "A"), ("description", "B")),

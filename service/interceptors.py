@@ -1,11 +1,11 @@
-"""The one interceptor every domain RPC passes: request id, authentication, the role gate,
-and the translation of errors into google.rpc.Status. Health and reflection pass untouched."""
+"""The guard every domain RPC passes: request id, authentication, the role gate, and the
+translation of errors into google.rpc.Status. Health and reflection pass untouched."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -97,36 +97,41 @@ class CallGuard:
         return guarded
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps each domain method once (cached), with the checks of CallGuard."""
+class GuardedRegistration:
+    """Stands in for the server while a domain servicer registers (`add_*Servicer_to_server`).
 
-    def __init__(self, actions: dict[str, Action], authenticator: Authenticator | None, dialect: str) -> None:
+    Each method handler is wrapped once with its CallGuard before it reaches the server, so the
+    checks cost one coroutine per call and no grpc.aio interceptor runs at all (an interceptor
+    is awaited on every call, before the handler is even looked up). Health and reflection are
+    registered on the server directly and pass untouched.
+    """
+
+    def __init__(self, server: grpc.aio.Server, actions: dict[str, Action], authenticator: Authenticator | None, dialect: str) -> None:
+        self.server = server
         self.actions = actions
         self.authenticator = authenticator
         self.dialect = dialect
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self.registered: list[str] = []
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or method not in self.actions:
-            return handler  # health, reflection, or an unknown method (UNIMPLEMENTED)
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """The generated code passes the unwrapped handlers here first: they are replaced by
+        the wrapped ones in add_registered_method_handlers, which it calls next."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrapped = {name: self._wrap(f"/{service}/{name}", handler) for name, handler in handlers.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self.server.add_registered_method_handlers(service, wrapped)
+        self.registered.append(service)
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method not in self.actions:
+            raise TypeError(f"{method} has no access rule in service/policy.py")
         guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect)
         kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
-            wrapped = grpc.unary_unary_rpc_method_handler(guard.unary(handler.unary_unary), **kwargs)
-        elif handler.unary_stream is not None:
-            wrapped = grpc.unary_stream_rpc_method_handler(guard.stream(handler.unary_stream), **kwargs)
-        elif handler.stream_unary is not None:
-            wrapped = grpc.stream_unary_rpc_method_handler(guard.unary(handler.stream_unary), **kwargs)
-        else:
-            wrapped = grpc.stream_stream_rpc_method_handler(guard.stream(handler.stream_stream), **kwargs)
-        self._wrapped[method] = wrapped
-        return wrapped
+            return grpc.unary_unary_rpc_method_handler(guard.unary(handler.unary_unary), **kwargs)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(guard.stream(handler.unary_stream), **kwargs)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(guard.unary(handler.stream_unary), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(guard.stream(handler.stream_stream), **kwargs)

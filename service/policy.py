@@ -1,4 +1,4 @@
-"""Which role may call which RPC: one table, checked by the interceptor before any servicer runs.
+"""Which role may call which RPC: one table, checked by the call guard before any servicer runs.
 
 Standard methods take their action from their name (Get/List/Search/BatchGet read; Create/Update/
 Delete/Undelete/BatchCreate write), so a resource added later is covered with no new entry.

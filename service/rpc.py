@@ -28,7 +28,7 @@ class Runner:
         self.db = db
 
     def call(self, context: grpc.aio.ServicerContext) -> crud.Call:
-        """The call the interceptor set up for this RPC (caller, request id, method)."""
+        """The call the guard set up for this RPC (caller, request id, method)."""
         return crud.current_call() or crud.Call(dialect=self.db.dialect)
 
     async def __call__(

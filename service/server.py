@@ -29,7 +29,7 @@ from service.chat import ChatService
 from service.config import Config
 from service import policy
 from service.auth import Authenticator, JwtSettings
-from service.interceptors import ServiceInterceptor
+from service.interceptors import GuardedRegistration
 from service.identity import IdentityService
 from service.rpc import Runner
 from service.security import SecurityService
@@ -179,7 +179,6 @@ def create_server(config: Config, database: Database | None = None) -> App:
     actions = policy.check_all_covered(methods)  # refuses to start if an RPC has no access rule
     authenticator = None if config.insecure_dev else Authenticator(db, _jwt_settings(config))
     server = grpc.aio.server(
-        interceptors=[ServiceInterceptor(actions, authenticator, db.dialect)],
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -187,11 +186,14 @@ def create_server(config: Config, database: Database | None = None) -> App:
     hub = ChangeHub(db, HubSettings(queue_size=config.stream_queue_size, poll_seconds=config.stream_poll_seconds))
     names = []
     servicers = []
+    guarded = GuardedRegistration(server, actions, authenticator, db.dialect)
     for servicer_cls, register, full_name in DOMAIN_SERVICES:
         servicer = servicer_cls(run, hub)
-        register(servicer, server)
+        register(servicer, guarded)
         servicers.append(servicer)
         names.append(full_name)
+    if guarded.registered != names:
+        raise RuntimeError(f"domain services registered without their guard: {sorted(set(names) - set(guarded.registered))}")
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

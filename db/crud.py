@@ -130,6 +130,18 @@ def check_managed(session: Session, spec: ResourceSpec, row: Any) -> None:
         raise denied(spec, str(row.id), True)
 
 
+def check_managed_together(session: Session, spec: ResourceSpec, rows: list[Any]) -> None:
+    """check_managed for many rows, with one query."""
+    allowed = _predicate(spec, write=True)
+    if allowed is None:
+        return
+    ids = [row.id for row in rows]
+    managed = set(session.scalars(select(spec.table.c.id).where(spec.table.c.id.in_(ids), allowed)))
+    for row in rows:
+        if row.id not in managed:
+            raise denied(spec, str(row.id), True)
+
+
 def check_field_rights(spec: ResourceSpec, names: Iterable[str], prefix: str) -> None:
     call = current_call()
     if call is None or call.role == "admin":
@@ -294,6 +306,27 @@ def check_references(session: Session, spec: ResourceSpec, values: dict[str, Any
             raise errors.NotFound.resource(target.name, str(value), prefix + field_name)
 
 
+def check_references_together(session: Session, spec: ResourceSpec, loaded: list[tuple[dict[str, Any], str]]) -> None:
+    """check_references for many rows: one query per referencing field; NOT_FOUND names the
+    first row (in request order) whose reference is missing."""
+    for field_name, target_name in spec.references.items():
+        attr = spec.codecs[field_name].attr
+        wanted = {values[attr] for values, _ in loaded if attr and values.get(attr) is not None}
+        if not wanted:
+            continue
+        target = REGISTRY[target_name]
+        stmt = select(target.table.c.id).where(target.table.c.id.in_(wanted))
+        if target.soft_delete:
+            stmt = stmt.where(target.table.c.delete_time.is_(None))
+        found = set(session.scalars(stmt.with_for_update(read=True)))
+        if len(found) == len(wanted):
+            continue
+        for values, prefix in loaded:
+            value = values.get(attr) if attr else None
+            if value is not None and value not in found:
+                raise errors.NotFound.resource(target.name, str(value), prefix + field_name)
+
+
 def _missing_required(spec: ResourceSpec, row: Any, prefix: str) -> None:
     violations = errors.Violations()
     for name in sorted(spec.required):
@@ -342,14 +375,8 @@ def _claim_request_id(session: Session, spec: ResourceSpec, request_id: str, row
     return None
 
 
-def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefix: str = "") -> Message:
-    request_id = validate_request_id(request.request_id, prefix + "request_id")
-    if request_id:
-        earlier = _earlier_result(session, spec, request_id)
-        if earlier is not None:
-            return earlier
-    msg = getattr(request, spec.singular_field)
-    field_prefix = f"{prefix}{spec.singular_field}."
+def _new_row(spec: ResourceSpec, msg: Message, call: Call, field_prefix: str) -> tuple[Any, dict[str, Any], list[str]]:
+    """A validated new row from a create request's resource: (row, loaded values, set fields)."""
     names = [n for n in spec.creatable if spec.codecs[n].present(msg)]
     check_field_rights(spec, names, field_prefix)
     values = _load_fields(spec, msg, names, field_prefix)
@@ -360,6 +387,17 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
         setattr(row, spec.owner_field, call.actor_user_id)
         values[spec.owner_field] = call.actor_user_id
     _missing_required(spec, row, field_prefix)
+    return row, values, names
+
+
+def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefix: str = "") -> Message:
+    request_id = validate_request_id(request.request_id, prefix + "request_id")
+    if request_id:
+        earlier = _earlier_result(session, spec, request_id)
+        if earlier is not None:
+            return earlier
+    field_prefix = f"{prefix}{spec.singular_field}."
+    row, values, names = _new_row(spec, getattr(request, spec.singular_field), call, field_prefix)
     check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), True, call)
@@ -377,12 +415,34 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
 
 
 def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
+    """All or nothing (AIP-233). Without request ids the rows are written together: validated
+    one by one, then one reference query per referencing field, one flush (one multi-row INSERT
+    for the rows and one for their audit entries) and one check of the caller's rights."""
     requests = list(request.requests)
     if not requests:
         raise errors.InvalidArgument.field("requests", "must hold at least one request", reason="REQUIRED_FIELD")
     if len(requests) > MAX_BATCH:
         raise errors.InvalidArgument.field("requests", f"at most {MAX_BATCH} per call", reason="BATCH_TOO_LARGE")
-    return [create(session, spec, sub, call, prefix=f"requests[{i}].") for i, sub in enumerate(requests)]
+    if any(sub.request_id for sub in requests):
+        # Each request id is claimed (or answered from an earlier call) row by row.
+        return [create(session, spec, sub, call, prefix=f"requests[{i}].") for i, sub in enumerate(requests)]
+    rows = []
+    loaded = []
+    for i, sub in enumerate(requests):
+        field_prefix = f"requests[{i}].{spec.singular_field}."
+        row, values, names = _new_row(spec, getattr(sub, spec.singular_field), call, field_prefix)
+        if spec.before_write is not None:
+            spec.before_write(session, row, set(names), True, call)
+        rows.append(row)
+        loaded.append((values, field_prefix))
+    check_references_together(session, spec, loaded)
+    session.add_all(rows)
+    session.flush()
+    for row in rows:
+        for key in spec.relation_fields:
+            set_committed_value(row, key, [])
+    check_managed_together(session, spec, rows)
+    return [publish(session, spec, row, events.CREATED, spec.to_proto(row)) for row in rows]
 
 
 def update_paths(spec: ResourceSpec, msg: Message, paths: Sequence[str]) -> list[str]:

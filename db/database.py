@@ -72,8 +72,11 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     def _on_begin(conn: Any) -> None:
         # A write transaction that starts DEFERRED and upgrades later can fail with SQLITE_BUSY
         # at once, without waiting on busy_timeout; BEGIN IMMEDIATE takes the write lock up front.
+        # Reads ("NONE") open no transaction: each statement is its own, as on PostgreSQL's
+        # READ COMMITTED, and nothing is left to COMMIT.
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if mode != "NONE":
+            conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def create_db_engine(url: str, pool: PoolSettings, echo: bool = False, autocommit: bool = False) -> Engine:
@@ -148,7 +151,7 @@ class Database:
         self.engine = create_db_engine(url, self.pool, echo)
         self.dialect = self.engine.dialect.name
         write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
-        self.read_engine = self.engine
+        self.read_engine = self.engine.execution_options(sqlite_begin="NONE")
         if self.is_postgres:
             # Under READ COMMITTED every statement takes its own snapshot, inside a transaction
             # or not: a read-only unit of work loses nothing without one, and saves the BEGIN
@@ -274,5 +277,5 @@ class Database:
     def dispose(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.engine.dispose()
-        if self.read_engine is not self.engine:
+        if self.is_postgres:  # its own pool; on SQLite it shares the engine's
             self.read_engine.dispose()

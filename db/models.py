@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
     Uuid,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -162,6 +163,11 @@ class Task(ResourceMixin, SoftDeleteMixin, Base):
         CheckConstraint("actual_hours IS NULL OR actual_hours >= 0", name="actual_hours_non_negative"),
         Index("ix_tasks_create_time_id", "create_time", "id"),
         Index("ix_tasks_project_id_status", "project_id", "status"),
+        # The common task page (migration 0004): live tasks of a project in a status, by creation.
+        Index(
+            "ix_tasks_live_project_status_create_time", "project_id", "status", "create_time", "id",
+            postgresql_where=text("delete_time IS NULL"), sqlite_where=text("delete_time IS NULL"),
+        ),
         Index("ix_tasks_assignee_id_status", "assignee_id", "status"),
         Index("ix_tasks_due_date", "due_date"),
     )

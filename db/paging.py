@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, false, or_
+from sqlalchemy import and_, bindparam, false, or_, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
 from db.errors import InvalidArgument
@@ -60,13 +60,33 @@ def parse_order_by(text: str, columns: dict[str, Any], default: tuple[tuple[str,
     return keys
 
 
+def _nullable(column: Any) -> bool:
+    return bool(getattr(column, "nullable", True)) and not getattr(column, "primary_key", False)
+
+
 def order_clauses(keys: list[OrderKey]) -> list[Any]:
-    # NULLs sort last ascending and first descending on both engines, matching keyset_after.
-    return [k.column.desc().nulls_first() if k.descending else k.column.asc().nulls_last() for k in keys]
+    # NULLs sort last ascending and first descending on both engines, matching keyset_after. A
+    # NOT NULL column gets a plain ASC / DESC, which an index on it can serve (on SQLite an
+    # explicit NULLS LAST differs from the index order and forces a sort).
+    out = []
+    for k in keys:
+        if not _nullable(k.column):
+            out.append(k.column.desc() if k.descending else k.column.asc())
+        else:
+            out.append(k.column.desc().nulls_first() if k.descending else k.column.asc().nulls_last())
+    return out
 
 
 def keyset_after(keys: list[OrderKey], values: list[Any]) -> ColumnElement[bool]:
-    """Rows strictly after the row whose order-key values are `values`, NULL-aware."""
+    """Rows strictly after the row whose order-key values are `values`, NULL-aware.
+
+    When every key is NOT NULL and all go one way, a row-value comparison
+    `(create_time, id) > (:t, :id)`, which both engines answer from an index range.
+    """
+    if len({k.descending for k in keys}) == 1 and all(not _nullable(k.column) and v is not None for k, v in zip(keys, values)):
+        columns = tuple_(*(k.column for k in keys))
+        bound = tuple_(*(bindparam(None, v, type_=k.column.type) for k, v in zip(keys, values)))
+        return columns < bound if keys[0].descending else columns > bound
     clauses = []
     for i, key in enumerate(keys):
         prefix = [_equal(keys[j].column, values[j]) for j in range(i)]
@@ -84,7 +104,7 @@ def _after(key: OrderKey, value: Any) -> ColumnElement[bool]:
         return col.is_not(None) if value is None else col < value
     if value is None:  # NULLS LAST: nothing after a NULL but other NULLs, ordered by later keys
         return false()
-    return or_(col > value, col.is_(None))
+    return or_(col > value, col.is_(None)) if _nullable(col) else col > value
 
 
 def _encode_value(value: Any) -> list[Any]:

@@ -151,9 +151,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.max_send_message_length", 64 * 1024 * 1024)]
     result: dict[str, Any] = {"rpc": args.rpc, "target": args.target, "concurrency": args.concurrency,
                               "seconds": args.seconds, "warmup": args.warmup, "items_per_call": work.items_per_call}
-    async with grpc.aio.insecure_channel(args.target, options=options) as channel:
+    # --channels K: K connections (own subchannel pools, so they are not shared), so that a
+    # server of several processes on one port (SO_REUSEPORT) gets calls on each of them.
+    extra = [grpc.aio.insecure_channel(args.target, options=[*options, ("grpc.use_local_subchannel_pool", 1)]) for _ in range(args.channels - 1)]
+    async with grpc.aio.insecure_channel(args.target, options=[*options, ("grpc.use_local_subchannel_pool", 1)]) as channel:
         await asyncio.wait_for(channel.channel_ready(), 15)
-        call = method(channel, args.rpc)
+        for other in extra:
+            await asyncio.wait_for(other.channel_ready(), 15)
+        calls = [method(c, args.rpc) for c in (channel, *extra)]
+        call = calls[0]
 
         if args.rpc == "ListTasksDeep":
             token, walk = "", []
@@ -193,7 +199,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 request = work.request(w, i)
                 i += 1
                 try:
-                    response = await call(request, metadata=metadata, timeout=args.timeout)
+                    response = await calls[w % len(calls)](request, metadata=metadata, timeout=args.timeout)
                 except grpc.aio.AioRpcError as exc:
                     errors[exc.code().name] += 1
                     if not first_error:
@@ -220,6 +226,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         wall = time.perf_counter() - loop_start
         cpu = time.process_time() - cpu0
+        for other in extra:
+            await other.close()
 
     lat = sorted(latencies)
     rps = work_in_window / args.seconds
@@ -253,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, s (default 30)")
     p.add_argument("--batch-size", type=int, default=1000, help="tasks per BatchCreateTasks call (default 1000)")
     p.add_argument("--deep-pages", type=int, default=20, help="ListTasksDeep: the page measured (default 20)")
+    p.add_argument("--channels", type=int, default=1, help="connections to the target; worker w uses connection w mod K (default 1)")
     p.add_argument("--auth", action="store_true", help="send authorization: Bearer $NEXUS_BENCH_KEY")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", help="also write the JSON result here")

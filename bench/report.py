@@ -173,7 +173,7 @@ def markdown(db: str, results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{meta['warmup']} s warm-up + {meta['seconds']} s measured per RPC and server"
         + (f", best of {meta['rounds']} alternating rounds" if meta.get("rounds", 1) > 1 else "")
         + ", closed loop, one grpc.aio client process",
-        "- project server: `nexus-data serve`" + (f" from `{meta['project_src']}`" if meta.get("project_src") else "") + f", API key auth, DB_POOL_SIZE={meta['pool_size']}, DB_MAX_OVERFLOW={meta['max_overflow']}, "
+        "- project server: `nexus-data serve`" + (f" --workers {meta['workers']}" if meta.get("workers", 1) > 1 else "") + (f" from `{meta['project_src']}`" if meta.get("project_src") else "") + f", API key auth, DB_POOL_SIZE={meta['pool_size']}, DB_MAX_OVERFLOW={meta['max_overflow']}, "
         f"NEXUS_MAX_CONCURRENT_RPCS={meta['max_rpcs']}; floor: `bench/floor_server.py` with {meta['floor_threads']} database threads",
         f"- responses of the two servers compared before the load: {results.get('verify', 'not checked')}",
         f"- wall time for this database: {results.get('wall_s', 0):.0f} s",

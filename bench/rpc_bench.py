@@ -179,6 +179,32 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and its live descendants (the worker processes of `serve --workers N`)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree.extend(frontier)
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a server and its workers (a worker that exits during a run is missed)."""
+    return sum(c for p in process_tree(pid) if not math.isnan(c := cpu_seconds(p)))
+
+
+def tree_status_kib(pid: int, key: str) -> float:
+    return sum(v for p in process_tree(pid) if not math.isnan(v := status_kib(p, key)))
+
+
 def machine_busy() -> float:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -277,13 +303,13 @@ def start_project(dialect: str, url: str, work: Path, args: argparse.Namespace, 
         "NEXUS_DRAIN_SECONDS": "0",
         "NEXUS_GRACE_SECONDS": "3",
     }
-    argv = [NEXUS_DATA, "serve"]
+    argv = [NEXUS_DATA, "serve", *(["--workers", str(args.workers)] if args.workers > 1 else [])]
     cwd = None
     if args.project_src:
         # Another checkout of the service (e.g. a patched copy), run with this venv's packages.
         src = str(Path(args.project_src).resolve())
         env["PYTHONPATH"] = os.pathsep.join([src, os.path.join(src, "generated"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        argv = [PYTHON, "-c", "import sys; from service.cli import main; sys.exit(main())", "serve"]
+        argv = [PYTHON, "-c", "import sys; from service.cli import main; sys.exit(main())", *argv[1:]]
         cwd = src
     server = Server(f"project-{tag}", argv, env, work / f"project-{tag}.log", port, cwd=cwd)
     wait_ready(server)
@@ -308,7 +334,7 @@ def run_loadgen(server: Server, rpc: str, spec: Path, *, key: str | None, concur
     if key:
         env["NEXUS_BENCH_KEY"] = key
         argv.append("--auth")
-    cpu0, busy0, t0 = cpu_seconds(server.pid), machine_busy(), time.monotonic()
+    cpu0, busy0, t0 = tree_cpu_seconds(server.pid), machine_busy(), time.monotonic()
     kids0 = _children_cpu()
     db0 = pg_backend_cpu(pg_db) if pg_db else None
     sessions0 = pg_sessions(pg_db) if pg_db else None
@@ -331,7 +357,7 @@ def run_loadgen(server: Server, rpc: str, spec: Path, *, key: str | None, concur
         raise RuntimeError(f"loadgen {rpc} against {server.name} failed ({proc.returncode}):\n{err[-3000:]}\n{server.tail()}")
     result = json.loads(out.strip().splitlines()[-1])
     wall = time.monotonic() - t0
-    cpu = cpu_seconds(server.pid) - cpu0
+    cpu = tree_cpu_seconds(server.pid) - cpu0
     result["server_cpu_s"] = cpu
     result["server_cpu_ms_per_call"] = cpu * 1000 / result["calls_total"] if result["calls_total"] else None
     busy = (machine_busy() - busy0) / wall
@@ -504,7 +530,7 @@ def bench_database(dialect: str, args: argparse.Namespace, work: Path) -> dict[s
     project = start_project(dialect, url, work, args, dialect)
     floor = start_floor(floor_db, work, args, dialect)
     time.sleep(1.0)
-    rss = {side: {"pid": s.pid, "idle": status_kib(s.pid, "VmRSS")} for side, s in (("project", project), ("floor", floor))}
+    rss = {side: {"pid": s.pid, "idle": tree_status_kib(s.pid, "VmRSS")} for side, s in (("project", project), ("floor", floor))}
     problems = verify(project, floor, key, json.loads(spec_project.read_text()), reserved)
     results["verify"] = "identical" if not problems else "DIFFERENT: " + "; ".join(p.splitlines()[0] for p in problems)
     for p in problems:
@@ -521,8 +547,9 @@ def bench_database(dialect: str, args: argparse.Namespace, work: Path) -> dict[s
                 # Each (round, side) updates its own tasks, all still at revision 1 (etag W/"1").
                 part = update_parts[rnd * 2 + i]
                 spec = write_spec(work / f"spec_{side}_{rnd}.json", seeded, part, pool, statuses)
+                channels = 4 * args.workers if args.workers > 1 else 1  # the same client for both sides
                 r = run_loadgen(server, rpc, spec, key=k, concurrency=conc, seconds=args.seconds, warmup=args.warmup,
-                                timeout=timeout, extra=["--batch-size", str(args.batch_size)],
+                                timeout=timeout, extra=["--batch-size", str(args.batch_size), "--channels", str(channels)],
                                 pg_db=target if dialect == "postgresql" else None)
                 r["round"] = rnd + 1
                 earlier = results["runs"][rpc].get(side)
@@ -533,8 +560,8 @@ def bench_database(dialect: str, args: argparse.Namespace, work: Path) -> dict[s
                 log_run(dialect, rpc, side, r)
 
     for side, s in (("project", project), ("floor", floor)):
-        rss[side]["after"] = status_kib(s.pid, "VmRSS")
-        rss[side]["peak"] = status_kib(s.pid, "VmHWM")
+        rss[side]["after"] = tree_status_kib(s.pid, "VmRSS")
+        rss[side]["peak"] = tree_status_kib(s.pid, "VmHWM")
     results["rss"] = rss
 
     if args.profile:
@@ -824,6 +851,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="task row counts for the scale test, e.g. 10000,100000,1000000; 'none' skips it (default 10000,100000)")
     p.add_argument("--scale-concurrency", type=int, default=1, help="calls in flight in the scale test (default 1: latency without queueing)")
     p.add_argument("--scale-seconds", type=float, default=3.0, help="seconds per scale measurement (default 3)")
+    p.add_argument("--workers", type=int, default=1, help="`serve --workers N` for the project's server; the load generator then opens 4N connections (default 1)")
     p.add_argument("--pool-size", type=int, default=10, help="DB_POOL_SIZE of the project's server (default 10, its default)")
     p.add_argument("--max-overflow", type=int, default=0, help="DB_MAX_OVERFLOW of the project's server (default 0, its default)")
     p.add_argument("--floor-threads", type=int, default=8,
@@ -887,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": command, "date": started.strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
                 "cpu_model": cpu_model(), "mem": mem_total(), "load_before": load_before, "load_after": loadavg(),
                 "concurrency": args.concurrency, "batch_concurrency": args.batch_concurrency, "batch_size": args.batch_size,
-                "seconds": args.seconds, "warmup": args.warmup, "pool_size": args.pool_size, "max_overflow": args.max_overflow,
+                "seconds": args.seconds, "warmup": args.warmup, "pool_size": args.pool_size, "max_overflow": args.max_overflow, "workers": args.workers,
                 "max_rpcs": args.max_rpcs, "floor_threads": args.floor_threads, "scale_concurrency": args.scale_concurrency,
                 "scale_seconds": args.scale_seconds, "rounds": args.rounds, "project_src": args.project_src,
             }

@@ -171,8 +171,10 @@ def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
     raw_id = request.id
     row_id = parse_uuid(raw_id, "id")
     allowed = _predicate(spec, write=False)
-    conditions = [spec.table.c.id == row_id] if allowed is None else [spec.table.c.id == row_id, allowed]
-    row = reading.load_one(session, spec, *conditions)
+    if allowed is None:
+        row = reading.load_by_id(session, spec, row_id)
+    else:
+        row = reading.load_one(session, spec, spec.table.c.id == row_id, allowed)
     if row is None or (spec.soft_delete and row.delete_time is not None and not show_deleted):
         if allowed is not None and row is None:
             raise denied(spec, raw_id, False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import bindparam, inspect, select
@@ -84,28 +84,94 @@ def relation_loaders(spec: ResourceSpec) -> tuple[RelationLoader, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class PreparedGet:
+    """load_one's primary-key statement compiled once per dialect: its SQL text, how to bind
+    the id, how to convert each result column. Run with exec_driver_sql, it skips the
+    statement cache lookup and result setup that cost more than the query on a Get."""
+
+    sql: str
+    bind_names: tuple[str, ...]  # positional order (qmark), or () for named parameters
+    id_processor: Any
+    dialect: Any
+    types: tuple[Any, ...]  # of the selected columns, for this dialect
+    # Result processors need the driver's column type codes: made from the first result.
+    processors: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def process(self, result: Any) -> list[tuple[Any, ...]]:
+        if not self.processors:
+            codes = [d[1] for d in result.cursor.description]
+            self.processors.append(tuple(t.result_processor(self.dialect, code) for t, code in zip(self.types, codes)))
+        processors = self.processors[0]
+        return [tuple(p(v) if p else v for p, v in zip(processors, r)) for r in result.all()]
+
+    def params(self, row_id: Any) -> Any:
+        value = self.id_processor(row_id) if self.id_processor else row_id
+        return tuple(value for _ in self.bind_names) if self.bind_names else {"pk": value}
+
+
+_PREPARED: dict[tuple[int, str], PreparedGet] = {}
+
+
+def prepared_get(spec: ResourceSpec, dialect: Any) -> PreparedGet:
+    key = (id(spec), dialect.name)
+    prepared = _PREPARED.get(key)
+    if prepared is None:
+        id_type = spec.table.c.id.type
+        stmt, selected = _get_statement(spec, spec.table.c.id == bindparam("pk", type_=id_type))
+        compiled = stmt.compile(dialect=dialect)
+        prepared = PreparedGet(
+            sql=str(compiled),
+            bind_names=tuple(compiled.positiontup or ()) if compiled.positional else (),
+            id_processor=id_type.dialect_impl(dialect).bind_processor(dialect),
+            types=tuple(c.type.dialect_impl(dialect) for c in selected),
+            dialect=dialect,
+        )
+        _PREPARED[key] = prepared
+    return prepared
+
+
+def _get_statement(spec: ResourceSpec, *conditions: Any) -> tuple[Any, list[Any]]:
+    """The statement of load_one and the columns it selects (the table's, then the first relation's)."""
+    loaders = relation_loaders(spec)
+    if not loaders:
+        return select_rows(spec).where(*conditions), list(spec.table.c)
+    joined, columns, order = loaders[0].join
+    selected = [*spec.table.c, *columns]
+    return select(*selected).select_from(joined).where(*conditions).order_by(*order), selected
+
+
+def load_by_id(session: Session, spec: ResourceSpec, row_id: Any) -> Loaded | None:
+    """load_one(spec.table.c.id == row_id), through the prepared statement."""
+    conn = session.connection()
+    prepared = prepared_get(spec, conn.dialect)
+    result = prepared.process(conn.exec_driver_sql(prepared.sql, prepared.params(row_id)))
+    return _assemble(session, spec, result)
+
+
 def load_one(session: Session, spec: ResourceSpec, *conditions: Any) -> Loaded | None:
     """The one row matching conditions (a primary-key lookup), with its relations.
 
     The first relation comes in the same query (an outer join: one result row per related
     row), the others with a query each: a Get is one round trip for most resources.
     """
-    loaders = relation_loaders(spec)
-    if not loaders:
-        rows = load_rows(session, spec, select_rows(spec).where(*conditions))
-        return rows[0] if rows else None
-    first, rest = loaders[0], loaders[1:]
-    joined, columns, order = first.join
-    stmt = select(*spec.table.c, *columns).select_from(joined).where(*conditions).order_by(*order)
-    result = session.connection().execute(stmt).all()
+    stmt, _ = _get_statement(spec, *conditions)
+    return _assemble(session, spec, session.connection().execute(stmt).all())
+
+
+def _assemble(session: Session, spec: ResourceSpec, result: Sequence[Sequence[Any]]) -> Loaded | None:
+    """The Loaded row from load_one's result rows (one per row of the joined relation)."""
     if not result:
         return None
     width = len(spec.table.c)
     row = row_class(spec)(dict(zip([c.key for c in spec.table.c], result[0][:width])))
-    names = [c.key for c in columns]
-    setattr(row, first.key, [Loaded(dict(zip(names, r[width:]))) for r in result if r[width] is not None])
-    for loader in rest:
-        setattr(row, loader.key, loader.load(session, [row.id]).get(row.id, []))
+    loaders = relation_loaders(spec)
+    if loaders:
+        first = loaders[0]
+        names = [c.key for c in first.join[1]]
+        setattr(row, first.key, [Loaded(dict(zip(names, r[width:]))) for r in result if r[width] is not None])
+        for loader in loaders[1:]:
+            setattr(row, loader.key, loader.load(session, [row.id]).get(row.id, []))
     return row
 
 

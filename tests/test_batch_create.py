@@ -80,3 +80,26 @@ def test_request_ids_make_a_retried_batch_return_the_same_rows(client: Client) -
     again = client.work.BatchCreateTasks(wpb.BatchCreateTasksRequest(requests=requests)).tasks
     assert list(first) == list(again)
     assert _count(client, project) == 3
+
+
+def test_batch_audit_entries_match_those_of_create(client: Client) -> None:
+    project, assignee = new_project(client), new_user(client)
+    full = dict(project_id=project.id, title="same", description="words", assignee_id=assignee.id,
+                status=wpb.TASK_STATUS_DONE, tags=["a", "b"], estimated_hours=2.5)
+    minimal = dict(project_id=project.id, title="bare")  # defaults (status, tags, hours) left to the server
+
+    def entry(task_id: str) -> spb.AuditLogEntry:
+        (only,) = client.security.ListAuditLogEntries(spb.ListAuditLogEntriesRequest(filter=f'resource_id = "{task_id}"')).audit_log_entries
+        return only
+
+    for fields in (full, minimal):
+        single = client.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(**fields)))
+        batched = client.work.BatchCreateTasks(wpb.BatchCreateTasksRequest(requests=[wpb.CreateTaskRequest(task=wpb.Task(**fields))])).tasks[0]
+        assert [(k, v) for k, v in single.ListFields() if k.name not in {"id", "create_time", "update_time", "completed_time"}] == \
+            [(k, v) for k, v in batched.ListFields() if k.name not in {"id", "create_time", "update_time", "completed_time"}]
+        one, many = entry(single.id), entry(batched.id)
+        assert [c.field for c in one.changes] == [c.field for c in many.changes]
+        varying = {"id", "create_time", "completed_time"}
+        assert [c for c in one.changes if c.field not in varying] == [c for c in many.changes if c.field not in varying]
+        assert (one.actor_type, one.actor_id, one.action, one.method.rsplit("/", 1)[0]) == \
+            (many.actor_type, many.actor_id, many.action, many.method.rsplit("/", 1)[0])

@@ -16,7 +16,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from db import errors, events, policy, reading
@@ -82,7 +82,10 @@ def denied(spec: ResourceSpec, raw_id: str, write: bool) -> errors.PermissionDen
     )
 
 
-def fetch(session: Session, spec: ResourceSpec, raw_id: str, *, show_deleted: bool = False, field_path: str = "id", lock: bool = False) -> Any:
+def fetch(
+    session: Session, spec: ResourceSpec, raw_id: str, *, show_deleted: bool = False, field_path: str = "id", lock: bool = False,
+    relations: bool = True,
+) -> Any:
     """The row with that id, or NOT_FOUND with ResourceInfo (soft-deleted rows count as absent).
 
     lock=True means the caller is about to change the row: it takes the row lock (PostgreSQL) and
@@ -97,6 +100,9 @@ def fetch(session: Session, spec: ResourceSpec, raw_id: str, *, show_deleted: bo
         stmt = stmt.where(allowed)
     if spec.load_options:
         stmt = stmt.options(*spec.load_options)
+    if not relations:
+        # The caller does not change the relations: they load only if touched (see updated_view).
+        stmt = stmt.options(*(lazyload(getattr(spec.model, key)) for key in spec.relation_fields))
     if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
         stmt = stmt.with_for_update(of=spec.table)
     row = session.scalars(stmt).one_or_none()
@@ -529,7 +535,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     field_prefix = f"{spec.singular_field}."
     names = update_paths(spec, msg, request.update_mask.paths)
     check_field_rights(spec, names, field_prefix)
-    row = fetch(session, spec, msg.id, field_path=field_prefix + "id", lock=True)
+    row = fetch(session, spec, msg.id, field_path=field_prefix + "id", lock=True, relations=False)
     check_etag(row, msg.etag, field_prefix + "etag")
     values = _load_fields(spec, msg, names, field_prefix)
     for key, value in values.items():
@@ -541,7 +547,23 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
         spec.before_write(session, row, set(names), False, call)
     session.flush()
     check_managed(session, spec, row)
-    return publish(session, spec, row, events.UPDATED, spec.to_proto(row))
+    return publish(session, spec, row, events.UPDATED, spec.to_proto(_with_relations(session, spec, row)))
+
+
+def _with_relations(session: Session, spec: ResourceSpec, row: Any) -> Any:
+    """row, or a plain copy of it with its relations read by db/reading.py (one Core query each)
+    when the ORM has not loaded them: cheaper than the ORM's own load of the collections."""
+    unloaded = [key for key in spec.relation_fields if key not in row.__dict__]
+    if not unloaded:
+        return row
+    view = reading.row_class(spec)({c.key: getattr(row, c.key) for c in spec.table.c})
+    for key in spec.relation_fields:
+        if key in row.__dict__:
+            setattr(view, key, list(getattr(row, key)))
+    for loader in reading.relation_loaders(spec):
+        if loader.key in unloaded:
+            setattr(view, loader.key, loader.load(session, [row.id]).get(row.id, []))
+    return view
 
 
 def _apply_defaults_for_cleared(spec: ResourceSpec, row: Any, values: dict[str, Any]) -> None:

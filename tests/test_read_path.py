@@ -20,6 +20,10 @@ def test_user_roles_read_back_in_name_order(client: Client) -> None:
     bare = new_user(client, full_name=f"Reader {tag}")
 
     assert client.identity.GetUser(ipb.GetUserRequest(id=user.id)) == written
+    updated = client.identity.UpdateUser(ipb.UpdateUserRequest(user=ipb.User(id=user.id, full_name=f"Reader {tag}"), update_mask={"paths": ["full_name"]}))
+    assert list(updated.role_names) == list(written.role_names)
+    written = client.identity.GetUser(ipb.GetUserRequest(id=user.id))
+    assert written == updated
     assert list(client.identity.BatchGetUsers(ipb.BatchGetUsersRequest(ids=[bare.id, user.id])).users) == [bare, written]
     listed = client.identity.ListUsers(ipb.ListUsersRequest(filter=f'full_name = "Reader {tag}"', page_size=1))
     assert list(listed.users) == [written] and listed.total_size == 2
@@ -47,6 +51,12 @@ def test_project_members_task_dependencies_and_channel_members_read_back(client:
     by_id = {t.id: t for t in page.tasks}
     assert by_id[waiting.id] == waiting and list(by_id[alone.id].dependency_ids) == []
     assert page.total_size == 4
+    # An update answers with the relations it did not touch (read after the write).
+    renamed = client.work.UpdateTask(wpb.UpdateTaskRequest(task=wpb.Task(id=waiting.id, title="renamed"), update_mask={"paths": ["title"]}))
+    assert list(renamed.dependency_ids) == list(waiting.dependency_ids) and renamed.title == "renamed"
+    assert client.work.GetTask(wpb.GetTaskRequest(id=waiting.id)) == renamed
+    project = client.work.UpdateProject(wpb.UpdateProjectRequest(project=wpb.Project(id=project.id, name="renamed"), update_mask={"paths": ["name"]}))
+    assert len(project.member_ids) == 3 and client.work.GetProject(wpb.GetProjectRequest(id=project.id)) == project
 
     channel = new_channel(client)
     for user in users:

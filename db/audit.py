@@ -3,6 +3,8 @@
 A `before_flush` listener on every session sees all new, changed and deleted resource rows —
 whatever code path changed them (standard methods, custom methods, the seed) — and writes one
 AuditLogEntry per row per flush, with the changed fields' old and new values, secrets masked.
+New rows of the standard Create / BatchCreate are inserted with Core, not flushed
+(crud.insert_rows): `record_inserted` writes their entries, the same ones, in one INSERT.
 Nothing here is per resource: the registry's codecs map columns back to API field names.
 """
 from __future__ import annotations

@@ -17,7 +17,6 @@ from google.protobuf.message import Message
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, lazyload
-from sqlalchemy.orm.attributes import set_committed_value
 
 from db import errors, events, policy, reading
 from db.base import utcnow, uuid7
@@ -420,7 +419,7 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
         if earlier is not None:
             return earlier
     field_prefix = f"{prefix}{spec.singular_field}."
-    row, values, names = _new_row(spec, getattr(request, spec.singular_field), call, field_prefix)
+    row, values, names = _new_row(spec, getattr(request, spec.singular_field), call, field_prefix, mapped=False)
     check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), True, call)
@@ -428,13 +427,7 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
         winner = _claim_request_id(session, spec, request_id, row.id)
         if winner is not None:
             return winner
-    session.add(row)
-    session.flush()
-    for key in spec.relation_fields:
-        # A new row has no members, roles or dependencies yet: say so instead of a lazy SELECT.
-        set_committed_value(row, key, [])
-    check_managed(session, spec, row)
-    return publish(session, spec, row, events.CREATED, spec.to_proto(row))
+    return insert_rows(session, spec, [row])[0]
 
 
 def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
@@ -459,9 +452,17 @@ def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call)
         rows.append(row)
         loaded.append((values, field_prefix))
     check_references_together(session, spec, loaded)
-    # One multi-row INSERT (insertmanyvalues) of plain column values: the ORM's unit of work
-    # costs more per row than the database does. The rows were built and checked as mapped
-    # objects; they never join the session, so the flush does not see them.
+    return insert_rows(session, spec, rows)
+
+
+def insert_rows(session: Session, spec: ResourceSpec, rows: list[Any]) -> list[Message]:
+    """Insert new rows (plain objects from _new_row, validated) and answer their messages.
+
+    One INSERT of plain column values for all of them (insertmanyvalues), their audit entries
+    (INSERT_LISTENERS), the caller's rights on the result, their change events: the ORM's unit
+    of work would cost more per row than the database does. The objects never join the
+    session, so its flush does not see them; later statements in the transaction do.
+    """
     now = utcnow()
     columns = [(c.key, _insert_default(c)) for c in spec.table.c]
     drafts = [{key: getattr(row, key) for key, _ in columns} for row in rows]

@@ -31,7 +31,7 @@ class ChatService(DomainServicer, chat_pb2_grpc.ChatServiceServicer):
 
     async def StreamEvents(
         self, request: pb.StreamEventsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StreamEventsResponse]:
+    ) -> AsyncIterator[pb.StreamEventsResponse | bytes]:
         heartbeat = request.heartbeat_seconds
         if heartbeat < 0 or heartbeat > MAX_HEARTBEAT_SECONDS:
             raise errors.InvalidArgument.field("heartbeat_seconds", f"must be 0 (default) to {MAX_HEARTBEAT_SECONDS}")

@@ -97,6 +97,13 @@ class CallGuard:
         return guarded
 
 
+def _bytes_or(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    def serializer(message: Any) -> bytes:
+        return message if type(message) is bytes else serialize(message)
+
+    return serializer
+
+
 class GuardedRegistration:
     """Stands in for the server while a domain servicer registers (`add_*Servicer_to_server`).
 
@@ -131,6 +138,8 @@ class GuardedRegistration:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(guard.unary(handler.unary_unary), **kwargs)
         if handler.unary_stream is not None:
+            # A stream may yield messages serialized already (service/streams.py, Offered).
+            kwargs["response_serializer"] = _bytes_or(handler.response_serializer)
             return grpc.unary_stream_rpc_method_handler(guard.stream(handler.unary_stream), **kwargs)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(guard.unary(handler.stream_unary), **kwargs)

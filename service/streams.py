@@ -65,17 +65,40 @@ def to_response(event: events.StoredEvent) -> pb.StreamEventsResponse:
     return response
 
 
+@dataclass(frozen=True)
+class Offered:
+    """A live event as the hub offers it to every subscriber of its scope: serialized once.
+
+    A stream sends `data` followed by its own resume_token field: protobuf's wire format
+    merges concatenated messages, so the subscriber parses one StreamEventsResponse, and the
+    per-subscriber cost is the token, not a copy and a serialization of the whole event.
+    """
+
+    scope: str
+    sequence: int
+    data: bytes
+
+
+def with_token(data: bytes, token: str) -> bytes:
+    """A serialized StreamEventsResponse (without resume_token) plus that field."""
+    return data + _token_field(token)
+
+
+def _token_field(token: str) -> bytes:
+    return pb.StreamEventsResponse(resume_token=token).SerializeToString()
+
+
 @dataclass(eq=False)
 class Subscription:
     """One open stream: its cursor per scope and its bounded inbox."""
 
     positions: dict[str, int]
-    queue: asyncio.Queue[pb.StreamEventsResponse | None]
+    queue: asyncio.Queue[Offered | None]
     overflowed: bool = False
     closing: bool = False
     stale_scopes: set[str] = field(default_factory=set)
 
-    def offer(self, response: pb.StreamEventsResponse) -> None:
+    def offer(self, response: Offered) -> None:
         if self.overflowed:
             return
         try:
@@ -215,9 +238,9 @@ class ChangeHub:
             self._known[scope] = batch[-1].seq
             subs = list(self._subs.get(scope, ()))
             for event in batch:
-                response = to_response(event)
+                offered = Offered(event.scope, event.seq, to_response(event).SerializeToString())
                 for sub in subs:
-                    sub.offer(response)
+                    sub.offer(offered)
             if len(batch) < READ_BATCH:
                 return
 
@@ -259,8 +282,11 @@ async def stream(
     db: Database,
     positions: dict[str, int],
     heartbeat_seconds: float,
-) -> AsyncIterator[pb.StreamEventsResponse]:
-    """The events of one subscription: catch-up from the log, then live, never a gap or a repeat."""
+) -> AsyncIterator[pb.StreamEventsResponse | bytes]:
+    """The events of one subscription: catch-up from the log, then live, never a gap or a repeat.
+
+    Live events come out already serialized (bytes of a StreamEventsResponse, see Offered):
+    the method's serializer passes bytes through (service/interceptors.py)."""
     sub = await hub.subscribe(positions)
     try:
         # Scopes whose log must be read before live events are trusted: those behind the hub.
@@ -307,10 +333,7 @@ async def stream(
             if seq > expected:
                 pending.add(scope)  # a gap: read the log, which has everything in order
                 continue
-            response = pb.StreamEventsResponse()
-            response.CopyFrom(item)
             sub.positions[scope] = seq
-            response.resume_token = sub.token()
-            yield response
+            yield with_token(item.data, sub.token())
     finally:
         hub.unsubscribe(sub)

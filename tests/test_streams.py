@@ -399,3 +399,17 @@ def test_an_event_committed_without_a_wakeup_is_still_delivered(client: Client) 
     post(client, channel, "after")
     assert contents(reader.take(1)) == ["after"]
     reader.cancel()
+
+
+def test_a_live_event_serialized_once_parses_with_each_streams_token() -> None:
+    from service.streams import with_token
+
+    event = cpb.StreamEventsResponse(type=cpb.EVENT_TYPE_CREATED, scope="channels/x", sequence=7,
+                                     chat_message=cpb.ChatMessage(id="m", content="hello"))
+    shared = event.SerializeToString()
+    for token in ("a", "b" * 300):  # a one-byte and a two-byte length
+        parsed = cpb.StreamEventsResponse.FromString(with_token(shared, token))
+        expected = cpb.StreamEventsResponse()
+        expected.CopyFrom(event)
+        expected.resume_token = token
+        assert parsed == expected

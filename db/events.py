@@ -109,7 +109,11 @@ def purge(session: Session, older_than: dt.datetime) -> int:
 
 def encode_token(positions: dict[str, int]) -> str:
     """Opaque resume token: every followed scope's position, with a checksum against corruption."""
-    raw = ";".join(f"{scope}={seq}" for scope, seq in sorted(positions.items())).encode()
+    if len(positions) == 1:  # the common stream follows one scope: it is sent with every event
+        ((scope, seq),) = positions.items()
+        raw = f"{scope}={seq}".encode()
+    else:
+        raw = ";".join(f"{scope}={seq}" for scope, seq in sorted(positions.items())).encode()
     return base64.urlsafe_b64encode(zlib.crc32(raw).to_bytes(4, "big") + raw).decode().rstrip("=")
 
 

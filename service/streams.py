@@ -44,6 +44,7 @@ RESOURCE_FIELDS = {
     "ConversationMessage": ("conversation_message", pb.ConversationMessage),
 }
 READ_BATCH = 500
+HEARTBEAT_TICK = 0.25  # seconds between the hub's checks for quiet streams
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,18 @@ def _token_field(token: str) -> bytes:
     return pb.StreamEventsResponse(resume_token=token).SerializeToString()
 
 
+# Put on a quiet subscription's queue by the hub's heartbeat task.
+HEARTBEAT = object()
+
+
 @dataclass(eq=False)
 class Subscription:
     """One open stream: its cursor per scope and its bounded inbox."""
 
     positions: dict[str, int]
-    queue: asyncio.Queue[Offered | None]
+    queue: asyncio.Queue[Any]  # Offered, HEARTBEAT, or None (shutting down)
+    heartbeat_seconds: float = 15.0
+    last_sent: float = 0.0  # loop time of the last message the stream sent
     overflowed: bool = False
     closing: bool = False
     stale_scopes: set[str] = field(default_factory=set)
@@ -131,7 +138,7 @@ class ChangeHub:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.db.add_commit_listener(self.on_commit)
-        self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._poll())]
+        self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._poll()), asyncio.create_task(self._heartbeats())]
         if self.db.is_postgres:
             self._listener = threading.Thread(target=self._listen, name="nexus-listen", daemon=True)
             self._listener.start()
@@ -216,6 +223,18 @@ class ChangeHub:
                 continue
             self._mark_dirty([(scope, last) for scope, (last, _) in latest.items()])
 
+    async def _heartbeats(self) -> None:
+        """One timer for all streams (not one per wait): a stream quiet for its heartbeat
+        interval gets a HEARTBEAT on its queue, at most HEARTBEAT_TICK late."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HEARTBEAT_TICK)
+            now = loop.time()
+            for sub in {sub for subs in self._subs.values() for sub in subs}:
+                if now - sub.last_sent >= sub.heartbeat_seconds and sub.queue.empty():
+                    sub.last_sent = now  # one heartbeat per interval, even before it is sent
+                    sub.queue.put_nowait(HEARTBEAT)
+
     async def _dispatch(self) -> None:
         while True:
             await self._wakeup.wait()
@@ -246,10 +265,15 @@ class ChangeHub:
 
     # -------------------------------------------------------------- subscriptions
 
-    async def subscribe(self, positions: dict[str, int]) -> Subscription:
+    async def subscribe(self, positions: dict[str, int], heartbeat_seconds: float | None = None) -> Subscription:
         if self.closed:
             raise errors.Unavailable("the server is shutting down; reconnect", reason="SERVER_SHUTTING_DOWN")
-        sub = Subscription(dict(positions), asyncio.Queue(self.settings.queue_size))
+        sub = Subscription(
+            dict(positions),
+            asyncio.Queue(self.settings.queue_size),
+            heartbeat_seconds or self.settings.default_heartbeat_seconds,
+            asyncio.get_running_loop().time(),
+        )
         new_scopes = [s for s in positions if s not in self._subs]
         for scope in positions:
             self._subs[scope].add(sub)
@@ -287,7 +311,8 @@ async def stream(
 
     Live events come out already serialized (bytes of a StreamEventsResponse, see Offered):
     the method's serializer passes bytes through (service/interceptors.py)."""
-    sub = await hub.subscribe(positions)
+    sub = await hub.subscribe(positions, heartbeat_seconds)
+    loop = asyncio.get_running_loop()
     try:
         # Scopes whose log must be read before live events are trusted: those behind the hub.
         pending = {scope for scope, seq in positions.items() if seq < hub.known(scope)}
@@ -300,6 +325,7 @@ async def stream(
                     response = to_response(event)
                     sub.positions[scope] = event.seq
                     response.resume_token = sub.token()
+                    sub.last_sent = loop.time()
                     yield response
                     if sub.overflowed or sub.closing:
                         break
@@ -315,17 +341,14 @@ async def stream(
                     metadata={"resume_token": sub.token()},
                 )
             try:
-                # The common case (events waiting) costs no timer and no extra task.
-                item = sub.queue.get_nowait()
+                item = sub.queue.get_nowait()  # the common case (events waiting) does not wait
             except asyncio.QueueEmpty:
-                try:
-                    async with asyncio.timeout(heartbeat_seconds):
-                        item = await sub.queue.get()
-                except TimeoutError:
-                    yield pb.StreamEventsResponse(type=pb.EVENT_TYPE_HEARTBEAT, resume_token=sub.token())
-                    continue
+                item = await sub.queue.get()
             if item is None:
                 continue  # the shutdown sentinel; handled at the top of the loop
+            if item is HEARTBEAT:
+                yield pb.StreamEventsResponse(type=pb.EVENT_TYPE_HEARTBEAT, resume_token=sub.token())
+                continue
             scope, seq = item.scope, item.sequence
             expected = sub.positions.get(scope, 0) + 1
             if seq < expected:
@@ -334,6 +357,7 @@ async def stream(
                 pending.add(scope)  # a gap: read the log, which has everything in order
                 continue
             sub.positions[scope] = seq
+            sub.last_sent = loop.time()
             yield with_token(item.data, sub.token())
     finally:
         hub.unsubscribe(sub)

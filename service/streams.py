@@ -78,6 +78,8 @@ class Offered:
     scope: str
     sequence: int
     data: bytes
+    # data with the token of a stream that follows this scope alone: the same for all of them.
+    alone: bytes = b""
 
 
 def with_token(data: bytes, token: str) -> bytes:
@@ -257,7 +259,8 @@ class ChangeHub:
             self._known[scope] = batch[-1].seq
             subs = list(self._subs.get(scope, ()))
             for event in batch:
-                offered = Offered(event.scope, event.seq, to_response(event).SerializeToString())
+                data = to_response(event).SerializeToString()
+                offered = Offered(event.scope, event.seq, data, with_token(data, events.encode_token({event.scope: event.seq})))
                 for sub in subs:
                     sub.offer(offered)
             if len(batch) < READ_BATCH:
@@ -358,6 +361,6 @@ async def stream(
                 continue
             sub.positions[scope] = seq
             sub.last_sent = loop.time()
-            yield with_token(item.data, sub.token())
+            yield item.alone if len(sub.positions) == 1 else with_token(item.data, sub.token())
     finally:
         hub.unsubscribe(sub)

@@ -54,7 +54,6 @@ def emit(session: Session, scope: str, event_type: str, resource_type: str, reso
         index_elements=[StreamScope.scope], set_={"last_seq": StreamScope.last_seq + 1}
     ).returning(StreamScope.last_seq)
     seq = int(session.execute(bump).scalar_one())
-    payload, now = resource.SerializeToString(), utcnow()
     session.execute(
         ChangeEvent.__table__.insert().values(
             scope=scope,
@@ -62,17 +61,14 @@ def emit(session: Session, scope: str, event_type: str, resource_type: str, reso
             event_type=event_type,
             resource_type=resource_type,
             resource_id=resource_id,
-            payload=payload,
-            create_time=now,
+            payload=resource.SerializeToString(),
+            create_time=utcnow(),
         )
     )
     if dialect == "postgresql":
         # Delivered to listeners of every replica when (and only if) this transaction commits.
         session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": NOTIFY_CHANNEL, "payload": f"{scope} {seq}"})
-    # After the commit, this process's hub offers the event as it is (no read back), unless it
-    # was written in a savepoint, which may yet roll back: then it is only told to read the log.
-    stored = None if session.in_nested_transaction() else StoredEvent(scope, seq, event_type, resource_type, payload, now)
-    session.info.setdefault(COMMITTED_EVENTS_KEY, []).append((scope, seq, stored))
+    session.info.setdefault(COMMITTED_EVENTS_KEY, []).append((scope, seq))
     return seq
 
 

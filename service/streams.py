@@ -1,11 +1,9 @@
 """Live event streams: one ChangeHub per process fans the durable change log out to subscribers.
 
-The change log in the database is the source of truth (db/events.py). The hub learns that a scope
-moved on from this process's own commits (which hand it the event itself: the next one of its
-scope is offered without reading it back), from PostgreSQL NOTIFY for other replicas' commits,
-and from a periodic poll that repairs a lost notification. For all but the first it reads the
-new events once. Each event is serialized once and offered to every subscriber of the scope
-through a bounded queue.
+The change log in the database is the source of truth (db/events.py). The hub only learns *that*
+a scope moved on: from this process's own commits, from PostgreSQL NOTIFY for other replicas'
+commits, and from a periodic poll that repairs a lost notification. It then reads the new
+events once and offers them to every subscriber of the scope through a bounded queue.
 
 Each stream keeps its own cursor per scope and takes the next event only if it is exactly
 cursor + 1; anything else (a duplicate from the catch-up race, a gap after an overflow or a
@@ -170,35 +168,18 @@ class ChangeHub:
         if moved:
             self.notify_threadsafe(moved)
 
-    def notify_threadsafe(self, moved: Iterable[tuple[str, int, events.StoredEvent | None]]) -> None:
-        """Called from any thread after a commit (or a NOTIFY) with (scope, seq, event or None)."""
+    def notify_threadsafe(self, moved: Iterable[tuple[str, int]]) -> None:
+        """Called from any thread after a commit (or a NOTIFY) with (scope, seq) pairs."""
         items = list(moved)
         if self._loop is not None and items:
             self._loop.call_soon_threadsafe(self._mark_dirty, items)
 
-    def _mark_dirty(self, items: list[tuple[str, int, events.StoredEvent | None]]) -> None:
-        for scope, seq, event in items:
-            if scope not in self._subs:
-                continue
-            known = self._known.get(scope, 0)
-            if seq <= known:
-                continue
-            if event is not None and seq == known + 1 and scope not in self._dirty:
-                # The next event of the scope, committed by this process: offered as it is.
-                self._offer(event)
-            else:
-                self._dirty.add(scope)  # a gap, or only a wake-up: read the log
+    def _mark_dirty(self, items: list[tuple[str, int]]) -> None:
+        for scope, seq in items:
+            if scope in self._subs and seq > self._known.get(scope, 0):
+                self._dirty.add(scope)
         if self._dirty:
             self._wakeup.set()
-
-    def _offer(self, event: events.StoredEvent) -> None:
-        """Offer an event newer than any the hub offered for its scope to the scope's subscribers
-        (a stream that finds a gap before it reads the log itself)."""
-        self._known[event.scope] = event.seq
-        data = to_response(event).SerializeToString()
-        offered = Offered(event.scope, event.seq, data, with_token(data, events.encode_token({event.scope: event.seq})))
-        for sub in list(self._subs.get(event.scope, ())):
-            sub.offer(offered)
 
     def _listen(self) -> None:
         """LISTEN on a dedicated connection; commits of other replicas wake this hub."""
@@ -221,7 +202,7 @@ class ChangeHub:
                         note = conn.notifies.pop(0)
                         scope, _, seq = note.payload.rpartition(" ")
                         if scope and seq.isdigit():
-                            moved.append((scope, int(seq), None))
+                            moved.append((scope, int(seq)))
                     self.notify_threadsafe(moved)
             except Exception as exc:  # noqa: BLE001 - the listener reconnects; the poll covers the gap
                 if not self._stopping.is_set():
@@ -242,7 +223,7 @@ class ChangeHub:
                 latest = await self.db.run(lambda s: events.last_sequences(s, scopes), write=False)
             except errors.NexusError:
                 continue
-            self._mark_dirty([(scope, last, None) for scope, (last, _) in latest.items()])
+            self._mark_dirty([(scope, last) for scope, (last, _) in latest.items()])
 
     async def _heartbeats(self) -> None:
         """One timer for all streams (not one per wait): a stream quiet for its heartbeat
@@ -275,10 +256,13 @@ class ChangeHub:
                 return
             if not batch:
                 return
+            self._known[scope] = batch[-1].seq
+            subs = list(self._subs.get(scope, ()))
             for event in batch:
-                # Events offered directly (from commits) while the read was under way are skipped.
-                if event.seq > self._known.get(scope, 0):
-                    self._offer(event)
+                data = to_response(event).SerializeToString()
+                offered = Offered(event.scope, event.seq, data, with_token(data, events.encode_token({event.scope: event.seq})))
+                for sub in subs:
+                    sub.offer(offered)
             if len(batch) < READ_BATCH:
                 return
 

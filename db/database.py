@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import random
 import time
@@ -151,6 +152,13 @@ class Database:
         self.engine = create_db_engine(url, self.pool, echo)
         self.dialect = self.engine.dialect.name
         write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        self._writer: Engine | None = None
+        if not self.is_postgres and str(self.engine.url.database or ":memory:") not in ("", ":memory:"):
+            # SQLite has one writer at a time. With one write connection, writers queue in the
+            # pool (woken as soon as it is free) instead of polling the file lock in SQLite's
+            # busy handler, which sleeps between tries and made write latency spiky.
+            self._writer = create_db_engine(url, dataclasses.replace(self.pool, size=1, max_overflow=0), echo)
+            write_engine = self._writer.execution_options(sqlite_begin="IMMEDIATE")
         self.read_engine = self.engine.execution_options(sqlite_begin="NONE")
         if self.is_postgres:
             # Under READ COMMITTED every statement takes its own snapshot, inside a transaction
@@ -279,3 +287,5 @@ class Database:
         self.engine.dispose()
         if self.is_postgres:  # its own pool; on SQLite it shares the engine's
             self.read_engine.dispose()
+        if self._writer is not None:
+            self._writer.dispose()

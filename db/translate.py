@@ -52,6 +52,9 @@ def translate(exc: Exception, resource_type: str = "") -> Exception:
     if isinstance(exc, ValueError) and "NUL" in str(exc):
         # psycopg2 refuses NUL in text parameters before sending them (a plain ValueError).
         return errors.InvalidArgument.field("request", "text must not contain NUL characters")
+    if isinstance(exc, sa_exc.TimeoutError):
+        # No pooled connection came free within DB_POOL_TIMEOUT (on SQLite: the one writer).
+        return errors.Unavailable("every database connection stayed busy; retry later", reason="DATABASE_BUSY")
     if not isinstance(exc, sa_exc.DBAPIError):
         return exc
     state = _sqlstate(exc)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 import uuid
 
 import pytest
@@ -66,3 +67,37 @@ def test_timeout_steps_round_down_by_at_most_a_fifth() -> None:
         step = timeout_step(ms)
         assert step <= ms and step >= ms * 0.8 - 1, (ms, step)
     assert timeout_step(10_000) == timeout_step(9_990)  # steady deadlines map to one value
+
+
+def test_sqlite_writers_queue_for_the_one_write_connection(tmp_path: Path) -> None:
+    """Writes take turns on one connection; one that waits past the pool timeout is UNAVAILABLE
+    (DATABASE_BUSY) and changes nothing, while reads go on meanwhile."""
+    import threading
+
+    database = Database(f"sqlite:///{tmp_path / 'writers.db'}", PoolSettings(size=4, max_overflow=0, timeout=0.5))
+    try:
+        from db.base import Base
+
+        Base.metadata.create_all(database.engine)
+        holding, release = threading.Event(), threading.Event()
+
+        def long_write(session: object) -> None:
+            session.execute(insert(Role).values(id=uuid.uuid4(), name="first", permissions=[]))  # type: ignore[attr-defined]
+            holding.set()
+            release.wait(5)
+
+        writer = threading.Thread(target=lambda: database.run_sync(long_write))
+        writer.start()
+        assert holding.wait(5)
+        assert _count(database, "first") == 0  # a read does not wait for the writer
+        started = time.monotonic()
+        with pytest.raises(errors.Unavailable) as busy:
+            database.run_sync(lambda s: s.execute(insert(Role).values(id=uuid.uuid4(), name="second", permissions=[])))
+        assert busy.value.reason == "DATABASE_BUSY" and 0.4 < time.monotonic() - started < 3
+        release.set()
+        writer.join(5)
+        assert (_count(database, "first"), _count(database, "second")) == (1, 0)
+        database.run_sync(lambda s: s.execute(insert(Role).values(id=uuid.uuid4(), name="second", permissions=[])))
+        assert _count(database, "second") == 1
+    finally:
+        database.dispose()

@@ -383,17 +383,17 @@ def _claim_request_id(session: Session, spec: ResourceSpec, request_id: str, row
     return None
 
 
-def _new_row(spec: ResourceSpec, msg: Message, call: Call, field_prefix: str, *, mapped: bool = True) -> tuple[Any, dict[str, Any], list[str]]:
+def _new_row(spec: ResourceSpec, msg: Message, call: Call, field_prefix: str) -> tuple[Any, dict[str, Any], list[str]]:
     """A validated new row from a create request's resource: (row, loaded values, set fields).
 
-    mapped=False makes a plain object with the same attributes (every column, None when unset)
-    for rows inserted with Core (batch_create): building mapped instances costs more.
+    The row is a plain object with the model's attributes (every column, None when unset), for
+    insert_rows: a mapped instance would cost more to build and is never flushed.
     """
     names = [n for n in spec.creatable if spec.codecs[n].present(msg)]
     check_field_rights(spec, names, field_prefix)
     values = _load_fields(spec, msg, names, field_prefix)
     set_values = {k: v for k, v in values.items() if v is not None}
-    row = spec.model(**set_values) if mapped else reading.row_class(spec)({**_empty_row(spec), **set_values})
+    row = reading.row_class(spec)({**_empty_row(spec), **set_values})
     row.id = uuid7()
     _apply_defaults(spec, row)
     if spec.owner_field and getattr(row, spec.owner_field) is None and call.actor_user_id is not None:
@@ -419,7 +419,7 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
         if earlier is not None:
             return earlier
     field_prefix = f"{prefix}{spec.singular_field}."
-    row, values, names = _new_row(spec, getattr(request, spec.singular_field), call, field_prefix, mapped=False)
+    row, values, names = _new_row(spec, getattr(request, spec.singular_field), call, field_prefix)
     check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), True, call)
@@ -446,7 +446,7 @@ def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call)
     loaded = []
     for i, sub in enumerate(requests):
         field_prefix = f"requests[{i}].{spec.singular_field}."
-        row, values, names = _new_row(spec, getattr(sub, spec.singular_field), call, field_prefix, mapped=False)
+        row, values, names = _new_row(spec, getattr(sub, spec.singular_field), call, field_prefix)
         if spec.before_write is not None:
             spec.before_write(session, row, set(names), True, call)
         rows.append(row)

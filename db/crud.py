@@ -131,9 +131,7 @@ def visible_id(session: Session, spec: ResourceSpec, raw_id: str, field_path: st
 
 def check_managed(session: Session, spec: ResourceSpec, row: Any) -> None:
     """After a write: the caller must still manage the row it created or changed."""
-    allowed = _predicate(spec, write=True)
-    if allowed is not None and session.scalar(select(spec.table.c.id).where(spec.table.c.id == row.id, allowed)) is None:
-        raise denied(spec, str(row.id), True)
+    check_managed_together(session, spec, [row])
 
 
 def check_managed_together(session: Session, spec: ResourceSpec, rows: list[Any]) -> None:
@@ -299,19 +297,7 @@ def _load_fields(spec: ResourceSpec, msg: Message, names: Iterable[str], prefix:
 
 def check_references(session: Session, spec: ResourceSpec, values: dict[str, Any], prefix: str = "") -> None:
     """NOT_FOUND naming the field when a referenced resource does not exist (or is deleted)."""
-    for field_name, target_name in spec.references.items():
-        attr = spec.codecs[field_name].attr
-        value = values.get(attr) if attr else None
-        if value is None:
-            continue
-        target = REGISTRY[target_name]
-        stmt = select(target.table.c.id).where(target.table.c.id == value)
-        if target.soft_delete:
-            stmt = stmt.where(target.table.c.delete_time.is_(None))
-        # FOR SHARE (PostgreSQL): a concurrent delete of the target waits for this write to commit.
-        stmt = stmt.with_for_update(read=True)
-        if session.scalar(stmt) is None:
-            raise errors.NotFound.resource(target.name, str(value), prefix + field_name)
+    check_references_together(session, spec, [(values, prefix)])
 
 
 def check_references_together(session: Session, spec: ResourceSpec, loaded: list[tuple[dict[str, Any], str]]) -> None:
@@ -326,6 +312,7 @@ def check_references_together(session: Session, spec: ResourceSpec, loaded: list
         stmt = select(target.table.c.id).where(target.table.c.id.in_(wanted))
         if target.soft_delete:
             stmt = stmt.where(target.table.c.delete_time.is_(None))
+        # FOR SHARE (PostgreSQL): a concurrent delete of a target waits for this write to commit.
         found = set(session.scalars(stmt.with_for_update(read=True)))
         if len(found) == len(wanted):
             continue

@@ -187,7 +187,7 @@ def _entry(spec: ResourceSpec, obj: Any, action: str, changes: list[dict[str, An
 
 
 def record_inserted(session: Session, spec: ResourceSpec, rows: list[dict[str, Any]]) -> None:
-    """Audit rows the engine inserted without the ORM (crud.batch_create): one INSERT for all."""
+    """Audit rows crud.insert_rows inserted without the ORM: one INSERT for all their entries."""
     if not spec.audited or not rows:
         return
     now = utcnow()

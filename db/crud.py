@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, lazyload
 
 from db import errors, events, policy, reading
-from db.base import utcnow, uuid7
+from db.base import UTCDateTime, utcnow, uuid7
 from db.codecs import parse_uuid
 from db.models import RequestRecord
 from db.paging import (
@@ -100,14 +100,19 @@ def fetch(
     if spec.load_options:
         stmt = stmt.options(*spec.load_options)
     if not relations:
-        # The caller does not change the relations: they load only if touched (see updated_view).
+        # The caller does not change the relations: they load only if touched (see _with_relations).
         stmt = stmt.options(*(lazyload(getattr(spec.model, key)) for key in spec.relation_fields))
     if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
         stmt = stmt.with_for_update(of=spec.table)
-    row = session.scalars(stmt).one_or_none()
+    return found(spec, session.scalars(stmt).one_or_none(), raw_id, allowed, show_deleted=show_deleted, write=lock, field_path=field_path)
+
+
+def found(spec: ResourceSpec, row: Any, raw_id: str, allowed: Any, *, show_deleted: bool, write: bool, field_path: str) -> Any:
+    """row, if the lookup found it: else PERMISSION_DENIED when a row rule applies (hidden ids do
+    not leak), NOT_FOUND otherwise; a soft-deleted row counts as absent unless show_deleted."""
     if row is None or (spec.soft_delete and row.delete_time is not None and not show_deleted):
         if allowed is not None and row is None:
-            raise denied(spec, raw_id, lock)
+            raise denied(spec, raw_id, write)
         raise errors.NotFound.resource(spec.name, raw_id, field_path)
     return row
 
@@ -179,11 +184,7 @@ def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
         row = reading.load_by_id(session, spec, row_id)
     else:
         row = reading.load_one(session, spec, spec.table.c.id == row_id, allowed)
-    if row is None or (spec.soft_delete and row.delete_time is not None and not show_deleted):
-        if allowed is not None and row is None:
-            raise denied(spec, raw_id, False)
-        raise errors.NotFound.resource(spec.name, raw_id, "id")
-    return spec.to_proto(row, mask)
+    return spec.to_proto(found(spec, row, raw_id, allowed, show_deleted=show_deleted, write=False, field_path="id"), mask)
 
 
 def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Message]:
@@ -419,8 +420,8 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
 
 def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
     """All or nothing (AIP-233). Without request ids the rows are written together: validated
-    one by one, then one reference query per referencing field, one flush (one multi-row INSERT
-    for the rows and one for their audit entries) and one check of the caller's rights."""
+    one by one, then one reference query per referencing field and insert_rows (one INSERT for
+    the rows, one for their audit entries, one check of the caller's rights)."""
     requests = list(request.requests)
     if not requests:
         raise errors.InvalidArgument.field("requests", "must hold at least one request", reason="REQUIRED_FIELD")
@@ -465,9 +466,9 @@ def insert_rows(session: Session, spec: ResourceSpec, rows: list[Any]) -> list[M
     return [publish(session, spec, row, events.CREATED, spec.to_proto(row)) for row in rows]
 
 
-# Called as listener(session, spec, column values of each row) after rows are inserted with
-# Core instead of the ORM (batch_create): db/audit.py records them as the flush would have. The
-# values are those a flush would see: before the column defaults computed at INSERT time.
+# Called as listener(session, spec, column values of each row) after insert_rows inserted them
+# with Core instead of the ORM: db/audit.py records them as the flush would have. The values
+# are those a flush would see: before the column defaults computed at INSERT time.
 INSERT_LISTENERS: list[Callable[[Session, ResourceSpec, list[dict[str, Any]]], None]] = []
 _NOW = object()
 
@@ -479,7 +480,8 @@ def _insert_default(column: Any) -> Any:
     if default.is_scalar:
         return default.arg
     if default.is_callable:
-        return _NOW if column.key in ("create_time", "update_time") else default.arg
+        # Every timestamp default of one call is the same instant; others (ids, JSON) per row.
+        return _NOW if isinstance(column.type, UTCDateTime) else default.arg
     return None
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
-from sqlalchemy import func, insert, select
+from sqlalchemy import Uuid, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, lazyload
 
@@ -199,10 +199,10 @@ def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Messag
     allowed = _predicate(spec, write=False)
     if allowed is not None:
         stmt = stmt.where(allowed)
-    rows = {row.id: row for row in reading.load_rows(session, spec, stmt)}
+    rows = {row.id: row for row in reading.load_rows(session, spec, stmt)}  # ids as text
     out = []
     for i, row_id in enumerate(parsed):
-        row = rows.get(row_id)
+        row = rows.get(str(row_id))
         if row is None and allowed is not None:
             raise denied(spec, ids[i], False)
         if row is None or (spec.soft_delete and row.delete_time is not None):
@@ -244,9 +244,15 @@ def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) ->
     if len(rows) > size:
         rows = rows[:size]
         last = rows[-1]
-        next_token = encode_token(query_fp, after=[getattr(last, spec.table.c[k.field].key) for k in keys])
+        next_token = encode_token(query_fp, after=[_key_value(last, spec.table.c[k.field]) for k in keys])
     total = session.scalar(select(func.count()).select_from(spec.table).where(*conditions)) or 0
     return [spec.to_proto(r) for r in rows], next_token, int(total)
+
+
+def _key_value(row: Any, column: Any) -> Any:
+    """row's value of an order key, as the column binds it (the read path has ids as text)."""
+    value = getattr(row, column.key)
+    return uuid.UUID(value) if isinstance(value, str) and isinstance(column.type, Uuid) else value
 
 
 def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[tuple[Message, float]], str, int]:
@@ -552,7 +558,8 @@ def _with_relations(session: Session, spec: ResourceSpec, row: Any) -> Any:
             setattr(view, key, list(getattr(row, key)))
     for loader in reading.relation_loaders(spec):
         if loader.key in unloaded:
-            setattr(view, loader.key, loader.load(session, [row.id]).get(row.id, []))
+            row_id = str(row.id)
+            setattr(view, loader.key, loader.load(session, [row_id]).get(row_id, []))
     return view
 
 

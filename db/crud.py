@@ -238,15 +238,21 @@ def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) ->
         if "k" not in payload:
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         page_conditions.append(keyset_after(keys, payload["k"]))
+    count = select(func.count()).select_from(spec.table).where(*conditions).correlate(None)
+    # total_size rides on the page's rows: an uncorrelated subquery, which both engines evaluate
+    # once; one statement, one round trip, and on PostgreSQL's autocommit reads the count comes
+    # from the page's own snapshot. An empty page counts on its own.
+    stmt = stmt.add_columns(count.scalar_subquery().label("total_size"))
     stmt = stmt.where(*page_conditions).order_by(*order_clauses(keys)).limit(size + 1)
-    rows = reading.load_rows(session, spec, stmt)
+    found = reading.load_rows(session, spec, stmt, extra=1)
+    total = found[0][1] if found else session.connection().execute(count).scalar()
+    rows = [row for row, _ in found]
     next_token = ""
     if len(rows) > size:
         rows = rows[:size]
         last = rows[-1]
         next_token = encode_token(query_fp, after=[_key_value(last, spec.table.c[k.field]) for k in keys])
-    total = session.scalar(select(func.count()).select_from(spec.table).where(*conditions)) or 0
-    return [spec.to_proto(r) for r in rows], next_token, int(total)
+    return [spec.to_proto(r) for r in rows], next_token, int(total or 0)
 
 
 def _key_value(row: Any, column: Any) -> Any:

@@ -195,7 +195,7 @@ def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Messag
         raise errors.InvalidArgument.field("ids", f"at most {MAX_BATCH} ids per call", reason="BATCH_TOO_LARGE")
     mask = read_mask_paths(spec, request.read_mask.paths)
     parsed = [parse_uuid(raw, f"ids[{i}]") for i, raw in enumerate(ids)]
-    stmt = reading.select_rows(spec).where(spec.table.c.id.in_(set(parsed)))
+    stmt = reading.select_rows(spec, reading.dialect_of(session)).where(spec.table.c.id.in_(set(parsed)))
     allowed = _predicate(spec, write=False)
     if allowed is not None:
         stmt = stmt.where(allowed)
@@ -221,7 +221,7 @@ def _base_query(session: Session, spec: ResourceSpec, filter_text: str, show_del
     allowed = _predicate(spec, write=False)
     if allowed is not None:
         conditions.append(allowed)
-    return reading.select_rows(spec), conditions
+    return reading.select_rows(spec, call.dialect), conditions
 
 
 def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[Message], str, int]:
@@ -275,7 +275,7 @@ def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tu
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         offset = payload["o"]
     score = terms.score.label("score")
-    stmt = select(*reading.columns(spec), score)
+    stmt = select(*reading.columns(spec, call.dialect), score)
     count = select(func.count()).select_from(spec.table)
     if terms.join is not None:
         target, on = terms.join

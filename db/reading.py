@@ -1,19 +1,23 @@
-"""The read path: rows fetched with SQLAlchemy Core, their relations in one query per relation.
+"""The read path: rows fetched with SQLAlchemy Core, with their relations, in one statement.
 
 Get, BatchGet, List and Search answer from plain rows: the ORM's identity map, instance state
 and selectin machinery cost more Python per row than the SQL does (bench/README.md). A `Loaded`
 row carries the column values as attributes, as a mapped instance would, plus each relation the
-output needs as a list of rows, so the same codecs turn either into a message. Ids come as text
-(`id_text`), the form the messages carry; code that binds one back to a Uuid column parses it.
+output needs as a list of rows, so the same codecs turn either into a message. Each relation
+comes as one JSON array per row from a correlated subquery (RelationLoader.aggregate), so a Get,
+a page (with its total_size) or a search is one statement. Ids come as text (`id_text`), the
+form the messages carry; code that binds one back to a Uuid column parses it.
 """
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, Uuid, bindparam, inspect, select
+from sqlalchemy import String, Uuid, bindparam, func, inspect, literal_column, select
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
@@ -82,13 +86,18 @@ def row_class(spec: ResourceSpec) -> type[Loaded]:
     return type(f"Loaded{spec.name}", (Loaded,), extras)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RelationLoader:
-    """Loads one many-to-many relation for a set of parent ids, in the relationship's order."""
+    """One many-to-many relation of a resource: read with the rows it belongs to (aggregate), or
+    for a set of parent ids on its own (load)."""
 
     key: str
-    statement: Any  # parent id (text) as column 0, then the target's columns; :ids is expanding
-    join: Any  # (the parent table joined to the related rows, their columns (ids as text), their order)
+    names: tuple[str, ...]  # the columns of a related row the output reads
+    statement: Any  # load's: parent id (text) as column 0, then the target's columns; :ids is expanding
+    source: Any  # the association table, joined to the target table when its columns are read
+    parent: tuple[Any, Any]  # (the parent's primary key, the association table's column for it)
+    targets: tuple[Any, ...]  # the related rows' columns, as stored
+    order: tuple[Any, ...]
 
     def load(self, session: Session, ids: Sequence[str]) -> dict[str, list[Any]]:
         """The related rows of each parent, by the parent's id as text (as Loaded rows carry it)."""
@@ -97,6 +106,28 @@ class RelationLoader:
             for row in session.connection().execute(self.statement, {"ids": list(ids)}):
                 out.setdefault(row[0], []).append(row)
         return out
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - loaders live as long as the process
+    def aggregate(self, dialect: str) -> Any:
+        """The related rows of the enclosing statement's row as one JSON array of [column, ...]
+        arrays: a correlated subquery, so rows and their relations come in one statement and,
+        on PostgreSQL's autocommit reads, from one snapshot. SQLite (3.40) cannot order inside
+        an aggregate; every output of a relation sorts its values itself."""
+        parent_pk, parent_fk = self.parent
+        if dialect == "postgresql":
+            # json_build_array writes a uuid as its canonical text.
+            item = func.json_build_array(*self.targets)
+            agg = func.json_agg(aggregate_order_by(item, *self.order)) if self.order else func.json_agg(item)
+            value = func.coalesce(agg, literal_column("'[]'::json"))
+        else:
+            value = func.json_group_array(func.json_array(*(id_text(c) if isinstance(c.type, Uuid) else c for c in self.targets)))
+        stmt = select(value).select_from(self.source).where(parent_fk == parent_pk).correlate(parent_pk.table)
+        return stmt.scalar_subquery().label(f"{self.key}_rows")
+
+    def rows(self, value: Any) -> list[Loaded]:
+        """Loaded related rows from aggregate's value (parsed by psycopg2, JSON text on SQLite)."""
+        items = json.loads(value) if isinstance(value, str) else value or ()
+        return [Loaded(dict(zip(self.names, item))) for item in items]
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,21 +141,19 @@ def relation_loaders(spec: ResourceSpec) -> tuple[RelationLoader, ...]:
         ((target_pk, target_fk),) = rel.secondary_synchronize_pairs
         names = spec.relation_columns.get(key, ("id",))
         order_names = [c.key for c in rel.order_by or ()]
-        joined = spec.table.outerjoin(secondary, parent_pk == parent_fk)
         if names == ("id",) and order_names in ([], ["id"]):
             # Only the ids, ordered by id: the association table alone answers.
-            columns, order = [id_text(target_fk).label("id")], [target_fk]
-            stmt = select(id_text(parent_fk), *columns)
+            source: Any = secondary
+            targets, order = [target_fk], [target_fk]
         else:
             # An alias, so a relation of a table to itself can join it a second time.
             target = rel.mapper.local_table.alias(f"related_{key}")
-            target_pk = target.c[target_pk.key]
-            columns = [as_read(target.c[name]) for name in names]
+            source = secondary.join(target, target.c[target_pk.key] == target_fk)
+            targets = [target.c[name] for name in names]
             order = [target.c[name] for name in order_names]
-            stmt = select(id_text(parent_fk), *columns).join_from(secondary, target, target_pk == target_fk)
-            joined = joined.outerjoin(target, target_pk == target_fk)
+        stmt = select(id_text(parent_fk), *(as_read(c).label(n) for c, n in zip(targets, names))).select_from(source)
         stmt = stmt.where(parent_fk.in_(bindparam("ids", type_=ID_TEXT, expanding=True))).order_by(parent_fk, *order)
-        out.append(RelationLoader(key, stmt, (joined, columns, order)))
+        out.append(RelationLoader(key, tuple(names), stmt, source, (parent_pk, parent_fk), tuple(targets), tuple(order)))
     return tuple(out)
 
 
@@ -162,8 +191,8 @@ def prepared_get(spec: ResourceSpec, dialect: Any) -> PreparedGet:
     prepared = _PREPARED.get(key)
     if prepared is None:
         id_type = spec.table.c.id.type
-        stmt, selected = _get_statement(spec, spec.table.c.id == bindparam("pk", type_=id_type))
-        compiled = stmt.compile(dialect=dialect)
+        selected = columns(spec, dialect.name)
+        compiled = select(*selected).where(spec.table.c.id == bindparam("pk", type_=id_type)).compile(dialect=dialect)
         prepared = PreparedGet(
             sql=str(compiled),
             bind_names=tuple(compiled.positiontup or ()) if compiled.positional else (),
@@ -175,82 +204,58 @@ def prepared_get(spec: ResourceSpec, dialect: Any) -> PreparedGet:
     return prepared
 
 
-def _get_statement(spec: ResourceSpec, *conditions: Any) -> tuple[Any, list[Any]]:
-    """The statement of load_one and the columns it selects (the table's, then the first relation's)."""
-    loaders = relation_loaders(spec)
-    if not loaders:
-        return select_rows(spec).where(*conditions), columns(spec)
-    joined, related, order = loaders[0].join
-    selected = [*columns(spec), *related]
-    return select(*selected).select_from(joined).where(*conditions).order_by(*order), selected
+def dialect_of(session: Session) -> str:
+    bind = session.get_bind()
+    return bind.dialect.name
 
 
 def load_by_id(session: Session, spec: ResourceSpec, row_id: Any) -> Loaded | None:
     """load_one(spec.table.c.id == row_id), through the prepared statement."""
     conn = session.connection()
     prepared = prepared_get(spec, conn.dialect)
-    result = prepared.process(conn.exec_driver_sql(prepared.sql, prepared.params(row_id)))
-    return _assemble(session, spec, result)
+    rows = _loaded(spec, prepared.process(conn.exec_driver_sql(prepared.sql, prepared.params(row_id))))
+    return rows[0] if rows else None
 
 
 def load_one(session: Session, spec: ResourceSpec, *conditions: Any) -> Loaded | None:
-    """The one row matching conditions (a primary-key lookup), with its relations.
-
-    The first relation comes in the same query (an outer join: one result row per related
-    row), the others with a query each: a Get is one round trip for most resources.
-    """
-    stmt, _ = _get_statement(spec, *conditions)
-    return _assemble(session, spec, session.connection().execute(stmt).all())
+    """The one row matching conditions (a primary-key lookup), with its relations: one statement."""
+    rows = load_rows(session, spec, select_rows(spec, dialect_of(session)).where(*conditions))
+    return rows[0] if rows else None
 
 
-def _assemble(session: Session, spec: ResourceSpec, result: Sequence[Sequence[Any]]) -> Loaded | None:
-    """The Loaded row from load_one's result rows (one per row of the joined relation)."""
-    if not result:
-        return None
-    width = len(spec.table.c)
-    row = row_class(spec)(dict(zip([c.key for c in spec.table.c], result[0][:width])))
-    loaders = relation_loaders(spec)
-    if loaders:
-        first = loaders[0]
-        names = [c.key for c in first.join[1]]
-        setattr(row, first.key, [Loaded(dict(zip(names, r[width:]))) for r in result if r[width] is not None])
-        for loader in loaders[1:]:
-            setattr(row, loader.key, loader.load(session, [row.id]).get(row.id, []))
-    return row
+def _loaded(spec: ResourceSpec, rows: Sequence[Sequence[Any]]) -> list[Loaded]:
+    """Loaded rows from result rows of `columns(spec, ...)`: the table's, then each relation's."""
+    keys = [c.key for c in spec.table.c]
+    width = len(keys)
+    make = row_class(spec)
+    loaded = [make(dict(zip(keys, row[:width]))) for row in rows]
+    for i, loader in enumerate(relation_loaders(spec)):
+        for item, row in zip(loaded, rows):
+            setattr(item, loader.key, loader.rows(row[width + i]))
+    return loaded
 
 
 def load_rows(session: Session, spec: ResourceSpec, stmt: Any, extra: int = 0) -> list[Any]:
-    """Execute stmt (the table's columns first, then `extra` more) and attach the relations.
-
-    Returns Loaded rows, or (Loaded, extra values...) tuples when extra > 0.
-    """
+    """Execute stmt (`columns(spec, ...)` first, then `extra` more): Loaded rows with their
+    relations, or (Loaded, extra values...) tuples when extra > 0."""
     # Core statements on the session's connection: the ORM's execute path (autoflush, events,
     # ORM compile state) costs more than the query on a primary-key read.
-    result = session.connection().execute(stmt)
-    keys = [c.key for c in spec.table.c]
-    width = len(keys)
-    rows = result.all()
-    make = row_class(spec)
-    loaded = [make(dict(zip(keys, row[:width]))) for row in rows]
-    loaders = relation_loaders(spec)
-    if loaders and loaded:
-        ids = [row.id for row in loaded]
-        for loader in loaders:
-            related = loader.load(session, ids)
-            for row in loaded:
-                setattr(row, loader.key, related.get(row.id, []))
+    rows = session.connection().execute(stmt).all()
+    loaded = _loaded(spec, rows)
     if extra:
+        width = len(spec.table.c) + len(relation_loaders(spec))
         return [(item, *row[width:]) for item, row in zip(loaded, rows)]
     return loaded
 
 
-def columns(spec: ResourceSpec) -> list[Any]:
-    """The table's columns as the read path selects them (ids as text), in the order load_rows
-    expects them."""
-    return [as_read(c) for c in spec.table.c]
+@functools.lru_cache(maxsize=None)
+def columns(spec: ResourceSpec, dialect: str) -> tuple[Any, ...]:
+    """What the read path selects, in the order load_rows expects: the table's columns (ids as
+    text), then each relation's rows as one aggregated value (RelationLoader.aggregate)."""
+    return (*(as_read(c) for c in spec.table.c), *(loader.aggregate(dialect) for loader in relation_loaders(spec)))
 
 
 @functools.lru_cache(maxsize=None)
-def select_rows(spec: ResourceSpec) -> Any:
-    """SELECT of the table's columns, built once (statements are immutable; .where() copies)."""
-    return select(*columns(spec))
+def select_rows(spec: ResourceSpec, dialect: str) -> Any:
+    """SELECT of columns(spec, dialect), built once (statements are immutable; .where() copies)."""
+    return select(*columns(spec, dialect))

@@ -4,7 +4,8 @@ A `before_flush` listener on every session sees all new, changed and deleted res
 whatever code path changed them (standard methods, custom methods, the seed) — and writes one
 AuditLogEntry per row per flush, with the changed fields' old and new values, secrets masked.
 New rows of the standard Create / BatchCreate are inserted with Core, not flushed
-(crud.insert_rows): `record_inserted` writes their entries, the same ones, in one INSERT.
+(crud.insert_rows): `record_inserted` writes their entries, the same ones, in one INSERT; the
+standard Update changes its row with a Core UPDATE (crud.update): `record_updated` writes its entry.
 Nothing here is per resource: the registry's codecs map columns back to API field names.
 """
 from __future__ import annotations
@@ -123,26 +124,13 @@ def _created_changes(spec: ResourceSpec, values: dict[str, Any]) -> list[dict[st
     return list(merged.values())
 
 
-def _changes(spec: ResourceSpec, obj: Any, mode: str) -> list[dict[str, Any]]:
-    state = inspect(obj)
-    if mode == "create":
-        return _created_changes(spec, {attr.key: getattr(obj, attr.key) for attr in state.mapper.column_attrs})
+def _column_changes(spec: ResourceSpec, columns: list[tuple[str, Any, Any, bool]], mode: str) -> dict[str, dict[str, Any]]:
+    """The changed fields from (column key, old, new, changed?) in the mapper's order, keyed by
+    API field: bookkeeping left out, secrets masked, a field of two columns (Money) once."""
     fields = _field_names(spec)
     merged: dict[str, dict[str, Any]] = {}
-    for attr in state.mapper.column_attrs:
-        key = attr.key
-        if key in _NOISE:
-            continue
-        history = state.attrs[key].history
-        if mode == "create":
-            old, new, changed = None, getattr(obj, key), getattr(obj, key) is not None
-        elif mode == "delete":
-            old, new, changed = getattr(obj, key), None, True
-        else:
-            changed = history.has_changes()
-            old = history.deleted[0] if history.deleted else (history.unchanged[0] if history.unchanged else None)
-            new = history.added[0] if history.added else getattr(obj, key)
-        if not changed:
+    for key, old, new, changed in columns:
+        if key in _NOISE or not changed:
             continue
         if key in _SECRET_COLUMNS:
             merged[_SECRET_COLUMNS[key]] = {"field": _SECRET_COLUMNS[key], "old_value": MASK if old is not None else None,
@@ -156,6 +144,30 @@ def _changes(spec: ResourceSpec, obj: Any, mode: str) -> list[dict[str, Any]]:
         if old == new and mode == "update":
             continue
         merged[field_name] = {"field": field_name, "old_value": _plain(old), "new_value": _plain(new)}
+    return merged
+
+
+def updated_changes(spec: ResourceSpec, old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
+    """The changes of an update from the row's column values before and after it."""
+    columns = [(key, old.get(key), new.get(key), old.get(key) != new.get(key)) for key in _column_keys(spec)]
+    return list(_column_changes(spec, columns, "update").values())
+
+
+def _changes(spec: ResourceSpec, obj: Any, mode: str) -> list[dict[str, Any]]:
+    state = inspect(obj)
+    if mode == "create":
+        return _created_changes(spec, {attr.key: getattr(obj, attr.key) for attr in state.mapper.column_attrs})
+    columns = []
+    for attr in state.mapper.column_attrs:
+        key = attr.key
+        if mode == "delete":
+            columns.append((key, getattr(obj, key), None, True))
+            continue
+        history = state.attrs[key].history
+        old = history.deleted[0] if history.deleted else (history.unchanged[0] if history.unchanged else None)
+        new = history.added[0] if history.added else getattr(obj, key)
+        columns.append((key, old, new, history.has_changes()))
+    merged = _column_changes(spec, columns, mode)
     if mode == "update":
         for key, (field_name, label) in spec.relation_fields.items():
             history = state.attrs[key].history
@@ -201,6 +213,26 @@ def record_inserted(session: Session, spec: ResourceSpec, rows: list[dict[str, A
 
 
 crud.INSERT_LISTENERS.append(record_inserted)
+
+
+def record_updated(session: Session, spec: ResourceSpec, row_id: Any, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Audit a row crud.update changed with a Core UPDATE: the entry the flush would have written."""
+    if not spec.audited:
+        return
+    changes = updated_changes(spec, old, new)
+    if not changes:
+        return
+    action = "update"
+    deleted = next((c for c in changes if c["field"] == "delete_time"), None)
+    if deleted is not None:
+        action = "delete" if deleted["new_value"] is not None else "undelete"
+    entry = {**_entry_values(spec, row_id, action, changes), "id": uuid7(), "create_time": utcnow()}
+    session.connection().execute(insert(AuditLogEntry.__table__), [entry])
+    if spec.name in _CREDENTIAL_RESOURCES:
+        session.info[CREDENTIALS_CHANGED_KEY] = True
+
+
+crud.UPDATE_LISTENERS.append(record_updated)
 
 
 _audited: dict[type, ResourceSpec] = {}

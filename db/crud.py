@@ -15,8 +15,9 @@ from typing import Any
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 from sqlalchemy import Uuid, func, insert, select
+from sqlalchemy import update as sa_update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, lazyload
+from sqlalchemy.orm import Session
 
 from db import errors, events, policy, reading
 from db.base import UTCDateTime, utcnow, uuid7
@@ -83,7 +84,6 @@ def denied(spec: ResourceSpec, raw_id: str, write: bool) -> errors.PermissionDen
 
 def fetch(
     session: Session, spec: ResourceSpec, raw_id: str, *, show_deleted: bool = False, field_path: str = "id", lock: bool = False,
-    relations: bool = True,
 ) -> Any:
     """The row with that id, or NOT_FOUND with ResourceInfo (soft-deleted rows count as absent).
 
@@ -99,9 +99,6 @@ def fetch(
         stmt = stmt.where(allowed)
     if spec.load_options:
         stmt = stmt.options(*spec.load_options)
-    if not relations:
-        # The caller does not change the relations: they load only if touched (see _with_relations).
-        stmt = stmt.options(*(lazyload(getattr(spec.model, key)) for key in spec.relation_fields))
     if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
         stmt = stmt.with_for_update(of=spec.table)
     return found(spec, session.scalars(stmt).one_or_none(), raw_id, allowed, show_deleted=show_deleted, write=lock, field_path=field_path)
@@ -533,13 +530,17 @@ def check_etag(row: Any, etag: str, field_path: str) -> None:
 
 
 def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:
+    """The standard Update, with Core statements: the row locked and read, one UPDATE (which
+    also answers the row's relations, read under the lock), one audit INSERT (UPDATE_LISTENERS).
+    Without a change nothing is written, as a flush would write nothing."""
     msg = getattr(request, spec.singular_field)
     field_prefix = f"{spec.singular_field}."
     names = update_paths(spec, msg, request.update_mask.paths)
     check_field_rights(spec, names, field_prefix)
-    row = fetch(session, spec, msg.id, field_path=field_prefix + "id", lock=True, relations=False)
-    check_etag(row, msg.etag, field_prefix + "etag")
+    before = _fetch_for_update(session, spec, msg.id, field_prefix + "id")
+    check_etag(before, msg.etag, field_prefix + "etag")
     values = _load_fields(spec, msg, names, field_prefix)
+    row = reading.row_class(spec)(dict(before.__dict__))
     for key, value in values.items():
         setattr(row, key, value)
     _apply_defaults_for_cleared(spec, row, values)
@@ -547,26 +548,55 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), False, call)
-    session.flush()
+    keys = [c.key for c in spec.table.c]
+    old = {key: getattr(before, key) for key in keys}
+    new = {key: getattr(row, key) for key in keys}
+    changed = {key: value for key, value in new.items() if value != old[key]}
+    loaders = reading.relation_loaders(spec)
+    related = [loader.aggregate(call.dialect) for loader in loaders]
+    table = spec.table
+    if changed:
+        changed["update_time"] = new["update_time"] = row.update_time = utcnow()
+        changed["revision"] = new["revision"] = row.revision = before.revision + 1
+        stmt = sa_update(table).where(table.c.id == before.id, table.c.revision == before.revision).values(changed)
+        result = session.connection().execute(stmt.returning(table.c.revision, *related))
+        answered = result.first()
+        if answered is None:  # what the ORM reports as StaleDataError; the row lock prevents it
+            raise errors.Aborted(
+                "the resource changed while it was being updated; read it again and retry",
+                reason="CONCURRENT_MODIFICATION",
+                metadata={"resource_type": spec.name},
+            )
+        for listener in UPDATE_LISTENERS:
+            listener(session, spec, before.id, old, new)
+        relation_values = answered[1:]
+    else:
+        relation_values = session.connection().execute(select(*related).where(table.c.id == before.id)).one() if related else ()
+    for loader, value in zip(loaders, relation_values):
+        setattr(row, loader.key, loader.rows(value))
     check_managed(session, spec, row)
-    return publish(session, spec, row, events.UPDATED, spec.to_proto(_with_relations(session, spec, row)))
+    return publish(session, spec, row, events.UPDATED, spec.to_proto(row))
 
 
-def _with_relations(session: Session, spec: ResourceSpec, row: Any) -> Any:
-    """row, or a plain copy of it with its relations read by db/reading.py (one Core query each)
-    when the ORM has not loaded them: cheaper than the ORM's own load of the collections."""
-    unloaded = [key for key in spec.relation_fields if key not in row.__dict__]
-    if not unloaded:
-        return row
-    view = reading.row_class(spec)({c.key: getattr(row, c.key) for c in spec.table.c})
-    for key in spec.relation_fields:
-        if key in row.__dict__:
-            setattr(view, key, list(getattr(row, key)))
-    for loader in reading.relation_loaders(spec):
-        if loader.key in unloaded:
-            row_id = str(row.id)
-            setattr(view, loader.key, loader.load(session, [row_id]).get(row_id, []))
-    return view
+def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_path: str) -> Any:
+    """fetch(lock=True) without the ORM: the row's column values (ids as uuid.UUID) as a plain
+    row, locked on PostgreSQL; PERMISSION_DENIED or NOT_FOUND as fetch answers them."""
+    row_id = parse_uuid(raw_id, field_path)
+    table = spec.table
+    stmt = select(*table.c).where(table.c.id == row_id)
+    allowed = _predicate(spec, write=True)
+    if allowed is not None:
+        stmt = stmt.where(allowed)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(of=table)
+    found_row = session.connection().execute(stmt).first()
+    row = None if found_row is None else reading.row_class(spec)(dict(zip([c.key for c in table.c], found_row)))
+    return found(spec, row, raw_id, allowed, show_deleted=False, write=True, field_path=field_path)
+
+
+# Called as listener(session, spec, row id, column values before, column values after) when
+# update changed a row with Core: db/audit.py records the change as a flush would have.
+UPDATE_LISTENERS: list[Callable[[Session, ResourceSpec, Any, dict[str, Any], dict[str, Any]], None]] = []
 
 
 def _apply_defaults_for_cleared(spec: ResourceSpec, row: Any, values: dict[str, Any]) -> None:

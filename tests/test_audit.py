@@ -84,6 +84,19 @@ def test_failed_calls_write_nothing(client: Client) -> None:
     assert same_name.total_size == 1, "the refused duplicate left no entry"
 
 
+
+def test_an_update_that_changes_nothing_writes_nothing(client: Client) -> None:
+    task = new_task(client)
+    same = client.work.UpdateTask(wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, title=task.title), update_mask=mask("title")))
+    assert same == task, "same etag, same update_time"
+    assert [e.action for e in entries_for(client, task.id)] == [spb.AUDIT_ACTION_CREATE]
+    done = client.work.UpdateTask(wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, status=wpb.TASK_STATUS_DONE), update_mask=mask("status")))
+    assert done.etag != task.etag and done.HasField("completed_time")
+    entries = entries_for(client, task.id)
+    assert [e.action for e in entries] == [spb.AUDIT_ACTION_CREATE, spb.AUDIT_ACTION_UPDATE]
+    assert set(changes_of(entries[1])) == {"status", "completed_time"}, "what the rules changed is recorded too"
+    assert client.work.GetTask(wpb.GetTaskRequest(id=task.id)) == done
+
 def test_secrets_are_masked(client: Client) -> None:
     password = "s3cret-" + uuid.uuid4().hex
     user = new_user(client, password=password)

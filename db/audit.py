@@ -198,18 +198,19 @@ def _entry(spec: ResourceSpec, obj: Any, action: str, changes: list[dict[str, An
     return AuditLogEntry(**_entry_values(spec, obj.id, action, changes))
 
 
-def record_inserted(session: Session, spec: ResourceSpec, rows: list[dict[str, Any]]) -> None:
-    """Audit rows crud.insert_rows inserted without the ORM: one INSERT for all their entries."""
+def record_inserted(session: Session, spec: ResourceSpec, rows: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]] | None:
+    """The audit entries of rows crud.insert_rows inserts without the ORM, for it to insert with
+    them (one statement on PostgreSQL for one row, else one INSERT for all the entries)."""
     if not spec.audited or not rows:
-        return
+        return None
     now = utcnow()
     entries = [
         {**_entry_values(spec, values["id"], "create", _created_changes(spec, values)), "id": uuid7(), "create_time": now}
         for values in rows
     ]
-    session.connection().execute(insert(AuditLogEntry.__table__), entries)
     if spec.name in _CREDENTIAL_RESOURCES:
         session.info[CREDENTIALS_CHANGED_KEY] = True
+    return AuditLogEntry.__table__, entries
 
 
 crud.INSERT_LISTENERS.append(record_inserted)

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
-from sqlalchemy import Uuid, func, insert, select
+from sqlalchemy import Uuid, bindparam, func, insert, select
 from sqlalchemy import update as sa_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -319,11 +319,12 @@ def check_references_together(session: Session, spec: ResourceSpec, loaded: list
         if not wanted:
             continue
         target = REGISTRY[target_name]
-        stmt = select(target.table.c.id).where(target.table.c.id.in_(wanted))
+        ids = target.table.c.id
+        stmt = select(ids).where(ids == next(iter(wanted)) if len(wanted) == 1 else ids.in_(wanted))
         if target.soft_delete:
             stmt = stmt.where(target.table.c.delete_time.is_(None))
         # FOR SHARE (PostgreSQL): a concurrent delete of a target waits for this write to commit.
-        found = set(session.scalars(stmt.with_for_update(read=True)))
+        found = set(session.connection().execute(stmt.with_for_update(read=True)).scalars())
         if len(found) == len(wanted):
             continue
         for values, prefix in loaded:
@@ -464,9 +465,19 @@ def insert_rows(session: Session, spec: ResourceSpec, rows: list[Any]) -> list[M
     columns = [(c.key, _insert_default(c)) for c in spec.table.c]
     drafts = [{key: getattr(row, key) for key, _ in columns} for row in rows]
     values = [{key: _value_or_default(draft[key], default, now) for key, default in columns} for draft in drafts]
-    session.connection().execute(insert(spec.table), values)
-    for listener in INSERT_LISTENERS:
-        listener(session, spec, drafts)
+    companions = [extra for listener in INSERT_LISTENERS if (extra := listener(session, spec, drafts))]
+    conn = session.connection()
+    if len(values) == 1 and [len(r) for _, r in companions] == [1] and conn.dialect.name == "postgresql":
+        # One statement, one round trip: the row, with its companion (the audit entry) as a
+        # data-modifying CTE. (SQLite has none; a batch keeps insertmanyvalues.)
+        ((table, (companion,)),) = companions
+        params = {f"r_{key}": value for key, value in values[0].items()}
+        params.update({f"c_{key}": value for key, value in companion.items()})
+        conn.execute(_insert_with(spec.table, table, tuple(values[0]), tuple(companion)), params)
+    else:
+        conn.execute(insert(spec.table), values)
+        for table, companion_rows in companions:
+            conn.execute(insert(table), companion_rows)
     for row, row_values in zip(rows, values):
         row.__dict__.update(row_values)
         for key in spec.relation_fields:
@@ -475,10 +486,19 @@ def insert_rows(session: Session, spec: ResourceSpec, rows: list[Any]) -> list[M
     return [publish(session, spec, row, events.CREATED, spec.to_proto(row)) for row in rows]
 
 
-# Called as listener(session, spec, column values of each row) after insert_rows inserted them
-# with Core instead of the ORM: db/audit.py records them as the flush would have. The values
-# are those a flush would see: before the column defaults computed at INSERT time.
-INSERT_LISTENERS: list[Callable[[Session, ResourceSpec, list[dict[str, Any]]], None]] = []
+@functools.lru_cache(maxsize=None)
+def _insert_with(table: Any, companion: Any, keys: tuple[str, ...], companion_keys: tuple[str, ...]) -> Any:
+    """INSERT of one row into table with one row into companion as a CTE, built once (so it is
+    compiled once): parameters r_<column> and c_<column>."""
+    cte = insert(companion).values({k: bindparam(f"c_{k}", type_=companion.c[k].type) for k in companion_keys}).cte("companion")
+    return insert(table).values({k: bindparam(f"r_{k}", type_=table.c[k].type) for k in keys}).add_cte(cte)
+
+
+# Called as listener(session, spec, column values of each row) when insert_rows inserts rows
+# with Core instead of the ORM; returns rows to insert with them, as (table, rows), or None:
+# db/audit.py answers their audit entries, as the flush would have written them. The values are
+# those a flush would see: before the column defaults computed at INSERT time.
+INSERT_LISTENERS: list[Callable[[Session, ResourceSpec, list[dict[str, Any]]], tuple[Any, list[dict[str, Any]]] | None]] = []
 _NOW = object()
 
 

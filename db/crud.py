@@ -284,7 +284,7 @@ def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tu
     if len(rows) > size:
         rows = rows[:size]
         next_token = encode_token(query_fp, offset=offset + size)
-    total = session.scalar(count.where(*conditions)) or 0
+    total = session.connection().execute(count.where(*conditions)).scalar() or 0
     return [(spec.to_proto(r[0]), float(r[1])) for r in rows], next_token, int(total)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
@@ -141,6 +141,23 @@ def _ping_idle_connections(engine: Engine, idle_seconds: float) -> None:
             raise DisconnectionError() from exc
 
 
+class CoreReads:
+    """What the Core read path (db/reading.py) uses of a Session: its connection and its bind.
+    Read-only units of work that use nothing else run on one, over a bare read connection,
+    without a Session to build, begin, commit and close on every call."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def connection(self) -> Connection:
+        return self._conn
+
+    def get_bind(self) -> Engine:
+        return self._conn.engine
+
+
 class Database:
     """Owns the engine and runs units of work in a bounded thread pool off the event loop."""
 
@@ -181,19 +198,29 @@ class Database:
 
     def run_sync(
         self,
-        work: Callable[[Session], T],
+        work: Callable[[Any], T],
         *,
         write: bool = True,
         deadline: float | None = None,
         resource_type: str = "",
+        core: bool = False,
     ) -> T:
-        """Run work(session) in one transaction; commit on success; retry conflicts; translate errors."""
+        """Run work(session) in one transaction; commit on success; retry conflicts; translate errors.
+
+        core=True: work only reads, with Core statements on session.connection() (db/reading.py),
+        and gets a CoreReads on a bare read connection instead of a Session.
+        """
         factory = self._write_sessions if write else self._read_sessions
         for attempt in range(1, self.max_attempts + 1):
             try:
+                if core:
+                    with self.read_engine.connect() as conn:
+                        if self.is_postgres:
+                            self._statement_timeout(conn, deadline, record=True)  # autocommit: in force at once
+                        return work(CoreReads(conn))
                 with factory() as session:
                     with session.begin():
-                        timeout = self._statement_timeout(session, deadline) if self.is_postgres else None
+                        timeout = self._statement_timeout(session.connection(), deadline) if self.is_postgres else None
                         result = work(session)
                         if deadline is not None and time.monotonic() > deadline:
                             # The caller has given up (DEADLINE_EXCEEDED): do not commit what it
@@ -219,13 +246,14 @@ class Database:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _statement_timeout(session: Session, deadline: float | None) -> tuple[dict[Any, Any], int] | None:
+    def _statement_timeout(conn: Connection, deadline: float | None, record: bool = False) -> tuple[dict[Any, Any], int] | None:
         """Bound this transaction's statements by the call's deadline (PostgreSQL).
 
         The timeout is a session setting of the pooled connection, rounded down to a step of
         timeout_step(), and SET only when the connection's current step differs: with steady
         deadlines that costs no round trip per call. Returns (connection info, value) to record
-        after the commit, or None when the connection already has the value.
+        after the commit, or None when the connection already has the value (or record=True:
+        recorded at once, for a connection outside a transaction).
         """
         wanted = 0  # no deadline: no limit
         if deadline is not None:
@@ -233,26 +261,29 @@ class Database:
             if remaining_ms <= 0:
                 raise errors.DeadlineExceeded("the call's deadline passed before it reached the database")
             wanted = timeout_step(remaining_ms)
-        conn = session.connection()
         info = conn.info
         if info.get(STATEMENT_TIMEOUT_KEY) == wanted:
             return None
         conn.exec_driver_sql(f"SET statement_timeout = {int(wanted)}")
+        if record:
+            info[STATEMENT_TIMEOUT_KEY] = wanted
+            return None
         return info, wanted
 
     async def run(
         self,
-        work: Callable[[Session], T],
+        work: Callable[[Any], T],
         *,
         write: bool = True,
         deadline: float | None = None,
         resource_type: str = "",
+        core: bool = False,
     ) -> T:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         return await loop.run_in_executor(
             self.executor,
-            lambda: ctx.run(self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type),
+            lambda: ctx.run(self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type, core=core),
         )
 
     def add_commit_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:

@@ -38,10 +38,11 @@ class Runner:
         *,
         write: bool = True,
         resource_type: str = "",
+        core: bool = False,
     ) -> T:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return await self.db.run(work, write=write, deadline=deadline, resource_type=resource_type)
+        return await self.db.run(work, write=write, deadline=deadline, resource_type=resource_type, core=core)
 
 
 def _module_of(spec: ResourceSpec) -> Any:
@@ -55,11 +56,11 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
     name = spec.name
 
     async def get(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await run(context, lambda s: crud.get(s, spec, request), write=False, resource_type=name)
+        return await run(context, lambda s: crud.get(s, spec, request), write=False, resource_type=name, core=True)
 
     async def list_(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)
-        items, token, total = await run(context, lambda s: crud.list_page(s, spec, request, call), write=False, resource_type=name)
+        items, token, total = await run(context, lambda s: crud.list_page(s, spec, request, call), write=False, resource_type=name, core=True)
         response = getattr(pb, f"List{Es}Response")(next_page_token=token, total_size=total)
         getattr(response, plural_field).extend(items)
         return response
@@ -93,7 +94,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
         async def search(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = run.call(context)
-            hits, token, total = await run(context, lambda s: crud.search(s, spec, request, call), write=False, resource_type=name)
+            hits, token, total = await run(context, lambda s: crud.search(s, spec, request, call), write=False, resource_type=name, core=True)
             results = [result_type(**{spec.singular_field: item, "score": score}) for item, score in hits]
             return getattr(pb, f"Search{Es}Response")(results=results, next_page_token=token, total_size=total)
 
@@ -113,7 +114,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
     if spec.batch_get:
 
         async def batch_get(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            items = await run(context, lambda s: crud.batch_get(s, spec, request), write=False, resource_type=name)
+            items = await run(context, lambda s: crud.batch_get(s, spec, request), write=False, resource_type=name, core=True)
             response = getattr(pb, f"BatchGet{Es}Response")()
             getattr(response, plural_field).extend(items)
             return response

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import String, Uuid, bindparam, func, inspect, literal_column, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
@@ -160,7 +161,7 @@ def relation_loaders(spec: ResourceSpec) -> tuple[RelationLoader, ...]:
 @dataclass(frozen=True)
 class PreparedGet:
     """load_one's primary-key statement compiled once per dialect: its SQL text, how to bind
-    the id, how to convert each result column. Run with exec_driver_sql, it skips the
+    the id, how to convert each result column. Run on the DBAPI cursor (run), it skips the
     statement cache lookup and result setup that cost more than the query on a Get."""
 
     sql: str
@@ -171,12 +172,39 @@ class PreparedGet:
     # Result processors need the driver's column type codes: made from the first result.
     processors: list[tuple[Any, ...]] = field(default_factory=list)
 
-    def process(self, result: Any) -> list[tuple[Any, ...]]:
+    def run(self, conn: Any, row_id: Any) -> list[tuple[Any, ...]]:
+        """The statement's rows for row_id, on conn's DBAPI cursor.
+
+        SQLAlchemy's execution (statement events, result metadata) costs more than the query on
+        a Get; its error handling is kept: a DBAPI error is wrapped as SQLAlchemy wraps it, and
+        a lost connection is invalidated. With DB_ECHO on, the statement goes through
+        SQLAlchemy so that it is logged.
+        """
+        params = self.params(row_id)
+        if conn.engine.echo:
+            result = conn.exec_driver_sql(self.sql, params)
+            return self._processed(result.cursor.description, result.all())
+        dbapi_conn = conn.connection.dbapi_connection
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(self.sql, params)
+            return self._processed(cursor.description, cursor.fetchall())
+        except self.dialect.loaded_dbapi.Error as exc:
+            lost = self.dialect.is_disconnect(exc, dbapi_conn, cursor)
+            if lost:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(
+                self.sql, params, exc, self.dialect.loaded_dbapi.Error, hide_parameters=True, connection_invalidated=lost, dialect=self.dialect
+            ) from exc
+        finally:
+            cursor.close()
+
+    def _processed(self, description: Any, rows: list[Any]) -> list[tuple[Any, ...]]:
         if not self.processors:
-            codes = [d[1] for d in result.cursor.description]
+            codes = [d[1] for d in description]
             self.processors.append(tuple(t.result_processor(self.dialect, code) for t, code in zip(self.types, codes)))
         processors = self.processors[0]
-        return [tuple(p(v) if p else v for p, v in zip(processors, r)) for r in result.all()]
+        return [tuple(p(v) if p else v for p, v in zip(processors, r)) for r in rows]
 
     def params(self, row_id: Any) -> Any:
         value = self.id_processor(row_id) if self.id_processor else row_id
@@ -213,7 +241,7 @@ def load_by_id(session: Session, spec: ResourceSpec, row_id: Any) -> Loaded | No
     """load_one(spec.table.c.id == row_id), through the prepared statement."""
     conn = session.connection()
     prepared = prepared_get(spec, conn.dialect)
-    rows = _loaded(spec, prepared.process(conn.exec_driver_sql(prepared.sql, prepared.params(row_id))))
+    rows = _loaded(spec, prepared.run(conn, row_id))
     return rows[0] if rows else None
 
 

@@ -90,7 +90,9 @@ def blinking_postgres() -> Iterator[tuple[Client, TcpProxy]]:
 
 def test_database_outage_is_unavailable_and_not_ready_then_recovers(blinking_postgres: tuple[Client, TcpProxy]) -> None:
     c, proxy = blinking_postgres
-    c.identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(username=unique("u"), email=f"{unique()}@example.com")))
+    first = c.identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(username=unique("u"), email=f"{unique()}@example.com")))
+    for _ in range(12):  # every pooled read connection has served a Get (run on the DBAPI cursor)
+        c.identity.GetUser(ipb.GetUserRequest(id=first.id))
     assert health_of(c.channel, "readiness") == SERVING
 
     proxy.close()
@@ -104,11 +106,15 @@ def test_database_outage_is_unavailable_and_not_ready_then_recovers(blinking_pos
         ipb.CreateUserRequest(user=ipb.User(username=name, email=f"{name}@example.com")),
     )
     assert err.info.reason == "DATABASE_UNAVAILABLE"
+    for _ in range(3):
+        err = expect_error(grpc.StatusCode.UNAVAILABLE, c.identity.GetUser, ipb.GetUserRequest(id=first.id))
+        assert err.info.reason == "DATABASE_UNAVAILABLE"
 
     proxy.open()
     assert wait_for(lambda: health_of(c.channel, "readiness") == SERVING), "ready again once the database answers"
     created = c.identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(username=name, email=f"{name}@example.com")))
     assert c.identity.GetUser(ipb.GetUserRequest(id=created.id)).username == name
+    assert c.identity.GetUser(ipb.GetUserRequest(id=first.id)) == first
 
 
 def _free_port() -> int:

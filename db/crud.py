@@ -24,6 +24,7 @@ from db.base import UTCDateTime, utcnow, uuid7
 from db.codecs import parse_uuid
 from db.models import RequestRecord
 from db.paging import (
+    OrderKey,
     decode_token,
     encode_token,
     fingerprint,
@@ -208,40 +209,39 @@ def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Messag
     return out
 
 
-def _base_query(session: Session, spec: ResourceSpec, filter_text: str, show_deleted: bool, call: Call) -> tuple[Any, list[Any]]:
+def _conditions(spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, allowed: Any) -> list[Any]:
+    """The WHERE of a List or Search: the filter, live rows unless show_deleted, the row rule."""
     conditions: list[Any] = []
-    compiled = spec.filter_compiler(call.dialect).compile(filter_text)
+    compiled = spec.filter_compiler(dialect).compile(filter_text)
     if compiled is not None:
         conditions.append(compiled)
     if spec.soft_delete and not show_deleted:
         conditions.append(spec.table.c.delete_time.is_(None))
-    allowed = _predicate(spec, write=False)
     if allowed is not None:
         conditions.append(allowed)
-    return reading.select_rows(spec, call.dialect), conditions
+    return conditions
 
 
 def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[Message], str, int]:
     """One keyset page: (resources, next_page_token, total_size)."""
     size = page_size(request.page_size)
     show_deleted = bool(getattr(request, "show_deleted", False))
-    orderable = {name: spec.table.c[name] for name in (*spec.orderable, "id")}
-    keys = parse_order_by(request.order_by, orderable, spec.default_order)
-    stmt, conditions = _base_query(session, spec, request.filter, show_deleted, call)
+    keys = _order_keys(spec, request.order_by)
     query_fp = fingerprint(spec.name, request.filter, [(k.field, k.descending) for k in keys], show_deleted)
-    page_conditions = list(conditions)
+    after: list[Any] | None = None
     if request.page_token:
         payload = decode_token(request.page_token, query_fp, len(keys))
         if "k" not in payload:
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
-        page_conditions.append(keyset_after(keys, payload["k"]))
-    count = select(func.count()).select_from(spec.table).where(*conditions).correlate(None)
-    # total_size rides on the page's rows: an uncorrelated subquery, which both engines evaluate
-    # once; one statement, one round trip, and on PostgreSQL's autocommit reads the count comes
-    # from the page's own snapshot. An empty page counts on its own.
-    stmt = stmt.add_columns(count.scalar_subquery().label("total_size"))
-    stmt = stmt.where(*page_conditions).order_by(*order_clauses(keys)).limit(size + 1)
-    found = reading.load_rows(session, spec, stmt, extra=1)
+        after = payload["k"]
+    nulls = None if after is None else tuple(v is None for v in after)
+    allowed = _predicate(spec, write=False)
+    if allowed is None:
+        stmt, count = _page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, size)
+    else:  # the caller's row rule holds its own values: built for this call
+        stmt, count = _build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, size, allowed)
+    params = {f"after_{i}": value for i, value in enumerate(after or ()) if value is not None}
+    found = reading.load_rows(session, spec, stmt, extra=1, params=params)
     total = found[0][1] if found else session.connection().execute(count).scalar()
     rows = [row for row, _ in found]
     next_token = ""
@@ -250,6 +250,42 @@ def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) ->
         last = rows[-1]
         next_token = encode_token(query_fp, after=[_key_value(last, spec.table.c[k.field]) for k in keys])
     return [spec.to_proto(r) for r in rows], next_token, int(total or 0)
+
+
+def _order_keys(spec: ResourceSpec, order_by: str) -> list[OrderKey]:
+    orderable = {name: spec.table.c[name] for name in (*spec.orderable, "id")}
+    return parse_order_by(order_by, orderable, spec.default_order)
+
+
+@functools.lru_cache(maxsize=1024)
+def _page_statements(
+    spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None, size: int
+) -> tuple[Any, Any]:
+    """_build_page_statements without a row rule, built once per query shape: a statement
+    object used again keeps its SQLAlchemy cache key, so it is neither rebuilt nor traversed.
+    The values of the page token are parameters: after_<i>."""
+    return _build_page_statements(spec, dialect, filter_text, show_deleted, order_by, nulls, size, None)
+
+
+def _build_page_statements(
+    spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None,
+    size: int, allowed: Any,
+) -> tuple[Any, Any]:
+    """(page statement, COUNT statement) of a List: the page's rows after the token's keys
+    (nulls: which of them are NULL; None on the first page), with total_size as a column."""
+    keys = _order_keys(spec, order_by)
+    conditions = _conditions(spec, dialect, filter_text, show_deleted, allowed)
+    page_conditions = list(conditions)
+    if nulls is not None:
+        placeholders = [None if null else bindparam(f"after_{i}", type_=k.column.type) for i, (k, null) in enumerate(zip(keys, nulls))]
+        page_conditions.append(keyset_after(keys, placeholders))
+    count = select(func.count()).select_from(spec.table).where(*conditions).correlate(None)
+    # total_size rides on the page's rows: an uncorrelated subquery, which both engines evaluate
+    # once; one statement, one round trip, and on PostgreSQL's autocommit reads the count comes
+    # from the page's own snapshot. An empty page counts on its own.
+    stmt = reading.select_rows(spec, dialect).add_columns(count.scalar_subquery().label("total_size"))
+    stmt = stmt.where(*page_conditions).order_by(*order_clauses(keys)).limit(size + 1)
+    return stmt, count
 
 
 def _key_value(row: Any, column: Any) -> Any:
@@ -262,7 +298,7 @@ def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tu
     """Ranked full-text hits: ([(resource, score)], next_page_token, total_size)."""
     size = page_size(request.page_size)
     terms = search_terms(call.dialect, spec.table.name, spec.search_fields, request.query)
-    _, conditions = _base_query(session, spec, request.filter, False, call)
+    conditions = _conditions(spec, call.dialect, request.filter, False, _predicate(spec, write=False))
     conditions.append(terms.match)
     query_fp = fingerprint(spec.name, "search", request.query, request.filter)
     offset = 0

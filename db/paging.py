@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, bindparam, false, or_, tuple_
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from db.errors import InvalidArgument
 
@@ -85,7 +85,7 @@ def keyset_after(keys: list[OrderKey], values: list[Any]) -> ColumnElement[bool]
     """
     if len({k.descending for k in keys}) == 1 and all(not _nullable(k.column) and v is not None for k, v in zip(keys, values)):
         columns = tuple_(*(k.column for k in keys))
-        bound = tuple_(*(bindparam(None, v, type_=k.column.type) for k, v in zip(keys, values)))
+        bound = tuple_(*(v if isinstance(v, BindParameter) else bindparam(None, v, type_=k.column.type) for k, v in zip(keys, values)))
         return columns < bound if keys[0].descending else columns > bound
     clauses = []
     for i, key in enumerate(keys):

@@ -263,12 +263,12 @@ def _loaded(spec: ResourceSpec, rows: Sequence[Sequence[Any]]) -> list[Loaded]:
     return loaded
 
 
-def load_rows(session: Session, spec: ResourceSpec, stmt: Any, extra: int = 0) -> list[Any]:
-    """Execute stmt (`columns(spec, ...)` first, then `extra` more): Loaded rows with their
-    relations, or (Loaded, extra values...) tuples when extra > 0."""
+def load_rows(session: Session, spec: ResourceSpec, stmt: Any, extra: int = 0, params: dict[str, Any] | None = None) -> list[Any]:
+    """Execute stmt (`columns(spec, ...)` first, then `extra` more) with params: Loaded rows with
+    their relations, or (Loaded, extra values...) tuples when extra > 0."""
     # Core statements on the session's connection: the ORM's execute path (autoflush, events,
     # ORM compile state) costs more than the query on a primary-key read.
-    rows = session.connection().execute(stmt).all()
+    rows = session.connection().execute(stmt, params or None).all()
     loaded = _loaded(spec, rows)
     if extra:
         width = len(spec.table.c) + len(relation_loaders(spec))

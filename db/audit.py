@@ -216,21 +216,23 @@ def record_inserted(session: Session, spec: ResourceSpec, rows: list[dict[str, A
 crud.INSERT_LISTENERS.append(record_inserted)
 
 
-def record_updated(session: Session, spec: ResourceSpec, row_id: Any, old: dict[str, Any], new: dict[str, Any]) -> None:
-    """Audit a row crud.update changed with a Core UPDATE: the entry the flush would have written."""
+def record_updated(
+    session: Session, spec: ResourceSpec, row_id: Any, old: dict[str, Any], new: dict[str, Any]
+) -> tuple[Any, list[dict[str, Any]]] | None:
+    """The audit entry of a row crud.update changes with Core (the entry the flush would have
+    written), for it to insert with the change."""
     if not spec.audited:
-        return
+        return None
     changes = updated_changes(spec, old, new)
     if not changes:
-        return
+        return None
     action = "update"
     deleted = next((c for c in changes if c["field"] == "delete_time"), None)
     if deleted is not None:
         action = "delete" if deleted["new_value"] is not None else "undelete"
-    entry = {**_entry_values(spec, row_id, action, changes), "id": uuid7(), "create_time": utcnow()}
-    session.connection().execute(insert(AuditLogEntry.__table__), [entry])
     if spec.name in _CREDENTIAL_RESOURCES:
         session.info[CREDENTIALS_CHANGED_KEY] = True
+    return AuditLogEntry.__table__, [{**_entry_values(spec, row_id, action, changes), "id": uuid7(), "create_time": utcnow()}]
 
 
 crud.UPDATE_LISTENERS.append(record_updated)

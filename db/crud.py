@@ -609,25 +609,36 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     new = {key: getattr(row, key) for key in keys}
     changed = {key: value for key, value in new.items() if value != old[key]}
     loaders = reading.relation_loaders(spec)
-    related = [loader.aggregate(call.dialect) for loader in loaders]
     table = spec.table
+    conn = session.connection()
     if changed:
         changed["update_time"] = new["update_time"] = row.update_time = utcnow()
         changed["revision"] = new["revision"] = row.revision = before.revision + 1
-        stmt = sa_update(table).where(table.c.id == before.id, table.c.revision == before.revision).values(changed)
-        result = session.connection().execute(stmt.returning(table.c.revision, *related))
-        answered = result.first()
+        companions = [extra for listener in UPDATE_LISTENERS if (extra := listener(session, spec, before.id, old, new))]
+        params = {f"v_{key}": value for key, value in changed.items()}
+        params.update(row_id=before.id, old_revision=before.revision)
+        companion = None
+        if [len(r) for _, r in companions] == [1] and call.dialect == "postgresql":
+            # One statement: the audit entry goes in with the UPDATE as a data-modifying CTE.
+            ((companion, (entry,)),) = companions
+            params.update({f"c_{key}": value for key, value in entry.items()})
+            companions = []
+        stmt = _update_statement(spec, call.dialect, tuple(changed), companion, tuple(entry) if companion is not None else ())
+        answered = conn.execute(stmt, params).first()
         if answered is None:  # what the ORM reports as StaleDataError; the row lock prevents it
             raise errors.Aborted(
                 "the resource changed while it was being updated; read it again and retry",
                 reason="CONCURRENT_MODIFICATION",
                 metadata={"resource_type": spec.name},
             )
-        for listener in UPDATE_LISTENERS:
-            listener(session, spec, before.id, old, new)
+        for companion_table, companion_rows in companions:
+            conn.execute(insert(companion_table), companion_rows)
         relation_values = answered[1:]
+    elif loaders:
+        relations = select(*(loader.aggregate(call.dialect) for loader in loaders)).where(table.c.id == before.id)
+        relation_values = conn.execute(relations).one()
     else:
-        relation_values = session.connection().execute(select(*related).where(table.c.id == before.id)).one() if related else ()
+        relation_values = ()
     for loader, value in zip(loaders, relation_values):
         setattr(row, loader.key, loader.rows(value))
     check_managed(session, spec, row)
@@ -639,20 +650,45 @@ def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_p
     row, locked on PostgreSQL; PERMISSION_DENIED or NOT_FOUND as fetch answers them."""
     row_id = parse_uuid(raw_id, field_path)
     table = spec.table
-    stmt = select(*table.c).where(table.c.id == row_id)
+    stmt = _locked_row_statement(spec, session.get_bind().dialect.name)
     allowed = _predicate(spec, write=True)
     if allowed is not None:
         stmt = stmt.where(allowed)
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(of=table)
-    found_row = session.connection().execute(stmt).first()
+    found_row = session.connection().execute(stmt, {"row_id": row_id}).first()
     row = None if found_row is None else reading.row_class(spec)(dict(zip([c.key for c in table.c], found_row)))
     return found(spec, row, raw_id, allowed, show_deleted=False, write=True, field_path=field_path)
 
 
+@functools.lru_cache(maxsize=None)
+def _locked_row_statement(spec: ResourceSpec, dialect: str) -> Any:
+    """SELECT of the row row_id's columns, FOR UPDATE on PostgreSQL; built once per resource."""
+    table = spec.table
+    stmt = select(*table.c).where(table.c.id == bindparam("row_id", type_=table.c.id.type))
+    return stmt.with_for_update(of=table) if dialect == "postgresql" else stmt
+
+
+@functools.lru_cache(maxsize=1024)
+def _update_statement(spec: ResourceSpec, dialect: str, keys: tuple[str, ...], companion: Any, companion_keys: tuple[str, ...]) -> Any:
+    """UPDATE of the columns `keys` (parameters v_<column>) of the row row_id at old_revision,
+    answering its revision and relations; with one companion row (parameters c_<column>) as a
+    CTE. Built once per shape, so compiled once."""
+    table = spec.table
+    stmt = (
+        sa_update(table)
+        .where(table.c.id == bindparam("row_id", type_=table.c.id.type), table.c.revision == bindparam("old_revision", type_=table.c.revision.type))
+        .values({key: bindparam(f"v_{key}", type_=table.c[key].type) for key in keys})
+        .returning(table.c.revision, *(loader.aggregate(dialect) for loader in reading.relation_loaders(spec)))
+    )
+    if companion is not None:
+        values = {key: bindparam(f"c_{key}", type_=companion.c[key].type) for key in companion_keys}
+        stmt = stmt.add_cte(insert(companion).values(values).cte("companion"))
+    return stmt
+
+
 # Called as listener(session, spec, row id, column values before, column values after) when
-# update changed a row with Core: db/audit.py records the change as a flush would have.
-UPDATE_LISTENERS: list[Callable[[Session, ResourceSpec, Any, dict[str, Any], dict[str, Any]], None]] = []
+# update changes a row with Core; returns rows to insert with the change, as (table, rows), or
+# None: db/audit.py answers the audit entry, as the flush would have written it.
+UPDATE_LISTENERS: list[Callable[[Session, ResourceSpec, Any, dict[str, Any], dict[str, Any]], tuple[Any, list[dict[str, Any]]] | None]] = []
 
 
 def _apply_defaults_for_cleared(spec: ResourceSpec, row: Any, values: dict[str, Any]) -> None:

@@ -355,18 +355,26 @@ def check_references_together(session: Session, spec: ResourceSpec, loaded: list
         if not wanted:
             continue
         target = REGISTRY[target_name]
-        ids = target.table.c.id
-        stmt = select(ids).where(ids == next(iter(wanted)) if len(wanted) == 1 else ids.in_(wanted))
-        if target.soft_delete:
-            stmt = stmt.where(target.table.c.delete_time.is_(None))
-        # FOR SHARE (PostgreSQL): a concurrent delete of a target waits for this write to commit.
-        found = set(session.connection().execute(stmt.with_for_update(read=True)).scalars())
+        stmt = _reference_statement(target, len(wanted) == 1)
+        params = {"id": next(iter(wanted))} if len(wanted) == 1 else {"ids": list(wanted)}
+        found = set(session.connection().execute(stmt, params).scalars())
         if len(found) == len(wanted):
             continue
         for values, prefix in loaded:
             value = values.get(attr) if attr else None
             if value is not None and value not in found:
                 raise errors.NotFound.resource(target.name, str(value), prefix + field_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_statement(target: ResourceSpec, one: bool) -> Any:
+    """The live ids among :id (one) or :ids of target's rows, FOR SHARE (PostgreSQL): a
+    concurrent delete of a target waits for this write to commit. Built once."""
+    ids = target.table.c.id
+    stmt = select(ids).where(ids == bindparam("id", type_=ids.type) if one else ids.in_(bindparam("ids", expanding=True)))
+    if target.soft_delete:
+        stmt = stmt.where(target.table.c.delete_time.is_(None))
+    return stmt.with_for_update(read=True)
 
 
 def _missing_required(spec: ResourceSpec, row: Any, prefix: str) -> None:

@@ -34,7 +34,7 @@ from db.paging import (
     parse_order_by,
 )
 from db.resource import REGISTRY, ResourceSpec, etag_of
-from db.search import search_terms
+from db.search import search_query_value, search_terms
 
 MAX_BATCH = 1000
 MAX_REQUEST_ID = 128
@@ -297,9 +297,7 @@ def _key_value(row: Any, column: Any) -> Any:
 def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[tuple[Message, float]], str, int]:
     """Ranked full-text hits: ([(resource, score)], next_page_token, total_size)."""
     size = page_size(request.page_size)
-    terms = search_terms(call.dialect, spec.table.name, spec.search_fields, request.query)
-    conditions = _conditions(spec, call.dialect, request.filter, False, _predicate(spec, write=False))
-    conditions.append(terms.match)
+    query = search_query_value(call.dialect, request.query)
     query_fp = fingerprint(spec.name, "search", request.query, request.filter)
     offset = 0
     if request.page_token:
@@ -307,21 +305,43 @@ def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tu
         if "o" not in payload:
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         offset = payload["o"]
+    allowed = _predicate(spec, write=False)
+    if allowed is None:
+        stmt, count = _search_statements(spec, call.dialect, request.filter, size)
+    else:  # the caller's row rule holds its own values: built for this call
+        stmt, count = _build_search_statements(spec, call.dialect, request.filter, size, allowed)
+    params = {"search_query": query, "search_offset": offset}
+    found = reading.load_rows(session, spec, stmt, extra=2, params=params)
+    total = found[0][2] if found else session.connection().execute(count, params).scalar()
+    next_token = ""
+    if len(found) > size:
+        found = found[:size]
+        next_token = encode_token(query_fp, offset=offset + size)
+    return [(spec.to_proto(row), float(score)) for row, score, _ in found], next_token, int(total or 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _search_statements(spec: ResourceSpec, dialect: str, filter_text: str, size: int) -> tuple[Any, Any]:
+    """_build_search_statements without a row rule, built once per shape (see _page_statements)."""
+    return _build_search_statements(spec, dialect, filter_text, size, None)
+
+
+def _build_search_statements(spec: ResourceSpec, dialect: str, filter_text: str, size: int, allowed: Any) -> tuple[Any, Any]:
+    """(page statement, COUNT statement) of a Search: the hits ranked by score from offset
+    :search_offset, with the score and total_size as columns (the COUNT as in a List)."""
+    terms = search_terms(dialect, spec.table.name, spec.search_fields)
+    conditions = [*_conditions(spec, dialect, filter_text, False, allowed), terms.match]
     score = terms.score.label("score")
-    stmt = select(*reading.columns(spec, call.dialect), score)
     count = select(func.count()).select_from(spec.table)
+    stmt = select(*reading.columns(spec, dialect), score)
     if terms.join is not None:
         target, on = terms.join
         stmt = stmt.join_from(spec.table, target, on)
         count = count.join(target, on)
-    stmt = stmt.where(*conditions).order_by(score.desc(), spec.table.c.id).offset(offset).limit(size + 1)
-    rows = reading.load_rows(session, spec, stmt, extra=1)
-    next_token = ""
-    if len(rows) > size:
-        rows = rows[:size]
-        next_token = encode_token(query_fp, offset=offset + size)
-    total = session.connection().execute(count.where(*conditions)).scalar() or 0
-    return [(spec.to_proto(r[0]), float(r[1])) for r in rows], next_token, int(total)
+    count = count.where(*conditions).correlate(None)
+    stmt = stmt.add_columns(count.scalar_subquery().label("total_size")).where(*conditions)
+    stmt = stmt.order_by(score.desc(), spec.table.c.id).offset(bindparam("search_offset")).limit(size + 1)
+    return stmt, count
 
 
 # ---------------------------------------------------------------- writing

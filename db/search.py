@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import func, literal_column, table, column
+from sqlalchemy import String, bindparam, column, func, literal_column, table
 from sqlalchemy.sql.elements import ColumnElement
 
 from db.errors import InvalidArgument
@@ -74,28 +74,37 @@ class SearchTerms:
     score: ColumnElement[float]
 
 
-def search_terms(dialect: str, table_name: str, fields: tuple[tuple[str, str], ...], query: str) -> SearchTerms:
-    """Match condition and relevance score for `query`; INVALID_ARGUMENT for an empty query."""
-    if len(query) > MAX_QUERY_LENGTH:
-        raise InvalidArgument.field("query", f"must be at most {MAX_QUERY_LENGTH} characters")
-    words = _WORD.findall(query.lower())
-    if not words:
-        raise InvalidArgument.field("query", "must contain at least one word", reason="EMPTY_QUERY")
+def search_terms(dialect: str, table_name: str, fields: tuple[tuple[str, str], ...]) -> SearchTerms:
+    """Match condition and relevance score of a search, with the query as the parameter
+    `search_query` (its value from search_query_value): the same expressions for every query,
+    so a statement built from them is built and compiled once."""
+    query = bindparam("search_query", type_=String())
     if dialect == "postgresql":
         vector = literal_column(f"({_pg_vector_sql(fields)})")
         tsquery = func.websearch_to_tsquery(literal_column("'english'::regconfig"), query)
         return SearchTerms(None, vector.op("@@")(tsquery), func.ts_rank(vector, tsquery))
     fts_name = f"{table_name}_fts"
     fts = table(fts_name, column("rowid"))
-    # Each word quoted: user text never reaches FTS5's query syntax as operators.
-    match_expr = " ".join(f'"{w}"' for w in words)
     weights = [_SQLITE_WEIGHT[w] for _, w in fields]
     fts_ref = literal_column(fts_name)
     return SearchTerms(
         (fts, literal_column(f"{table_name}.rowid") == fts.c.rowid),
-        fts_ref.op("MATCH")(match_expr),
+        fts_ref.op("MATCH")(query),
         -func.bm25(fts_ref, *weights),
     )
+
+
+def search_query_value(dialect: str, query: str) -> str:
+    """The value of `search_query` for a client's query; INVALID_ARGUMENT for an empty one."""
+    if len(query) > MAX_QUERY_LENGTH:
+        raise InvalidArgument.field("query", f"must be at most {MAX_QUERY_LENGTH} characters")
+    words = _WORD.findall(query.lower())
+    if not words:
+        raise InvalidArgument.field("query", "must contain at least one word", reason="EMPTY_QUERY")
+    if dialect == "postgresql":
+        return query
+    # Each word quoted: user text never reaches FTS5's query syntax as operators.
+    return " ".join(f'"{w}"' for w in words)
 
 
 def create_search_objects(op: Any, tables: dict[str, tuple[tuple[str, str], ...]]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
-from sqlalchemy import Uuid, bindparam, func, insert, select
+from sqlalchemy import Uuid, bindparam, exists, func, insert, select
 from sqlalchemy import update as sa_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -482,14 +482,16 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
             return earlier
     field_prefix = f"{prefix}{spec.singular_field}."
     row, values, names = _new_row(spec, getattr(request, spec.singular_field), call, field_prefix)
-    check_references(session, spec, values, field_prefix)
+    if request_id:
+        check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), True, call)
     if request_id:
         winner = _claim_request_id(session, spec, request_id, row.id)
         if winner is not None:
             return winner
-    return insert_rows(session, spec, [row])[0]
+        return insert_rows(session, spec, [row])[0]
+    return insert_rows(session, spec, [row], unchecked=(values, field_prefix))[0]
 
 
 def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
@@ -517,13 +519,16 @@ def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call)
     return insert_rows(session, spec, rows)
 
 
-def insert_rows(session: Session, spec: ResourceSpec, rows: list[Any]) -> list[Message]:
+def insert_rows(
+    session: Session, spec: ResourceSpec, rows: list[Any], unchecked: tuple[dict[str, Any], str] | None = None
+) -> list[Message]:
     """Insert new rows (plain objects from _new_row, validated) and answer their messages.
 
     One INSERT of plain column values for all of them (insertmanyvalues), their audit entries
     (INSERT_LISTENERS), the caller's rights on the result, their change events: the ORM's unit
     of work would cost more per row than the database does. The objects never join the
     session, so its flush does not see them; later statements in the transaction do.
+    unchecked=(loaded values, field prefix): one row whose references are still to check.
     """
     now = utcnow()
     columns = [(c.key, _insert_default(c)) for c in spec.table.c]
@@ -533,12 +538,27 @@ def insert_rows(session: Session, spec: ResourceSpec, rows: list[Any]) -> list[M
     conn = session.connection()
     if len(values) == 1 and [len(r) for _, r in companions] == [1] and conn.dialect.name == "postgresql":
         # One statement, one round trip: the row, with its companion (the audit entry) as a
-        # data-modifying CTE. (SQLite has none; a batch keeps insertmanyvalues.)
+        # data-modifying CTE, inserted only if each row it references is there and live (read
+        # FOR SHARE, as check_references reads them). (SQLite has no such CTEs; a batch keeps
+        # insertmanyvalues.)
         ((table, (companion,)),) = companions
         params = {f"r_{key}": value for key, value in values[0].items()}
         params.update({f"c_{key}": value for key, value in companion.items()})
-        conn.execute(_insert_with(spec.table, table, tuple(values[0]), tuple(companion)), params)
+        references: tuple[tuple[str, str], ...] = ()
+        if unchecked is not None:
+            references = tuple(
+                (field, target) for field, target in spec.references.items()
+                if spec.codecs[field].attr and unchecked[0].get(spec.codecs[field].attr) is not None
+            )
+            params.update({f"ref_{i}": unchecked[0][spec.codecs[field].attr] for i, (field, _) in enumerate(references)})
+        inserted = conn.execute(_insert_with(spec.table, table, tuple(values[0]), tuple(companion), references), params).first()
+        if inserted is None:
+            # A reference is missing: which one, as check_references reports it.
+            check_references(session, spec, *unchecked)  # type: ignore[misc]
+            raise errors.Aborted("a referenced resource changed during the call; retry", reason="REFERENCE_CHANGED")
     else:
+        if unchecked is not None:
+            check_references(session, spec, *unchecked)
         conn.execute(insert(spec.table), values)
         for table, companion_rows in companions:
             conn.execute(insert(table), companion_rows)
@@ -551,11 +571,25 @@ def insert_rows(session: Session, spec: ResourceSpec, rows: list[Any]) -> list[M
 
 
 @functools.lru_cache(maxsize=None)
-def _insert_with(table: Any, companion: Any, keys: tuple[str, ...], companion_keys: tuple[str, ...]) -> Any:
+def _insert_with(
+    table: Any, companion: Any, keys: tuple[str, ...], companion_keys: tuple[str, ...], references: tuple[tuple[str, str], ...]
+) -> Any:
     """INSERT of one row into table with one row into companion as a CTE, built once (so it is
-    compiled once): parameters r_<column> and c_<column>."""
+    compiled once): parameters r_<column> and c_<column>. With references ((field, target
+    resource), ...): the row goes in only if each target row ref_<i> exists and is live, read
+    FOR SHARE; it answers the new id, or nothing."""
     cte = insert(companion).values({k: bindparam(f"c_{k}", type_=companion.c[k].type) for k in companion_keys}).cte("companion")
-    return insert(table).values({k: bindparam(f"r_{k}", type_=table.c[k].type) for k in keys}).add_cte(cte)
+    row = [bindparam(f"r_{k}", type_=table.c[k].type) for k in keys]
+    guards = []
+    for i, (_, target_name) in enumerate(references):
+        target = REGISTRY[target_name]
+        ids = target.table.c.id
+        ref = select(ids).where(ids == bindparam(f"ref_{i}", type_=ids.type))
+        if target.soft_delete:
+            ref = ref.where(target.table.c.delete_time.is_(None))
+        guards.append(exists(ref.with_for_update(read=True).cte(f"reference_{i}").select()))
+    source = select(*row).where(*guards)
+    return insert(table).from_select(list(keys), source).add_cte(cte).returning(table.c.id)
 
 
 # Called as listener(session, spec, column values of each row) when insert_rows inserts rows

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from nexus.common.v1 import common_pb2
 from nexus.identity.v1 import identity_pb2 as ipb
+from nexus.security.v1 import security_pb2 as spb
 from nexus.work.v1 import work_pb2 as wpb
 
 from tests.conftest import Client, unique
@@ -327,8 +328,13 @@ def test_create_task_in_missing_project_is_not_found(client: Client, force: bool
 
 def test_create_task_with_missing_assignee_is_not_found(client: Client) -> None:
     project = new_project(client)
+    audited = spb.ListAuditLogEntriesRequest(filter='resource_type = "Task"', page_size=1)
+    entries = client.security.ListAuditLogEntries(audited).total_size
     err = expect_error(Code.NOT_FOUND, client.work.CreateTask, task_request(project, assignee_id=deleted_user(client).id))
     assert err.info.metadata["field"] == "task.assignee_id"
+    # Nothing of the refused task was written: no row, no audit entry.
+    assert client.work.ListTasks(wpb.ListTasksRequest(filter=f'project_id = "{project.id}"')).total_size == 0
+    assert client.security.ListAuditLogEntries(audited).total_size == entries
 
 
 def test_create_task_defaults(client: Client) -> None:

@@ -1,7 +1,8 @@
 """The standard methods (AIP-131..135, 154, 155, 158, 160, 164), written once for every resource.
 
-Each function runs inside a unit of work (a Session in a transaction) and returns protos; the
-service layer only translates requests and awaits these through Database.run.
+Each function runs inside a unit of work (a Session in a transaction; the standard reads a
+CoreReads on a bare read connection, see db/database.py) and returns protos; the service layer
+only translates requests and awaits these through Database.run.
 """
 from __future__ import annotations
 

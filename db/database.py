@@ -191,6 +191,12 @@ class Database:
         # holds a connection, and the event loop never blocks on the database.
         workers = max(2, self.pool.size + self.pool.max_overflow)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nexus-db")
+        # SQLite writes get one thread, for the one write connection: they wait in its queue
+        # instead of as threads parked on the pool, each wake-up a context switch and a GIL
+        # hand-off. One that waited past the pool timeout is DATABASE_BUSY, as on the pool.
+        self.write_executor = self.executor
+        if self._writer is not None:
+            self.write_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-db-write")
 
     @property
     def is_postgres(self) -> bool:
@@ -211,6 +217,9 @@ class Database:
         and gets a CoreReads on a bare read connection instead of a Session.
         """
         factory = self._write_sessions if write else self._read_sessions
+        if deadline is not None and not self.is_postgres and time.monotonic() > deadline:
+            # (PostgreSQL checks it with the statement timeout.) A call queued past its deadline.
+            raise errors.DeadlineExceeded("the call's deadline passed before it reached the database")
         for attempt in range(1, self.max_attempts + 1):
             try:
                 if core:
@@ -281,6 +290,18 @@ class Database:
     ) -> T:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
+        if write and self.write_executor is not self.executor:
+            queued = time.monotonic()
+
+            def queued_write() -> T:
+                now = time.monotonic()
+                if deadline is not None and now > deadline:
+                    raise errors.DeadlineExceeded("the call's deadline passed before it reached the database")
+                if now - queued > self.pool.timeout:
+                    raise errors.Unavailable("every database connection stayed busy; retry later", reason="DATABASE_BUSY")
+                return ctx.run(self.run_sync, work, write=True, deadline=deadline, resource_type=resource_type)
+
+            return await loop.run_in_executor(self.write_executor, queued_write)
         return await loop.run_in_executor(
             self.executor,
             lambda: ctx.run(self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type, core=core),
@@ -315,6 +336,8 @@ class Database:
 
     def dispose(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.write_executor is not self.executor:
+            self.write_executor.shutdown(wait=True, cancel_futures=True)
         self.engine.dispose()
         if self.is_postgres:  # its own pool; on SQLite it shares the engine's
             self.read_engine.dispose()

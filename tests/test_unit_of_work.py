@@ -101,3 +101,50 @@ def test_sqlite_writers_queue_for_the_one_write_connection(tmp_path: Path) -> No
         assert _count(database, "second") == 1
     finally:
         database.dispose()
+
+
+def test_sqlite_writes_queue_on_one_thread_and_a_long_wait_is_busy(tmp_path: Path) -> None:
+    """Database.run gives SQLite writes a thread of their own: a write waits in its queue while
+    another holds the write connection, reads go on meanwhile, and one that waited past the
+    pool timeout is UNAVAILABLE (DATABASE_BUSY) and changes nothing; so is a write queued past
+    its call's deadline (DEADLINE_EXCEEDED)."""
+    import asyncio
+    import threading
+
+    database = Database(f"sqlite:///{tmp_path / 'queue.db'}", PoolSettings(size=4, max_overflow=0, timeout=0.5))
+    try:
+        from db.base import Base
+
+        Base.metadata.create_all(database.engine)
+        assert database.write_executor is not database.executor and database.write_executor._max_workers == 1
+        holding, release = threading.Event(), threading.Event()
+
+        def long_write(session: object) -> None:
+            session.execute(insert(Role).values(id=uuid.uuid4(), name="first", permissions=[]))  # type: ignore[attr-defined]
+            holding.set()
+            release.wait(5)
+
+        def write(name: str) -> object:
+            return lambda s: s.execute(insert(Role).values(id=uuid.uuid4(), name=name, permissions=[]))
+
+        async def scenario() -> None:
+            first = asyncio.ensure_future(database.run(long_write))
+            assert await asyncio.to_thread(holding.wait, 5)
+            busy = asyncio.ensure_future(database.run(write("busy")))
+            late = asyncio.ensure_future(database.run(write("late"), deadline=time.monotonic() + 0.2))
+            await asyncio.sleep(0.7)
+            count = select(func.count()).select_from(Role).where(Role.name == "first")
+            assert await database.run(lambda s: s.scalar(count), write=False) == 0  # reads do not queue
+            release.set()
+            await first
+            with pytest.raises(errors.Unavailable) as waited:
+                await busy
+            assert waited.value.reason == "DATABASE_BUSY"
+            with pytest.raises(errors.DeadlineExceeded):
+                await late
+            await database.run(write("after"))
+
+        asyncio.run(scenario())
+        assert [_count(database, n) for n in ("first", "busy", "late", "after")] == [1, 0, 0, 1]
+    finally:
+        database.dispose()

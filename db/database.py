@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from db import errors
-from db.translate import RetryableConflict, translate
+from db.translate import RetryableConflict, database_busy, translate
 
 log = logging.getLogger(__name__)
 # Session.info key under which db/events.py lists the (scope, seq) pairs a transaction appended.
@@ -141,6 +141,10 @@ def _ping_idle_connections(engine: Engine, idle_seconds: float) -> None:
             raise DisconnectionError() from exc
 
 
+def too_late() -> errors.DeadlineExceeded:
+    return errors.DeadlineExceeded("the call's deadline passed before it reached the database")
+
+
 class CoreReads:
     """What the Core read path (db/reading.py) uses of a Session: its connection and its bind.
     Read-only units of work that use nothing else run on one, over a bare read connection,
@@ -219,7 +223,7 @@ class Database:
         factory = self._write_sessions if write else self._read_sessions
         if deadline is not None and not self.is_postgres and time.monotonic() > deadline:
             # (PostgreSQL checks it with the statement timeout.) A call queued past its deadline.
-            raise errors.DeadlineExceeded("the call's deadline passed before it reached the database")
+            raise too_late()
         for attempt in range(1, self.max_attempts + 1):
             try:
                 if core:
@@ -268,7 +272,7 @@ class Database:
         if deadline is not None:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
-                raise errors.DeadlineExceeded("the call's deadline passed before it reached the database")
+                raise too_late()
             wanted = timeout_step(remaining_ms)
         info = conn.info
         if info.get(STATEMENT_TIMEOUT_KEY) == wanted:
@@ -296,9 +300,9 @@ class Database:
             def queued_write() -> T:
                 now = time.monotonic()
                 if deadline is not None and now > deadline:
-                    raise errors.DeadlineExceeded("the call's deadline passed before it reached the database")
+                    raise too_late()
                 if now - queued > self.pool.timeout:
-                    raise errors.Unavailable("every database connection stayed busy; retry later", reason="DATABASE_BUSY")
+                    raise database_busy()
                 return ctx.run(self.run_sync, work, write=True, deadline=deadline, resource_type=resource_type)
 
             return await loop.run_in_executor(self.write_executor, queued_write)

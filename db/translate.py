@@ -39,6 +39,11 @@ def _unique_fields(exc: sa_exc.IntegrityError) -> list[str]:
     return []
 
 
+def database_busy() -> errors.Unavailable:
+    """No connection (on SQLite: the one writer) came free within DB_POOL_TIMEOUT."""
+    return errors.Unavailable("every database connection stayed busy; retry later", reason="DATABASE_BUSY")
+
+
 def translate(exc: Exception, resource_type: str = "") -> Exception:
     """Map a database exception to a NexusError, or to RetryableConflict when a retry may succeed."""
     if isinstance(exc, errors.NexusError):
@@ -54,7 +59,7 @@ def translate(exc: Exception, resource_type: str = "") -> Exception:
         return errors.InvalidArgument.field("request", "text must not contain NUL characters")
     if isinstance(exc, sa_exc.TimeoutError):
         # No pooled connection came free within DB_POOL_TIMEOUT (on SQLite: the one writer).
-        return errors.Unavailable("every database connection stayed busy; retry later", reason="DATABASE_BUSY")
+        return database_busy()
     if not isinstance(exc, sa_exc.DBAPIError):
         return exc
     state = _sqlstate(exc)

@@ -389,10 +389,15 @@ def check_references_together(session: Session, spec: ResourceSpec, loaded: list
 
 @functools.lru_cache(maxsize=None)
 def _reference_statement(target: ResourceSpec, one: bool) -> Any:
-    """The live ids among :id (one) or :ids of target's rows, FOR SHARE (PostgreSQL): a
-    concurrent delete of a target waits for this write to commit. Built once."""
+    """The live ids among :id (one) or :ids of target's rows (_live_targets). Built once."""
     ids = target.table.c.id
-    stmt = select(ids).where(ids == bindparam("id", type_=ids.type) if one else ids.in_(bindparam("ids", expanding=True)))
+    return _live_targets(target, ids == bindparam("id", type_=ids.type) if one else ids.in_(bindparam("ids", expanding=True)))
+
+
+def _live_targets(target: ResourceSpec, condition: Any) -> Any:
+    """SELECT of the ids of target's live rows matching condition, FOR SHARE (PostgreSQL): a
+    concurrent delete of a target waits for the write that references it to commit."""
+    stmt = select(target.table.c.id).where(condition)
     if target.soft_delete:
         stmt = stmt.where(target.table.c.delete_time.is_(None))
     return stmt.with_for_update(read=True)
@@ -483,15 +488,12 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
             return earlier
     field_prefix = f"{prefix}{spec.singular_field}."
     row, values, names = _new_row(spec, getattr(request, spec.singular_field), call, field_prefix)
-    if request_id:
-        check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), True, call)
     if request_id:
         winner = _claim_request_id(session, spec, request_id, row.id)
         if winner is not None:
             return winner
-        return insert_rows(session, spec, [row])[0]
     return insert_rows(session, spec, [row], unchecked=(values, field_prefix))[0]
 
 
@@ -579,18 +581,19 @@ def _insert_with(
     compiled once): parameters r_<column> and c_<column>. With references ((field, target
     resource), ...): the row goes in only if each target row ref_<i> exists and is live, read
     FOR SHARE; it answers the new id, or nothing."""
-    cte = insert(companion).values({k: bindparam(f"c_{k}", type_=companion.c[k].type) for k in companion_keys}).cte("companion")
     row = [bindparam(f"r_{k}", type_=table.c[k].type) for k in keys]
     guards = []
     for i, (_, target_name) in enumerate(references):
-        target = REGISTRY[target_name]
-        ids = target.table.c.id
-        ref = select(ids).where(ids == bindparam(f"ref_{i}", type_=ids.type))
-        if target.soft_delete:
-            ref = ref.where(target.table.c.delete_time.is_(None))
-        guards.append(exists(ref.with_for_update(read=True).cte(f"reference_{i}").select()))
+        ids = REGISTRY[target_name].table.c.id
+        reference = _live_targets(REGISTRY[target_name], ids == bindparam(f"ref_{i}", type_=ids.type))
+        guards.append(exists(reference.cte(f"reference_{i}").select()))
     source = select(*row).where(*guards)
-    return insert(table).from_select(list(keys), source).add_cte(cte).returning(table.c.id)
+    return insert(table).from_select(list(keys), source).add_cte(_companion_cte(companion, companion_keys)).returning(table.c.id)
+
+
+def _companion_cte(companion: Any, keys: tuple[str, ...]) -> Any:
+    """INSERT of one companion row (an audit entry; parameters c_<column>) as a CTE."""
+    return insert(companion).values({k: bindparam(f"c_{k}", type_=companion.c[k].type) for k in keys}).cte("companion")
 
 
 # Called as listener(session, spec, column values of each row) when insert_rows inserts rows
@@ -742,10 +745,7 @@ def _update_statement(spec: ResourceSpec, dialect: str, keys: tuple[str, ...], c
         .values({key: bindparam(f"v_{key}", type_=table.c[key].type) for key in keys})
         .returning(table.c.revision, *(loader.aggregate(dialect) for loader in reading.relation_loaders(spec)))
     )
-    if companion is not None:
-        values = {key: bindparam(f"c_{key}", type_=companion.c[key].type) for key in companion_keys}
-        stmt = stmt.add_cte(insert(companion).values(values).cte("companion"))
-    return stmt
+    return stmt if companion is None else stmt.add_cte(_companion_cte(companion, companion_keys))
 
 
 # Called as listener(session, spec, row id, column values before, column values after) when

@@ -57,10 +57,6 @@ def _id_text_sqlite(element: id_text, compiler: Any, **kw: Any) -> str:
     return f"({parts})"
 
 
-# Bound parameters that carry ids as text: the relation loaders' parent ids.
-ID_TEXT = Uuid(as_uuid=False)
-
-
 def as_read(column: Any) -> Any:
     """column as the read path selects it: ids as text (id_text), labelled with its key."""
     return id_text(column).label(column.key) if isinstance(column.type, Uuid) else column
@@ -89,24 +85,14 @@ def row_class(spec: ResourceSpec) -> type[Loaded]:
 
 @dataclass(frozen=True, eq=False)
 class RelationLoader:
-    """One many-to-many relation of a resource: read with the rows it belongs to (aggregate), or
-    for a set of parent ids on its own (load)."""
+    """One many-to-many relation of a resource, read with the rows it belongs to (aggregate)."""
 
     key: str
     names: tuple[str, ...]  # the columns of a related row the output reads
-    statement: Any  # load's: parent id (text) as column 0, then the target's columns; :ids is expanding
     source: Any  # the association table, joined to the target table when its columns are read
     parent: tuple[Any, Any]  # (the parent's primary key, the association table's column for it)
     targets: tuple[Any, ...]  # the related rows' columns, as stored
     order: tuple[Any, ...]
-
-    def load(self, session: Session, ids: Sequence[str]) -> dict[str, list[Any]]:
-        """The related rows of each parent, by the parent's id as text (as Loaded rows carry it)."""
-        out: dict[str, list[Any]] = {}
-        if ids:
-            for row in session.connection().execute(self.statement, {"ids": list(ids)}):
-                out.setdefault(row[0], []).append(row)
-        return out
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 - loaders live as long as the process
     def aggregate(self, dialect: str) -> Any:
@@ -152,9 +138,7 @@ def relation_loaders(spec: ResourceSpec) -> tuple[RelationLoader, ...]:
             source = secondary.join(target, target.c[target_pk.key] == target_fk)
             targets = [target.c[name] for name in names]
             order = [target.c[name] for name in order_names]
-        stmt = select(id_text(parent_fk), *(as_read(c).label(n) for c, n in zip(targets, names))).select_from(source)
-        stmt = stmt.where(parent_fk.in_(bindparam("ids", type_=ID_TEXT, expanding=True))).order_by(parent_fk, *order)
-        out.append(RelationLoader(key, tuple(names), stmt, source, (parent_pk, parent_fk), tuple(targets), tuple(order)))
+        out.append(RelationLoader(key, tuple(names), source, (parent_pk, parent_fk), tuple(targets), tuple(order)))
     return tuple(out)
 
 

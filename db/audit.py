@@ -108,20 +108,29 @@ def _column_keys(spec: ResourceSpec) -> tuple[str, ...]:
 
 def _created_changes(spec: ResourceSpec, values: dict[str, Any]) -> list[dict[str, Any]]:
     """The changes of a new row: every set column, under its API field, secrets masked."""
-    fields = _field_names(spec)
     merged: dict[str, dict[str, Any]] = {}
-    for key in _column_keys(spec):  # the mapper's order, whichever path made the values
+    for key, field_name, secret in _reported_columns(spec):
         new = values.get(key)
-        if key in _NOISE or new is None:
+        if new is None or field_name in merged:  # Money: one field of two columns
+            continue
+        merged[field_name] = {"field": field_name, "old_value": None, "new_value": MASK if secret else _plain(new)}
+    return list(merged.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _reported_columns(spec: ResourceSpec) -> tuple[tuple[str, str, bool], ...]:
+    """(column key, API field, secret?) of the columns an entry reports, in the mapper's order
+    (whichever path made the values): bookkeeping left out, secrets under their field name."""
+    fields = _field_names(spec)
+    reported = []
+    for key in _column_keys(spec):
+        if key in _NOISE:
             continue
         if key in _SECRET_COLUMNS:
-            merged[_SECRET_COLUMNS[key]] = {"field": _SECRET_COLUMNS[key], "old_value": None, "new_value": MASK}
-            continue
-        field_name = fields.get(key)
-        if field_name is None or field_name in merged:  # Money: one field of two columns
-            continue
-        merged[field_name] = {"field": field_name, "old_value": None, "new_value": _plain(new)}
-    return list(merged.values())
+            reported.append((key, _SECRET_COLUMNS[key], True))
+        elif key in fields:
+            reported.append((key, fields[key], False))
+    return tuple(reported)
 
 
 def _column_changes(spec: ResourceSpec, columns: list[tuple[str, Any, Any, bool]], mode: str) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ from sqlalchemy import update as sa_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db import errors, events, policy, reading
+from db import bulk, errors, events, policy, reading
 from db.base import UTCDateTime, utcnow, uuid7
 from db.codecs import parse_uuid
 from db.models import RequestRecord
@@ -414,9 +414,14 @@ def _missing_required(spec: ResourceSpec, row: Any, prefix: str) -> None:
 
 def _apply_defaults(spec: ResourceSpec, row: Any) -> None:
     """Column defaults for attributes left None, so hooks and validation see the final values."""
-    for col in spec.table.c:
-        if col.default is not None and col.default.is_scalar and getattr(row, col.key, None) is None:
-            setattr(row, col.key, col.default.arg)
+    for key, value in _scalar_defaults(spec):
+        if getattr(row, key, None) is None:
+            setattr(row, key, value)
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar_defaults(spec: ResourceSpec) -> tuple[tuple[str, Any], ...]:
+    return tuple((c.key, c.default.arg) for c in spec.table.c if c.default is not None and c.default.is_scalar)
 
 
 def validate_request_id(request_id: str, field_path: str = "request_id") -> str:
@@ -562,9 +567,9 @@ def insert_rows(
     else:
         if unchecked is not None:
             check_references(session, spec, *unchecked)
-        conn.execute(insert(spec.table), values)
+        bulk.insert_many(conn, spec.table, values)
         for table, companion_rows in companions:
-            conn.execute(insert(table), companion_rows)
+            bulk.insert_many(conn, table, companion_rows)
     for row, row_values in zip(rows, values):
         row.__dict__.update(row_values)
         for key in spec.relation_fields:

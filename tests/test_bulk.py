@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import event, insert, select
 
 from db import bulk, errors
 from db.base import uuid7
@@ -60,7 +60,15 @@ def _read(database: Database, model: Any, ids: list[uuid.UUID]) -> list[dict[str
 def _write_both_ways(database: Database, model: Any, make: Any) -> uuid.UUID:
     """Three rows through insert_many, three through SQLAlchemy's INSERT; equal when read back."""
     ours, theirs = make("o"), make("t")
-    database.run_sync(lambda s: bulk.insert_many(s.connection(), model.__table__, ours))
+    statements: list[str] = []
+    listener = lambda conn, cursor, statement, *args: statements.append(statement)  # noqa: E731
+    event.listen(database.engine, "before_cursor_execute", listener)
+    try:
+        database.run_sync(lambda s: bulk.insert_many(s.connection(), model.__table__, ours))
+    finally:
+        event.remove(database.engine, "before_cursor_execute", listener)
+    one_json_array = any("json_populate_recordset" in statement for statement in statements)
+    assert one_json_array == database.is_postgres, statements
     database.run_sync(lambda s: s.connection().execute(insert(model.__table__), theirs))
     got_ours = _read(database, model, [r["id"] for r in ours])
     got_theirs = _read(database, model, [r["id"] for r in theirs])

@@ -502,6 +502,20 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
     return insert_rows(session, spec, [row], unchecked=(values, field_prefix))[0]
 
 
+def one_statement_create(spec: ResourceSpec, request: Any, call: Call) -> bool:
+    """Whether create() writes with one statement after which nothing fails, so that it may run
+    in autocommit (Database.run_sync one_statement): on PostgreSQL the row goes in with its audit
+    entry and its reference checks in one INSERT (insert_rows), and here nothing else writes — no
+    request id to claim, no change event to append — and no row policy is checked after it."""
+    return (
+        call.dialect == "postgresql"
+        and spec.audited
+        and spec.stream_scope is None
+        and not request.request_id
+        and _predicate(spec, write=True) is None
+    )
+
+
 def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
     """All or nothing (AIP-233). Without request ids the rows are written together: validated
     one by one, then one reference query per referencing field and insert_rows (one INSERT for
@@ -565,6 +579,9 @@ def insert_rows(
             check_references(session, spec, *unchecked)  # type: ignore[misc]
             raise errors.Aborted("a referenced resource changed during the call; retry", reason="REFERENCE_CHANGED")
     else:
+        if conn.dialect.name == "postgresql" and conn.connection.dbapi_connection.autocommit:
+            # A unit of work in autocommit (one_statement_create) must write with one statement.
+            raise AssertionError(f"{spec.name} rows need more than one statement: not in autocommit")
         if unchecked is not None:
             check_references(session, spec, *unchecked)
         bulk.insert_many(conn, spec.table, values)
@@ -593,12 +610,18 @@ def _insert_with(
         reference = _live_targets(REGISTRY[target_name], ids == bindparam(f"ref_{i}", type_=ids.type))
         guards.append(exists(reference.cte(f"reference_{i}").select()))
     source = select(*row).where(*guards)
-    return insert(table).from_select(list(keys), source).add_cte(_companion_cte(companion, companion_keys)).returning(table.c.id)
+    # The companion under the same guards: a data-modifying CTE runs whether or not the row goes
+    # in, and a refused row must leave no audit entry (the statement may be its own transaction).
+    return insert(table).from_select(list(keys), source).add_cte(_companion_cte(companion, companion_keys, guards)).returning(table.c.id)
 
 
-def _companion_cte(companion: Any, keys: tuple[str, ...]) -> Any:
-    """INSERT of one companion row (an audit entry; parameters c_<column>) as a CTE."""
-    return insert(companion).values({k: bindparam(f"c_{k}", type_=companion.c[k].type) for k in keys}).cte("companion")
+def _companion_cte(companion: Any, keys: tuple[str, ...], guards: Sequence[Any] = ()) -> Any:
+    """INSERT of one companion row (an audit entry; parameters c_<column>) as a CTE; with
+    guards, only where they all hold."""
+    values = [bindparam(f"c_{k}", type_=companion.c[k].type) for k in keys]
+    if guards:
+        return insert(companion).from_select(list(keys), select(*values).where(*guards)).cte("companion")
+    return insert(companion).values(dict(zip(keys, values))).cte("companion")
 
 
 # Called as listener(session, spec, column values of each row) when insert_rows inserts rows

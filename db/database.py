@@ -189,8 +189,12 @@ class Database:
             self.read_engine = create_db_engine(url, self.pool, echo, autocommit=True)
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(write_engine, expire_on_commit=False)
+        # Writes of one statement (run_sync one_statement=True, PostgreSQL): on the autocommit
+        # connections, the statement its own transaction.
+        self._autocommit_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
         self._commit_listeners: list[Callable[[dict[str, Any]], None]] = []
         event.listen(self._write_sessions, "after_commit", self._after_commit)
+        event.listen(self._autocommit_sessions, "after_commit", self._after_commit)
         # One worker per pooled connection: a unit of work never waits for a thread while it
         # holds a connection, and the event loop never blocks on the database.
         workers = max(2, self.pool.size + self.pool.max_overflow)
@@ -214,13 +218,19 @@ class Database:
         deadline: float | None = None,
         resource_type: str = "",
         core: bool = False,
+        one_statement: bool = False,
     ) -> T:
         """Run work(session) in one transaction; commit on success; retry conflicts; translate errors.
 
         core=True: work only reads, with Core statements on session.connection() (db/reading.py),
         and gets a CoreReads on a bare read connection instead of a Session.
+        one_statement=True (PostgreSQL): work writes with a single statement, after which nothing
+        fails (crud.one_statement_create): it runs in autocommit, that statement its own
+        transaction, without the BEGIN and COMMIT round trips. Commit listeners run as after a
+        commit.
         """
-        factory = self._write_sessions if write else self._read_sessions
+        autocommit = one_statement and write and self.is_postgres
+        factory = self._autocommit_sessions if autocommit else self._write_sessions if write else self._read_sessions
         if deadline is not None and not self.is_postgres and time.monotonic() > deadline:
             # (PostgreSQL checks it with the statement timeout.) A call queued past its deadline.
             raise too_late()
@@ -233,9 +243,10 @@ class Database:
                         return work(CoreReads(conn))
                 with factory() as session:
                     with session.begin():
-                        timeout = self._statement_timeout(session.connection(), deadline) if self.is_postgres else None
+                        timeout = self._statement_timeout(session.connection(), deadline, record=autocommit) if self.is_postgres else None
                         result = work(session)
-                        if deadline is not None and time.monotonic() > deadline:
+                        # (In autocommit the write has committed: its answer is the truth.)
+                        if deadline is not None and not autocommit and time.monotonic() > deadline:
                             # The caller has given up (DEADLINE_EXCEEDED): do not commit what it
                             # will never see acknowledged, or a retry would write it twice.
                             raise errors.DeadlineExceeded("the call's deadline passed before its changes committed; nothing was changed")
@@ -291,6 +302,7 @@ class Database:
         deadline: float | None = None,
         resource_type: str = "",
         core: bool = False,
+        one_statement: bool = False,
     ) -> T:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
@@ -308,7 +320,9 @@ class Database:
             return await loop.run_in_executor(self.write_executor, queued_write)
         return await loop.run_in_executor(
             self.executor,
-            lambda: ctx.run(self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type, core=core),
+            lambda: ctx.run(
+                self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type, core=core, one_statement=one_statement
+            ),
         )
 
     def add_commit_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:

@@ -39,10 +39,11 @@ class Runner:
         write: bool = True,
         resource_type: str = "",
         core: bool = False,
+        one_statement: bool = False,
     ) -> T:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return await self.db.run(work, write=write, deadline=deadline, resource_type=resource_type, core=core)
+        return await self.db.run(work, write=write, deadline=deadline, resource_type=resource_type, core=core, one_statement=one_statement)
 
 
 def _module_of(spec: ResourceSpec) -> Any:
@@ -67,7 +68,8 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
     async def create(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)
-        return await run(context, lambda s: crud.create(s, spec, request, call), resource_type=name)
+        one_statement = crud.one_statement_create(spec, request, call)
+        return await run(context, lambda s: crud.create(s, spec, request, call), resource_type=name, one_statement=one_statement)
 
     async def update(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, insert, select, text
 
 from db import errors
-from db.database import Database, PoolSettings, timeout_step
+from db.database import CREDENTIALS_CHANGED_KEY, Database, PoolSettings, timeout_step
 from db.models import Role
 from tests.conftest import Client
 
@@ -147,4 +147,62 @@ def test_sqlite_writes_queue_on_one_thread_and_a_long_wait_is_busy(tmp_path: Pat
         asyncio.run(scenario())
         assert [_count(database, n) for n in ("first", "busy", "late", "after")] == [1, 0, 0, 1]
     finally:
+        database.dispose()
+
+
+def test_one_statement_creates_run_in_autocommit_and_only_they_do(client: Client) -> None:
+    """A Create that writes with one statement (crud.one_statement_create) runs on an autocommit
+    connection on PostgreSQL, answers as a transactional one does and still reaches the commit
+    listeners; one that needs more statements is refused there, not written piecemeal."""
+    from nexus.work.v1 import work_pb2 as wpb
+
+    from db import crud
+    from db.audit import AUDIT_LOG_ENTRIES
+    from db.resource import REGISTRY
+    from tests.support import new_project
+
+    project = new_project(client)
+    tasks, messages = REGISTRY["Task"], REGISTRY["ChatMessage"]
+    dialect = "postgresql" if client.backend == "postgresql" else "sqlite"
+    admin = crud.Call(dialect=dialect, role="admin", method="/test/CreateTask")
+    user = crud.Call(dialect=dialect, role="user", actor_user_id=uuid.uuid4())
+    request = wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title="one statement"))
+    token = crud.CURRENT_CALL.set(admin)
+    database = Database(client.database_url)
+    notes: list[dict[str, object]] = []
+    database.add_commit_listener(notes.append)
+    try:
+        assert crud.one_statement_create(tasks, request, admin) == database.is_postgres
+        assert not crud.one_statement_create(tasks, wpb.CreateTaskRequest(task=request.task, request_id="r1"), admin)
+        assert not crud.one_statement_create(messages, request, admin), "a change event is a second write"
+        crud.CURRENT_CALL.set(user)
+        assert not crud.one_statement_create(tasks, request, user), "a row policy is checked after the INSERT"
+        crud.CURRENT_CALL.set(admin)
+
+        seen: list[bool] = []
+
+        def create(session: object) -> object:
+            dbapi = session.connection().connection.dbapi_connection  # type: ignore[attr-defined]
+            seen.append(bool(getattr(dbapi, "autocommit", False)) if database.is_postgres else False)
+            session.info[CREDENTIALS_CHANGED_KEY] = True  # type: ignore[attr-defined]
+            return crud.create(session, tasks, request, admin)  # type: ignore[arg-type]
+
+        made = database.run_sync(create, one_statement=True)
+        assert seen == [database.is_postgres]
+        assert notes, "commit listeners run after an autocommit write too"
+        got = database.run_sync(lambda s: crud.get(s, tasks, wpb.GetTaskRequest(id=made.id)), write=False, core=True)
+        assert got == made
+        entries = database.run_sync(
+            lambda s: s.execute(select(AUDIT_LOG_ENTRIES.table.c.action).where(AUDIT_LOG_ENTRIES.table.c.resource_id == uuid.UUID(made.id))).scalars().all(),
+            write=False,
+        )
+        assert entries == ["create"]
+        if database.is_postgres:
+            batch = wpb.BatchCreateTasksRequest(requests=[request, request])
+            with pytest.raises(AssertionError):
+                database.run_sync(lambda s: crud.batch_create(s, tasks, batch, admin), one_statement=True)
+            count = select(func.count()).select_from(tasks.table).where(tasks.table.c.project_id == uuid.UUID(project.id))
+            assert database.run_sync(lambda s: s.scalar(count), write=False) == 1, "nothing of the refused batch was written"
+    finally:
+        crud.CURRENT_CALL.reset(token)
         database.dispose()

@@ -516,6 +516,26 @@ def one_statement_create(spec: ResourceSpec, request: Any, call: Call) -> bool:
     )
 
 
+def one_statement_update(spec: ResourceSpec, request: Any, call: Call) -> bool:
+    """Whether update() may run in autocommit (Database.run_sync one_statement): the row is read
+    without a lock and changed by one UPDATE that goes in only at the revision read (its audit
+    entry with it); a row changed in between makes it run again in a transaction (the row read
+    FOR UPDATE). Not when it changes a reference (checked FOR SHARE, a lock autocommit would not
+    keep), has a change event to append or a row policy to check after the UPDATE."""
+    if not (call.dialect == "postgresql" and spec.audited and spec.stream_scope is None and _predicate(spec, write=True) is None):
+        return False
+    msg = getattr(request, spec.singular_field)
+    try:
+        names = update_paths(spec, msg, request.update_mask.paths)
+    except errors.NexusError:
+        return False  # answered by update() itself
+    return not set(names) & set(spec.references)
+
+
+def _in_autocommit(conn: Any) -> bool:
+    return conn.dialect.name == "postgresql" and bool(conn.connection.dbapi_connection.autocommit)
+
+
 def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
     """All or nothing (AIP-233). Without request ids the rows are written together: validated
     one by one, then one reference query per referencing field and insert_rows (one INSERT for
@@ -579,7 +599,7 @@ def insert_rows(
             check_references(session, spec, *unchecked)  # type: ignore[misc]
             raise errors.Aborted("a referenced resource changed during the call; retry", reason="REFERENCE_CHANGED")
     else:
-        if conn.dialect.name == "postgresql" and conn.connection.dbapi_connection.autocommit:
+        if _in_autocommit(conn):
             # A unit of work in autocommit (one_statement_create) must write with one statement.
             raise AssertionError(f"{spec.name} rows need more than one statement: not in autocommit")
         if unchecked is not None:
@@ -687,7 +707,9 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     field_prefix = f"{spec.singular_field}."
     names = update_paths(spec, msg, request.update_mask.paths)
     check_field_rights(spec, names, field_prefix)
-    before = _fetch_for_update(session, spec, msg.id, field_prefix + "id")
+    conn = session.connection()
+    one_statement = _in_autocommit(conn)  # one_statement_update: no lock, a revision guard
+    before = _fetch_for_update(session, spec, msg.id, field_prefix + "id", lock=not one_statement)
     check_etag(before, msg.etag, field_prefix + "etag")
     values = _load_fields(spec, msg, names, field_prefix)
     row = reading.row_class(spec)(dict(before.__dict__))
@@ -704,7 +726,6 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     changed = {key: value for key, value in new.items() if value != old[key]}
     loaders = reading.relation_loaders(spec)
     table = spec.table
-    conn = session.connection()
     if changed:
         changed["update_time"] = new["update_time"] = row.update_time = utcnow()
         changed["revision"] = new["revision"] = row.revision = before.revision + 1
@@ -717,8 +738,12 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
             ((companion, (entry,)),) = companions
             params.update({f"c_{key}": value for key, value in entry.items()})
             companions = []
-        stmt = _update_statement(spec, call.dialect, tuple(changed), companion, tuple(entry) if companion is not None else ())
+        stmt = _update_statement(
+            spec, call.dialect, tuple(changed), companion, tuple(entry) if companion is not None else (), guarded=one_statement
+        )
         answered = conn.execute(stmt, params).first()
+        if answered is None and one_statement:
+            raise errors.NeedsTransaction  # changed since it was read (nothing written): again, locked
         if answered is None:  # what the ORM reports as StaleDataError; the row lock prevents it
             raise errors.Aborted(
                 "the resource changed while it was being updated; read it again and retry",
@@ -739,12 +764,13 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     return publish(session, spec, row, events.UPDATED, spec.to_proto(row))
 
 
-def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_path: str) -> Any:
+def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_path: str, lock: bool = True) -> Any:
     """fetch(lock=True) without the ORM: the row's column values (ids as uuid.UUID) as a plain
-    row, locked on PostgreSQL; PERMISSION_DENIED or NOT_FOUND as fetch answers them."""
+    row, locked on PostgreSQL (unless lock=False); PERMISSION_DENIED or NOT_FOUND as fetch
+    answers them."""
     row_id = parse_uuid(raw_id, field_path)
     table = spec.table
-    stmt = _locked_row_statement(spec, session.get_bind().dialect.name)
+    stmt = _locked_row_statement(spec, session.get_bind().dialect.name if lock else "")
     allowed = _predicate(spec, write=True)
     if allowed is not None:
         stmt = stmt.where(allowed)
@@ -755,17 +781,22 @@ def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_p
 
 @functools.lru_cache(maxsize=None)
 def _locked_row_statement(spec: ResourceSpec, dialect: str) -> Any:
-    """SELECT of the row row_id's columns, FOR UPDATE on PostgreSQL; built once per resource."""
+    """SELECT of the row row_id's columns, FOR UPDATE on PostgreSQL (dialect "": no lock);
+    built once per resource."""
     table = spec.table
     stmt = select(*table.c).where(table.c.id == bindparam("row_id", type_=table.c.id.type))
     return stmt.with_for_update(of=table) if dialect == "postgresql" else stmt
 
 
 @functools.lru_cache(maxsize=1024)
-def _update_statement(spec: ResourceSpec, dialect: str, keys: tuple[str, ...], companion: Any, companion_keys: tuple[str, ...]) -> Any:
+def _update_statement(
+    spec: ResourceSpec, dialect: str, keys: tuple[str, ...], companion: Any, companion_keys: tuple[str, ...], guarded: bool = False
+) -> Any:
     """UPDATE of the columns `keys` (parameters v_<column>) of the row row_id at old_revision,
     answering its revision and relations; with one companion row (parameters c_<column>) as a
-    CTE. Built once per shape, so compiled once."""
+    CTE. guarded: the companion goes in only if the row did (the UPDATE a CTE the companion
+    selects from; the statement may be its own transaction). Built once per shape, so compiled
+    once."""
     table = spec.table
     stmt = (
         sa_update(table)
@@ -773,7 +804,14 @@ def _update_statement(spec: ResourceSpec, dialect: str, keys: tuple[str, ...], c
         .values({key: bindparam(f"v_{key}", type_=table.c[key].type) for key in keys})
         .returning(table.c.revision, *(loader.aggregate(dialect) for loader in reading.relation_loaders(spec)))
     )
-    return stmt if companion is None else stmt.add_cte(_companion_cte(companion, companion_keys))
+    if companion is None:
+        return stmt
+    if not guarded:
+        return stmt.add_cte(_companion_cte(companion, companion_keys))
+    updated = stmt.cte("updated")
+    values = [bindparam(f"c_{k}", type_=companion.c[k].type) for k in companion_keys]
+    entry = insert(companion).from_select(list(companion_keys), select(*values).select_from(updated)).cte("companion")
+    return select(*updated.c).add_cte(entry)
 
 
 # Called as listener(session, spec, row id, column values before, column values after) when

@@ -225,16 +225,19 @@ class Database:
         core=True: work only reads, with Core statements on session.connection() (db/reading.py),
         and gets a CoreReads on a bare read connection instead of a Session.
         one_statement=True (PostgreSQL): work writes with a single statement, after which nothing
-        fails (crud.one_statement_create): it runs in autocommit, that statement its own
-        transaction, without the BEGIN and COMMIT round trips. Commit listeners run as after a
-        commit.
+        fails (crud.one_statement_create / one_statement_update): it runs in autocommit, that
+        statement its own transaction, without the BEGIN and COMMIT round trips. Commit listeners
+        run as after a commit. Work that raises errors.NeedsTransaction (before writing) runs
+        again in a transaction.
         """
         autocommit = one_statement and write and self.is_postgres
         factory = self._autocommit_sessions if autocommit else self._write_sessions if write else self._read_sessions
         if deadline is not None and not self.is_postgres and time.monotonic() > deadline:
             # (PostgreSQL checks it with the statement timeout.) A call queued past its deadline.
             raise too_late()
-        for attempt in range(1, self.max_attempts + 1):
+        attempt = 0
+        while attempt < self.max_attempts:
+            attempt += 1
             try:
                 if core:
                     with self.read_engine.connect() as conn:
@@ -254,6 +257,12 @@ class Database:
                         # Committed, so the SET holds; a rolled-back one left the old value.
                         timeout[0][STATEMENT_TIMEOUT_KEY] = timeout[1]
                     return result
+            except errors.NeedsTransaction:
+                if not autocommit:
+                    raise
+                autocommit, factory = False, self._write_sessions  # not counted as an attempt
+                attempt -= 1
+                continue
             except Exception as exc:  # noqa: BLE001 - every database error is translated here, once
                 translated = translate(exc, resource_type)
                 if isinstance(translated, RetryableConflict):

@@ -118,6 +118,12 @@ class PermissionDenied(NexusError):
     default_reason = "PERMISSION_DENIED"
 
 
+class NeedsTransaction(Exception):
+    """Not an answer: a unit of work run in autocommit (Database.run_sync one_statement) found,
+    before writing anything, that it must run in a transaction after all; run_sync runs it again
+    in one."""
+
+
 @dataclass
 class Violations:
     """Collects several field violations and raises them as one InvalidArgument."""

@@ -73,7 +73,8 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
     async def update(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)
-        return await run(context, lambda s: crud.update(s, spec, request, call), resource_type=name)
+        one_statement = crud.one_statement_update(spec, request, call)
+        return await run(context, lambda s: crud.update(s, spec, request, call), resource_type=name, one_statement=one_statement)
 
     async def delete(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)

@@ -206,3 +206,65 @@ def test_one_statement_creates_run_in_autocommit_and_only_they_do(client: Client
     finally:
         crud.CURRENT_CALL.reset(token)
         database.dispose()
+
+
+def test_one_statement_update_guards_its_revision_and_falls_back_to_a_locked_transaction(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Update run in autocommit (crud.one_statement_update) reads without a lock and writes
+    only at the revision it read, its audit entry with it. A row changed in between leaves
+    nothing of that attempt, and the update runs again in a transaction on the new row."""
+    from google.protobuf import field_mask_pb2
+    from nexus.work.v1 import work_pb2 as wpb
+
+    from db import crud
+    from db.audit import AUDIT_LOG_ENTRIES
+    from db.resource import REGISTRY
+    from tests.support import new_project
+
+    project = new_project(client)
+    tasks = REGISTRY["Task"]
+    dialect = "postgresql" if client.backend == "postgresql" else "sqlite"
+    admin = crud.Call(dialect=dialect, role="admin", method="/test/UpdateTask")
+    token = crud.CURRENT_CALL.set(admin)
+    database = Database(client.database_url)
+    try:
+        task = client.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title="before")))
+        request = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, title="ours"), update_mask=field_mask_pb2.FieldMask(paths=["title"]))
+        assert crud.one_statement_update(tasks, request, admin) == database.is_postgres
+        moving = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, project_id=str(uuid.uuid4())), update_mask=field_mask_pb2.FieldMask(paths=["project_id"]))
+        assert not crud.one_statement_update(tasks, moving, admin), "a reference is checked FOR SHARE: a transaction's lock"
+
+        seen: list[bool] = []
+        real_check = crud.check_references
+
+        def meanwhile(session: object, *args: object) -> None:
+            """Between the read and the UPDATE of the first attempt: another writer commits."""
+            dbapi = session.connection().connection.dbapi_connection  # type: ignore[attr-defined]
+            seen.append(bool(getattr(dbapi, "autocommit", False)) if database.is_postgres else False)
+            if len(seen) == 1 and database.is_postgres:  # (SQLite: one writer, no autocommit path)
+                database.run_sync(lambda s: s.execute(
+                    text("UPDATE tasks SET description = 'theirs', revision = revision + 1 WHERE id = :id"), {"id": uuid.UUID(task.id)}
+                ))
+            real_check(session, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(crud, "check_references", meanwhile)
+        updated = database.run_sync(lambda s: crud.update(s, tasks, request, admin), one_statement=True)
+        monkeypatch.undo()
+        assert seen == ([True, False] if database.is_postgres else [False])
+        if database.is_postgres:
+            assert (updated.title, updated.description, updated.etag) == ("ours", "theirs", 'W/"3"')
+        else:
+            assert (updated.title, updated.etag) == ("ours", 'W/"2"')
+        assert client.work.GetTask(wpb.GetTaskRequest(id=task.id)) == updated
+        column = AUDIT_LOG_ENTRIES.table.c
+        entries = database.run_sync(
+            lambda s: s.execute(select(column.action).where(column.resource_id == uuid.UUID(task.id)).order_by(column.create_time)).scalars().all(),
+            write=False,
+        )
+        assert entries == ["create", "update"], "the refused attempt left no entry"
+        again = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, title="again"), update_mask=field_mask_pb2.FieldMask(paths=["title"]))
+        assert database.run_sync(lambda s: crud.update(s, tasks, again, admin), one_statement=True).etag == f'W/"{4 if database.is_postgres else 3}"'
+    finally:
+        crud.CURRENT_CALL.reset(token)
+        database.dispose()

@@ -232,7 +232,8 @@ def test_one_statement_update_guards_its_revision_and_falls_back_to_a_locked_tra
         task = client.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title="before")))
         request = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, title="ours"), update_mask=field_mask_pb2.FieldMask(paths=["title"]))
         assert crud.one_statement_update(tasks, request, admin) == database.is_postgres
-        moving = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, project_id=str(uuid.uuid4())), update_mask=field_mask_pb2.FieldMask(paths=["project_id"]))
+        moving = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, assignee_id=str(uuid.uuid4())), update_mask=field_mask_pb2.FieldMask(paths=["assignee_id"]))
+        assert crud.update_paths(tasks, moving.task, moving.update_mask.paths) == ["assignee_id"]
         assert not crud.one_statement_update(tasks, moving, admin), "a reference is checked FOR SHARE: a transaction's lock"
 
         seen: list[bool] = []

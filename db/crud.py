@@ -630,18 +630,18 @@ def _insert_with(
         reference = _live_targets(REGISTRY[target_name], ids == bindparam(f"ref_{i}", type_=ids.type))
         guards.append(exists(reference.cte(f"reference_{i}").select()))
     source = select(*row).where(*guards)
-    # The companion under the same guards: a data-modifying CTE runs whether or not the row goes
-    # in, and a refused row must leave no audit entry (the statement may be its own transaction).
     return insert(table).from_select(list(keys), source).add_cte(_companion_cte(companion, companion_keys, guards)).returning(table.c.id)
 
 
-def _companion_cte(companion: Any, keys: tuple[str, ...], guards: Sequence[Any] = ()) -> Any:
-    """INSERT of one companion row (an audit entry; parameters c_<column>) as a CTE; with
-    guards, only where they all hold."""
-    values = [bindparam(f"c_{k}", type_=companion.c[k].type) for k in keys]
-    if guards:
-        return insert(companion).from_select(list(keys), select(*values).where(*guards)).cte("companion")
-    return insert(companion).values(dict(zip(keys, values))).cte("companion")
+def _companion_cte(companion: Any, keys: tuple[str, ...], guards: Sequence[Any] = (), after: Any = None) -> Any:
+    """INSERT of one companion row (an audit entry; parameters c_<column>) as a CTE: only where
+    the guards all hold, and with after (a CTE of the change) only if that changed a row. A
+    data-modifying CTE runs whether or not the statement's own change happens, so the companion
+    carries that change's conditions (the statement may be its own transaction)."""
+    source = select(*(bindparam(f"c_{k}", type_=companion.c[k].type) for k in keys)).where(*guards)
+    if after is not None:
+        source = source.select_from(after)
+    return insert(companion).from_select(list(keys), source).cte("companion")
 
 
 # Called as listener(session, spec, column values of each row) when insert_rows inserts rows
@@ -738,9 +738,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
             ((companion, (entry,)),) = companions
             params.update({f"c_{key}": value for key, value in entry.items()})
             companions = []
-        stmt = _update_statement(
-            spec, call.dialect, tuple(changed), companion, tuple(entry) if companion is not None else (), guarded=one_statement
-        )
+        stmt = _update_statement(spec, call.dialect, tuple(changed), companion, tuple(entry) if companion is not None else ())
         answered = conn.execute(stmt, params).first()
         if answered is None and one_statement:
             raise errors.NeedsTransaction  # changed since it was read (nothing written): again, locked
@@ -770,7 +768,7 @@ def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_p
     answers them."""
     row_id = parse_uuid(raw_id, field_path)
     table = spec.table
-    stmt = _locked_row_statement(spec, session.get_bind().dialect.name if lock else "")
+    stmt = _locked_row_statement(spec, lock and session.get_bind().dialect.name == "postgresql")
     allowed = _predicate(spec, write=True)
     if allowed is not None:
         stmt = stmt.where(allowed)
@@ -780,23 +778,19 @@ def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_p
 
 
 @functools.lru_cache(maxsize=None)
-def _locked_row_statement(spec: ResourceSpec, dialect: str) -> Any:
-    """SELECT of the row row_id's columns, FOR UPDATE on PostgreSQL (dialect "": no lock);
-    built once per resource."""
+def _locked_row_statement(spec: ResourceSpec, lock: bool) -> Any:
+    """SELECT of the row row_id's columns, FOR UPDATE if lock (PostgreSQL); built once."""
     table = spec.table
     stmt = select(*table.c).where(table.c.id == bindparam("row_id", type_=table.c.id.type))
-    return stmt.with_for_update(of=table) if dialect == "postgresql" else stmt
+    return stmt.with_for_update(of=table) if lock else stmt
 
 
 @functools.lru_cache(maxsize=1024)
-def _update_statement(
-    spec: ResourceSpec, dialect: str, keys: tuple[str, ...], companion: Any, companion_keys: tuple[str, ...], guarded: bool = False
-) -> Any:
+def _update_statement(spec: ResourceSpec, dialect: str, keys: tuple[str, ...], companion: Any, companion_keys: tuple[str, ...]) -> Any:
     """UPDATE of the columns `keys` (parameters v_<column>) of the row row_id at old_revision,
-    answering its revision and relations; with one companion row (parameters c_<column>) as a
-    CTE. guarded: the companion goes in only if the row did (the UPDATE a CTE the companion
-    selects from; the statement may be its own transaction). Built once per shape, so compiled
-    once."""
+    answering its revision and relations; with one companion row (parameters c_<column>), the
+    UPDATE is a CTE the companion's INSERT selects from: the entry goes in only if the row did.
+    Built once per shape, so compiled once."""
     table = spec.table
     stmt = (
         sa_update(table)
@@ -806,12 +800,8 @@ def _update_statement(
     )
     if companion is None:
         return stmt
-    if not guarded:
-        return stmt.add_cte(_companion_cte(companion, companion_keys))
     updated = stmt.cte("updated")
-    values = [bindparam(f"c_{k}", type_=companion.c[k].type) for k in companion_keys]
-    entry = insert(companion).from_select(list(companion_keys), select(*values).select_from(updated)).cte("companion")
-    return select(*updated.c).add_cte(entry)
+    return select(*updated.c).add_cte(_companion_cte(companion, companion_keys, after=updated))
 
 
 # Called as listener(session, spec, row id, column values before, column values after) when

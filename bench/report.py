@@ -174,8 +174,10 @@ def markdown(db: str, results: dict[str, Any], meta: dict[str, Any]) -> str:
         + (f", best of {meta['rounds']} alternating rounds" if meta.get("rounds", 1) > 1 else "")
         + ", closed loop, one grpc.aio client process",
         "- project server: `nexus-data serve`" + (f" --workers {meta['workers']}" if meta.get("workers", 1) > 1 else "") + (f" from `{meta['project_src']}`" if meta.get("project_src") else "") + f", API key auth, DB_POOL_SIZE={meta['pool_size']}, DB_MAX_OVERFLOW={meta['max_overflow']}, "
-        f"NEXUS_MAX_CONCURRENT_RPCS={meta['max_rpcs']}; floor: `bench/floor_server.py` with {meta['floor_threads']} database threads",
-        f"- responses of the two servers compared before the load: {results.get('verify', 'not checked')}",
+        f"NEXUS_MAX_CONCURRENT_RPCS={meta['max_rpcs']}; floor: `bench/floor_server.py` with {meta['floor_threads']} database threads, "
+        + ("`--bare`: its writes without the audit entry and the reference check the API requires"
+           if meta.get("floor_bare") else "its writes with the service's statements, audit entry included (the API requires it in the write's transaction)"),
+        f"- responses (and audit entries) of the two servers compared before the load: {results.get('verify', 'not checked')}",
         f"- wall time for this database: {results.get('wall_s', 0):.0f} s",
         "",
         "## Throughput and latency: project vs floor",

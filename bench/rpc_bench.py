@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -319,7 +321,8 @@ def start_project(dialect: str, url: str, work: Path, args: argparse.Namespace, 
 def start_floor(target: str, work: Path, args: argparse.Namespace, tag: str) -> Server:
     port = free_port()
     argv = [PYTHON, str(BENCH / "floor_server.py"), "--db", target, "--port", str(port),
-            "--threads", str(args.floor_threads), "--max-concurrent-rpcs", str(args.max_rpcs)]
+            "--threads", str(args.floor_threads), "--max-concurrent-rpcs", str(args.max_rpcs),
+            *(["--bare"] if args.floor_bare else [])]
     server = Server(f"floor-{tag}", argv, dict(os.environ), work / f"floor-{tag}.log", port)
     wait_ready(server)
     return server
@@ -394,8 +397,43 @@ def _strip(msg: Any, *fields: str) -> Any:
     return m
 
 
-def verify(project: Server, floor: Server, key: str, spec: dict[str, Any], reserved: list[str]) -> list[str]:
-    """Send the same requests to both servers; list the differences (empty: identical)."""
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d)?$")
+
+
+def audit_entries(dialect: str, target: str, resource_ids: list[str]) -> list[tuple[Any, ...]]:
+    """The audit entries of these resources, oldest first, with the values that differ by nature
+    (the resource's own id, timestamps) reduced to their form."""
+    fmt = benchdb.Fmt(dialect)
+    conn = benchdb.connect(dialect, target)
+    try:
+        cur = conn.cursor()
+        marks = ", ".join(["?" if dialect == "sqlite" else "%s"] * len(resource_ids))
+        cur.execute(
+            "SELECT resource_id, actor_type, actor_id, action, resource_type, changes, method, summary, request_id "
+            f"FROM audit_log_entries WHERE resource_id IN ({marks}) ORDER BY create_time, id",
+            [fmt.id(uuid.UUID(i)) for i in resource_ids],
+        )
+        rows = cur.fetchall()
+    finally:
+        conn.close()
+    out = []
+    for rid, actor_type, actor_id, action, rtype, changes, method, summary, request_id in rows:
+        changes = json.loads(changes) if isinstance(changes, str) else changes
+        for c in changes:
+            for k in ("old_value", "new_value"):
+                v = c[k]
+                if c["field"] == "id" and v is not None:
+                    c[k] = "<its id>" if uuid.UUID(v) == uuid.UUID(str(rid)) else v
+                elif isinstance(v, str) and _TIMESTAMP.match(v):
+                    c[k] = re.sub(r"\d", "0", v)
+        out.append((actor_type, str(actor_id), action, rtype, changes, method, summary, bool(request_id)))
+    return out
+
+
+def verify(project: Server, floor: Server, key: str, spec: dict[str, Any], reserved: list[str], dialect: str,
+           target: str, bare: bool) -> list[str]:
+    """Send the same requests to both servers; list the differences (empty: identical). The audit
+    entries the floor writes must be the service's too (unless the floor is --bare)."""
     problems: list[str] = []
     md = (("authorization", f"Bearer {key}"),)
     with grpc.insecure_channel(f"127.0.0.1:{project.port}") as pc, grpc.insecure_channel(f"127.0.0.1:{floor.port}") as fc:
@@ -434,13 +472,19 @@ def verify(project: Server, floor: Server, key: str, spec: dict[str, Any], reser
         volatile = ("id", "create_time", "update_time", "completed_time")
         check("CreateTask", _strip(a, *volatile) == _strip(b, *volatile) and a.HasField("completed_time") == b.HasField("completed_time"),
               f"\n{a}\nvs\n{b}")
+        audited = [("CreateTask's audit entry", [a.id], [b.id])]
         mask = field_mask_pb2.FieldMask(paths=["title", "status"])
         up = wpb.Task(id=reserved[1], title="verify update", status=wpb.TASK_STATUS_REVIEW, etag='W/"1"')
         a = P[1].UpdateTask(wpb.UpdateTaskRequest(task=up, update_mask=mask), metadata=md, timeout=60)
-        up.etag = a.etag
+        # The floor changes the same task again: its title, back and forth, so that the project's
+        # third update is the mirror of the floor's second (the same audit entry, old and new swapped).
+        up.etag, up.title = a.etag, "verify update (floor)"
         b = F[1].UpdateTask(wpb.UpdateTaskRequest(task=up, update_mask=mask), timeout=60)
-        check("UpdateTask", _strip(a, "update_time", "etag") == _strip(b, "update_time", "etag") and b.etag == 'W/"3"',
-              f"\n{a}\nvs\n{b}")
+        check("UpdateTask", _strip(a, "update_time", "etag", "title") == _strip(b, "update_time", "etag", "title")
+              and b.etag == 'W/"3"' and b.title == up.title, f"\n{a}\nvs\n{b}")
+        up.etag, up.title = b.etag, "verify update"
+        a = P[1].UpdateTask(wpb.UpdateTaskRequest(task=up, update_mask=mask), metadata=md, timeout=60)
+        check("UpdateTask back", a.etag == 'W/"4"' and a.title == "verify update", str(a))
         stale = wpb.Task(id=reserved[1], title="stale", status=wpb.TASK_STATUS_TODO, etag='W/"1"')
         codes = []
         for stub, kw in ((P[1], {"metadata": md}), (F[1], {})):
@@ -453,6 +497,21 @@ def verify(project: Server, floor: Server, key: str, spec: dict[str, Any], reser
         batch = wpb.BatchCreateTasksRequest(requests=[wpb.CreateTaskRequest(task=_strip(task, "status")) for _ in range(3)])
         a, b = both(1, "BatchCreateTasks", batch)
         check("BatchCreateTasks", [_strip(t, *volatile) for t in a.tasks] == [_strip(t, *volatile) for t in b.tasks])
+        audited.append(("BatchCreateTasks' audit entries", [t.id for t in a.tasks], [t.id for t in b.tasks]))
+    for what, ids_a, ids_b in audited:
+        ea, eb = audit_entries(dialect, target, ids_a), audit_entries(dialect, target, ids_b)
+        if bare:
+            check(f"{what} (--bare floor: none)", len(ea) == len(ids_a) and not eb, f"{len(ea)} vs {len(eb)}")
+        else:
+            check(what, len(ea) == len(ids_a) and ea == eb, f"\n{ea}\nvs\n{eb}")
+    updates = audit_entries(dialect, target, [reserved[1]])
+    if bare:
+        check("UpdateTask's audit entries (--bare floor: the project's two)", len(updates) == 2, str(updates))
+    else:
+        floor_entry, back = (updates[1], updates[2]) if len(updates) == 3 else (None, None)
+        mirrored = back and [{**c, "old_value": c["new_value"], "new_value": c["old_value"]} for c in back[4]]
+        check("UpdateTask's audit entry", floor_entry is not None and floor_entry[:4] == back[:4] and floor_entry[4] == mirrored
+              and floor_entry[5:] == back[5:], f"\n{updates}")
     return problems
 
 
@@ -531,7 +590,7 @@ def bench_database(dialect: str, args: argparse.Namespace, work: Path) -> dict[s
     floor = start_floor(floor_db, work, args, dialect)
     time.sleep(1.0)
     rss = {side: {"pid": s.pid, "idle": tree_status_kib(s.pid, "VmRSS")} for side, s in (("project", project), ("floor", floor))}
-    problems = verify(project, floor, key, json.loads(spec_project.read_text()), reserved)
+    problems = verify(project, floor, key, json.loads(spec_project.read_text()), reserved, dialect, target, args.floor_bare)
     results["verify"] = "identical" if not problems else "DIFFERENT: " + "; ".join(p.splitlines()[0] for p in problems)
     for p in problems:
         log(f"{dialect}: WARNING {p[:2000]}")
@@ -856,6 +915,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-overflow", type=int, default=0, help="DB_MAX_OVERFLOW of the project's server (default 0, its default)")
     p.add_argument("--floor-threads", type=int, default=8,
                    help="database threads (= connections) of the floor (default 8: more threads only add GIL contention)")
+    p.add_argument("--floor-bare", action="store_true",
+                   help="the floor's writes without the audit entry and reference check the API requires "
+                        "(one INSERT / UPDATE in autocommit: the floor of the first rounds)")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure each RPC N times per server, alternating project and floor; keep each side's best (default 1)")
     p.add_argument("--max-rpcs", type=int, default=1000, help="NEXUS_MAX_CONCURRENT_RPCS (default 1000)")
@@ -916,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_model": cpu_model(), "mem": mem_total(), "load_before": load_before, "load_after": loadavg(),
                 "concurrency": args.concurrency, "batch_concurrency": args.batch_concurrency, "batch_size": args.batch_size,
                 "seconds": args.seconds, "warmup": args.warmup, "pool_size": args.pool_size, "max_overflow": args.max_overflow, "workers": args.workers,
-                "max_rpcs": args.max_rpcs, "floor_threads": args.floor_threads, "scale_concurrency": args.scale_concurrency,
+                "max_rpcs": args.max_rpcs, "floor_threads": args.floor_threads, "floor_bare": args.floor_bare, "scale_concurrency": args.scale_concurrency,
                 "scale_seconds": args.scale_seconds, "rounds": args.rounds, "project_src": args.project_src,
             }
             md = report.markdown(dialect, results, meta)

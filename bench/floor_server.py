@@ -366,7 +366,7 @@ class Store:
         cur = self.cursor()
         cur.execute("SELECT id FROM api_keys ORDER BY create_time DESC LIMIT 1")
         key = cur.fetchone()
-        self.actor = ("api_key", key[0]) if key else ("anonymous", None)
+        self.actor = ("api_key", key[0]) if key else ("system", None)
         self.conn().close()
         self.local.conn = None
 

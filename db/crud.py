@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from db import bulk, errors, events, policy, reading
 from db.base import UTCDateTime, utcnow, uuid7
 from db.codecs import parse_uuid
+from db.prepared import prepared
 from db.models import RequestRecord
 from db.paging import (
     OrderKey,
@@ -593,8 +594,8 @@ def insert_rows(
                 if spec.codecs[field].attr and unchecked[0].get(spec.codecs[field].attr) is not None
             )
             params.update({f"ref_{i}": unchecked[0][spec.codecs[field].attr] for i, (field, _) in enumerate(references)})
-        inserted = conn.execute(_insert_with(spec.table, table, tuple(values[0]), tuple(companion), references), params).first()
-        if inserted is None:
+        stmt = _insert_with(spec.table, table, tuple(values[0]), tuple(companion), references)
+        if not prepared(stmt, conn.dialect).rows(conn, params):
             # A reference is missing: which one, as check_references reports it.
             check_references(session, spec, *unchecked)  # type: ignore[misc]
             raise errors.Aborted("a referenced resource changed during the call; retry", reason="REFERENCE_CHANGED")
@@ -739,7 +740,8 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
             params.update({f"c_{key}": value for key, value in entry.items()})
             companions = []
         stmt = _update_statement(spec, call.dialect, tuple(changed), companion, tuple(entry) if companion is not None else ())
-        answered = conn.execute(stmt, params).first()
+        answers = prepared(stmt, conn.dialect).rows(conn, params)
+        answered = answers[0] if answers else None
         if answered is None and one_statement:
             raise errors.NeedsTransaction  # changed since it was read (nothing written): again, locked
         if answered is None:  # what the ORM reports as StaleDataError; the row lock prevents it

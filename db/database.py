@@ -162,6 +162,23 @@ class CoreReads:
         return self._conn.engine
 
 
+class OneStatement(CoreReads):
+    """What a write of one statement in autocommit (run_sync one_statement=True) gets instead of
+    a Session: the connection, its bind, and `info` for the notes of the commit listeners
+    (db/audit.py notes changed credentials there). crud.one_statement_create and
+    one_statement_update admit only the paths that use nothing more; anything else of a Session
+    is a bug of that admission, reported as one."""
+
+    __slots__ = ("info",)
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(conn)
+        self.info: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"Session.{name} used by a one-statement write: it must run in a transaction (crud.one_statement_*)")
+
+
 class Database:
     """Owns the engine and runs units of work in a bounded thread pool off the event loop."""
 
@@ -189,12 +206,8 @@ class Database:
             self.read_engine = create_db_engine(url, self.pool, echo, autocommit=True)
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(write_engine, expire_on_commit=False)
-        # Writes of one statement (run_sync one_statement=True, PostgreSQL): on the autocommit
-        # connections, the statement its own transaction.
-        self._autocommit_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
         self._commit_listeners: list[Callable[[dict[str, Any]], None]] = []
         event.listen(self._write_sessions, "after_commit", self._after_commit)
-        event.listen(self._autocommit_sessions, "after_commit", self._after_commit)
         # One worker per pooled connection: a unit of work never waits for a thread while it
         # holds a connection, and the event loop never blocks on the database.
         workers = max(2, self.pool.size + self.pool.max_overflow)
@@ -226,12 +239,13 @@ class Database:
         and gets a CoreReads on a bare read connection instead of a Session.
         one_statement=True (PostgreSQL): work writes with a single statement, after which nothing
         fails (crud.one_statement_create / one_statement_update): it runs in autocommit, that
-        statement its own transaction, without the BEGIN and COMMIT round trips. Commit listeners
-        run as after a commit. Work that raises errors.NeedsTransaction (before writing) runs
-        again in a transaction.
+        statement its own transaction, without the BEGIN and COMMIT round trips, and gets a
+        OneStatement (a bare connection) instead of a Session. Commit listeners run as after a
+        commit. Work that raises errors.NeedsTransaction (before writing) runs again in a
+        transaction.
         """
         autocommit = one_statement and write and self.is_postgres
-        factory = self._autocommit_sessions if autocommit else self._write_sessions if write else self._read_sessions
+        factory = self._write_sessions if write else self._read_sessions
         if deadline is not None and not self.is_postgres and time.monotonic() > deadline:
             # (PostgreSQL checks it with the statement timeout.) A call queued past its deadline.
             raise too_late()
@@ -244,12 +258,19 @@ class Database:
                         if self.is_postgres:
                             self._statement_timeout(conn, deadline, record=True)  # autocommit: in force at once
                         return work(CoreReads(conn))
+                if autocommit:
+                    with self.read_engine.connect() as conn:
+                        self._statement_timeout(conn, deadline, record=True)
+                        statement = OneStatement(conn)
+                        result = work(statement)
+                    # (The write has committed: its answer is the truth, deadline or not.)
+                    self._notify(statement.info)
+                    return result
                 with factory() as session:
                     with session.begin():
-                        timeout = self._statement_timeout(session.connection(), deadline, record=autocommit) if self.is_postgres else None
+                        timeout = self._statement_timeout(session.connection(), deadline) if self.is_postgres else None
                         result = work(session)
-                        # (In autocommit the write has committed: its answer is the truth.)
-                        if deadline is not None and not autocommit and time.monotonic() > deadline:
+                        if deadline is not None and time.monotonic() > deadline:
                             # The caller has given up (DEADLINE_EXCEEDED): do not commit what it
                             # will never see acknowledged, or a retry would write it twice.
                             raise errors.DeadlineExceeded("the call's deadline passed before its changes committed; nothing was changed")
@@ -260,7 +281,7 @@ class Database:
             except errors.NeedsTransaction:
                 if not autocommit:
                     raise
-                autocommit, factory = False, self._write_sessions  # not counted as an attempt
+                autocommit = False  # not counted as an attempt
                 attempt -= 1
                 continue
             except Exception as exc:  # noqa: BLE001 - every database error is translated here, once
@@ -347,7 +368,10 @@ class Database:
             self._commit_listeners.remove(listener)
 
     def _after_commit(self, session: Session) -> None:
-        notes = {k: session.info.pop(k) for k in (COMMITTED_EVENTS_KEY, CREDENTIALS_CHANGED_KEY) if k in session.info}
+        self._notify(session.info)
+
+    def _notify(self, info: dict[str, Any]) -> None:
+        notes = {k: info.pop(k) for k in (COMMITTED_EVENTS_KEY, CREDENTIALS_CHANGED_KEY) if k in info}
         if notes:
             for listener in list(self._commit_listeners):
                 listener(notes)

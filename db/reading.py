@@ -18,11 +18,11 @@ from typing import Any
 
 from sqlalchemy import String, Uuid, bindparam, func, inspect, literal_column, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
 
+from db.prepared import run_on_cursor
 from db.resource import ResourceSpec
 
 
@@ -168,20 +168,7 @@ class PreparedGet:
         if conn.engine.echo:
             result = conn.exec_driver_sql(self.sql, params)
             return self._processed(result.cursor.description, result.all())
-        dbapi_conn = conn.connection.dbapi_connection
-        cursor = dbapi_conn.cursor()
-        try:
-            cursor.execute(self.sql, params)
-            return self._processed(cursor.description, cursor.fetchall())
-        except self.dialect.loaded_dbapi.Error as exc:
-            lost = self.dialect.is_disconnect(exc, dbapi_conn, cursor)
-            if lost:
-                conn.invalidate(exc)
-            raise DBAPIError.instance(
-                self.sql, params, exc, self.dialect.loaded_dbapi.Error, hide_parameters=True, connection_invalidated=lost, dialect=self.dialect
-            ) from exc
-        finally:
-            cursor.close()
+        return self._processed(*run_on_cursor(conn, self.sql, params))
 
     def _processed(self, description: Any, rows: list[Any]) -> list[tuple[Any, ...]]:
         if not self.processors:

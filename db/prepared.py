@@ -1,0 +1,80 @@
+"""Statements compiled once and run on the DBAPI cursor.
+
+SQLAlchemy's execution of a cached statement (the compiled-cache lookup, the execution context,
+the result's metadata, the statement events) costs more than building the SQL did, and on a
+write of one statement it is a fifth of the unit of work. A `Prepared` keeps what execution
+needs from the one compilation: the SQL text, the bind parameters' names and their types' bind
+processors. It runs the statement on the connection's DBAPI cursor and keeps SQLAlchemy's error
+handling: a DBAPI error is wrapped as SQLAlchemy wraps it (so db/translate.py reads it the same
+way) and a lost connection is invalidated. With DB_ECHO on, statements go through SQLAlchemy so
+that they are logged.
+
+Rows come back as the driver answers them (no result processors): callers use them only where
+the driver's value is the value (ints, JSON arrays the driver or reading.RelationLoader parses,
+a row or none at all).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
+
+
+def run_on_cursor(conn: Connection, sql: str, params: Any) -> tuple[Any, list[Any]]:
+    """Execute sql with params on conn's DBAPI cursor: (cursor.description, rows); errors
+    wrapped and lost connections invalidated as SQLAlchemy's own execution does it."""
+    dialect = conn.dialect
+    dbapi_conn = conn.connection.dbapi_connection
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute(sql, params)
+        description = cursor.description
+        return description, cursor.fetchall() if description is not None else []
+    except dialect.loaded_dbapi.Error as exc:
+        lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
+        if lost:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            sql, params, exc, dialect.loaded_dbapi.Error, hide_parameters=True, connection_invalidated=lost, dialect=dialect
+        ) from exc
+    finally:
+        cursor.close()
+
+
+class Prepared:
+    """One Core statement compiled for one dialect, run with its parameters by name."""
+
+    def __init__(self, stmt: Any, dialect: Dialect) -> None:
+        compiled = stmt.compile(dialect=dialect)
+        if compiled.escaped_bind_names or getattr(compiled, "literal_execute_params", None) or getattr(compiled, "post_compile_params", None):
+            raise ValueError("a statement with escaped or post-compile parameters is not prepared")
+        self.stmt = stmt
+        self.sql = compiled.string
+        self.positional = tuple(compiled.positiontup) if compiled.positiontup else None
+        self.names = frozenset(compiled.binds)
+        self.processors = {
+            name: processor
+            for name, bind in compiled.binds.items()
+            if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+
+    def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
+        """The statement's rows (or [] for none) for params, which must name every parameter."""
+        if params.keys() != self.names:
+            raise KeyError(f"parameters {sorted(params.keys() ^ self.names)} do not match the statement's")
+        if conn.engine.echo:
+            result = conn.execute(self.stmt, params)
+            return result.all() if result.returns_rows else []
+        processors = self.processors
+        bound = {name: (processors[name](value) if name in processors else value) for name, value in params.items()}
+        if self.positional is not None:
+            bound = tuple(bound[name] for name in self.positional)  # type: ignore[assignment]
+        return run_on_cursor(conn, self.sql, bound)[1]
+
+
+@functools.lru_cache(maxsize=2048)
+def prepared(stmt: Any, dialect: Dialect) -> Prepared:
+    """stmt compiled for dialect, once (stmt is itself built once per shape, so they are few)."""
+    return Prepared(stmt, dialect)

@@ -774,7 +774,12 @@ def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_p
     allowed = _predicate(spec, write=True)
     if allowed is not None:
         stmt = stmt.where(allowed)
-    found_row = session.connection().execute(stmt, {"row_id": row_id}).first()
+    conn = session.connection()
+    if allowed is None:
+        found_rows = prepared(stmt, conn.dialect, processed=True).rows(conn, {"row_id": row_id})
+        found_row = found_rows[0] if found_rows else None
+    else:  # a statement per caller's predicate: not one to keep
+        found_row = conn.execute(stmt, {"row_id": row_id}).first()
     row = None if found_row is None else reading.row_class(spec)(dict(zip([c.key for c in table.c], found_row)))
     return found(spec, row, raw_id, allowed, show_deleted=False, write=True, field_path=field_path)
 

@@ -9,9 +9,10 @@ handling: a DBAPI error is wrapped as SQLAlchemy wraps it (so db/translate.py re
 way) and a lost connection is invalidated. With DB_ECHO on, statements go through SQLAlchemy so
 that they are logged.
 
-Rows come back as the driver answers them (no result processors): callers use them only where
-the driver's value is the value (ints, JSON arrays the driver or reading.RelationLoader parses,
-a row or none at all).
+Rows of a `processed` statement (a SELECT) go through its columns' result processors, made from
+the driver's type codes of the first result; other rows come back as the driver answers them:
+their callers use them only where the driver's value is the value (ints, JSON arrays the driver
+or reading.RelationLoader parses, a row or none at all).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def run_on_cursor(conn: Connection, sql: str, params: Any) -> tuple[Any, list[An
 class Prepared:
     """One Core statement compiled for one dialect, run with its parameters by name."""
 
-    def __init__(self, stmt: Any, dialect: Dialect) -> None:
+    def __init__(self, stmt: Any, dialect: Dialect, processed: bool = False) -> None:
         compiled = stmt.compile(dialect=dialect)
         if compiled.escaped_bind_names or getattr(compiled, "literal_execute_params", None) or getattr(compiled, "post_compile_params", None):
             raise ValueError("a statement with escaped or post-compile parameters is not prepared")
@@ -59,6 +60,10 @@ class Prepared:
             for name, bind in compiled.binds.items()
             if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
         }
+        self.dialect = dialect
+        self.types = tuple(c.type.dialect_impl(dialect) for c in stmt.selected_columns) if processed else None
+        # The result processors need the driver's column type codes: made from the first result.
+        self._result_processors: tuple[Any, ...] | None = None
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         """The statement's rows (or [] for none) for params, which must name every parameter."""
@@ -71,10 +76,17 @@ class Prepared:
         bound = {name: (processors[name](value) if name in processors else value) for name, value in params.items()}
         if self.positional is not None:
             bound = tuple(bound[name] for name in self.positional)  # type: ignore[assignment]
-        return run_on_cursor(conn, self.sql, bound)[1]
+        description, rows = run_on_cursor(conn, self.sql, bound)
+        if self.types is None:
+            return rows
+        if self._result_processors is None:
+            codes = [d[1] for d in description]
+            self._result_processors = tuple(t.result_processor(self.dialect, code) for t, code in zip(self.types, codes))
+        result_processors = self._result_processors
+        return [tuple(p(v) if p else v for p, v in zip(result_processors, r)) for r in rows]
 
 
-@functools.lru_cache(maxsize=2048)
-def prepared(stmt: Any, dialect: Dialect) -> Prepared:
+@functools.lru_cache(maxsize=4096)
+def prepared(stmt: Any, dialect: Dialect, processed: bool = False) -> Prepared:
     """stmt compiled for dialect, once (stmt is itself built once per shape, so they are few)."""
-    return Prepared(stmt, dialect)
+    return Prepared(stmt, dialect, processed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import String, Uuid, bindparam, func, inspect, literal_column, select
@@ -22,7 +22,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
 
-from db.prepared import run_on_cursor
+from db.prepared import prepared
 from db.resource import ResourceSpec
 
 
@@ -142,65 +142,12 @@ def relation_loaders(spec: ResourceSpec) -> tuple[RelationLoader, ...]:
     return tuple(out)
 
 
-@dataclass(frozen=True)
-class PreparedGet:
-    """load_one's primary-key statement compiled once per dialect: its SQL text, how to bind
-    the id, how to convert each result column. Run on the DBAPI cursor (run), it skips the
-    statement cache lookup and result setup that cost more than the query on a Get."""
-
-    sql: str
-    bind_names: tuple[str, ...]  # positional order (qmark), or () for named parameters
-    id_processor: Any
-    dialect: Any
-    types: tuple[Any, ...]  # of the selected columns, for this dialect
-    # Result processors need the driver's column type codes: made from the first result.
-    processors: list[tuple[Any, ...]] = field(default_factory=list)
-
-    def run(self, conn: Any, row_id: Any) -> list[tuple[Any, ...]]:
-        """The statement's rows for row_id, on conn's DBAPI cursor.
-
-        SQLAlchemy's execution (statement events, result metadata) costs more than the query on
-        a Get; its error handling is kept: a DBAPI error is wrapped as SQLAlchemy wraps it, and
-        a lost connection is invalidated. With DB_ECHO on, the statement goes through
-        SQLAlchemy so that it is logged.
-        """
-        params = self.params(row_id)
-        if conn.engine.echo:
-            result = conn.exec_driver_sql(self.sql, params)
-            return self._processed(result.cursor.description, result.all())
-        return self._processed(*run_on_cursor(conn, self.sql, params))
-
-    def _processed(self, description: Any, rows: list[Any]) -> list[tuple[Any, ...]]:
-        if not self.processors:
-            codes = [d[1] for d in description]
-            self.processors.append(tuple(t.result_processor(self.dialect, code) for t, code in zip(self.types, codes)))
-        processors = self.processors[0]
-        return [tuple(p(v) if p else v for p, v in zip(processors, r)) for r in rows]
-
-    def params(self, row_id: Any) -> Any:
-        value = self.id_processor(row_id) if self.id_processor else row_id
-        return tuple(value for _ in self.bind_names) if self.bind_names else {"pk": value}
-
-
-_PREPARED: dict[tuple[int, str], PreparedGet] = {}
-
-
-def prepared_get(spec: ResourceSpec, dialect: Any) -> PreparedGet:
-    key = (id(spec), dialect.name)
-    prepared = _PREPARED.get(key)
-    if prepared is None:
-        id_type = spec.table.c.id.type
-        selected = columns(spec, dialect.name)
-        compiled = select(*selected).where(spec.table.c.id == bindparam("pk", type_=id_type)).compile(dialect=dialect)
-        prepared = PreparedGet(
-            sql=str(compiled),
-            bind_names=tuple(compiled.positiontup or ()) if compiled.positional else (),
-            id_processor=id_type.dialect_impl(dialect).bind_processor(dialect),
-            types=tuple(c.type.dialect_impl(dialect) for c in selected),
-            dialect=dialect,
-        )
-        _PREPARED[key] = prepared
-    return prepared
+@functools.lru_cache(maxsize=None)
+def _get_statement(spec: ResourceSpec, dialect_name: str) -> Any:
+    """load_one's primary-key statement (parameter pk), built once per dialect, so that it is
+    compiled once (db/prepared.py runs it on the DBAPI cursor: the statement cache lookup and
+    result setup of SQLAlchemy's execution cost more than the query on a Get)."""
+    return select(*columns(spec, dialect_name)).where(spec.table.c.id == bindparam("pk", type_=spec.table.c.id.type))
 
 
 def dialect_of(session: Session) -> str:
@@ -211,8 +158,8 @@ def dialect_of(session: Session) -> str:
 def load_by_id(session: Session, spec: ResourceSpec, row_id: Any) -> Loaded | None:
     """load_one(spec.table.c.id == row_id), through the prepared statement."""
     conn = session.connection()
-    prepared = prepared_get(spec, conn.dialect)
-    rows = _loaded(spec, prepared.run(conn, row_id))
+    statement = prepared(_get_statement(spec, conn.dialect.name), conn.dialect, processed=True)
+    rows = _loaded(spec, statement.rows(conn, {"pk": row_id}))
     return rows[0] if rows else None
 
 

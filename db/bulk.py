@@ -16,11 +16,12 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, Boolean, Date, DateTime, Float, Integer, Numeric, String, Uuid, insert, text
+from sqlalchemy import JSON, Boolean, Date, DateTime, Float, Integer, Numeric, String, Uuid, bindparam, insert, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from db.base import ExactDecimal, UTCDateTime
+from db.prepared import prepared
 
 # Column types whose values JSON carries and PostgreSQL reads back from their JSON form: UUIDs,
 # timestamps (RFC 3339 with offset), dates and decimals as text; the rest as JSON values
@@ -33,7 +34,11 @@ def insert_many(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> Non
     if not rows:
         return
     keys = tuple(rows[0])
-    if conn.dialect.name != "postgresql" or len(rows) == 1 or not _carried(table, keys):
+    if len(rows) == 1:
+        # One row: a statement compiled once, run on the DBAPI cursor (db/prepared.py).
+        prepared(_one_row_insert(table, keys), conn.dialect).rows(conn, {f"p_{key}": value for key, value in rows[0].items()})
+        return
+    if conn.dialect.name != "postgresql" or not _carried(table, keys):
         conn.execute(insert(table), rows)
         return
     # OPT_NAIVE_UTC: a naive datetime is UTC, as UTCDateTime stores it (it never reaches here:
@@ -51,6 +56,12 @@ def _decimal_text(value: Any) -> str:
 @functools.lru_cache(maxsize=None)
 def _carried(table: Any, keys: tuple[str, ...]) -> bool:
     return all(isinstance(table.c[key].type, _CARRIED) for key in keys)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_row_insert(table: Any, keys: tuple[str, ...]) -> Any:
+    """INSERT of one row's keys, parameters p_<column> (a bind named as its column is reserved)."""
+    return insert(table).values({key: bindparam(f"p_{key}", type_=table.c[key].type) for key in keys})
 
 
 @functools.lru_cache(maxsize=None)

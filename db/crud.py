@@ -378,8 +378,11 @@ def check_references_together(session: Session, spec: ResourceSpec, loaded: list
             continue
         target = REGISTRY[target_name]
         stmt = _reference_statement(target, len(wanted) == 1)
-        params = {"id": next(iter(wanted))} if len(wanted) == 1 else {"ids": list(wanted)}
-        found = set(session.connection().execute(stmt, params).scalars())
+        conn = session.connection()
+        if len(wanted) == 1:
+            found = {row[0] for row in prepared(stmt, conn.dialect, processed=True).rows(conn, {"id": next(iter(wanted))})}
+        else:  # an expanding IN: compiled per execution
+            found = set(conn.execute(stmt, {"ids": list(wanted)}).scalars())
         if len(found) == len(wanted):
             continue
         for values, prefix in loaded:
@@ -507,10 +510,11 @@ def one_statement_create(spec: ResourceSpec, request: Any, call: Call) -> bool:
     """Whether create() writes with one statement after which nothing fails, so that it may run
     in autocommit (Database.run_sync one_statement): on PostgreSQL the row goes in with its audit
     entry and its reference checks in one INSERT (insert_rows), and here nothing else writes — no
-    request id to claim, no change event to append — and no row policy is checked after it."""
+    request id to claim, no change event to append — and no row policy is checked after it.
+    Such a create uses nothing of a Session but its connection: on SQLite it runs in one
+    IMMEDIATE transaction on a bare connection (its statements are several)."""
     return (
-        call.dialect == "postgresql"
-        and spec.audited
+        spec.audited
         and spec.stream_scope is None
         and not request.request_id
         and _predicate(spec, write=True) is None
@@ -522,8 +526,10 @@ def one_statement_update(spec: ResourceSpec, request: Any, call: Call) -> bool:
     without a lock and changed by one UPDATE that goes in only at the revision read (its audit
     entry with it); a row changed in between makes it run again in a transaction (the row read
     FOR UPDATE). Not when it changes a reference (checked FOR SHARE, a lock autocommit would not
-    keep), has a change event to append or a row policy to check after the UPDATE."""
-    if not (call.dialect == "postgresql" and spec.audited and spec.stream_scope is None and _predicate(spec, write=True) is None):
+    keep), has a change event to append or a row policy to check after the UPDATE. On SQLite
+    (one IMMEDIATE transaction on a bare connection: the write lock held from the read) the same
+    updates use nothing of a Session but its connection either."""
+    if not (spec.audited and spec.stream_scope is None and _predicate(spec, write=True) is None):
         return False
     msg = getattr(request, spec.singular_field)
     try:
@@ -751,7 +757,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
                 metadata={"resource_type": spec.name},
             )
         for companion_table, companion_rows in companions:
-            conn.execute(insert(companion_table), companion_rows)
+            bulk.insert_many(conn, companion_table, companion_rows)
         relation_values = answered[1:]
     elif loaders:
         relations = select(*(loader.aggregate(call.dialect) for loader in loaders)).where(table.c.id == before.id)

@@ -145,6 +145,10 @@ def too_late() -> errors.DeadlineExceeded:
     return errors.DeadlineExceeded("the call's deadline passed before it reached the database")
 
 
+def past_deadline_uncommitted() -> errors.DeadlineExceeded:
+    return errors.DeadlineExceeded("the call's deadline passed before its changes committed; nothing was changed")
+
+
 class CoreReads:
     """What the Core read path (db/reading.py) uses of a Session: its connection and its bind.
     Read-only units of work that use nothing else run on one, over a bare read connection,
@@ -163,11 +167,11 @@ class CoreReads:
 
 
 class OneStatement(CoreReads):
-    """What a write of one statement in autocommit (run_sync one_statement=True) gets instead of
-    a Session: the connection, its bind, and `info` for the notes of the commit listeners
-    (db/audit.py notes changed credentials there). crud.one_statement_create and
-    one_statement_update admit only the paths that use nothing more; anything else of a Session
-    is a bug of that admission, reported as one."""
+    """What a write of run_sync(one_statement=True) gets instead of a Session: the connection
+    (PostgreSQL: in autocommit; SQLite: in its IMMEDIATE transaction), its bind, and `info` for
+    the notes of the commit listeners (db/audit.py notes changed credentials there).
+    crud.one_statement_create and one_statement_update admit only the paths that use nothing
+    more; anything else of a Session is a bug of that admission, reported as one."""
 
     __slots__ = ("info",)
 
@@ -205,6 +209,7 @@ class Database:
             # a pooled connection in and out of autocommit costs more than the round trips.
             self.read_engine = create_db_engine(url, self.pool, echo, autocommit=True)
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
+        self._write_engine = write_engine
         self._write_sessions = sessionmaker(write_engine, expire_on_commit=False)
         self._commit_listeners: list[Callable[[dict[str, Any]], None]] = []
         event.listen(self._write_sessions, "after_commit", self._after_commit)
@@ -237,14 +242,16 @@ class Database:
 
         core=True: work only reads, with Core statements on session.connection() (db/reading.py),
         and gets a CoreReads on a bare read connection instead of a Session.
-        one_statement=True (PostgreSQL): work writes with a single statement, after which nothing
-        fails (crud.one_statement_create / one_statement_update): it runs in autocommit, that
-        statement its own transaction, without the BEGIN and COMMIT round trips, and gets a
-        OneStatement (a bare connection) instead of a Session. Commit listeners run as after a
-        commit. Work that raises errors.NeedsTransaction (before writing) runs again in a
+        one_statement=True: work writes with a single statement on PostgreSQL, after which nothing
+        fails, and uses nothing of a Session but its connection (crud.one_statement_create /
+        one_statement_update). It gets a OneStatement (a bare connection) instead of a Session:
+        on PostgreSQL in autocommit, that statement its own transaction, without the BEGIN and
+        COMMIT round trips; on SQLite in one IMMEDIATE transaction. Commit listeners run as after
+        a commit. Work that raises errors.NeedsTransaction (before writing) runs again in a
         transaction.
         """
         autocommit = one_statement and write and self.is_postgres
+        bare = one_statement and write and not self.is_postgres
         factory = self._write_sessions if write else self._read_sessions
         if deadline is not None and not self.is_postgres and time.monotonic() > deadline:
             # (PostgreSQL checks it with the statement timeout.) A call queued past its deadline.
@@ -266,6 +273,15 @@ class Database:
                     # (The write has committed: its answer is the truth, deadline or not.)
                     self._notify(statement.info)
                     return result
+                if bare:
+                    with self._write_engine.connect() as conn:
+                        with conn.begin():
+                            statement = OneStatement(conn)
+                            result = work(statement)
+                            if deadline is not None and time.monotonic() > deadline:
+                                raise past_deadline_uncommitted()
+                    self._notify(statement.info)
+                    return result
                 with factory() as session:
                     with session.begin():
                         timeout = self._statement_timeout(session.connection(), deadline) if self.is_postgres else None
@@ -273,7 +289,7 @@ class Database:
                         if deadline is not None and time.monotonic() > deadline:
                             # The caller has given up (DEADLINE_EXCEEDED): do not commit what it
                             # will never see acknowledged, or a retry would write it twice.
-                            raise errors.DeadlineExceeded("the call's deadline passed before its changes committed; nothing was changed")
+                            raise past_deadline_uncommitted()
                     if timeout is not None:
                         # Committed, so the SET holds; a rolled-back one left the old value.
                         timeout[0][STATEMENT_TIMEOUT_KEY] = timeout[1]
@@ -345,7 +361,7 @@ class Database:
                     raise too_late()
                 if now - queued > self.pool.timeout:
                     raise database_busy()
-                return ctx.run(self.run_sync, work, write=True, deadline=deadline, resource_type=resource_type)
+                return ctx.run(self.run_sync, work, write=True, deadline=deadline, resource_type=resource_type, one_statement=one_statement)
 
             return await loop.run_in_executor(self.write_executor, queued_write)
         return await loop.run_in_executor(

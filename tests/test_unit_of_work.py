@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from sqlalchemy import func, insert, select, text
+from sqlalchemy.orm import Session
 
 from db import errors
 from db.database import CREDENTIALS_CHANGED_KEY, Database, PoolSettings, timeout_step
@@ -152,8 +153,9 @@ def test_sqlite_writes_queue_on_one_thread_and_a_long_wait_is_busy(tmp_path: Pat
 
 def test_one_statement_creates_run_in_autocommit_and_only_they_do(client: Client) -> None:
     """A Create that writes with one statement (crud.one_statement_create) runs on an autocommit
-    connection on PostgreSQL, answers as a transactional one does and still reaches the commit
-    listeners; one that needs more statements is refused there, not written piecemeal."""
+    connection on PostgreSQL (on SQLite in a transaction), without a Session, answers as a
+    transactional one does and still reaches the commit listeners; one that needs more
+    statements is refused there, not written piecemeal."""
     from nexus.work.v1 import work_pb2 as wpb
 
     from db import crud
@@ -172,23 +174,25 @@ def test_one_statement_creates_run_in_autocommit_and_only_they_do(client: Client
     notes: list[dict[str, object]] = []
     database.add_commit_listener(notes.append)
     try:
-        assert crud.one_statement_create(tasks, request, admin) == database.is_postgres
+        assert crud.one_statement_create(tasks, request, admin)
         assert not crud.one_statement_create(tasks, wpb.CreateTaskRequest(task=request.task, request_id="r1"), admin)
         assert not crud.one_statement_create(messages, request, admin), "a change event is a second write"
         crud.CURRENT_CALL.set(user)
         assert not crud.one_statement_create(tasks, request, user), "a row policy is checked after the INSERT"
         crud.CURRENT_CALL.set(admin)
 
-        seen: list[bool] = []
+        seen: list[tuple[bool, bool, bool]] = []
 
         def create(session: object) -> object:
-            dbapi = session.connection().connection.dbapi_connection  # type: ignore[attr-defined]
-            seen.append(bool(getattr(dbapi, "autocommit", False)) if database.is_postgres else False)
+            conn = session.connection()  # type: ignore[attr-defined]
+            autocommit = bool(getattr(conn.connection.dbapi_connection, "autocommit", False)) if database.is_postgres else False
+            seen.append((autocommit, conn.in_transaction() and not autocommit, isinstance(session, Session)))
             session.info[CREDENTIALS_CHANGED_KEY] = True  # type: ignore[attr-defined]
             return crud.create(session, tasks, request, admin)  # type: ignore[arg-type]
 
         made = database.run_sync(create, one_statement=True)
-        assert seen == [database.is_postgres]
+        # PostgreSQL: autocommit; SQLite: its transaction. Never a Session.
+        assert seen == [(database.is_postgres, not database.is_postgres, False)]
         assert notes, "commit listeners run after an autocommit write too"
         got = database.run_sync(lambda s: crud.get(s, tasks, wpb.GetTaskRequest(id=made.id)), write=False, core=True)
         assert got == made
@@ -231,7 +235,7 @@ def test_one_statement_update_guards_its_revision_and_falls_back_to_a_locked_tra
     try:
         task = client.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title="before")))
         request = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, title="ours"), update_mask=field_mask_pb2.FieldMask(paths=["title"]))
-        assert crud.one_statement_update(tasks, request, admin) == database.is_postgres
+        assert crud.one_statement_update(tasks, request, admin)
         moving = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, assignee_id=str(uuid.uuid4())), update_mask=field_mask_pb2.FieldMask(paths=["assignee_id"]))
         assert crud.update_paths(tasks, moving.task, moving.update_mask.paths) == ["assignee_id"]
         assert not crud.one_statement_update(tasks, moving, admin), "a reference is checked FOR SHARE: a transaction's lock"
@@ -266,6 +270,43 @@ def test_one_statement_update_guards_its_revision_and_falls_back_to_a_locked_tra
         assert entries == ["create", "update"], "the refused attempt left no entry"
         again = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, title="again"), update_mask=field_mask_pb2.FieldMask(paths=["title"]))
         assert database.run_sync(lambda s: crud.update(s, tasks, again, admin), one_statement=True).etag == f'W/"{4 if database.is_postgres else 3}"'
+    finally:
+        crud.CURRENT_CALL.reset(token)
+        database.dispose()
+
+
+def test_a_one_statement_create_past_its_deadline(client: Client) -> None:
+    """run_sync(one_statement=True) without a Session: on SQLite the work is a transaction, and
+    one that finishes past the caller's deadline is rolled back (DEADLINE_EXCEEDED, nothing
+    written); on PostgreSQL its statement committed on its own, so the write is acknowledged."""
+    from nexus.work.v1 import work_pb2 as wpb
+
+    from db import crud
+    from db.resource import REGISTRY
+    from tests.support import new_project
+
+    project = new_project(client)
+    tasks = REGISTRY["Task"]
+    admin = crud.Call(dialect=client.backend, role="admin", method="/test/CreateTask")
+    token = crud.CURRENT_CALL.set(admin)
+    database = Database(client.database_url)
+    try:
+        request = wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title="late"))
+
+        def slow(session: object) -> object:
+            made = crud.create(session, tasks, request, admin)  # type: ignore[arg-type]
+            time.sleep(0.3)
+            return made
+
+        count = select(func.count()).select_from(tasks.table).where(tasks.table.c.project_id == uuid.UUID(project.id))
+        if database.is_postgres:
+            made = database.run_sync(slow, one_statement=True, deadline=time.monotonic() + 0.2)
+            assert client.work.GetTask(wpb.GetTaskRequest(id=made.id)) == made
+            assert database.run_sync(lambda s: s.scalar(count), write=False) == 1
+        else:
+            with pytest.raises(errors.DeadlineExceeded):
+                database.run_sync(slow, one_statement=True, deadline=time.monotonic() + 0.2)
+            assert database.run_sync(lambda s: s.scalar(count), write=False) == 0
     finally:
         crud.CURRENT_CALL.reset(token)
         database.dispose()

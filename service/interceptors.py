@@ -126,8 +126,12 @@ class GuardedRegistration:
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         wrapped = {name: self._wrap(f"/{service}/{name}", handler) for name, handler in handlers.items()}
+        # Served through the generic handler only. grpc.aio keeps one pending request-call future
+        # per *registered* method and waits on all of them (asyncio.wait) for every incoming
+        # call, so each call cost O(registered methods): with our 80 methods that wait was the
+        # largest Python cost of a Get on the event loop. A generic handler is one future for all
+        # methods, then a dict lookup per service.
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
-        self.server.add_registered_method_handlers(service, wrapped)
         self.registered.append(service)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -865,6 +865,21 @@ class WorkFloor(work_pb2_grpc.WorkServiceServicer):
         return await self.f.call(self.f.store.batch_create_tasks, request, context)
 
 
+class GenericOnly:
+    """Stands in for the server while a servicer registers: its methods are served through the
+    generic handler only, as the service serves its own (service/interceptors.py). grpc.aio waits
+    on one pending future per registered method for every incoming call."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        """Not registered: the generic handler answers them."""
+
+
 async def serve(target: str, host: str, port: int, threads: int, max_rpcs: int, audit: bool = True) -> None:
     store = Store(target, threads, audit)
     floor = Floor(store)
@@ -876,8 +891,8 @@ async def serve(target: str, host: str, port: int, threads: int, max_rpcs: int, 
         ],
         maximum_concurrent_rpcs=max_rpcs,
     )
-    identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityFloor(floor), server)
-    work_pb2_grpc.add_WorkServiceServicer_to_server(WorkFloor(floor), server)
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityFloor(floor), GenericOnly(server))
+    work_pb2_grpc.add_WorkServiceServicer_to_server(WorkFloor(floor), GenericOnly(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(f"{host}:{port}") == 0:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from db import errors
+from db.base import uuid4
 from db.crud import CURRENT_CALL, Call
 from service.auth import INSECURE_PRINCIPAL, Authenticator, Principal
 from service.errors import internal_status, to_status
@@ -25,7 +25,7 @@ def _request_id(metadata: dict[str, str]) -> str:
     given = metadata.get("x-request-id", "")
     if given and len(given) <= MAX_REQUEST_ID and given.isprintable():
         return given
-    return str(uuid.uuid4())
+    return str(uuid4())
 
 
 class CallGuard:

@@ -63,7 +63,7 @@ class Prepared:
         self.dialect = dialect
         self.types = tuple(c.type.dialect_impl(dialect) for c in stmt.selected_columns) if processed else None
         # The result processors need the driver's column type codes: made from the first result.
-        self._result_processors: tuple[Any, ...] | None = None
+        self._result_processors: tuple[tuple[int, Any], ...] | None = None
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         """The statement's rows (or [] for none) for params, which must name every parameter."""
@@ -81,9 +81,19 @@ class Prepared:
             return rows
         if self._result_processors is None:
             codes = [d[1] for d in description]
-            self._result_processors = tuple(t.result_processor(self.dialect, code) for t, code in zip(self.types, codes))
+            processors = [t.result_processor(self.dialect, code) for t, code in zip(self.types, codes)]
+            # Only the columns that have one (timestamps, decimals…): most values pass as they are.
+            self._result_processors = tuple((i, p) for i, p in enumerate(processors) if p is not None)
         result_processors = self._result_processors
-        return [tuple(p(v) if p else v for p, v in zip(result_processors, r)) for r in rows]
+        if not result_processors:
+            return rows
+        out = []
+        for r in rows:
+            values = list(r)
+            for i, process in result_processors:
+                values[i] = process(values[i])
+            out.append(values)
+        return out
 
 
 @functools.lru_cache(maxsize=4096)

@@ -21,6 +21,7 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.types import NullType
 
 from db.prepared import prepared
 from db.resource import ResourceSpec
@@ -55,6 +56,21 @@ def _id_text_sqlite(element: id_text, compiler: Any, **kw: Any) -> str:
     x = compiler.process(element.clauses, **kw)
     parts = " || '-' || ".join(f"substr({x}, {start}, {length})" for start, length in ((1, 8), (9, 4), (13, 4), (17, 4), (21, 12)))
     return f"({parts})"
+
+
+class array_of(FunctionElement[list]):
+    """ARRAY(<select>) (PostgreSQL): the one column of a subquery's rows as an array, in the
+    subquery's order. psycopg2 reads a text[] into a list in C."""
+
+    type = NullType()  # the driver's list as it is: no result processing
+    name = "array_of"
+    inherit_cache = True
+
+
+@compiles(array_of, "postgresql")
+def _array_of_postgresql(element: array_of, compiler: Any, **kw: Any) -> str:
+    (subquery,) = element.clauses
+    return f"ARRAY({compiler.process(subquery.element, **kw)})"
 
 
 def as_read(column: Any) -> Any:
@@ -99,8 +115,15 @@ class RelationLoader:
         """The related rows of the enclosing statement's row as one JSON array of [column, ...]
         arrays: a correlated subquery, so rows and their relations come in one statement and,
         on PostgreSQL's autocommit reads, from one snapshot. SQLite (3.40) cannot order inside
-        an aggregate; every output of a relation sorts its values itself."""
+        an aggregate; every output of a relation sorts its values itself. On PostgreSQL a
+        relation of one column is an ARRAY of it (ids as text) instead: cheaper to plan and run
+        than a JSON aggregate, and parsed in C (GetUser's statement: about 50 µs less per call)."""
         parent_pk, parent_fk = self.parent
+        if dialect == "postgresql" and len(self.targets) == 1:
+            (target,) = self.targets
+            column = id_text(target) if isinstance(target.type, Uuid) else target
+            stmt = select(column).select_from(self.source).where(parent_fk == parent_pk).correlate(parent_pk.table).order_by(*self.order)
+            return array_of(stmt.scalar_subquery()).label(f"{self.key}_rows")
         if dialect == "postgresql":
             # json_build_array writes a uuid as its canonical text.
             item = func.json_build_array(*self.targets)
@@ -112,8 +135,12 @@ class RelationLoader:
         return stmt.scalar_subquery().label(f"{self.key}_rows")
 
     def rows(self, value: Any) -> list[Loaded]:
-        """Loaded related rows from aggregate's value (parsed by psycopg2, JSON text on SQLite)."""
+        """Loaded related rows from aggregate's value (parsed by psycopg2: a list of values or of
+        [value, ...] lists; JSON text on SQLite)."""
         items = json.loads(value) if isinstance(value, str) else value or ()
+        if items and not isinstance(items[0], list):
+            (name,) = self.names
+            return [Loaded({name: item}) for item in items]
         return [Loaded(dict(zip(self.names, item))) for item in items]
 
 

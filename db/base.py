@@ -106,6 +106,23 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             return value.replace(tzinfo=dt.timezone.utc)
         return value.astimezone(dt.timezone.utc)
 
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+        # SQLite hands back the stored text ("2026-12-02 14:46:18.618202", UTC). SQLAlchemy's
+        # DATETIME parses it with a regular expression (about 3 µs a value, 150 values on a page
+        # of tasks); datetime.fromisoformat is C.
+        utc = dt.timezone.utc
+        parse = dt.datetime.fromisoformat
+
+        def process(value: Any) -> dt.datetime | None:
+            if value is None:
+                return None
+            parsed = parse(value) if isinstance(value, str) else value
+            return parsed.replace(tzinfo=utc) if parsed.tzinfo is None else parsed.astimezone(utc)
+
+        return process
+
 
 class ExactDecimal(TypeDecorator[Decimal]):
     """NUMERIC(24, 9) on PostgreSQL; exact decimal text on SQLite, whose NUMERIC goes through float."""

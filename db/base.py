@@ -110,8 +110,8 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if dialect.name != "sqlite":
             return super().result_processor(dialect, coltype)
         # SQLite hands back the stored text ("2026-12-02 14:46:18.618202", UTC). SQLAlchemy's
-        # DATETIME parses it with a regular expression (about 3 µs a value, 150 values on a page
-        # of tasks); datetime.fromisoformat is C.
+        # DATETIME parses it and this decorator then adds the zone: 1.75 µs a value, against
+        # 1.16 with datetime.fromisoformat (150 values on a page of tasks).
         utc = dt.timezone.utc
         parse = dt.datetime.fromisoformat
 

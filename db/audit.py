@@ -25,7 +25,7 @@ from db.base import utcnow, uuid7
 from db.codecs import InputCodec, OutputCodec, TimestampCodec
 from db.database import CREDENTIALS_CHANGED_KEY
 from db.models import AuditLogEntry
-from db.resource import REGISTRY, ResourceSpec
+from db.resource import REGISTRY, SECRET_COLUMNS, ResourceSpec
 
 MASK = "***"
 # Changes to these make cached credentials stale (a revoked key, a deactivated user).
@@ -33,7 +33,7 @@ _CREDENTIAL_RESOURCES = {"ApiKey", "User"}
 # Bookkeeping columns every change touches: not news in an audit entry.
 _NOISE = {"update_time", "revision"}
 # Columns that hold secrets, reported under their API field name with masked values.
-_SECRET_COLUMNS = {"password_hash": "password", "secret_hash": "secret"}
+_SECRET_COLUMNS = SECRET_COLUMNS
 
 AUDIT_LOG_ENTRIES = REGISTRY.add(
     ResourceSpec(

@@ -24,7 +24,7 @@ from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import NullType
 
 from db.prepared import prepared
-from db.resource import ResourceSpec
+from db.resource import SECRET_COLUMNS, ResourceSpec
 
 
 class id_text(FunctionElement[str]):
@@ -202,7 +202,7 @@ def load_one(session: Session, spec: ResourceSpec, *conditions: Any) -> Loaded |
 
 def _loaded(spec: ResourceSpec, rows: Sequence[Sequence[Any]]) -> list[Loaded]:
     """Loaded rows from result rows of `columns(spec, ...)`: the table's, then each relation's."""
-    keys = [c.key for c in spec.table.c]
+    keys = [c.key for c in read_columns(spec)]
     width = len(keys)
     make = row_class(spec)
     loaded = [make(dict(zip(keys, row[:width]))) for row in rows]
@@ -220,16 +220,24 @@ def load_rows(session: Session, spec: ResourceSpec, stmt: Any, extra: int = 0, p
     rows = session.connection().execute(stmt, params or None).all()
     loaded = _loaded(spec, rows)
     if extra:
-        width = len(spec.table.c) + len(relation_loaders(spec))
+        width = len(read_columns(spec)) + len(relation_loaders(spec))
         return [(item, *row[width:]) for item, row in zip(loaded, rows)]
     return loaded
 
 
 @functools.lru_cache(maxsize=None)
+def read_columns(spec: ResourceSpec) -> tuple[Any, ...]:
+    """The table's columns a read selects: all but those holding secrets (SECRET_COLUMNS),
+    which no output reads and which need not leave the database."""
+    return tuple(c for c in spec.table.c if c.key not in SECRET_COLUMNS)
+
+
+@functools.lru_cache(maxsize=None)
 def columns(spec: ResourceSpec, dialect: str) -> tuple[Any, ...]:
-    """What the read path selects, in the order load_rows expects: the table's columns (ids as
-    text), then each relation's rows as one aggregated value (RelationLoader.aggregate)."""
-    return (*(as_read(c) for c in spec.table.c), *(loader.aggregate(dialect) for loader in relation_loaders(spec)))
+    """What the read path selects, in the order load_rows expects: the table's columns but its
+    secrets (read_columns; ids as text), then each relation's rows as one aggregated value
+    (RelationLoader.aggregate)."""
+    return (*(as_read(c) for c in read_columns(spec)), *(loader.aggregate(dialect) for loader in relation_loaders(spec)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -39,6 +39,10 @@ def etag_of(row: Any) -> str:
     return f'W/"{row.revision}"'
 
 
+# Columns that hold secrets (write-only: never in a response, a list, an export or an audit
+# entry), with the API field they are written through. Reads leave them in the database.
+SECRET_COLUMNS = {"password_hash": "password", "secret_hash": "secret"}
+
 @dataclass(eq=False)
 class ResourceSpec:
     """Declares one resource: its model, message and field rules. Built codecs are cached."""

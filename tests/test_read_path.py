@@ -133,3 +133,18 @@ def test_the_generated_to_proto_equals_the_codecs_one_by_one(name: str, variant:
     one_by_one = spec.to_proto(row, read_mask=list(spec.codecs))
     assert generated == one_by_one
     assert generated.SerializeToString(deterministic=True) == one_by_one.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_reads_leave_secret_columns_in_the_database(dialect: str) -> None:
+    """Get, BatchGet, List and Search select every column an output may read, and never a
+    column that holds a secret (a password or key hash): no output reads one."""
+    from db.reading import columns
+    from db.resource import SECRET_COLUMNS
+
+    with_secrets = [spec for spec in REGISTRY if set(SECRET_COLUMNS) & set(spec.table.c.keys())]
+    assert {spec.name for spec in with_secrets} >= {"User", "ApiKey"}
+    for spec in REGISTRY:
+        selected = {getattr(c, "key", None) or getattr(c, "name", None) for c in columns(spec, dialect)}
+        assert not selected & set(SECRET_COLUMNS), spec.name
+        assert {c.key for c in spec.table.c} - set(SECRET_COLUMNS) <= selected, spec.name

@@ -32,8 +32,6 @@ MASK = "***"
 _CREDENTIAL_RESOURCES = {"ApiKey", "User"}
 # Bookkeeping columns every change touches: not news in an audit entry.
 _NOISE = {"update_time", "revision"}
-# Columns that hold secrets, reported under their API field name with masked values.
-_SECRET_COLUMNS = SECRET_COLUMNS
 
 AUDIT_LOG_ENTRIES = REGISTRY.add(
     ResourceSpec(
@@ -126,8 +124,8 @@ def _reported_columns(spec: ResourceSpec) -> tuple[tuple[str, str, bool], ...]:
     for key in _column_keys(spec):
         if key in _NOISE:
             continue
-        if key in _SECRET_COLUMNS:
-            reported.append((key, _SECRET_COLUMNS[key], True))
+        if key in SECRET_COLUMNS:
+            reported.append((key, SECRET_COLUMNS[key], True))
         elif key in fields:
             reported.append((key, fields[key], False))
     return tuple(reported)
@@ -141,8 +139,8 @@ def _column_changes(spec: ResourceSpec, columns: list[tuple[str, Any, Any, bool]
     for key, old, new, changed in columns:
         if key in _NOISE or not changed:
             continue
-        if key in _SECRET_COLUMNS:
-            merged[_SECRET_COLUMNS[key]] = {"field": _SECRET_COLUMNS[key], "old_value": MASK if old is not None else None,
+        if key in SECRET_COLUMNS:
+            merged[SECRET_COLUMNS[key]] = {"field": SECRET_COLUMNS[key], "old_value": MASK if old is not None else None,
                                             "new_value": MASK if new is not None else None}
             continue
         field_name = fields.get(key)

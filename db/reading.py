@@ -73,6 +73,11 @@ def _array_of_postgresql(element: array_of, compiler: Any, **kw: Any) -> str:
     return f"ARRAY({compiler.process(subquery.element, **kw)})"
 
 
+def as_text_if_id(column: Any) -> Any:
+    """column, or id_text(column) for a UUID column."""
+    return id_text(column) if isinstance(column.type, Uuid) else column
+
+
 def as_read(column: Any) -> Any:
     """column as the read path selects it: ids as text (id_text), labelled with its key."""
     return id_text(column).label(column.key) if isinstance(column.type, Uuid) else column
@@ -121,9 +126,7 @@ class RelationLoader:
         on SQLite a JSON array of its values, not of one-value arrays."""
         parent_pk, parent_fk = self.parent
         if dialect == "postgresql" and len(self.targets) == 1:
-            (target,) = self.targets
-            column = id_text(target) if isinstance(target.type, Uuid) else target
-            stmt = select(column).select_from(self.source).where(parent_fk == parent_pk).correlate(parent_pk.table).order_by(*self.order)
+            stmt = select(as_text_if_id(self.targets[0])).select_from(self.source).where(parent_fk == parent_pk).correlate(parent_pk.table).order_by(*self.order)
             return array_of(stmt.scalar_subquery()).label(f"{self.key}_rows")
         if dialect == "postgresql":
             # json_build_array writes a uuid as its canonical text.
@@ -131,10 +134,9 @@ class RelationLoader:
             agg = func.json_agg(aggregate_order_by(item, *self.order)) if self.order else func.json_agg(item)
             value = func.coalesce(agg, literal_column("'[]'::json"))
         elif len(self.targets) == 1:  # SQLite, one column: a JSON array of its values
-            (target,) = self.targets
-            value = func.json_group_array(id_text(target) if isinstance(target.type, Uuid) else target)
+            value = func.json_group_array(as_text_if_id(self.targets[0]))
         else:
-            value = func.json_group_array(func.json_array(*(id_text(c) if isinstance(c.type, Uuid) else c for c in self.targets)))
+            value = func.json_group_array(func.json_array(*(as_text_if_id(c) for c in self.targets)))
         stmt = select(value).select_from(self.source).where(parent_fk == parent_pk).correlate(parent_pk.table)
         return stmt.scalar_subquery().label(f"{self.key}_rows")
 

@@ -310,3 +310,108 @@ def test_a_one_statement_create_past_its_deadline(client: Client) -> None:
     finally:
         crud.CURRENT_CALL.reset(token)
         database.dispose()
+
+
+def _on_threads(database: Database, work: object, calls: int, **kw: object) -> list[object]:
+    """work run `calls` times at once on the database's threads, as RPCs run it."""
+    futures = [database.executor.submit(database.run_sync, work, **kw) for _ in range(calls)]  # type: ignore[arg-type]
+    return [f.result(timeout=30) for f in futures]
+
+
+def _dbapi(session: object) -> object:
+    return session.connection().connection.dbapi_connection  # type: ignore[attr-defined]
+
+
+def test_database_threads_keep_their_read_connection(database_url: str) -> None:
+    """Each database thread reads on one connection of its own, Core and Session reads alike;
+    other threads borrow one from the pool and give it back, even with every thread's kept."""
+    import threading
+
+    database = Database(database_url, PoolSettings(size=2, max_overflow=0, timeout=2))
+    try:
+        def core(s: object) -> tuple[int, int]:
+            time.sleep(0.05)  # long enough for both threads to take a share
+            return threading.get_ident(), id(_dbapi(s))
+
+        seen = _on_threads(database, core, 20, write=False, core=True)
+        seen += _on_threads(database, lambda s: core(s) if isinstance(s, Session) else None, 20, write=False)
+        by_thread: dict[int, set[int]] = {}
+        for thread, conn in seen:  # type: ignore[misc]
+            by_thread.setdefault(thread, set()).add(conn)
+        assert len(by_thread) == 2 and all(len(conns) == 1 for conns in by_thread.values()), by_thread
+        kept = set().union(*by_thread.values())
+        assert len(kept) == 2
+        assert database.read_engine.pool.checkedout() == 2
+        # The calling thread is not one of them: it borrows (the pool's overflow) and returns.
+        other = id(database.run_sync(_dbapi, write=False, core=True))
+        assert other not in kept
+        assert database.read_engine.pool.checkedout() == 2
+        assert database.ping()
+    finally:
+        database.dispose()
+    assert database.read_engine.pool.checkedout() == 0
+
+
+def _backend(s: object) -> int:
+    return int(s.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar())  # type: ignore[attr-defined]
+
+
+def _terminate(database_url: str, pids: set[int]) -> None:
+    admin = Database(database_url, PoolSettings(size=1, max_overflow=0))
+    try:
+        admin.run_sync(lambda s: s.execute(text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:p AS int[])) AS pid"), {"p": sorted(pids)}))
+    finally:
+        admin.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_kept_connection_lost_while_idle_is_replaced_before_it_is_used(database_url: str) -> None:
+    database = Database(database_url, PoolSettings(size=1, max_overflow=0, ping_after=0.2))
+    try:
+        (first,) = _on_threads(database, _backend, 1, write=False, core=True)
+        _terminate(database_url, {first})  # type: ignore[arg-type]
+        time.sleep(0.5)
+        (second,) = _on_threads(database, _backend, 1, write=False, core=True)  # no error: pinged, then replaced
+        assert second != first
+    finally:
+        database.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_lost_connection_gives_up_every_kept_one(database_url: str) -> None:
+    """The database dropped every connection: one call finds out (UNAVAILABLE); the other
+    threads then give up theirs unused, so no second call fails."""
+    database = Database(database_url, PoolSettings(size=2, max_overflow=0, ping_after=3600))
+    try:
+        def slow_backend(s: object) -> int:
+            time.sleep(0.1)
+            return _backend(s)
+
+        pids = set(_on_threads(database, slow_backend, 4, write=False, core=True))
+        assert len(pids) == 2
+        _terminate(database_url, pids)  # type: ignore[arg-type]
+        time.sleep(0.2)
+        with pytest.raises(errors.Unavailable):
+            _on_threads(database, _backend, 1, write=False, core=True)
+        after = _on_threads(database, slow_backend, 6, write=False, core=True)
+        assert not pids & set(after)  # type: ignore[arg-type]
+    finally:
+        database.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_dispose_leaves_no_kept_connection_open(database_url: str) -> None:
+    database = Database(database_url, PoolSettings(size=2, max_overflow=0))
+    pids = set(_on_threads(database, lambda s: (time.sleep(0.05), _backend(s))[1], 6, write=False, core=True))
+    database.dispose()
+    admin = Database(database_url, PoolSettings(size=1, max_overflow=0))
+    try:
+        alive = pids
+        for _ in range(40):
+            alive = set(admin.run_sync(lambda s: s.scalars(text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(:p)"), {"p": sorted(pids)}).all(), write=False))
+            if not alive:
+                break
+            time.sleep(0.05)
+        assert pids and not alive
+    finally:
+        admin.dispose()

@@ -10,7 +10,6 @@ import functools
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -21,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import bulk, errors, events, policy, reading
-from db.base import UTCDateTime, utcnow, uuid7
+from db.base import UTCDateTime, utcnow, uuid4, uuid7
 from db.codecs import parse_uuid
 from db.prepared import prepared
 from db.models import RequestRecord
@@ -42,17 +41,42 @@ MAX_BATCH = 1000
 MAX_REQUEST_ID = 128
 
 
-@dataclass
 class Call:
-    """What the service knows about the RPC a unit of work serves: who calls, and which RPC."""
+    """What the service knows about the RPC a unit of work serves: who calls, and which RPC.
 
-    request_id: str = ""
-    method: str = ""
-    dialect: str = "sqlite"
-    actor_type: str = "system"  # "user" (JWT), "api_key", or "system" (the service itself, --insecure-dev)
-    actor_id: uuid.UUID | None = None
-    role: str = "admin"
-    actor_user_id: uuid.UUID | None = None  # the user the caller acts for, if any
+    request_id None: one is made when first read (an audit entry, an error's details, a log
+    line); most reads that succeed never need it, and making one costs the event loop more than
+    the rest of the call's checks. "" means none (work outside an RPC)."""
+
+    __slots__ = ("_request_id", "method", "dialect", "actor_type", "actor_id", "role", "actor_user_id")
+
+    def __init__(
+        self,
+        request_id: str | None = "",
+        method: str = "",
+        dialect: str = "sqlite",
+        actor_type: str = "system",  # "user" (JWT), "api_key", or "system" (the service itself, --insecure-dev)
+        actor_id: uuid.UUID | None = None,
+        role: str = "admin",
+        actor_user_id: uuid.UUID | None = None,  # the user the caller acts for, if any
+    ) -> None:
+        self._request_id = request_id
+        self.method = method
+        self.dialect = dialect
+        self.actor_type = actor_type
+        self.actor_id = actor_id
+        self.role = role
+        self.actor_user_id = actor_user_id
+
+    @property
+    def request_id(self) -> str:
+        request_id = self._request_id
+        if request_id is None:
+            request_id = self._request_id = str(uuid4())
+        return request_id
+
+    def __repr__(self) -> str:
+        return f"Call(method={self.method!r}, actor={self.actor_type}:{self.actor_id}, role={self.role!r})"
 
 
 # Set per RPC by the authentication interceptor; database threads see it (Database.run copies it).

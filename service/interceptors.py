@@ -10,7 +10,6 @@ from typing import Any
 import grpc
 
 from db import errors
-from db.base import uuid4
 from db.crud import CURRENT_CALL, Call
 from service.auth import INSECURE_PRINCIPAL, Authenticator, Principal
 from service.errors import internal_status, to_status
@@ -21,11 +20,12 @@ MAX_REQUEST_ID = 128
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
-def _request_id(metadata: dict[str, str]) -> str:
+def _request_id(metadata: dict[str, str]) -> str | None:
+    """The caller's x-request-id when it is usable; None: the Call makes one when it is needed."""
     given = metadata.get("x-request-id", "")
     if given and len(given) <= MAX_REQUEST_ID and given.isprintable():
         return given
-    return str(uuid4())
+    return None
 
 
 class CallGuard:

@@ -974,6 +974,12 @@ def test_request_id_is_generated_when_absent(client: Client) -> None:
     # An unusable id (too long) is replaced by a generated one.
     err = expect_error(Code.NOT_FOUND, client.work.GetTask, wpb.GetTaskRequest(id=random_id()), metadata=[("x-request-id", "r" * 500)])
     assert err.info.metadata.get("request_id") and err.info.metadata["request_id"] != "r" * 500
+    # Writes without one: each audit entry has its own, made for its call.
+    project = project_of(client, new_user(client).id)
+    tasks = [client.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title=f"untraced {i}"))) for i in range(2)]
+    client.work.UpdateTask(wpb.UpdateTaskRequest(task=wpb.Task(id=tasks[0].id, title="renamed"), update_mask=mask("title")))
+    written = [e.request_id for t in tasks for e in audit_entries(client, f'resource_id = "{t.id}"')]
+    assert len(written) == 3 and all(uuid.UUID(r) for r in written) and len(set(written)) == 3, written
 
 
 # ================================================================== 6. TLS and mTLS

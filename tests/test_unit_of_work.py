@@ -10,7 +10,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
 from db import errors
-from db.database import CREDENTIALS_CHANGED_KEY, Database, PoolSettings, timeout_step
+from db.database import CREDENTIALS_CHANGED_KEY, Database, PoolSettings, WriteThread, timeout_step
 from db.models import Role
 from tests.conftest import Client
 
@@ -117,7 +117,7 @@ def test_sqlite_writes_queue_on_one_thread_and_a_long_wait_is_busy(tmp_path: Pat
         from db.base import Base
 
         Base.metadata.create_all(database.engine)
-        assert database.write_executor is not database.executor and database.write_executor._max_workers == 1
+        assert isinstance(database.write_executor, WriteThread)
         holding, release = threading.Event(), threading.Event()
 
         def long_write(session: object) -> None:
@@ -415,3 +415,42 @@ def test_dispose_leaves_no_kept_connection_open(database_url: str) -> None:
         assert pids and not alive
     finally:
         admin.dispose()
+
+
+def test_sqlite_write_thread_keeps_its_connection_while_writes_wait(tmp_path: Path) -> None:
+    """Writes queued behind one another run on one kept connection; once none waits it goes
+    back to the pool, so a write of another thread gets it at once."""
+    import asyncio
+
+    database = Database(f"sqlite:///{tmp_path / 'kept.db'}", PoolSettings(size=2, max_overflow=0, timeout=0.5))
+    try:
+        from db.base import Base
+
+        Base.metadata.create_all(database.engine)
+        used: list[object] = []  # the Connections themselves, alive, so that distinct ones differ
+
+        def write(name: str, one_statement: bool) -> object:
+            def work(s: object) -> None:
+                time.sleep(0.01)
+                used.append(s.connection())  # type: ignore[attr-defined]
+                if not one_statement:
+                    s.execute(insert(Role).values(id=uuid.uuid4(), name=name, permissions=[]))  # type: ignore[attr-defined]
+            return work
+
+        async def burst() -> None:
+            await asyncio.gather(*(database.run(write(f"r{i}", i % 2 == 0), one_statement=i % 2 == 0) for i in range(20)))
+
+        asyncio.run(burst())
+        assert len(used) == 20 and len({id(c) for c in used}) == 1
+        assert database._writer is not None
+        for _ in range(100):  # given back on the write thread just after the last answer
+            if database._writer.pool.checkedout() == 0:
+                break
+            time.sleep(0.01)
+        assert database._writer.pool.checkedout() == 0
+        started = time.monotonic()
+        database.run_sync(write("direct", False))
+        assert time.monotonic() - started < 0.4 and used[-1] is not used[0]
+        assert _count(database, "direct") == 1 and sum(_count(database, f"r{i}") for i in range(20)) == 10
+    finally:
+        database.dispose()

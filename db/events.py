@@ -54,6 +54,7 @@ def emit(session: Session, scope: str, event_type: str, resource_type: str, reso
         index_elements=[StreamScope.scope], set_={"last_seq": StreamScope.last_seq + 1}
     ).returning(StreamScope.last_seq)
     seq = int(session.execute(bump).scalar_one())
+    stored = StoredEvent(scope, seq, event_type, resource_type, resource.SerializeToString(), utcnow())
     session.execute(
         ChangeEvent.__table__.insert().values(
             scope=scope,
@@ -61,14 +62,15 @@ def emit(session: Session, scope: str, event_type: str, resource_type: str, reso
             event_type=event_type,
             resource_type=resource_type,
             resource_id=resource_id,
-            payload=resource.SerializeToString(),
-            create_time=utcnow(),
+            payload=stored.payload,
+            create_time=stored.create_time,
         )
     )
     if dialect == "postgresql":
         # Delivered to listeners of every replica when (and only if) this transaction commits.
         session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": NOTIFY_CHANNEL, "payload": f"{scope} {seq}"})
-    session.info.setdefault(COMMITTED_EVENTS_KEY, []).append((scope, seq))
+    # The event as read_after would read it back: the commit listeners get it whole.
+    session.info.setdefault(COMMITTED_EVENTS_KEY, []).append(stored)
     return seq
 
 

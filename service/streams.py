@@ -1,9 +1,11 @@
 """Live event streams: one ChangeHub per process fans the durable change log out to subscribers.
 
-The change log in the database is the source of truth (db/events.py). The hub only learns *that*
-a scope moved on: from this process's own commits, from PostgreSQL NOTIFY for other replicas'
-commits, and from a periodic poll that repairs a lost notification. It then reads the new
-events once and offers them to every subscriber of the scope through a bounded queue.
+The change log in the database is the source of truth (db/events.py). The hub learns that a
+scope moved on from this process's own commits (which hand it the events they appended: offered
+as they are when each is the next of its scope), from PostgreSQL NOTIFY for other replicas'
+commits, and from a periodic poll that repairs a lost notification; for those it reads the new
+events once. Either way it offers each event to every subscriber of the scope through a bounded
+queue.
 
 Each stream keeps its own cursor per scope and takes the next event only if it is exactly
 cursor + 1; anything else (a duplicate from the catch-up race, a gap after an overflow or a
@@ -128,6 +130,7 @@ class ChangeHub:
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
         self._known: dict[str, int] = {}  # scope -> last seq the hub has read and offered
         self._dirty: set[str] = set()
+        self._reading: set[str] = set()  # scopes whose log _read_and_offer is reading
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -163,10 +166,32 @@ class ChangeHub:
     # -------------------------------------------------------------- wake-ups
 
     def on_commit(self, notes: dict[str, Any]) -> None:
-        """Database commit listener: wake up for the events the transaction appended."""
-        moved = notes.get(COMMITTED_EVENTS_KEY)
-        if moved:
-            self.notify_threadsafe(moved)
+        """Database commit listener: the events the transaction appended, to offer."""
+        committed = notes.get(COMMITTED_EVENTS_KEY)
+        if committed and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._committed, list(committed))
+
+    def _committed(self, committed: list[events.StoredEvent]) -> None:
+        """Events this process committed, offered as they are when each is the next of its
+        scope: read back from the log they would be the same, a database read and a turn of the
+        event loop later (behind the fan-out of the event before). Anything else (a scope
+        behind, being read, or with a gap: another process's commit in between) reads the log."""
+        subs_of = self._subs
+        for event in committed:
+            scope, seq = event.scope, event.seq
+            subs = subs_of.get(scope)
+            if not subs:
+                continue
+            known = self._known.get(scope, 0)
+            if seq <= known:
+                continue
+            if seq == known + 1 and scope not in self._dirty and scope not in self._reading:
+                self._known[scope] = seq
+                self._offer(event, list(subs))
+            else:
+                self._dirty.add(scope)
+        if self._dirty:
+            self._wakeup.set()
 
     def notify_threadsafe(self, moved: Iterable[tuple[str, int]]) -> None:
         """Called from any thread after a commit (or a NOTIFY) with (scope, seq) pairs."""
@@ -246,25 +271,33 @@ class ChangeHub:
                 await self._read_and_offer(scope)
 
     async def _read_and_offer(self, scope: str) -> None:
-        while scope in self._subs:
-            after = self._known.get(scope, 0)
-            try:
-                batch = await self.db.run(lambda s: events.read_after(s, scope, after, READ_BATCH), write=False)
-            except errors.NexusError as exc:
-                log.warning("could not read events of %s: %s", scope, exc.message)
-                self._dirty.add(scope)
-                return
-            if not batch:
-                return
-            self._known[scope] = batch[-1].seq
-            subs = list(self._subs.get(scope, ()))
-            for event in batch:
-                data = to_response(event).SerializeToString()
-                offered = Offered(event.scope, event.seq, data, with_token(data, events.encode_token({event.scope: event.seq})))
-                for sub in subs:
-                    sub.offer(offered)
-            if len(batch) < READ_BATCH:
-                return
+        self._reading.add(scope)
+        try:
+            while scope in self._subs:
+                after = self._known.get(scope, 0)
+                try:
+                    batch = await self.db.run(lambda s: events.read_after(s, scope, after, READ_BATCH), write=False)
+                except errors.NexusError as exc:
+                    log.warning("could not read events of %s: %s", scope, exc.message)
+                    self._dirty.add(scope)
+                    return
+                if not batch:
+                    return
+                self._known[scope] = batch[-1].seq
+                subs = list(self._subs.get(scope, ()))
+                for event in batch:
+                    self._offer(event, subs)
+                if len(batch) < READ_BATCH:
+                    return
+        finally:
+            self._reading.discard(scope)
+
+    @staticmethod
+    def _offer(event: events.StoredEvent, subs: list[Subscription]) -> None:
+        data = to_response(event).SerializeToString()
+        offered = Offered(event.scope, event.seq, data, with_token(data, events.encode_token({event.scope: event.seq})))
+        for sub in subs:
+            sub.offer(offered)
 
     # -------------------------------------------------------------- subscriptions
 

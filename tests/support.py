@@ -1,6 +1,7 @@
 """Test helpers: reading rich errors, and a valid sample of every registered resource."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,17 @@ from nexus.identity.v1 import identity_pb2 as ipb
 from nexus.work.v1 import work_pb2 as wpb
 
 from tests.conftest import Client, unique
+
+
+def run_async(coro: Any) -> Any:
+    """coro run to its end on a loop of its own. Unlike asyncio.run, it leaves the main thread's
+    event loop setting alone: code that builds a grpc.aio server outside a running loop (as
+    some tests do) still finds one."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
 
 
 @dataclass

@@ -21,7 +21,7 @@ from db import events
 from db.base import utcnow
 from db.database import Database
 from tests.conftest import Client, ServerThread, authed_channel, connect, make_config
-from tests.support import expect_error, new_channel, new_conversation, new_user, rich_error
+from tests.support import expect_error, new_channel, new_conversation, new_user, rich_error, run_async
 
 Code = grpc.StatusCode
 
@@ -413,3 +413,62 @@ def test_a_live_event_serialized_once_parses_with_each_streams_token() -> None:
         expected.CopyFrom(event)
         expected.resume_token = token
         assert parsed == expected
+
+
+def test_the_events_a_commit_hands_over_are_those_of_the_log(client: Client) -> None:
+    """The hub offers this process's commits as the commit listener hands them over, without
+    reading them back: they must be exactly what the log holds (payload, type, commit time)."""
+    import uuid
+
+    from db.database import COMMITTED_EVENTS_KEY
+
+    database = Database(client.database_url)
+    handed: list[events.StoredEvent] = []
+    database.add_commit_listener(lambda notes: handed.extend(notes.get(COMMITTED_EVENTS_KEY, ())))
+    scope = f"channels/{uuid.uuid4()}"
+    try:
+        for text in ("one", "two"):
+            message = cpb.ChatMessage(id=str(uuid.uuid4()), channel_id=scope.split("/")[1], content=text)
+            database.run_sync(lambda s: events.emit(s, scope, events.CREATED, "ChatMessage", uuid.UUID(message.id), message))
+        logged = database.run_sync(lambda s: events.read_after(s, scope, 0, 10), write=False)
+    finally:
+        database.dispose()
+    assert [e.seq for e in handed] == [1, 2] and handed == logged
+
+
+def test_a_local_commit_is_offered_without_reading_the_log(client: Client) -> None:
+    """The next event of a scope is offered as the commit handed it over (an event the log does
+    not hold shows that); one after a gap is not: the hub reads the log instead."""
+    import asyncio
+    import uuid
+
+    from db.database import COMMITTED_EVENTS_KEY
+    from service.streams import ChangeHub
+
+    database = Database(client.database_url)
+    scope = f"channels/{uuid.uuid4()}"
+
+    def stored(seq: int) -> events.StoredEvent:
+        message = cpb.ChatMessage(id=str(uuid.uuid4()), channel_id=scope.split("/")[1], content=f"#{seq}")
+        return events.StoredEvent(scope, seq, events.CREATED, "ChatMessage", message.SerializeToString(), utcnow())
+
+    async def scenario() -> None:
+        hub = ChangeHub(database)
+        await hub.start()
+        try:
+            sub = await hub.subscribe({scope: 0})
+            hub.on_commit({COMMITTED_EVENTS_KEY: [stored(1)]})
+            offered = await asyncio.wait_for(sub.queue.get(), 5)
+            assert (offered.scope, offered.sequence) == (scope, 1)
+            assert cpb.StreamEventsResponse.FromString(offered.data).chat_message.content == "#1"
+            hub.on_commit({COMMITTED_EVENTS_KEY: [stored(3)]})  # 2 is missing: read the log, which has neither
+            await asyncio.sleep(0.5)
+            assert sub.queue.empty() and hub.known(scope) == 1
+            hub.unsubscribe(sub)
+        finally:
+            await hub.close()
+
+    try:
+        run_async(scenario())
+    finally:
+        database.dispose()

@@ -13,6 +13,7 @@ from db import errors
 from db.database import CREDENTIALS_CHANGED_KEY, Database, PoolSettings, WriteThread, timeout_step
 from db.models import Role
 from tests.conftest import Client
+from tests.support import run_async
 
 
 def _count(database: Database, name: str) -> int:
@@ -145,7 +146,7 @@ def test_sqlite_writes_queue_on_one_thread_and_a_long_wait_is_busy(tmp_path: Pat
                 await late
             await database.run(write("after"))
 
-        asyncio.run(scenario())
+        run_async(scenario())
         assert [_count(database, n) for n in ("first", "busy", "late", "after")] == [1, 0, 0, 1]
     finally:
         database.dispose()
@@ -440,7 +441,7 @@ def test_sqlite_write_thread_keeps_its_connection_while_writes_wait(tmp_path: Pa
         async def burst() -> None:
             await asyncio.gather(*(database.run(write(f"r{i}", i % 2 == 0), one_statement=i % 2 == 0) for i in range(20)))
 
-        asyncio.run(burst())
+        run_async(burst())
         assert len(used) == 20 and len({id(c) for c in used}) == 1
         assert database._writer is not None
         for _ in range(100):  # given back on the write thread just after the last answer

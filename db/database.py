@@ -140,14 +140,21 @@ def _ping_idle_connections(engine: Engine, idle_seconds: float) -> None:
 
     @event.listens_for(engine, "checkout")
     def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
-        if time.monotonic() - record.info.get("idle_since", 0.0) < idle_seconds:
-            return
+        if time.monotonic() - record.info.get("idle_since", 0.0) >= idle_seconds and not _answers(dbapi_conn):
+            raise DisconnectionError()
+
+
+def _answers(dbapi_conn: Any) -> bool:
+    """Whether a DBAPI connection answers SELECT 1 (any failure means a lost connection)."""
+    try:
+        cursor = dbapi_conn.cursor()
         try:
-            cursor = dbapi_conn.cursor()
             cursor.execute("SELECT 1")
+        finally:
             cursor.close()
-        except Exception as exc:  # noqa: BLE001 - any failure means a dead connection
-            raise DisconnectionError() from exc
+        return True
+    except Exception:  # noqa: BLE001 - any failure means a dead connection
+        return False
 
 
 def too_late() -> errors.DeadlineExceeded:
@@ -484,7 +491,7 @@ class Database:
                 self._give_up(conn, invalidate=True)
             elif now - own.since > self.pool.recycle:
                 self._give_up(conn)
-            elif self.is_postgres and self.pool.pre_ping and now - own.idle_since > self.pool.ping_after and not self._answers(conn):
+            elif self.is_postgres and self.pool.pre_ping and now - own.idle_since > self.pool.ping_after and not _answers(conn.connection.dbapi_connection):
                 self._give_up(conn, invalidate=True)
             else:
                 return conn
@@ -518,18 +525,6 @@ class Database:
             conn.close()
         except Exception:  # noqa: BLE001 - it is being dropped: nothing more to do with it
             log.debug("a kept read connection failed to close", exc_info=True)
-
-    @staticmethod
-    def _answers(conn: Connection) -> bool:
-        try:
-            cursor = conn.connection.dbapi_connection.cursor()
-            try:
-                cursor.execute("SELECT 1")
-            finally:
-                cursor.close()
-            return True
-        except Exception:  # noqa: BLE001 - any failure means a lost connection
-            return False
 
     @staticmethod
     def _statement_timeout(conn: Connection, deadline: float | None, record: bool = False) -> tuple[dict[Any, Any], int] | None:

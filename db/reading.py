@@ -204,7 +204,7 @@ def load_one(session: Session, spec: ResourceSpec, *conditions: Any) -> Loaded |
 
 def _loaded(spec: ResourceSpec, rows: Sequence[Sequence[Any]]) -> list[Loaded]:
     """Loaded rows from result rows of `columns(spec, ...)`: the table's, then each relation's."""
-    keys = [c.key for c in read_columns(spec)]
+    keys = read_keys(spec)
     width = len(keys)
     make = row_class(spec)
     loaded = [make(dict(zip(keys, row[:width]))) for row in rows]
@@ -222,7 +222,7 @@ def load_rows(session: Session, spec: ResourceSpec, stmt: Any, extra: int = 0, p
     rows = session.connection().execute(stmt, params or None).all()
     loaded = _loaded(spec, rows)
     if extra:
-        width = len(read_columns(spec)) + len(relation_loaders(spec))
+        width = len(read_keys(spec)) + len(relation_loaders(spec))
         return [(item, *row[width:]) for item, row in zip(loaded, rows)]
     return loaded
 
@@ -232,6 +232,12 @@ def read_columns(spec: ResourceSpec) -> tuple[Any, ...]:
     """The table's columns a read selects: all but those holding secrets (SECRET_COLUMNS),
     which no output reads and which need not leave the database."""
     return tuple(c for c in spec.table.c if c.key not in SECRET_COLUMNS)
+
+
+@functools.lru_cache(maxsize=None)
+def read_keys(spec: ResourceSpec) -> tuple[str, ...]:
+    """The keys of read_columns(spec), in order: the attributes of a Loaded row."""
+    return tuple(c.key for c in read_columns(spec))
 
 
 @functools.lru_cache(maxsize=None)

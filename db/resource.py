@@ -43,6 +43,7 @@ def etag_of(row: Any) -> str:
 # entry), with the API field they are written through. Reads leave them in the database.
 SECRET_COLUMNS = {"password_hash": "password", "secret_hash": "secret"}
 
+
 @dataclass(eq=False)
 class ResourceSpec:
     """Declares one resource: its model, message and field rules. Built codecs are cached."""

@@ -194,7 +194,8 @@ class ChangeHub:
             self._wakeup.set()
 
     def notify_threadsafe(self, moved: Iterable[tuple[str, int]]) -> None:
-        """Called from any thread after a commit (or a NOTIFY) with (scope, seq) pairs."""
+        """Called from any thread with (scope, seq) pairs that moved on elsewhere (another
+        replica's NOTIFY): the hub reads those scopes' logs."""
         items = list(moved)
         if self._loop is not None and items:
             self._loop.call_soon_threadsafe(self._mark_dirty, items)

@@ -458,26 +458,39 @@ def validate_request_id(request_id: str, field_path: str = "request_id") -> str:
     return request_id
 
 
-def _earlier_result(session: Session, spec: ResourceSpec, request_id: str) -> Message | None:
+def request_principal(call: Call) -> str:
+    """Whose request ids these are: a request id is remembered per caller (the API key, the JWT's
+    user, or the service itself), so another caller sending the same id makes a new request."""
+    return f"{call.actor_type}:{call.actor_id or ''}"
+
+
+def _earlier_result(session: Session, spec: ResourceSpec, request_id: str, call: Call) -> Message | None:
+    """The result of this caller's earlier create with request_id, read as a Get would read it
+    (the caller's read rule applies: PERMISSION_DENIED if it may no longer see the row)."""
     earlier = session.scalar(
         select(RequestRecord.resource_id).where(
-            RequestRecord.resource_type == spec.name, RequestRecord.request_id == request_id
+            RequestRecord.resource_type == spec.name,
+            RequestRecord.principal == request_principal(call),
+            RequestRecord.request_id == request_id,
         )
     )
-    row = session.get(spec.model, earlier) if earlier is not None else None
-    return spec.to_proto(row) if row is not None else None
+    if earlier is None:
+        return None
+    return spec.to_proto(fetch(session, spec, str(earlier), show_deleted=True))
 
 
-def _claim_request_id(session: Session, spec: ResourceSpec, request_id: str, row_id: uuid.UUID) -> Message | None:
+def _claim_request_id(session: Session, spec: ResourceSpec, request_id: str, row_id: uuid.UUID, call: Call) -> Message | None:
     """Record request_id for row_id; if a concurrent call claimed it first, return that call's result."""
     try:
         # A savepoint: on PostgreSQL the insert waits for a concurrent claim to commit, then fails
         # here, and (READ COMMITTED) the next statement sees the winner's row.
         with session.begin_nested():
-            session.add(RequestRecord(resource_type=spec.name, request_id=request_id, resource_id=row_id))
+            session.add(
+                RequestRecord(resource_type=spec.name, principal=request_principal(call), request_id=request_id, resource_id=row_id)
+            )
             session.flush()
     except IntegrityError:
-        result = _earlier_result(session, spec, request_id)
+        result = _earlier_result(session, spec, request_id, call)
         if result is None:
             raise errors.Aborted("a concurrent call with the same request_id did not finish; retry", reason="REQUEST_IN_FLIGHT") from None
         return result
@@ -516,7 +529,7 @@ def _empty_row(spec: ResourceSpec) -> dict[str, Any]:
 def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefix: str = "") -> Message:
     request_id = validate_request_id(request.request_id, prefix + "request_id")
     if request_id:
-        earlier = _earlier_result(session, spec, request_id)
+        earlier = _earlier_result(session, spec, request_id, call)
         if earlier is not None:
             return earlier
     field_prefix = f"{prefix}{spec.singular_field}."
@@ -524,7 +537,7 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), True, call)
     if request_id:
-        winner = _claim_request_id(session, spec, request_id, row.id)
+        winner = _claim_request_id(session, spec, request_id, row.id, call)
         if winner is not None:
             return winner
     return insert_rows(session, spec, [row], unchecked=(values, field_prefix))[0]

@@ -201,13 +201,16 @@ class Task(ResourceMixin, SoftDeleteMixin, Base):
 
 
 class RequestRecord(Base):
-    """Remembers the resource a Create with a request_id made, so a retry returns it (AIP-155)."""
+    """Remembers the resource a Create with a request_id made, so a retry returns it (AIP-155).
+
+    A request id is the caller's own: `principal` (crud.request_principal) is part of the key."""
 
     __tablename__ = "request_records"
-    __table_args__ = (UniqueConstraint("resource_type", "request_id"),)
+    __table_args__ = (UniqueConstraint("resource_type", "principal", "request_id"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     resource_type: Mapped[str] = mapped_column(String(64), nullable=False)
+    principal: Mapped[str] = mapped_column(String(64), nullable=False, server_default="")
     request_id: Mapped[str] = mapped_column(String(128), nullable=False)
     resource_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
     create_time: Mapped[timestamp] = mapped_column(default=utcnow, index=True)

@@ -45,28 +45,37 @@ def _nobody(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]:
     return false()
 
 
+def _is_caller(column: Any, user_id: uuid.UUID | None) -> ColumnElement[bool]:
+    """column holds the calling user. Never true for a caller without a user (a key made
+    without one): `column == None` would render IS NULL and match every row whose owner is
+    unset or was hard-deleted."""
+    return column == user_id if user_id is not None else false()
+
+
 def _mine(column: Any) -> Predicate:
     def predicate(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]:
-        return column == user_id if user_id is not None else false()
+        return _is_caller(column, user_id)
 
     return predicate
 
 
 def _managed_projects(user_id: uuid.UUID | None) -> Any:
     """Ids of the projects a manager owns or is a member of."""
-    owned = select(Project.id).where(Project.owner_id == user_id)
-    member = select(project_members.c.project_id).where(project_members.c.user_id == user_id)
+    owned = select(Project.id).where(_is_caller(Project.owner_id, user_id))
+    member = select(project_members.c.project_id).where(_is_caller(project_members.c.user_id, user_id))
     return owned.union(member)
 
 
-def _visible_channels(user_id: uuid.UUID | None) -> Any:
-    member = select(channel_members.c.channel_id).where(channel_members.c.user_id == user_id)
-    return select(Channel.id).where(or_(Channel.is_private.is_(False), Channel.creator_id == user_id, Channel.id.in_(member)))
-
-
 def _channel_read(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]:
+    """Public channels, and for a caller with a user those it created or is a member of."""
+    if user_id is None:
+        return Channel.is_private.is_(False)
     member = select(channel_members.c.channel_id).where(channel_members.c.user_id == user_id)
     return or_(Channel.is_private.is_(False), Channel.creator_id == user_id, Channel.id.in_(member))
+
+
+def _visible_channels(user_id: uuid.UUID | None) -> Any:
+    return select(Channel.id).where(_channel_read(user_id, ""))
 
 
 def _project_manage(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]:
@@ -78,14 +87,14 @@ def _project_manage(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]
 def _task_manage(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]:
     if user_id is None:
         return false()
-    own = or_(Task.assignee_id == user_id, Task.creator_id == user_id)
+    own = or_(_is_caller(Task.assignee_id, user_id), _is_caller(Task.creator_id, user_id))
     if role == "manager":
         return or_(own, Task.project_id.in_(_managed_projects(user_id)))
     return own
 
 
 def _own_conversations(user_id: uuid.UUID | None) -> Any:
-    return select(Conversation.id).where(Conversation.user_id == user_id)
+    return select(Conversation.id).where(_is_caller(Conversation.user_id, user_id))
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ POLICY: dict[str, Access] = {
     "Channel": Access(read=_channel_read, manage=_mine(Channel.creator_id)),
     "ChatMessage": Access(
         read=lambda u, r: ChatMessage.channel_id.in_(_visible_channels(u)),
-        manage=lambda u, r: (ChatMessage.author_id == u) & ChatMessage.channel_id.in_(_visible_channels(u)) if u else false(),
+        manage=lambda u, r: _is_caller(ChatMessage.author_id, u) & ChatMessage.channel_id.in_(_visible_channels(u)),
     ),
     "Conversation": Access(read=_mine(Conversation.user_id), manage=_mine(Conversation.user_id)),
     "ConversationMessage": Access(

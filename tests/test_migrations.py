@@ -98,3 +98,36 @@ def test_server_refuses_a_mismatched_schema_when_not_migrating(empty_url: str) -
     app = create_server(make_config(empty_url))
     assert migrate.current_revision(app.db.engine) == migrate.head_revision()
     app.db.dispose()
+
+
+def test_request_records_take_their_creators_principal(empty_url: str) -> None:
+    """0005 keys request ids by caller: a record made before it takes the actor of the audit
+    entry its create wrote, so that caller's retry still answers the first result."""
+    import uuid
+
+    database = Database(empty_url)
+    try:
+        migrate.upgrade(database.engine, "0004")
+        key_id, row_id, other_row = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        uid = Base.metadata.tables["request_records"].c.id.type  # a Uuid, stored as each dialect stores it
+        with database.engine.begin() as conn:
+            store = uid.bind_processor(conn.dialect) or (lambda v: v)
+            for rid, resource in (("r-1", row_id), ("r-2", other_row)):
+                conn.execute(
+                    text("INSERT INTO request_records (id, resource_type, request_id, resource_id, create_time) "
+                         "VALUES (:id, 'Task', :rid, :res, CURRENT_TIMESTAMP)"),
+                    {"id": store(uuid.uuid4()), "rid": rid, "res": store(resource)},
+                )
+            conn.execute(
+                text("INSERT INTO audit_log_entries (id, actor_type, actor_id, action, resource_type, resource_id, request_id, changes, summary, create_time) "
+                     "VALUES (:id, 'api_key', :actor, 'create', 'Task', :res, 'r-1', '{}', '', CURRENT_TIMESTAMP)"),
+                {"id": store(uuid.uuid4()), "actor": store(key_id), "res": store(row_id)},
+            )
+        migrate.upgrade(database.engine)
+        with database.engine.connect() as conn:
+            found = dict(conn.execute(text("SELECT request_id, principal FROM request_records")).all())
+        assert found == {"r-1": f"api_key:{key_id}", "r-2": ""}
+        migrate.downgrade(database.engine, "0004")
+        migrate.upgrade(database.engine)
+    finally:
+        database.dispose()

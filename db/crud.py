@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
-from sqlalchemy import Uuid, bindparam, exists, func, insert, select
+from sqlalchemy import Uuid, and_, bindparam, exists, func, insert, inspect, or_, select
 from sqlalchemy import update as sa_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -100,6 +100,17 @@ def _predicate(spec: ResourceSpec, write: bool) -> Any:
     return policy.read_predicate(spec.name, call.role, call.actor_user_id)
 
 
+def _read_rule(spec: ResourceSpec, show_deleted: bool) -> Any:
+    """The caller's read rule, and for a read that shows soft-deleted rows, those only where the
+    caller manages the row (its author or owner, the resource's managers; admins: all)."""
+    allowed = _predicate(spec, write=False)
+    call = current_call()
+    if not (show_deleted and spec.soft_delete and call is not None and call.role != "admin"):
+        return allowed
+    live_or_managed = or_(spec.table.c.delete_time.is_(None), _predicate(spec, write=True))
+    return live_or_managed if allowed is None else and_(allowed, live_or_managed)
+
+
 def denied(spec: ResourceSpec, raw_id: str, write: bool) -> errors.PermissionDenied:
     verb = "change" if write else "see"
     return errors.PermissionDenied(
@@ -121,7 +132,7 @@ def fetch(
     """
     row_id = parse_uuid(raw_id, field_path)
     stmt = select(spec.model).where(spec.table.c.id == row_id)
-    allowed = _predicate(spec, write=lock)
+    allowed = _predicate(spec, write=True) if lock else _read_rule(spec, show_deleted)
     if allowed is not None:
         stmt = stmt.where(allowed)
     if spec.load_options:
@@ -203,7 +214,7 @@ def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
     show_deleted = bool(getattr(request, "show_deleted", False))
     raw_id = request.id
     row_id = parse_uuid(raw_id, "id")
-    allowed = _predicate(spec, write=False)
+    allowed = _read_rule(spec, show_deleted)
     if allowed is None:
         row = reading.load_by_id(session, spec, row_id)
     else:
@@ -261,7 +272,7 @@ def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) ->
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         after = payload["k"]
     nulls = None if after is None else tuple(v is None for v in after)
-    allowed = _predicate(spec, write=False)
+    allowed = _read_rule(spec, show_deleted)
     if allowed is None:
         stmt, count = _page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, size)
     else:  # the caller's row rule holds its own values: built for this call
@@ -385,6 +396,32 @@ def _load_fields(spec: ResourceSpec, msg: Message, names: Iterable[str], prefix:
                 violations.add(prefix + v.field, v.description, v.reason)
     violations.raise_if_any()
     return values
+
+
+def check_visible_references(session: Session, spec: ResourceSpec, loaded: list[tuple[dict[str, Any], str]]) -> None:
+    """PERMISSION_DENIED naming the field when a row references a resource its caller may not
+    see (a reply to a message of a hidden channel, a message in a hidden conversation): hidden
+    and absent ids answer alike, as a Get of them would, so references are no existence oracle.
+    One query per referencing field whose target has a read rule for the caller; none for admins."""
+    for field_name, target_name in spec.references.items():
+        target = REGISTRY[target_name]
+        allowed = _predicate(target, write=False)
+        attr = spec.codecs[field_name].attr
+        if allowed is None or not attr:
+            continue
+        wanted = {values[attr] for values, _ in loaded if values.get(attr) is not None}
+        if not wanted:
+            continue
+        ids = target.table.c.id
+        seen = set(session.connection().execute(select(ids).where(ids.in_(wanted), allowed)).scalars())
+        for values, prefix in loaded:
+            value = values.get(attr)
+            if value is not None and value not in seen:
+                raise errors.PermissionDenied(
+                    f"the caller may not see {target.name} {str(value)!r}",
+                    reason="REFERENCE_ACCESS_DENIED",
+                    metadata={"field": prefix + field_name, "resource_type": target.name, "resource_id": str(value)},
+                )
 
 
 def check_references(session: Session, spec: ResourceSpec, values: dict[str, Any], prefix: str = "") -> None:
@@ -534,6 +571,7 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
             return earlier
     field_prefix = f"{prefix}{spec.singular_field}."
     row, values, names = _new_row(spec, getattr(request, spec.singular_field), call, field_prefix)
+    check_visible_references(session, spec, [(values, field_prefix)])
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), True, call)
     if request_id:
@@ -592,15 +630,16 @@ def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call)
     if any(sub.request_id for sub in requests):
         # Each request id is claimed (or answered from an earlier call) row by row.
         return [create(session, spec, sub, call, prefix=f"requests[{i}].") for i, sub in enumerate(requests)]
-    rows = []
-    loaded = []
+    made = []
     for i, sub in enumerate(requests):
         field_prefix = f"requests[{i}].{spec.singular_field}."
-        row, values, names = _new_row(spec, getattr(sub, spec.singular_field), call, field_prefix)
-        if spec.before_write is not None:
+        made.append((*_new_row(spec, getattr(sub, spec.singular_field), call, field_prefix), field_prefix))
+    loaded = [(values, field_prefix) for _, values, _, field_prefix in made]
+    check_visible_references(session, spec, loaded)
+    rows = [row for row, _, _, _ in made]
+    if spec.before_write is not None:
+        for row, _, names, _ in made:
             spec.before_write(session, row, set(names), True, call)
-        rows.append(row)
-        loaded.append((values, field_prefix))
     check_references_together(session, spec, loaded)
     return insert_rows(session, spec, rows)
 
@@ -761,6 +800,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
         setattr(row, key, value)
     _apply_defaults_for_cleared(spec, row, values)
     _missing_required(spec, row, field_prefix)
+    check_visible_references(session, spec, [(values, field_prefix)])
     check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), False, call)
@@ -870,6 +910,12 @@ def _apply_defaults_for_cleared(spec: ResourceSpec, row: Any, values: dict[str, 
 
 def delete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:
     force = bool(getattr(request, "force", False))
+    if force and call.role != "admin":
+        raise errors.PermissionDenied(
+            "only an admin may delete for good (force): ask for a soft delete instead",
+            reason="FORCE_DELETE_ADMIN_ONLY",
+            metadata={"field": "force", "resource_type": spec.name},
+        )
     row = fetch(session, spec, request.id, show_deleted=force, lock=True)
     check_etag(row, request.etag, "etag")
     if spec.soft_delete and not force:
@@ -878,9 +924,77 @@ def delete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
         return publish(session, spec, row, events.DELETED, spec.to_proto(row))
     last_state = spec.to_proto(row)
     publish(session, spec, row, events.DELETED, last_state)
+    remove_with_dependents(session, spec, row)
+    return last_state if spec.soft_delete else empty_pb2.Empty()
+
+
+MAX_CASCADE_ROWS = 10_000
+
+
+def remove_with_dependents(session: Session, spec: ResourceSpec, row: Any) -> None:
+    """Delete row for good, doing first in the unit of work what the database's ON DELETE rules
+    would do behind its back (rows that reference it deleted or their reference set to NULL,
+    memberships in other resources' relations removed), so that the audit listener records
+    every row the deletion removes or changes. More than MAX_CASCADE_ROWS such rows:
+    FAILED_PRECONDITION naming them by type, and nothing changes."""
+    counts: dict[str, int] = {}
+    _cascade(session, spec, [row], counts)
+    if sum(counts.values()) > MAX_CASCADE_ROWS:
+        named = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+        raise errors.FailedPrecondition(
+            f"deleting {spec.name} {row.id} would remove or change {named}: more than {MAX_CASCADE_ROWS}; delete them first",
+            reason="TOO_MANY_DEPENDENTS",
+            metadata={"resource_type": spec.name, "dependents": named},
+        )
+    session.flush()  # the dependents first: their entries and statements, then the row
     session.delete(row)
     session.flush()
-    return last_state if spec.soft_delete else empty_pb2.Empty()
+
+
+def _cascade(session: Session, spec: ResourceSpec, rows: list[Any], counts: dict[str, int]) -> None:
+    ids = [r.id for r in rows]
+    for dependent in REGISTRY:
+        for fk in dependent.table.foreign_keys:
+            if fk.column.table is not spec.table:
+                continue
+            if fk.ondelete not in ("CASCADE", "SET NULL"):  # the database refuses: say who holds on
+                held = session.scalar(select(func.count()).select_from(dependent.table).where(fk.parent.in_(ids)))
+                if held:
+                    named = f"{held} {dependent.name} ({fk.parent.name})"
+                    raise errors.FailedPrecondition(
+                        f"{spec.name} {ids[0]} is still referenced by {named}: delete or change them first",
+                        reason="HAS_DEPENDENTS",
+                        metadata={"resource_type": spec.name, "resource_id": str(ids[0]), "dependents": named},
+                    )
+                continue
+            found = [
+                o for o in session.scalars(select(dependent.model).where(fk.parent.in_(ids)).limit(MAX_CASCADE_ROWS + 1))
+                if o not in session.deleted and o not in rows
+            ]
+            counts[dependent.name] = counts.get(dependent.name, 0) + len(found)
+            if not found or sum(counts.values()) > MAX_CASCADE_ROWS:
+                continue
+            if fk.ondelete == "CASCADE":
+                _cascade(session, dependent, found, counts)
+                session.flush()  # deepest first: a row the database removed by cascade is not deleted again
+                for o in found:
+                    session.delete(o)
+            else:
+                key = inspect(dependent.model).get_property_by_column(fk.parent).key
+                for o in found:
+                    setattr(o, key, None)
+        for relation in inspect(dependent.model).relationships:
+            if relation.secondary is None or relation.mapper.local_table is not spec.table:
+                continue
+            ((_, member_column),) = relation.secondary_synchronize_pairs
+            ((_, parent_column),) = relation.synchronize_pairs
+            parent_ids = select(parent_column).where(member_column.in_(ids))
+            parents = [p for p in session.scalars(select(dependent.model).where(dependent.table.c.id.in_(parent_ids))) if p not in session.deleted]
+            counts[dependent.name] = counts.get(dependent.name, 0) + len(parents)
+            for parent in parents:
+                collection = getattr(parent, relation.key)
+                for member in [m for m in collection if m.id in ids]:
+                    collection.remove(member)
 
 
 def undelete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:

@@ -59,8 +59,8 @@ def _mine(column: Any) -> Predicate:
     return predicate
 
 
-def _managed_projects(user_id: uuid.UUID | None) -> Any:
-    """Ids of the projects a manager owns or is a member of."""
+def projects_of(user_id: uuid.UUID | None) -> Any:
+    """Ids of the projects a user owns or is a member of (none for a caller without a user)."""
     owned = select(Project.id).where(_is_caller(Project.owner_id, user_id))
     member = select(project_members.c.project_id).where(_is_caller(project_members.c.user_id, user_id))
     return owned.union(member)
@@ -81,7 +81,7 @@ def _visible_channels(user_id: uuid.UUID | None) -> Any:
 def _project_manage(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]:
     if role != "manager" or user_id is None:
         return false()
-    return Project.id.in_(_managed_projects(user_id))
+    return Project.id.in_(projects_of(user_id))
 
 
 def _task_manage(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]:
@@ -89,7 +89,7 @@ def _task_manage(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]:
         return false()
     own = or_(_is_caller(Task.assignee_id, user_id), _is_caller(Task.creator_id, user_id))
     if role == "manager":
-        return or_(own, Task.project_id.in_(_managed_projects(user_id)))
+        return or_(own, Task.project_id.in_(projects_of(user_id)))
     return own
 
 

@@ -7,7 +7,7 @@ from nexus.work.v1 import work_pb2 as pb
 from sqlalchemy import case, func, literal, select
 from sqlalchemy.orm import Session
 
-from db import crud, errors
+from db import crud, errors, policy
 from db.base import utcnow
 from db.codecs import MoneyCodec, OutputCodec, enum_maps, parse_uuid
 from db.models import Project, Task, task_dependencies
@@ -49,6 +49,8 @@ PROJECTS = REGISTRY.add(
 
 
 def _task_rules(session: Session, row: Task, changed: set[str], creating: bool, call: crud.Call) -> None:
+    if creating and call.role != "admin":
+        _check_task_creator(session, row, call)
     violations = errors.Violations()
     for name in ("estimated_hours", "actual_hours"):
         value = getattr(row, name)
@@ -60,6 +62,22 @@ def _task_rules(session: Session, row: Task, changed: set[str], creating: bool, 
         row.completed_time = utcnow()
     elif row.status != "done":
         row.completed_time = None
+
+
+def _check_task_creator(session: Session, row: Task, call: crud.Call) -> None:
+    """A task's creator is its caller, who works in its project (owns it or is a member); only
+    an admin may record another creator (importing) or create tasks in any project."""
+    if row.creator_id != call.actor_user_id:
+        raise errors.PermissionDenied(
+            "task.creator_id is the caller: only an admin may set another", reason="FIELD_ACCESS_DENIED",
+            metadata={"field": "task.creator_id"},
+        )
+    if session.scalar(select(literal(True)).where(Project.id == row.project_id, Project.id.in_(policy.projects_of(call.actor_user_id)))) is None:
+        raise errors.PermissionDenied(
+            f"the caller may create tasks only in projects it owns or is a member of, not in {row.project_id}",
+            reason="PROJECT_ACCESS_DENIED",
+            metadata={"field": "task.project_id", "resource_type": "Project", "resource_id": str(row.project_id)},
+        )
 
 
 TASKS = REGISTRY.add(

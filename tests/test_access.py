@@ -179,6 +179,10 @@ def project_of(c: Client, owner_id: str, name: str | None = None, **fields: Any)
     return c.work.CreateProject(wpb.CreateProjectRequest(project=project))
 
 
+def join(c: Client, project_id: str, user_id: str) -> None:
+    c.work.AddProjectMember(wpb.AddProjectMemberRequest(project_id=project_id, user_id=user_id))
+
+
 def task_in(c: Client, project_id: str, **fields: Any) -> wpb.Task:
     return c.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project_id, title=f"Task {unique()}", **fields)))
 
@@ -333,6 +337,7 @@ def test_user_lists_and_searches_only_own_conversations_and_their_messages(clien
 def test_user_task_creator_defaults_to_caller_and_user_may_update_it(client: Client, actor: Callable[..., Actor]) -> None:
     me = actor()
     project = project_of(client, new_user(client).id)
+    join(client, project.id, me.id)
     task = me.c.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title=f"mine {unique()}")))
     assert task.creator_id == me.id
     assert update_task(me.c, task.id, "renamed").title == "renamed"
@@ -341,6 +346,7 @@ def test_user_task_creator_defaults_to_caller_and_user_may_update_it(client: Cli
 def test_user_may_update_own_task(client: Client, actor: Callable[..., Actor]) -> None:
     me = actor()
     project = project_of(client, new_user(client).id)
+    join(client, project.id, me.id)
     task = task_in(me.c, project.id, creator_id=me.id)
     assert update_task(me.c, task.id, "renamed by creator").title == "renamed by creator"
 
@@ -496,7 +502,8 @@ def test_manager_manages_any_task_of_its_project(client: Client, actor: Callable
     project = project_of(client, boss.id)
     task = task_in(client, project.id, creator_id=worker.id, assignee_id=worker.id)
     assert update_task(boss.c, task.id, "changed by the project's owner").title == "changed by the project's owner"
-    created = task_in(boss.c, project.id, creator_id=worker.id)  # on behalf of someone, in its own project
+    created = task_in(boss.c, project.id, assignee_id=worker.id)  # for someone, in its own project
+    assert created.creator_id == boss.id
     boss.c.work.DeleteTask(wpb.DeleteTaskRequest(id=created.id))
 
 
@@ -715,6 +722,7 @@ def test_jwt_role_claim_decides_the_role(client: Client, hs_server: ServerThread
     # No (or an unknown) role claim: the user's own role.
     with calling(addr(hs_server), f"Bearer {token_for('s3cret', user.external_id)}") as plain:
         denied(plain.work.CreateProject, wpb.CreateProjectRequest(project=wpb.Project(name=f"P {unique()}", owner_id=user.id)))
+        join(client, project.id, user.id)
         assert task_in(plain, project.id, creator_id=user.id).creator_id == user.id  # type: ignore[arg-type]
 
 

@@ -58,14 +58,15 @@ def test_a_user_may_batch_create_only_rows_they_may_manage(client: Client) -> No
     me, someone = new_user(client, role=ipb.USER_ROLE_USER), new_user(client)
     key = client.identity.CreateApiKey(ipb.CreateApiKeyRequest(api_key=ipb.ApiKey(name=unique("k"), role=ipb.USER_ROLE_USER, user_id=me.id)))
     mine = connect(client.backend, client.database_url, client.server, secret=key.secret)
+    client.work.AddProjectMember(wpb.AddProjectMemberRequest(project_id=project.id, user_id=me.id))
     try:
         word = unique("w")
         made = mine.work.BatchCreateTasks(wpb.BatchCreateTasksRequest(requests=_requests(project, word, 3))).tasks
         assert {t.creator_id for t in made} == {me.id}, "the creator defaults to the caller"
         foreign = _requests(project, unique("w"), 3)
-        foreign[1].task.creator_id = someone.id  # neither created by nor assigned to the caller
+        foreign[1].task.creator_id = someone.id  # the creator is the caller: only an admin may set another
         err = expect_error(Code.PERMISSION_DENIED, mine.work.BatchCreateTasks, wpb.BatchCreateTasksRequest(requests=foreign))
-        assert err.info.reason == "ROW_ACCESS_DENIED"
+        assert err.info.reason == "FIELD_ACCESS_DENIED"
         assert _count(client, project) == 3
     finally:
         mine.channel.close()

@@ -852,15 +852,20 @@ def create_paused_after_its_checks(c: Client, resource_type: str, request_id: st
     from sqlalchemy.pool import NullPool
 
     from db.base import utcnow
-    from db.models import RequestRecord
+    from db.models import ApiKey, RequestRecord
 
     engine = sa.create_engine(c.database_url, poolclass=NullPool)
     try:
         with engine.connect() as holder, engine.connect() as probe:
+            # The record is the caller's own (its principal): the client's API key.
+            key_id = probe.execute(
+                sa.select(ApiKey.id).where(ApiKey.key_prefix == c.admin_secret.split(".", 1)[0])
+            ).scalar_one()
+            probe.rollback()
             tx = holder.begin()
             holder.execute(
                 RequestRecord.__table__.insert().values(
-                    id=uuid.uuid4(), resource_type=resource_type, request_id=request_id,
+                    id=uuid.uuid4(), resource_type=resource_type, principal=f"api_key:{key_id}", request_id=request_id,
                     resource_id=uuid.uuid4(), create_time=utcnow(),
                 )
             )

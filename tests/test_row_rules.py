@@ -14,11 +14,15 @@ import grpc
 import pytest
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.identity.v1 import identity_pb2 as ipb
+from nexus.security.v1 import security_pb2 as spb
+from nexus.work.v1 import work_pb2 as wpb
 from sqlalchemy.dialects import postgresql, sqlite
 
 from db import policy
+from db.resource import REGISTRY
 from tests.conftest import Client, connect, unique
-from tests.support import expect_error
+from tests.support import expect_error, new_user
+from tests.test_standard_methods import SPECS, Api
 from tests.test_access import Actor, actor, chat_message, conversation_of, first_stream_item, new_key, private_channel  # noqa: F401
 
 Code = grpc.StatusCode
@@ -132,3 +136,153 @@ def test_private_channel_without_a_creator_is_hidden_from_a_key_without_a_user(c
             )
         finally:
             guest.channel.close()
+
+
+# ------------------------------------------------------------------ force delete, cascades
+
+
+SOFT = [s.name for s in SPECS if s.soft_delete]
+
+
+@pytest.mark.parametrize("resource", SOFT)
+def test_force_delete_is_for_admins_only(client: Client, actor: Callable[..., Actor], resource: str) -> None:
+    admin = Api(client, REGISTRY[resource])
+    row = admin.create()
+    for role in (ipb.USER_ROLE_USER, ipb.USER_ROLE_MANAGER):
+        caller = Api(actor(role).c, REGISTRY[resource])
+        err = expect_error(Code.PERMISSION_DENIED, caller.call, "Delete{E}", id=row.id, force=True)
+        assert err.info.reason == "FORCE_DELETE_ADMIN_ONLY"
+    assert admin.get(row.id) == row
+
+
+def audit_of(client: Client, resource_id: str) -> list[spb.AuditLogEntry]:
+    return list(client.security.ListAuditLogEntries(
+        spb.ListAuditLogEntriesRequest(filter=f'resource_id = "{resource_id}"', page_size=100)
+    ).audit_log_entries)
+
+
+def last_change(client: Client, resource_id: str, action: int) -> spb.AuditLogEntry:
+    entries = [e for e in audit_of(client, resource_id) if e.action == action]
+    assert entries, f"no {spb.AuditAction.Name(action)} entry for {resource_id}"
+    return max(entries, key=lambda e: (e.create_time.seconds, e.create_time.nanos))
+
+
+def test_force_deleting_a_user_audits_every_row_its_cascade_removes_or_changes(client: Client) -> None:
+    gone = new_user(client)
+    key = new_key(client, user_id=gone.id)
+    conversation = conversation_of(client, gone.id)
+    said = client.chat.CreateConversationMessage(cpb.CreateConversationMessageRequest(conversation_message=cpb.ConversationMessage(
+        conversation_id=conversation.id, sender_type=cpb.SENDER_TYPE_USER, content="hello")))
+    made = client.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(name=f"by {unique()}", creator_id=gone.id)))
+    joined = client.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(name=f"with {unique()}")))
+    add_member(client, joined.id, gone.id)
+    project = client.work.CreateProject(wpb.CreateProjectRequest(project=wpb.Project(name=f"P {unique()}", owner_id=new_user(client).id)))
+    task = client.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title="t", assignee_id=gone.id)))
+
+    client.identity.DeleteUser(ipb.DeleteUserRequest(id=gone.id, force=True))
+
+    for removed in (key.id, conversation.id, said.id):
+        entry = last_change(client, removed, spb.AUDIT_ACTION_DELETE)
+        assert entry.request_id and entry.method.endswith("DeleteUser")
+    creator = {c.field: c for c in last_change(client, made.id, spb.AUDIT_ACTION_UPDATE).changes}["creator_id"]
+    assert (creator.old_value.string_value, creator.new_value.WhichOneof("kind")) == (gone.id, "null_value")
+    members = {c.field: c for c in last_change(client, joined.id, spb.AUDIT_ACTION_UPDATE).changes}["member_ids"]
+    assert gone.id in [v.string_value for v in members.old_value.list_value.values]
+    assert gone.id not in [v.string_value for v in members.new_value.list_value.values]
+    assignee = {c.field: c for c in last_change(client, task.id, spb.AUDIT_ACTION_UPDATE).changes}["assignee_id"]
+    assert assignee.old_value.string_value == gone.id
+    assert client.chat.GetChannel(cpb.GetChannelRequest(id=joined.id)).member_ids == []
+
+
+def test_a_cascade_blocked_by_a_dependent_changes_nothing(client: Client) -> None:
+    owner = new_user(client)
+    key = new_key(client, user_id=owner.id)
+    client.work.CreateProject(wpb.CreateProjectRequest(project=wpb.Project(name=f"P {unique()}", owner_id=owner.id)))
+    before = len(audit_of(client, key.id))
+    err = expect_error(Code.FAILED_PRECONDITION, client.identity.DeleteUser, ipb.DeleteUserRequest(id=owner.id, force=True))
+    assert (err.info.reason, err.info.metadata["dependents"]) == ("HAS_DEPENDENTS", "1 Project (owner_id)")
+    assert client.identity.GetApiKey(ipb.GetApiKeyRequest(id=key.id)).id == key.id
+    assert len(audit_of(client, key.id)) == before
+
+
+def test_a_cascade_of_too_many_rows_is_refused_naming_them(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from db import crud
+
+    monkeypatch.setattr(crud, "MAX_CASCADE_ROWS", 2)
+    channel = client.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(name=f"busy {unique()}")))
+    messages = [chat_message(client, channel.id, f"m{i}") for i in range(3)]
+    err = expect_error(Code.FAILED_PRECONDITION, client.chat.DeleteChannel, cpb.DeleteChannelRequest(id=channel.id, force=True))
+    assert err.info.reason == "TOO_MANY_DEPENDENTS" and "3 ChatMessage" in err.info.metadata["dependents"]
+    for m in messages:
+        assert client.chat.GetChatMessage(cpb.GetChatMessageRequest(id=m.id)).content == m.content
+    monkeypatch.setattr(crud, "MAX_CASCADE_ROWS", 10)
+    client.chat.DeleteChannel(cpb.DeleteChannelRequest(id=channel.id, force=True))
+    for m in messages:
+        assert [e.action for e in audit_of(client, m.id)] == [spb.AUDIT_ACTION_CREATE, spb.AUDIT_ACTION_DELETE]
+
+
+# ------------------------------------------------------------------ who creates tasks, and where
+
+
+def test_a_task_is_created_by_its_caller_in_a_project_it_works_in(client: Client, actor: Callable[..., Actor]) -> None:
+    owner, member, stranger, other = actor(ipb.USER_ROLE_MANAGER), actor(), actor(), new_user(client)
+    project = client.work.CreateProject(wpb.CreateProjectRequest(project=wpb.Project(name=f"P {unique()}", owner_id=owner.id)))
+    client.work.AddProjectMember(wpb.AddProjectMemberRequest(project_id=project.id, user_id=member.id))
+
+    def create(c: Client, **fields: object) -> wpb.Task:
+        return c.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title=f"t {unique()}", **fields)))
+
+    assert create(owner.c).creator_id == owner.id
+    assert create(member.c).creator_id == member.id
+    err = expect_error(Code.PERMISSION_DENIED, create, member.c, creator_id=other.id)
+    assert (err.info.reason, err.info.metadata["field"]) == ("FIELD_ACCESS_DENIED", "task.creator_id")
+    err = expect_error(Code.PERMISSION_DENIED, create, stranger.c, assignee_id=stranger.id)
+    assert err.info.reason == "PROJECT_ACCESS_DENIED"
+    batch = wpb.BatchCreateTasksRequest(requests=[wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title="b"))])
+    assert expect_error(Code.PERMISSION_DENIED, stranger.c.work.BatchCreateTasks, batch).info.reason == "PROJECT_ACCESS_DENIED"
+    keyless = keyless_user(client, ipb.USER_ROLE_MANAGER)
+    try:
+        assert expect_error(Code.PERMISSION_DENIED, create, keyless).info.reason == "PROJECT_ACCESS_DENIED"
+    finally:
+        keyless.channel.close()
+    listed = client.work.ListTasks(wpb.ListTasksRequest(filter=f'project_id = "{project.id}"')).tasks
+    assert sorted(t.creator_id for t in listed) == sorted([owner.id, member.id])
+    assert create(client, creator_id=other.id).creator_id == other.id  # an admin records another creator
+
+
+# ------------------------------------------------------------------ references are no oracle
+
+
+def test_a_reply_to_a_message_the_caller_may_not_see_is_denied_like_a_missing_one(client: Client, actor: Callable[..., Actor]) -> None:
+    alice, mallory = actor(), actor()
+    hidden = chat_message(alice.c, private_channel(alice).id, "hidden")
+    public = mallory.c.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(name=f"open {unique()}")))
+
+    def reply(parent_id: str) -> cpb.ChatMessage:
+        return mallory.c.chat.CreateChatMessage(cpb.CreateChatMessageRequest(
+            chat_message=cpb.ChatMessage(channel_id=public.id, content="re", parent_id=parent_id)))
+
+    answers = [expect_error(Code.PERMISSION_DENIED, reply, parent) for parent in (hidden.id, str(uuid.uuid4()))]
+    assert [(a.info.reason, a.info.metadata["field"]) for a in answers] == [("REFERENCE_ACCESS_DENIED", "chat_message.parent_id")] * 2
+    own = chat_message(mallory.c, public.id, "mine")
+    assert reply(own.id).parent_id == own.id
+
+
+# ------------------------------------------------------------------ show_deleted
+
+
+def test_show_deleted_shows_deleted_rows_only_to_those_who_manage_them(client: Client, actor: Callable[..., Actor]) -> None:
+    author, reader = actor(), actor(ipb.USER_ROLE_GUEST)
+    channel = author.c.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(name=f"open {unique()}")))
+    message = chat_message(author.c, channel.id, "regretted")
+    author.c.chat.DeleteChatMessage(cpb.DeleteChatMessageRequest(id=message.id))
+    in_channel = f'channel_id = "{channel.id}"'
+
+    def listed(c: Client) -> list[str]:
+        return [m.id for m in c.chat.ListChatMessages(cpb.ListChatMessagesRequest(filter=in_channel, show_deleted=True)).chat_messages]
+
+    assert listed(author.c) == [message.id] and listed(client) == [message.id]
+    assert listed(reader.c) == []
+    assert author.c.chat.GetChatMessage(cpb.GetChatMessageRequest(id=message.id, show_deleted=True)).content == "regretted"
+    expect_error(Code.PERMISSION_DENIED, reader.c.chat.GetChatMessage, cpb.GetChatMessageRequest(id=message.id, show_deleted=True))
+    assert listed(reader.c) == [] and reader.c.chat.ListChatMessages(cpb.ListChatMessagesRequest(filter=in_channel)).total_size == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -144,6 +144,8 @@ class Sample:
     change: tuple[str, Any]
     # a filter that matches exactly the resources made with `word`
     filter_for: Callable[[str], str]
+    # fields that make a row visible to fewer callers (tests/test_access_matrix.py tries both)
+    restricted: dict[str, Any] = field(default_factory=dict)
 
 
 def _user_fields(c: Client, word: str) -> dict[str, Any]:
@@ -199,6 +201,7 @@ SAMPLES: dict[str, Sample] = {
         lambda c, w: {"name": f"{w} channel", "description": "a sample channel", "project_id": new_project(c).id},
         ("description", "changed description"),
         lambda w: f'name = "{w} channel"',
+        restricted={"is_private": True},
     ),
     "ChatMessage": Sample(
         "nexus.chat.v1.ChatService",

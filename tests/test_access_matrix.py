@@ -1,0 +1,223 @@
+"""The access table, walked: every resource and every RPC, as every kind of caller.
+
+Nothing here names a resource or a method. Callers: a guest, a user, a manager (each with a key
+acting for it) and keys that act for no user (of role user and guest). For every writable
+resource of the registry, rows are made by an admin from the resource's sample (tests/support.py)
+as they are and, where the resource has an owner field, owned by the caller; the declared row
+rules (db/policy.py, evaluated in the database for that row) say whether the caller sees and
+manages each row, and every way to the row must agree: Get, BatchGet, List, Search, Update,
+Delete; a caller without a user has no more rights than a stranger of its role. A Create the caller makes either is refused or leaves a row the caller manages. Every
+method found through reflection answers the role gate of service/policy.py.
+"""
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from nexus.identity.v1 import identity_pb2 as ipb
+from sqlalchemy import create_engine, select
+
+import db.domains  # noqa: F401 - every resource in the registry
+from db import policy
+from db.resource import REGISTRY, ResourceSpec
+from service import policy as rpc_policy
+from tests.conftest import Client, connect, unique
+from tests.support import SAMPLES, new_user, rich_error
+from tests.test_auth import discovered_methods
+
+Code = grpc.StatusCode
+SPECS = sorted((s for s in REGISTRY if not s.read_only), key=lambda s: s.name)
+ROLE_NAMES = {ipb.USER_ROLE_GUEST: "guest", ipb.USER_ROLE_USER: "user", ipb.USER_ROLE_MANAGER: "manager"}
+# label: (role, acts for a user)
+CALLERS = {
+    "guest": (ipb.USER_ROLE_GUEST, True),
+    "user": (ipb.USER_ROLE_USER, True),
+    "manager": (ipb.USER_ROLE_MANAGER, True),
+    "key without a user (user)": (ipb.USER_ROLE_USER, False),
+    "key without a user (guest)": (ipb.USER_ROLE_GUEST, False),
+}
+
+
+@dataclass
+class Caller:
+    label: str
+    role: str
+    user_id: str | None
+    c: Client
+    secret: str
+
+
+@pytest.fixture(scope="module")
+def callers(client: Client) -> Iterator[dict[str, Caller]]:
+    made = {}
+    for label, (role, with_user) in CALLERS.items():
+        user_id = new_user(client, role=role).id if with_user else ""
+        key = client.identity.CreateApiKey(
+            ipb.CreateApiKeyRequest(api_key=ipb.ApiKey(name=unique("matrix"), role=role, user_id=user_id))
+        )
+        c = connect(client.backend, client.database_url, client.server, secret=key.secret)
+        made[label] = Caller(label, ROLE_NAMES[role], user_id or None, c, key.secret)
+    yield made
+    for caller in made.values():
+        caller.c.channel.close()
+
+
+@pytest.fixture(scope="module")
+def rules(client: Client) -> Iterator[Any]:
+    """rules(spec, row id, caller) -> (sees, manages) by the declared predicates, in the database."""
+    engine = create_engine(client.database_url)
+
+    def holds(spec: ResourceSpec, row_id: str, predicate: Any) -> bool:
+        stmt = select(spec.table.c.id).where(spec.table.c.id == uuid.UUID(row_id))
+        if predicate is not None:
+            stmt = stmt.where(predicate)
+        with engine.connect() as conn:
+            return conn.execute(stmt).first() is not None
+
+    def evaluate(spec: ResourceSpec, row_id: str, caller: Caller) -> tuple[bool, bool]:
+        user = uuid.UUID(caller.user_id) if caller.user_id else None
+        return (
+            holds(spec, row_id, policy.read_predicate(spec.name, caller.role, user)),
+            holds(spec, row_id, policy.manage_predicate(spec.name, caller.role, user)),
+        )
+
+    yield evaluate
+    engine.dispose()
+
+
+class Calls:
+    """The standard methods of one resource by name, on one caller's channel."""
+
+    def __init__(self, c: Client, spec: ResourceSpec) -> None:
+        self.spec = spec
+        self.pb = sys.modules[spec.message.__module__]
+        self.stub = c.stub_for(SAMPLES[spec.name].service)
+
+    def __call__(self, method: str, **fields: Any) -> Any:
+        name = method.replace("{E}", self.spec.name).replace("{Es}", self.spec.plural)
+        return getattr(self.stub, name)(getattr(self.pb, f"{name}Request")(**fields))
+
+    def code(self, method: str, **fields: Any) -> Code:
+        try:
+            self(method, **fields)
+        except grpc.RpcError as exc:
+            err = rich_error(exc)
+            assert exc.code() not in (Code.INTERNAL, Code.UNKNOWN), err.message
+            return exc.code()
+        return Code.OK
+
+    def items(self, response: Any) -> list[Any]:
+        for fd in response.DESCRIPTOR.fields:
+            if fd.is_repeated and fd.message_type is not None:
+                found = list(getattr(response, fd.name))
+                # Search results wrap the resource with its score.
+                return [getattr(r, self.spec.singular_field) if not isinstance(r, self.spec.message) else r for r in found]
+        raise AssertionError("no items field")
+
+
+def _rows(client: Client, spec: ResourceSpec, caller: Caller) -> list[tuple[str, Any]]:
+    """(word, row) made by an admin: the sample as it is, and owned by the caller where it can be."""
+    admin = Calls(client, spec)
+    sample = SAMPLES[spec.name]
+    out = []
+    variants: list[dict[str, Any]] = [{}, *([sample.restricted] if sample.restricted else [])]
+    if spec.owner_field and caller.user_id:
+        variants += [{**v, spec.owner_field: caller.user_id} for v in variants]
+    for extra in variants:
+        word = unique("mx")
+        fields = {**sample.fields(client, word), **extra}
+        out.append((word, admin("Create{E}", **{spec.singular_field: spec.message(**fields)})))
+    return out
+
+
+def _change(spec: ResourceSpec, row: Any) -> dict[str, Any]:
+    field, value = SAMPLES[spec.name].change
+    message = spec.message(id=row.id)
+    setattr(message, field, value if value is not None else unique("changed"))
+    return {spec.singular_field: message, "update_mask": {"paths": [field]}}
+
+
+@pytest.mark.parametrize("label", list(CALLERS))
+@pytest.mark.parametrize("resource", [s.name for s in SPECS])
+def test_every_way_to_a_row_agrees_with_the_declared_rules(
+    client: Client, callers: dict[str, Caller], rules: Any, resource: str, label: str
+) -> None:
+    spec = REGISTRY[resource]
+    caller = callers[label]
+    calls = Calls(caller.c, spec)
+    may_write = policy.ROLE_RANK[caller.role] >= policy.ROLE_RANK["user"]
+    for word, row in _rows(client, spec, caller):
+        sees, manages = rules(spec, row.id, caller)
+        if caller.user_id is None:
+            # A caller without a user has no more rights to a row than a stranger of its role:
+            # rows whose owner is unset are nobody's.
+            stranger = rules(spec, row.id, Caller("stranger", caller.role, str(uuid.uuid4()), caller.c, ""))
+            assert (sees <= stranger[0], manages <= stranger[1]) == (True, True), (resource, label)
+        where = (resource, label, "owned" if spec.owner_field and getattr(row, spec.owner_field) == caller.user_id else "other")
+        assert calls.code("Get{E}", id=row.id) == (Code.OK if sees else Code.PERMISSION_DENIED), where
+        if spec.batch_get:
+            assert calls.code("BatchGet{Es}", ids=[row.id]) == (Code.OK if sees else Code.PERMISSION_DENIED), where
+        listed = calls.items(calls("List{Es}", filter=SAMPLES[resource].filter_for(word), page_size=100))
+        assert [r.id for r in listed] == ([row.id] if sees else []), where
+        if spec.searchable:
+            found = calls.items(calls("Search{Es}", query=word, page_size=100))
+            assert (row.id in [r.id for r in found]) == sees, where
+        expected_write = Code.OK if may_write and manages else Code.PERMISSION_DENIED
+        assert calls.code("Update{E}", **_change(spec, row)) == expected_write, where
+        assert calls.code("Delete{E}", id=row.id) == expected_write, where
+
+
+@pytest.mark.parametrize("label", list(CALLERS))
+@pytest.mark.parametrize("resource", [s.name for s in SPECS])
+def test_a_create_is_refused_or_leaves_a_row_its_caller_manages(
+    client: Client, callers: dict[str, Caller], rules: Any, resource: str, label: str
+) -> None:
+    spec = REGISTRY[resource]
+    caller = callers[label]
+    calls = Calls(caller.c, spec)
+    fields = SAMPLES[resource].fields(client, unique("mx"))
+    fields.pop(spec.owner_field or "", None)  # the caller's own, by default
+    try:
+        made = calls("Create{E}", **{spec.singular_field: spec.message(**fields)})
+    except grpc.RpcError as exc:
+        err = rich_error(exc)
+        # A caller without a user has no one to make the owner of a row that needs one.
+        ownerless = caller.user_id is None and exc.code() == Code.INVALID_ARGUMENT and f".{spec.owner_field}:" in err.message
+        assert exc.code() == Code.PERMISSION_DENIED or ownerless, (resource, label, err.message)
+        return
+    assert policy.ROLE_RANK[caller.role] >= policy.ROLE_RANK["user"], (resource, label)
+    assert rules(spec, made.id, caller) == (True, True), (resource, label)
+
+
+def _empty_call(channel: grpc.Channel, path: str, method: Any, metadata: list[tuple[str, str]]) -> tuple[Code, str]:
+    """(code, ErrorInfo reason) of a call with an empty request."""
+    try:
+        if method.server_streaming:
+            stream = channel.unary_stream(path)(b"", metadata=metadata, timeout=10)
+            next(iter(stream), None)
+            stream.cancel()
+        else:
+            channel.unary_unary(path)(b"", metadata=metadata, timeout=10)
+    except grpc.RpcError as exc:
+        return exc.code(), rich_error(exc).info.reason
+    return Code.OK, ""
+
+
+@pytest.mark.parametrize("label", list(CALLERS))
+def test_every_method_answers_the_role_gate(client: Client, callers: dict[str, Caller], label: str) -> None:
+    caller = callers[label]
+    channel = grpc.insecure_channel(client.address)
+    metadata = [("authorization", f"Bearer {caller.secret}")]
+    try:
+        for path, method in discovered_methods(client.address):
+            allowed = policy.ROLE_RANK[caller.role] >= policy.ROLE_RANK[rpc_policy.action_for(path).value]
+            code, reason = _empty_call(channel, path, method, metadata)
+            assert code not in (Code.UNAUTHENTICATED, Code.INTERNAL, Code.UNKNOWN), (path, label, code)
+            assert (reason == "ROLE_FORBIDS_METHOD") == (not allowed), (path, label, code, reason)
+    finally:
+        channel.close()

@@ -142,14 +142,16 @@ def _change(spec: ResourceSpec, row: Any) -> dict[str, Any]:
     return {spec.singular_field: message, "update_mask": {"paths": [field]}}
 
 
-@pytest.mark.parametrize("label", list(CALLERS))
-@pytest.mark.parametrize("resource", [s.name for s in SPECS])
-def test_every_way_to_a_row_agrees_with_the_declared_rules(
-    client: Client, callers: dict[str, Caller], rules: Any, resource: str, label: str
-) -> None:
-    spec = REGISTRY[resource]
-    caller = callers[label]
-    calls = Calls(caller.c, spec)
+@pytest.fixture(params=[(s.name, label) for s in SPECS for label in CALLERS], ids="-".join)
+def case(request: pytest.FixtureRequest, callers: dict[str, Caller]) -> tuple[ResourceSpec, Caller, Calls]:
+    """A resource, a caller, and the resource's methods on the caller's channel."""
+    resource, label = request.param
+    return REGISTRY[resource], callers[label], Calls(callers[label].c, REGISTRY[resource])
+
+
+def test_every_way_to_a_row_agrees_with_the_declared_rules(client: Client, rules: Any, case: tuple[ResourceSpec, Caller, Calls]) -> None:
+    spec, caller, calls = case
+    resource, label = spec.name, caller.label
     may_write = policy.ROLE_RANK[caller.role] >= policy.ROLE_RANK["user"]
     for word, row in _rows(client, spec, caller):
         sees, manages = rules(spec, row.id, caller)
@@ -172,14 +174,9 @@ def test_every_way_to_a_row_agrees_with_the_declared_rules(
         assert calls.code("Delete{E}", id=row.id) == expected_write, where
 
 
-@pytest.mark.parametrize("label", list(CALLERS))
-@pytest.mark.parametrize("resource", [s.name for s in SPECS])
-def test_a_create_is_refused_or_leaves_a_row_its_caller_manages(
-    client: Client, callers: dict[str, Caller], rules: Any, resource: str, label: str
-) -> None:
-    spec = REGISTRY[resource]
-    caller = callers[label]
-    calls = Calls(caller.c, spec)
+def test_a_create_is_refused_or_leaves_a_row_its_caller_manages(client: Client, rules: Any, case: tuple[ResourceSpec, Caller, Calls]) -> None:
+    spec, caller, calls = case
+    resource, label = spec.name, caller.label
     fields = SAMPLES[resource].fields(client, unique("mx"))
     fields.pop(spec.owner_field or "", None)  # the caller's own, by default
     try:

@@ -208,13 +208,19 @@ class Authenticator:
                 pending.add_done_callback(lambda _: self._checking.pop(digest, None))
             known = await asyncio.shield(pending)
             if len(self._known) >= self.max_cached:
-                self._known.clear()
+                self._evict()
             self._known[digest] = known
         if known.principal is None:
             raise errors.Unauthenticated(known.problem, reason=known.reason)
         if known.expire_time is not None and known.expire_time <= utcnow():
             raise errors.Unauthenticated("the credentials have expired", reason="EXPIRED_CREDENTIALS")
         return known.principal
+
+    def _evict(self) -> None:
+        """Make room: refusals go first, so a flood of bad credentials (which cost no hash) cannot
+        make every proven key pay its hash again; everything goes only when proven keys fill half."""
+        proven = {digest: known for digest, known in self._known.items() if known.principal is not None}
+        self._known = proven if len(proven) < self.max_cached // 2 else {}
 
     async def _check(self, token: str, earlier: _Known | None, peer: Callable[[], str]) -> _Known:
         if token.startswith("nx_") and "." in token:

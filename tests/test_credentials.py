@@ -504,3 +504,30 @@ def test_an_invalid_x_request_id_is_refused_and_writes_nothing(client: Client, g
     # Valid ids: letters, digits and . _ : - up to 128 characters.
     for ok in ("a" * 128, "req-1.2:3_4", str(uuid.uuid4())):
         client.work.ListProjects(LIST, metadata=[("x-request-id", ok)])
+
+
+def test_a_flood_of_bad_credentials_does_not_flush_proven_keys(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The credential cache is bounded; when full it drops refusals first, so cheap garbage
+    cannot make every proven key pay its hash again."""
+    from service.auth import Authenticator
+    from tests.support import run_async
+
+    key = new_key(client)
+    database = Database(client.database_url)
+    try:
+        authenticator = Authenticator(database)
+        authenticator.max_cached = 8
+
+        async def flood() -> None:
+            assert (await authenticator.authenticate(f"Bearer {key.secret}")).actor_id == uuid.UUID(key.id)
+            for i in range(3 * authenticator.max_cached):
+                with pytest.raises(Exception) as caught:
+                    await authenticator.authenticate(f"Bearer garbage-{i}")
+                assert getattr(caught.value, "reason", "") == "INVALID_CREDENTIALS"
+            assert (await authenticator.authenticate(f"Bearer {key.secret}")).actor_id == uuid.UUID(key.id)
+
+        with counting_hashes(monkeypatch) as hashed:
+            run_async(flood())
+        assert len(hashed) == 1, hashed
+    finally:
+        database.dispose()

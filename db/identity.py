@@ -13,6 +13,7 @@ from db import crud, errors, secrets
 from db.base import utcnow
 from db.codecs import InputCodec, OutputCodec
 from db.models import ApiKey, Role, User
+from db.policy import ROLE_RANK
 from db.resource import REGISTRY, ResourceSpec
 
 USERNAME = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
@@ -37,6 +38,14 @@ def _user_rules(session: Session, row: User, changed: set[str], creating: bool, 
     if row.avatar_url and not row.avatar_url.startswith(("https://", "http://")):
         violations.add("user.avatar_url", "must be an http(s) URL")
     violations.raise_if_any()
+    if not creating and "email" in changed and row.is_verified and _stored(session, row, User.email).email != row.email:
+        row.is_verified = False  # a new address is not verified until VerifyUserEmail says so
+
+
+def _stored(session: Session, row: Any, *columns: Any) -> Any:
+    """The row's stored values of columns, as the update that is changing them read them."""
+    model = columns[0].class_
+    return session.connection().execute(select(*columns).where(model.id == row.id)).one()
 
 
 USERS = REGISTRY.add(
@@ -91,6 +100,44 @@ def _api_key_rules(session: Session, row: ApiKey, changed: set[str], creating: b
         row.plain_secret = secret
     if row.expire_time is not None and creating and row.expire_time <= utcnow():
         raise errors.InvalidArgument.field("api_key.expire_time", "must be in the future")
+    if row.user_id is not None and (creating or "role" in changed):
+        _within_owner_role(session, row, explicit="role" in changed)
+    if not creating and "expire_time" in changed and call.role != "admin":
+        _only_sooner(session, row)
+
+
+def _within_owner_role(session: Session, row: ApiKey, explicit: bool) -> None:
+    """A key's role is at most its user's (authentication also takes the lower of the two, so a
+    user demoted later takes its keys down with it). Left unset, it is lowered to the user's."""
+    owner_role = session.connection().execute(select(User.role).where(User.id == row.user_id)).scalar()
+    if owner_role is None or ROLE_RANK[row.role] <= ROLE_RANK[owner_role]:
+        return  # (a missing user is NOT_FOUND from the reference check)
+    if not explicit:
+        row.role = owner_role
+        return
+    raise errors.InvalidArgument.field(
+        "api_key.role", f"{row.role!r} is above the role of the key's user ({owner_role!r}): a key never does more than its user",
+        reason="ROLE_ABOVE_OWNER",
+    )
+
+
+def _only_sooner(session: Session, row: ApiKey) -> None:
+    """A key's owner may bring its expiry forward, never push it back, clear it or revive a
+    revoked or expired key; an admin may."""
+    stored = _stored(session, row, ApiKey.expire_time, ApiKey.revoke_time)
+    if row.expire_time == stored.expire_time:
+        return
+    field = {"field": "api_key.expire_time"}
+    if stored.revoke_time is not None:
+        raise errors.FailedPrecondition("the API key was revoked: its expiry no longer changes", reason="KEY_REVOKED", metadata=field)
+    if stored.expire_time is not None and stored.expire_time <= utcnow():
+        raise errors.FailedPrecondition("the API key has expired: only an admin may revive it", reason="KEY_EXPIRED", metadata=field)
+    if row.expire_time is None or (stored.expire_time is not None and row.expire_time > stored.expire_time):
+        raise errors.PermissionDenied(
+            "only an admin may extend an API key's expiry; its owner may only bring it forward",
+            reason="KEY_EXPIRY_EXTENSION_DENIED",
+            metadata=field,
+        )
 
 
 API_KEYS = REGISTRY.add(
@@ -223,7 +270,8 @@ def create_api_key(session: Session, name: str, role: str, user_id: str = "", ex
     request = pb.CreateApiKeyRequest(api_key=pb.ApiKey(name=name, role=pb.UserRole.Value(f"USER_ROLE_{role.upper()}"), user_id=user_id))
     if expire_time is not None:
         request.api_key.expire_time.FromDatetime(expire_time)  # type: ignore[arg-type]
-    created = crud.create(session, API_KEYS, request, crud.Call(dialect=session.get_bind().dialect.name))
+    call = crud.current_call() or crud.Call(dialect=session.get_bind().dialect.name)  # the CLI's, if it runs this
+    created = crud.create(session, API_KEYS, request, call)
     return created, created.secret
 
 

@@ -1,24 +1,33 @@
 """Authentication: `authorization: Bearer <API key | JWT>` on every RPC but health and reflection.
 
 API keys: the secret is `<prefix>.<random>`; the prefix finds the row, an argon2id hash check
-proves the secret. A proven key is cached by a SHA-256 of the secret, and its row (revoked?
-expired? role?) is re-read at most every `recheck_seconds`, so a revocation through any replica
-takes effect within that time (at once on the replica that revoked it) and the slow hash runs
-once per key, not once per call. JWTs (PyJWT): HS256 with a shared secret or RS256 with the
-issuer's public key; `sub` is the user's external_id, the role claim (default "role") its role.
+proves the secret. A revoked or expired key, or one whose user is inactive, is refused before
+any hash. The hash runs on a small pool of its own (never on a database thread), and failed
+hashes are counted per key prefix and per peer address: past the limit within the window a call
+that would need a hash is RESOURCE_EXHAUSTED with RetryInfo. A proven key is cached by a SHA-256
+of the secret, and its row (revoked? expired? role? its user's role?) is re-read at most every
+`recheck_seconds` without hashing again, so a revocation or a demotion through any replica takes
+effect within that time (at once on the replica that made it). A key acts with the lower of its
+own role and its user's current role. JWTs (PyJWT): HS256 with a shared secret or RS256 with
+the issuer's public key, issuer and audience checked, `iat` and `exp` required and at most
+`max_lifetime_seconds` apart (and `exp` at most that far ahead); `sub` is the user's
+external_id, and the role claim (default "role") may lower the user's stored role, never raise it.
 """
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jwt
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 from db import errors, secrets
 from db.base import utcnow
@@ -47,10 +56,100 @@ class JwtSettings:
     issuer: str | None = None
     audience: str | None = None
     role_claim: str = "role"
+    max_lifetime_seconds: float = 3600.0
 
     @property
     def enabled(self) -> bool:
         return bool(self.hs256_secret or self.rs256_public_key)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """The cost bounds of API key checks (service/config.py: NEXUS_AUTH_*)."""
+
+    hash_workers: int = 2
+    key_failure_limit: int = 10
+    peer_failure_limit: int = 50
+    failure_window_seconds: float = 300.0
+    recheck_seconds: float = 5.0
+
+
+class RateLimited(errors.ResourceExhausted):
+    """Too many failed secrets for a key prefix or from a peer: retry after retry_delay seconds."""
+
+    def __init__(self, message: str, retry_delay: float, metadata: dict[str, str]) -> None:
+        super().__init__(message, reason="AUTH_RATE_LIMITED", metadata=metadata)
+        self.retry_delay = retry_delay
+
+
+def peer_address(peer: str) -> str:
+    """The caller's address without its port ("ipv4:10.0.0.1:5123" -> "ipv4:10.0.0.1")."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return f"{kind}:{rest.rpartition(':')[0]}"
+    return peer
+
+
+class FailureLimiter:
+    """Failed secret checks per key prefix and per peer address, in a sliding window."""
+
+    max_tracked = 100_000
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self.limits = {"key_prefix": settings.key_failure_limit, "peer": settings.peer_failure_limit}
+        self.window = settings.failure_window_seconds
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+
+    def _recent(self, name: tuple[str, str], now: float) -> deque[float] | None:
+        times = self._failures.get(name)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        return times
+
+    def check(self, **subjects: str) -> None:
+        """RateLimited when any subject (key_prefix=..., peer=...) has used up its failures."""
+        now = time.monotonic()
+        for kind, value in subjects.items():
+            times = self._recent((kind, value), now)
+            if times and len(times) >= self.limits[kind]:
+                delay = times[0] + self.window - now
+                raise RateLimited(
+                    f"too many failed credentials for this {kind.replace('_', ' ')}; retry in {delay:.0f} s",
+                    delay,
+                    {kind: value, "retry_after_seconds": str(max(1, round(delay)))},
+                )
+
+    def attempt(self, **subjects: str) -> float:
+        """check(), then count this attempt as a failure until succeeded() takes it back: a burst
+        of concurrent wrong secrets is limited before its hashes run, not after."""
+        self.check(**subjects)
+        now = time.monotonic()
+        if len(self._failures) >= self.max_tracked:
+            for name in list(self._failures):
+                if not self._recent(name, now):
+                    del self._failures[name]
+        for kind, value in subjects.items():
+            self._failures.setdefault((kind, value), deque(maxlen=self.limits[kind])).append(now)
+        return now
+
+    def succeeded(self, stamp: float, **subjects: str) -> None:
+        for kind, value in subjects.items():
+            times = self._failures.get((kind, value))
+            if times is not None and stamp in times:
+                times.remove(stamp)
+
+
+def lower_role(*roles: str) -> str:
+    return min(roles, key=ROLE_RANK.__getitem__)
+
+
+_KEY_ROW = (
+    select(
+        ApiKey.id, ApiKey.role, ApiKey.user_id, ApiKey.secret_hash, ApiKey.expire_time, ApiKey.revoke_time, ApiKey.last_used_time,
+        User.role.label("owner_role"), User.is_active.label("owner_active"), User.delete_time.label("owner_deleted"),
+    )
+    .outerjoin(User, User.id == ApiKey.user_id)
+)
 
 
 @dataclass
@@ -66,13 +165,17 @@ class _Known:
 
 
 class Authenticator:
-    recheck_seconds = 5.0
     last_used_resolution = dt.timedelta(minutes=1)
     max_cached = 10_000
 
-    def __init__(self, db: Database, jwt_settings: JwtSettings | None = None) -> None:
+    def __init__(self, db: Database, jwt_settings: JwtSettings | None = None, settings: AuthSettings | None = None) -> None:
         self.db = db
         self.jwt = jwt_settings or JwtSettings()
+        self.settings = settings or AuthSettings()
+        self.recheck_seconds = self.settings.recheck_seconds
+        self.limiter = FailureLimiter(self.settings)
+        # The slow hashes of API key secrets: never on the database threads, at most this many at once.
+        self._hashing = ThreadPoolExecutor(max_workers=self.settings.hash_workers, thread_name_prefix="nexus-auth-hash")
         self._known: dict[str, _Known] = {}
         self._checking: dict[str, asyncio.Future[_Known]] = {}
         # A key or user changed through this replica: its cached checks go at once.
@@ -85,7 +188,9 @@ class Authenticator:
             for known in list(self._known.values()):
                 known.checked_at = float("-inf")
 
-    async def authenticate(self, header: str | None) -> Principal:
+    async def authenticate(self, header: str | None, peer: Callable[[], str] = str) -> Principal:
+        """The caller of `authorization: header`; peer() names its address (asked only when a
+        secret must be hashed, to count failures per peer)."""
         if not header:
             raise errors.Unauthenticated("missing credentials: send 'authorization: Bearer <API key or JWT>'", reason="MISSING_CREDENTIALS")
         scheme, _, token = header.partition(" ")
@@ -98,12 +203,12 @@ class Authenticator:
             # Concurrent first calls with one credential share one check (one slow hash).
             pending = self._checking.get(digest)
             if pending is None:
-                pending = asyncio.ensure_future(self._check(token, known))
+                pending = asyncio.ensure_future(self._check(token, known, peer))
                 self._checking[digest] = pending
                 pending.add_done_callback(lambda _: self._checking.pop(digest, None))
             known = await asyncio.shield(pending)
             if len(self._known) >= self.max_cached:
-                self._known.clear()
+                self._evict()
             self._known[digest] = known
         if known.principal is None:
             raise errors.Unauthenticated(known.problem, reason=known.reason)
@@ -111,9 +216,15 @@ class Authenticator:
             raise errors.Unauthenticated("the credentials have expired", reason="EXPIRED_CREDENTIALS")
         return known.principal
 
-    async def _check(self, token: str, earlier: _Known | None) -> _Known:
+    def _evict(self) -> None:
+        """Make room: refusals go first, so a flood of bad credentials (which cost no hash) cannot
+        make every proven key pay its hash again; everything goes only when proven keys fill half."""
+        proven = {digest: known for digest, known in self._known.items() if known.principal is not None}
+        self._known = proven if len(proven) < self.max_cached // 2 else {}
+
+    async def _check(self, token: str, earlier: _Known | None, peer: Callable[[], str]) -> _Known:
         if token.startswith("nx_") and "." in token:
-            known = await self.db.run(lambda s: self._check_key(s, token, earlier), write=False)
+            known = await self._check_key(token, earlier, peer)
             if known.principal is not None and (known.last_used is None or utcnow() - known.last_used > self.last_used_resolution):
                 key_id = known.principal.actor_id
                 await self.db.run(lambda s: s.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_time=utcnow())))
@@ -122,28 +233,38 @@ class Authenticator:
             return await self._check_jwt(token)
         return _Known(None, "the credentials are not a valid API key or JWT", None, time.monotonic())
 
-    @staticmethod
-    def _check_key(session: Session, token: str, earlier: _Known | None) -> _Known:
-        now = time.monotonic()
+    async def _check_key(self, token: str, earlier: _Known | None, peer: Callable[[], str]) -> _Known:
         prefix = token.split(".", 1)[0]
-        row = session.scalars(select(ApiKey).where(ApiKey.key_prefix == prefix)).one_or_none()
-        proven = earlier is not None and earlier.principal is not None and row is not None and earlier.principal.actor_id == row.id
-        # The slow hash runs once per key and process (and for every new wrong secret).
-        if row is None or not (proven or secrets.verify_secret(row.secret_hash, token)):
+        row = await self.db.run(lambda s: s.execute(_KEY_ROW.where(ApiKey.key_prefix == prefix)).one_or_none(), write=False)
+        now = time.monotonic()
+        # Whatever the secret, these are refused before any hash.
+        if row is None:
             return _Known(None, "the API key is not valid", None, now)
         if row.revoke_time is not None:
             return _Known(None, "the API key was revoked", None, now)
-        if row.user_id is not None:
-            owner = session.execute(select(User.is_active, User.delete_time).where(User.id == row.user_id)).one_or_none()
-            if owner is None or not owner.is_active or owner.delete_time is not None:
-                return _Known(None, "the API key acts for a user who is not active", None, now)
-        principal = Principal("api_key", row.id, row.role, row.user_id)
-        return _Known(principal, "", row.expire_time, now, row.last_used_time)
+        if row.expire_time is not None and row.expire_time <= utcnow():
+            return _Known(None, "the credentials have expired", None, now, reason="EXPIRED_CREDENTIALS")
+        if row.user_id is not None and (not row.owner_active or row.owner_deleted is not None):
+            return _Known(None, "the API key acts for a user who is not active", None, now)
+        # The slow hash runs once per key and process, and for every new wrong secret (limited).
+        proven = earlier is not None and earlier.principal is not None and earlier.principal.actor_id == row.id
+        if not proven:
+            subjects = {"key_prefix": prefix, "peer": peer_address(peer())}
+            stamp = self.limiter.attempt(**subjects)
+            verify = functools.partial(secrets.verify_secret, row.secret_hash, token)
+            if not await asyncio.get_running_loop().run_in_executor(self._hashing, verify):
+                return _Known(None, "the API key is not valid", None, time.monotonic())
+            self.limiter.succeeded(stamp, **subjects)
+        # A key never does more than its user may do now.
+        role = row.role if row.user_id is None else lower_role(row.role, row.owner_role)
+        principal = Principal("api_key", row.id, role, row.user_id)
+        return _Known(principal, "", row.expire_time, time.monotonic(), row.last_used_time)
 
     async def _check_jwt(self, token: str) -> _Known:
         now = time.monotonic()
         key = self.jwt.hs256_secret or self.jwt.rs256_public_key
         algorithm = "HS256" if self.jwt.hs256_secret else "RS256"
+        required = ["exp", "iat", "sub", *(["iss"] if self.jwt.issuer else []), *(["aud"] if self.jwt.audience else [])]
         try:
             claims = jwt.decode(
                 token,
@@ -151,12 +272,16 @@ class Authenticator:
                 algorithms=[algorithm],
                 issuer=self.jwt.issuer,
                 audience=self.jwt.audience,
-                options={"require": ["exp", "sub"], "verify_aud": self.jwt.audience is not None},
+                options={"require": required, "verify_aud": self.jwt.audience is not None},
             )
         except jwt.ExpiredSignatureError:
             return _Known(None, "the JWT has expired", None, now, reason="EXPIRED_CREDENTIALS")
         except jwt.PyJWTError as exc:
             return _Known(None, f"the JWT is not valid: {exc}", None, now)
+        longest = self.jwt.max_lifetime_seconds
+        issued, expires_at = int(claims["iat"]), int(claims["exp"])
+        if expires_at - issued > longest or expires_at - time.time() > longest or issued > time.time() + 60:
+            return _Known(None, f"the JWT's lifetime (iat to exp) must be at most {longest:g} s and start now", None, now)
         subject = str(claims["sub"])
         found = await self.db.run(
             lambda s: s.execute(
@@ -166,7 +291,8 @@ class Authenticator:
         )
         if found is None or not found.is_active:
             return _Known(None, "the JWT's subject is not an active user", None, now)
-        role = claims.get(self.jwt.role_claim)
-        role = role if isinstance(role, str) and role in ROLE_RANK else found.role
-        expires = dt.datetime.fromtimestamp(int(claims["exp"]), dt.timezone.utc)
+        # The claim may lower the user's role for this token, never raise it.
+        claimed = claims.get(self.jwt.role_claim)
+        role = lower_role(claimed, found.role) if isinstance(claimed, str) and claimed in ROLE_RANK else found.role
+        expires = dt.datetime.fromtimestamp(expires_at, dt.timezone.utc)
         return _Known(Principal("user", found.id, role, found.id), "", expires, now)

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import getpass
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 
-from service.config import Config
+from db.errors import NexusError
+from service.config import Config, ConfigError
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -78,6 +83,28 @@ def _check(args: argparse.Namespace) -> int:
         database.dispose()
 
 
+def _operator() -> str:
+    """The OS user running the command."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid without a name (containers)
+        return f"uid {os.getuid()}"
+
+
+@contextlib.contextmanager
+def _audited(command: str, dialect: str) -> Iterator[str]:
+    """The command's writes are audited as its own: actor "system", method "cli:<command> by
+    <OS user>", one request id for the whole command (yielded, for the command to show)."""
+    from db.crud import CURRENT_CALL, Call
+
+    request_id = str(uuid.uuid4())
+    token = CURRENT_CALL.set(Call(request_id=request_id, method=f"cli:{command} by {_operator()}"[:255], dialect=dialect))
+    try:
+        yield request_id
+    finally:
+        CURRENT_CALL.reset(token)
+
+
 def _seed(args: argparse.Namespace) -> int:
     from db import migrate, seed
     from db.database import Database
@@ -86,7 +113,10 @@ def _seed(args: argparse.Namespace) -> int:
     database = Database(config.database_url, config.pool)
     try:
         migrate.upgrade(database.engine)
-        counts = seed.seed(database, users=args.users, projects=args.projects, tasks_per_project=args.tasks, progress=not args.quiet)
+        with _audited("seed", database.dialect) as request_id:
+            if not args.quiet:
+                print(f"audited as request {request_id}", file=sys.stderr)
+            counts = seed.seed(database, users=args.users, projects=args.projects, tasks_per_project=args.tasks, progress=not args.quiet)
         print(", ".join(f"{n} {name}" for name, n in counts.items()))
     finally:
         database.dispose()
@@ -109,10 +139,11 @@ def _keys_create(args: argparse.Namespace) -> int:
     try:
         migrate.check(database.engine)
         expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=args.expires_in_days) if args.expires_in_days else None
-        key, secret = database.run_sync(lambda s: create_api_key(s, args.name, args.role, args.user_id or "", expires))
+        with _audited("keys create", database.dialect) as request_id:
+            key, secret = database.run_sync(lambda s: create_api_key(s, args.name, args.role, args.user_id or "", expires))
     finally:
         database.dispose()
-    print(f"API key {key.name!r} ({key.id}, role {args.role}). The secret is shown once:", file=sys.stderr)
+    print(f"API key {key.name!r} ({key.id}, role {args.role}; audited as request {request_id}). The secret is shown once:", file=sys.stderr)
     print(secret)
     return 0
 
@@ -167,7 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:  # a setting's bad value: one line naming it, not a trace
+        print(f"nexus-data: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    except NexusError as exc:  # a refused command (e.g. a key above its user's role): the reason
+        print(f"nexus-data: {exc.message} ({exc.reason})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

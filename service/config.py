@@ -48,6 +48,51 @@ def database_url_from_env(env: Mapping[str, str]) -> str:
     return f"sqlite:///{env.get('DB_PATH', DEFAULT_DB_PATH)}"
 
 
+class ConfigError(ValueError):
+    """A setting with an invalid value: the message names its variable."""
+
+
+# Credential settings: field -> (variable, type, the least valid value).
+CREDENTIAL_SETTINGS: dict[str, tuple[str, type, float]] = {
+    "jwt_max_lifetime_seconds": ("NEXUS_JWT_MAX_LIFETIME_SECONDS", float, 1),
+    "auth_hash_workers": ("NEXUS_AUTH_HASH_WORKERS", int, 1),
+    "auth_key_failure_limit": ("NEXUS_AUTH_KEY_FAILURE_LIMIT", int, 1),
+    "auth_peer_failure_limit": ("NEXUS_AUTH_PEER_FAILURE_LIMIT", int, 1),
+    "auth_failure_window_seconds": ("NEXUS_AUTH_FAILURE_WINDOW_SECONDS", float, 1),
+    "auth_recheck_seconds": ("NEXUS_AUTH_RECHECK_SECONDS", float, 0),
+}
+MIN_HS256_SECRET_BYTES = 32
+
+
+def _credential_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, (variable, kind, _) in CREDENTIAL_SETTINGS.items():
+        if env.get(variable, "").strip():
+            try:
+                values[name] = kind(env[variable])
+            except ValueError:
+                raise ConfigError(f"{variable}={env[variable]!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if "NEXUS_BOOTSTRAP_KEY_FILE" in env:
+        values["bootstrap_key_file"] = env["NEXUS_BOOTSTRAP_KEY_FILE"]
+    return values
+
+
+def check_credential_settings(config: "Config") -> None:
+    """The server refuses to start with credentials it could not check well."""
+    for name, (variable, _, least) in CREDENTIAL_SETTINGS.items():
+        if not getattr(config, name) >= least:
+            raise ConfigError(f"{variable} must be at least {least:g}, not {getattr(config, name)!r}")
+    if config.bootstrap_key_file is not None and not config.bootstrap_key_file.strip():
+        raise ConfigError("NEXUS_BOOTSTRAP_KEY_FILE must be a file path (unset it for the default)")
+    if not (config.jwt_hs256_secret or config.jwt_rs256_public_key_file):
+        return
+    if config.jwt_hs256_secret and len(config.jwt_hs256_secret.encode()) < MIN_HS256_SECRET_BYTES:
+        raise ConfigError(f"NEXUS_JWT_HS256_SECRET must be at least {MIN_HS256_SECRET_BYTES} bytes (RFC 7518 3.2: a key as long as the hash)")
+    for value, variable in ((config.jwt_issuer, "NEXUS_JWT_ISSUER"), (config.jwt_audience, "NEXUS_JWT_AUDIENCE")):
+        if not value:
+            raise ConfigError(f"{variable} is required when JWTs are accepted: tokens of any other issuer or audience must be refused")
+
+
 @dataclass(frozen=True)
 class Config:
     database_url: str = f"sqlite:///{DEFAULT_DB_PATH}"
@@ -85,6 +130,17 @@ class Config:
     # argon2id cost of password and key hashes (argon2-cffi defaults: 3 passes, 64 MiB).
     hash_time_cost: int = 3
     hash_memory_kib: int = 65536
+    # Credentials (service/auth.py): JWT lifetimes, the hash pool, failure limits, the first key.
+    jwt_max_lifetime_seconds: float = 3600.0
+    auth_hash_workers: int = 2
+    auth_key_failure_limit: int = 10
+    auth_peer_failure_limit: int = 50
+    auth_failure_window_seconds: float = 300.0
+    auth_recheck_seconds: float = 5.0
+    bootstrap_key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        check_credential_settings(self)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
@@ -123,6 +179,7 @@ class Config:
             "tls_cert": env.get("NEXUS_TLS_CERT") or None,
             "tls_key": env.get("NEXUS_TLS_KEY") or None,
             "tls_client_ca": env.get("NEXUS_TLS_CLIENT_CA") or None,
+            **_credential_settings(env),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

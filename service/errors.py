@@ -4,7 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+import math
+
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -34,6 +36,9 @@ def to_status(error: NexusError, request_id: str = "") -> grpc.Status:
                 description=error.message,
             )
         )
+    retry_delay = getattr(error, "retry_delay", None)
+    if retry_delay is not None:  # when to try again (google.rpc.RetryInfo), e.g. after a rate limit
+        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=max(1, math.ceil(retry_delay)))))
     packed = []
     for detail in details:
         holder = any_pb2.Any()

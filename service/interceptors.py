@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,15 +18,21 @@ from service.policy import Action, authorize
 
 log = logging.getLogger("nexus.rpc")
 MAX_REQUEST_ID = 128
+REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID}}}")
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
 def _request_id(metadata: dict[str, str]) -> str | None:
-    """The caller's x-request-id when it is usable; None: the Call makes one when it is needed."""
-    given = metadata.get("x-request-id", "")
-    if given and len(given) <= MAX_REQUEST_ID and given.isprintable():
-        return given
-    return None
+    """The caller's x-request-id, checked before it is written anywhere (logs, audit entries,
+    error details): a bad one is INVALID_ARGUMENT. None: the Call makes one when it is needed."""
+    given = metadata.get("x-request-id")
+    if not given:
+        return None
+    if REQUEST_ID.fullmatch(given) is None:
+        raise errors.InvalidArgument.field(
+            "x-request-id", f"must be 1 to {MAX_REQUEST_ID} letters, digits, '.', '_', ':' or '-' (a UUID is best)", reason="INVALID_REQUEST_ID",
+        )
+    return given
 
 
 class CallGuard:
@@ -43,7 +50,7 @@ class CallGuard:
         call = Call(request_id=request_id, method=self.method, dialect=self.dialect)
         token = CURRENT_CALL.set(call)
         principal: Principal = (
-            INSECURE_PRINCIPAL if self.authenticator is None else await self.authenticator.authenticate(metadata.get("authorization"))
+            INSECURE_PRINCIPAL if self.authenticator is None else await self.authenticator.authenticate(metadata.get("authorization"), context.peer)
         )
         authorize(principal.role, self.action, self.method)
         call.actor_type, call.actor_id, call.role, call.actor_user_id = (

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import make_url
 from nexus.chat.v1 import chat_pb2, chat_pb2_grpc
 from nexus.identity.v1 import identity_pb2, identity_pb2_grpc
 from nexus.security.v1 import security_pb2, security_pb2_grpc
@@ -29,7 +30,7 @@ from db.database import Database
 from service.chat import ChatService
 from service.config import Config
 from service import policy
-from service.auth import Authenticator, JwtSettings
+from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.interceptors import GuardedRegistration
 from service.identity import IdentityService
 from service.rpc import Runner
@@ -178,7 +179,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
     ]
     methods = [f"/{full}/{m.name}" for cls, _, full in DOMAIN_SERVICES for m in cls.service_descriptor.methods]
     actions = policy.check_all_covered(methods)  # refuses to start if an RPC has no access rule
-    authenticator = None if config.insecure_dev else Authenticator(db, _jwt_settings(config))
+    authenticator = None if config.insecure_dev else Authenticator(db, _jwt_settings(config), _auth_settings(config))
     server = grpc.aio.server(
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -213,7 +214,14 @@ def create_server(config: Config, database: Database | None = None) -> App:
 
 def _jwt_settings(config: Config) -> JwtSettings:
     public_key = Path(config.jwt_rs256_public_key_file).read_text() if config.jwt_rs256_public_key_file else None
-    return JwtSettings(config.jwt_hs256_secret, public_key, config.jwt_issuer, config.jwt_audience, config.jwt_role_claim)
+    return JwtSettings(config.jwt_hs256_secret, public_key, config.jwt_issuer, config.jwt_audience, config.jwt_role_claim, config.jwt_max_lifetime_seconds)
+
+
+def _auth_settings(config: Config) -> AuthSettings:
+    return AuthSettings(
+        config.auth_hash_workers, config.auth_key_failure_limit, config.auth_peer_failure_limit,
+        config.auth_failure_window_seconds, config.auth_recheck_seconds,
+    )
 
 
 def _tls_credentials(config: Config) -> grpc.ServerCredentials:
@@ -232,20 +240,55 @@ def bootstrap_admin_key(db: Database) -> str | None:
     return db.run_sync(create_api_key_if_none)
 
 
+BOOTSTRAP_KEY_NAME = "bootstrap-admin-key"
+
+
+def bootstrap_key_path(config: Config) -> Path:
+    """NEXUS_BOOTSTRAP_KEY_FILE, else beside the SQLite file, else data/ under the working directory."""
+    if config.bootstrap_key_file:
+        return Path(config.bootstrap_key_file).absolute()
+    url = make_url(config.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return Path(url.database).absolute().parent / BOOTSTRAP_KEY_NAME
+    return Path("data", BOOTSTRAP_KEY_NAME).absolute()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """text in a file only its owner may read (0600), in a directory made 0700 if it is new."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)  # an older file keeps its mode otherwise
+        out.write(text)
+
+
 def _announce(config: Config, bootstrap_secret: str | None) -> None:
     if config.insecure_dev:
         log.warning("=" * 72)
         log.warning("--insecure-dev: AUTHENTICATION IS OFF. Every caller is an admin. Never run this in production.")
         log.warning("=" * 72)
-    if bootstrap_secret:
-        # Printed once, to the terminal only (not to the log): only its hash is stored.
-        print(
-            "\nFirst start on an empty database: an admin API key was created. It is shown once:\n\n"
-            f"    {bootstrap_secret}\n\n"
-            "Call with: -H 'authorization: Bearer <key>'. Create more with `nexus-data keys create`.\n",
-            file=sys.stderr,
-            flush=True,
+    if not bootstrap_secret:
+        return
+    # Only its hash is stored. Shown once: on the terminal when there is one, else in a private
+    # file; never in the log, which a cluster ships to log storage.
+    line = f"NEXUS_ADMIN_KEY={bootstrap_secret}\n"
+    if config.bootstrap_key_file is None and sys.stdout.isatty():
+        sys.stdout.write(
+            "First start on an empty database: an admin API key was created. It is shown once:\n"
+            f"{line}Call with: -H 'authorization: Bearer <key>'. Create more with `nexus-data keys create`.\n"
         )
+        sys.stdout.flush()
+        return
+    path = bootstrap_key_path(config)
+    try:
+        _write_private(path, line)
+    except OSError as exc:
+        log.error(
+            "first start on an empty database: an admin API key was created but could not be written to %s (%s); "
+            "make one with `nexus-data keys create --role admin` (NEXUS_BOOTSTRAP_KEY_FILE chooses the file)", path, exc.strerror,
+        )
+        return
+    log.warning("first start on an empty database: an admin API key was written to %s (mode 0600); read it, then delete the file", path)
 
 
 def _run_worker(config: Config) -> None:

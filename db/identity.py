@@ -100,10 +100,27 @@ def _api_key_rules(session: Session, row: ApiKey, changed: set[str], creating: b
         row.plain_secret = secret
     if row.expire_time is not None and creating and row.expire_time <= utcnow():
         raise errors.InvalidArgument.field("api_key.expire_time", "must be in the future")
+    if call.role != "admin" and (creating or "role" in changed):
+        _within_caller_role(row, call, explicit="role" in changed)
     if row.user_id is not None and (creating or "role" in changed):
         _within_owner_role(session, row, explicit="role" in changed)
     if not creating and "expire_time" in changed and call.role != "admin":
         _only_sooner(session, row)
+
+
+def _within_caller_role(row: ApiKey, call: crud.Call, explicit: bool) -> None:
+    """A caller other than an admin gets keys at its own current role or lower (that of the
+    credential it calls with: a manager calling with a user key makes user keys at most)."""
+    if ROLE_RANK[row.role] <= ROLE_RANK[call.role]:
+        return
+    if not explicit:
+        row.role = call.role
+        return
+    raise errors.PermissionDenied(
+        f"a key's role is at most its maker's: {row.role!r} is above {call.role!r}",
+        reason="ROLE_ABOVE_CALLER",
+        metadata={"field": "api_key.role", "role": call.role},
+    )
 
 
 def _within_owner_role(session: Session, row: ApiKey, explicit: bool) -> None:

@@ -126,7 +126,7 @@ POLICY: dict[str, Access] = {
 # Fields only an admin may set, whoever may otherwise change the row.
 ADMIN_ONLY_FIELDS: dict[str, frozenset[str]] = {
     "User": frozenset({"role", "is_active", "external_id"}),
-    "ApiKey": frozenset({"role", "user_id"}),
+    "ApiKey": frozenset({"user_id"}),  # its role: at most the caller's (db/identity.py)
 }
 
 

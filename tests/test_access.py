@@ -442,15 +442,16 @@ def test_user_lists_only_own_api_keys(client: Client, actor: Callable[..., Actor
     assert other.c.identity.GetUser(ipb.GetUserRequest(id=other.id)).id == other.id
 
 
-def test_user_may_not_create_api_key_with_a_role_or_for_another_user(client: Client, actor: Callable[..., Actor]) -> None:
+def test_user_may_not_create_api_key_above_its_role_or_for_another_user(client: Client, actor: Callable[..., Actor]) -> None:
     me = actor()
     name = unique("k")
-    err = denied(
-        me.c.identity.CreateApiKey,
-        ipb.CreateApiKeyRequest(api_key=ipb.ApiKey(name=name, role=ipb.USER_ROLE_ADMIN)),
-        reason="FIELD_ACCESS_DENIED",
-    )
-    assert err.info.metadata["field"] == "api_key.role"
+    for role in (ipb.USER_ROLE_ADMIN, ipb.USER_ROLE_MANAGER):
+        err = denied(
+            me.c.identity.CreateApiKey,
+            ipb.CreateApiKeyRequest(api_key=ipb.ApiKey(name=name, role=role)),
+            reason="ROLE_ABOVE_CALLER",
+        )
+        assert err.info.metadata["field"] == "api_key.role"
     denied(me.c.identity.CreateApiKey, ipb.CreateApiKeyRequest(api_key=ipb.ApiKey(name=name, user_id=new_user(client).id)), reason="FIELD_ACCESS_DENIED")
     assert client.identity.ListApiKeys(ipb.ListApiKeysRequest(filter=f'name = "{name}"')).total_size == 0
 

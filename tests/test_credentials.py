@@ -43,7 +43,7 @@ from db.database import Database
 from db.models import ApiKey
 from service.config import Config
 from service.server import create_server
-from tests.conftest import Client, make_config, unique
+from tests.conftest import Client, connect, make_config, unique
 from tests.support import expect_error, mask, new_user, rich_error
 from tests.test_access import (  # noqa: F401 - actor is a fixture
     HS_SECRET,
@@ -114,6 +114,28 @@ def test_a_key_is_never_made_above_its_owners_role(client: Client) -> None:
     )
     assert err.info.reason == "ROLE_ABOVE_OWNER"
     assert client.identity.GetApiKey(ipb.GetApiKeyRequest(id=key.id)).role == ipb.USER_ROLE_GUEST
+
+
+def test_a_caller_asks_for_keys_at_its_own_role_or_lower(client: Client, actor: Callable[..., Actor]) -> None:
+    boss = actor(ipb.USER_ROLE_MANAGER)
+
+    def ask(c: Client, role: int) -> ipb.ApiKey:
+        return c.identity.CreateApiKey(ipb.CreateApiKeyRequest(api_key=ipb.ApiKey(name=unique("k"), role=role)))
+
+    assert ask(boss.c, ipb.USER_ROLE_MANAGER).role == ipb.USER_ROLE_MANAGER
+    assert ask(boss.c, ipb.USER_ROLE_GUEST).role == ipb.USER_ROLE_GUEST
+    assert expect_error(Code.PERMISSION_DENIED, ask, boss.c, ipb.USER_ROLE_ADMIN).info.reason == "ROLE_ABOVE_CALLER"
+    # Calling with a lower key of its own, the manager gets keys at that key's role at most.
+    lower = ask(boss.c, ipb.USER_ROLE_USER)
+    with_lower = connect(client.backend, client.database_url, client.server, secret=lower.secret)
+    try:
+        assert expect_error(Code.PERMISSION_DENIED, ask, with_lower, ipb.USER_ROLE_MANAGER).info.reason == "ROLE_ABOVE_CALLER"
+        raise_it = ipb.UpdateApiKeyRequest(api_key=ipb.ApiKey(id=lower.id, role=ipb.USER_ROLE_MANAGER), update_mask=mask("role"))
+        assert expect_error(Code.PERMISSION_DENIED, with_lower.identity.UpdateApiKey, raise_it).info.reason == "ROLE_ABOVE_CALLER"
+        assert ask(with_lower, ipb.USER_ROLE_USER).role == ipb.USER_ROLE_USER
+    finally:
+        with_lower.channel.close()
+    assert client.identity.GetApiKey(ipb.GetApiKeyRequest(id=lower.id)).role == ipb.USER_ROLE_USER
 
 
 def test_demoting_a_user_demotes_its_keys_at_once(client: Client, actor: Callable[..., Actor]) -> None:

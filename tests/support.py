@@ -190,7 +190,7 @@ SAMPLES: dict[str, Sample] = {
     ),
     "ApiKey": Sample(
         "nexus.identity.v1.IdentityService",
-        lambda c, w: {"name": w, "role": ipb.USER_ROLE_USER, "expire_time": _future()},
+        lambda c, w: {"name": w, "role": ipb.USER_ROLE_GUEST, "expire_time": _future()},  # any owner may hold it
         ("name", None),  # None: a fresh unique value
         lambda w: f'name = "{w}"',
     ),

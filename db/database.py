@@ -464,10 +464,12 @@ class Database:
                 attempt -= 1
                 continue
             except Exception as exc:  # noqa: BLE001 - every database error is translated here, once
-                if getattr(exc, "connection_invalidated", False):
+                translated = translate(exc, resource_type)
+                if getattr(exc, "connection_invalidated", False) or isinstance(translated, errors.Unavailable) and translated.reason == UNREACHABLE:
+                    # (Also when connecting failed: the connections kept from before the outage
+                    # are as lost, if they have not been used since.)
                     self._generation += 1
                     self._drop_pooled()
-                translated = translate(exc, resource_type)
                 if isinstance(translated, RetryableConflict):
                     pause = random.uniform(0.005, 0.02) * attempt
                     if until is not None and time.monotonic() + pause >= until:
@@ -485,8 +487,10 @@ class Database:
                     ) from exc
                 if isinstance(translated, errors.NexusError):
                     # A statement cut by its timeout rolled back, even the one that would have
-                    # been its own commit; anything else that failed while committing may not.
-                    settled(translated, maybe_committed=committing and translated.reason != "STATEMENT_TIMEOUT")
+                    # been its own commit; anything else that failed while committing on
+                    # PostgreSQL may not have (the COMMIT may have gone through and its answer
+                    # been lost). A SQLite COMMIT that fails has not committed.
+                    settled(translated, maybe_committed=committing and self.is_postgres and translated.reason != "STATEMENT_TIMEOUT")
                 if translated is exc:
                     raise
                 raise translated from exc

@@ -68,6 +68,7 @@ class App:
     _monitor: asyncio.Task[None] | None = None
     _purger: asyncio.Task[None] | None = None
     _readiness: asyncio.Future[None] | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
     _stopping: bool = False
     ready: bool = False
     servicers: list[Any] = field(default_factory=list)
@@ -85,6 +86,10 @@ class App:
         first call that finds it unreachable makes the server NOT_SERVING, the first that
         succeeds again SERVING, without waiting for the periodic check."""
         log.warning("database %s", "reachable again: serving" if reachable else "unreachable: NOT_SERVING")
+        if self._loop is not None:  # (the database may be used from another loop: a CLI, a test)
+            self._loop.call_soon_threadsafe(self._follow_database_soon)
+
+    def _follow_database_soon(self) -> None:
         if self._readiness is None or self._readiness.done():
             self._readiness = asyncio.ensure_future(self._follow_database())
 
@@ -115,6 +120,7 @@ class App:
         await self.hub.start()
         await self.server.start()
         await self.health.set(LIVENESS, SERVING)
+        self._loop = asyncio.get_running_loop()
         self.db.note_reachable(await asyncio.get_running_loop().run_in_executor(None, self.db.ping))
         await self.set_ready(self.db.reachable)
         self.db.add_reachability_listener(self._database_changed)

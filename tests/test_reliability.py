@@ -2,6 +2,7 @@
 the database going away and coming back."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -33,20 +34,21 @@ from tests.test_server import NOT_SERVING, SERVING, _free_port, _proxied, health
 
 
 class RowLock:
-    """The write lock on a task held from a connection of the test's own: on PostgreSQL the
-    task's row (SELECT ... FOR UPDATE), on SQLite the database's one write lock (BEGIN
-    IMMEDIATE). A write of the server waits for it."""
+    """A write lock held from a connection of the test's own: on PostgreSQL on one row (SELECT
+    ... FOR UPDATE), on SQLite the database's one write lock (BEGIN IMMEDIATE). A write of the
+    server that needs it waits."""
 
-    def __init__(self, client: Client, task_id: str) -> None:
+    def __init__(self, client: Client, table: str, row_id: str) -> None:
         self.client = client
-        self.task_id = task_id
+        self.table = table
+        self.row_id = row_id
         self._conn: object = None
 
     def __enter__(self) -> "RowLock":
         if self.client.backend == "postgresql":
             self._engine = create_engine(self.client.database_url)
             conn = self._engine.connect()
-            conn.execute(text("SELECT id FROM tasks WHERE id = :id FOR UPDATE"), {"id": self.task_id})
+            conn.execute(text(f"SELECT id FROM {self.table} WHERE id = :id FOR UPDATE"), {"id": self.row_id})
             self._conn = conn
         else:
             conn = sqlite3.connect(make_url(self.client.database_url).database, isolation_level=None, timeout=5)
@@ -77,7 +79,7 @@ def test_a_write_whose_deadline_passes_waiting_for_a_lock_says_nothing_changed(c
     statement (on PostgreSQL in autocommit) and a transaction (a change of a reference: its row is read FOR SHARE)."""
     task = new_task(client)
     request = _rename(task.id, "renamed") if one_statement else _assign(task.id, new_user(client).id)
-    with RowLock(client, task.id):
+    with RowLock(client, "tasks", task.id):
         started = time.monotonic()
         err = expect_error(grpc.StatusCode.DEADLINE_EXCEEDED, client.work.UpdateTask, request, timeout=1.0)
         assert time.monotonic() - started < 1.0, "the server answered before the caller's own deadline"
@@ -87,18 +89,15 @@ def test_a_write_whose_deadline_passes_waiting_for_a_lock_says_nothing_changed(c
 
 
 def test_a_create_retried_with_its_request_id_after_a_deadline_is_made_once(client: Client) -> None:
-    """The safe path: a create whose answer was lost (the caller's deadline passed while the
-    write waited) sent again with the same request_id makes one resource, whatever the first
-    attempt did."""
-    task = new_task(client)
+    """The safe path: a create that ended DEADLINE_EXCEEDED (here kept waiting for a lock: on
+    PostgreSQL its project's row, whose reference it checks) sent again with the same
+    request_id makes one resource, however many times it is sent."""
+    project_id = new_task(client).project_id
     request_id = unique("req")
     title = unique("title")
-    request = wpb.CreateTaskRequest(task=wpb.Task(project_id=task.project_id, title=title), request_id=request_id)
-    with RowLock(client, task.id) if client.backend == "sqlite" else _nothing():
-        try:
-            client.work.CreateTask(request, timeout=0.3)
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    request = wpb.CreateTaskRequest(task=wpb.Task(project_id=project_id, title=title), request_id=request_id)
+    with RowLock(client, "projects", project_id):
+        expect_error(grpc.StatusCode.DEADLINE_EXCEEDED, client.work.CreateTask, request, timeout=0.5)
     first = client.work.CreateTask(request, timeout=10)
     again = client.work.CreateTask(request, timeout=10)
     assert first == again
@@ -106,22 +105,13 @@ def test_a_create_retried_with_its_request_id_after_a_deadline_is_made_once(clie
     assert [t.id for t in found.tasks] == [first.id]
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_exc: object) -> None:
-        return None
-
-
-@pytest.fixture
-def blinking_postgres() -> Iterator[tuple[Client, TcpProxy]]:
-    """A server whose PostgreSQL sits behind a proxy the test can cut (health checked every
-    10 s, so that only the calls themselves move readiness within a test)."""
+@contextlib.contextmanager
+def _blinking_postgres(health_interval: float) -> Iterator[tuple[Client, TcpProxy]]:
+    """A server whose PostgreSQL sits behind a proxy the test can cut."""
     with fresh_postgres_database("nexus_rel") as url:
         routed, proxy = _proxied(url)
         proxy.open()
-        server = ServerThread(make_config(routed, health_interval_seconds=10.0)).start()
+        server = ServerThread(make_config(routed, health_interval_seconds=health_interval)).start()
         c = connect("postgresql", routed, server)
         c.database_url = url  # the test's own connections bypass the proxy
         try:
@@ -130,6 +120,17 @@ def blinking_postgres() -> Iterator[tuple[Client, TcpProxy]]:
             c.channel.close()
             server.stop()
             proxy.close()
+
+
+@pytest.fixture
+def blinking_postgres_factory() -> object:
+    return _blinking_postgres
+
+
+@pytest.fixture
+def blinking_postgres() -> Iterator[tuple[Client, TcpProxy]]:
+    with _blinking_postgres(30.0) as pair:
+        yield pair
 
 
 def test_a_write_lost_with_its_connection_may_have_been_applied(blinking_postgres: tuple[Client, TcpProxy]) -> None:
@@ -145,7 +146,7 @@ def test_a_write_lost_with_its_connection_may_have_been_applied(blinking_postgre
         if committed == "false":  # the second round: the database back, the server reconnected
             proxy.open()
             assert wait_for(lambda: _ok(lambda: c.work.UpdateTask(_rename(task.id, "renamed"))), timeout=10)
-        with RowLock(c, task.id):
+        with RowLock(c, "tasks", task.id):
             answer = c.work.UpdateTask.future(request, timeout=20)
             assert wait_for(lambda: _waiting_for_a_lock(c) == 1, timeout=10), "the server's UPDATE waits for the row"
             proxy.close()
@@ -193,27 +194,72 @@ def _ok(fn: object) -> bool:
 # ------------------------------------------------------------------ readiness follows the calls
 
 
-def _readiness_becomes(c: Client, status: int) -> bool:
+def _readiness_becomes(channel: grpc.Channel, status: int) -> bool:
     """Readiness polled for at most 100 ms."""
-    return wait_for(lambda: health_of(c.channel, "readiness") == status, timeout=0.1, interval=0.005)
+    return wait_for(lambda: health_of(channel, "readiness") == status, timeout=0.1, interval=0.005)
 
 
-def test_readiness_follows_a_lost_connection_and_a_success_at_once(blinking_postgres: tuple[Client, TcpProxy]) -> None:
+SERVER_PROCESS = """
+import asyncio, sys
+from service.server import create_server
+from tests.conftest import make_config
+
+async def main():
+    app = create_server(make_config(sys.argv[1], port=int(sys.argv[2]), health_interval_seconds=30.0))
+    await app.start()
+    print(app.bootstrap_secret, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def outage(request: pytest.FixtureRequest, tmp_path: Path, blinking_postgres_factory: object) -> Iterator[tuple[grpc.Channel, object, object]]:
+    """(an authenticated channel to a server, cut(), restore()) for a database that goes away
+    and comes back, the periodic health check far off (30 s): on PostgreSQL the proxy in front
+    of it is cut; on SQLite, whose server process has no connection to lose, every write of
+    the server's process to a file fails (RLIMIT_FSIZE: disk I/O error) until restored."""
+    if request.param == "postgresql":
+        with blinking_postgres_factory(30.0) as (c, proxy):  # type: ignore[operator]
+            yield c.channel, proxy.close, proxy.open
+        return
+    import resource
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_PROCESS, f"sqlite:///{tmp_path / 'outage.db'}", str(port)],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        secret = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        channel = authed_channel(f"127.0.0.1:{port}", secret)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        yield channel, lambda: resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY)), lambda: resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, unlimited)
+        channel.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_readiness_follows_a_failed_and_a_successful_call_at_once(outage: tuple[grpc.Channel, object, object]) -> None:
     """One call that finds the database unreachable makes the server NOT_SERVING at once; one
-    call that succeeds makes it SERVING at once (the periodic check, every 10 s here, is for
-    an idle server)."""
-    c, proxy = blinking_postgres
-    user = new_user(c)
-    assert health_of(c.channel, "readiness") == SERVING
+    call that succeeds makes it SERVING at once (the periodic check is for an idle server)."""
+    channel, cut, restore = outage
+    identity = identity_pb2_grpc.IdentityServiceStub(channel)
+    user = identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(username=unique("u"), email=f"{unique()}@example.com")))
+    assert health_of(channel, "readiness") == SERVING
     for _ in range(3):
-        proxy.close()
-        err = expect_error(grpc.StatusCode.UNAVAILABLE, c.identity.GetUser, ipb.GetUserRequest(id=user.id))
+        cut()  # type: ignore[operator]
+        err = expect_error(grpc.StatusCode.UNAVAILABLE, identity.CreateRole, ipb.CreateRoleRequest(role=ipb.Role(name=unique("role"))))
         assert err.info.reason == "DATABASE_UNAVAILABLE"
-        assert _readiness_becomes(c, NOT_SERVING), "NOT_SERVING right after the failed call"
-        assert health_of(c.channel, "nexus.identity.v1.IdentityService") == NOT_SERVING
-        proxy.open()
-        assert c.identity.GetUser(ipb.GetUserRequest(id=user.id)) == user
-        assert _readiness_becomes(c, SERVING), "SERVING right after the successful call"
+        assert _readiness_becomes(channel, NOT_SERVING), "NOT_SERVING right after the failed call"
+        assert health_of(channel, "nexus.identity.v1.IdentityService") == NOT_SERVING
+        assert health_of(channel, "liveness") == SERVING
+        restore()  # type: ignore[operator]
+        assert identity.GetUser(ipb.GetUserRequest(id=user.id)) == user
+        assert _readiness_becomes(channel, SERVING), "SERVING right after the successful call"
 
 
 # ------------------------------------------------------------------ SIGTERM under load

@@ -2,8 +2,6 @@
 the database going away and coming back."""
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import sqlite3
 import subprocess
@@ -20,14 +18,14 @@ from google.protobuf import field_mask_pb2
 from nexus.identity.v1 import identity_pb2 as ipb
 from nexus.identity.v1 import identity_pb2_grpc
 from nexus.work.v1 import work_pb2 as wpb
+from nexus.work.v1 import work_pb2_grpc
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.conftest import Client, ServerThread, authed_channel, connect, make_config, unique
-from tests.databases import fresh_postgres_database
-from tests.support import expect_error, new_task, new_user
+from tests.conftest import Client, authed_channel, unique
+from tests.support import expect_error, new_task, new_user, rich_error
 from tests.tcp_proxy import TcpProxy
-from tests.test_server import NOT_SERVING, SERVING, _free_port, _proxied, health_of, wait_for
+from tests.test_server import NOT_SERVING, SERVING, _free_port, blinking_postgres_server, health_of, serve_process, wait_for
 
 
 # ------------------------------------------------------------------ deadlines and the commit
@@ -105,31 +103,10 @@ def test_a_create_retried_with_its_request_id_after_a_deadline_is_made_once(clie
     assert [t.id for t in found.tasks] == [first.id]
 
 
-@contextlib.contextmanager
-def _blinking_postgres(health_interval: float) -> Iterator[tuple[Client, TcpProxy]]:
-    """A server whose PostgreSQL sits behind a proxy the test can cut."""
-    with fresh_postgres_database("nexus_rel") as url:
-        routed, proxy = _proxied(url)
-        proxy.open()
-        server = ServerThread(make_config(routed, health_interval_seconds=health_interval)).start()
-        c = connect("postgresql", routed, server)
-        c.database_url = url  # the test's own connections bypass the proxy
-        try:
-            yield c, proxy
-        finally:
-            c.channel.close()
-            server.stop()
-            proxy.close()
-
-
-@pytest.fixture
-def blinking_postgres_factory() -> object:
-    return _blinking_postgres
-
-
 @pytest.fixture
 def blinking_postgres() -> Iterator[tuple[Client, TcpProxy]]:
-    with _blinking_postgres(30.0) as pair:
+    """(health checked every 30 s, so that only the calls themselves move readiness in a test)"""
+    with blinking_postgres_server(health_interval_seconds=30.0) as pair:
         yield pair
 
 
@@ -152,8 +129,6 @@ def test_a_write_lost_with_its_connection_may_have_been_applied(blinking_postgre
             proxy.close()
             with pytest.raises(grpc.RpcError) as caught:
                 answer.result()
-        from tests.support import rich_error
-
         err = rich_error(caught.value)
         assert err.code == grpc.StatusCode.UNAVAILABLE, err.message
         assert err.info.metadata["committed"] == committed, err.message
@@ -215,13 +190,13 @@ asyncio.run(main())
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def outage(request: pytest.FixtureRequest, tmp_path: Path, blinking_postgres_factory: object) -> Iterator[tuple[grpc.Channel, object, object]]:
+def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[grpc.Channel, object, object]]:
     """(an authenticated channel to a server, cut(), restore()) for a database that goes away
     and comes back, the periodic health check far off (30 s): on PostgreSQL the proxy in front
     of it is cut; on SQLite, whose server process has no connection to lose, every write of
     the server's process to a file fails (RLIMIT_FSIZE: disk I/O error) until restored."""
     if request.param == "postgresql":
-        with blinking_postgres_factory(30.0) as (c, proxy):  # type: ignore[operator]
+        with blinking_postgres_server(health_interval_seconds=30.0) as (c, proxy):
             yield c.channel, proxy.close, proxy.open
         return
     import resource
@@ -271,10 +246,8 @@ def test_calls_across_sigterm_are_served_or_unavailable(client: Client, tmp_path
     user = new_user(client)
     task = new_task(client)
     port = _free_port()
-    env = dict(os.environ, DATABASE_URL=client.database_url, NEXUS_PORT=str(port), NEXUS_HOST="127.0.0.1",
-               NEXUS_DRAIN_SECONDS="0.5", NEXUS_GRACE_SECONDS="2", NEXUS_HASH_TIME_COST="1", NEXUS_HASH_MEMORY_KIB="1024")
     log = (tmp_path / "server.log").open("w+")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "nexus-data"), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = serve_process(client.database_url, port, log, NEXUS_DRAIN_SECONDS="0.5", NEXUS_GRACE_SECONDS="2")
     address = f"127.0.0.1:{port}"
     codes: Counter[str] = Counter()
     odd: list[str] = []
@@ -284,8 +257,6 @@ def test_calls_across_sigterm_are_served_or_unavailable(client: Client, tmp_path
     def caller(i: int) -> None:
         channel = authed_channel(address, client.admin_secret, options=[("grpc.use_local_subchannel_pool", 1)])
         identity = identity_pb2_grpc.IdentityServiceStub(channel)
-        from nexus.work.v1 import work_pb2_grpc
-
         work = work_pb2_grpc.WorkServiceStub(channel)
         n = 0
         try:

@@ -175,7 +175,7 @@ def database_deadline(deadline: float | None) -> float | None:
     """When the database's share of a call ending at `deadline` ends (ANSWER_MARGIN)."""
     if deadline is None:
         return None
-    return deadline - min((deadline - time.monotonic()) / 10, ANSWER_MARGIN)
+    return deadline - max(0.0, min((deadline - time.monotonic()) / 10, ANSWER_MARGIN))
 
 
 def _ms_left(until: float) -> int:
@@ -465,11 +465,13 @@ class Database:
                 continue
             except Exception as exc:  # noqa: BLE001 - every database error is translated here, once
                 translated = translate(exc, resource_type)
-                if getattr(exc, "connection_invalidated", False) or isinstance(translated, errors.Unavailable) and translated.reason == UNREACHABLE:
-                    # (Also when connecting failed: the connections kept from before the outage
-                    # are as lost, if they have not been used since.)
+                unreachable = self.is_postgres and isinstance(translated, errors.Unavailable) and translated.reason == UNREACHABLE
+                if unreachable or getattr(exc, "connection_invalidated", False):
+                    # (On PostgreSQL also when connecting failed: the connections kept from
+                    # before the outage are as lost, if they have not been used since.)
                     self._generation += 1
-                    self._drop_pooled()
+                    if unreachable:
+                        self._drop_pooled()
                 if isinstance(translated, RetryableConflict):
                     pause = random.uniform(0.005, 0.02) * attempt
                     if until is not None and time.monotonic() + pause >= until:
@@ -497,8 +499,8 @@ class Database:
         raise AssertionError("unreachable")
 
     def _drop_pooled(self) -> None:
-        """A unit of work lost its connection: the pooled ones, opened before, are likely lost
-        too; new pools take their place (the checked-out ones go back to the old pools, which
+        """A unit of work lost its connection to PostgreSQL: the pooled ones, opened before, are
+        likely lost too; new pools take their place (the checked-out ones go back to the old pools, which
         close them), so that the first calls after the database is back do not fail on them one
         by one (each failure would make the server NOT_SERVING again)."""
         for engine in {self.engine, self.read_engine, *((self._writer,) if self._writer is not None else ())}:

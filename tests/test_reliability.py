@@ -190,14 +190,14 @@ asyncio.run(main())
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[grpc.Channel, object, object]]:
-    """(an authenticated channel to a server, cut(), restore()) for a database that goes away
+def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, grpc.Channel, object, object]]:
+    """(backend, an authenticated channel to a server, cut(), restore()) for a database that goes away
     and comes back, the periodic health check far off (30 s): on PostgreSQL the proxy in front
     of it is cut; on SQLite, whose server process has no connection to lose, every write of
     the server's process to a file fails (RLIMIT_FSIZE: disk I/O error) until restored."""
     if request.param == "postgresql":
         with blinking_postgres_server(health_interval_seconds=30.0) as (c, proxy):
-            yield c.channel, proxy.close, proxy.open
+            yield request.param, c.channel, proxy.close, proxy.open
         return
     import resource
 
@@ -211,30 +211,37 @@ def outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[grp
         channel = authed_channel(f"127.0.0.1:{port}", secret)
         grpc.channel_ready_future(channel).result(timeout=30)
         unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
-        yield channel, lambda: resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY)), lambda: resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, unlimited)
+        yield request.param, channel, lambda: resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY)), lambda: resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, unlimited)
         channel.close()
     finally:
         proc.kill()
         proc.wait(10)
 
 
-def test_readiness_follows_a_failed_and_a_successful_call_at_once(outage: tuple[grpc.Channel, object, object]) -> None:
+def test_readiness_follows_a_failed_and_a_successful_call_at_once(outage: tuple[str, grpc.Channel, object, object]) -> None:
     """One call that finds the database unreachable makes the server NOT_SERVING at once; one
-    call that succeeds makes it SERVING at once (the periodic check is for an idle server)."""
-    channel, cut, restore = outage
+    call that succeeds makes it SERVING at once (the periodic check is for an idle server).
+    The failed create says whether it may have been applied: on SQLite its COMMIT failed, so it
+    was not; on PostgreSQL "false" when no connection could be made, "unknown" when its one
+    statement, its own commit, met a lost one (here it was not applied: the connection was
+    gone before it)."""
+    backend, channel, cut, restore = outage
     identity = identity_pb2_grpc.IdentityServiceStub(channel)
     user = identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(username=unique("u"), email=f"{unique()}@example.com")))
     assert health_of(channel, "readiness") == SERVING
     for _ in range(3):
         cut()  # type: ignore[operator]
-        err = expect_error(grpc.StatusCode.UNAVAILABLE, identity.CreateRole, ipb.CreateRoleRequest(role=ipb.Role(name=unique("role"))))
+        name = unique("role")
+        err = expect_error(grpc.StatusCode.UNAVAILABLE, identity.CreateRole, ipb.CreateRoleRequest(role=ipb.Role(name=name)))
         assert err.info.reason == "DATABASE_UNAVAILABLE"
+        assert err.info.metadata["committed"] in (("false",) if backend == "sqlite" else ("false", "unknown")), err.message
         assert _readiness_becomes(channel, NOT_SERVING), "NOT_SERVING right after the failed call"
         assert health_of(channel, "nexus.identity.v1.IdentityService") == NOT_SERVING
         assert health_of(channel, "liveness") == SERVING
         restore()  # type: ignore[operator]
         assert identity.GetUser(ipb.GetUserRequest(id=user.id)) == user
         assert _readiness_becomes(channel, SERVING), "SERVING right after the successful call"
+        assert identity.ListRoles(ipb.ListRolesRequest(filter=f'name = "{name}"')).total_size == 0
 
 
 # ------------------------------------------------------------------ SIGTERM under load

@@ -23,7 +23,7 @@ from sqlalchemy.pool import StaticPool
 
 from db import errors
 from db.prepared import run_on_cursor
-from db.translate import RetryableConflict, database_busy, translate
+from db.translate import UNREACHABLE, RetryableConflict, database_busy, settled, translate
 
 log = logging.getLogger(__name__)
 # Session.info key under which db/events.py lists the events (StoredEvent) a transaction appended.
@@ -32,6 +32,12 @@ COMMITTED_EVENTS_KEY = "nexus_events"
 CREDENTIALS_CHANGED_KEY = "nexus_credentials_changed"
 # Connection.info key: the statement_timeout (ms) the pooled connection is known to have.
 STATEMENT_TIMEOUT_KEY = "nexus_statement_timeout"
+# Connection.info key: the busy_timeout (ms) the SQLite write connection is known to have.
+BUSY_TIMEOUT_KEY = "nexus_busy_timeout"
+# The database's share of a call's deadline ends this much before it (a tenth of the remaining
+# time, at most ANSWER_MARGIN seconds), so that the server's own DEADLINE_EXCEEDED, which says
+# whether anything was changed, reaches the caller before the caller's timer fires.
+ANSWER_MARGIN = 0.1
 T = TypeVar("T")
 
 
@@ -157,12 +163,27 @@ def _answers(dbapi_conn: Any) -> bool:
         return False
 
 
-def too_late() -> errors.DeadlineExceeded:
-    return errors.DeadlineExceeded("the call's deadline passed before it reached the database")
+def too_late() -> errors.NexusError:
+    return settled(errors.DeadlineExceeded("the call's deadline passed before it reached the database"), maybe_committed=False)
 
 
-def past_deadline_uncommitted() -> errors.DeadlineExceeded:
-    return errors.DeadlineExceeded("the call's deadline passed before its changes committed; nothing was changed")
+def past_deadline_uncommitted() -> errors.NexusError:
+    return settled(errors.DeadlineExceeded("the call's deadline passed before its changes committed"), maybe_committed=False)
+
+
+def database_deadline(deadline: float | None) -> float | None:
+    """When the database's share of a call ending at `deadline` ends (ANSWER_MARGIN)."""
+    if deadline is None:
+        return None
+    return deadline - max(0.0, min((deadline - time.monotonic()) / 10, ANSWER_MARGIN))
+
+
+def _ms_left(until: float) -> int:
+    """Whole ms left until `until`; too_late() when none is."""
+    left = int((until - time.monotonic()) * 1000)
+    if left <= 0:
+        raise too_late()
+    return left
 
 
 class CoreReads:
@@ -319,6 +340,9 @@ class Database:
         self._write_engine = write_engine
         self._write_sessions = sessionmaker(write_engine, expire_on_commit=False)
         self._commit_listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Whether the database answered the last call that reached it (note_reachable).
+        self.reachable = True
+        self._reachability_listeners: list[Callable[[bool], None]] = []
         event.listen(self._write_sessions, "after_commit", self._after_commit)
         self._owned = _Owned()
         self._owned_connections: set[Connection] = set()
@@ -369,9 +393,13 @@ class Database:
         if deadline is not None and not self.is_postgres and time.monotonic() > deadline:
             # (PostgreSQL checks it with the statement timeout.) A call queued past its deadline.
             raise too_late()
+        until = database_deadline(deadline)
         attempt = 0
         while attempt < self.max_attempts:
             attempt += 1
+            # True from where a failure may leave the change committed: the COMMIT, or the one
+            # statement that is its own commit (autocommit). Before it, a failure rolls back.
+            committing = False
             try:
                 if core or autocommit or not write:
                     owned = self._owned.owns
@@ -379,11 +407,12 @@ class Database:
                     try:
                         if core:
                             if self.is_postgres:
-                                self._statement_timeout(conn, deadline, record=True)  # autocommit: in force at once
+                                self._statement_timeout(conn, until, record=True)  # autocommit: in force at once
                             return work(CoreReads(conn))
                         if autocommit:
-                            self._statement_timeout(conn, deadline, record=True)
+                            self._statement_timeout(conn, until, record=True)
                             statement = OneStatement(conn)
+                            committing = True  # its statement is its commit
                             result = work(statement)
                             # (The write has committed: its answer is the truth, deadline or not.)
                             self._notify(statement.info)
@@ -391,7 +420,7 @@ class Database:
                         with self._read_sessions(bind=conn) as session:
                             with session.begin():
                                 if self.is_postgres:
-                                    self._statement_timeout(conn, deadline, record=True)
+                                    self._statement_timeout(conn, until, record=True)
                                 return work(session)
                     finally:
                         if owned:
@@ -399,6 +428,8 @@ class Database:
                         else:
                             conn.close()
                 kept = self._kept_write_connection()
+                if kept is not None:
+                    self._busy_timeout(kept, until)
                 if bare:
                     conn = kept if kept is not None else self._write_engine.connect()
                     try:
@@ -407,6 +438,7 @@ class Database:
                             result = work(statement)
                             if deadline is not None and time.monotonic() > deadline:
                                 raise past_deadline_uncommitted()
+                            committing = True
                     finally:
                         if kept is None:
                             conn.close()
@@ -414,12 +446,13 @@ class Database:
                     return result
                 with self._write_sessions(**({"bind": kept} if kept is not None else {})) as session:
                     with session.begin():
-                        timeout = self._statement_timeout(session.connection(), deadline) if self.is_postgres else None
+                        timeout = self._statement_timeout(session.connection(), until) if self.is_postgres else None
                         result = work(session)
                         if deadline is not None and time.monotonic() > deadline:
                             # The caller has given up (DEADLINE_EXCEEDED): do not commit what it
                             # will never see acknowledged, or a retry would write it twice.
                             raise past_deadline_uncommitted()
+                        committing = True
                     if timeout is not None:
                         # Committed, so the SET holds; a rolled-back one left the old value.
                         timeout[0][STATEMENT_TIMEOUT_KEY] = timeout[1]
@@ -431,21 +464,47 @@ class Database:
                 attempt -= 1
                 continue
             except Exception as exc:  # noqa: BLE001 - every database error is translated here, once
-                if getattr(exc, "connection_invalidated", False):
-                    self._generation += 1
                 translated = translate(exc, resource_type)
+                unreachable = self.is_postgres and isinstance(translated, errors.Unavailable) and translated.reason == UNREACHABLE
+                if unreachable or getattr(exc, "connection_invalidated", False):
+                    # (On PostgreSQL also when connecting failed: the connections kept from
+                    # before the outage are as lost, if they have not been used since.)
+                    self._generation += 1
+                    if unreachable:
+                        self._drop_pooled()
                 if isinstance(translated, RetryableConflict):
+                    pause = random.uniform(0.005, 0.02) * attempt
+                    if until is not None and time.monotonic() + pause >= until:
+                        # (On SQLite the wait for the write lock is bounded by the deadline too.)
+                        raise settled(
+                            errors.DeadlineExceeded("the transaction kept conflicting with concurrent ones until the call's deadline"),
+                            maybe_committed=False,
+                        ) from exc
                     if attempt < self.max_attempts:
-                        time.sleep(random.uniform(0.005, 0.02) * attempt)
+                        time.sleep(pause)
                         continue
                     raise errors.Aborted(
                         "the transaction kept conflicting with concurrent ones; retry the call",
                         reason="TRANSACTION_CONFLICT",
                     ) from exc
+                if isinstance(translated, errors.NexusError):
+                    # A statement cut by its timeout rolled back, even the one that would have
+                    # been its own commit; anything else that failed while committing on
+                    # PostgreSQL may not have (the COMMIT may have gone through and its answer
+                    # been lost). A SQLite COMMIT that fails has not committed.
+                    settled(translated, maybe_committed=committing and self.is_postgres and translated.reason != "STATEMENT_TIMEOUT")
                 if translated is exc:
                     raise
                 raise translated from exc
         raise AssertionError("unreachable")
+
+    def _drop_pooled(self) -> None:
+        """A unit of work lost its connection to PostgreSQL: the pooled ones, opened before, are
+        likely lost too; new pools take their place (the checked-out ones go back to the old pools, which
+        close them), so that the first calls after the database is back do not fail on them one
+        by one (each failure would make the server NOT_SERVING again)."""
+        for engine in {self.engine, self.read_engine, *((self._writer,) if self._writer is not None else ())}:
+            engine.dispose(close=False)
 
     def _own_write_connection(self) -> None:
         """The SQLite write thread's start: it keeps the write connection between writes."""
@@ -526,9 +585,23 @@ class Database:
         except Exception:  # noqa: BLE001 - it is being dropped: nothing more to do with it
             log.debug("a kept read connection failed to close", exc_info=True)
 
+    def _busy_timeout(self, conn: Connection, until: float | None) -> None:
+        """Bound the wait of SQLite's write connection for the file's write lock (BEGIN
+        IMMEDIATE, held by another process) by the call's deadline, as PostgreSQL's statements
+        are by the statement timeout: at most DB_POOL_TIMEOUT, in timeout_step() steps, and SET
+        only when the connection's current value differs."""
+        wanted = int(self.pool.timeout * 1000)
+        if until is not None:
+            wanted = min(wanted, timeout_step(_ms_left(until)))
+        info = conn.info
+        if info.get(BUSY_TIMEOUT_KEY, int(self.pool.timeout * 1000)) != wanted:
+            conn.connection.dbapi_connection.execute(f"PRAGMA busy_timeout={int(wanted)}")
+            info[BUSY_TIMEOUT_KEY] = wanted
+
     @staticmethod
-    def _statement_timeout(conn: Connection, deadline: float | None, record: bool = False) -> tuple[dict[Any, Any], int] | None:
-        """Bound this transaction's statements by the call's deadline (PostgreSQL).
+    def _statement_timeout(conn: Connection, until: float | None, record: bool = False) -> tuple[dict[Any, Any], int] | None:
+        """Bound this transaction's statements by the call's deadline (PostgreSQL): `until`,
+        database_deadline() of it.
 
         The timeout is a session setting of the pooled connection, rounded down to a step of
         timeout_step(), and SET only when the connection's current step differs: with steady
@@ -537,11 +610,8 @@ class Database:
         recorded at once, for a connection outside a transaction).
         """
         wanted = 0  # no deadline: no limit
-        if deadline is not None:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                raise too_late()
-            wanted = timeout_step(remaining_ms)
+        if until is not None:
+            wanted = timeout_step(_ms_left(until))
         info = conn.info
         if info.get(STATEMENT_TIMEOUT_KEY) == wanted:
             return None
@@ -563,10 +633,12 @@ class Database:
     ) -> T:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
+        executor: Executor = self.executor
         if write and self.write_executor is not self.executor:
             queued = time.monotonic()
+            executor = self.write_executor
 
-            def queued_write() -> T:
+            def unit() -> T:
                 now = time.monotonic()
                 if deadline is not None and now > deadline:
                     raise too_late()
@@ -574,13 +646,34 @@ class Database:
                     raise database_busy()
                 return ctx.run(self.run_sync, work, write=True, deadline=deadline, resource_type=resource_type, one_statement=one_statement)
 
-            return await loop.run_in_executor(self.write_executor, queued_write)
-        return await loop.run_in_executor(
-            self.executor,
-            lambda: ctx.run(
-                self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type, core=core, one_statement=one_statement
-            ),
-        )
+        else:
+
+            def unit() -> T:
+                return ctx.run(
+                    self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type, core=core, one_statement=one_statement
+                )
+
+        try:
+            result = await loop.run_in_executor(executor, unit)
+        except errors.Unavailable as exc:
+            if exc.reason == UNREACHABLE:
+                self.note_reachable(False)
+            raise
+        if not self.reachable:  # the one cost of this on the way of every call: a flag read
+            self.note_reachable(True)
+        return result
+
+    def note_reachable(self, reachable: bool) -> None:
+        """What a call (or the periodic check) just found: the database answers or not. The
+        listeners (the server's readiness) hear of changes only. On the event loop's thread."""
+        if reachable != self.reachable:
+            self.reachable = reachable
+            for listener in list(self._reachability_listeners):
+                listener(reachable)
+
+    def add_reachability_listener(self, listener: Callable[[bool], None]) -> None:
+        """Call listener(reachable) whenever note_reachable() finds the database's state changed."""
+        self._reachability_listeners.append(listener)
 
     def add_commit_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """Call listener(notes) after every commit that left notes in Session.info.

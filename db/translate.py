@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import grpc
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import exc as orm_exc
 
@@ -12,6 +13,11 @@ from db import errors
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
 _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.+)")
 _PG_UNIQUE_DETAIL = re.compile(r"Key \((?P<cols>[^)]*)\)=")
+# ErrorInfo reason of a database that does not answer (a lost or refused connection).
+UNREACHABLE = "DATABASE_UNAVAILABLE"
+# ErrorInfo metadata key of DEADLINE_EXCEEDED and UNAVAILABLE: "false" when the call changed
+# nothing (its transaction rolled back, or never began), "unknown" when it may have committed.
+COMMITTED = "committed"
 
 
 class RetryableConflict(Exception):
@@ -39,9 +45,30 @@ def _unique_fields(exc: sa_exc.IntegrityError) -> list[str]:
     return []
 
 
-def database_busy() -> errors.Unavailable:
+def database_busy() -> errors.NexusError:
     """No connection (on SQLite: the one writer) came free within DB_POOL_TIMEOUT."""
-    return errors.Unavailable("every database connection stayed busy; retry later", reason="DATABASE_BUSY")
+    return settled(errors.Unavailable("every database connection stayed busy; retry later", reason="DATABASE_BUSY"), maybe_committed=False)
+
+
+def settled(error: errors.NexusError, maybe_committed: bool) -> errors.NexusError:
+    """Say in a DEADLINE_EXCEEDED or UNAVAILABLE whether the call may have changed anything
+    (ErrorInfo metadata `committed`, and the message); an error that says it already is left
+    as it is, as are errors of other codes (they changed nothing).
+
+    maybe_committed False: the transaction rolled back before its commit, or never began.
+    True: the failure came while the commit was under way (the COMMIT, or the one statement
+    that is its own commit), or from where the service cannot tell.
+    """
+    if error.code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE) or COMMITTED in error.metadata:
+        return error
+    if maybe_committed:
+        error.metadata[COMMITTED] = "unknown"
+        error.message += "; the change may have been applied: read it back, or send the call again with the same request_id"
+    else:
+        error.metadata[COMMITTED] = "false"
+        error.message += "; nothing was changed"
+    error.args = (error.message,)
+    return error
 
 
 def translate(exc: Exception, resource_type: str = "") -> Exception:
@@ -95,7 +122,7 @@ def translate(exc: Exception, resource_type: str = "") -> Exception:
     if "database is locked" in message or "database is busy" in message:
         return RetryableConflict(exc)
     if exc.connection_invalidated or isinstance(exc, sa_exc.OperationalError) and state in (None, "08000", "08003", "08006", "08001", "57P01", "57P02", "57P03"):
-        return errors.Unavailable("the database is unreachable; retry later", metadata={"detail": type(exc.orig).__name__})
+        return errors.Unavailable("the database is unreachable; retry later", reason=UNREACHABLE, metadata={"detail": type(exc.orig).__name__})
     if isinstance(exc, sa_exc.DataError):
         return errors.InvalidArgument(f"a value is out of range for its field: {message.splitlines()[0]}", reason="VALUE_OUT_OF_RANGE")
     return exc

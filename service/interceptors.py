@@ -12,6 +12,7 @@ import grpc
 
 from db import errors
 from db.crud import CURRENT_CALL, Call
+from db.translate import settled
 from service.auth import INSECURE_PRINCIPAL, Authenticator, Principal
 from service.errors import internal_status, to_status
 from service.policy import Action, authorize
@@ -35,14 +36,50 @@ def _request_id(metadata: dict[str, str]) -> str | None:
     return given
 
 
+class Gate:
+    """Whether the server still takes calls, and how many of its domain calls are under way.
+
+    On shutdown (service/server.py App.stop) the gate closes: from then on a new call is refused
+    with UNAVAILABLE, the code clients retry, instead of being accepted only to be cut when the
+    server stops; the server stops once the calls under way have ended (wait_idle)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.calls = 0
+        self._idle: asyncio.Event | None = None
+
+    def close(self) -> None:
+        self.closed = True
+
+    def left(self) -> None:
+        self.calls -= 1
+        if self._idle is not None and not self.calls:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is under way, at most timeout seconds; whether none is."""
+        if self.calls:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+
+def refused() -> grpc.Status:
+    return to_status(settled(errors.Unavailable("the server is shutting down; retry the call", reason="SERVER_SHUTTING_DOWN"), maybe_committed=False))
+
+
 class CallGuard:
     """Runs one method's behavior inside the checks; one instance per method, built once."""
 
-    def __init__(self, method: str, action: Action, authenticator: Authenticator | None, dialect: str) -> None:
+    def __init__(self, method: str, action: Action, authenticator: Authenticator | None, dialect: str, gate: Gate) -> None:
         self.method = method
         self.action = action
         self.authenticator = authenticator
         self.dialect = dialect
+        self.gate = gate
 
     async def enter(self, context: grpc.aio.ServicerContext) -> tuple[Call, Any]:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -62,13 +99,21 @@ class CallGuard:
         call = CURRENT_CALL.get(None)
         request_id = call.request_id if call else ""
         if isinstance(exc, errors.NexusError):
+            # A DEADLINE_EXCEEDED or UNAVAILABLE that does not say whether the call changed
+            # anything (db/database.py says so when it knows) says it may have.
+            settled(exc, maybe_committed=True)
             log.info("%s %s [request %s]: %s", exc.code.name, self.method, request_id, exc.reason)
             await context.abort_with_status(to_status(exc, request_id))
         log.exception("unhandled error in %s [request %s]", self.method, request_id)
         await context.abort_with_status(internal_status(f"internal error in {self.method} (request {request_id}); it has been logged", request_id))
 
     def unary(self, behavior: Behavior) -> Behavior:
+        gate = self.gate
+
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if gate.closed:
+                await context.abort_with_status(refused())
+            gate.calls += 1
             token = None
             try:
                 call, token = await self.enter(context)
@@ -81,13 +126,19 @@ class CallGuard:
             except Exception as exc:  # noqa: BLE001 - NexusError or a bug: both become a Status
                 await self.fail(context, exc)
             finally:
+                gate.left()
                 if token is not None:
                     CURRENT_CALL.reset(token)
 
         return guarded
 
     def stream(self, behavior: Behavior) -> Behavior:
+        gate = self.gate
+
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if gate.closed:
+                await context.abort_with_status(refused())
+            gate.calls += 1
             token = None
             try:
                 call, token = await self.enter(context)
@@ -98,6 +149,7 @@ class CallGuard:
             except Exception as exc:  # noqa: BLE001
                 await self.fail(context, exc)
             finally:
+                gate.left()
                 if token is not None:
                     CURRENT_CALL.reset(token)
 
@@ -125,6 +177,7 @@ class GuardedRegistration:
         self.actions = actions
         self.authenticator = authenticator
         self.dialect = dialect
+        self.gate = Gate()
         self.registered: list[str] = []
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
@@ -144,7 +197,7 @@ class GuardedRegistration:
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method not in self.actions:
             raise TypeError(f"{method} has no access rule in service/policy.py")
-        guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect)
+        guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect, self.gate)
         kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(guard.unary(handler.unary_unary), **kwargs)

@@ -31,7 +31,7 @@ from service.chat import ChatService
 from service.config import Config
 from service import policy
 from service.auth import AuthSettings, Authenticator, JwtSettings
-from service.interceptors import GuardedRegistration
+from service.interceptors import Gate, GuardedRegistration
 from service.identity import IdentityService
 from service.rpc import Runner
 from service.security import SecurityService
@@ -65,8 +65,11 @@ class App:
     health: health.aio.HealthServicer
     service_names: list[str]
     hub: ChangeHub
+    gate: Gate
     _monitor: asyncio.Task[None] | None = None
     _purger: asyncio.Task[None] | None = None
+    _readiness: asyncio.Future[None] | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
     _stopping: bool = False
     ready: bool = False
     servicers: list[Any] = field(default_factory=list)
@@ -79,14 +82,27 @@ class App:
         for name in ["", READINESS, *self.service_names]:
             await self.health.set(name, status)
 
+    def _database_changed(self, reachable: bool) -> None:
+        """Readiness follows the database as the calls find it (Database.note_reachable): the
+        first call that finds it unreachable makes the server NOT_SERVING, the first that
+        succeeds again SERVING, without waiting for the periodic check."""
+        log.warning("database %s", "reachable again: serving" if reachable else "unreachable: NOT_SERVING")
+        if self._loop is not None:  # (the database may be used from another loop: a CLI, a test)
+            self._loop.call_soon_threadsafe(self._follow_database_soon)
+
+    def _follow_database_soon(self) -> None:
+        if self._readiness is None or self._readiness.done():
+            self._readiness = asyncio.ensure_future(self._follow_database())
+
+    async def _follow_database(self) -> None:
+        while self.ready != self.db.reachable and not self._stopping:  # it may change again meanwhile
+            await self.set_ready(self.db.reachable)
+
     async def _watch_database(self) -> None:
-        """Readiness follows the database: NOT_SERVING while it does not answer."""
+        """Readiness follows the database while no call tells: NOT_SERVING while it does not answer."""
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            ok = await loop.run_in_executor(None, self.db.ping)
-            if ok != self.ready:
-                log.warning("database %s", "reachable again: serving" if ok else "unreachable: NOT_SERVING")
-                await self.set_ready(ok)
+            self.db.note_reachable(await loop.run_in_executor(None, self.db.ping))
             await asyncio.sleep(self.config.health_interval_seconds)
 
     async def _purge_old_events(self) -> None:
@@ -105,15 +121,25 @@ class App:
         await self.hub.start()
         await self.server.start()
         await self.health.set(LIVENESS, SERVING)
-        await self.set_ready(await asyncio.get_running_loop().run_in_executor(None, self.db.ping))
+        self._loop = asyncio.get_running_loop()
+        self.db.note_reachable(await asyncio.get_running_loop().run_in_executor(None, self.db.ping))
+        await self.set_ready(self.db.reachable)
+        self.db.add_reachability_listener(self._database_changed)
         self._monitor = asyncio.create_task(self._watch_database())
         self._purger = asyncio.create_task(self._purge_old_events())
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, a short drain so load balancers notice, stop with grace, dispose the engine."""
+    async def stop(self, grace: float | None = None, stop_server: bool = True) -> None:
+        """NOT_SERVING and new calls refused with UNAVAILABLE (clients retry them elsewhere), a
+        short drain so load balancers notice, the calls under way finished (within the grace),
+        then the server stopped and the engine disposed.
+
+        stop_server=False leaves the gRPC server as it is, for a process about to exit (serve):
+        grpc's stop answers CANCELLED to the calls that reach it while it stops (accepted, not
+        yet handed to a handler), where the connections the exit closes make them UNAVAILABLE."""
         if self._stopping:
             return
         self._stopping = True
+        self.gate.close()
         await self.set_ready(False)
         for task in (self._monitor, self._purger):
             if task is not None:
@@ -122,7 +148,14 @@ class App:
             await asyncio.sleep(self.config.drain_seconds)
         # Streams end with a final event carrying their resume token before the server stops.
         await self.hub.close()
-        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        grace = self.config.grace_seconds if grace is None else grace
+        started = asyncio.get_running_loop().time()
+        # grpc.aio's stop() cancels the calls still under way when the grace ends (CANCELLED):
+        # they are let finish first.
+        if not await self.gate.wait_idle(grace):
+            log.warning("%d calls still under way after the grace of %.1fs: cut", self.gate.calls, grace)
+        if stop_server:
+            await self.server.stop(max(0.0, grace - (asyncio.get_running_loop().time() - started)))
         await asyncio.get_running_loop().run_in_executor(None, self.db.dispose)
 
 
@@ -209,7 +242,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
         raise RuntimeError(f"could not bind {address}")
     # With several workers the parent made the bootstrap key (if any) before forking them.
     secret = None if config.insecure_dev or config.workers > 1 else bootstrap_admin_key(db)
-    return App(config, server, db, port, health_servicer, names, hub, servicers=servicers, bootstrap_secret=secret)
+    return App(config, server, db, port, health_servicer, names, hub, guarded.gate, servicers=servicers, bootstrap_secret=secret)
 
 
 def _jwt_settings(config: Config) -> JwtSettings:
@@ -355,5 +388,11 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining %.1fs, grace %.1fs", config.drain_seconds, config.grace_seconds)
-    await app.stop()
+    await app.stop(stop_server=False)
     log.info("stopped")
+    # Out without grpc's stop (App.stop): the calls still arriving (refused with UNAVAILABLE
+    # since the drain began) see their connection closed, UNAVAILABLE too, never CANCELLED.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,6 +1,7 @@
 """The server as operators see it: every RPC served, health, outages, shutdown, generated code."""
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import grpc
 import pytest
@@ -72,20 +74,28 @@ def _proxied(url: str) -> tuple[str, TcpProxy]:
     return routed.render_as_string(hide_password=False), proxy
 
 
-@pytest.fixture
-def blinking_postgres() -> Iterator[tuple[Client, TcpProxy]]:
-    """A server whose PostgreSQL sits behind a proxy the test can cut."""
+@contextlib.contextmanager
+def blinking_postgres_server(**config: Any) -> Iterator[tuple[Client, TcpProxy]]:
+    """A server whose PostgreSQL sits behind a proxy the test can cut. The Client's
+    database_url is the database's own, not through the proxy, for the test's connections."""
     with fresh_postgres_database("nexus_blink") as url:
         routed, proxy = _proxied(url)
         proxy.open()
-        server = ServerThread(make_config(routed)).start()
+        server = ServerThread(make_config(routed, **config)).start()
         c = connect("postgresql", routed, server)
+        c.database_url = url
         try:
             yield c, proxy
         finally:
             c.channel.close()
             server.stop()
             proxy.close()
+
+
+@pytest.fixture
+def blinking_postgres() -> Iterator[tuple[Client, TcpProxy]]:
+    with blinking_postgres_server() as pair:
+        yield pair
 
 
 def test_database_outage_is_unavailable_and_not_ready_then_recovers(blinking_postgres: tuple[Client, TcpProxy]) -> None:
@@ -123,21 +133,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_process(database_url: str, port: int, log: IO[str], *args: str, **env: str) -> subprocess.Popen[bytes]:
+    """`nexus-data serve ARGS` as a process of its own on 127.0.0.1:port (cheap password
+    hashing; env: more settings), its output to log."""
+    values = dict(os.environ, DATABASE_URL=database_url, NEXUS_PORT=str(port), NEXUS_HOST="127.0.0.1", NEXUS_HASH_TIME_COST="1", NEXUS_HASH_MEMORY_KIB="1024")
+    values.update(env)
+    return subprocess.Popen([str(Path(sys.executable).parent / "nexus-data"), "serve", *args], env=values, stdout=log, stderr=subprocess.STDOUT)
+
+
 def test_sigterm_goes_not_serving_drains_and_exits(database_url: str, tmp_path: Path) -> None:
     port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        DATABASE_URL=database_url,
-        NEXUS_PORT=str(port),
-        NEXUS_HOST="127.0.0.1",
-        NEXUS_DRAIN_SECONDS="1.0",
-        NEXUS_GRACE_SECONDS="2",
-        NEXUS_HASH_TIME_COST="1",
-        NEXUS_HASH_MEMORY_KIB="1024",
-    )
-    exe = Path(sys.executable).parent / "nexus-data"
     log = (tmp_path / "server.log").open("w+")
-    proc = subprocess.Popen([str(exe), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = serve_process(database_url, port, log, NEXUS_DRAIN_SECONDS="1.0", NEXUS_GRACE_SECONDS="2")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=30)
@@ -193,10 +200,9 @@ def test_workers_share_one_port_and_behave_as_replicas(client: Client, tmp_path:
     from tests.support import new_channel
 
     port = _free_port()
-    env = dict(os.environ, DATABASE_URL=client.database_url, NEXUS_PORT=str(port), NEXUS_HOST="127.0.0.1",
-               NEXUS_DRAIN_SECONDS="0", NEXUS_GRACE_SECONDS="1", NEXUS_STREAM_POLL_SECONDS="0.2")
     log = (tmp_path / "workers.log").open("w+")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "nexus-data"), "serve", "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = serve_process(client.database_url, port, log, "--workers", "2",
+                         NEXUS_DRAIN_SECONDS="0", NEXUS_GRACE_SECONDS="1", NEXUS_STREAM_POLL_SECONDS="0.2")
     address = f"127.0.0.1:{port}"
     channels = []
     try:

@@ -120,7 +120,7 @@ def test_request_records_take_their_creators_principal(empty_url: str) -> None:
                 )
             conn.execute(
                 text("INSERT INTO audit_log_entries (id, actor_type, actor_id, action, resource_type, resource_id, request_id, changes, summary, create_time) "
-                     "VALUES (:id, 'api_key', :actor, 'create', 'Task', :res, 'r-1', '{}', '', CURRENT_TIMESTAMP)"),
+                     "VALUES (:id, 'api_key', :actor, 'create', 'Task', :res, 'an x-request-id', '{}', '', CURRENT_TIMESTAMP)"),
                 {"id": store(uuid.uuid4()), "actor": store(key_id), "res": store(row_id)},
             )
         migrate.upgrade(database.engine)

@@ -30,6 +30,7 @@ RECORDS = sa.table(
 )
 AUDIT = sa.table(
     'audit_log_entries',
+    sa.column('resource_type', sa.String()),
     sa.column('actor_type', sa.String()),
     sa.column('actor_id', sa.Uuid()),
     sa.column('action', sa.String()),
@@ -46,11 +47,13 @@ def upgrade() -> None:
             batch_op.f('uq_request_records_resource_type_principal_request_id'), ['resource_type', 'principal', 'request_id']
         )
     conn = op.get_bind()
+    # The create's entry of the record's resource (an entry's request_id is the call's
+    # x-request-id, not the body's request_id the record keeps).
     creators = sa.select(RECORDS.c.id, AUDIT.c.actor_type, AUDIT.c.actor_id).join(
         AUDIT,
         sa.and_(
+            AUDIT.c.resource_type == RECORDS.c.resource_type,
             AUDIT.c.resource_id == RECORDS.c.resource_id,
-            AUDIT.c.request_id == RECORDS.c.request_id,
             AUDIT.c.action == 'create',
         ),
     )
@@ -66,9 +69,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     conn = op.get_bind()
-    # Two callers' records of one request id cannot both stay under the old key: keep the first.
-    keep = sa.select(sa.func.min(sa.cast(RECORDS.c.id, sa.String))).group_by(RECORDS.c.resource_type, RECORDS.c.request_id)
-    conn.execute(RECORDS.delete().where(sa.cast(RECORDS.c.id, sa.String).not_in(keep)))
+    # Two callers' records of one request id cannot both stay under the old key: keep the first made.
+    conn.execute(sa.text(
+        "DELETE FROM request_records WHERE id IN (SELECT id FROM (SELECT id, row_number() OVER "
+        "(PARTITION BY resource_type, request_id ORDER BY create_time, id) AS n FROM request_records) AS ranked WHERE n > 1)"
+    ))
     with op.batch_alter_table('request_records', schema=None) as batch_op:
         batch_op.drop_constraint('uq_request_records_resource_type_principal_request_id', type_='unique')
         batch_op.create_unique_constraint('uq_request_records_resource_type_request_id', ['resource_type', 'request_id'])

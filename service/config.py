@@ -85,6 +85,10 @@ class Config:
     # argon2id cost of password and key hashes (argon2-cffi defaults: 3 passes, 64 MiB).
     hash_time_cost: int = 3
     hash_memory_kib: int = 65536
+    # Live streams and the caller's rights: open streams per caller (API key, JWT subject, the
+    # insecure-dev caller), and how often every open stream's rights are re-read at the latest.
+    max_streams_per_caller: int = 100
+    stream_recheck_seconds: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
@@ -124,6 +128,7 @@ class Config:
             "tls_key": env.get("NEXUS_TLS_KEY") or None,
             "tls_client_ca": env.get("NEXUS_TLS_CLIENT_CA") or None,
         }
+        values.update(_stream_limits(env))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -134,3 +139,26 @@ class Config:
         if self.jwt_hs256_secret:
             out["jwt_hs256_secret"] = "***"
         return out
+
+
+def _stream_limits(env: Mapping[str, str]) -> dict[str, Any]:
+    """NEXUS_MAX_STREAMS_PER_CALLER (a whole number >= 1) and NEXUS_STREAM_RECHECK_SECONDS
+    (0 < s <= 1: a right that ended ends its streams within about twice that)."""
+    out: dict[str, Any] = {}
+    raw = env.get("NEXUS_MAX_STREAMS_PER_CALLER")
+    if raw is not None:
+        try:
+            out["max_streams_per_caller"] = int(raw)
+        except ValueError:
+            out["max_streams_per_caller"] = 0
+        if out["max_streams_per_caller"] < 1:
+            raise ValueError(f"NEXUS_MAX_STREAMS_PER_CALLER must be a whole number of at least 1, not {raw!r}")
+    raw = env.get("NEXUS_STREAM_RECHECK_SECONDS")
+    if raw is not None:
+        try:
+            out["stream_recheck_seconds"] = float(raw)
+        except ValueError:
+            out["stream_recheck_seconds"] = 0.0
+        if not 0 < out["stream_recheck_seconds"] <= 1:
+            raise ValueError(f"NEXUS_STREAM_RECHECK_SECONDS must be a number of seconds above 0 and at most 1, not {raw!r}")
+    return out

@@ -34,6 +34,7 @@ def to_status(error: NexusError, request_id: str = "") -> grpc.Status:
                 description=error.message,
             )
         )
+    details.extend(getattr(error, "extra_details", ()))  # e.g. QuotaFailure, RetryInfo
     packed = []
     for detail in details:
         holder = any_pb2.Any()

@@ -45,6 +45,23 @@ from db.database import COMMITTED_EVENTS_KEY, CREDENTIALS_CHANGED_KEY, Database
 
 log = logging.getLogger("nexus.streams")
 
+
+class _ClientGone(logging.Filter):
+    """grpc.aio logs a failed write of a stream as an ERROR with a traceback unless it has
+    already seen the client cancel; a client that goes away while the server waits to write to
+    it (flow control) loses that race. For StreamEvents a failed write means the client or its
+    connection is gone, which is how streams end: logged as INFO, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage() == f"ExecuteBatchError raised in core by servicer method [{STREAM_METHOD}]":
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args, record.exc_info, record.exc_text = f"{STREAM_METHOD}: the client went away during a write", None, None, None
+        return True
+
+
+STREAM_METHOD = f"/{pb.DESCRIPTOR.services_by_name['ChatService'].full_name}/StreamEvents"
+logging.getLogger("grpc._cython.cygrpc").addFilter(_ClientGone())
+
 EVENT_TYPES = {
     events.CREATED: pb.EVENT_TYPE_CREATED,
     events.UPDATED: pb.EVENT_TYPE_UPDATED,

@@ -3,7 +3,6 @@ ends cleanly when the client goes away."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,9 +13,10 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from nexus.chat.v1 import chat_pb2 as cpb
+from nexus.chat.v1 import chat_pb2_grpc
 from nexus.identity.v1 import identity_pb2 as ipb
 
-from tests.conftest import Client, ServerThread, connect, make_config, unique
+from tests.conftest import Client, ServerThread, authed_channel, connect, make_config, unique
 from tests.support import mask, new_channel, new_user, rich_error
 from tests.test_streams import EventReader, ServerProcess, contents, post, processes, say  # noqa: F401 - a fixture
 
@@ -261,41 +261,44 @@ def test_streams_per_caller_are_limited(database_url: str) -> None:
 
 
 def test_streams_cancelled_by_the_client_leave_no_error_and_no_subscription(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """100 streams cancelled while the server waits to write to them (the client reads nothing,
+    so flow control stops the writes): each subscription goes, and nothing is logged as an error."""
     server = ServerThread(make_config(database_url)).start()
     admin = connect("any", database_url, server)
+    # Without BDP probing the flow-control window stays small: the server's writes block.
+    stalled = authed_channel(admin.address, admin.admin_secret, options=[("grpc.http2.bdp_probe", 0)])
+    assert server.app is not None
+    hub = server.app.hub
     try:
         channel = new_channel(admin)
         with caplog.at_level(logging.INFO):
-            for batch in range(4):
-                readers = [EventReader(admin.chat, cpb.StreamEventsRequest(channel_ids=[channel.id])) for _ in range(25)]
-                time.sleep(0.3)
-                post(admin, channel, f"batch {batch}")
-                for reader in readers:
-                    reader.take(1)
-                # Cancelled while events flow: most streams are ended between two messages.
-                writer = threading.Thread(target=lambda: [post(admin, channel, f"flow {i}") for i in range(40)])
-                writer.start()
-                for reader in readers:
-                    reader.take(1)
-                    reader.call.cancel()
-                writer.join()
-                for reader in readers:
-                    reader.done.wait(5)
-            assert server.app is not None
-            deadline = time.monotonic() + 10
-            while server.app.hub.subscription_count and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert server.app.hub.subscription_count == 0
-            assert server.app.hub.caller_count == 0
+            calls = [chat_pb2_grpc.ChatServiceStub(stalled).StreamEvents(cpb.StreamEventsRequest(channel_ids=[channel.id])) for _ in range(100)]
+            wait_until(lambda: hub.subscription_count == 100)
+            body = "x" * 8000
+            for i in range(20):
+                post(admin, channel, f"{i} {body}")
+            time.sleep(0.5)
+            for call in calls:
+                call.cancel()
+            wait_until(lambda: hub.subscription_count == 0)
+            assert hub.caller_count == 0
             import gc
 
-            gc.collect()  # an abandoned generator would be finalized (and would log) here
-            time.sleep(0.3)
+            gc.collect()  # an abandoned generator would be finalized (and would log) by now
+            time.sleep(0.5)
         errors_logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert not errors_logged, [r.getMessage() + (str(r.exc_info[1]) if r.exc_info else "") for r in errors_logged]
     finally:
+        stalled.close()
         admin.channel.close()
         server.stop()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(

@@ -194,6 +194,35 @@ def test_a_demoted_key_loses_the_private_channel_only_its_old_role_saw(client: C
     )
 
 
+def test_a_jwt_stream_ends_when_its_user_is_deactivated_elsewhere_or_the_token_expires(client: Client) -> None:
+    """A JWT caller is its user: deactivated through another server (on PostgreSQL the other
+    replica is told at once, on SQLite its periodic re-check finds it), or the token's expiry."""
+    from tests.test_access import calling, running, token_for
+
+    with running(make_config(client.database_url, jwt_hs256_secret="s3cret")) as server:
+        address = f"127.0.0.1:{server.port}"
+        user = new_user(client, external_id=unique("ext"))
+        conversation = client.chat.CreateConversation(cpb.CreateConversationRequest(conversation=cpb.Conversation(title=unique("c"), user_id=user.id)))
+        request = cpb.StreamEventsRequest(conversation_ids=[conversation.id])
+        with calling(address, f"Bearer {token_for('s3cret', user.external_id, role='user')}") as me:
+            reader = EventReader(me.chat, request)  # type: ignore[arg-type]
+            live(reader, client, conversation=conversation)
+            ends_after_change(
+                reader,
+                lambda: client.identity.UpdateUser(ipb.UpdateUserRequest(user=ipb.User(id=user.id, is_active=False), update_mask=mask("is_active"))),
+                lambda: say(client.chat, conversation, "after"),
+                Code.UNAUTHENTICATED,
+                "INVALID_CREDENTIALS",
+            )
+        client.identity.UpdateUser(ipb.UpdateUserRequest(user=ipb.User(id=user.id, is_active=True), update_mask=mask("is_active")))
+        expires = time.time() + 2.5
+        with calling(address, f"Bearer {token_for('s3cret', user.external_id, lifetime=2.5, role='user')}") as me:
+            reader = EventReader(me.chat, request)  # type: ignore[arg-type]
+            live(reader, client, conversation=conversation)
+            assert reader.done.wait(max(0.0, int(expires) - time.time()) + BOUND), "the stream outlived its token"
+            assert reader.error is not None and rich_error(reader.error).info.reason == "EXPIRED_CREDENTIALS"
+
+
 # ---------------------------------------------------------------- streams per caller
 
 

@@ -236,7 +236,8 @@ def stream_access(
         allowed = policy.read_predicate(spec.name, role, user_id)
         if allowed is None:
             continue
-        # Deleted rows stay visible here: their last events (the deletion) are still delivered.
-        seen = set(session.scalars(select(spec.table.c.id).where(spec.table.c.id.in_(list(ids)), allowed)))
-        denied.update({scope: crud.denied(spec, str(row_id), False) for row_id, scope in ids.items() if row_id not in seen})
+        # Only rows that are there and hidden end a stream: a deleted one (soft or for good)
+        # has its last event, the deletion, delivered.
+        rows = session.execute(select(spec.table.c.id, allowed).where(spec.table.c.id.in_(list(ids)))).all()
+        denied.update({ids[row_id]: crud.denied(spec, str(row_id), False) for row_id, visible in rows if not visible})
     return denied

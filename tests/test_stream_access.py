@@ -104,6 +104,27 @@ def test_a_member_removed_from_a_private_channel_loses_the_stream(client: Client
     other.cancel()
 
 
+def test_a_channel_change_that_keeps_the_right_keeps_the_stream(client: Client, caller: Callable[..., Any]) -> None:
+    """A Channel event makes its followers' rights be re-checked; one that changes nothing for a
+    follower (a renamed channel, another member added, the channel deleted) is delivered, and
+    the stream goes on."""
+    user, _, c = caller()
+    private = new_channel(client, is_private=True)
+    client.chat.AddChannelMember(cpb.AddChannelMemberRequest(channel_id=private.id, user_id=user.id))
+    reader = EventReader(c.chat, cpb.StreamEventsRequest(channel_ids=[private.id]))
+    live(reader, client, private)
+    client.chat.UpdateChannel(cpb.UpdateChannelRequest(channel=cpb.Channel(id=private.id, description="renamed"), update_mask=mask("description")))
+    client.chat.AddChannelMember(cpb.AddChannelMemberRequest(channel_id=private.id, user_id=new_user(client).id))
+    post(client, private, "still here")
+    client.chat.DeleteChannel(cpb.DeleteChannelRequest(id=private.id))
+    got = reader.take(4)
+    assert got[0].channel.description == "renamed" and len(got[1].channel.member_ids) == 2
+    assert contents(got[2:3]) == ["still here"]
+    assert got[3].type == cpb.EVENT_TYPE_DELETED and got[3].channel.id == private.id
+    assert reader.quiet(BOUND) == [] and reader.error is None
+    reader.cancel()
+
+
 def test_a_channel_turned_private_ends_the_streams_of_non_members(client: Client, caller: Callable[..., Any]) -> None:
     _, _, c = caller()
     channel = new_channel(client)

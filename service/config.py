@@ -145,20 +145,18 @@ def _stream_limits(env: Mapping[str, str]) -> dict[str, Any]:
     """NEXUS_MAX_STREAMS_PER_CALLER (a whole number >= 1) and NEXUS_STREAM_RECHECK_SECONDS
     (0 < s <= 1: a right that ended ends its streams within about twice that)."""
     out: dict[str, Any] = {}
-    raw = env.get("NEXUS_MAX_STREAMS_PER_CALLER")
-    if raw is not None:
+    for name, key, parse, valid, meaning in (
+        ("NEXUS_MAX_STREAMS_PER_CALLER", "max_streams_per_caller", int, lambda v: v >= 1, "a whole number of at least 1"),
+        ("NEXUS_STREAM_RECHECK_SECONDS", "stream_recheck_seconds", float, lambda v: 0 < v <= 1, "a number of seconds above 0 and at most 1"),
+    ):
+        raw = env.get(name)
+        if raw is None:
+            continue
         try:
-            out["max_streams_per_caller"] = int(raw)
+            value = parse(raw)
         except ValueError:
-            out["max_streams_per_caller"] = 0
-        if out["max_streams_per_caller"] < 1:
-            raise ValueError(f"NEXUS_MAX_STREAMS_PER_CALLER must be a whole number of at least 1, not {raw!r}")
-    raw = env.get("NEXUS_STREAM_RECHECK_SECONDS")
-    if raw is not None:
-        try:
-            out["stream_recheck_seconds"] = float(raw)
-        except ValueError:
-            out["stream_recheck_seconds"] = 0.0
-        if not 0 < out["stream_recheck_seconds"] <= 1:
-            raise ValueError(f"NEXUS_STREAM_RECHECK_SECONDS must be a number of seconds above 0 and at most 1, not {raw!r}")
+            value = None
+        if value is None or not valid(value):
+            raise ValueError(f"{name} must be {meaning}, not {raw!r}")
+        out[key] = value
     return out

@@ -22,6 +22,7 @@ from tests.test_streams import EventReader, ServerProcess, contents, post, proce
 
 Code = grpc.StatusCode
 BOUND = 2.0  # seconds within which a stream whose right ended must end, on every replica
+JWT_SECRET = "a test secret of at least 32 bytes for HS256"
 
 
 def key_for(c: Client, role: int, user: ipb.User | None) -> ipb.ApiKey:
@@ -220,12 +221,12 @@ def test_a_jwt_stream_ends_when_its_user_is_deactivated_elsewhere_or_the_token_e
     replica is told at once, on SQLite its periodic re-check finds it), or the token's expiry."""
     from tests.test_access import calling, running, token_for
 
-    with running(make_config(client.database_url, jwt_hs256_secret="s3cret")) as server:
+    with running(make_config(client.database_url, jwt_hs256_secret=JWT_SECRET)) as server:
         address = f"127.0.0.1:{server.port}"
         user = new_user(client, external_id=unique("ext"))
         conversation = client.chat.CreateConversation(cpb.CreateConversationRequest(conversation=cpb.Conversation(title=unique("c"), user_id=user.id)))
         request = cpb.StreamEventsRequest(conversation_ids=[conversation.id])
-        with calling(address, f"Bearer {token_for('s3cret', user.external_id, role='user')}") as me:
+        with calling(address, f"Bearer {token_for(JWT_SECRET, user.external_id, role='user')}") as me:
             reader = EventReader(me.chat, request)  # type: ignore[arg-type]
             live(reader, client, conversation=conversation)
             ends_after_change(
@@ -237,7 +238,7 @@ def test_a_jwt_stream_ends_when_its_user_is_deactivated_elsewhere_or_the_token_e
             )
         client.identity.UpdateUser(ipb.UpdateUserRequest(user=ipb.User(id=user.id, is_active=True), update_mask=mask("is_active")))
         expires = time.time() + 2.5
-        with calling(address, f"Bearer {token_for('s3cret', user.external_id, lifetime=2.5, role='user')}") as me:
+        with calling(address, f"Bearer {token_for(JWT_SECRET, user.external_id, lifetime=2.5, role='user')}") as me:
             reader = EventReader(me.chat, request)  # type: ignore[arg-type]
             live(reader, client, conversation=conversation)
             assert reader.done.wait(max(0.0, int(expires) - time.time()) + BOUND), "the stream outlived its token"

@@ -532,8 +532,9 @@ class ChangeHub:
         if caller.actor_type == "system":
             return {}
         role = caller.role
-        if self.authenticator is not None and caller.authorization is not None:
-            # Its own rules (a JWT's expiry and role claim); at once after a local change.
+        if caller.actor_type == "user" and self.authenticator is not None and caller.authorization is not None:
+            # A JWT's own rules (its expiry, its role claim): the Authenticator's. An API key's
+            # row is read afresh by stream_access, which is all the Authenticator would read.
             role = (await self.authenticator.authenticate(caller.authorization)).role
         scopes = list({scope for sub in grant.subs for scope in sub.positions})
         return await self.db.run(

@@ -209,23 +209,27 @@ def stream_access(
 
     The credential is re-read too (an API key's row and role, the user it acts for): a revoked
     or expired key or an inactive user raises UNAUTHENTICATED, as a new call would get. `role`
-    is the caller's role as authenticated (a JWT's); an API key's own role replaces it. At most
-    one query for the credential and one per kind of scope, whatever the number of scopes."""
+    is the caller's role as authenticated (a JWT's); an API key's own role replaces it. One
+    query for the credential (with its user) and one per kind of scope, whatever their number."""
     if actor_type == "system":
         return {}
-    if actor_type == "api_key":
+    owner = select(User.is_active, User.delete_time)
+    if actor_type == "api_key":  # the key and the user it acts for, in one query
         key = session.execute(
-            select(ApiKey.revoke_time, ApiKey.expire_time, ApiKey.role, ApiKey.user_id).where(ApiKey.id == actor_id)
+            owner.add_columns(ApiKey.revoke_time, ApiKey.expire_time, ApiKey.role, ApiKey.user_id)
+            .select_from(ApiKey)
+            .outerjoin(User, User.id == ApiKey.user_id)
+            .where(ApiKey.id == actor_id)
         ).one_or_none()
         if key is None or key.revoke_time is not None:
             raise errors.Unauthenticated("the API key was revoked", reason="INVALID_CREDENTIALS")
         if key.expire_time is not None and key.expire_time <= utcnow():
             raise errors.Unauthenticated("the credentials have expired", reason="EXPIRED_CREDENTIALS")
-        role, user_id = key.role, key.user_id
-    if user_id is not None:
-        owner = session.execute(select(User.is_active, User.delete_time).where(User.id == user_id)).one_or_none()
-        if owner is None or not owner.is_active or owner.delete_time is not None:
-            raise errors.Unauthenticated("the credentials act for a user who is not active", reason="INVALID_CREDENTIALS")
+        role, user_id, acting = key.role, key.user_id, key
+    else:
+        acting = session.execute(owner.where(User.id == user_id)).one_or_none() if user_id is not None else None
+    if user_id is not None and (acting is None or not acting.is_active or acting.delete_time is not None):
+        raise errors.Unauthenticated("the credentials act for a user who is not active", reason="INVALID_CREDENTIALS")
     by_kind: dict[str, dict[uuid.UUID, str]] = {}
     for scope in scopes:
         kind, _, raw_id = scope.partition("/")

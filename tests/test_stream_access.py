@@ -184,6 +184,25 @@ def test_a_key_revoked_through_another_replica_ends_its_stream(
     assert "Traceback" not in (tmp_path / "a.log").read_text()
 
 
+def test_an_expiring_key_ends_its_stream(client: Client) -> None:
+    import datetime as dt
+
+    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2.5)
+    request = ipb.CreateApiKeyRequest(api_key=ipb.ApiKey(name=unique("k"), role=ipb.USER_ROLE_USER, user_id=new_user(client).id))
+    request.api_key.expire_time.FromDatetime(expires)
+    key = client.identity.CreateApiKey(request)
+    c = connect(client.backend, client.database_url, client.server, secret=key.secret)
+    try:
+        channel = new_channel(client)
+        reader = EventReader(c.chat, cpb.StreamEventsRequest(channel_ids=[channel.id]))
+        live(reader, client, channel)
+        assert reader.done.wait(max(0.0, expires.timestamp() - time.time()) + BOUND), "the stream outlived its key"
+        err = rich_error(reader.error)  # type: ignore[arg-type]
+        assert err.code == Code.UNAUTHENTICATED and err.info.reason == "EXPIRED_CREDENTIALS", err.message
+    finally:
+        c.channel.close()
+
+
 def test_a_deactivated_owner_ends_the_stream_of_its_conversation(client: Client, caller: Callable[..., Any]) -> None:
     """A conversation belongs to its user: a key acting for a deactivated user ends its stream."""
     user, _, c = caller()

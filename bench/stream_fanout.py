@@ -595,6 +595,8 @@ async def run_case(mode: str, args: argparse.Namespace, work: Path, database_url
             NEXUS_HOST="127.0.0.1",
             NEXUS_MAX_CONCURRENT_RPCS=str(max_rpcs),
             NEXUS_STREAM_QUEUE_SIZE=str(args.queue_size),
+            # Every stream is one caller's (one key, or the insecure-dev caller).
+            NEXUS_MAX_STREAMS_PER_CALLER=str(n + 10),
             NEXUS_HASH_TIME_COST="1",
             NEXUS_HASH_MEMORY_KIB="1024",
             NEXUS_DRAIN_SECONDS="0",

@@ -1,13 +1,17 @@
 """Chat domain: channels, their messages, AI conversations and their messages (all streamed)."""
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
+
 from nexus.chat.v1 import chat_pb2 as pb
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import crud, errors, events
+from db import crud, errors, events, policy
 from db.base import utcnow
 from db.codecs import MessageListCodec, OutputCodec
-from db.models import Channel, ChatMessage, Conversation, ConversationMessage
+from db.models import ApiKey, Channel, ChatMessage, Conversation, ConversationMessage, User
 from db.resource import REGISTRY, ResourceSpec
 
 
@@ -152,7 +156,7 @@ def _scope_ids(session: Session, spec: ResourceSpec, raw_ids: list[str], field_n
 
 def _resumed_scope(session: Session, scope: str) -> str:
     kind, _, raw_id = scope.partition("/")
-    spec = {"channels": CHANNELS, "conversations": CONVERSATIONS}.get(kind)
+    spec = _scope_kinds().get(kind)
     if spec is None:
         raise errors.InvalidArgument.field("resume_token", "is not a resume token this service issued", reason="INVALID_RESUME_TOKEN")
     crud.visible_id(session, spec, raw_id, "resume_token")
@@ -191,3 +195,53 @@ def stream_positions(session: Session, request: pb.StreamEventsRequest) -> dict[
             )
         positions[scope] = position
     return positions
+
+
+def _scope_kinds() -> dict[str, ResourceSpec]:
+    return {"channels": CHANNELS, "conversations": CONVERSATIONS}
+
+
+def stream_access(
+    session: Session, actor_type: str, actor_id: uuid.UUID | None, user_id: uuid.UUID | None, role: str, scopes: Iterable[str]
+) -> dict[str, errors.NexusError]:
+    """An open stream's right to go on, read afresh: the scopes its caller may no longer see,
+    each with the error that ends a stream of it (empty: all still visible).
+
+    The credential is re-read too (an API key's row and role, the user it acts for): a revoked
+    or expired key or an inactive user raises UNAUTHENTICATED, as a new call would get. `role`
+    is the caller's role as authenticated (a JWT's); an API key's own role replaces it. One
+    query for the credential (with its user) and one per kind of scope, whatever their number."""
+    if actor_type == "system":
+        return {}
+    owner = select(User.is_active, User.delete_time)
+    if actor_type == "api_key":  # the key and the user it acts for, in one query
+        key = session.execute(
+            owner.add_columns(ApiKey.revoke_time, ApiKey.expire_time, ApiKey.role, ApiKey.user_id)
+            .select_from(ApiKey)
+            .outerjoin(User, User.id == ApiKey.user_id)
+            .where(ApiKey.id == actor_id)
+        ).one_or_none()
+        if key is None or key.revoke_time is not None:
+            raise errors.Unauthenticated("the API key was revoked", reason="INVALID_CREDENTIALS")
+        if key.expire_time is not None and key.expire_time <= utcnow():
+            raise errors.Unauthenticated("the credentials have expired", reason="EXPIRED_CREDENTIALS")
+        role, user_id, acting = key.role, key.user_id, key
+    else:
+        acting = session.execute(owner.where(User.id == user_id)).one_or_none() if user_id is not None else None
+    if user_id is not None and (acting is None or not acting.is_active or acting.delete_time is not None):
+        raise errors.Unauthenticated("the credentials act for a user who is not active", reason="INVALID_CREDENTIALS")
+    by_kind: dict[str, dict[uuid.UUID, str]] = {}
+    for scope in scopes:
+        kind, _, raw_id = scope.partition("/")
+        by_kind.setdefault(kind, {})[uuid.UUID(raw_id)] = scope
+    denied: dict[str, errors.NexusError] = {}
+    for kind, ids in by_kind.items():
+        spec = _scope_kinds()[kind]
+        allowed = policy.read_predicate(spec.name, role, user_id)
+        if allowed is None:
+            continue
+        # Only rows that are there and hidden end a stream: a deleted one (soft or for good)
+        # has its last event, the deletion, delivered.
+        rows = session.execute(select(spec.table.c.id, allowed).where(spec.table.c.id.in_(list(ids)))).all()
+        denied.update({ids[row_id]: crud.denied(spec, str(row_id), False) for row_id, visible in rows if not visible})
+    return denied

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import Engine, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,8 @@ from db.models import ChangeEvent, StreamScope
 
 CREATED, UPDATED, DELETED = "created", "updated", "deleted"
 NOTIFY_CHANNEL = "nexus_events"
+# The payload of a notification that says "credentials changed" (not a scope: no "/" in it).
+ACCESS_NOTE = "access"
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,15 @@ def emit(session: Session, scope: str, event_type: str, resource_type: str, reso
     # The event as read_after would read it back: the commit listeners get it whole.
     session.info.setdefault(COMMITTED_EVENTS_KEY, []).append(stored)
     return seq
+
+
+def notify_access(engine: Engine) -> None:
+    """Tell every replica (PostgreSQL NOTIFY, on a connection of its own in autocommit) that
+    credentials changed: their open streams re-check their callers' rights at once instead of
+    at their next periodic check."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": NOTIFY_CHANNEL, "payload": ACCESS_NOTE})
+        conn.commit()
 
 
 def last_sequences(session: Session, scopes: Iterable[str]) -> dict[str, tuple[int, int]]:

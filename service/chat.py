@@ -36,6 +36,10 @@ class ChatService(DomainServicer, chat_pb2_grpc.ChatServiceServicer):
         if heartbeat < 0 or heartbeat > MAX_HEARTBEAT_SECONDS:
             raise errors.InvalidArgument.field("heartbeat_seconds", f"must be 0 (default) to {MAX_HEARTBEAT_SECONDS}")
         assert self.hub is not None
+        authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        caller = streams.Caller.of(self.run.call(context), authorization if isinstance(authorization, str) else None)
+        checked_at = self.hub.clock  # a change of rights after this is re-checked before any event
         positions = await self.run(context, lambda s: chat.stream_positions(s, request), write=False)
-        async for response in streams.stream(self.hub, self.run.db, positions, heartbeat or self.hub.settings.default_heartbeat_seconds):
+        heartbeat_seconds = heartbeat or self.hub.settings.default_heartbeat_seconds
+        async for response in streams.stream(self.hub, self.run.db, positions, heartbeat_seconds, caller, checked_at):
             yield response

@@ -138,6 +138,10 @@ class Config:
     auth_failure_window_seconds: float = 300.0
     auth_recheck_seconds: float = 5.0
     bootstrap_key_file: str | None = None
+    # Live streams and the caller's rights: open streams per caller (API key, JWT subject, the
+    # insecure-dev caller), and how often every open stream's rights are re-read at the latest.
+    max_streams_per_caller: int = 100
+    stream_recheck_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         check_credential_settings(self)
@@ -181,6 +185,7 @@ class Config:
             "tls_client_ca": env.get("NEXUS_TLS_CLIENT_CA") or None,
             **_credential_settings(env),
         }
+        values.update(_stream_limits(env))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -191,3 +196,24 @@ class Config:
         if self.jwt_hs256_secret:
             out["jwt_hs256_secret"] = "***"
         return out
+
+
+def _stream_limits(env: Mapping[str, str]) -> dict[str, Any]:
+    """NEXUS_MAX_STREAMS_PER_CALLER (a whole number >= 1) and NEXUS_STREAM_RECHECK_SECONDS
+    (0 < s <= 1: a right that ended ends its streams within about twice that)."""
+    out: dict[str, Any] = {}
+    for name, key, parse, valid, meaning in (
+        ("NEXUS_MAX_STREAMS_PER_CALLER", "max_streams_per_caller", int, lambda v: v >= 1, "a whole number of at least 1"),
+        ("NEXUS_STREAM_RECHECK_SECONDS", "stream_recheck_seconds", float, lambda v: 0 < v <= 1, "a number of seconds above 0 and at most 1"),
+    ):
+        raw = env.get(name)
+        if raw is None:
+            continue
+        try:
+            value = parse(raw)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise ValueError(f"{name} must be {meaning}, not {raw!r}")
+        out[key] = value
+    return out

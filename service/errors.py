@@ -39,6 +39,7 @@ def to_status(error: NexusError, request_id: str = "") -> grpc.Status:
     retry_delay = getattr(error, "retry_delay", None)
     if retry_delay is not None:  # when to try again (google.rpc.RetryInfo), e.g. after a rate limit
         details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=max(1, math.ceil(retry_delay)))))
+    details.extend(getattr(error, "extra_details", ()))  # e.g. QuotaFailure
     packed = []
     for detail in details:
         holder = any_pb2.Any()

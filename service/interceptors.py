@@ -3,6 +3,7 @@ translation of errors into google.rpc.Status. Health and reflection pass untouch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -150,8 +151,12 @@ class CallGuard:
                 await self.fail(context, exc)
             finally:
                 gate.left()
+                # A stream the client ended while it waited to write is closed later by the
+                # event loop's generator finalizer, in another context: nothing to restore there
+                # (each RPC runs in a task, and a context, of its own).
                 if token is not None:
-                    CURRENT_CALL.reset(token)
+                    with contextlib.suppress(ValueError):
+                        CURRENT_CALL.reset(token)
 
         return guarded
 

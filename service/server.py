@@ -218,7 +218,16 @@ def create_server(config: Config, database: Database | None = None) -> App:
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     run = Runner(db)
-    hub = ChangeHub(db, HubSettings(queue_size=config.stream_queue_size, poll_seconds=config.stream_poll_seconds))
+    hub = ChangeHub(
+        db,
+        HubSettings(
+            queue_size=config.stream_queue_size,
+            poll_seconds=config.stream_poll_seconds,
+            max_streams_per_caller=config.max_streams_per_caller,
+            recheck_seconds=config.stream_recheck_seconds,
+        ),
+        authenticator,
+    )
     names = []
     servicers = []
     guarded = GuardedRegistration(server, actions, authenticator, db.dialect)

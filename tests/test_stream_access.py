@@ -22,7 +22,6 @@ from tests.test_streams import EventReader, ServerProcess, contents, post, proce
 
 Code = grpc.StatusCode
 BOUND = 2.0  # seconds within which a stream whose right ended must end, on every replica
-JWT_SECRET = "a test secret of at least 32 bytes for HS256"
 
 
 def key_for(c: Client, role: int, user: ipb.User | None) -> ipb.ApiKey:
@@ -238,9 +237,9 @@ def test_a_demoted_key_loses_the_private_channel_only_its_old_role_saw(client: C
 def test_a_jwt_stream_ends_when_its_user_is_deactivated_elsewhere_or_the_token_expires(client: Client) -> None:
     """A JWT caller is its user: deactivated through another server (on PostgreSQL the other
     replica is told at once, on SQLite its periodic re-check finds it), or the token's expiry."""
-    from tests.test_access import calling, running, token_for
+    from tests.test_access import HS_SECRET as JWT_SECRET, JWT_CLAIMS, calling, running, token_for
 
-    with running(make_config(client.database_url, jwt_hs256_secret=JWT_SECRET)) as server:
+    with running(make_config(client.database_url, jwt_hs256_secret=JWT_SECRET, **JWT_CLAIMS)) as server:
         address = f"127.0.0.1:{server.port}"
         user = new_user(client, external_id=unique("ext"))
         conversation = client.chat.CreateConversation(cpb.CreateConversationRequest(conversation=cpb.Conversation(title=unique("c"), user_id=user.id)))

@@ -25,10 +25,12 @@ from db.codecs import parse_uuid
 from db.prepared import prepared
 from db.models import RequestRecord
 from db.paging import (
+    DEFAULT_PAGE_BYTES,
     OrderKey,
     decode_token,
     encode_token,
     fingerprint,
+    fitting,
     keyset_after,
     order_clauses,
     page_size,
@@ -248,8 +250,11 @@ def _conditions(spec: ResourceSpec, dialect: str, filter_text: str, show_deleted
     return conditions
 
 
-def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[Message], str, int]:
-    """One keyset page: (resources, next_page_token, total_size)."""
+def list_page(
+    session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES
+) -> tuple[list[Message], str, int]:
+    """One keyset page: (resources, next_page_token, total_size). The page ends early, with a
+    token after its last row, where more rows would take the response past max_bytes."""
     size = page_size(request.page_size)
     show_deleted = bool(getattr(request, "show_deleted", False))
     keys = _order_keys(spec, request.order_by)
@@ -270,12 +275,14 @@ def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) ->
     found = reading.load_rows(session, spec, stmt, extra=1, params=params)
     total = found[0][1] if found else session.connection().execute(count).scalar()
     rows = [row for row, _ in found]
+    messages = [spec.to_proto(r) for r in rows[:size]]
+    kept = fitting(messages, max_bytes)
     next_token = ""
-    if len(rows) > size:
-        rows = rows[:size]
-        last = rows[-1]
+    if len(rows) > kept:
+        messages = messages[:kept]
+        last = rows[kept - 1]
         next_token = encode_token(query_fp, after=[_key_value(last, spec.table.c[k.field]) for k in keys])
-    return [spec.to_proto(r) for r in rows], next_token, int(total or 0)
+    return messages, next_token, int(total or 0)
 
 
 def _order_keys(spec: ResourceSpec, order_by: str) -> list[OrderKey]:
@@ -320,8 +327,11 @@ def _key_value(row: Any, column: Any) -> Any:
     return uuid.UUID(value) if isinstance(value, str) and isinstance(column.type, Uuid) else value
 
 
-def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[tuple[Message, float]], str, int]:
-    """Ranked full-text hits: ([(resource, score)], next_page_token, total_size)."""
+def search(
+    session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES
+) -> tuple[list[tuple[Message, float]], str, int]:
+    """Ranked full-text hits: ([(resource, score)], next_page_token, total_size); cut short
+    within max_bytes as a List page is."""
     size = page_size(request.page_size)
     query = search_query_value(call.dialect, request.query)
     query_fp = fingerprint(spec.name, "search", request.query, request.filter)
@@ -339,11 +349,18 @@ def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tu
     params = {"search_query": query, "search_offset": offset}
     found = reading.load_rows(session, spec, stmt, extra=2, params=params)
     total = found[0][2] if found else session.connection().execute(count, params).scalar()
+    messages = [spec.to_proto(row) for row, _, _ in found[:size]]
+    kept = fitting(messages, max_bytes, extra=_SEARCH_RESULT_EXTRA)
     next_token = ""
-    if len(found) > size:
-        found = found[:size]
-        next_token = encode_token(query_fp, offset=offset + size)
-    return [(spec.to_proto(row), float(score)) for row, score, _ in found], next_token, int(total or 0)
+    if len(found) > kept:
+        messages = messages[:kept]
+        next_token = encode_token(query_fp, offset=offset + kept)
+    return [(message, float(score)) for message, (_, score, _) in zip(messages, found)], next_token, int(total or 0)
+
+
+# A search result wraps its resource: the resource's tag and length (at most 6 bytes below
+# 4 GiB) and the double score (9).
+_SEARCH_RESULT_EXTRA = 6 + 9
 
 
 @functools.lru_cache(maxsize=1024)

@@ -13,10 +13,15 @@ from typing import Any
 from sqlalchemy import and_, bindparam, false, or_, tuple_
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
-from db.errors import InvalidArgument
+from db.errors import InvalidArgument, ResourceExhausted
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# A List or Search response stays within this many bytes unless the server says otherwise
+# (NEXUS_MAX_PAGE_BYTES): 4 MiB, the receive limit gRPC clients have by default.
+DEFAULT_PAGE_BYTES = 4 * 1024 * 1024
+# What a response holds besides its items: next_page_token, total_size.
+_RESPONSE_OVERHEAD = 1024
 _ORDER_TERM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
 
 
@@ -27,6 +32,31 @@ def page_size(requested: int, field_path: str = "page_size") -> int:
     if requested == 0:
         return DEFAULT_PAGE_SIZE
     return min(requested, MAX_PAGE_SIZE)
+
+
+def embedded_size(size: int) -> int:
+    """Bytes a message of `size` bytes takes as a field of another (field numbers below 16):
+    its tag, its length as a varint, itself."""
+    return 1 + (size.bit_length() + 6) // 7 + size if size else 2
+
+
+def fitting(messages: list[Any], max_bytes: int, extra: int = 0) -> int:
+    """How many of messages, in order, a page holds without its response passing max_bytes;
+    each item takes a message's embedded size plus `extra` (a search result's wrapper and
+    score). RESOURCE_EXHAUSTED when the first alone does not fit: field limits keep any row far
+    below the smallest sane limit, so it means the server's limit is set below them."""
+    total = _RESPONSE_OVERHEAD
+    for i, message in enumerate(messages):
+        total += embedded_size(message.ByteSize() + extra)
+        if total > max_bytes:
+            if i == 0:
+                raise ResourceExhausted(
+                    f"the resource {message.id} alone is larger than the response limit ({max_bytes} bytes)",
+                    reason="RESPONSE_TOO_LARGE",
+                    metadata={"resource_id": message.id, "max_bytes": str(max_bytes)},
+                )
+            return i
+    return len(messages)
 
 
 @dataclass(frozen=True)

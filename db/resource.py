@@ -1,6 +1,7 @@
 """The resource declaration: everything the generic engine needs to serve one resource."""
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import functools
 import keyword
@@ -15,11 +16,13 @@ from sqlalchemy.orm import Session
 
 from db.base import UTCDateTime
 from db.codecs import (
+    DEFAULT_LIMITS,
     DateCodec,
     EnumCodec,
     FieldCodec,
     OutputCodec,
     ScalarCodec,
+    SizeLimit,
     StringListCodec,
     StructCodec,
     TimestampCodec,
@@ -81,6 +84,10 @@ class ResourceSpec:
     read_only: bool = False
     # Whether changes are recorded in the audit trail.
     audited: bool = True
+    # Field -> its maximum size, instead of the default of its kind (codecs.DEFAULT_LIMITS); a
+    # column with a length allows no more than that length. A relation field (member_ids) takes
+    # items only.
+    size_limits: dict[str, SizeLimit] = field(default_factory=dict)
 
     @property
     def soft_delete(self) -> bool:
@@ -102,14 +109,39 @@ class ResourceSpec:
         columns = {c.key: c for c in mapper.columns}
         for fd in self.message.DESCRIPTOR.fields:
             if fd.name in self.extra_codecs:
-                out[fd.name] = self.extra_codecs[fd.name]
+                # A copy: the limit set below belongs to this resource's field.
+                out[fd.name] = copy.copy(self.extra_codecs[fd.name])
             elif fd.name == "etag":
                 out[fd.name] = OutputCodec("etag", etag_of)
             elif fd.name in columns:
                 out[fd.name] = _codec_for(fd, columns[fd.name])
             else:
                 raise TypeError(f"{self.name}.{fd.name}: no column and no codec declared")
+            out[fd.name].limit = self._size_limit(fd.name, out[fd.name])
+        unknown = set(self.size_limits) - set(out)
+        if unknown:
+            raise TypeError(f"{self.name}: size_limits names no field: {', '.join(sorted(unknown))}")
         return out
+
+    def _size_limit(self, name: str, codec: FieldCodec) -> SizeLimit | None:
+        """The one place that decides how large a field may be: the resource's declaration, else
+        the column's length, else the default of the field's kind; None for a field its type
+        bounds (or one never written)."""
+        if codec.size_kind is None or not codec.writable:
+            return None
+        length = getattr(codec, "column_length", None)
+        declared = self.size_limits.get(name)
+        if declared is None:
+            return SizeLimit(chars=length) if length is not None else DEFAULT_LIMITS[codec.size_kind]
+        if length is not None and (declared.chars is None or declared.chars > length):
+            raise TypeError(f"{self.name}.{name}: its column holds at most {length} characters; the limit cannot be larger")
+        return declared
+
+    def relation_limit(self, key: str) -> int:
+        """How many related rows the relationship `key` (one of relation_fields) may hold."""
+        declared = self.size_limits.get(self.relation_fields[key][0])
+        items = declared.items if declared is not None else None
+        return items if items is not None else DEFAULT_LIMITS["relation"].items  # type: ignore[return-value]
 
     @functools.cached_property
     def all_output_only(self) -> frozenset[str]:

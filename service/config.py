@@ -22,6 +22,20 @@ def _bool(value: str) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+def _int_at_least(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    """The integer setting `name`; a ValueError naming it when it is not one, or below minimum."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
 def normalize_url(url: str) -> str:
     """postgres:// and postgresql:// URLs use psycopg2 explicitly."""
     for prefix in ("postgres://", "postgresql://"):
@@ -85,6 +99,15 @@ class Config:
     # argon2id cost of password and key hashes (argon2-cffi defaults: 3 passes, 64 MiB).
     hash_time_cost: int = 3
     hash_memory_kib: int = 65536
+    # Response size: a List or Search page is cut short (with a next_page_token) before it
+    # passes this many bytes, or max_message_bytes if that is smaller. 4 MiB: what gRPC clients
+    # accept by default.
+    max_page_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def page_bytes(self) -> int:
+        """The size a List or Search response stays within."""
+        return min(self.max_page_bytes, self.max_message_bytes)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
@@ -123,6 +146,7 @@ class Config:
             "tls_cert": env.get("NEXUS_TLS_CERT") or None,
             "tls_key": env.get("NEXUS_TLS_KEY") or None,
             "tls_client_ca": env.get("NEXUS_TLS_CLIENT_CA") or None,
+            "max_page_bytes": _int_at_least(env, "NEXUS_MAX_PAGE_BYTES", cls.max_page_bytes, 4096),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -183,7 +183,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
-    run = Runner(db)
+    run = Runner(db, config.page_bytes)
     hub = ChangeHub(db, HubSettings(queue_size=config.stream_queue_size, poll_seconds=config.stream_poll_seconds))
     names = []
     servicers = []

@@ -11,7 +11,7 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from sqlalchemy import JSON, Boolean, Date, Float, Integer, Numeric, String, Uuid, inspect
+from sqlalchemy import JSON, Boolean, Date, Float, Integer, Numeric, String, Uuid, event, inspect
 from sqlalchemy.orm import Session
 
 from db.base import UTCDateTime
@@ -29,6 +29,7 @@ from db.codecs import (
     UuidCodec,
     enum_filter_names,
 )
+from db.errors import ResourceExhausted
 from db.filtering import FieldKind, FilterCompiler, FilterField
 
 COMMON_OUTPUT_ONLY = frozenset({"id", "create_time", "update_time", "delete_time", "etag"})
@@ -312,3 +313,26 @@ class Registry:
 
 
 REGISTRY = Registry()
+
+
+@event.listens_for(Session, "before_flush")
+def _check_relation_sizes(session: Session, flush_context: Any, instances: Any) -> None:
+    """A relation that grew past its limit (ResourceSpec.relation_limit) stops the flush:
+    RESOURCE_EXHAUSTED naming the field, whichever method added to it (AddProjectMember,
+    AddChannelMember, AddTaskDependency, AssignRole)."""
+    for obj in session.dirty:
+        try:
+            spec = REGISTRY.by_model(type(obj))
+        except KeyError:
+            continue
+        state = inspect(obj)
+        for key, (field_name, _) in spec.relation_fields.items():
+            if not state.attrs[key].history.added:
+                continue
+            limit, count = spec.relation_limit(key), len(getattr(obj, key))
+            if count > limit:
+                raise ResourceExhausted(
+                    f"{spec.name} {obj.id} may have at most {limit} {field_name} (it would have {count})",
+                    reason="TOO_MANY_RELATED",
+                    metadata={"field": field_name, "limit": str(limit), "resource_id": str(obj.id)},
+                )

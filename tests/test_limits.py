@@ -312,3 +312,53 @@ def test_audit_entries_of_large_values_are_truncated_with_a_marker(client: Clien
     preferences = entry["preferences"][1]
     assert isinstance(preferences, str) and len(preferences) <= AUDIT_VALUE_CHARS + 64
     assert preferences.startswith('{"k":"ppp') and preferences.endswith(" bytes of JSON]")
+
+
+# ------------------------------------------------------------------ relations stay bounded
+
+
+def _relation_adders(c: Client) -> dict[str, tuple[Any, Any]]:
+    """Resource -> (a new parent, add(parent, i) that adds its i-th related row)."""
+    from nexus.identity.v1 import identity_pb2 as ipb
+
+    def add_project_member(p: Any, i: int) -> Any:
+        return c.work.AddProjectMember(wpb.AddProjectMemberRequest(project_id=p.id, user_id=new_user(c).id))
+
+    def add_channel_member(ch: Any, i: int) -> Any:
+        return c.chat.AddChannelMember(cpb.AddChannelMemberRequest(channel_id=ch.id, user_id=new_user(c).id))
+
+    def add_dependency(t: Any, i: int) -> Any:
+        other = new_task(c, wpb.Project(id=t.project_id))
+        return c.work.AddTaskDependency(wpb.AddTaskDependencyRequest(task_id=t.id, depends_on_task_id=other.id))
+
+    def assign_role(u: Any, i: int) -> Any:
+        role = c.identity.CreateRole(ipb.CreateRoleRequest(role=ipb.Role(name=unique("role"))))
+        return c.identity.AssignRole(ipb.AssignRoleRequest(user_id=u.id, role_id=role.id))
+
+    return {
+        "Project": (lambda: new_project(c), add_project_member),
+        "Channel": (lambda: new_channel(c), add_channel_member),
+        "Task": (lambda: new_task(c), add_dependency),
+        "User": (lambda: new_user(c), assign_role),
+    }
+
+
+def test_relations_are_bounded_whichever_method_adds_to_them(client: Client) -> None:
+    adders = _relation_adders(client)
+    related = sorted(s.name for s in REGISTRY if s.relation_fields)
+    assert related == sorted(adders), "every resource with a relation is covered"
+    for name, (make, add) in adders.items():
+        spec = REGISTRY[name]
+        ((key, (field_name, _)),) = spec.relation_fields.items()
+        assert spec.relation_limit(key) == DEFAULT_LIMITS["relation"].items
+        spec.size_limits[field_name] = SizeLimit(items=2)  # a small limit to reach, on the running server
+        try:
+            parent = make()
+            for i in range(2):
+                parent = add(parent, i)
+            err = expect_error(Code.RESOURCE_EXHAUSTED, add, parent, 2)
+            assert err.info.reason == "TOO_MANY_RELATED" and err.info.metadata["field"] == field_name
+            now = Api(client, spec).call("Get{E}", id=parent.id)
+            assert len(getattr(now, field_name)) == 2 and now.etag == parent.etag, f"{name}: nothing changed"
+        finally:
+            del spec.size_limits[field_name]

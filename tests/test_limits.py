@@ -362,3 +362,29 @@ def test_relations_are_bounded_whichever_method_adds_to_them(client: Client) -> 
             assert len(getattr(now, field_name)) == 2 and now.etag == parent.etag, f"{name}: nothing changed"
         finally:
             del spec.size_limits[field_name]
+
+
+def test_no_resource_message_can_pass_1_mib() -> None:
+    """Every bounded field at its limit, in the encoding that makes the message largest: 4-byte
+    characters, a Struct of a long list of zeros (11 bytes each as protobuf, 2 as JSON), every
+    relation full. A change event carries one such message: far below a client's default 4 MiB."""
+    wide = "\U0001F600"  # 4 bytes in UTF-8
+    for spec in SPECS:
+        msg = spec.message()
+        for name, codec in sized(spec):
+            limit = codec.limit
+            assert limit is not None
+            if isinstance(codec, StructCodec):
+                getattr(msg, name).update({"k": [0] * ((limit.json_bytes - 6) // 2)})  # type: ignore[operator]
+            elif isinstance(codec, MessageListCodec):
+                getattr(msg, name).add(name=wide * ((limit.json_bytes - 13) // 4))  # type: ignore[operator]
+            elif isinstance(codec, StringListCodec):
+                getattr(msg, name).extend([wide * limit.chars] * limit.items)  # type: ignore[operator]
+            elif name != "password":  # write-only
+                setattr(msg, name, wide * limit.chars)  # type: ignore[operator]
+        for key, (field_name, _) in spec.relation_fields.items():
+            (column,) = spec.relation_columns.get(key, ("id",))
+            target = REGISTRY.by_model(spec.model.__mapper__.relationships[key].mapper.class_)
+            label = "x" * 36 if column == "id" else wide * target.codecs[column].limit.chars  # type: ignore[union-attr]
+            getattr(msg, field_name).extend([label] * spec.relation_limit(key))
+        assert msg.ByteSize() < 1 << 20, f"{spec.name}: {msg.ByteSize()} bytes"

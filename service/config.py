@@ -22,17 +22,19 @@ def _bool(value: str) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
-def _int_at_least(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
-    """The integer setting `name`; a ValueError naming it when it is not one, or below minimum."""
+def _number_at_least(env: Mapping[str, str], name: str, default: Any, minimum: Any) -> Any:
+    """The setting `name`, of default's type (int or float); a ValueError naming it when it is
+    not such a number, or is below minimum."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
+    kind = type(default)
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+    if not value >= minimum:  # NaN too
+        raise ValueError(f"{name} must be at least {minimum}, got {raw}")
     return value
 
 
@@ -103,6 +105,9 @@ class Config:
     # passes this many bytes, or max_message_bytes if that is smaller. 4 MiB: what gRPC clients
     # accept by default.
     max_page_bytes: int = 4 * 1024 * 1024
+    # How often the resident size is looked at; grown by 32 MiB since the last look, freed heap
+    # memory goes back to the system (service/memory.py). 0: never.
+    memory_trim_seconds: float = 2.0
 
     @property
     def page_bytes(self) -> int:
@@ -146,7 +151,8 @@ class Config:
             "tls_cert": env.get("NEXUS_TLS_CERT") or None,
             "tls_key": env.get("NEXUS_TLS_KEY") or None,
             "tls_client_ca": env.get("NEXUS_TLS_CLIENT_CA") or None,
-            "max_page_bytes": _int_at_least(env, "NEXUS_MAX_PAGE_BYTES", cls.max_page_bytes, 4096),
+            "max_page_bytes": _number_at_least(env, "NEXUS_MAX_PAGE_BYTES", cls.max_page_bytes, 4096),
+            "memory_trim_seconds": _number_at_least(env, "NEXUS_MEMORY_TRIM_SECONDS", cls.memory_trim_seconds, 0.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

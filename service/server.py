@@ -32,6 +32,7 @@ from service import policy
 from service.auth import Authenticator, JwtSettings
 from service.interceptors import GuardedRegistration
 from service.identity import IdentityService
+from service.memory import MemoryTrimmer
 from service.rpc import Runner
 from service.security import SecurityService
 from service.streams import ChangeHub, HubSettings
@@ -66,6 +67,7 @@ class App:
     hub: ChangeHub
     _monitor: asyncio.Task[None] | None = None
     _purger: asyncio.Task[None] | None = None
+    _trimmer: asyncio.Task[None] | None = None
     _stopping: bool = False
     ready: bool = False
     servicers: list[Any] = field(default_factory=list)
@@ -107,6 +109,7 @@ class App:
         await self.set_ready(await asyncio.get_running_loop().run_in_executor(None, self.db.ping))
         self._monitor = asyncio.create_task(self._watch_database())
         self._purger = asyncio.create_task(self._purge_old_events())
+        self._trimmer = asyncio.create_task(MemoryTrimmer(self.config.memory_trim_seconds).run())
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, a short drain so load balancers notice, stop with grace, dispose the engine."""
@@ -114,7 +117,7 @@ class App:
             return
         self._stopping = True
         await self.set_ready(False)
-        for task in (self._monitor, self._purger):
+        for task in (self._monitor, self._purger, self._trimmer):
             if task is not None:
                 task.cancel()
         if self.config.drain_seconds > 0:

@@ -26,6 +26,7 @@ from db.prepared import prepared
 from db.models import RequestRecord
 from db.paging import (
     DEFAULT_PAGE_BYTES,
+    SEARCH_RESULT_EXTRA,
     OrderKey,
     decode_token,
     encode_token,
@@ -350,18 +351,12 @@ def search(
     found = reading.load_rows(session, spec, stmt, extra=2, params=params)
     total = found[0][2] if found else session.connection().execute(count, params).scalar()
     messages = [spec.to_proto(row) for row, _, _ in found[:size]]
-    kept = fitting(messages, max_bytes, extra=_SEARCH_RESULT_EXTRA)
+    kept = fitting(messages, max_bytes, extra=SEARCH_RESULT_EXTRA)
     next_token = ""
     if len(found) > kept:
         messages = messages[:kept]
         next_token = encode_token(query_fp, offset=offset + kept)
     return [(message, float(score)) for message, (_, score, _) in zip(messages, found)], next_token, int(total or 0)
-
-
-# A search result wraps its resource: the resource's tag and length (at most 6 bytes below
-# 4 GiB) and the double score (9).
-_SEARCH_RESULT_EXTRA = 6 + 9
-
 
 @functools.lru_cache(maxsize=1024)
 def _search_statements(spec: ResourceSpec, dialect: str, filter_text: str, size: int) -> tuple[Any, Any]:

@@ -22,6 +22,9 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_BYTES = 4 * 1024 * 1024
 # What a response holds besides its items: next_page_token, total_size.
 _RESPONSE_OVERHEAD = 1024
+# A search result wraps its resource: the resource's tag and length (at most 6 bytes below
+# 4 GiB) and the double score (9).
+SEARCH_RESULT_EXTRA = 6 + 9
 _ORDER_TERM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
 
 

@@ -214,7 +214,7 @@ def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
     return spec.to_proto(found(spec, row, raw_id, allowed, show_deleted=show_deleted, write=False, field_path="id"), mask)
 
 
-def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Message]:
+def batch_get(session: Session, spec: ResourceSpec, request: Any, max_bytes: int = DEFAULT_PAGE_BYTES) -> list[Message]:
     ids = list(request.ids)
     if not ids:
         raise errors.InvalidArgument.field("ids", "must name at least one id", reason="REQUIRED_FIELD")
@@ -235,6 +235,7 @@ def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Messag
         if row is None or (spec.soft_delete and row.delete_time is not None):
             raise errors.NotFound.resource(spec.name, ids[i], f"ids[{i}]")
         out.append(spec.to_proto(row, mask))
+    fitting(out, max_bytes, whole=True)
     return out
 
 

@@ -43,15 +43,22 @@ def embedded_size(size: int) -> int:
     return 1 + (size.bit_length() + 6) // 7 + size if size else 2
 
 
-def fitting(messages: list[Any], max_bytes: int, extra: int = 0) -> int:
+def fitting(messages: list[Any], max_bytes: int, extra: int = 0, whole: bool = False) -> int:
     """How many of messages, in order, a page holds without its response passing max_bytes;
     each item takes a message's embedded size plus `extra` (a search result's wrapper and
     score). RESOURCE_EXHAUSTED when the first alone does not fit: field limits keep any row far
-    below the smallest sane limit, so it means the server's limit is set below them."""
+    below the smallest sane limit, so it means the server's limit is set below them; with
+    whole=True (a BatchGet, all or nothing) also when any does not."""
     total = _RESPONSE_OVERHEAD
     for i, message in enumerate(messages):
         total += embedded_size(message.ByteSize() + extra)
         if total > max_bytes:
+            if whole:
+                raise ResourceExhausted(
+                    f"the {len(messages)} resources asked for take more than the response limit ({max_bytes} bytes); ask for fewer",
+                    reason="RESPONSE_TOO_LARGE",
+                    metadata={"field": "ids", "max_bytes": str(max_bytes)},
+                )
             if i == 0:
                 raise ResourceExhausted(
                     f"the resource {message.id} alone is larger than the response limit ({max_bytes} bytes)",

@@ -119,7 +119,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
     if spec.batch_get:
 
         async def batch_get(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            items = await run(context, lambda s: crud.batch_get(s, spec, request), write=False, resource_type=name, core=True)
+            items = await run(context, lambda s: crud.batch_get(s, spec, request, run.page_bytes), write=False, resource_type=name, core=True)
             response = getattr(pb, f"BatchGet{Es}Response")()
             getattr(response, plural_field).extend(items)
             return response

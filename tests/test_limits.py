@@ -457,3 +457,13 @@ def test_server_memory_returns_after_large_requests(client: Client, tmp_path: An
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_batch_get_larger_than_the_limit_is_a_clear_error(client: Client, small_server: Client) -> None:
+    project = new_project(client)
+    tasks = [new_task(client, project, description="d" * 12_000) for _ in range(8)]
+    ids = [t.id for t in tasks]
+    err = expect_error(Code.RESOURCE_EXHAUSTED, small_server.work.BatchGetTasks, wpb.BatchGetTasksRequest(ids=ids))
+    assert err.info.reason == "RESPONSE_TOO_LARGE" and err.info.metadata["field"] == "ids"
+    got = small_server.work.BatchGetTasks(wpb.BatchGetTasksRequest(ids=ids[:3]))
+    assert [t.id for t in got.tasks] == ids[:3]

@@ -26,13 +26,16 @@ from db.prepared import prepared
 from db.models import RequestRecord
 from db.paging import (
     DEFAULT_PAGE_BYTES,
+    FIRST_READ,
     SEARCH_RESULT_EXTRA,
     OrderKey,
+    PageBudget,
     decode_token,
     encode_token,
     fingerprint,
     fitting,
     keyset_after,
+    next_read,
     order_clauses,
     page_size,
     parse_order_by,
@@ -267,23 +270,36 @@ def list_page(
         if "k" not in payload:
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         after = payload["k"]
-    nulls = None if after is None else tuple(v is None for v in after)
     allowed = _predicate(spec, write=False)
-    if allowed is None:
-        stmt, count = _page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, size)
-    else:  # the caller's row rule holds its own values: built for this call
-        stmt, count = _build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, size, allowed)
-    params = {f"after_{i}": value for i, value in enumerate(after or ()) if value is not None}
-    found = reading.load_rows(session, spec, stmt, extra=1, params=params)
-    total = found[0][1] if found else session.connection().execute(count).scalar()
-    rows = [row for row, _ in found]
-    messages = [spec.to_proto(r) for r in rows[:size]]
-    kept = fitting(messages, max_bytes)
-    next_token = ""
-    if len(rows) > kept:
-        messages = messages[:kept]
-        last = rows[kept - 1]
-        next_token = encode_token(query_fp, after=[_key_value(last, spec.table.c[k.field]) for k in keys])
+    budget = PageBudget(max_bytes)
+    messages: list[Message] = []
+    total, last, more, read = None, None, False, min(size, FIRST_READ)
+    while True:  # one statement, or more for a page larger than FIRST_READ rows
+        nulls = None if after is None else tuple(v is None for v in after)
+        counted = total is None
+        if allowed is None:
+            stmt, count = _page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, counted)
+        else:  # the caller's row rule holds its own values: built for this call
+            stmt, count = _build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, allowed, counted)
+        params = {f"after_{i}": value for i, value in enumerate(after or ()) if value is not None}
+        found = reading.load_rows(session, spec, stmt, extra=int(counted), params=params)
+        if counted:
+            total = found[0][1] if found else session.connection().execute(count).scalar()
+            found = [row for row, _ in found]
+        rows = found
+        chunk = [spec.to_proto(r) for r in rows[:min(read, size - len(messages))]]
+        kept = budget.take(chunk)
+        messages.extend(chunk[:kept])
+        if kept:
+            last = rows[kept - 1]
+        if kept < len(chunk) or (len(rows) > len(chunk) and len(messages) >= size):
+            more = True
+            break
+        if len(rows) <= len(chunk):
+            break  # no more rows
+        after = [_key_value(last, spec.table.c[k.field]) for k in keys]
+        read = next_read(size - len(messages), budget.rows_left())
+    next_token = encode_token(query_fp, after=[_key_value(last, spec.table.c[k.field]) for k in keys]) if more else ""
     return messages, next_token, int(total or 0)
 
 
@@ -294,20 +310,22 @@ def _order_keys(spec: ResourceSpec, order_by: str) -> list[OrderKey]:
 
 @functools.lru_cache(maxsize=1024)
 def _page_statements(
-    spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None, size: int
+    spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None, size: int,
+    counted: bool = True,
 ) -> tuple[Any, Any]:
     """_build_page_statements without a row rule, built once per query shape: a statement
     object used again keeps its SQLAlchemy cache key, so it is neither rebuilt nor traversed.
     The values of the page token are parameters: after_<i>."""
-    return _build_page_statements(spec, dialect, filter_text, show_deleted, order_by, nulls, size, None)
+    return _build_page_statements(spec, dialect, filter_text, show_deleted, order_by, nulls, size, None, counted)
 
 
 def _build_page_statements(
     spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None,
-    size: int, allowed: Any,
+    size: int, allowed: Any, counted: bool = True,
 ) -> tuple[Any, Any]:
     """(page statement, COUNT statement) of a List: the page's rows after the token's keys
-    (nulls: which of them are NULL; None on the first page), with total_size as a column."""
+    (nulls: which of them are NULL; None on the first page), with total_size as a column
+    unless not counted (the later statements of a large page)."""
     keys = _order_keys(spec, order_by)
     conditions = _conditions(spec, dialect, filter_text, show_deleted, allowed)
     page_conditions = list(conditions)
@@ -318,7 +336,9 @@ def _build_page_statements(
     # total_size rides on the page's rows: an uncorrelated subquery, which both engines evaluate
     # once; one statement, one round trip, and on PostgreSQL's autocommit reads the count comes
     # from the page's own snapshot. An empty page counts on its own.
-    stmt = reading.select_rows(spec, dialect).add_columns(count.scalar_subquery().label("total_size"))
+    stmt = reading.select_rows(spec, dialect)
+    if counted:
+        stmt = stmt.add_columns(count.scalar_subquery().label("total_size"))
     stmt = stmt.where(*page_conditions).order_by(*order_clauses(keys)).limit(size + 1)
     return stmt, count
 

@@ -22,6 +22,10 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_BYTES = 4 * 1024 * 1024
 # What a response holds besides its items: next_page_token, total_size.
 _RESPONSE_OVERHEAD = 1024
+# Rows the first statement of a List page reads; a larger page reads the rest with further
+# statements, as many rows as its response has room for: a page of 1,000 large rows cut at
+# 4 MiB reads a few MiB from the database, not 1,000 rows of them.
+FIRST_READ = 100
 # A search result wraps its resource: the resource's tag and length (at most 6 bytes below
 # 4 GiB) and the double score (9).
 SEARCH_RESULT_EXTRA = 6 + 9
@@ -43,30 +47,58 @@ def embedded_size(size: int) -> int:
     return 1 + (size.bit_length() + 6) // 7 + size if size else 2
 
 
+class PageBudget:
+    """The bytes a response may still take, as its items are added a chunk at a time."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = _RESPONSE_OVERHEAD
+        self.items = 0
+
+    def take(self, messages: list[Any], extra: int = 0, whole: bool = False) -> int:
+        """How many of messages, in order, still fit; each item takes a message's embedded
+        size plus `extra` (a search result's wrapper and score). RESOURCE_EXHAUSTED when the
+        response's first item alone does not fit: field limits keep any row far below the
+        smallest sane limit, so it means the server's limit is set below them; with whole=True
+        (a BatchGet, all or nothing) also when any does not."""
+        for i, message in enumerate(messages):
+            size = embedded_size(message.ByteSize() + extra)
+            if self.used + size > self.max_bytes:
+                if whole:
+                    raise ResourceExhausted(
+                        f"the {len(messages)} resources asked for take more than the response limit ({self.max_bytes} bytes); ask for fewer",
+                        reason="RESPONSE_TOO_LARGE",
+                        metadata={"field": "ids", "max_bytes": str(self.max_bytes)},
+                    )
+                if self.items == 0:
+                    raise ResourceExhausted(
+                        f"the resource {message.id} alone is larger than the response limit ({self.max_bytes} bytes)",
+                        reason="RESPONSE_TOO_LARGE",
+                        metadata={"resource_id": message.id, "max_bytes": str(self.max_bytes)},
+                    )
+                return i
+            self.used += size
+            self.items += 1
+        return len(messages)
+
+    def rows_left(self) -> int:
+        """About how many more items of the average size so far fit (at least 1)."""
+        if not self.items:
+            return MAX_PAGE_SIZE
+        average = (self.used - _RESPONSE_OVERHEAD) / self.items
+        return max(1, int((self.max_bytes - self.used) / average) + 1)
+
+
 def fitting(messages: list[Any], max_bytes: int, extra: int = 0, whole: bool = False) -> int:
-    """How many of messages, in order, a page holds without its response passing max_bytes;
-    each item takes a message's embedded size plus `extra` (a search result's wrapper and
-    score). RESOURCE_EXHAUSTED when the first alone does not fit: field limits keep any row far
-    below the smallest sane limit, so it means the server's limit is set below them; with
-    whole=True (a BatchGet, all or nothing) also when any does not."""
-    total = _RESPONSE_OVERHEAD
-    for i, message in enumerate(messages):
-        total += embedded_size(message.ByteSize() + extra)
-        if total > max_bytes:
-            if whole:
-                raise ResourceExhausted(
-                    f"the {len(messages)} resources asked for take more than the response limit ({max_bytes} bytes); ask for fewer",
-                    reason="RESPONSE_TOO_LARGE",
-                    metadata={"field": "ids", "max_bytes": str(max_bytes)},
-                )
-            if i == 0:
-                raise ResourceExhausted(
-                    f"the resource {message.id} alone is larger than the response limit ({max_bytes} bytes)",
-                    reason="RESPONSE_TOO_LARGE",
-                    metadata={"resource_id": message.id, "max_bytes": str(max_bytes)},
-                )
-            return i
-    return len(messages)
+    """PageBudget(max_bytes).take(messages, extra, whole): how many of messages one response holds."""
+    return PageBudget(max_bytes).take(messages, extra, whole)
+
+
+def next_read(need: int, room: int) -> int:
+    """Rows the next statement of a page reads: what the page still needs, no more than about
+    fits, as a power of two (few statement shapes to build and cache)."""
+    n = max(1, min(need, room))
+    return min(1 << (n - 1).bit_length(), MAX_PAGE_SIZE)
 
 
 @dataclass(frozen=True)

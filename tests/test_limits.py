@@ -467,3 +467,32 @@ def test_batch_get_larger_than_the_limit_is_a_clear_error(client: Client, small_
     assert err.info.reason == "RESPONSE_TOO_LARGE" and err.info.metadata["field"] == "ids"
     got = small_server.work.BatchGetTasks(wpb.BatchGetTasksRequest(ids=ids[:3]))
     assert [t.id for t in got.tasks] == ids[:3]
+
+
+def test_a_page_larger_than_one_read_is_whole_and_in_order(client: Client, small_server: Client) -> None:
+    """A page of more rows than its first statement reads (paging.FIRST_READ) is read in several
+    statements, each after the last row of the one before: the same rows in the same order as
+    small pages give, also ordered by a key that is NULL for some rows."""
+    from nexus.common.v1 import common_pb2
+
+    from db.paging import FIRST_READ
+
+    project = new_project(client)
+    requests = [
+        wpb.CreateTaskRequest(task=wpb.Task(
+            project_id=project.id, title=f"t{i % 7}", description="x" * (i % 5) * 300,
+            due_date=common_pb2.Date(year=2026, month=1 + i % 12, day=1) if i % 3 else None,
+        ))
+        for i in range(FIRST_READ + 60)
+    ]
+    client.work.BatchCreateTasks(wpb.BatchCreateTasksRequest(requests=requests))
+    flt = f'project_id = "{project.id}"'
+    for order_by in ("", "title desc", "due_date", "due_date desc, title"):
+        def page(token: str, size: int, c: Client = client, order_by: str = order_by) -> Any:
+            return c.work.ListTasks(wpb.ListTasksRequest(filter=flt, order_by=order_by, page_size=size, page_token=token))
+
+        small, _ = _pages(lambda t: page(t, 25), lambda p: [x.id for x in p.tasks], 16 << 20)
+        whole = page("", 1000)
+        assert [x.id for x in whole.tasks] == small and not whole.next_page_token and whole.total_size == len(small), order_by
+        cut, pages = _pages(lambda t: page(t, 1000, small_server), lambda p: [x.id for x in p.tasks], 64 * 1024)
+        assert cut == small and pages > 1, order_by

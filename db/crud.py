@@ -26,19 +26,17 @@ from db.prepared import prepared
 from db.models import RequestRecord
 from db.paging import (
     DEFAULT_PAGE_BYTES,
-    FIRST_READ,
     SEARCH_RESULT_EXTRA,
     OrderKey,
-    PageBudget,
     decode_token,
     encode_token,
     fingerprint,
     fitting,
     keyset_after,
-    next_read,
     order_clauses,
     page_size,
     parse_order_by,
+    read_page,
 )
 from db.resource import REGISTRY, ResourceSpec, etag_of
 from db.search import search_query_value, search_terms
@@ -271,36 +269,25 @@ def list_page(
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         after = payload["k"]
     allowed = _predicate(spec, write=False)
-    budget = PageBudget(max_bytes)
-    messages: list[Message] = []
-    total, last, more, read = None, None, False, min(size, FIRST_READ)
-    while True:  # one statement, or more for a page larger than FIRST_READ rows
-        nulls = None if after is None else tuple(v is None for v in after)
-        counted = total is None
+    columns = [spec.table.c[k.field] for k in keys]
+
+    def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
+        start = after if last is None else [_key_value(last, column) for column in columns]
+        nulls = None if start is None else tuple(v is None for v in start)
         if allowed is None:
             stmt, count = _page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, counted)
         else:  # the caller's row rule holds its own values: built for this call
             stmt, count = _build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, allowed, counted)
-        params = {f"after_{i}": value for i, value in enumerate(after or ()) if value is not None}
+        params = {f"after_{i}": value for i, value in enumerate(start or ()) if value is not None}
         found = reading.load_rows(session, spec, stmt, extra=int(counted), params=params)
-        if counted:
-            total = found[0][1] if found else session.connection().execute(count).scalar()
-            found = [row for row, _ in found]
-        rows = found
-        chunk = [spec.to_proto(r) for r in rows[:min(read, size - len(messages))]]
-        kept = budget.take(chunk)
-        messages.extend(chunk[:kept])
-        if kept:
-            last = rows[kept - 1]
-        if kept < len(chunk) or (len(rows) > len(chunk) and len(messages) >= size):
-            more = True
-            break
-        if len(rows) <= len(chunk):
-            break  # no more rows
-        after = [_key_value(last, spec.table.c[k.field]) for k in keys]
-        read = next_read(size - len(messages), budget.rows_left())
-    next_token = encode_token(query_fp, after=[_key_value(last, spec.table.c[k.field]) for k in keys]) if more else ""
-    return messages, next_token, int(total or 0)
+        if not counted:
+            return found, None
+        total = found[0][1] if found else session.connection().execute(count).scalar()
+        return [row for row, _ in found], total
+
+    rows, messages, more, total = read_page(size, max_bytes, fetch, spec.to_proto)
+    next_token = encode_token(query_fp, after=[_key_value(rows[-1], column) for column in columns]) if more else ""
+    return messages, next_token, total
 
 
 def _order_keys(spec: ResourceSpec, order_by: str) -> list[OrderKey]:
@@ -364,20 +351,22 @@ def search(
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         offset = payload["o"]
     allowed = _predicate(spec, write=False)
-    if allowed is None:
-        stmt, count = _search_statements(spec, call.dialect, request.filter, size)
-    else:  # the caller's row rule holds its own values: built for this call
-        stmt, count = _build_search_statements(spec, call.dialect, request.filter, size, allowed)
-    params = {"search_query": query, "search_offset": offset}
-    found = reading.load_rows(session, spec, stmt, extra=2, params=params)
-    total = found[0][2] if found else session.connection().execute(count, params).scalar()
-    messages = [spec.to_proto(row) for row, _, _ in found[:size]]
-    kept = fitting(messages, max_bytes, extra=SEARCH_RESULT_EXTRA)
-    next_token = ""
-    if len(found) > kept:
-        messages = messages[:kept]
-        next_token = encode_token(query_fp, offset=offset + kept)
-    return [(message, float(score)) for message, (_, score, _) in zip(messages, found)], next_token, int(total or 0)
+
+    def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
+        if allowed is None:
+            stmt, count = _search_statements(spec, call.dialect, request.filter, read)
+        else:  # the caller's row rule holds its own values: built for this call
+            stmt, count = _build_search_statements(spec, call.dialect, request.filter, read, allowed)
+        params = {"search_query": query, "search_offset": offset + taken}
+        found = reading.load_rows(session, spec, stmt, extra=2, params=params)
+        if not counted:
+            return found, None
+        return found, found[0][2] if found else session.connection().execute(count, params).scalar()
+
+    hits, messages, more, total = read_page(size, max_bytes, fetch, lambda hit: spec.to_proto(hit[0]), SEARCH_RESULT_EXTRA)
+    next_token = encode_token(query_fp, offset=offset + len(hits)) if more else ""
+    return [(message, float(score)) for message, (_, score, _) in zip(messages, hits)], next_token, total
+
 
 @functools.lru_cache(maxsize=1024)
 def _search_statements(spec: ResourceSpec, dialect: str, filter_text: str, size: int) -> tuple[Any, Any]:

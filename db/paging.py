@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,37 @@ class PageBudget:
 def fitting(messages: list[Any], max_bytes: int, extra: int = 0, whole: bool = False) -> int:
     """PageBudget(max_bytes).take(messages, extra, whole): how many of messages one response holds."""
     return PageBudget(max_bytes).take(messages, extra, whole)
+
+
+def read_page(
+    size: int, max_bytes: int, fetch: Callable[[int, bool, Any, int], tuple[list[Any], int | None]],
+    to_message: Callable[[Any], Any], extra: int = 0,
+) -> tuple[list[Any], list[Any], bool, int]:
+    """A page of at most `size` rows whose response stays within max_bytes, read in as few
+    statements as that allows: the first reads min(size, FIRST_READ) rows, each later one about
+    as many as the response still has room for. fetch(n, counted, last row taken or None, rows
+    taken) answers up to n + 1 rows in order after those taken, and total_size when counted
+    (the first); to_message makes a row's message. Returns (rows, their messages, whether more
+    rows follow the last, total_size)."""
+    budget = PageBudget(max_bytes)
+    rows_taken: list[Any] = []
+    messages: list[Any] = []
+    total: int | None = None
+    read = min(size, FIRST_READ)
+    while True:
+        rows, counted = fetch(read, total is None, rows_taken[-1] if rows_taken else None, len(rows_taken))
+        if total is None:
+            total = counted
+        take = rows[:min(read, size - len(messages))]
+        chunk = [to_message(row) for row in take]
+        kept = budget.take(chunk, extra)
+        messages.extend(chunk[:kept])
+        rows_taken.extend(take[:kept])
+        if kept < len(chunk) or (len(rows) > len(chunk) and len(messages) >= size):
+            return rows_taken, messages, True, int(total or 0)
+        if len(rows) <= len(chunk):
+            return rows_taken, messages, False, int(total or 0)
+        read = next_read(size - len(messages), budget.rows_left())
 
 
 def next_read(need: int, room: int) -> int:

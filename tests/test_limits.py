@@ -496,3 +496,22 @@ def test_a_page_larger_than_one_read_is_whole_and_in_order(client: Client, small
         assert [x.id for x in whole.tasks] == small and not whole.next_page_token and whole.total_size == len(small), order_by
         cut, pages = _pages(lambda t: page(t, 1000, small_server), lambda p: [x.id for x in p.tasks], 64 * 1024)
         assert cut == small and pages > 1, order_by
+
+
+def test_a_search_page_larger_than_one_read_is_whole_and_in_order(client: Client, small_server: Client) -> None:
+    from db.paging import FIRST_READ
+
+    word = unique("many")
+    project = new_project(client)
+    requests = [wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title=f"{word} {i}", description=" ".join([word] * (i % 9)) + "y" * (i % 4) * 400))
+                for i in range(FIRST_READ + 60)]
+    client.work.BatchCreateTasks(wpb.BatchCreateTasksRequest(requests=requests))
+
+    def page(token: str, size: int, c: Client = client) -> Any:
+        return c.work.SearchTasks(wpb.SearchTasksRequest(query=word, page_size=size, page_token=token))
+
+    small, _ = _pages(lambda t: page(t, 25), lambda p: [r.task.id for r in p.results], 16 << 20)
+    whole = page("", 1000)
+    assert [r.task.id for r in whole.results] == small and not whole.next_page_token and whole.total_size == len(small) == FIRST_READ + 60
+    cut, pages = _pages(lambda t: page(t, 1000, small_server), lambda p: [r.task.id for r in p.results], 64 * 1024)
+    assert cut == small and pages > 1

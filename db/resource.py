@@ -315,15 +315,28 @@ class Registry:
 REGISTRY = Registry()
 
 
+_related: dict[type, ResourceSpec] = {}
+_related_of = [0]  # the registry size _related was built for
+
+
+def _related_specs() -> dict[type, ResourceSpec]:
+    """Model -> spec of the registered resources with relations (rebuilt when one is added)."""
+    if _related_of[0] != len(REGISTRY):
+        _related.clear()
+        _related.update({spec.model: spec for spec in REGISTRY if spec.relation_fields})
+        _related_of[0] = len(REGISTRY)
+    return _related
+
+
 @event.listens_for(Session, "before_flush")
 def _check_relation_sizes(session: Session, flush_context: Any, instances: Any) -> None:
     """A relation that grew past its limit (ResourceSpec.relation_limit) stops the flush:
     RESOURCE_EXHAUSTED naming the field, whichever method added to it (AddProjectMember,
     AddChannelMember, AddTaskDependency, AssignRole)."""
+    related = _related_specs()
     for obj in session.dirty:
-        try:
-            spec = REGISTRY.by_model(type(obj))
-        except KeyError:
+        spec = related.get(type(obj))
+        if spec is None:
             continue
         state = inspect(obj)
         for key, (field_name, _) in spec.relation_fields.items():

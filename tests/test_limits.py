@@ -123,6 +123,8 @@ def test_a_column_length_is_the_limit_and_an_override_cannot_pass_it() -> None:
     users = REGISTRY["User"]
     with pytest.raises(TypeError, match="username"):
         _ = ResourceSpec(**{**_spec_args(users), "size_limits": {"username": SizeLimit(chars=65)}}).codecs
+    with pytest.raises(TypeError, match="no_such_field"):
+        _ = ResourceSpec(**{**_spec_args(users), "size_limits": {"no_such_field": SizeLimit(chars=10)}}).codecs
     tighter = ResourceSpec(**{**_spec_args(users), "size_limits": {"full_name": SizeLimit(chars=10), "preferences": SizeLimit(json_bytes=20)}})
     assert tighter.codecs["full_name"].limit == SizeLimit(chars=10)
     assert tighter.codecs["preferences"].limit == SizeLimit(json_bytes=20)

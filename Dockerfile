@@ -38,9 +38,12 @@ RUN pip install --upgrade pip \
 # ---- final: the venv on a clean slim image, run as a non-root user ---------------------------
 FROM ${PYTHON_IMAGE}
 
+# MALLOC_ARENA_MAX=2: two glibc heaps instead of eight per core; after large requests the
+# server's peak and remaining memory are lower (bench/README.md, rss_after_large.py).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    MALLOC_ARENA_MAX=2 \
     NEXUS_PORT=50051 \
     DB_PATH=/data/nexus.db
 

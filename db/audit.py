@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -28,6 +29,10 @@ from db.models import AuditLogEntry
 from db.resource import REGISTRY, SECRET_COLUMNS, ResourceSpec
 
 MASK = "***"
+# A changed value longer than this many characters (a dict or list: of JSON) is kept as its
+# first AUDIT_VALUE_CHARS characters and a marker saying how long it was, so that entries stay
+# small whatever the field limits allow (db/codecs.DEFAULT_LIMITS).
+AUDIT_VALUE_CHARS = 1024
 # Changes to these make cached credentials stale (a revoked key, a deactivated user).
 _CREDENTIAL_RESOURCES = {"ApiKey", "User"}
 # Bookkeeping columns every change touches: not news in an audit entry.
@@ -75,13 +80,28 @@ def _change_proto(change: dict[str, Any]) -> pb.FieldChange:
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-safe form of a column value."""
+    """A JSON-safe form of a column value, bounded (_bounded)."""
     if isinstance(value, (uuid.UUID, Decimal)):
         return str(value)
     if isinstance(value, dt.datetime):
         return value.isoformat()
     if isinstance(value, dt.date):
         return value.isoformat()
+    return _bounded(value)
+
+
+def _bounded(value: Any) -> Any:
+    """value, or when longer than AUDIT_VALUE_CHARS its beginning and a marker: a string as
+    "<first characters>…[truncated: N characters]", a dict or list as the beginning of its JSON
+    text and "…[truncated: N bytes of JSON]"."""
+    if isinstance(value, str):
+        if len(value) <= AUDIT_VALUE_CHARS:
+            return value
+        return f"{value[:AUDIT_VALUE_CHARS]}…[truncated: {len(value)} characters]"
+    if isinstance(value, (dict, list)) and value:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        if len(text) > AUDIT_VALUE_CHARS:
+            return f"{text[:AUDIT_VALUE_CHARS]}…[truncated: {len(text.encode())} bytes of JSON]"
     return value
 
 
@@ -182,7 +202,7 @@ def _changes(spec: ResourceSpec, obj: Any, mode: str) -> list[dict[str, Any]]:
                 continue
             now = [label(o) for o in getattr(obj, key)]
             before = [label(o) for o in (*history.unchanged, *history.deleted)]
-            merged[field_name] = {"field": field_name, "old_value": sorted(before), "new_value": sorted(now)}
+            merged[field_name] = {"field": field_name, "old_value": _bounded(sorted(before)), "new_value": _bounded(sorted(now))}
     return list(merged.values())
 
 

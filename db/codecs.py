@@ -10,6 +10,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -23,12 +24,38 @@ _MIN_TS = dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc)
 NANOS = Decimal(1_000_000_000)
 
 
+@dataclass(frozen=True)
+class SizeLimit:
+    """How large one field's value may be; each measure that is set is checked."""
+
+    chars: int | None = None  # characters of a string, or of each item of a repeated string
+    json_bytes: int | None = None  # UTF-8 bytes of the value as compact JSON (a Struct, repeated messages)
+    items: int | None = None  # items of a repeated field
+
+
+# The maximum size of each kind of field, unless its resource declares another for it
+# (ResourceSpec.size_limits) or its column has a length (String(n): n characters, on SQLite
+# too). ResourceSpec.codecs decides, once, which applies to each field; the codecs check it.
+DEFAULT_LIMITS: dict[str, SizeLimit] = {
+    "string": SizeLimit(chars=4096),  # a string field with no column of its own (a password)
+    "text": SizeLimit(chars=65536),  # a TEXT column: content, description
+    "json": SizeLimit(json_bytes=65536),  # a google.protobuf.Struct
+    "strings": SizeLimit(items=100, chars=255),  # a repeated string (tags, permissions)
+    "messages": SizeLimit(items=50, json_bytes=65536),  # a repeated message (attachments)
+    "relation": SizeLimit(items=1000),  # related rows a message lists (members, dependencies, roles)
+}
+
+
 class FieldCodec:
     """Moves one proto field between a message and a row."""
 
     name: str
     attr: str | None = None  # the model attribute it maps to, when there is exactly one
     writable = True
+    # The DEFAULT_LIMITS kind that bounds the field, None when its type bounds it (ids, enums,
+    # numbers, times); `limit` is set by the resource (ResourceSpec.codecs) and checked by load.
+    size_kind: str | None = None
+    limit: SizeLimit | None = None
 
     def present(self, msg: Message) -> bool:
         """Whether the client set the field (proto3: a non-default value, or presence)."""
@@ -46,15 +73,17 @@ class FieldCodec:
 class ScalarCodec(FieldCodec):
     """string, bool, int and double fields stored in a column of the same kind."""
 
-    def __init__(self, fd: FieldDescriptor, attr: str, nullable: bool, max_length: int | None) -> None:
+    def __init__(self, fd: FieldDescriptor, attr: str, nullable: bool, column_length: int | None) -> None:
         self.name = fd.name
         self.attr = attr
         self.nullable = nullable
-        self.max_length = max_length
+        self.column_length = column_length  # String(n): the database holds at most n characters
         self.has_presence = fd.has_presence
         self.is_string = fd.type == FieldDescriptor.TYPE_STRING
         self.is_float = fd.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
         self.default = fd.default_value
+        if self.is_string:
+            self.size_kind = "string" if column_length is not None else "text"
 
     def present(self, msg: Message) -> bool:
         if self.has_presence:
@@ -64,8 +93,7 @@ class ScalarCodec(FieldCodec):
     def load(self, msg: Message) -> dict[str, Any]:
         value = getattr(msg, self.name)
         if self.is_string:
-            if self.max_length is not None and len(value) > self.max_length:
-                raise InvalidArgument.field(self.name, f"must be at most {self.max_length} characters")
+            check_chars(value, self.limit, self.name)
             check_text(value, self.name)
             if value == "" and self.nullable:
                 value = None
@@ -178,6 +206,8 @@ class DateCodec(FieldCodec):
 class StructCodec(FieldCodec):
     """google.protobuf.Struct <-> JSON object column."""
 
+    size_kind = "json"
+
     def __init__(self, fd: FieldDescriptor, attr: str) -> None:
         self.name = fd.name
         self.attr = attr
@@ -189,7 +219,7 @@ class StructCodec(FieldCodec):
         if not msg.HasField(self.name):
             return {self.attr: None}
         value = json_format.MessageToDict(getattr(msg, self.name))
-        check_json_text(value, self.name)
+        check_json_text(value, self.name, self.limit)
         return {self.attr: value}
 
     def dump(self, row: Any, msg: Message) -> None:
@@ -202,22 +232,22 @@ class StructCodec(FieldCodec):
 class StringListCodec(FieldCodec):
     """repeated string <-> JSON array column."""
 
-    def __init__(self, fd: FieldDescriptor, attr: str, max_items: int = 100, max_length: int = 255) -> None:
+    size_kind = "strings"
+
+    def __init__(self, fd: FieldDescriptor, attr: str) -> None:
         self.name = fd.name
         self.attr = attr
-        self.max_items = max_items
-        self.max_length = max_length
 
     def present(self, msg: Message) -> bool:
         return len(getattr(msg, self.name)) > 0
 
     def load(self, msg: Message) -> dict[str, Any]:
         items = list(getattr(msg, self.name))
-        if len(items) > self.max_items:
-            raise InvalidArgument.field(self.name, f"at most {self.max_items} items")
+        check_items(items, self.limit, self.name)
         for i, item in enumerate(items):
-            if not item or len(item) > self.max_length:
-                raise InvalidArgument.field(f"{self.name}[{i}]", f"must be 1 to {self.max_length} characters")
+            if not item:
+                raise InvalidArgument.field(f"{self.name}[{i}]", "must not be empty")
+            check_chars(item, self.limit, f"{self.name}[{i}]")
             check_text(item, f"{self.name}[{i}]")
         # Duplicates carry no meaning in a set of labels; keep the first of each, in order.
         return {self.attr: list(dict.fromkeys(items))}
@@ -231,24 +261,26 @@ class StringListCodec(FieldCodec):
 class MessageListCodec(FieldCodec):
     """repeated SomeMessage <-> JSON array of objects (attachments and the like)."""
 
-    def __init__(self, name: str, attr: str, message_type: type[Message], max_items: int = 50) -> None:
+    size_kind = "messages"
+
+    def __init__(self, name: str, attr: str, message_type: type[Message]) -> None:
         self.name = name
         self.attr = attr
         self.message_type = message_type
-        self.max_items = max_items
 
     def present(self, msg: Message) -> bool:
         return len(getattr(msg, self.name)) > 0
 
     def load(self, msg: Message) -> dict[str, Any]:
         items = getattr(msg, self.name)
-        if len(items) > self.max_items:
-            raise InvalidArgument.field(self.name, f"at most {self.max_items} items")
+        check_items(items, self.limit, self.name)
         out = []
+        size = len(items) + 1  # the brackets and commas of the JSON array
         for i, item in enumerate(items):
             value = json_format.MessageToDict(item, preserving_proto_field_name=True)
-            check_json_text(value, f"{self.name}[{i}]")
+            size += json_size(value, f"{self.name}[{i}]")
             out.append(value)
+        check_json_size(size, self.limit, self.name)
         return {self.attr: out}
 
     def dump(self, row: Any, msg: Message) -> None:
@@ -321,6 +353,8 @@ class OutputCodec(FieldCodec):
 class InputCodec(FieldCodec):
     """A write-only field (a password): loaded through a transform, never dumped."""
 
+    size_kind = "string"
+
     def __init__(self, name: str, transform: Callable[[str], dict[str, Any]]) -> None:
         self.name = name
         self.transform = transform
@@ -332,6 +366,7 @@ class InputCodec(FieldCodec):
         value = getattr(msg, self.name)
         if not value:
             return {}
+        check_chars(value, self.limit, self.name)
         check_text(value, self.name)
         return self.transform(value)
 
@@ -345,10 +380,41 @@ def check_text(value: str, field_path: str) -> None:
         raise InvalidArgument.field(field_path, "must not contain NUL characters")
 
 
-def check_json_text(value: Any, field_path: str) -> None:
-    """check_text for every string inside a JSON value (PostgreSQL's JSONB refuses \\u0000 too)."""
-    if "\\u0000" in json.dumps(value):
+def check_json_text(value: Any, field_path: str, limit: SizeLimit | None = None) -> None:
+    """check_text for every string inside a JSON value (PostgreSQL's JSONB refuses \\u0000 too),
+    and the limit's json_bytes."""
+    check_json_size(json_size(value, field_path), limit, field_path)
+
+
+def json_size(value: Any, field_path: str) -> int:
+    """The size of value as compact JSON, in UTF-8 bytes; INVALID_ARGUMENT if a string in it
+    holds a NUL character."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if "\\u0000" in text:
         raise InvalidArgument.field(field_path, "must not contain NUL characters")
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_json_size(size: int, limit: SizeLimit | None, field_path: str) -> None:
+    """The limit's json_bytes for a value of `size` bytes as JSON."""
+    if limit is not None and limit.json_bytes is not None and size > limit.json_bytes:
+        raise too_large(field_path, f"must be at most {limit.json_bytes} bytes as JSON (got {size})")
+
+
+def check_chars(value: str, limit: SizeLimit | None, field_path: str) -> None:
+    """The limit's chars for one string."""
+    if limit is not None and limit.chars is not None and len(value) > limit.chars:
+        raise too_large(field_path, f"must be at most {limit.chars} characters (got {len(value)})")
+
+
+def check_items(items: Any, limit: SizeLimit | None, field_path: str) -> None:
+    """The limit's items for a repeated field."""
+    if limit is not None and limit.items is not None and len(items) > limit.items:
+        raise too_large(field_path, f"must have at most {limit.items} items (got {len(items)})")
+
+
+def too_large(field_path: str, description: str) -> InvalidArgument:
+    return InvalidArgument.field(field_path, description, reason="FIELD_TOO_LARGE")
 
 
 def parse_uuid(value: str, field_path: str, allow_empty: bool = False) -> uuid.UUID | None:

@@ -25,14 +25,18 @@ from db.codecs import parse_uuid
 from db.prepared import prepared
 from db.models import RequestRecord
 from db.paging import (
+    DEFAULT_PAGE_BYTES,
+    SEARCH_RESULT_EXTRA,
     OrderKey,
     decode_token,
     encode_token,
     fingerprint,
+    fitting,
     keyset_after,
     order_clauses,
     page_size,
     parse_order_by,
+    read_page,
 )
 from db.resource import REGISTRY, ResourceSpec, etag_of
 from db.search import search_query_value, search_terms
@@ -222,7 +226,7 @@ def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
     return spec.to_proto(found(spec, row, raw_id, allowed, show_deleted=show_deleted, write=False, field_path="id"), mask)
 
 
-def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Message]:
+def batch_get(session: Session, spec: ResourceSpec, request: Any, max_bytes: int = DEFAULT_PAGE_BYTES) -> list[Message]:
     ids = list(request.ids)
     if not ids:
         raise errors.InvalidArgument.field("ids", "must name at least one id", reason="REQUIRED_FIELD")
@@ -243,6 +247,7 @@ def batch_get(session: Session, spec: ResourceSpec, request: Any) -> list[Messag
         if row is None or (spec.soft_delete and row.delete_time is not None):
             raise errors.NotFound.resource(spec.name, ids[i], f"ids[{i}]")
         out.append(spec.to_proto(row, mask))
+    fitting(out, max_bytes, whole=True)
     return out
 
 
@@ -259,8 +264,11 @@ def _conditions(spec: ResourceSpec, dialect: str, filter_text: str, show_deleted
     return conditions
 
 
-def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[Message], str, int]:
-    """One keyset page: (resources, next_page_token, total_size)."""
+def list_page(
+    session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES
+) -> tuple[list[Message], str, int]:
+    """One keyset page: (resources, next_page_token, total_size). The page ends early, with a
+    token after its last row, where more rows would take the response past max_bytes."""
     size = page_size(request.page_size)
     show_deleted = bool(getattr(request, "show_deleted", False))
     keys = _order_keys(spec, request.order_by)
@@ -271,22 +279,26 @@ def list_page(session: Session, spec: ResourceSpec, request: Any, call: Call) ->
         if "k" not in payload:
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         after = payload["k"]
-    nulls = None if after is None else tuple(v is None for v in after)
     allowed = _read_rule(spec, show_deleted)
-    if allowed is None:
-        stmt, count = _page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, size)
-    else:  # the caller's row rule holds its own values: built for this call
-        stmt, count = _build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, size, allowed)
-    params = {f"after_{i}": value for i, value in enumerate(after or ()) if value is not None}
-    found = reading.load_rows(session, spec, stmt, extra=1, params=params)
-    total = found[0][1] if found else session.connection().execute(count).scalar()
-    rows = [row for row, _ in found]
-    next_token = ""
-    if len(rows) > size:
-        rows = rows[:size]
-        last = rows[-1]
-        next_token = encode_token(query_fp, after=[_key_value(last, spec.table.c[k.field]) for k in keys])
-    return [spec.to_proto(r) for r in rows], next_token, int(total or 0)
+    columns = [spec.table.c[k.field] for k in keys]
+
+    def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
+        start = after if last is None else [_key_value(last, column) for column in columns]
+        nulls = None if start is None else tuple(v is None for v in start)
+        if allowed is None:
+            stmt, count = _page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, counted)
+        else:  # the caller's row rule holds its own values: built for this call
+            stmt, count = _build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, allowed, counted)
+        params = {f"after_{i}": value for i, value in enumerate(start or ()) if value is not None}
+        found = reading.load_rows(session, spec, stmt, extra=int(counted), params=params)
+        if not counted:
+            return found, None
+        total = found[0][1] if found else session.connection().execute(count).scalar()
+        return [row for row, _ in found], total
+
+    rows, messages, more, total = read_page(size, max_bytes, fetch, spec.to_proto)
+    next_token = encode_token(query_fp, after=[_key_value(rows[-1], column) for column in columns]) if more else ""
+    return messages, next_token, total
 
 
 def _order_keys(spec: ResourceSpec, order_by: str) -> list[OrderKey]:
@@ -296,20 +308,22 @@ def _order_keys(spec: ResourceSpec, order_by: str) -> list[OrderKey]:
 
 @functools.lru_cache(maxsize=1024)
 def _page_statements(
-    spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None, size: int
+    spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None, size: int,
+    counted: bool = True,
 ) -> tuple[Any, Any]:
     """_build_page_statements without a row rule, built once per query shape: a statement
     object used again keeps its SQLAlchemy cache key, so it is neither rebuilt nor traversed.
     The values of the page token are parameters: after_<i>."""
-    return _build_page_statements(spec, dialect, filter_text, show_deleted, order_by, nulls, size, None)
+    return _build_page_statements(spec, dialect, filter_text, show_deleted, order_by, nulls, size, None, counted)
 
 
 def _build_page_statements(
     spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None,
-    size: int, allowed: Any,
+    size: int, allowed: Any, counted: bool = True,
 ) -> tuple[Any, Any]:
     """(page statement, COUNT statement) of a List: the page's rows after the token's keys
-    (nulls: which of them are NULL; None on the first page), with total_size as a column."""
+    (nulls: which of them are NULL; None on the first page), with total_size as a column
+    unless not counted (the later statements of a large page)."""
     keys = _order_keys(spec, order_by)
     conditions = _conditions(spec, dialect, filter_text, show_deleted, allowed)
     page_conditions = list(conditions)
@@ -320,7 +334,9 @@ def _build_page_statements(
     # total_size rides on the page's rows: an uncorrelated subquery, which both engines evaluate
     # once; one statement, one round trip, and on PostgreSQL's autocommit reads the count comes
     # from the page's own snapshot. An empty page counts on its own.
-    stmt = reading.select_rows(spec, dialect).add_columns(count.scalar_subquery().label("total_size"))
+    stmt = reading.select_rows(spec, dialect)
+    if counted:
+        stmt = stmt.add_columns(count.scalar_subquery().label("total_size"))
     stmt = stmt.where(*page_conditions).order_by(*order_clauses(keys)).limit(size + 1)
     return stmt, count
 
@@ -331,8 +347,11 @@ def _key_value(row: Any, column: Any) -> Any:
     return uuid.UUID(value) if isinstance(value, str) and isinstance(column.type, Uuid) else value
 
 
-def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tuple[list[tuple[Message, float]], str, int]:
-    """Ranked full-text hits: ([(resource, score)], next_page_token, total_size)."""
+def search(
+    session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES
+) -> tuple[list[tuple[Message, float]], str, int]:
+    """Ranked full-text hits: ([(resource, score)], next_page_token, total_size); cut short
+    within max_bytes as a List page is."""
     size = page_size(request.page_size)
     query = search_query_value(call.dialect, request.query)
     query_fp = fingerprint(spec.name, "search", request.query, request.filter)
@@ -343,18 +362,21 @@ def search(session: Session, spec: ResourceSpec, request: Any, call: Call) -> tu
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         offset = payload["o"]
     allowed = _predicate(spec, write=False)
-    if allowed is None:
-        stmt, count = _search_statements(spec, call.dialect, request.filter, size)
-    else:  # the caller's row rule holds its own values: built for this call
-        stmt, count = _build_search_statements(spec, call.dialect, request.filter, size, allowed)
-    params = {"search_query": query, "search_offset": offset}
-    found = reading.load_rows(session, spec, stmt, extra=2, params=params)
-    total = found[0][2] if found else session.connection().execute(count, params).scalar()
-    next_token = ""
-    if len(found) > size:
-        found = found[:size]
-        next_token = encode_token(query_fp, offset=offset + size)
-    return [(spec.to_proto(row), float(score)) for row, score, _ in found], next_token, int(total or 0)
+
+    def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
+        if allowed is None:
+            stmt, count = _search_statements(spec, call.dialect, request.filter, read)
+        else:  # the caller's row rule holds its own values: built for this call
+            stmt, count = _build_search_statements(spec, call.dialect, request.filter, read, allowed)
+        params = {"search_query": query, "search_offset": offset + taken}
+        found = reading.load_rows(session, spec, stmt, extra=2, params=params)
+        if not counted:
+            return found, None
+        return found, found[0][2] if found else session.connection().execute(count, params).scalar()
+
+    hits, messages, more, total = read_page(size, max_bytes, fetch, lambda hit: spec.to_proto(hit[0]), SEARCH_RESULT_EXTRA)
+    next_token = encode_token(query_fp, offset=offset + len(hits)) if more else ""
+    return [(message, float(score)) for message, (_, score, _) in zip(messages, hits)], next_token, total
 
 
 @functools.lru_cache(maxsize=1024)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from db import crud, errors, secrets
 from db.base import utcnow
-from db.codecs import InputCodec, OutputCodec
+from db.codecs import InputCodec, OutputCodec, SizeLimit
 from db.models import ApiKey, Role, User
 from db.policy import ROLE_RANK
 from db.resource import REGISTRY, ResourceSpec
@@ -63,6 +63,7 @@ USERS = REGISTRY.add(
             "password": InputCodec("password", _password),
             "role_names": OutputCodec("role_names", lambda r: sorted(role.name for role in r.roles), repeated=True),
         },
+        size_limits={"password": SizeLimit(chars=MAX_PASSWORD)},
         orderable=("create_time", "update_time", "username", "email"),
         search_fields=(("username", "A"), ("full_name", "A"), ("email", "B")),
         batch_get=True,

@@ -7,16 +7,29 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, bindparam, false, or_, tuple_
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
-from db.errors import InvalidArgument
+from db.errors import InvalidArgument, ResourceExhausted
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# A List or Search response stays within this many bytes unless the server says otherwise
+# (NEXUS_MAX_PAGE_BYTES): 4 MiB, the receive limit gRPC clients have by default.
+DEFAULT_PAGE_BYTES = 4 * 1024 * 1024
+# What a response holds besides its items: next_page_token, total_size.
+_RESPONSE_OVERHEAD = 1024
+# Rows the first statement of a List page reads; a larger page reads the rest with further
+# statements, as many rows as its response has room for: a page of 1,000 large rows cut at
+# 4 MiB reads a few MiB from the database, not 1,000 rows of them.
+FIRST_READ = 100
+# A search result wraps its resource: the resource's tag and length (at most 6 bytes below
+# 4 GiB) and the double score (9).
+SEARCH_RESULT_EXTRA = 6 + 9
 _ORDER_TERM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)(?:\s+(asc|desc))?\s*$", re.IGNORECASE)
 
 
@@ -27,6 +40,97 @@ def page_size(requested: int, field_path: str = "page_size") -> int:
     if requested == 0:
         return DEFAULT_PAGE_SIZE
     return min(requested, MAX_PAGE_SIZE)
+
+
+def embedded_size(size: int) -> int:
+    """Bytes a message of `size` bytes takes as a field of another (field numbers below 16):
+    its tag, its length as a varint, itself."""
+    return 1 + (size.bit_length() + 6) // 7 + size if size else 2
+
+
+class PageBudget:
+    """The bytes a response may still take, as its items are added a chunk at a time."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = _RESPONSE_OVERHEAD
+        self.items = 0
+
+    def take(self, messages: list[Any], extra: int = 0, whole: bool = False) -> int:
+        """How many of messages, in order, still fit; each item takes a message's embedded
+        size plus `extra` (a search result's wrapper and score). RESOURCE_EXHAUSTED when the
+        response's first item alone does not fit: field limits keep any row far below the
+        smallest sane limit, so it means the server's limit is set below them; with whole=True
+        (a BatchGet, all or nothing) also when any does not."""
+        for i, message in enumerate(messages):
+            size = embedded_size(message.ByteSize() + extra)
+            if self.used + size > self.max_bytes:
+                if whole:
+                    raise ResourceExhausted(
+                        f"the {len(messages)} resources asked for take more than the response limit ({self.max_bytes} bytes); ask for fewer",
+                        reason="RESPONSE_TOO_LARGE",
+                        metadata={"field": "ids", "max_bytes": str(self.max_bytes)},
+                    )
+                if self.items == 0:
+                    raise ResourceExhausted(
+                        f"the resource {message.id} alone is larger than the response limit ({self.max_bytes} bytes)",
+                        reason="RESPONSE_TOO_LARGE",
+                        metadata={"resource_id": message.id, "max_bytes": str(self.max_bytes)},
+                    )
+                return i
+            self.used += size
+            self.items += 1
+        return len(messages)
+
+    def rows_left(self) -> int:
+        """About how many more items of the average size so far fit (at least 1)."""
+        if not self.items:
+            return MAX_PAGE_SIZE
+        average = (self.used - _RESPONSE_OVERHEAD) / self.items
+        return max(1, int((self.max_bytes - self.used) / average) + 1)
+
+
+def fitting(messages: list[Any], max_bytes: int, extra: int = 0, whole: bool = False) -> int:
+    """PageBudget(max_bytes).take(messages, extra, whole): how many of messages one response holds."""
+    return PageBudget(max_bytes).take(messages, extra, whole)
+
+
+def read_page(
+    size: int, max_bytes: int, fetch: Callable[[int, bool, Any, int], tuple[list[Any], int | None]],
+    to_message: Callable[[Any], Any], extra: int = 0,
+) -> tuple[list[Any], list[Any], bool, int]:
+    """A page of at most `size` rows whose response stays within max_bytes, read in as few
+    statements as that allows: the first reads min(size, FIRST_READ) rows, each later one about
+    as many as the response still has room for. fetch(n, counted, last row taken or None, rows
+    taken) answers up to n + 1 rows in order after those taken, and total_size when counted
+    (the first); to_message makes a row's message. Returns (rows, their messages, whether more
+    rows follow the last, total_size)."""
+    budget = PageBudget(max_bytes)
+    rows_taken: list[Any] = []
+    messages: list[Any] = []
+    total: int | None = None
+    read = min(size, FIRST_READ)
+    while True:
+        rows, counted = fetch(read, total is None, rows_taken[-1] if rows_taken else None, len(rows_taken))
+        if total is None:
+            total = counted
+        take = rows[:min(read, size - len(messages))]
+        chunk = [to_message(row) for row in take]
+        kept = budget.take(chunk, extra)
+        messages.extend(chunk[:kept])
+        rows_taken.extend(take[:kept])
+        if kept < len(chunk) or (len(rows) > len(chunk) and len(messages) >= size):
+            return rows_taken, messages, True, int(total or 0)
+        if len(rows) <= len(chunk):
+            return rows_taken, messages, False, int(total or 0)
+        read = next_read(size - len(messages), budget.rows_left())
+
+
+def next_read(need: int, room: int) -> int:
+    """Rows the next statement of a page reads: what the page still needs, no more than about
+    fits, as a power of two (few statement shapes to build and cache)."""
+    n = max(1, min(need, room))
+    return min(1 << (n - 1).bit_length(), MAX_PAGE_SIZE)
 
 
 @dataclass(frozen=True)

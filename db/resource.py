@@ -1,6 +1,7 @@
 """The resource declaration: everything the generic engine needs to serve one resource."""
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import functools
 import keyword
@@ -10,22 +11,25 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from sqlalchemy import JSON, Boolean, Date, Float, Integer, Numeric, String, Uuid, inspect
+from sqlalchemy import JSON, Boolean, Date, Float, Integer, Numeric, String, Uuid, event, inspect
 from sqlalchemy.orm import Session
 
 from db.base import UTCDateTime
 from db.codecs import (
+    DEFAULT_LIMITS,
     DateCodec,
     EnumCodec,
     FieldCodec,
     OutputCodec,
     ScalarCodec,
+    SizeLimit,
     StringListCodec,
     StructCodec,
     TimestampCodec,
     UuidCodec,
     enum_filter_names,
 )
+from db.errors import ResourceExhausted
 from db.filtering import FieldKind, FilterCompiler, FilterField
 
 COMMON_OUTPUT_ONLY = frozenset({"id", "create_time", "update_time", "delete_time", "etag"})
@@ -81,6 +85,10 @@ class ResourceSpec:
     read_only: bool = False
     # Whether changes are recorded in the audit trail.
     audited: bool = True
+    # Field -> its maximum size, instead of the default of its kind (codecs.DEFAULT_LIMITS); a
+    # column with a length allows no more than that length. A relation field (member_ids) takes
+    # items only.
+    size_limits: dict[str, SizeLimit] = field(default_factory=dict)
 
     @property
     def soft_delete(self) -> bool:
@@ -102,14 +110,39 @@ class ResourceSpec:
         columns = {c.key: c for c in mapper.columns}
         for fd in self.message.DESCRIPTOR.fields:
             if fd.name in self.extra_codecs:
-                out[fd.name] = self.extra_codecs[fd.name]
+                # A copy: the limit set below belongs to this resource's field.
+                out[fd.name] = copy.copy(self.extra_codecs[fd.name])
             elif fd.name == "etag":
                 out[fd.name] = OutputCodec("etag", etag_of)
             elif fd.name in columns:
                 out[fd.name] = _codec_for(fd, columns[fd.name])
             else:
                 raise TypeError(f"{self.name}.{fd.name}: no column and no codec declared")
+            out[fd.name].limit = self._size_limit(fd.name, out[fd.name])
+        unknown = set(self.size_limits) - set(out)
+        if unknown:
+            raise TypeError(f"{self.name}: size_limits names no field: {', '.join(sorted(unknown))}")
         return out
+
+    def _size_limit(self, name: str, codec: FieldCodec) -> SizeLimit | None:
+        """The one place that decides how large a field may be: the resource's declaration, else
+        the column's length, else the default of the field's kind; None for a field its type
+        bounds (or one never written)."""
+        if codec.size_kind is None or not codec.writable:
+            return None
+        length = getattr(codec, "column_length", None)
+        declared = self.size_limits.get(name)
+        if declared is None:
+            return SizeLimit(chars=length) if length is not None else DEFAULT_LIMITS[codec.size_kind]
+        if length is not None and (declared.chars is None or declared.chars > length):
+            raise TypeError(f"{self.name}.{name}: its column holds at most {length} characters; the limit cannot be larger")
+        return declared
+
+    def relation_limit(self, key: str) -> int:
+        """How many related rows the relationship `key` (one of relation_fields) may hold."""
+        declared = self.size_limits.get(self.relation_fields[key][0])
+        items = declared.items if declared is not None else None
+        return items if items is not None else DEFAULT_LIMITS["relation"].items  # type: ignore[return-value]
 
     @functools.cached_property
     def all_output_only(self) -> frozenset[str]:
@@ -280,3 +313,39 @@ class Registry:
 
 
 REGISTRY = Registry()
+
+
+_related: dict[type, ResourceSpec] = {}
+_related_of = [0]  # the registry size _related was built for
+
+
+def _related_specs() -> dict[type, ResourceSpec]:
+    """Model -> spec of the registered resources with relations (rebuilt when one is added)."""
+    if _related_of[0] != len(REGISTRY):
+        _related.clear()
+        _related.update({spec.model: spec for spec in REGISTRY if spec.relation_fields})
+        _related_of[0] = len(REGISTRY)
+    return _related
+
+
+@event.listens_for(Session, "before_flush")
+def _check_relation_sizes(session: Session, flush_context: Any, instances: Any) -> None:
+    """A relation that grew past its limit (ResourceSpec.relation_limit) stops the flush:
+    RESOURCE_EXHAUSTED naming the field, whichever method added to it (AddProjectMember,
+    AddChannelMember, AddTaskDependency, AssignRole)."""
+    related = _related_specs()
+    for obj in session.dirty:
+        spec = related.get(type(obj))
+        if spec is None:
+            continue
+        state = inspect(obj)
+        for key, (field_name, _) in spec.relation_fields.items():
+            if not state.attrs[key].history.added:
+                continue
+            limit, count = spec.relation_limit(key), len(getattr(obj, key))
+            if count > limit:
+                raise ResourceExhausted(
+                    f"{spec.name} {obj.id} may have at most {limit} {field_name} (it would have {count})",
+                    reason="TOO_MANY_RELATED",
+                    metadata={"field": field_name, "limit": str(limit), "resource_id": str(obj.id)},
+                )

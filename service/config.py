@@ -22,6 +22,22 @@ def _bool(value: str) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+def _number_at_least(env: Mapping[str, str], name: str, default: Any, minimum: Any) -> Any:
+    """The setting `name`, of default's type (int or float); a ValueError naming it when it is
+    not such a number, or is below minimum."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    kind = type(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+    if not value >= minimum:  # NaN too
+        raise ValueError(f"{name} must be at least {minimum}, got {raw}")
+    return value
+
+
 def normalize_url(url: str) -> str:
     """postgres:// and postgresql:// URLs use psycopg2 explicitly."""
     for prefix in ("postgres://", "postgresql://"):
@@ -142,9 +158,21 @@ class Config:
     # insecure-dev caller), and how often every open stream's rights are re-read at the latest.
     max_streams_per_caller: int = 100
     stream_recheck_seconds: float = 1.0
+    # Response size: a List or Search page is cut short (with a next_page_token) before it
+    # passes this many bytes, or max_message_bytes if that is smaller. 4 MiB: what gRPC clients
+    # accept by default.
+    max_page_bytes: int = 4 * 1024 * 1024
+    # How often the resident size is looked at; grown by 32 MiB since the last look, freed heap
+    # memory goes back to the system (service/memory.py). 0: never.
+    memory_trim_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         check_credential_settings(self)
+
+    @property
+    def page_bytes(self) -> int:
+        """The size a List or Search response stays within."""
+        return min(self.max_page_bytes, self.max_message_bytes)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
@@ -184,6 +212,8 @@ class Config:
             "tls_key": env.get("NEXUS_TLS_KEY") or None,
             "tls_client_ca": env.get("NEXUS_TLS_CLIENT_CA") or None,
             **_credential_settings(env),
+            "max_page_bytes": _number_at_least(env, "NEXUS_MAX_PAGE_BYTES", cls.max_page_bytes, 4096),
+            "memory_trim_seconds": _number_at_least(env, "NEXUS_MEMORY_TRIM_SECONDS", cls.memory_trim_seconds, 0.0),
         }
         values.update(_stream_limits(env))
         values.update({k: v for k, v in overrides.items() if v is not None})

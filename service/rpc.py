@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from db import crud
 from db.database import Database
+from db.paging import DEFAULT_PAGE_BYTES
 from db.resource import ResourceSpec
 
 T = TypeVar("T")
@@ -24,8 +25,9 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 class Runner:
     """Runs a unit of work for an RPC: its deadline, its call context, its database."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, page_bytes: int = DEFAULT_PAGE_BYTES) -> None:
         self.db = db
+        self.page_bytes = page_bytes  # List and Search responses stay within it (db/paging.fitting)
 
     def call(self, context: grpc.aio.ServicerContext) -> crud.Call:
         """The call the guard set up for this RPC (caller, request id, method)."""
@@ -61,7 +63,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
     async def list_(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)
-        items, token, total = await run(context, lambda s: crud.list_page(s, spec, request, call), write=False, resource_type=name, core=True)
+        items, token, total = await run(context, lambda s: crud.list_page(s, spec, request, call, run.page_bytes), write=False, resource_type=name, core=True)
         response = getattr(pb, f"List{Es}Response")(next_page_token=token, total_size=total)
         getattr(response, plural_field).extend(items)
         return response
@@ -97,7 +99,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
         async def search(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = run.call(context)
-            hits, token, total = await run(context, lambda s: crud.search(s, spec, request, call), write=False, resource_type=name, core=True)
+            hits, token, total = await run(context, lambda s: crud.search(s, spec, request, call, run.page_bytes), write=False, resource_type=name, core=True)
             results = [result_type(**{spec.singular_field: item, "score": score}) for item, score in hits]
             return getattr(pb, f"Search{Es}Response")(results=results, next_page_token=token, total_size=total)
 
@@ -117,7 +119,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
     if spec.batch_get:
 
         async def batch_get(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            items = await run(context, lambda s: crud.batch_get(s, spec, request), write=False, resource_type=name, core=True)
+            items = await run(context, lambda s: crud.batch_get(s, spec, request, run.page_bytes), write=False, resource_type=name, core=True)
             response = getattr(pb, f"BatchGet{Es}Response")()
             getattr(response, plural_field).extend(items)
             return response

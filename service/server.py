@@ -33,6 +33,7 @@ from service import policy
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.interceptors import Gate, GuardedRegistration
 from service.identity import IdentityService
+from service.memory import MemoryTrimmer
 from service.rpc import Runner
 from service.security import SecurityService
 from service.streams import ChangeHub, HubSettings
@@ -70,6 +71,7 @@ class App:
     _purger: asyncio.Task[None] | None = None
     _readiness: asyncio.Future[None] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
+    _trimmer: asyncio.Task[None] | None = None
     _stopping: bool = False
     ready: bool = False
     servicers: list[Any] = field(default_factory=list)
@@ -127,6 +129,7 @@ class App:
         self.db.add_reachability_listener(self._database_changed)
         self._monitor = asyncio.create_task(self._watch_database())
         self._purger = asyncio.create_task(self._purge_old_events())
+        self._trimmer = asyncio.create_task(MemoryTrimmer(self.config.memory_trim_seconds).run())
 
     async def stop(self, grace: float | None = None, stop_server: bool = True) -> None:
         """NOT_SERVING and new calls refused with UNAVAILABLE (clients retry them elsewhere), a
@@ -141,7 +144,7 @@ class App:
         self._stopping = True
         self.gate.close()
         await self.set_ready(False)
-        for task in (self._monitor, self._purger):
+        for task in (self._monitor, self._purger, self._trimmer):
             if task is not None:
                 task.cancel()
         if self.config.drain_seconds > 0:
@@ -217,7 +220,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
-    run = Runner(db)
+    run = Runner(db, config.page_bytes)
     hub = ChangeHub(
         db,
         HubSettings(

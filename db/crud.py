@@ -943,7 +943,7 @@ def delete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     if spec.soft_delete and not force:
         row.delete_time = utcnow()
         session.flush()
-        return publish(session, spec, row, events.DELETED, spec.to_proto(row))
+        return publish_deleted(session, spec, row, spec.to_proto(row))
     last_state = spec.to_proto(row)
     remove_with_dependents(session, spec, row, last_state)
     return last_state if spec.soft_delete else empty_pb2.Empty()
@@ -977,9 +977,9 @@ def remove_with_dependents(session: Session, spec: ResourceSpec, row: Any, last_
         publish(session, dependent, found, events.UPDATED, dependent.to_proto(found))
     for dependent, rows in reversed(levels):
         for found in rows:
-            publish(session, dependent, found, events.DELETED, dependent.to_proto(found))
+            publish_deleted(session, dependent, found, dependent.to_proto(found))
         _delete_leaves_first(session, dependent, rows)
-    publish(session, spec, row, events.DELETED, last_state)
+    publish_deleted(session, spec, row, last_state)
     session.delete(row)
     session.flush()
 
@@ -1075,6 +1075,26 @@ def publish(session: Session, spec: ResourceSpec, row: Any, event_type: str, msg
     """Append the change to the resource's stream, in this transaction; returns msg."""
     if spec.stream_scope is not None:
         events.emit(session, spec.stream_scope(row), event_type, spec.name, row.id, msg)
+    return msg
+
+
+# What a deleted resource's events keep: what names it and places it, not what it said.
+KEPT_WHEN_DELETED = frozenset({"id", "create_time", "update_time", "delete_time", "etag"})
+
+
+def publish_deleted(session: Session, spec: ResourceSpec, row: Any, msg: Message) -> Message:
+    """Append a deleted row's event: its message without content (KEPT_WHEN_DELETED and its
+    references), and the row's earlier events in the log lose their content too, so that no
+    resume from before the delete brings back what a Get no longer shows. Returns msg whole."""
+    if spec.stream_scope is None:
+        return msg
+    left = type(msg)()
+    left.CopyFrom(msg)
+    for field, _ in msg.ListFields():
+        if field.name not in KEPT_WHEN_DELETED and field.name not in spec.references:
+            left.ClearField(field.name)
+    events.redact(session, spec.name, row.id, left)
+    events.emit(session, spec.stream_scope(row), events.DELETED, spec.name, row.id, left)
     return msg
 
 

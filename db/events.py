@@ -76,6 +76,16 @@ def emit(session: Session, scope: str, event_type: str, resource_type: str, reso
     return seq
 
 
+def redact(session: Session, resource_type: str, resource_id: uuid.UUID, resource: Message) -> None:
+    """Replace the payload of every event of a resource still in the log with `resource` (what
+    is left of it once deleted): a resume from before its deletion brings back no content."""
+    session.execute(
+        ChangeEvent.__table__.update()
+        .where(ChangeEvent.resource_id == resource_id, ChangeEvent.resource_type == resource_type)
+        .values(payload=resource.SerializeToString())
+    )
+
+
 def notify_access(engine: Engine) -> None:
     """Tell every replica (PostgreSQL NOTIFY, on a connection of its own in autocommit) that
     credentials changed: their open streams re-check their callers' rights at once instead of

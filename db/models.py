@@ -115,9 +115,15 @@ class ApiKey(ResourceMixin, Base):
     __table_args__ = (
         _one_of("role", USER_ROLES),
         Index("ix_api_keys_create_time_id", "create_time", "id"),
+        # A name is unique among its user's keys (and among the keys of no user): a user who
+        # sees only its own keys learns nothing of other names from ALREADY_EXISTS.
+        Index("uq_api_keys_user_id_name", "user_id", "name", unique=True,
+              postgresql_where=text("user_id IS NOT NULL"), sqlite_where=text("user_id IS NOT NULL")),
+        Index("uq_api_keys_name_without_user", "name", unique=True,
+              postgresql_where=text("user_id IS NULL"), sqlite_where=text("user_id IS NULL")),
     )
 
-    name: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
     role: Mapped[str] = mapped_column(String(16), nullable=False, default="user")
     user_id: Mapped[uuid.UUID | None] = mapped_column(
         Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True
@@ -317,14 +323,17 @@ class ChangeEvent(Base):
     """A change to a streamed resource, written in the same transaction as the change."""
 
     __tablename__ = "change_events"
-    __table_args__ = (Index("ix_change_events_create_time", "create_time"),)
+    __table_args__ = (
+        Index("ix_change_events_create_time", "create_time"),
+        Index("ix_change_events_resource_id", "resource_id"),  # a deleted resource's events, to redact
+    )
 
     scope: Mapped[str] = mapped_column(String(64), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     event_type: Mapped[str] = mapped_column(String(16), nullable=False)
     resource_type: Mapped[str] = mapped_column(String(64), nullable=False)
     resource_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
-    # The resource's proto, serialized: replayed as is, whatever happens to the row later.
+    # The resource's proto, serialized: replayed as is, unless the row is deleted (events.redact).
     payload: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     create_time: Mapped[timestamp] = mapped_column(default=utcnow)
 

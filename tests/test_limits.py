@@ -25,6 +25,7 @@ from db.codecs import DEFAULT_LIMITS, FieldCodec, MessageListCodec, SizeLimit, S
 from db.resource import REGISTRY, ResourceSpec
 from tests.conftest import Client, ServerThread, connect, make_config, unique
 from tests.support import SAMPLES, expect_error, mask, new_channel, new_project, new_task, new_user
+from tests.test_standard_methods import Api as StandardApi
 
 Code = grpc.StatusCode
 SPECS = sorted((s for s in REGISTRY if not s.read_only), key=lambda s: s.name)
@@ -73,17 +74,8 @@ def values_at(name: str, codec: FieldCodec, over: bool) -> list[tuple[str, Any]]
     return out
 
 
-class Api:
-    def __init__(self, client: Client, spec: ResourceSpec) -> None:
-        self.c = client
-        self.spec = spec
-        self.pb = sys.modules[spec.message.__module__]
-        self.sample = SAMPLES[spec.name]
-        self.stub = client.stub_for(self.sample.service)
-
-    def call(self, method: str, **fields: Any) -> Any:
-        name = method.replace("{E}", self.spec.name).replace("{Es}", self.spec.plural)
-        return getattr(self.stub, name)(getattr(self.pb, f"{name}Request")(**fields))
+class Api(StandardApi):
+    """The standard methods of one resource (tests/test_standard_methods.py), and a new resource's message."""
 
     def resource(self, **changes: Any) -> Any:
         fields = self.sample.fields(self.c, unique("w"))

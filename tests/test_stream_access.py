@@ -202,13 +202,9 @@ def test_an_expiring_key_ends_its_stream(client: Client) -> None:
         c.channel.close()
 
 
-def test_a_deactivated_owner_ends_the_stream_of_its_conversation(client: Client, caller: Callable[..., Any]) -> None:
-    """A conversation belongs to its user: a key acting for a deactivated user ends its stream."""
-    user, _, c = caller()
-    conversation = c.chat.CreateConversation(cpb.CreateConversationRequest(conversation=cpb.Conversation(title=unique("c"))))
-    assert conversation.user_id == user.id
-    reader = EventReader(c.chat, cpb.StreamEventsRequest(conversation_ids=[conversation.id]))
-    live(reader, client, conversation=conversation)
+def ends_when_deactivated(reader: Any, client: Client, user: Any, conversation: Any) -> None:
+    """The stream ends UNAUTHENTICATED once the conversation's user is deactivated, and never
+    delivers a message said after it."""
     ends_after_change(
         reader,
         lambda: client.identity.UpdateUser(ipb.UpdateUserRequest(user=ipb.User(id=user.id, is_active=False), update_mask=mask("is_active"))),
@@ -216,6 +212,16 @@ def test_a_deactivated_owner_ends_the_stream_of_its_conversation(client: Client,
         Code.UNAUTHENTICATED,
         "INVALID_CREDENTIALS",
     )
+
+
+def test_a_deactivated_owner_ends_the_stream_of_its_conversation(client: Client, caller: Callable[..., Any]) -> None:
+    """A conversation belongs to its user: a key acting for a deactivated user ends its stream."""
+    user, _, c = caller()
+    conversation = c.chat.CreateConversation(cpb.CreateConversationRequest(conversation=cpb.Conversation(title=unique("c"))))
+    assert conversation.user_id == user.id
+    reader = EventReader(c.chat, cpb.StreamEventsRequest(conversation_ids=[conversation.id]))
+    live(reader, client, conversation=conversation)
+    ends_when_deactivated(reader, client, user, conversation)
 
 
 def test_a_demoted_key_loses_the_private_channel_only_its_old_role_saw(client: Client, caller: Callable[..., Any]) -> None:
@@ -247,13 +253,7 @@ def test_a_jwt_stream_ends_when_its_user_is_deactivated_elsewhere_or_the_token_e
         with calling(address, f"Bearer {token_for(JWT_SECRET, user.external_id, role='user')}") as me:
             reader = EventReader(me.chat, request)  # type: ignore[arg-type]
             live(reader, client, conversation=conversation)
-            ends_after_change(
-                reader,
-                lambda: client.identity.UpdateUser(ipb.UpdateUserRequest(user=ipb.User(id=user.id, is_active=False), update_mask=mask("is_active"))),
-                lambda: say(client.chat, conversation, "after"),
-                Code.UNAUTHENTICATED,
-                "INVALID_CREDENTIALS",
-            )
+            ends_when_deactivated(reader, client, user, conversation)
         client.identity.UpdateUser(ipb.UpdateUserRequest(user=ipb.User(id=user.id, is_active=True), update_mask=mask("is_active")))
         expires = time.time() + 2.5
         with calling(address, f"Bearer {token_for(JWT_SECRET, user.external_id, lifetime=2.5, role='user')}") as me:

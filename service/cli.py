@@ -41,13 +41,33 @@ def _serve(args: argparse.Namespace) -> int:
             return serve_workers(config)
         asyncio.run(serve(config))
     except Exception as exc:  # noqa: BLE001 - a start-up failure is reported in one line, not a trace
-        from db.migrate import SchemaMismatch
-
-        if isinstance(exc, SchemaMismatch):
-            print(f"nexus-data: refusing to start: {exc}", file=sys.stderr)
-            return 2
-        raise
+        problem = _start_problem(exc, config)
+        if problem is None:
+            raise
+        print(f"nexus-data: refusing to start: {problem}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _start_problem(exc: Exception, config: Config) -> str | None:
+    """One line for the failures an operator meets at start (the schema, the database, the port,
+    a file named by a setting); None for anything else, which keeps its traceback."""
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.engine import make_url
+
+    from db.migrate import SchemaMismatch
+
+    if isinstance(exc, SchemaMismatch):
+        return str(exc)
+    if isinstance(exc, (sa_exc.DBAPIError, sa_exc.ArgumentError, sa_exc.NoSuchModuleError)):
+        where = make_url(config.database_url).render_as_string(hide_password=True) if "://" in config.database_url else config.database_url
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return f"the database {where} cannot be used: {first} (DATABASE_URL, DB_HOST..., DB_PATH)"
+    if isinstance(exc, RuntimeError) and "bind" in str(exc).lower():
+        return f"cannot listen on {config.host}:{config.port}: is another server on that port? (NEXUS_HOST, NEXUS_PORT)"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    return None
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -113,6 +133,13 @@ def _seed(args: argparse.Namespace) -> int:
     database = Database(config.database_url, config.pool)
     try:
         migrate.upgrade(database.engine)
+        # Seeded keys' secrets are not kept: on an empty database the first admin key is made
+        # and handed out here, as the first `serve` would have.
+        from service.server import bootstrap_admin_key, hand_out_admin_key
+
+        secret = bootstrap_admin_key(database, config)
+        if secret:
+            hand_out_admin_key(config, secret)
         with _audited("seed", database.dialect) as request_id:
             if not args.quiet:
                 print(f"audited as request {request_id}", file=sys.stderr)

@@ -14,36 +14,18 @@ from db.database import PoolSettings
 DEFAULT_DB_PATH = "data/nexus.db"
 
 
-def _bool(value: str) -> bool:
-    if value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.strip().lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
-
-
-def _number_at_least(env: Mapping[str, str], name: str, default: Any, minimum: Any) -> Any:
-    """The setting `name`, of default's type (int or float); a ValueError naming it when it is
-    not such a number, or is below minimum."""
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    kind = type(default)
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
-    if not value >= minimum:  # NaN too
-        raise ValueError(f"{name} must be at least {minimum}, got {raw}")
-    return value
-
-
 def normalize_url(url: str) -> str:
     """postgres:// and postgresql:// URLs use psycopg2 explicitly."""
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
             return "postgresql+psycopg2://" + url[len(prefix):]
     return url
+
+
+def _port(raw: str) -> int:
+    if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
+        raise ConfigError(f"DB_PORT must be a port number (1 to 65535), not {raw!r}")
+    return int(raw)
 
 
 def database_url_from_env(env: Mapping[str, str]) -> str:
@@ -58,7 +40,7 @@ def database_url_from_env(env: Mapping[str, str]) -> str:
             username=env.get("DB_USER", "postgres"),
             password=env.get("DB_PASSWORD") or None,
             host=env["DB_HOST"],
-            port=int(env.get("DB_PORT", "5432")),
+            port=_port(env.get("DB_PORT", "5432")),
             database=env.get("DB_NAME", "nexus"),
         ).render_as_string(hide_password=False)
     return f"sqlite:///{env.get('DB_PATH', DEFAULT_DB_PATH)}"
@@ -68,36 +50,84 @@ class ConfigError(ValueError):
     """A setting with an invalid value: the message names its variable."""
 
 
-# Credential settings: field -> (variable, type, the least valid value).
-CREDENTIAL_SETTINGS: dict[str, tuple[str, type, float]] = {
-    "jwt_max_lifetime_seconds": ("NEXUS_JWT_MAX_LIFETIME_SECONDS", float, 1),
-    "auth_hash_workers": ("NEXUS_AUTH_HASH_WORKERS", int, 1),
-    "auth_key_failure_limit": ("NEXUS_AUTH_KEY_FAILURE_LIMIT", int, 1),
-    "auth_peer_failure_limit": ("NEXUS_AUTH_PEER_FAILURE_LIMIT", int, 1),
-    "auth_failure_window_seconds": ("NEXUS_AUTH_FAILURE_WINDOW_SECONDS", float, 1),
-    "auth_recheck_seconds": ("NEXUS_AUTH_RECHECK_SECONDS", float, 0),
+# Every numeric setting: field (pool.* in PoolSettings) -> (variable, type, least, most). Checked
+# for every Config, however its values came (environment, flags, code): a wrong one stops the
+# server before it starts, in one line naming the variable.
+NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
+    "pool.size": ("DB_POOL_SIZE", int, 1, None),
+    "pool.max_overflow": ("DB_MAX_OVERFLOW", int, 0, None),
+    "pool.timeout": ("DB_POOL_TIMEOUT", float, 0.001, None),
+    "pool.recycle": ("DB_POOL_RECYCLE", int, 1, None),
+    "pool.ping_after": ("DB_POOL_PING_AFTER", float, 0, None),
+    "port": ("NEXUS_PORT", int, 0, 65535),
+    "workers": ("NEXUS_WORKERS", int, 1, 256),
+    "max_message_bytes": ("NEXUS_MAX_MESSAGE_BYTES", int, 4096, 2**31 - 1),
+    "max_concurrent_rpcs": ("NEXUS_MAX_CONCURRENT_RPCS", int, 1, None),
+    "grace_seconds": ("NEXUS_GRACE_SECONDS", float, 0, None),
+    "drain_seconds": ("NEXUS_DRAIN_SECONDS", float, 0, None),
+    "hash_time_cost": ("NEXUS_HASH_TIME_COST", int, 1, None),
+    "hash_memory_kib": ("NEXUS_HASH_MEMORY_KIB", int, 64, None),
+    "event_retention_seconds": ("NEXUS_EVENT_RETENTION_SECONDS", float, 60, None),
+    "stream_queue_size": ("NEXUS_STREAM_QUEUE_SIZE", int, 1, None),
+    "stream_poll_seconds": ("NEXUS_STREAM_POLL_SECONDS", float, 0.05, None),
+    "max_page_bytes": ("NEXUS_MAX_PAGE_BYTES", int, 4096, None),
+    "memory_trim_seconds": ("NEXUS_MEMORY_TRIM_SECONDS", float, 0, None),
+    "max_streams_per_caller": ("NEXUS_MAX_STREAMS_PER_CALLER", int, 1, None),
+    # A right that ended ends its streams within about twice this.
+    "stream_recheck_seconds": ("NEXUS_STREAM_RECHECK_SECONDS", float, 0.01, 1),
+    "jwt_max_lifetime_seconds": ("NEXUS_JWT_MAX_LIFETIME_SECONDS", float, 1, None),
+    "auth_hash_workers": ("NEXUS_AUTH_HASH_WORKERS", int, 1, None),
+    "auth_key_failure_limit": ("NEXUS_AUTH_KEY_FAILURE_LIMIT", int, 1, None),
+    "auth_peer_failure_limit": ("NEXUS_AUTH_PEER_FAILURE_LIMIT", int, 1, None),
+    "auth_failure_window_seconds": ("NEXUS_AUTH_FAILURE_WINDOW_SECONDS", float, 1, None),
+    "auth_recheck_seconds": ("NEXUS_AUTH_RECHECK_SECONDS", float, 0, None),
 }
+BOOLEANS = {"pool.pre_ping": "DB_POOL_PRE_PING", "db_echo": "DB_ECHO", "migrate_on_start": "NEXUS_MIGRATE_ON_START"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_HS256_SECRET_BYTES = 32
 
 
-def _credential_settings(env: Mapping[str, str]) -> dict[str, Any]:
+def _parsed(env: Mapping[str, str]) -> dict[str, Any]:
+    """The numeric and boolean settings the environment sets, by field; ConfigError naming the
+    variable of one that is not a number (a boolean)."""
     values: dict[str, Any] = {}
-    for name, (variable, kind, _) in CREDENTIAL_SETTINGS.items():
-        if env.get(variable, "").strip():
+    for name, (variable, kind, _, _) in NUMBERS.items():
+        raw = env.get(variable, "").strip()
+        if raw:
             try:
-                values[name] = kind(env[variable])
+                values[name] = kind(raw)
             except ValueError:
-                raise ConfigError(f"{variable}={env[variable]!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if "NEXUS_BOOTSTRAP_KEY_FILE" in env:
-        values["bootstrap_key_file"] = env["NEXUS_BOOTSTRAP_KEY_FILE"]
+                raise ConfigError(f"{variable}={raw!r} is not {'a whole number' if kind is int else 'a number'}") from None
+    for name, variable in BOOLEANS.items():
+        raw = env.get(variable, "").strip().lower()
+        if raw in ("1", "true", "yes", "on"):
+            values[name] = True
+        elif raw in ("0", "false", "no", "off"):
+            values[name] = False
+        elif raw:
+            raise ConfigError(f"{variable}={env[variable]!r} is not true or false")
     return values
+
+
+def check_settings(config: "Config") -> None:
+    """ConfigError naming the variable of the first setting out of its range."""
+    for name, (variable, _, least, most) in NUMBERS.items():
+        owner, _, key = name.rpartition(".")
+        value = getattr(getattr(config, owner) if owner else config, key)
+        if not value >= least or (most is not None and value > most):  # NaN too
+            allowed = f"from {least:g} to {most:g}" if most is not None else f"at least {least:g}"
+            raise ConfigError(f"{variable} must be {allowed}, not {value!r}")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
+    if not config.jwt_role_claim.strip():
+        raise ConfigError("NEXUS_JWT_ROLE_CLAIM must name a claim (unset it for the default, role)")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("NEXUS_TLS_CERT and NEXUS_TLS_KEY (--tls-cert, --tls-key) are set together or not at all")
+    check_credential_settings(config)
 
 
 def check_credential_settings(config: "Config") -> None:
     """The server refuses to start with credentials it could not check well."""
-    for name, (variable, _, least) in CREDENTIAL_SETTINGS.items():
-        if not getattr(config, name) >= least:
-            raise ConfigError(f"{variable} must be at least {least:g}, not {getattr(config, name)!r}")
     if config.bootstrap_key_file is not None and not config.bootstrap_key_file.strip():
         raise ConfigError("NEXUS_BOOTSTRAP_KEY_FILE must be a file path (unset it for the default)")
     if not (config.jwt_hs256_secret or config.jwt_rs256_public_key_file):
@@ -162,12 +192,12 @@ class Config:
     # passes this many bytes, or max_message_bytes if that is smaller. 4 MiB: what gRPC clients
     # accept by default.
     max_page_bytes: int = 4 * 1024 * 1024
-    # How often the resident size is looked at; grown by 32 MiB since the last look, freed heap
+    # How often the resident size is looked at; 32 MiB above its lowest, freed heap
     # memory goes back to the system (service/memory.py). 0: never.
     memory_trim_seconds: float = 2.0
 
     def __post_init__(self) -> None:
-        check_credential_settings(self)
+        check_settings(self)
 
     @property
     def page_bytes(self) -> int:
@@ -177,45 +207,25 @@ class Config:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
         env = os.environ if env is None else env
-        pool = PoolSettings(
-            size=int(env.get("DB_POOL_SIZE", PoolSettings.size)),
-            max_overflow=int(env.get("DB_MAX_OVERFLOW", PoolSettings.max_overflow)),
-            timeout=float(env.get("DB_POOL_TIMEOUT", PoolSettings.timeout)),
-            recycle=int(env.get("DB_POOL_RECYCLE", PoolSettings.recycle)),
-            pre_ping=_bool(env.get("DB_POOL_PRE_PING", "true")),
-            ping_after=float(env.get("DB_POOL_PING_AFTER", PoolSettings.ping_after)),
+        parsed = _parsed(env)
+        pool = PoolSettings(**{k.split(".", 1)[1]: v for k, v in parsed.items() if k.startswith("pool.")})
+        values: dict[str, Any] = {k: v for k, v in parsed.items() if not k.startswith("pool.")}
+        values.update(
+            database_url=database_url_from_env(env),
+            host=env.get("NEXUS_HOST", cls.host),
+            pool=pool,
+            log_level=env.get("LOG_LEVEL", cls.log_level).strip().upper(),
+            jwt_hs256_secret=env.get("NEXUS_JWT_HS256_SECRET") or None,
+            jwt_rs256_public_key_file=env.get("NEXUS_JWT_RS256_PUBLIC_KEY_FILE") or None,
+            jwt_issuer=env.get("NEXUS_JWT_ISSUER") or None,
+            jwt_audience=env.get("NEXUS_JWT_AUDIENCE") or None,
+            jwt_role_claim=env.get("NEXUS_JWT_ROLE_CLAIM", cls.jwt_role_claim),
+            tls_cert=env.get("NEXUS_TLS_CERT") or None,
+            tls_key=env.get("NEXUS_TLS_KEY") or None,
+            tls_client_ca=env.get("NEXUS_TLS_CLIENT_CA") or None,
         )
-        values: dict[str, Any] = {
-            "database_url": database_url_from_env(env),
-            "host": env.get("NEXUS_HOST", cls.host),
-            "port": int(env.get("NEXUS_PORT", cls.port)),
-            "workers": int(env.get("NEXUS_WORKERS", cls.workers)),
-            "pool": pool,
-            "db_echo": _bool(env.get("DB_ECHO", "false")),
-            "migrate_on_start": _bool(env.get("NEXUS_MIGRATE_ON_START", "true")),
-            "max_message_bytes": int(env.get("NEXUS_MAX_MESSAGE_BYTES", cls.max_message_bytes)),
-            "max_concurrent_rpcs": int(env.get("NEXUS_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs)),
-            "grace_seconds": float(env.get("NEXUS_GRACE_SECONDS", cls.grace_seconds)),
-            "drain_seconds": float(env.get("NEXUS_DRAIN_SECONDS", cls.drain_seconds)),
-            "hash_time_cost": int(env.get("NEXUS_HASH_TIME_COST", cls.hash_time_cost)),
-            "hash_memory_kib": int(env.get("NEXUS_HASH_MEMORY_KIB", cls.hash_memory_kib)),
-            "log_level": env.get("LOG_LEVEL", cls.log_level).upper(),
-            "event_retention_seconds": float(env.get("NEXUS_EVENT_RETENTION_SECONDS", cls.event_retention_seconds)),
-            "stream_queue_size": int(env.get("NEXUS_STREAM_QUEUE_SIZE", cls.stream_queue_size)),
-            "stream_poll_seconds": float(env.get("NEXUS_STREAM_POLL_SECONDS", cls.stream_poll_seconds)),
-            "jwt_hs256_secret": env.get("NEXUS_JWT_HS256_SECRET") or None,
-            "jwt_rs256_public_key_file": env.get("NEXUS_JWT_RS256_PUBLIC_KEY_FILE") or None,
-            "jwt_issuer": env.get("NEXUS_JWT_ISSUER") or None,
-            "jwt_audience": env.get("NEXUS_JWT_AUDIENCE") or None,
-            "jwt_role_claim": env.get("NEXUS_JWT_ROLE_CLAIM", cls.jwt_role_claim),
-            "tls_cert": env.get("NEXUS_TLS_CERT") or None,
-            "tls_key": env.get("NEXUS_TLS_KEY") or None,
-            "tls_client_ca": env.get("NEXUS_TLS_CLIENT_CA") or None,
-            **_credential_settings(env),
-            "max_page_bytes": _number_at_least(env, "NEXUS_MAX_PAGE_BYTES", cls.max_page_bytes, 4096),
-            "memory_trim_seconds": _number_at_least(env, "NEXUS_MEMORY_TRIM_SECONDS", cls.memory_trim_seconds, 0.0),
-        }
-        values.update(_stream_limits(env))
+        if "NEXUS_BOOTSTRAP_KEY_FILE" in env:
+            values["bootstrap_key_file"] = env["NEXUS_BOOTSTRAP_KEY_FILE"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -226,24 +236,3 @@ class Config:
         if self.jwt_hs256_secret:
             out["jwt_hs256_secret"] = "***"
         return out
-
-
-def _stream_limits(env: Mapping[str, str]) -> dict[str, Any]:
-    """NEXUS_MAX_STREAMS_PER_CALLER (a whole number >= 1) and NEXUS_STREAM_RECHECK_SECONDS
-    (0 < s <= 1: a right that ended ends its streams within about twice that)."""
-    out: dict[str, Any] = {}
-    for name, key, parse, valid, meaning in (
-        ("NEXUS_MAX_STREAMS_PER_CALLER", "max_streams_per_caller", int, lambda v: v >= 1, "a whole number of at least 1"),
-        ("NEXUS_STREAM_RECHECK_SECONDS", "stream_recheck_seconds", float, lambda v: 0 < v <= 1, "a number of seconds above 0 and at most 1"),
-    ):
-        raw = env.get(name)
-        if raw is None:
-            continue
-        try:
-            value = parse(raw)
-        except ValueError:
-            value = None
-        if value is None or not valid(value):
-            raise ValueError(f"{name} must be {meaning}, not {raw!r}")
-        out[key] = value
-    return out

@@ -24,11 +24,13 @@ from nexus.security.v1 import security_pb2, security_pb2_grpc
 from nexus.work.v1 import work_pb2, work_pb2_grpc
 
 import db.domains  # noqa: F401 - every resource registered, the audit listener installed
+from sqlalchemy import select
+
 from db import events, migrate, secrets
 from db.base import utcnow
 from db.database import Database
 from service.chat import ChatService
-from service.config import Config
+from service.config import Config, ConfigError
 from service import policy
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.interceptors import Gate, GuardedRegistration
@@ -253,7 +255,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     # With several workers the parent made the bootstrap key (if any) before forking them.
-    secret = None if config.insecure_dev or config.workers > 1 else bootstrap_admin_key(db)
+    secret = None if config.insecure_dev or config.workers > 1 else bootstrap_admin_key(db, config)
     return App(config, server, db, port, health_servicer, names, hub, guarded.gate, servicers=servicers, bootstrap_secret=secret)
 
 
@@ -278,11 +280,28 @@ def _tls_credentials(config: Config) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(pair)
 
 
-def bootstrap_admin_key(db: Database) -> str | None:
-    """On an empty database (no API key at all), make one admin key and return its secret."""
+def bootstrap_admin_key(db: Database, config: Config) -> str | None:
+    """On an empty database (no API key at all), make one admin key and return its secret. When
+    it is to go to a file, the file is made first: if it cannot be, nothing is made (OSError),
+    rather than a key nobody will ever read."""
     from db.identity import create_api_key_if_none
+    from db.models import ApiKey
 
+    if db.run_sync(lambda s: s.scalar(select(ApiKey.id).limit(1)), write=False) is not None:
+        return None
+    if not _to_terminal(config):
+        path = bootstrap_key_path(config)
+        try:
+            _write_private(path, "")
+        except OSError as exc:
+            raise ConfigError(
+                f"NEXUS_BOOTSTRAP_KEY_FILE: the first admin key cannot be written to {path} ({exc.strerror}): choose a writable file"
+            ) from None
     return db.run_sync(create_api_key_if_none)
+
+
+def _to_terminal(config: Config) -> bool:
+    return config.bootstrap_key_file is None and sys.stdout.isatty()
 
 
 BOOTSTRAP_KEY_NAME = "bootstrap-admin-key"
@@ -312,12 +331,15 @@ def _announce(config: Config, bootstrap_secret: str | None) -> None:
         log.warning("=" * 72)
         log.warning("--insecure-dev: AUTHENTICATION IS OFF. Every caller is an admin. Never run this in production.")
         log.warning("=" * 72)
-    if not bootstrap_secret:
-        return
+    if bootstrap_secret:
+        hand_out_admin_key(config, bootstrap_secret)
+
+
+def hand_out_admin_key(config: Config, bootstrap_secret: str) -> None:
     # Only its hash is stored. Shown once: on the terminal when there is one, else in a private
     # file; never in the log, which a cluster ships to log storage.
     line = f"NEXUS_ADMIN_KEY={bootstrap_secret}\n"
-    if config.bootstrap_key_file is None and sys.stdout.isatty():
+    if _to_terminal(config):
         sys.stdout.write(
             "First start on an empty database: an admin API key was created. It is shown once:\n"
             f"{line}Call with: -H 'authorization: Bearer <key>'. Create more with `nexus-data keys create`.\n"
@@ -330,7 +352,7 @@ def _announce(config: Config, bootstrap_secret: str | None) -> None:
     except OSError as exc:
         log.error(
             "first start on an empty database: an admin API key was created but could not be written to %s (%s); "
-            "make one with `nexus-data keys create --role admin` (NEXUS_BOOTSTRAP_KEY_FILE chooses the file)", path, exc.strerror,
+            "make one with `nexus-data keys create --name admin --role admin` (NEXUS_BOOTSTRAP_KEY_FILE chooses the file)", path, exc.strerror,
         )
         return
     log.warning("first start on an empty database: an admin API key was written to %s (mode 0600); read it, then delete the file", path)
@@ -354,7 +376,7 @@ def serve_workers(config: Config) -> int:
     if config.port == 0:
         raise ValueError("--workers needs a fixed port")
     database = prepare_database(config)
-    secret = None if config.insecure_dev else bootstrap_admin_key(database)
+    secret = None if config.insecure_dev else bootstrap_admin_key(database, config)
     database.dispose()
     log.info("configuration: %s", config.describe())
     _announce(config, secret)

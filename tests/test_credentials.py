@@ -462,6 +462,45 @@ def test_the_first_admin_key_goes_to_a_private_file_not_the_log(client: Client, 
         assert str(expected) in logged
 
 
+def test_a_first_admin_key_that_cannot_be_written_is_not_made(client: Client, tmp_path: Path) -> None:
+    with fresh_database(client.backend, tmp_path) as url:
+        done = _serve(url, tmp_path, {"NEXUS_BOOTSTRAP_KEY_FILE": "/proc/no-such-dir/key"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = done.communicate(timeout=60)
+        assert done.returncode == 2
+        assert err.decode().strip().splitlines()[-1] == (
+            "nexus-data: refusing to start: NEXUS_BOOTSTRAP_KEY_FILE: the first admin key cannot be written to "
+            "/proc/no-such-dir/key (No such file or directory): choose a writable file"
+        )
+        # No key was made, so the next start with a writable file hands one out.
+        key_file = tmp_path / "key"
+        log = tmp_path / "server.log"
+        with log.open("wb") as sink:
+            process = _serve(url, tmp_path, {"NEXUS_BOOTSTRAP_KEY_FILE": str(key_file)}, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(log, r"serving on 127\.0\.0\.1:(\d+)")
+            assert key_file.read_text().startswith("NEXUS_ADMIN_KEY=nx_")
+        finally:
+            _stop(process)
+
+
+def test_seeding_an_empty_database_hands_out_the_first_admin_key(client: Client, tmp_path: Path) -> None:
+    with fresh_database(client.backend, tmp_path) as url:
+        key_file = tmp_path / "key"
+        env = {**os.environ, "DATABASE_URL": url, "NEXUS_BOOTSTRAP_KEY_FILE": str(key_file), "NEXUS_HASH_TIME_COST": "1", "NEXUS_HASH_MEMORY_KIB": "1024"}
+        subprocess.run([str(NEXUS_DATA), "seed", "--users", "3", "--projects", "1", "--tasks", "1", "--quiet"], env=env, cwd=tmp_path, check=True, timeout=120)
+        secret = key_file.read_text().strip().split("=", 1)[1]
+        log = tmp_path / "server.log"
+        with log.open("wb") as sink:
+            process = _serve(url, tmp_path, {"NEXUS_BOOTSTRAP_KEY_FILE": str(tmp_path / "second")}, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            port = int(_wait_for(log, r"serving on 127\.0\.0\.1:(\d+)").group(1))
+            with calling(f"127.0.0.1:{port}", f"Bearer {secret}") as admin:
+                assert admin.security.ListAuditLogEntries(spb.ListAuditLogEntriesRequest(page_size=1)).audit_log_entries
+        finally:
+            _stop(process)
+        assert not (tmp_path / "second").exists(), "the seeded database had its key: serve makes none"
+
+
 def test_the_first_admin_key_goes_to_the_terminal_when_there_is_one(client: Client, tmp_path: Path) -> None:
     with fresh_database(client.backend, tmp_path) as url:
         log = tmp_path / "server.log"

@@ -238,6 +238,13 @@ def test_list_tasks_with_a_filter(client: Client) -> None:
     progress = call(client, f"{WORK}/GetProjectProgress", {"project_id": project["id"]})
     assert progress["total_tasks"] == 3 and progress["estimated_hours"] == 7.5
 
+    # The README's update: a field mask as grpcurl's JSON takes it, with the etag read.
+    two = made["two"]
+    done = call(client, f"{WORK}/UpdateTask", {"task": {"id": two["id"], "status": "TASK_STATUS_DONE", "etag": two["etag"]}, "update_mask": {"paths": ["status"]}})
+    assert done["status"] == "TASK_STATUS_DONE" and done["completed_time"] and done["etag"] != two["etag"]
+    stale = grpcurl(client, f"{WORK}/UpdateTask", data={"task": {"id": two["id"], "title": "x", "etag": two["etag"]}, "update_mask": {"paths": ["title"]}})
+    assert stale.returncode != 0 and "Aborted" in stale.stderr
+
 
 def test_a_malformed_id_is_invalid_argument(client: Client) -> None:
     result = grpcurl(client, f"{IDENTITY}/GetUser", data={"id": "not-a-uuid"})

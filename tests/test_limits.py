@@ -266,21 +266,6 @@ def test_a_row_larger_than_the_limit_alone_is_a_clear_error(client: Client) -> N
         server.stop()
 
 
-def test_page_bytes_and_trim_settings_are_read_and_checked() -> None:
-    from service.config import Config
-
-    assert Config.from_env({}).max_page_bytes == 4 * 1024 * 1024
-    assert Config.from_env({"NEXUS_MAX_PAGE_BYTES": "65536"}).max_page_bytes == 65536
-    for bad in ("0", "-1", "lots", "1000", "4096.5"):
-        with pytest.raises(ValueError, match="NEXUS_MAX_PAGE_BYTES"):
-            Config.from_env({"NEXUS_MAX_PAGE_BYTES": bad})
-    assert Config.from_env({}).memory_trim_seconds == 2.0
-    assert Config.from_env({"NEXUS_MEMORY_TRIM_SECONDS": "0"}).memory_trim_seconds == 0.0
-    for bad in ("-1", "soon", "nan"):
-        with pytest.raises(ValueError, match="NEXUS_MEMORY_TRIM_SECONDS"):
-            Config.from_env({"NEXUS_MEMORY_TRIM_SECONDS": bad})
-
-
 # ------------------------------------------------------------------ audit entries stay bounded
 
 

@@ -159,7 +159,9 @@ def _resumed_scope(session: Session, scope: str) -> str:
     spec = _scope_kinds().get(kind)
     if spec is None:
         raise errors.InvalidArgument.field("resume_token", "is not a resume token this service issued", reason="INVALID_RESUME_TOKEN")
-    crud.visible_id(session, spec, raw_id, "resume_token")
+    row_id = crud.visible_id(session, spec, raw_id, "resume_token")
+    if f"{kind}/{row_id}" != scope:  # the id as this service writes it, or events never match
+        raise errors.InvalidArgument.field("resume_token", "is not a resume token this service issued", reason="INVALID_RESUME_TOKEN")
     return scope
 
 
@@ -173,7 +175,9 @@ def stream_positions(session: Session, request: pb.StreamEventsRequest) -> dict[
     scopes += _scope_ids(session, CONVERSATIONS, list(request.conversation_ids), "conversation_ids", conversation_scope)
     resumed = decode_token(request.resume_token) if request.resume_token else {}
     if not scopes:
-        # A token is checksummed, not signed: its scopes pass the same read rule as named ids.
+        # A token is checksummed, not signed: its scopes pass the same checks as named ids.
+        if len(resumed) > MAX_STREAM_SCOPES:
+            raise errors.InvalidArgument.field("resume_token", f"follows more than {MAX_STREAM_SCOPES} channels and conversations", reason="INVALID_RESUME_TOKEN")
         scopes = [_resumed_scope(session, scope) for scope in resumed]
     if not scopes:
         raise errors.InvalidArgument.field("channel_ids", "name at least one channel or conversation (or a resume_token)", reason="REQUIRED_FIELD")
@@ -213,7 +217,7 @@ def stream_access(
     query for the credential (with its user) and one per kind of scope, whatever their number."""
     if actor_type == "system":
         return {}
-    owner = select(User.is_active, User.delete_time)
+    owner = select(User.is_active, User.delete_time, User.role.label("user_role"))
     if actor_type == "api_key":  # the key and the user it acts for, in one query
         key = session.execute(
             owner.add_columns(ApiKey.revoke_time, ApiKey.expire_time, ApiKey.role, ApiKey.user_id)
@@ -230,6 +234,8 @@ def stream_access(
         acting = session.execute(owner.where(User.id == user_id)).one_or_none() if user_id is not None else None
     if user_id is not None and (acting is None or not acting.is_active or acting.delete_time is not None):
         raise errors.Unauthenticated("the credentials act for a user who is not active", reason="INVALID_CREDENTIALS")
+    if user_id is not None and policy.ROLE_RANK[acting.user_role] < policy.ROLE_RANK[role]:
+        role = acting.user_role  # a credential acts with at most its user's current role
     by_kind: dict[str, dict[uuid.UUID, str]] = {}
     for scope in scopes:
         kind, _, raw_id = scope.partition("/")

@@ -218,7 +218,9 @@ class StructCodec(FieldCodec):
     def load(self, msg: Message) -> dict[str, Any]:
         if not msg.HasField(self.name):
             return {self.attr: None}
-        value = json_format.MessageToDict(getattr(msg, self.name))
+        struct = getattr(msg, self.name)
+        check_struct(struct, self.name)
+        value = json_format.MessageToDict(struct)
         check_json_text(value, self.name, self.limit)
         return {self.attr: value}
 
@@ -227,6 +229,31 @@ class StructCodec(FieldCodec):
         if value is not None:
             target: struct_pb2.Struct = getattr(msg, self.name)
             target.update(value)
+
+
+# How deep a Struct may nest (objects and lists in one another): every response that carries it
+# (a search result wraps the resource once more) must stay within what protobuf decoders accept
+# (100 message levels; each JSON level is three: Struct, its map entry, Value).
+MAX_JSON_DEPTH = 20
+
+
+def check_struct(struct: struct_pb2.Struct, field_path: str) -> None:
+    """INVALID_ARGUMENT for a Struct JSON cannot hold (a NaN or infinite number) or one nested
+    deeper than MAX_JSON_DEPTH."""
+    pending: list[tuple[Any, int]] = [(struct, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidArgument.field(field_path, f"nests deeper than {MAX_JSON_DEPTH} levels", reason="FIELD_TOO_LARGE")
+        values = node.fields.values() if isinstance(node, struct_pb2.Struct) else node.values
+        for value in values:
+            kind = value.WhichOneof("kind")
+            if kind == "number_value" and not math.isfinite(value.number_value):
+                raise InvalidArgument.field(field_path, f"holds the number {value.number_value}, which JSON cannot hold")
+            if kind == "struct_value":
+                pending.append((value.struct_value, depth + 1))
+            elif kind == "list_value":
+                pending.append((value.list_value, depth + 1))
 
 
 class StringListCodec(FieldCodec):

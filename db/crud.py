@@ -640,7 +640,21 @@ def _in_autocommit(conn: Any) -> bool:
     return conn.dialect.name == "postgresql" and bool(conn.connection.dbapi_connection.autocommit)
 
 
-def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
+def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES) -> list[Message]:
+    """_batch_create, refused before it commits when its answer would pass max_bytes: a client
+    that cannot read the answer would take a committed batch for a refused one."""
+    made = _batch_create(session, spec, request, call)
+    if fitting(made, max_bytes) < len(made):
+        raise errors.ResourceExhausted(
+            f"the answer to {len(made)} creates would take more than the response limit ({max_bytes} bytes): "
+            "nothing was created; send fewer per call",
+            reason="RESPONSE_TOO_LARGE",
+            metadata={"field": "requests", "max_bytes": str(max_bytes)},
+        )
+    return made
+
+
+def _batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
     """All or nothing (AIP-233). Without request ids the rows are written together: validated
     one by one, then one reference query per referencing field and insert_rows (one INSERT for
     the rows, one for their audit entries, one check of the caller's rights)."""

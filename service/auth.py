@@ -292,7 +292,11 @@ class Authenticator:
         if found is None or not found.is_active:
             return _Known(None, "the JWT's subject is not an active user", None, now)
         # The claim may lower the user's role for this token, never raise it.
-        claimed = claims.get(self.jwt.role_claim)
-        role = lower_role(claimed, found.role) if isinstance(claimed, str) and claimed in ROLE_RANK else found.role
+        # A claim the server does not know is refused, not ignored: a restriction must not fail open.
+        claimed = claims.get(self.jwt.role_claim, found.role)
+        if not (isinstance(claimed, str) and claimed in ROLE_RANK):
+            known = ", ".join(ROLE_RANK)
+            return _Known(None, f"the JWT's {self.jwt.role_claim} claim {claimed!r} is not one of {known}", None, now)
+        role = lower_role(claimed, found.role)
         expires = dt.datetime.fromtimestamp(expires_at, dt.timezone.utc)
         return _Known(Principal("user", found.id, role, found.id), "", expires, now)

@@ -111,6 +111,11 @@ def _parsed(env: Mapping[str, str]) -> dict[str, Any]:
 
 def check_settings(config: "Config") -> None:
     """ConfigError naming the variable of the first setting out of its range."""
+    try:
+        make_url(config.database_url).port  # noqa: B018 - parses the port too
+    except Exception as exc:  # noqa: BLE001 - any parse failure; the URL (and its password) is not repeated
+        detail = "its port is not a number" if isinstance(exc, ValueError) else "it cannot be parsed"
+        raise ConfigError(f"DATABASE_URL (or DB_HOST, DB_PORT, ...) is not a database URL: {detail}") from None
     for name, (variable, _, least, most) in NUMBERS.items():
         owner, _, key = name.rpartition(".")
         value = getattr(getattr(config, owner) if owner else config, key)

@@ -52,7 +52,13 @@ class Gate:
     def close(self) -> None:
         self.closed = True
 
-    def left(self) -> None:
+    def entered(self, context: grpc.aio.ServicerContext) -> None:
+        """A call under way until grpc has sent its answer (not merely until its handler
+        returned: a large response is still being written then)."""
+        self.calls += 1
+        context.add_done_callback(self._left)
+
+    def _left(self, _: Any) -> None:
         self.calls -= 1
         if self._idle is not None and not self.calls:
             self._idle.set()
@@ -114,7 +120,7 @@ class CallGuard:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if gate.closed:
                 await context.abort_with_status(refused())
-            gate.calls += 1
+            gate.entered(context)
             token = None
             try:
                 call, token = await self.enter(context)
@@ -127,7 +133,6 @@ class CallGuard:
             except Exception as exc:  # noqa: BLE001 - NexusError or a bug: both become a Status
                 await self.fail(context, exc)
             finally:
-                gate.left()
                 if token is not None:
                     CURRENT_CALL.reset(token)
 
@@ -139,7 +144,7 @@ class CallGuard:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if gate.closed:
                 await context.abort_with_status(refused())
-            gate.calls += 1
+            gate.entered(context)
             token = None
             try:
                 call, token = await self.enter(context)
@@ -150,7 +155,6 @@ class CallGuard:
             except Exception as exc:  # noqa: BLE001
                 await self.fail(context, exc)
             finally:
-                gate.left()
                 # A stream the client ended while it waited to write is closed later by the
                 # event loop's generator finalizer, in another context: nothing to restore there
                 # (each RPC runs in a task, and a context, of its own).

@@ -109,7 +109,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
         async def batch_create(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = run.call(context)
-            items = await run(context, lambda s: crud.batch_create(s, spec, request, call), resource_type=name)
+            items = await run(context, lambda s: crud.batch_create(s, spec, request, call, run.page_bytes), resource_type=name)
             response = getattr(pb, f"BatchCreate{Es}Response")()
             getattr(response, plural_field).extend(items)
             return response

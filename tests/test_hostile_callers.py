@@ -31,6 +31,18 @@ NEXUS = str(Path(sys.executable).with_name("nexus-data"))
 # ----------------------------------------------------------------- streams: a demoted *user*
 
 
+def ends_when_demoted(reader: EventReader, client: Client, user: Any, private: Any) -> None:
+    """The stream of a private channel ends PERMISSION_DENIED once its admin user is demoted to
+    user, and never delivers a message posted after it."""
+    ends_after_change(
+        reader,
+        lambda: client.identity.UpdateUser(ipb.UpdateUserRequest(user=ipb.User(id=user.id, role=ipb.USER_ROLE_USER), update_mask=mask("role"))),
+        lambda: post(client, private, "after"),
+        Code.PERMISSION_DENIED,
+        "ROW_ACCESS_DENIED",
+    )
+
+
 def test_a_demoted_users_admin_key_loses_its_stream_of_a_private_channel(client: Client, caller: Callable[..., Any]) -> None:
     """A key acts with min(key role, its user's current role). An admin user's admin key streams a
     private channel it is not a member of; the user is demoted to USER (the key row is untouched).
@@ -40,13 +52,7 @@ def test_a_demoted_users_admin_key_loses_its_stream_of_a_private_channel(client:
     private = new_channel(client, is_private=True)
     reader = EventReader(c.chat, cpb.StreamEventsRequest(channel_ids=[private.id]))
     live(reader, client, private)
-    ends_after_change(
-        reader,
-        lambda: client.identity.UpdateUser(ipb.UpdateUserRequest(user=ipb.User(id=user.id, role=ipb.USER_ROLE_USER), update_mask=mask("role"))),
-        lambda: post(client, private, "after"),
-        Code.PERMISSION_DENIED,
-        "ROW_ACCESS_DENIED",
-    )
+    ends_when_demoted(reader, client, user, private)
 
 
 # ----------------------------------------------------------------- Struct values no JSON can hold
@@ -186,13 +192,7 @@ def test_a_jwt_admin_demoted_through_another_replica_loses_its_stream_within_the
         with calling(f"127.0.0.1:{server.port}", f"Bearer {token_for(HS_SECRET, user.external_id)}") as me:
             reader = EventReader(me.chat, cpb.StreamEventsRequest(channel_ids=[private.id]))  # type: ignore[arg-type]
             live(reader, client, private)
-            ends_after_change(
-                reader,
-                lambda: client.identity.UpdateUser(ipb.UpdateUserRequest(user=ipb.User(id=user.id, role=ipb.USER_ROLE_USER), update_mask=mask("role"))),
-                lambda: post(client, private, "after"),
-                Code.PERMISSION_DENIED,
-                "ROW_ACCESS_DENIED",
-            )
+            ends_when_demoted(reader, client, user, private)
 
 
 # ----------------------------------------------------------------- SIGTERM during a large BatchCreate

@@ -569,11 +569,24 @@ def _new_row(spec: ResourceSpec, msg: Message, call: Call, field_prefix: str) ->
     row = reading.row_class(spec)({**_empty_row(spec), **set_values})
     row.id = uuid7()
     _apply_defaults(spec, row)
-    if spec.owner_field and getattr(row, spec.owner_field) is None and call.actor_user_id is not None:
-        setattr(row, spec.owner_field, call.actor_user_id)
-        values[spec.owner_field] = call.actor_user_id
+    if spec.owner_field:
+        _own_row(spec, row, values, call, field_prefix)
     _missing_required(spec, row, field_prefix)
     return row, values, names
+
+
+def _own_row(spec: ResourceSpec, row: Any, values: dict[str, Any], call: Call, field_prefix: str) -> None:
+    """A new row's owner field is its caller: left unset, it becomes the caller's user; only an
+    admin may name another owner (importing, making rows for others)."""
+    owner = getattr(row, spec.owner_field)
+    if owner is None and call.actor_user_id is not None:
+        setattr(row, spec.owner_field, call.actor_user_id)
+        values[spec.owner_field] = call.actor_user_id
+    elif owner is not None and owner != call.actor_user_id and call.role != "admin":
+        field = field_prefix + spec.owner_field
+        raise errors.PermissionDenied(
+            f"{field} is the caller: only an admin may set another", reason="FIELD_ACCESS_DENIED", metadata={"field": field}
+        )
 
 
 @functools.lru_cache(maxsize=None)

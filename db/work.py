@@ -50,7 +50,7 @@ PROJECTS = REGISTRY.add(
 
 def _task_rules(session: Session, row: Task, changed: set[str], creating: bool, call: crud.Call) -> None:
     if creating and call.role != "admin":
-        _check_task_creator(session, row, call)
+        _check_task_project(session, row, call)
     violations = errors.Violations()
     for name in ("estimated_hours", "actual_hours"):
         value = getattr(row, name)
@@ -64,14 +64,8 @@ def _task_rules(session: Session, row: Task, changed: set[str], creating: bool, 
         row.completed_time = None
 
 
-def _check_task_creator(session: Session, row: Task, call: crud.Call) -> None:
-    """A task's creator is its caller, who works in its project (owns it or is a member); only
-    an admin may record another creator (importing) or create tasks in any project."""
-    if row.creator_id != call.actor_user_id:
-        raise errors.PermissionDenied(
-            "task.creator_id is the caller: only an admin may set another", reason="FIELD_ACCESS_DENIED",
-            metadata={"field": "task.creator_id"},
-        )
+def _check_task_project(session: Session, row: Task, call: crud.Call) -> None:
+    """A caller other than an admin creates tasks only in projects it owns or is a member of."""
     if session.scalar(select(literal(True)).where(Project.id == row.project_id, Project.id.in_(policy.projects_of(call.actor_user_id)))) is None:
         raise errors.PermissionDenied(
             f"the caller may create tasks only in projects it owns or is a member of, not in {row.project_id}",

@@ -28,7 +28,7 @@ from db.resource import REGISTRY, ResourceSpec
 from service import policy as rpc_policy
 from tests.conftest import Client, connect, unique
 from tests.support import SAMPLES, new_user, rich_error
-from tests.test_auth import discovered_methods
+from tests.test_auth import call_empty, discovered_methods
 
 Code = grpc.StatusCode
 SPECS = sorted((s for s in REGISTRY if not s.read_only), key=lambda s: s.name)
@@ -191,20 +191,6 @@ def test_a_create_is_refused_or_leaves_a_row_its_caller_manages(client: Client, 
     assert rules(spec, made.id, caller) == (True, True), (resource, label)
 
 
-def _empty_call(channel: grpc.Channel, path: str, method: Any, metadata: list[tuple[str, str]]) -> tuple[Code, str]:
-    """(code, ErrorInfo reason) of a call with an empty request."""
-    try:
-        if method.server_streaming:
-            stream = channel.unary_stream(path)(b"", metadata=metadata, timeout=10)
-            next(iter(stream), None)
-            stream.cancel()
-        else:
-            channel.unary_unary(path)(b"", metadata=metadata, timeout=10)
-    except grpc.RpcError as exc:
-        return exc.code(), rich_error(exc).info.reason
-    return Code.OK, ""
-
-
 @pytest.mark.parametrize("label", list(CALLERS))
 def test_every_method_answers_the_role_gate(client: Client, callers: dict[str, Caller], label: str) -> None:
     caller = callers[label]
@@ -213,7 +199,7 @@ def test_every_method_answers_the_role_gate(client: Client, callers: dict[str, C
     try:
         for path, method in discovered_methods(client.address):
             allowed = policy.ROLE_RANK[caller.role] >= policy.ROLE_RANK[rpc_policy.action_for(path).value]
-            code, reason = _empty_call(channel, path, method, metadata)
+            code, reason = call_empty(channel, path, method, metadata)
             assert code not in (Code.UNAUTHENTICATED, Code.INTERNAL, Code.UNKNOWN), (path, label, code)
             assert (reason == "ROLE_FORBIDS_METHOD") == (not allowed), (path, label, code, reason)
     finally:

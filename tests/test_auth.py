@@ -44,8 +44,9 @@ def discovered_methods(address: str) -> list[tuple[str, Any]]:
         channel.close()
 
 
-def call_raw(channel: grpc.Channel, path: str, method: Any, metadata: list[tuple[str, str]]) -> Code:
-    """Call with an empty request; the status code it ends with (OK when it succeeds)."""
+def call_empty(channel: grpc.Channel, path: str, method: Any, metadata: list[tuple[str, str]]) -> tuple[Code, str]:
+    """Call with an empty request: the status code it ends with (OK when it succeeds) and its
+    ErrorInfo reason (a failure always carries a well-formed google.rpc.Status)."""
     try:
         if method.server_streaming:
             stream = channel.unary_stream(path)(b"", metadata=metadata, timeout=10)
@@ -57,11 +58,16 @@ def call_raw(channel: grpc.Channel, path: str, method: Any, metadata: list[tuple
         else:
             channel.unary_unary(path)(b"", metadata=metadata, timeout=10)
     except grpc.RpcError as exc:
-        if exc.code() in (Code.UNAUTHENTICATED, Code.PERMISSION_DENIED):
-            err = rich_error(exc)  # a well-formed google.rpc.Status, always
-            assert err.info.reason
-        return exc.code()
-    return Code.OK
+        return exc.code(), rich_error(exc).info.reason
+    return Code.OK, ""
+
+
+def call_raw(channel: grpc.Channel, path: str, method: Any, metadata: list[tuple[str, str]]) -> Code:
+    """call_empty's code; a refusal of access always says why."""
+    code, reason = call_empty(channel, path, method, metadata)
+    if code in (Code.UNAUTHENTICATED, Code.PERMISSION_DENIED):
+        assert reason
+    return code
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from db import policy
 from db.resource import REGISTRY
 from tests.conftest import Client, connect, unique
-from tests.support import expect_error, new_user
+from tests.support import SAMPLES, expect_error, new_user
 from tests.test_standard_methods import SPECS, Api
 from tests.test_access import Actor, actor, chat_message, conversation_of, first_stream_item, new_key, private_channel  # noqa: F401
 
@@ -286,3 +286,18 @@ def test_show_deleted_shows_deleted_rows_only_to_those_who_manage_them(client: C
     assert author.c.chat.GetChatMessage(cpb.GetChatMessageRequest(id=message.id, show_deleted=True)).content == "regretted"
     expect_error(Code.PERMISSION_DENIED, reader.c.chat.GetChatMessage, cpb.GetChatMessageRequest(id=message.id, show_deleted=True))
     assert listed(reader.c) == [] and reader.c.chat.ListChatMessages(cpb.ListChatMessagesRequest(filter=in_channel)).total_size == 0
+
+
+@pytest.mark.parametrize("resource", [s.name for s in SPECS if s.owner_field])
+def test_a_caller_other_than_an_admin_owns_what_it_creates(client: Client, actor: Callable[..., Actor], resource: str) -> None:
+    """Every resource's owner field (a task's creator, a message's author, a project's owner…):
+    naming another user as owner is PERMISSION_DENIED FIELD_ACCESS_DENIED for a non-admin, and
+    changes nothing; naming itself is the same as leaving it unset."""
+    spec = REGISTRY[resource]
+    caller = Api(actor(ipb.USER_ROLE_MANAGER).c, spec)
+    fields = SAMPLES[resource].fields(client, unique("own"))
+    fields[spec.owner_field] = new_user(client).id
+    before = Api(client, spec).call("List{Es}", page_size=1).total_size
+    err = expect_error(Code.PERMISSION_DENIED, caller.call, "Create{E}", **{spec.singular_field: spec.message(**fields)})
+    assert (err.info.reason, err.info.metadata["field"]) == ("FIELD_ACCESS_DENIED", f"{spec.singular_field}.{spec.owner_field}")
+    assert Api(client, spec).call("List{Es}", page_size=1).total_size == before

@@ -44,7 +44,7 @@ from nexus.work.v1 import work_pb2_grpc  # noqa: E402
 
 from bench import benchdb  # noqa: E402
 from bench.stream_fanout import ServerProcess, free_port, rss_mib, run_cleanups, wait_ready  # noqa: E402
-from db.codecs import DEFAULT_LIMITS  # noqa: E402
+from db.engine.codecs import DEFAULT_LIMITS  # noqa: E402
 
 TEXT = DEFAULT_LIMITS["text"].chars or 0
 JSON_BYTES = DEFAULT_LIMITS["json"].json_bytes or 0

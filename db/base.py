@@ -9,7 +9,7 @@ import uuid
 from decimal import Decimal
 from typing import Annotated, Any
 
-from sqlalchemy import JSON, DateTime, Integer, MetaData, Numeric, String, TypeDecorator, Uuid
+from sqlalchemy import JSON, CheckConstraint, DateTime, Integer, MetaData, Numeric, String, TypeDecorator, Uuid
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
@@ -176,3 +176,9 @@ class SoftDeleteMixin:
     """delete_time marks a soft-deleted row; Undelete clears it."""
 
     delete_time: Mapped[optional_timestamp]
+
+
+def one_of(column: str, values: tuple[str, ...]) -> CheckConstraint:
+    """A CHECK that column holds one of values (an enum stored as text)."""
+    listed = ", ".join(f"'{v}'" for v in values)
+    return CheckConstraint(f"{column} IN ({listed})", name=f"{column}_valid")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -9,7 +10,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from db import errors
+from db.base import ResourceMixin
 from db.prepared import run_on_cursor
+from db.unit import FALLBACK, PLAN_KEY, TRANSACTION, CoreReads, Mode, OneStatement, Plan
 from db.translate import UNREACHABLE, RetryableConflict, database_busy, settled, translate
 
 log = logging.getLogger(__name__)
@@ -186,38 +189,13 @@ def _ms_left(until: float) -> int:
     return left
 
 
-class CoreReads:
-    """What the Core read path (db/reading.py) uses of a Session: its connection and its bind.
-    Read-only units of work that use nothing else run on one, over a bare read connection,
-    without a Session to build, begin, commit and close on every call."""
+class _Progress:
+    """How far one attempt of a unit of work got: whether it reached its commit."""
 
-    __slots__ = ("_conn",)
+    __slots__ = ("committing",)
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    def connection(self) -> Connection:
-        return self._conn
-
-    def get_bind(self) -> Engine:
-        return self._conn.engine
-
-
-class OneStatement(CoreReads):
-    """What a write of run_sync(one_statement=True) gets instead of a Session: the connection
-    (PostgreSQL: in autocommit; SQLite: in its IMMEDIATE transaction), its bind, and `info` for
-    the notes of the commit listeners (db/audit.py notes changed credentials there).
-    crud.one_statement_create and one_statement_update admit only the paths that use nothing
-    more; anything else of a Session is a bug of that admission, reported as one."""
-
-    __slots__ = ("info",)
-
-    def __init__(self, conn: Connection) -> None:
-        super().__init__(conn)
-        self.info: dict[str, Any] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        raise AssertionError(f"Session.{name} used by a one-statement write: it must run in a transaction (crud.one_statement_*)")
+    def __init__(self) -> None:
+        self.committing = False
 
 
 class WriteThread(Executor):
@@ -336,9 +314,9 @@ class Database:
             # connection, shared: it keeps the engine's.)
             self.read_engine = create_db_engine(url, read_pool, echo).execution_options(sqlite_begin="NONE")
         self._read_engine_owned = self.is_postgres or not memory
-        self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
         self._write_engine = write_engine
-        self._write_sessions = sessionmaker(write_engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(write_engine, expire_on_commit=False, autoflush=False)
         self._commit_listeners: list[Callable[[dict[str, Any]], None]] = []
         # Whether the database answered the last call that reached it (note_reachable).
         self.reachable = True
@@ -350,6 +328,12 @@ class Database:
         # Bumped when a unit of work lost its connection: the connections the threads keep were
         # most likely lost with it, and are given up (invalidated) before their next use.
         self._generation = 0
+        self._runners = {
+            Mode.READ: self._run_read,
+            Mode.SESSION_READ: self._run_read,
+            Mode.TRANSACTION: self._run_transaction,
+            Mode.ONE_STATEMENT: self._run_one_statement,
+        }
         self.executor = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="nexus-db", initializer=self._own_connections if self._read_engine_owned else None
         )
@@ -366,30 +350,14 @@ class Database:
     def is_postgres(self) -> bool:
         return self.dialect == "postgresql"
 
-    def run_sync(
-        self,
-        work: Callable[[Any], T],
-        *,
-        write: bool = True,
-        deadline: float | None = None,
-        resource_type: str = "",
-        core: bool = False,
-        one_statement: bool = False,
-    ) -> T:
-        """Run work(session) in one transaction; commit on success; retry conflicts; translate errors.
+    def run_sync(self, work: Callable[[Any], T], plan: Plan = TRANSACTION, *, deadline: float | None = None, resource_type: str = "") -> T:
+        """Run work(unit) as plan says (db/unit.py), retrying conflicts and translating errors.
 
-        core=True: work only reads, with Core statements on session.connection() (db/reading.py),
-        and gets a CoreReads on a bare read connection instead of a Session.
-        one_statement=True: work writes with a single statement on PostgreSQL, after which nothing
-        fails, and uses nothing of a Session but its connection (crud.one_statement_create /
-        one_statement_update). It gets a OneStatement (a bare connection) instead of a Session:
-        on PostgreSQL in autocommit, that statement its own transaction, without the BEGIN and
-        COMMIT round trips; on SQLite in one IMMEDIATE transaction. Commit listeners run as after
-        a commit. Work that raises errors.NeedsTransaction (before writing) runs again in a
-        transaction.
+        The unit of work gets a CoreReads (plan READ), a Session (SESSION_READ, TRANSACTION) or a
+        OneStatement (ONE_STATEMENT); plan_of(unit) is plan. A write commits on success; one
+        whose plan was ONE_STATEMENT and that raises errors.NeedsTransaction (before writing)
+        runs again in a transaction, under FALLBACK. Commit listeners hear of every commit.
         """
-        autocommit = one_statement and write and self.is_postgres
-        bare = one_statement and write and not self.is_postgres
         if deadline is not None and not self.is_postgres and time.monotonic() > deadline:
             # (PostgreSQL checks it with the statement timeout.) A call queued past its deadline.
             raise too_late()
@@ -397,106 +365,138 @@ class Database:
         attempt = 0
         while attempt < self.max_attempts:
             attempt += 1
-            # True from where a failure may leave the change committed: the COMMIT, or the one
+            # Set from where a failure may leave the change committed: the COMMIT, or the one
             # statement that is its own commit (autocommit). Before it, a failure rolls back.
-            committing = False
+            progress = _Progress()
             try:
-                if core or autocommit or not write:
-                    owned = self._owned.owns
-                    conn = self._read_connection() if owned else self.read_engine.connect()
-                    try:
-                        if core:
-                            if self.is_postgres:
-                                self._statement_timeout(conn, until, record=True)  # autocommit: in force at once
-                            return work(CoreReads(conn))
-                        if autocommit:
-                            self._statement_timeout(conn, until, record=True)
-                            statement = OneStatement(conn)
-                            committing = True  # its statement is its commit
-                            result = work(statement)
-                            # (The write has committed: its answer is the truth, deadline or not.)
-                            self._notify(statement.info)
-                            return result
-                        with self._read_sessions(bind=conn) as session:
-                            with session.begin():
-                                if self.is_postgres:
-                                    self._statement_timeout(conn, until, record=True)
-                                return work(session)
-                    finally:
-                        if owned:
-                            self._read_done(conn)
-                        else:
-                            conn.close()
-                kept = self._kept_write_connection()
-                if kept is not None:
-                    self._busy_timeout(kept, until)
-                if bare:
-                    conn = kept if kept is not None else self._write_engine.connect()
-                    try:
-                        with conn.begin():
-                            statement = OneStatement(conn)
-                            result = work(statement)
-                            if deadline is not None and time.monotonic() > deadline:
-                                raise past_deadline_uncommitted()
-                            committing = True
-                    finally:
-                        if kept is None:
-                            conn.close()
-                    self._notify(statement.info)
-                    return result
-                with self._write_sessions(**({"bind": kept} if kept is not None else {})) as session:
-                    with session.begin():
-                        timeout = self._statement_timeout(session.connection(), until) if self.is_postgres else None
-                        result = work(session)
-                        if deadline is not None and time.monotonic() > deadline:
-                            # The caller has given up (DEADLINE_EXCEEDED): do not commit what it
-                            # will never see acknowledged, or a retry would write it twice.
-                            raise past_deadline_uncommitted()
-                        committing = True
-                    if timeout is not None:
-                        # Committed, so the SET holds; a rolled-back one left the old value.
-                        timeout[0][STATEMENT_TIMEOUT_KEY] = timeout[1]
-                    return result
+                return self._runners[plan.mode](work, plan, until, deadline, progress)
             except errors.NeedsTransaction:
-                if not autocommit:
+                if plan.mode is not Mode.ONE_STATEMENT:
                     raise
-                autocommit = False  # not counted as an attempt
+                plan = FALLBACK  # not counted as an attempt
                 attempt -= 1
-                continue
             except Exception as exc:  # noqa: BLE001 - every database error is translated here, once
-                translated = translate(exc, resource_type)
-                unreachable = self.is_postgres and isinstance(translated, errors.Unavailable) and translated.reason == UNREACHABLE
-                if unreachable or getattr(exc, "connection_invalidated", False):
-                    # (On PostgreSQL also when connecting failed: the connections kept from
-                    # before the outage are as lost, if they have not been used since.)
-                    self._generation += 1
-                    if unreachable:
-                        self._drop_pooled()
-                if isinstance(translated, RetryableConflict):
-                    pause = random.uniform(0.005, 0.02) * attempt
-                    if until is not None and time.monotonic() + pause >= until:
-                        # (On SQLite the wait for the write lock is bounded by the deadline too.)
-                        raise settled(
-                            errors.DeadlineExceeded("the transaction kept conflicting with concurrent ones until the call's deadline"),
-                            maybe_committed=False,
-                        ) from exc
-                    if attempt < self.max_attempts:
-                        time.sleep(pause)
-                        continue
-                    raise errors.Aborted(
-                        "the transaction kept conflicting with concurrent ones; retry the call",
-                        reason="TRANSACTION_CONFLICT",
-                    ) from exc
-                if isinstance(translated, errors.NexusError):
-                    # A statement cut by its timeout rolled back, even the one that would have
-                    # been its own commit; anything else that failed while committing on
-                    # PostgreSQL may not have (the COMMIT may have gone through and its answer
-                    # been lost). A SQLite COMMIT that fails has not committed.
-                    settled(translated, maybe_committed=committing and self.is_postgres and translated.reason != "STATEMENT_TIMEOUT")
-                if translated is exc:
-                    raise
-                raise translated from exc
+                time.sleep(self._after_failure(exc, resource_type, attempt, until, progress.committing))
         raise AssertionError("unreachable")
+
+    def _run_read(self, work: Callable[[Any], T], plan: Plan, until: float | None, deadline: float | None, progress: _Progress) -> T:
+        """READ and SESSION_READ: on the thread's read connection (PostgreSQL: autocommit, each
+        statement its own snapshot; SQLite: no transaction kept)."""
+        with self._read_conn() as conn:
+            if self.is_postgres:
+                self._statement_timeout(conn, until, record=True)  # autocommit: in force at once
+            if plan.mode is Mode.READ:
+                return work(CoreReads(conn, plan))
+            with self._read_sessions(bind=conn) as session:
+                session.info[PLAN_KEY] = plan
+                with session.begin():
+                    return work(session)
+
+    def _run_one_statement(self, work: Callable[[Any], T], plan: Plan, until: float | None, deadline: float | None, progress: _Progress) -> T:
+        """ONE_STATEMENT: PostgreSQL in autocommit on a read connection (the statement is the
+        commit: its answer is the truth, deadline or not); SQLite in one IMMEDIATE transaction
+        on the write connection, committed unless the deadline passed."""
+        if self.is_postgres:
+            with self._read_conn() as conn:
+                self._statement_timeout(conn, until, record=True)
+                unit = OneStatement(conn, plan)
+                progress.committing = True
+                result = work(unit)
+            self._notify(unit.info)
+            return result
+        kept = self._kept_write_connection()
+        if kept is not None:
+            self._busy_timeout(kept, until)
+        conn = kept if kept is not None else self._write_engine.connect()
+        try:
+            with conn.begin():
+                unit = OneStatement(conn, plan)
+                result = work(unit)
+                self._check_deadline(deadline)
+                progress.committing = True
+        finally:
+            if kept is None:
+                conn.close()
+        self._notify(unit.info)
+        return result
+
+    def _run_transaction(self, work: Callable[[Any], T], plan: Plan, until: float | None, deadline: float | None, progress: _Progress) -> T:
+        """TRANSACTION: a Session on the write connection; committed unless the deadline passed
+        (the caller has given up: DEADLINE_EXCEEDED, and a retry would write it twice)."""
+        kept = self._kept_write_connection()
+        if kept is not None:
+            self._busy_timeout(kept, until)
+        with self._write_sessions(**({"bind": kept} if kept is not None else {})) as session:
+            session.info[PLAN_KEY] = plan
+            with session.begin():
+                timeout = self._statement_timeout(session.connection(), until) if self.is_postgres else None
+                result = work(session)
+                self._check_unflushed(session)
+                self._check_deadline(deadline)
+                progress.committing = True
+            if timeout is not None:
+                # Committed, so the SET holds; a rolled-back one left the old value.
+                timeout[0][STATEMENT_TIMEOUT_KEY] = timeout[1]
+            return result
+
+    @staticmethod
+    def _check_unflushed(session: Session) -> None:
+        """Sessions do not flush on their own (autoflush is off): a change to a resource's row
+        (ResourceMixin) must have gone through engine/changes.flush, which audits it, before the
+        COMMIT's own flush, which would write it without its audit entry. A bug if not."""
+        left = sorted({type(obj).__name__ for obj in (*session.new, *session.dirty, *session.deleted) if isinstance(obj, ResourceMixin)})
+        if left:
+            raise AssertionError(f"a unit of work left changes to {', '.join(left)} unflushed: flush them with engine/changes.flush")
+
+    @staticmethod
+    def _check_deadline(deadline: float | None) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise past_deadline_uncommitted()
+
+    @contextlib.contextmanager
+    def _read_conn(self) -> Iterator[Connection]:
+        """The thread's own read connection (executor threads), else one from the read pool."""
+        owned = self._owned.owns
+        conn = self._read_connection() if owned else self.read_engine.connect()
+        try:
+            yield conn
+        finally:
+            if owned:
+                self._read_done(conn)
+            else:
+                conn.close()
+
+    def _after_failure(self, exc: Exception, resource_type: str, attempt: int, until: float | None, committing: bool) -> float:
+        """What a failed attempt means: the pause before the next one (a conflict that may pass),
+        or the translated error, raised."""
+        translated = translate(exc, resource_type)
+        unreachable = self.is_postgres and isinstance(translated, errors.Unavailable) and translated.reason == UNREACHABLE
+        if unreachable or getattr(exc, "connection_invalidated", False):
+            # (On PostgreSQL also when connecting failed: the connections kept from before the
+            # outage are as lost, if they have not been used since.)
+            self._generation += 1
+            if unreachable:
+                self._drop_pooled()
+        if isinstance(translated, RetryableConflict):
+            pause = random.uniform(0.005, 0.02) * attempt
+            if until is not None and time.monotonic() + pause >= until:
+                # (On SQLite the wait for the write lock is bounded by the deadline too.)
+                raise settled(
+                    errors.DeadlineExceeded("the transaction kept conflicting with concurrent ones until the call's deadline"),
+                    maybe_committed=False,
+                ) from exc
+            if attempt < self.max_attempts:
+                return pause
+            raise errors.Aborted("the transaction kept conflicting with concurrent ones; retry the call", reason="TRANSACTION_CONFLICT") from exc
+        if isinstance(translated, errors.NexusError):
+            # A statement cut by its timeout rolled back, even the one that would have been its
+            # own commit; anything else that failed while committing on PostgreSQL may not have
+            # (the COMMIT may have gone through and its answer been lost). A SQLite COMMIT that
+            # fails has not committed.
+            settled(translated, maybe_committed=committing and self.is_postgres and translated.reason != "STATEMENT_TIMEOUT")
+        if translated is exc:
+            raise exc
+        raise translated from exc
 
     def _drop_pooled(self) -> None:
         """A unit of work lost its connection to PostgreSQL: the pooled ones, opened before, are
@@ -621,20 +621,12 @@ class Database:
             return None
         return info, wanted
 
-    async def run(
-        self,
-        work: Callable[[Any], T],
-        *,
-        write: bool = True,
-        deadline: float | None = None,
-        resource_type: str = "",
-        core: bool = False,
-        one_statement: bool = False,
-    ) -> T:
+    async def run(self, work: Callable[[Any], T], plan: Plan = TRANSACTION, *, deadline: float | None = None, resource_type: str = "") -> T:
+        """run_sync on a database thread: writes of SQLite on its one write thread, the rest on the pool's."""
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         executor: Executor = self.executor
-        if write and self.write_executor is not self.executor:
+        if plan.writes and self.write_executor is not self.executor:
             queued = time.monotonic()
             executor = self.write_executor
 
@@ -644,14 +636,12 @@ class Database:
                     raise too_late()
                 if now - queued > self.pool.timeout:
                     raise database_busy()
-                return ctx.run(self.run_sync, work, write=True, deadline=deadline, resource_type=resource_type, one_statement=one_statement)
+                return ctx.run(self.run_sync, work, plan, deadline=deadline, resource_type=resource_type)
 
         else:
 
             def unit() -> T:
-                return ctx.run(
-                    self.run_sync, work, write=write, deadline=deadline, resource_type=resource_type, core=core, one_statement=one_statement
-                )
+                return ctx.run(self.run_sync, work, plan, deadline=deadline, resource_type=resource_type)
 
         try:
             result = await loop.run_in_executor(executor, unit)

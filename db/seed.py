@@ -1,7 +1,7 @@
 """Realistic sample data for the identity and work domains (`nexus-data seed`).
 
 Every row goes through the code paths the API uses: the proto Create*Request messages and
-`crud.create` with all its validation, and the domain functions for memberships, role
+`writes.create` with all its validation, and the domain functions for memberships, role
 assignments, e-mail verification and task dependencies. A plan of steps is drawn from one random
 generator first (deterministic when `rng_seed` is given, for a given database and day: dates are
 relative to today), then run in transactions of BATCH_STEPS rows.
@@ -28,9 +28,12 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 import db.domains  # noqa: F401 - the audit trail records seeded rows too
-from db import crud, identity, work
+from db.domains import identity, work
+from db.engine.call import Call
+from db.engine import writes
 from db.database import Database
-from db.models import Role, User
+from db.domains.identity import Role, User
+from db.unit import SESSION_READ
 
 BATCH_STEPS = 250  # rows written per transaction
 PASSWORD_USERS = 3  # argon2 is deliberately slow: only the first users can sign in
@@ -146,7 +149,7 @@ TASK_STATUS = {
 }
 
 Ids = dict[Any, str]  # plan key, e.g. ("user", 3), -> id of the created resource
-StepFn = Callable[[Session, crud.Call, Ids], None]
+StepFn = Callable[[Session, Call, Ids], None]
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ def seed(
     rng = random.Random(rng_seed)
     today = dt.date.today()
     stems = [_name_stem(rng) for _ in range(users)]
-    existing_roles, offset = database.run_sync(lambda s: _database_state(s, stems), write=False)
+    existing_roles, offset = database.run_sync(lambda s: _database_state(s, stems), SESSION_READ)
     user_plans = [_user_plan(rng, i, first, last, domain, offset + i + 1) for i, (first, last, domain) in enumerate(stems)]
     project_plans = [_project_plan(rng, user_plans, today) for _ in range(projects)]
     steps = [
@@ -367,8 +370,8 @@ def _role_steps(existing: dict[str, str]) -> list[Step]:
         description, permissions = ROLES[name]
         request = ipb.CreateRoleRequest(role=ipb.Role(name=name, description=description, permissions=permissions))
 
-        def run(session: Session, call: crud.Call, ids: Ids) -> None:
-            ids[("role", name)] = crud.create(session, identity.ROLES, request, call).id
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            ids[("role", name)] = writes.create(session, identity.ROLES, request, call).id
 
         return Step("roles", run)
 
@@ -377,8 +380,8 @@ def _role_steps(existing: dict[str, str]) -> list[Step]:
 
 def _user_steps(users: Sequence[UserPlan]) -> list[Step]:
     def create(index: int, plan: UserPlan) -> Step:
-        def run(session: Session, call: crud.Call, ids: Ids) -> None:
-            user = crud.create(session, identity.USERS, ipb.CreateUserRequest(user=plan.message), call)
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            user = writes.create(session, identity.USERS, ipb.CreateUserRequest(user=plan.message), call)
             if plan.verified:
                 identity.verify_user_email(session, ipb.VerifyUserEmailRequest(id=user.id))
             ids[("user", index)] = user.id
@@ -386,7 +389,7 @@ def _user_steps(users: Sequence[UserPlan]) -> list[Step]:
         return Step("users", run)
 
     def assign(index: int, role: str) -> Step:
-        def run(session: Session, call: crud.Call, ids: Ids) -> None:
+        def run(session: Session, call: Call, ids: Ids) -> None:
             identity.assign_role(session, ipb.AssignRoleRequest(user_id=ids[("user", index)], role_id=ids[("role", role)]))
 
         return Step("role_assignments", run)
@@ -401,11 +404,11 @@ def _api_key_steps(users: Sequence[UserPlan], today: dt.date) -> list[Step]:
         expire = timestamp_pb2.Timestamp()
         expire.FromDatetime(dt.datetime.combine(today + dt.timedelta(days=365), dt.time(), dt.timezone.utc))
 
-        def run(session: Session, call: crud.Call, ids: Ids) -> None:
+        def run(session: Session, call: Call, ids: Ids) -> None:
             key = ipb.ApiKey(
                 name=f"{plan.message.username}-cli", role=plan.message.role, user_id=ids[("user", index)], expire_time=expire
             )
-            crud.create(session, identity.API_KEYS, ipb.CreateApiKeyRequest(api_key=key), call)
+            writes.create(session, identity.API_KEYS, ipb.CreateApiKeyRequest(api_key=key), call)
 
         return Step("api_keys", run)
 
@@ -414,16 +417,16 @@ def _api_key_steps(users: Sequence[UserPlan], today: dt.date) -> list[Step]:
 
 def _project_steps(projects: Sequence[ProjectPlan]) -> list[Step]:
     def create(index: int, plan: ProjectPlan) -> Step:
-        def run(session: Session, call: crud.Call, ids: Ids) -> None:
+        def run(session: Session, call: Call, ids: Ids) -> None:
             message = wpb.Project()
             message.CopyFrom(plan.message)
             message.owner_id = ids[("user", plan.owner)]
-            ids[("project", index)] = crud.create(session, work.PROJECTS, wpb.CreateProjectRequest(project=message), call).id
+            ids[("project", index)] = writes.create(session, work.PROJECTS, wpb.CreateProjectRequest(project=message), call).id
 
         return Step("projects", run)
 
     def member(index: int, user: int) -> Step:
-        def run(session: Session, call: crud.Call, ids: Ids) -> None:
+        def run(session: Session, call: Call, ids: Ids) -> None:
             request = wpb.AddProjectMemberRequest(project_id=ids[("project", index)], user_id=ids[("user", user)])
             work.add_project_member(session, request)
 
@@ -440,19 +443,19 @@ def _task_steps(
     rng: random.Random, projects: Sequence[ProjectPlan], users: Sequence[UserPlan], per_project: int
 ) -> list[Step]:
     def create(p: int, t: int, message: wpb.Task, assignee: int | None, creator: int) -> Step:
-        def run(session: Session, call: crud.Call, ids: Ids) -> None:
+        def run(session: Session, call: Call, ids: Ids) -> None:
             task = wpb.Task()
             task.CopyFrom(message)
             task.project_id = ids[("project", p)]
             task.creator_id = ids[("user", creator)]
             if assignee is not None:
                 task.assignee_id = ids[("user", assignee)]
-            ids[("task", p, t)] = crud.create(session, work.TASKS, wpb.CreateTaskRequest(task=task), call).id
+            ids[("task", p, t)] = writes.create(session, work.TASKS, wpb.CreateTaskRequest(task=task), call).id
 
         return Step("tasks", run)
 
     def depend(p: int, t: int, on: int) -> Step:
-        def run(session: Session, call: crud.Call, ids: Ids) -> None:
+        def run(session: Session, call: Call, ids: Ids) -> None:
             request = wpb.AddTaskDependencyRequest(task_id=ids[("task", p, t)], depends_on_task_id=ids[("task", p, on)])
             work.add_task_dependency(session, request)
 
@@ -476,7 +479,7 @@ def _task_steps(
 def _execute(database: Database, steps: Sequence[Step], progress: bool) -> dict[str, int]:
     """Run the steps in order, BATCH_STEPS rows per transaction, under one progress bar."""
     ids: Ids = {}
-    call = crud.Call(dialect=database.dialect)
+    call = Call(dialect=database.dialect)
     counts: Counter[str] = Counter()
     total = sum(1 for step in steps if step.kind)
     with tqdm(total=total, desc="seeding", unit="row", disable=not progress, file=sys.stderr) as bar:

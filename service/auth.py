@@ -32,8 +32,9 @@ from sqlalchemy import select, update
 from db import errors, secrets
 from db.base import utcnow
 from db.database import CREDENTIALS_CHANGED_KEY, Database
-from db.models import ApiKey, User
-from db.policy import ROLE_RANK
+from db.domains.identity import ApiKey, User
+from db.engine.rules import ROLE_RANK
+from db.unit import SESSION_READ
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ class Authenticator:
 
     async def _check_key(self, token: str, earlier: _Known | None, peer: Callable[[], str]) -> _Known:
         prefix = token.split(".", 1)[0]
-        row = await self.db.run(lambda s: s.execute(_KEY_ROW.where(ApiKey.key_prefix == prefix)).one_or_none(), write=False)
+        row = await self.db.run(lambda s: s.execute(_KEY_ROW.where(ApiKey.key_prefix == prefix)).one_or_none(), SESSION_READ)
         now = time.monotonic()
         # Whatever the secret, these are refused before any hash.
         if row is None:
@@ -287,7 +288,7 @@ class Authenticator:
             lambda s: s.execute(
                 select(User.id, User.role, User.is_active).where(User.external_id == subject, User.delete_time.is_(None))
             ).one_or_none(),
-            write=False,
+            SESSION_READ,
         )
         if found is None or not found.is_active:
             return _Known(None, "the JWT's subject is not an active user", None, now)

@@ -7,7 +7,9 @@ import grpc
 from nexus.chat.v1 import chat_pb2 as pb
 from nexus.chat.v1 import chat_pb2_grpc
 
-from db import chat, errors
+from db import errors
+from db.domains import chat
+from db.unit import SESSION_READ
 from service import streams
 from service.rpc import DomainServicer
 
@@ -39,7 +41,7 @@ class ChatService(DomainServicer, chat_pb2_grpc.ChatServiceServicer):
         authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
         caller = streams.Caller.of(self.run.call(context), authorization if isinstance(authorization, str) else None)
         checked_at = self.hub.clock  # a change of rights after this is re-checked before any event
-        positions = await self.run(context, lambda s: chat.stream_positions(s, request), write=False)
+        positions = await self.run(context, lambda s: chat.stream_positions(s, request), SESSION_READ)
         heartbeat_seconds = heartbeat or self.hub.settings.default_heartbeat_seconds
         async for response in streams.stream(self.hub, self.run.db, positions, heartbeat_seconds, caller, checked_at):
             yield response

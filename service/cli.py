@@ -1,4 +1,4 @@
-"""`nexus-data`: serve, migrate, seed, check-schema."""
+"""`nexus-data`: serve, migrate, seed, check-schema, keys, policy."""
 from __future__ import annotations
 
 import argparse
@@ -115,7 +115,7 @@ def _operator() -> str:
 def _audited(command: str, dialect: str) -> Iterator[str]:
     """The command's writes are audited as its own: actor "system", method "cli:<command> by
     <OS user>", one request id for the whole command (yielded, for the command to show)."""
-    from db.crud import CURRENT_CALL, Call
+    from db.engine.call import CURRENT_CALL, Call
 
     request_id = str(uuid.uuid4())
     token = CURRENT_CALL.set(Call(request_id=request_id, method=f"cli:{command} by {_operator()}"[:255], dialect=dialect))
@@ -156,7 +156,7 @@ def _keys_create(args: argparse.Namespace) -> int:
     import db.domains  # noqa: F401 - the audit trail records the new key
     from db import migrate
     from db.database import Database
-    from db.identity import create_api_key
+    from db.domains.identity import create_api_key
 
     from db import secrets
 
@@ -172,6 +172,43 @@ def _keys_create(args: argparse.Namespace) -> int:
         database.dispose()
     print(f"API key {key.name!r} ({key.id}, role {args.role}; audited as request {request_id}). The secret is shown once:", file=sys.stderr)
     print(secret)
+    return 0
+
+
+def policy_table() -> list[dict[str, str]]:
+    """Every resource x role: the rows it sees and manages, in words, from the resources'
+    declarations (ResourceSpec.access, db/engine/rules.py)."""
+    import db.domains  # noqa: F401 - every resource in the registry
+    from db.engine.resource import REGISTRY
+    from db.engine.rules import ROLES, describe
+
+    table = []
+    for spec in sorted(REGISTRY, key=lambda s: s.name):
+        for role in ROLES:
+            sees, manages = describe(spec, role)
+            table.append({"resource": spec.name, "role": role, "sees": sees, "manages": manages})
+    return table
+
+
+def _policy(args: argparse.Namespace) -> int:
+    import json
+
+    from service.policy import CUSTOM_METHODS, SERVICE_MINIMUM, STANDARD_PREFIXES
+
+    table = policy_table()
+    if args.json:
+        methods = {prefix: action.value for prefix, action in STANDARD_PREFIXES}
+        methods.update({name: action.value for name, action in CUSTOM_METHODS.items()})
+        services = {name: action.value for name, action in SERVICE_MINIMUM.items()}
+        print(json.dumps({"rows": table, "least_role_by_method": methods, "least_role_by_service": services}, indent=2))
+        return 0
+    widths = {key: max(len(key), *(len(row[key]) for row in table)) for key in ("resource", "role", "sees")}
+    print(f"{'RESOURCE':<{widths['resource']}}  {'ROLE':<{widths['role']}}  {'SEES':<{widths['sees']}}  MANAGES")
+    for row in table:
+        print(f"{row['resource']:<{widths['resource']}}  {row['role']:<{widths['role']}}  {row['sees']:<{widths['sees']}}  {row['manages']}")
+    print()
+    print("Which role may call which RPC at all: guests read (Get, List, Search, BatchGet, StreamEvents),")
+    print("users and above write; some methods and services need more (nexus-data policy --json lists them).")
     return 0
 
 
@@ -220,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--tasks", type=int, default=25, help="tasks per project")
     seed.add_argument("--quiet", action="store_true", help="no progress bar")
     seed.set_defaults(func=_seed)
+
+    policy = sub.add_parser("policy", help="print which rows each role sees and manages, for every resource")
+    policy.add_argument("--json", action="store_true", help="as JSON, with the least role of each method")
+    policy.set_defaults(func=_policy)
     return parser
 
 

@@ -5,7 +5,8 @@ import grpc
 from nexus.identity.v1 import identity_pb2 as pb
 from nexus.identity.v1 import identity_pb2_grpc
 
-from db import identity
+from db.domains import identity
+from db.unit import SESSION_READ
 from service.rpc import DomainServicer
 
 
@@ -14,7 +15,7 @@ class IdentityService(DomainServicer, identity_pb2_grpc.IdentityServiceServicer)
     service_descriptor = pb.DESCRIPTOR.services_by_name["IdentityService"]
 
     async def LookupUser(self, request: pb.LookupUserRequest, context: grpc.aio.ServicerContext) -> pb.User:
-        return await self.run(context, lambda s: identity.lookup_user(s, request), write=False, resource_type="User")
+        return await self.run(context, lambda s: identity.lookup_user(s, request), SESSION_READ, resource_type="User")
 
     async def EnsureUser(self, request: pb.EnsureUserRequest, context: grpc.aio.ServicerContext) -> pb.EnsureUserResponse:
         call = self.run.call(context)

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from db import errors
-from db.crud import CURRENT_CALL, Call
+from db.engine.call import CURRENT_CALL, Call
 from db.translate import settled
 from service.auth import INSECURE_PRINCIPAL, Authenticator, Principal
 from service.errors import internal_status, to_status

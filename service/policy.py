@@ -3,7 +3,8 @@
 Standard methods take their action from their name (Get/List/Search/BatchGet read; Create/Update/
 Delete/Undelete/BatchCreate write), so a resource added later is covered with no new entry.
 Custom methods are listed here; a method that is in neither is refused at start-up, so no RPC
-can ship without a rule. Row-level rules (which rows a role sees or manages) are db/policy.py's.
+can ship without a rule. Row-level rules (which rows a role sees or manages) are each resource's `access`
+(db/engine/rules.py); `nexus-data policy` prints both tables.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import enum
 from collections.abc import Iterable
 
 from db import errors
-from db.policy import ROLE_RANK
+from db.engine.rules import ROLE_RANK
 
 
 class Action(enum.Enum):

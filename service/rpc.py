@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 import grpc
 from sqlalchemy.orm import Session
 
-from db import crud
+from db.engine.call import Call, current_call
+from db.engine import plans, reads, writes
 from db.database import Database
-from db.paging import DEFAULT_PAGE_BYTES
-from db.resource import ResourceSpec
+from db.unit import READ, TRANSACTION, Plan
+from db.engine.paging import DEFAULT_PAGE_BYTES
+from db.engine.resource import ResourceSpec
 
 T = TypeVar("T")
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -29,23 +31,15 @@ class Runner:
         self.db = db
         self.page_bytes = page_bytes  # List and Search responses stay within it (db/paging.fitting)
 
-    def call(self, context: grpc.aio.ServicerContext) -> crud.Call:
+    def call(self, context: grpc.aio.ServicerContext) -> Call:
         """The call the guard set up for this RPC (caller, request id, method)."""
-        return crud.current_call() or crud.Call(dialect=self.db.dialect)
+        return current_call() or Call(dialect=self.db.dialect)
 
-    async def __call__(
-        self,
-        context: grpc.aio.ServicerContext,
-        work: Callable[[Session], T],
-        *,
-        write: bool = True,
-        resource_type: str = "",
-        core: bool = False,
-        one_statement: bool = False,
-    ) -> T:
+    async def __call__(self, context: grpc.aio.ServicerContext, work: Callable[[Session], T], plan: Plan = TRANSACTION, *, resource_type: str = "") -> T:
+        """work(unit) on the database as plan says (db/unit.py), within the call's deadline."""
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return await self.db.run(work, write=write, deadline=deadline, resource_type=resource_type, core=core, one_statement=one_statement)
+        return await self.db.run(work, plan, deadline=deadline, resource_type=resource_type)
 
 
 def _module_of(spec: ResourceSpec) -> Any:
@@ -59,28 +53,26 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
     name = spec.name
 
     async def get(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await run(context, lambda s: crud.get(s, spec, request), write=False, resource_type=name, core=True)
+        return await run(context, lambda s: reads.get(s, spec, request), READ, resource_type=name)
 
     async def list_(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)
-        items, token, total = await run(context, lambda s: crud.list_page(s, spec, request, call, run.page_bytes), write=False, resource_type=name, core=True)
+        items, token, total = await run(context, lambda s: reads.list_page(s, spec, request, call, run.page_bytes), READ, resource_type=name)
         response = getattr(pb, f"List{Es}Response")(next_page_token=token, total_size=total)
         getattr(response, plural_field).extend(items)
         return response
 
     async def create(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)
-        one_statement = crud.one_statement_create(spec, request, call)
-        return await run(context, lambda s: crud.create(s, spec, request, call), resource_type=name, one_statement=one_statement)
+        return await run(context, lambda s: writes.create(s, spec, request, call), plans.plan_create(spec, request, call), resource_type=name)
 
     async def update(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)
-        one_statement = crud.one_statement_update(spec, request, call)
-        return await run(context, lambda s: crud.update(s, spec, request, call), resource_type=name, one_statement=one_statement)
+        return await run(context, lambda s: writes.update(s, spec, request, call), plans.plan_update(spec, request, call), resource_type=name)
 
     async def delete(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)
-        return await run(context, lambda s: crud.delete(s, spec, request, call), resource_type=name)
+        return await run(context, lambda s: writes.delete(s, spec, request, call), resource_type=name)
 
     handlers: dict[str, Handler] = {f"Get{E}": get, f"List{Es}": list_}
     if not spec.read_only:
@@ -90,7 +82,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
         async def undelete(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = run.call(context)
-            return await run(context, lambda s: crud.undelete(s, spec, request, call), resource_type=name)
+            return await run(context, lambda s: writes.undelete(s, spec, request, call), resource_type=name)
 
         handlers[f"Undelete{E}"] = undelete
 
@@ -99,7 +91,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
         async def search(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = run.call(context)
-            hits, token, total = await run(context, lambda s: crud.search(s, spec, request, call, run.page_bytes), write=False, resource_type=name, core=True)
+            hits, token, total = await run(context, lambda s: reads.search(s, spec, request, call, run.page_bytes), READ, resource_type=name)
             results = [result_type(**{spec.singular_field: item, "score": score}) for item, score in hits]
             return getattr(pb, f"Search{Es}Response")(results=results, next_page_token=token, total_size=total)
 
@@ -109,7 +101,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
         async def batch_create(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = run.call(context)
-            items = await run(context, lambda s: crud.batch_create(s, spec, request, call, run.page_bytes), resource_type=name)
+            items = await run(context, lambda s: writes.batch_create(s, spec, request, call, run.page_bytes), resource_type=name)
             response = getattr(pb, f"BatchCreate{Es}Response")()
             getattr(response, plural_field).extend(items)
             return response
@@ -119,7 +111,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
     if spec.batch_get:
 
         async def batch_get(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            items = await run(context, lambda s: crud.batch_get(s, spec, request, run.page_bytes), write=False, resource_type=name, core=True)
+            items = await run(context, lambda s: reads.batch_get(s, spec, request, run.page_bytes), READ, resource_type=name)
             response = getattr(pb, f"BatchGet{Es}Response")()
             getattr(response, plural_field).extend(items)
             return response

@@ -4,10 +4,10 @@ from __future__ import annotations
 from nexus.security.v1 import security_pb2 as pb
 from nexus.security.v1 import security_pb2_grpc
 
-from db import audit
+from db.domains import security
 from service.rpc import DomainServicer
 
 
 class SecurityService(DomainServicer, security_pb2_grpc.SecurityServiceServicer):
-    resources = (audit.AUDIT_LOG_ENTRIES,)
+    resources = (security.AUDIT_LOG_ENTRIES,)
     service_descriptor = pb.DESCRIPTOR.services_by_name["SecurityService"]

@@ -26,9 +26,11 @@ from nexus.work.v1 import work_pb2, work_pb2_grpc
 import db.domains  # noqa: F401 - every resource registered, the audit listener installed
 from sqlalchemy import select
 
-from db import events, migrate, secrets
+from db import migrate, secrets
+from db.engine import events
 from db.base import utcnow
 from db.database import Database
+from db.unit import SESSION_READ
 from service.chat import ChatService
 from service.config import Config, ConfigError
 from service import policy
@@ -284,10 +286,10 @@ def bootstrap_admin_key(db: Database, config: Config) -> str | None:
     """On an empty database (no API key at all), make one admin key and return its secret. When
     it is to go to a file, the file is made first: if it cannot be, nothing is made (OSError),
     rather than a key nobody will ever read."""
-    from db.identity import create_api_key_if_none
-    from db.models import ApiKey
+    from db.domains.identity import create_api_key_if_none
+    from db.domains.identity import ApiKey
 
-    if db.run_sync(lambda s: s.scalar(select(ApiKey.id).limit(1)), write=False) is not None:
+    if db.run_sync(lambda s: s.scalar(select(ApiKey.id).limit(1)), SESSION_READ) is not None:
         return None
     if not _to_terminal(config):
         path = bootstrap_key_path(config)

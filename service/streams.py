@@ -39,9 +39,13 @@ from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from nexus.chat.v1 import chat_pb2 as pb
 
-from db import chat, errors, events
-from db.crud import Call
+from db import errors
+from db.domains import chat
+from db.engine import events
+from db.engine.call import Call
+from db.engine.resource import REGISTRY
 from db.database import COMMITTED_EVENTS_KEY, CREDENTIALS_CHANGED_KEY, Database
+from db.unit import SESSION_READ
 
 log = logging.getLogger("nexus.streams")
 
@@ -67,17 +71,9 @@ EVENT_TYPES = {
     events.UPDATED: pb.EVENT_TYPE_UPDATED,
     events.DELETED: pb.EVENT_TYPE_DELETED,
 }
-RESOURCE_FIELDS = {
-    "Channel": ("channel", pb.Channel),
-    "ChatMessage": ("chat_message", pb.ChatMessage),
-    "Conversation": ("conversation", pb.Conversation),
-    "ConversationMessage": ("conversation_message", pb.ConversationMessage),
-}
 READ_BATCH = 500
 HEARTBEAT_TICK = 0.25  # seconds between the hub's checks for quiet streams
 RECHECK_RETRY_SECONDS = 0.25  # after a re-check the database could not answer (streams hold meanwhile)
-# Events of these resources change who may see their scope (a channel's members, its privacy).
-ACCESS_RESOURCES = frozenset({"Channel"})
 
 
 @dataclass(frozen=True)
@@ -141,7 +137,7 @@ class TooManyStreams(errors.ResourceExhausted):
 
 def to_response(event: events.StoredEvent) -> pb.StreamEventsResponse:
     """A stream message for a stored event, without the per-stream resume token."""
-    field_name, message_type = RESOURCE_FIELDS[event.resource_type]
+    field_name = REGISTRY[event.resource_type].singular_field
     commit_time = timestamp_pb2.Timestamp()
     commit_time.FromDatetime(event.create_time)
     response = pb.StreamEventsResponse(
@@ -398,7 +394,7 @@ class ChangeHub:
             if not scopes:
                 continue
             try:
-                latest = await self.db.run(lambda s: events.last_sequences(s, scopes), write=False)
+                latest = await self.db.run(lambda s: events.last_sequences(s, scopes), SESSION_READ)
             except errors.NexusError:
                 continue
             self._mark_dirty([(scope, last) for scope, (last, _) in latest.items()])
@@ -429,7 +425,7 @@ class ChangeHub:
             while scope in self._subs:
                 after = self._known.get(scope, 0)
                 try:
-                    batch = await self.db.run(lambda s: events.read_after(s, scope, after, READ_BATCH), write=False)
+                    batch = await self.db.run(lambda s: events.read_after(s, scope, after, READ_BATCH), SESSION_READ)
                 except errors.NexusError as exc:
                     log.warning("could not read events of %s: %s", scope, exc.message)
                     self._dirty.add(scope)
@@ -448,7 +444,7 @@ class ChangeHub:
     def _offer(self, event: events.StoredEvent, subs: list[Subscription]) -> None:
         data = to_response(event).SerializeToString()
         offered = Offered(event.scope, event.seq, data, with_token(data, events.encode_token({event.scope: event.seq})))
-        if event.resource_type in ACCESS_RESOURCES:
+        if REGISTRY[event.resource_type].changes_stream_access:
             # Members or privacy may have changed: the event itself waits for the answer.
             self.require({sub.grant for sub in subs if sub.grant is not None})
         for sub in subs:
@@ -538,7 +534,7 @@ class ChangeHub:
             role = (await self.authenticator.authenticate(caller.authorization)).role
         scopes = list({scope for sub in grant.subs for scope in sub.positions})
         return await self.db.run(
-            lambda s: chat.stream_access(s, caller.actor_type, caller.actor_id, caller.user_id, role, scopes), write=False
+            lambda s: chat.stream_access(s, caller.actor_type, caller.actor_id, caller.user_id, role, scopes), SESSION_READ
         )
 
     async def settle(self, sub: Subscription) -> None:
@@ -583,7 +579,7 @@ class ChangeHub:
             self._subs[scope].add(sub)
         if new_scopes:
             try:
-                latest = await self.db.run(lambda s: events.last_sequences(s, new_scopes), write=False)
+                latest = await self.db.run(lambda s: events.last_sequences(s, new_scopes), SESSION_READ)
             except BaseException:
                 self.unsubscribe(sub)
                 raise
@@ -650,9 +646,9 @@ async def stream(
             while pending:
                 scope = pending.pop()
                 after = sub.positions[scope]
-                batch = await db.run(lambda s: events.read_after(s, scope, after, READ_BATCH), write=False)
+                batch = await db.run(lambda s: events.read_after(s, scope, after, READ_BATCH), SESSION_READ)
                 for event in batch:
-                    if event.resource_type in ACCESS_RESOURCES:
+                    if REGISTRY[event.resource_type].changes_stream_access:
                         hub.require([grant])
                     if sub.error is not None or hub.due(grant, hub.all_required):
                         await hub.settle(sub)

@@ -5,7 +5,8 @@ import grpc
 from nexus.work.v1 import work_pb2 as pb
 from nexus.work.v1 import work_pb2_grpc
 
-from db import work
+from db.domains import work
+from db.unit import SESSION_READ
 from service.rpc import DomainServicer
 
 
@@ -24,7 +25,7 @@ class WorkService(DomainServicer, work_pb2_grpc.WorkServiceServicer):
     async def GetProjectProgress(
         self, request: pb.GetProjectProgressRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProjectProgress:
-        return await self.run(context, lambda s: work.project_progress(s, request), write=False, resource_type="Project")
+        return await self.run(context, lambda s: work.project_progress(s, request), SESSION_READ, resource_type="Project")
 
     async def AddTaskDependency(self, request: pb.AddTaskDependencyRequest, context: grpc.aio.ServicerContext) -> pb.Task:
         return await self.run(context, lambda s: work.add_task_dependency(s, request), resource_type="Task")

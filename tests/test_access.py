@@ -1,7 +1,7 @@
 """Authentication and access control, end to end, on SQLite and on PostgreSQL.
 
-Who may call which RPC (service/policy.py), which rows each role sees and manages (db/policy.py,
-db/crud.py), the credentials that prove who calls (API keys, JWTs, bootstrap key, --insecure-dev,
+Who may call which RPC (service/policy.py), which rows each role sees and manages (each resource's `access`, db/engine/rules.py,
+db/writes.py), the credentials that prove who calls (API keys, JWTs, bootstrap key, --insecure-dev,
 TLS and mTLS), request ids in errors and audit entries, the concurrency limit, and a scan of
 every response and log line for passwords, hashes and API key secrets.
 
@@ -47,9 +47,9 @@ from nexus.work.v1 import work_pb2 as wpb
 from nexus.work.v1 import work_pb2_grpc
 from sqlalchemy import update
 
-from db import events
+from db.engine import events
 from db.database import Database
-from db.models import ApiKey
+from db.domains.identity import ApiKey
 from tests.conftest import Client, ServerThread, connect, make_config, unique
 from tests.databases import fresh_postgres_database
 from tests.support import expect_error, mask, new_user, rich_error

@@ -4,7 +4,7 @@ Nothing here names a resource or a method. Callers: a guest, a user, a manager (
 acting for it) and keys that act for no user (of role user and guest). For every writable
 resource of the registry, rows are made by an admin from the resource's sample (tests/support.py)
 as they are and, where the resource has an owner field, owned by the caller; the declared row
-rules (db/policy.py, evaluated in the database for that row) say whether the caller sees and
+rules (each resource's `access`, db/engine/rules.py, evaluated in the database for that row) say whether the caller sees and
 manages each row, and every way to the row must agree: Get, BatchGet, List, Search, Update,
 Delete; a caller without a user has no more rights than a stranger of its role. A Create the caller makes either is refused or leaves a row the caller manages. Every
 method found through reflection answers the role gate of service/policy.py.
@@ -23,8 +23,8 @@ from nexus.identity.v1 import identity_pb2 as ipb
 from sqlalchemy import create_engine, select
 
 import db.domains  # noqa: F401 - every resource in the registry
-from db import policy
-from db.resource import REGISTRY, ResourceSpec
+from db.engine import rules as row_rules
+from db.engine.resource import REGISTRY, ResourceSpec
 from service import policy as rpc_policy
 from tests.conftest import Client, connect, unique
 from tests.support import SAMPLES, new_user, rich_error
@@ -82,8 +82,8 @@ def rules(client: Client) -> Iterator[Any]:
     def evaluate(spec: ResourceSpec, row_id: str, caller: Caller) -> tuple[bool, bool]:
         user = uuid.UUID(caller.user_id) if caller.user_id else None
         return (
-            holds(spec, row_id, policy.read_predicate(spec.name, caller.role, user)),
-            holds(spec, row_id, policy.manage_predicate(spec.name, caller.role, user)),
+            holds(spec, row_id, row_rules.read_predicate(spec, caller.role, user)),
+            holds(spec, row_id, row_rules.manage_predicate(spec, caller.role, user)),
         )
 
     yield evaluate
@@ -152,7 +152,7 @@ def case(request: pytest.FixtureRequest, callers: dict[str, Caller]) -> tuple[Re
 def test_every_way_to_a_row_agrees_with_the_declared_rules(client: Client, rules: Any, case: tuple[ResourceSpec, Caller, Calls]) -> None:
     spec, caller, calls = case
     resource, label = spec.name, caller.label
-    may_write = policy.ROLE_RANK[caller.role] >= policy.ROLE_RANK["user"]
+    may_write = row_rules.ROLE_RANK[caller.role] >= row_rules.ROLE_RANK["user"]
     for word, row in _rows(client, spec, caller):
         sees, manages = rules(spec, row.id, caller)
         if caller.user_id is None:
@@ -187,7 +187,7 @@ def test_a_create_is_refused_or_leaves_a_row_its_caller_manages(client: Client, 
         ownerless = caller.user_id is None and exc.code() == Code.INVALID_ARGUMENT and f".{spec.owner_field}:" in err.message
         assert exc.code() == Code.PERMISSION_DENIED or ownerless, (resource, label, err.message)
         return
-    assert policy.ROLE_RANK[caller.role] >= policy.ROLE_RANK["user"], (resource, label)
+    assert row_rules.ROLE_RANK[caller.role] >= row_rules.ROLE_RANK["user"], (resource, label)
     assert rules(spec, made.id, caller) == (True, True), (resource, label)
 
 
@@ -198,7 +198,7 @@ def test_every_method_answers_the_role_gate(client: Client, callers: dict[str, C
     metadata = [("authorization", f"Bearer {caller.secret}")]
     try:
         for path, method in discovered_methods(client.address):
-            allowed = policy.ROLE_RANK[caller.role] >= policy.ROLE_RANK[rpc_policy.action_for(path).value]
+            allowed = row_rules.ROLE_RANK[caller.role] >= row_rules.ROLE_RANK[rpc_policy.action_for(path).value]
             code, reason = call_empty(channel, path, method, metadata)
             assert code not in (Code.UNAUTHENTICATED, Code.INTERNAL, Code.UNKNOWN), (path, label, code)
             assert (reason == "ROLE_FORBIDS_METHOD") == (not allowed), (path, label, code, reason)

@@ -13,7 +13,7 @@ from nexus.security.v1 import security_pb2 as spb
 from nexus.work.v1 import work_pb2 as wpb
 
 import db.domains  # noqa: F401
-from db.resource import REGISTRY
+from db.engine.resource import REGISTRY
 from tests.conftest import Client, unique
 from tests.support import SAMPLES, expect_error, mask, new_project, new_role, new_task, new_user
 

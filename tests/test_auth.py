@@ -17,7 +17,7 @@ from nexus.identity.v1 import identity_pb2 as ipb
 from sqlalchemy import update
 
 from db.database import Database
-from db.models import ApiKey
+from db.domains.identity import ApiKey
 from service import policy
 from service.server import DOMAIN_SERVICES
 from tests.conftest import Client, unique

@@ -13,7 +13,9 @@ from sqlalchemy import event, insert, select
 from db import bulk, errors
 from db.base import uuid7
 from db.database import Database
-from db.models import Project, Task, User
+from db.domains.work import Project, Task
+from db.domains.identity import User
+from db.unit import SESSION_READ
 from tests.conftest import Client
 
 TRICKY_TEXT = 'quote " apostrophe \' backslash \\ newline \n tab \t unicode é 中文 emoji 🚀 {"json": [1]} %(x)s ? :rows'
@@ -54,7 +56,7 @@ def _read(database: Database, model: Any, ids: list[uuid.UUID]) -> list[dict[str
         rows = session.execute(select(model.__table__).where(model.__table__.c.id.in_(ids))).mappings().all()
         return sorted((dict(r) for r in rows), key=lambda r: ids.index(r["id"]))
 
-    return database.run_sync(work, write=False)
+    return database.run_sync(work, SESSION_READ)
 
 
 def _write_both_ways(database: Database, model: Any, make: Any) -> uuid.UUID:

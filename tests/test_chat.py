@@ -852,7 +852,8 @@ def create_paused_after_its_checks(c: Client, resource_type: str, request_id: st
     from sqlalchemy.pool import NullPool
 
     from db.base import utcnow
-    from db.models import ApiKey, RequestRecord
+    from db.domains.identity import ApiKey
+    from db.engine.tables import RequestRecord
 
     engine = sa.create_engine(c.database_url, poolclass=NullPool)
     try:

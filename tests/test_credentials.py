@@ -40,7 +40,7 @@ from sqlalchemy import update
 
 from db import secrets
 from db.database import Database
-from db.models import ApiKey
+from db.domains.identity import ApiKey
 from service.config import Config
 from service.server import create_server
 from tests.conftest import Client, connect, make_config, unique

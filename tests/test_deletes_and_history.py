@@ -184,7 +184,7 @@ def contents(items: list[object]) -> list[str]:
 
 
 def forged_token(channel_id: str, position: int = 0) -> str:
-    from db.events import encode_token
+    from db.engine.events import encode_token
 
     return encode_token({f"channels/{channel_id}": position})
 

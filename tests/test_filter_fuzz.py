@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import db.domains  # noqa: F401 - every resource in the registry
-from db.resource import REGISTRY
+from db.engine.resource import REGISTRY
 from tests.conftest import Client
 from tests.support import rich_error, service_of
 

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import StaticPool
 
-from db import filtering
+from db.engine import filtering
 from db.errors import InvalidArgument
-from db.filtering import (
+from db.engine.filtering import (
     And,
     Comparison,
     FieldKind,

@@ -83,7 +83,7 @@ def test_a_struct_nested_deeper_than_responses_can_carry_is_refused(client: Clie
     """A Struct nested deeper than MAX_JSON_DEPTH is INVALID_ARGUMENT naming the field (protobuf's
     decoders would refuse a Search page wrapping it); one at that depth is stored, and every
     page that carries it, Search included, stays readable."""
-    from db.codecs import MAX_JSON_DEPTH
+    from db.engine.codecs import MAX_JSON_DEPTH
 
     err = expect_error(Code.INVALID_ARGUMENT, new_user, client, preferences=nested(MAX_JSON_DEPTH))  # MAX_JSON_DEPTH + 1 levels
     assert err.violations[0].field == "user.preferences"

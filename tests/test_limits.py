@@ -21,8 +21,8 @@ from nexus.security.v1 import security_pb2 as spb
 from nexus.work.v1 import work_pb2 as wpb
 
 import db.domains  # noqa: F401 - every resource in the registry
-from db.codecs import DEFAULT_LIMITS, FieldCodec, MessageListCodec, SizeLimit, StringListCodec, StructCodec
-from db.resource import REGISTRY, ResourceSpec
+from db.engine.codecs import DEFAULT_LIMITS, FieldCodec, MessageListCodec, SizeLimit, StringListCodec, StructCodec
+from db.engine.resource import REGISTRY, ResourceSpec
 from tests.conftest import Client, ServerThread, connect, make_config, unique
 from tests.support import SAMPLES, expect_error, mask, new_channel, new_project, new_task, new_user
 from tests.test_standard_methods import Api as StandardApi
@@ -278,7 +278,7 @@ def _changes(c: Client, resource_id: str) -> list[dict[str, tuple[Any, Any]]]:
 
 
 def test_audit_entries_of_large_values_are_truncated_with_a_marker(client: Client) -> None:
-    from db.audit import AUDIT_VALUE_CHARS
+    from db.engine.audit import AUDIT_VALUE_CHARS
 
     big = "a" * 65_536
     task = new_task(client, description=big)
@@ -454,7 +454,7 @@ def test_a_page_larger_than_one_read_is_whole_and_in_order(client: Client, small
     small pages give, also ordered by a key that is NULL for some rows."""
     from nexus.common.v1 import common_pb2
 
-    from db.paging import FIRST_READ
+    from db.engine.paging import FIRST_READ
 
     project = new_project(client)
     requests = [
@@ -478,7 +478,7 @@ def test_a_page_larger_than_one_read_is_whole_and_in_order(client: Client, small
 
 
 def test_a_search_page_larger_than_one_read_is_whole_and_in_order(client: Client, small_server: Client) -> None:
-    from db.paging import FIRST_READ
+    from db.engine.paging import FIRST_READ
 
     word = unique("many")
     project = new_project(client)

@@ -14,7 +14,7 @@ from db import migrate
 from db.migrate import include_name
 from db.base import Base
 from db.database import Database
-from db.resource import REGISTRY
+from db.engine.resource import REGISTRY
 from service.config import Config
 from service.server import create_server
 from tests.conftest import BACKENDS, make_config

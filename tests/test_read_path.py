@@ -77,9 +77,9 @@ from sqlalchemy import JSON, Boolean, Date, Float, Integer, LargeBinary, Numeric
 
 import db.domains  # noqa: E402,F401 - every resource registered
 from db.base import UTCDateTime  # noqa: E402
-from db.codecs import EnumCodec  # noqa: E402
-from db.reading import row_class  # noqa: E402
-from db.resource import REGISTRY  # noqa: E402
+from db.engine.codecs import EnumCodec  # noqa: E402
+from db.engine.reading import row_class  # noqa: E402
+from db.engine.resource import REGISTRY  # noqa: E402
 
 
 def _value(spec: Any, column: Any, variant: int) -> Any:
@@ -139,8 +139,8 @@ def test_the_generated_to_proto_equals_the_codecs_one_by_one(name: str, variant:
 def test_reads_leave_secret_columns_in_the_database(dialect: str) -> None:
     """Get, BatchGet, List and Search select every column an output may read, and never a
     column that holds a secret (a password or key hash): no output reads one."""
-    from db.reading import columns
-    from db.resource import SECRET_COLUMNS
+    from db.engine.reading import columns
+    from db.engine.resource import SECRET_COLUMNS
 
     with_secrets = [spec for spec in REGISTRY if set(SECRET_COLUMNS) & set(spec.table.c.keys())]
     assert {spec.name for spec in with_secrets} >= {"User", "ApiKey"}

@@ -18,8 +18,8 @@ from nexus.security.v1 import security_pb2 as spb
 from nexus.work.v1 import work_pb2 as wpb
 from sqlalchemy.dialects import postgresql, sqlite
 
-from db import policy
-from db.resource import REGISTRY
+from db.engine import rules
+from db.engine.resource import REGISTRY
 from tests.conftest import Client, connect, unique
 from tests.support import SAMPLES, expect_error, new_user
 from tests.test_standard_methods import SPECS, Api
@@ -105,9 +105,10 @@ def test_replay_by_the_same_caller_passes_the_read_rule(client: Client, actor: C
 def test_no_row_rule_matches_null_owners_for_a_caller_without_a_user(role: str) -> None:
     """Every read and manage predicate of the policy table, for a caller without a user, as SQL:
     none compares an owner column with NULL (which would match rows whose owner is unset)."""
-    for resource in policy.POLICY:
-        for make in (policy.read_predicate, policy.manage_predicate):
-            predicate = make(resource, role, None)
+    for spec in REGISTRY:
+        resource = spec.name
+        for make in (rules.read_predicate, rules.manage_predicate):
+            predicate = make(spec, role, None)
             if predicate is None:
                 continue
             for dialect in (sqlite.dialect(), postgresql.dialect()):
@@ -206,16 +207,16 @@ def test_a_cascade_blocked_by_a_dependent_changes_nothing(client: Client) -> Non
 
 
 def test_a_cascade_of_too_many_rows_is_refused_naming_them(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    from db import crud
+    from db.engine import cascade
 
-    monkeypatch.setattr(crud, "MAX_CASCADE_ROWS", 2)
+    monkeypatch.setattr(cascade, "MAX_CASCADE_ROWS", 2)
     channel = client.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(name=f"busy {unique()}")))
     messages = [chat_message(client, channel.id, f"m{i}") for i in range(3)]
     err = expect_error(Code.FAILED_PRECONDITION, client.chat.DeleteChannel, cpb.DeleteChannelRequest(id=channel.id, force=True))
     assert err.info.reason == "TOO_MANY_DEPENDENTS" and "3 ChatMessage" in err.info.metadata["dependents"]
     for m in messages:
         assert client.chat.GetChatMessage(cpb.GetChatMessageRequest(id=m.id)).content == m.content
-    monkeypatch.setattr(crud, "MAX_CASCADE_ROWS", 10)
+    monkeypatch.setattr(cascade, "MAX_CASCADE_ROWS", 10)
     client.chat.DeleteChannel(cpb.DeleteChannelRequest(id=channel.id, force=True))
     for m in messages:
         assert [e.action for e in audit_of(client, m.id)] == [spb.AUDIT_ACTION_CREATE, spb.AUDIT_ACTION_DELETE]

@@ -24,7 +24,9 @@ from sqlalchemy import select
 
 from db import migrate, seed
 from db.database import Database
-from db.models import Project, Task, User
+from db.domains.work import Project, Task
+from db.domains.identity import User
+from db.unit import SESSION_READ
 from tests.conftest import Client, ServerThread, connect, make_config
 from tests.databases import fresh_postgres_database
 
@@ -275,7 +277,7 @@ def _snapshot(url: str) -> dict[str, list[Any]]:
                 model.__name__: list(s.execute(select(*columns).order_by(model.create_time)))
                 for model, columns in SNAPSHOT_COLUMNS.items()
             },
-            write=False,
+            SESSION_READ,
         )
     finally:
         database.dispose()

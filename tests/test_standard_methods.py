@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 import db.domains  # noqa: F401 - every resource in the registry
-from db.resource import REGISTRY, ResourceSpec
+from db.engine.resource import REGISTRY, ResourceSpec
 from tests.conftest import Client, unique
 from tests.support import SAMPLES, expect_error, mask
 

@@ -17,9 +17,10 @@ import pytest
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.chat.v1 import chat_pb2_grpc
 
-from db import events
+from db.engine import events
 from db.base import utcnow
 from db.database import Database
+from db.unit import SESSION_READ
 from tests.conftest import Client, ServerThread, authed_channel, connect, make_config
 from tests.support import expect_error, new_channel, new_conversation, new_user, rich_error, run_async
 
@@ -372,7 +373,7 @@ def test_an_event_committed_without_a_wakeup_is_still_delivered(client: Client) 
 
     from sqlalchemy import update
 
-    from db.models import ChangeEvent, StreamScope
+    from db.engine.tables import ChangeEvent, StreamScope
 
     channel = new_channel(client)
     reader = EventReader(client.chat, cpb.StreamEventsRequest(channel_ids=[channel.id]))
@@ -430,7 +431,7 @@ def test_the_events_a_commit_hands_over_are_those_of_the_log(client: Client) -> 
         for text in ("one", "two"):
             message = cpb.ChatMessage(id=str(uuid.uuid4()), channel_id=scope.split("/")[1], content=text)
             database.run_sync(lambda s: events.emit(s, scope, events.CREATED, "ChatMessage", uuid.UUID(message.id), message))
-        logged = database.run_sync(lambda s: events.read_after(s, scope, 0, 10), write=False)
+        logged = database.run_sync(lambda s: events.read_after(s, scope, 0, 10), SESSION_READ)
     finally:
         database.dispose()
     assert [e.seq for e in handed] == [1, 2] and handed == logged

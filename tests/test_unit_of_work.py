@@ -11,13 +11,18 @@ from sqlalchemy.orm import Session
 
 from db import errors
 from db.database import CREDENTIALS_CHANGED_KEY, Database, PoolSettings, WriteThread, timeout_step
-from db.models import Role
+from db.domains.identity import Role
+from db.engine import plans, reads, writes
+from db.engine.call import CURRENT_CALL, Call
+from db.unit import READ, SESSION_READ, TRANSACTION, Mode, Plan
 from tests.conftest import Client
 from tests.support import run_async
 
+ONE_STATEMENT = Plan(Mode.ONE_STATEMENT, "the test's")
+
 
 def _count(database: Database, name: str) -> int:
-    return int(database.run_sync(lambda s: s.scalar(select(func.count()).select_from(Role).where(Role.name == name)), write=False))
+    return int(database.run_sync(lambda s: s.scalar(select(func.count()).select_from(Role).where(Role.name == name)), SESSION_READ))
 
 
 def test_nothing_commits_after_the_deadline(client: Client) -> None:
@@ -45,21 +50,21 @@ def test_statement_timeout_follows_the_deadline_on_a_reused_connection(database_
         sleep = lambda seconds: lambda s: s.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})  # noqa: E731
         started = time.monotonic()
         with pytest.raises(errors.DeadlineExceeded):
-            database.run_sync(sleep(5), write=False, deadline=time.monotonic() + 0.3)
+            database.run_sync(sleep(5), SESSION_READ, deadline=time.monotonic() + 0.3)
         assert time.monotonic() - started < 3
         # Same (only) connection, a longer deadline and then none: both run past 0.3 s.
-        database.run_sync(sleep(0.5), write=False, deadline=time.monotonic() + 30)
-        database.run_sync(sleep(0.5), write=False)
-        shown = database.run_sync(lambda s: s.scalar(text("SHOW statement_timeout")), write=False)
+        database.run_sync(sleep(0.5), SESSION_READ, deadline=time.monotonic() + 30)
+        database.run_sync(sleep(0.5), SESSION_READ)
+        shown = database.run_sync(lambda s: s.scalar(text("SHOW statement_timeout")), SESSION_READ)
         assert shown == "0"
         # A rolled-back transaction undoes its SET; the connection's known value must follow.
         def failing(session: object) -> None:
             raise errors.InvalidArgument("stop")
 
         with pytest.raises(errors.InvalidArgument):
-            database.run_sync(failing, write=False, deadline=time.monotonic() + 2)
+            database.run_sync(failing, SESSION_READ, deadline=time.monotonic() + 2)
         with pytest.raises(errors.DeadlineExceeded):
-            database.run_sync(sleep(5), write=False, deadline=time.monotonic() + 0.3)
+            database.run_sync(sleep(5), SESSION_READ, deadline=time.monotonic() + 0.3)
     finally:
         database.dispose()
 
@@ -136,7 +141,7 @@ def test_sqlite_writes_queue_on_one_thread_and_a_long_wait_is_busy(tmp_path: Pat
             late = asyncio.ensure_future(database.run(write("late"), deadline=time.monotonic() + 0.2))
             await asyncio.sleep(0.7)
             count = select(func.count()).select_from(Role).where(Role.name == "first")
-            assert await database.run(lambda s: s.scalar(count), write=False) == 0  # reads do not queue
+            assert await database.run(lambda s: s.scalar(count), SESSION_READ) == 0  # reads do not queue
             release.set()
             await first
             with pytest.raises(errors.Unavailable) as waited:
@@ -153,34 +158,33 @@ def test_sqlite_writes_queue_on_one_thread_and_a_long_wait_is_busy(tmp_path: Pat
 
 
 def test_one_statement_creates_run_in_autocommit_and_only_they_do(client: Client) -> None:
-    """A Create that writes with one statement (crud.one_statement_create) runs on an autocommit
+    """A Create that writes with one statement (plans.plan_create) runs on an autocommit
     connection on PostgreSQL (on SQLite in a transaction), without a Session, answers as a
     transactional one does and still reaches the commit listeners; one that needs more
     statements is refused there, not written piecemeal."""
     from nexus.work.v1 import work_pb2 as wpb
 
-    from db import crud
-    from db.audit import AUDIT_LOG_ENTRIES
-    from db.resource import REGISTRY
+    from db.domains.security import AUDIT_LOG_ENTRIES
+    from db.engine.resource import REGISTRY
     from tests.support import new_project
 
     project = new_project(client)
     tasks, messages = REGISTRY["Task"], REGISTRY["ChatMessage"]
     dialect = "postgresql" if client.backend == "postgresql" else "sqlite"
-    admin = crud.Call(dialect=dialect, role="admin", method="/test/CreateTask")
-    user = crud.Call(dialect=dialect, role="user", actor_user_id=uuid.uuid4())
+    admin = Call(dialect=dialect, role="admin", method="/test/CreateTask")
+    user = Call(dialect=dialect, role="user", actor_user_id=uuid.uuid4())
     request = wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title="one statement"))
-    token = crud.CURRENT_CALL.set(admin)
+    token = CURRENT_CALL.set(admin)
     database = Database(client.database_url)
     notes: list[dict[str, object]] = []
     database.add_commit_listener(notes.append)
     try:
-        assert crud.one_statement_create(tasks, request, admin)
-        assert not crud.one_statement_create(tasks, wpb.CreateTaskRequest(task=request.task, request_id="r1"), admin)
-        assert not crud.one_statement_create(messages, request, admin), "a change event is a second write"
-        crud.CURRENT_CALL.set(user)
-        assert not crud.one_statement_create(tasks, request, user), "a row policy is checked after the INSERT"
-        crud.CURRENT_CALL.set(admin)
+        assert plans.plan_create(tasks, request, admin).mode is Mode.ONE_STATEMENT
+        assert plans.plan_create(tasks, wpb.CreateTaskRequest(task=request.task, request_id="r1"), admin).mode is Mode.TRANSACTION
+        assert plans.plan_create(messages, request, admin).mode is Mode.TRANSACTION, "a change event is a second write"
+        CURRENT_CALL.set(user)
+        assert plans.plan_create(tasks, request, user).mode is Mode.TRANSACTION, "a row policy is checked after the INSERT"
+        CURRENT_CALL.set(admin)
 
         seen: list[tuple[bool, bool, bool]] = []
 
@@ -189,60 +193,59 @@ def test_one_statement_creates_run_in_autocommit_and_only_they_do(client: Client
             autocommit = bool(getattr(conn.connection.dbapi_connection, "autocommit", False)) if database.is_postgres else False
             seen.append((autocommit, conn.in_transaction() and not autocommit, isinstance(session, Session)))
             session.info[CREDENTIALS_CHANGED_KEY] = True  # type: ignore[attr-defined]
-            return crud.create(session, tasks, request, admin)  # type: ignore[arg-type]
+            return writes.create(session, tasks, request, admin)  # type: ignore[arg-type]
 
-        made = database.run_sync(create, one_statement=True)
+        made = database.run_sync(create, ONE_STATEMENT)
         # PostgreSQL: autocommit; SQLite: its transaction. Never a Session.
         assert seen == [(database.is_postgres, not database.is_postgres, False)]
         assert notes, "commit listeners run after an autocommit write too"
-        got = database.run_sync(lambda s: crud.get(s, tasks, wpb.GetTaskRequest(id=made.id)), write=False, core=True)
+        got = database.run_sync(lambda s: reads.get(s, tasks, wpb.GetTaskRequest(id=made.id)), READ)
         assert got == made
         entries = database.run_sync(
             lambda s: s.execute(select(AUDIT_LOG_ENTRIES.table.c.action).where(AUDIT_LOG_ENTRIES.table.c.resource_id == uuid.UUID(made.id))).scalars().all(),
-            write=False,
+            SESSION_READ,
         )
         assert entries == ["create"]
         if database.is_postgres:
             batch = wpb.BatchCreateTasksRequest(requests=[request, request])
             with pytest.raises(AssertionError):
-                database.run_sync(lambda s: crud.batch_create(s, tasks, batch, admin), one_statement=True)
+                database.run_sync(lambda s: writes.batch_create(s, tasks, batch, admin), ONE_STATEMENT)
             count = select(func.count()).select_from(tasks.table).where(tasks.table.c.project_id == uuid.UUID(project.id))
-            assert database.run_sync(lambda s: s.scalar(count), write=False) == 1, "nothing of the refused batch was written"
+            assert database.run_sync(lambda s: s.scalar(count), SESSION_READ) == 1, "nothing of the refused batch was written"
     finally:
-        crud.CURRENT_CALL.reset(token)
+        CURRENT_CALL.reset(token)
         database.dispose()
 
 
 def test_one_statement_update_guards_its_revision_and_falls_back_to_a_locked_transaction(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An Update run in autocommit (crud.one_statement_update) reads without a lock and writes
+    """An Update run in autocommit (plans.plan_update) reads without a lock and writes
     only at the revision it read, its audit entry with it. A row changed in between leaves
     nothing of that attempt, and the update runs again in a transaction on the new row."""
     from google.protobuf import field_mask_pb2
     from nexus.work.v1 import work_pb2 as wpb
 
-    from db import crud
-    from db.audit import AUDIT_LOG_ENTRIES
-    from db.resource import REGISTRY
+    from db.domains.security import AUDIT_LOG_ENTRIES
+    from db.engine.resource import REGISTRY
     from tests.support import new_project
 
     project = new_project(client)
     tasks = REGISTRY["Task"]
     dialect = "postgresql" if client.backend == "postgresql" else "sqlite"
-    admin = crud.Call(dialect=dialect, role="admin", method="/test/UpdateTask")
-    token = crud.CURRENT_CALL.set(admin)
+    admin = Call(dialect=dialect, role="admin", method="/test/UpdateTask")
+    token = CURRENT_CALL.set(admin)
     database = Database(client.database_url)
     try:
         task = client.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title="before")))
         request = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, title="ours"), update_mask=field_mask_pb2.FieldMask(paths=["title"]))
-        assert crud.one_statement_update(tasks, request, admin)
+        assert plans.plan_update(tasks, request, admin).mode is Mode.ONE_STATEMENT
         moving = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, assignee_id=str(uuid.uuid4())), update_mask=field_mask_pb2.FieldMask(paths=["assignee_id"]))
-        assert crud.update_paths(tasks, moving.task, moving.update_mask.paths) == ["assignee_id"]
-        assert not crud.one_statement_update(tasks, moving, admin), "a reference is checked FOR SHARE: a transaction's lock"
+        assert writes.update_paths(tasks, moving.task, moving.update_mask.paths) == ["assignee_id"]
+        assert plans.plan_update(tasks, moving, admin).mode is Mode.TRANSACTION, "a reference is checked FOR SHARE: a transaction's lock"
 
         seen: list[bool] = []
-        real_check = crud.check_references
+        real_check = writes.check_references
 
         def meanwhile(session: object, *args: object) -> None:
             """Between the read and the UPDATE of the first attempt: another writer commits."""
@@ -254,8 +257,8 @@ def test_one_statement_update_guards_its_revision_and_falls_back_to_a_locked_tra
                 ))
             real_check(session, *args)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(crud, "check_references", meanwhile)
-        updated = database.run_sync(lambda s: crud.update(s, tasks, request, admin), one_statement=True)
+        monkeypatch.setattr(writes, "check_references", meanwhile)
+        updated = database.run_sync(lambda s: writes.update(s, tasks, request, admin), ONE_STATEMENT)
         monkeypatch.undo()
         assert seen == ([True, False] if database.is_postgres else [False])
         if database.is_postgres:
@@ -266,56 +269,55 @@ def test_one_statement_update_guards_its_revision_and_falls_back_to_a_locked_tra
         column = AUDIT_LOG_ENTRIES.table.c
         entries = database.run_sync(
             lambda s: s.execute(select(column.action).where(column.resource_id == uuid.UUID(task.id)).order_by(column.create_time)).scalars().all(),
-            write=False,
+            SESSION_READ,
         )
         assert entries == ["create", "update"], "the refused attempt left no entry"
         again = wpb.UpdateTaskRequest(task=wpb.Task(id=task.id, title="again"), update_mask=field_mask_pb2.FieldMask(paths=["title"]))
-        assert database.run_sync(lambda s: crud.update(s, tasks, again, admin), one_statement=True).etag == f'W/"{4 if database.is_postgres else 3}"'
+        assert database.run_sync(lambda s: writes.update(s, tasks, again, admin), ONE_STATEMENT).etag == f'W/"{4 if database.is_postgres else 3}"'
     finally:
-        crud.CURRENT_CALL.reset(token)
+        CURRENT_CALL.reset(token)
         database.dispose()
 
 
 def test_a_one_statement_create_past_its_deadline(client: Client) -> None:
-    """run_sync(one_statement=True) without a Session: on SQLite the work is a transaction, and
+    """run_sync(ONE_STATEMENT) without a Session: on SQLite the work is a transaction, and
     one that finishes past the caller's deadline is rolled back (DEADLINE_EXCEEDED, nothing
     written); on PostgreSQL its statement committed on its own, so the write is acknowledged."""
     from nexus.work.v1 import work_pb2 as wpb
 
-    from db import crud
-    from db.resource import REGISTRY
+    from db.engine.resource import REGISTRY
     from tests.support import new_project
 
     project = new_project(client)
     tasks = REGISTRY["Task"]
-    admin = crud.Call(dialect=client.backend, role="admin", method="/test/CreateTask")
-    token = crud.CURRENT_CALL.set(admin)
+    admin = Call(dialect=client.backend, role="admin", method="/test/CreateTask")
+    token = CURRENT_CALL.set(admin)
     database = Database(client.database_url)
     try:
         request = wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title="late"))
 
         def slow(session: object) -> object:
-            made = crud.create(session, tasks, request, admin)  # type: ignore[arg-type]
+            made = writes.create(session, tasks, request, admin)  # type: ignore[arg-type]
             time.sleep(0.3)
             return made
 
         count = select(func.count()).select_from(tasks.table).where(tasks.table.c.project_id == uuid.UUID(project.id))
         if database.is_postgres:
-            made = database.run_sync(slow, one_statement=True, deadline=time.monotonic() + 0.2)
+            made = database.run_sync(slow, ONE_STATEMENT, deadline=time.monotonic() + 0.2)
             assert client.work.GetTask(wpb.GetTaskRequest(id=made.id)) == made
-            assert database.run_sync(lambda s: s.scalar(count), write=False) == 1
+            assert database.run_sync(lambda s: s.scalar(count), SESSION_READ) == 1
         else:
             with pytest.raises(errors.DeadlineExceeded):
-                database.run_sync(slow, one_statement=True, deadline=time.monotonic() + 0.2)
-            assert database.run_sync(lambda s: s.scalar(count), write=False) == 0
+                database.run_sync(slow, ONE_STATEMENT, deadline=time.monotonic() + 0.2)
+            assert database.run_sync(lambda s: s.scalar(count), SESSION_READ) == 0
     finally:
-        crud.CURRENT_CALL.reset(token)
+        CURRENT_CALL.reset(token)
         database.dispose()
 
 
-def _on_threads(database: Database, work: object, calls: int, **kw: object) -> list[object]:
+def _on_threads(database: Database, work: object, calls: int, plan: Plan) -> list[object]:
     """work run `calls` times at once on the database's threads, as RPCs run it."""
-    futures = [database.executor.submit(database.run_sync, work, **kw) for _ in range(calls)]  # type: ignore[arg-type]
+    futures = [database.executor.submit(database.run_sync, work, plan) for _ in range(calls)]  # type: ignore[arg-type]
     return [f.result(timeout=30) for f in futures]
 
 
@@ -334,8 +336,8 @@ def test_database_threads_keep_their_read_connection(database_url: str) -> None:
             time.sleep(0.05)  # long enough for both threads to take a share
             return threading.get_ident(), id(_dbapi(s))
 
-        seen = _on_threads(database, core, 20, write=False, core=True)
-        seen += _on_threads(database, lambda s: core(s) if isinstance(s, Session) else None, 20, write=False)
+        seen = _on_threads(database, core, 20, READ)
+        seen += _on_threads(database, lambda s: core(s) if isinstance(s, Session) else None, 20, SESSION_READ)
         by_thread: dict[int, set[int]] = {}
         for thread, conn in seen:  # type: ignore[misc]
             by_thread.setdefault(thread, set()).add(conn)
@@ -344,7 +346,7 @@ def test_database_threads_keep_their_read_connection(database_url: str) -> None:
         assert len(kept) == 2
         assert database.read_engine.pool.checkedout() == 2
         # The calling thread is not one of them: it borrows (the pool's overflow) and returns.
-        other = id(database.run_sync(_dbapi, write=False, core=True))
+        other = id(database.run_sync(_dbapi, READ))
         assert other not in kept
         assert database.read_engine.pool.checkedout() == 2
         assert database.ping()
@@ -369,10 +371,10 @@ def _terminate(database_url: str, pids: set[int]) -> None:
 def test_a_kept_connection_lost_while_idle_is_replaced_before_it_is_used(database_url: str) -> None:
     database = Database(database_url, PoolSettings(size=1, max_overflow=0, ping_after=0.2))
     try:
-        (first,) = _on_threads(database, _backend, 1, write=False, core=True)
+        (first,) = _on_threads(database, _backend, 1, READ)
         _terminate(database_url, {first})  # type: ignore[arg-type]
         time.sleep(0.5)
-        (second,) = _on_threads(database, _backend, 1, write=False, core=True)  # no error: pinged, then replaced
+        (second,) = _on_threads(database, _backend, 1, READ)  # no error: pinged, then replaced
         assert second != first
     finally:
         database.dispose()
@@ -388,13 +390,13 @@ def test_a_lost_connection_gives_up_every_kept_one(database_url: str) -> None:
             time.sleep(0.1)
             return _backend(s)
 
-        pids = set(_on_threads(database, slow_backend, 4, write=False, core=True))
+        pids = set(_on_threads(database, slow_backend, 4, READ))
         assert len(pids) == 2
         _terminate(database_url, pids)  # type: ignore[arg-type]
         time.sleep(0.2)
         with pytest.raises(errors.Unavailable):
-            _on_threads(database, _backend, 1, write=False, core=True)
-        after = _on_threads(database, slow_backend, 6, write=False, core=True)
+            _on_threads(database, _backend, 1, READ)
+        after = _on_threads(database, slow_backend, 6, READ)
         assert not pids & set(after)  # type: ignore[arg-type]
     finally:
         database.dispose()
@@ -403,13 +405,13 @@ def test_a_lost_connection_gives_up_every_kept_one(database_url: str) -> None:
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_dispose_leaves_no_kept_connection_open(database_url: str) -> None:
     database = Database(database_url, PoolSettings(size=2, max_overflow=0))
-    pids = set(_on_threads(database, lambda s: (time.sleep(0.05), _backend(s))[1], 6, write=False, core=True))
+    pids = set(_on_threads(database, lambda s: (time.sleep(0.05), _backend(s))[1], 6, READ))
     database.dispose()
     admin = Database(database_url, PoolSettings(size=1, max_overflow=0))
     try:
         alive = pids
         for _ in range(40):
-            alive = set(admin.run_sync(lambda s: s.scalars(text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(:p)"), {"p": sorted(pids)}).all(), write=False))
+            alive = set(admin.run_sync(lambda s: s.scalars(text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(:p)"), {"p": sorted(pids)}).all(), SESSION_READ))
             if not alive:
                 break
             time.sleep(0.05)
@@ -439,7 +441,7 @@ def test_sqlite_write_thread_keeps_its_connection_while_writes_wait(tmp_path: Pa
             return work
 
         async def burst() -> None:
-            await asyncio.gather(*(database.run(write(f"r{i}", i % 2 == 0), one_statement=i % 2 == 0) for i in range(20)))
+            await asyncio.gather(*(database.run(write(f"r{i}", i % 2 == 0), ONE_STATEMENT if i % 2 == 0 else TRANSACTION) for i in range(20)))
 
         run_async(burst())
         assert len(used) == 20 and len({id(c) for c in used}) == 1

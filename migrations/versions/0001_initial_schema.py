@@ -9,7 +9,7 @@ from alembic import op
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from db.search import create_search_objects, drop_search_objects
+from db.engine.search import create_search_objects, drop_search_objects
 
 revision = '0001'
 down_revision = None

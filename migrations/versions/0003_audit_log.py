@@ -8,7 +8,7 @@ from __future__ import annotations
 from alembic import op
 import sqlalchemy as sa
 
-from db.search import create_search_objects, drop_search_objects
+from db.engine.search import create_search_objects, drop_search_objects
 from sqlalchemy.dialects import postgresql
 
 revision = '0003'

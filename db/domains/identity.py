@@ -2,19 +2,104 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 from nexus.identity.v1 import identity_pb2 as pb
-from sqlalchemy import select
+from sqlalchemy import (
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    String,
+    Table,
+    Text,
+    Uuid,
+    select,
+    text,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
-from db import crud, errors, secrets
-from db.base import utcnow
-from db.codecs import InputCodec, OutputCodec, SizeLimit
-from db.models import ApiKey, Role, User
-from db.policy import ROLE_RANK
-from db.resource import REGISTRY, ResourceSpec
+from db import errors, secrets
+from db.base import Base, ResourceMixin, SoftDeleteMixin, UTCDateTime, json_list, json_object, one_of, optional_timestamp, utcnow
+from db.engine import reads, writes, changes
+from db.engine.call import Call, current_call
+from db.engine.codecs import InputCodec, OutputCodec, SizeLimit
+from db.engine.resource import REGISTRY, ResourceSpec
+from db.engine.rules import ROLE_RANK, Access, mine
+
+
+
+# ---------------------------------------------------------------- tables
+
+USER_ROLES = ("admin", "manager", "user", "guest")
+
+
+user_roles = Table(
+    "user_roles",
+    Base.metadata,
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("role_id", Uuid, ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True),
+    Column("create_time", UTCDateTime, nullable=False, default=utcnow),
+    Index("ix_user_roles_role_id", "role_id"),
+)
+
+
+class User(ResourceMixin, SoftDeleteMixin, Base):
+    __tablename__ = "users"
+    __table_args__ = (
+        one_of("role", USER_ROLES),
+        Index("ix_users_create_time_id", "create_time", "id"),
+    )
+
+    username: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    email: Mapped[str] = mapped_column(String(320), nullable=False, unique=True)
+    external_id: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
+    full_name: Mapped[str | None] = mapped_column(String(255))
+    avatar_url: Mapped[str | None] = mapped_column(String(2048))
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="user", index=True)
+    is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    is_verified: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    preferences: Mapped[json_object]
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    last_login_time: Mapped[optional_timestamp]
+
+    roles: Mapped[list[Role]] = relationship(secondary=user_roles, lazy="selectin", order_by="Role.name")
+
+
+class Role(ResourceMixin, Base):
+    __tablename__ = "roles"
+    __table_args__ = (Index("ix_roles_create_time_id", "create_time", "id"),)
+
+    name: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    permissions: Mapped[json_list]
+
+
+class ApiKey(ResourceMixin, Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        one_of("role", USER_ROLES),
+        Index("ix_api_keys_create_time_id", "create_time", "id"),
+        # A name is unique among its user's keys (and among the keys of no user): a user who
+        # sees only its own keys learns nothing of other names from ALREADY_EXISTS.
+        Index("uq_api_keys_user_id_name", "user_id", "name", unique=True,
+              postgresql_where=text("user_id IS NOT NULL"), sqlite_where=text("user_id IS NOT NULL")),
+        Index("uq_api_keys_name_without_user", "name", unique=True,
+              postgresql_where=text("user_id IS NULL"), sqlite_where=text("user_id IS NULL")),
+    )
+
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="user")
+    user_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    key_prefix: Mapped[str] = mapped_column(String(16), nullable=False, unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(255), nullable=False)
+    expire_time: Mapped[optional_timestamp]
+    revoke_time: Mapped[optional_timestamp]
+    last_used_time: Mapped[optional_timestamp]
 
 USERNAME = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -28,7 +113,7 @@ def _password(plain: str) -> dict[str, Any]:
     return {"password_hash": secrets.hash_secret(plain)}
 
 
-def _user_rules(session: Session, row: User, changed: set[str], creating: bool, call: crud.Call) -> None:
+def _user_rules(session: Session, row: User, changed: set[str], creating: bool, call: Call) -> None:
     violations = errors.Violations()
     if not USERNAME.match(row.username or ""):
         violations.add("user.username", "must be 3 to 64 letters, digits, '.', '_' or '-'")
@@ -68,11 +153,14 @@ USERS = REGISTRY.add(
         search_fields=(("username", "A"), ("full_name", "A"), ("email", "B")),
         batch_get=True,
         before_write=_user_rules,
+        # Users change themselves; creating users is for admins.
+        access=Access(manage=mine(User.id, "themselves"), admin_only=frozenset({"role", "is_active", "external_id"})),
+        credentials=True,
     )
 )
 
 
-def _role_rules(session: Session, row: Role, changed: set[str], creating: bool, call: crud.Call) -> None:
+def _role_rules(session: Session, row: Role, changed: set[str], creating: bool, call: Call) -> None:
     if not USERNAME.match(row.name or ""):
         raise errors.InvalidArgument.field("role.name", "must be 3 to 64 letters, digits, '.', '_' or '-'")
 
@@ -92,7 +180,7 @@ ROLES = REGISTRY.add(
 )
 
 
-def _api_key_rules(session: Session, row: ApiKey, changed: set[str], creating: bool, call: crud.Call) -> None:
+def _api_key_rules(session: Session, row: ApiKey, changed: set[str], creating: bool, call: Call) -> None:
     if creating:
         prefix, secret = secrets.new_api_key()
         row.key_prefix = prefix
@@ -109,7 +197,7 @@ def _api_key_rules(session: Session, row: ApiKey, changed: set[str], creating: b
         _only_sooner(session, row)
 
 
-def _within_caller_role(row: ApiKey, call: crud.Call, explicit: bool) -> None:
+def _within_caller_role(row: ApiKey, call: Call, explicit: bool) -> None:
     """A caller other than an admin gets keys at its own current role or lower (that of the
     credential it calls with: a manager calling with a user key makes user keys at most)."""
     if ROLE_RANK[row.role] <= ROLE_RANK[call.role]:
@@ -173,6 +261,8 @@ API_KEYS = REGISTRY.add(
         extra_codecs={"secret": OutputCodec("secret", lambda r: getattr(r, "plain_secret", None))},
         orderable=("create_time", "update_time", "name", "expire_time"),
         before_write=_api_key_rules,
+        access=Access(read=mine(ApiKey.user_id, "their own keys"), manage=mine(ApiKey.user_id, "their own keys"), admin_only=frozenset({"user_id"})),
+        credentials=True,
     )
 )
 
@@ -194,7 +284,7 @@ def lookup_user(session: Session, request: pb.LookupUserRequest) -> pb.User:
     return USERS.to_proto(row)
 
 
-def ensure_user(session: Session, request: pb.EnsureUserRequest, call: crud.Call) -> pb.EnsureUserResponse:
+def ensure_user(session: Session, request: pb.EnsureUserRequest, call: Call) -> pb.EnsureUserResponse:
     external_id = request.user.external_id
     if not external_id:
         raise errors.InvalidArgument.field("user.external_id", "is required", reason="REQUIRED_FIELD")
@@ -211,7 +301,7 @@ def ensure_user(session: Session, request: pb.EnsureUserRequest, call: crud.Call
         try:
             # A savepoint: losing a race with a concurrent EnsureUser must not abort the call.
             with session.begin_nested():
-                created = crud.create(session, USERS, pb.CreateUserRequest(user=request.user), call)
+                created = writes.create(session, USERS, pb.CreateUserRequest(user=request.user), call)
             return pb.EnsureUserResponse(user=created, created=True)
         except IntegrityError:
             # Lost the race on external_id: the next pass finds the winner. A conflict on another
@@ -239,21 +329,21 @@ def authenticate_user(session: Session, request: pb.AuthenticateUserRequest) -> 
     if row.password_hash and secrets.needs_rehash(row.password_hash):
         row.password_hash = secrets.hash_secret(request.password)
     row.last_login_time = utcnow()
-    session.flush()
+    changes.flush(session)
     return pb.AuthenticateUserResponse(authenticated=True, user=USERS.to_proto(row))
 
 
 def verify_user_email(session: Session, request: pb.VerifyUserEmailRequest) -> pb.User:
-    row = crud.fetch(session, USERS, request.id, lock=True)
+    row = reads.fetch(session, USERS, request.id, lock=True)
     if not row.is_verified:
         row.is_verified = True
-        session.flush()
+        changes.flush(session)
     return USERS.to_proto(row)
 
 
 def _user_and_role(session: Session, user_id: str, role_id: str) -> tuple[User, Role]:
-    user = crud.fetch(session, USERS, user_id, field_path="user_id", lock=True)
-    role = crud.fetch(session, ROLES, role_id, field_path="role_id")
+    user = reads.fetch(session, USERS, user_id, field_path="user_id", lock=True)
+    role = reads.fetch(session, ROLES, role_id, field_path="role_id")
     return user, role
 
 
@@ -262,7 +352,7 @@ def assign_role(session: Session, request: pb.AssignRoleRequest) -> pb.User:
     if role not in user.roles:
         user.roles.append(role)
         user.update_time = utcnow()
-        session.flush()
+        changes.flush(session)
     return USERS.to_proto(user)
 
 
@@ -271,15 +361,15 @@ def revoke_role(session: Session, request: pb.RevokeRoleRequest) -> pb.User:
     if role in user.roles:
         user.roles.remove(role)
         user.update_time = utcnow()
-        session.flush()
+        changes.flush(session)
     return USERS.to_proto(user)
 
 
 def revoke_api_key(session: Session, request: pb.RevokeApiKeyRequest) -> pb.ApiKey:
-    row = crud.fetch(session, API_KEYS, request.id, lock=True)
+    row = reads.fetch(session, API_KEYS, request.id, lock=True)
     if row.revoke_time is None:
         row.revoke_time = utcnow()
-        session.flush()
+        changes.flush(session)
     return API_KEYS.to_proto(row)
 
 
@@ -288,8 +378,8 @@ def create_api_key(session: Session, name: str, role: str, user_id: str = "", ex
     request = pb.CreateApiKeyRequest(api_key=pb.ApiKey(name=name, role=pb.UserRole.Value(f"USER_ROLE_{role.upper()}"), user_id=user_id))
     if expire_time is not None:
         request.api_key.expire_time.FromDatetime(expire_time)  # type: ignore[arg-type]
-    call = crud.current_call() or crud.Call(dialect=session.get_bind().dialect.name)  # the CLI's, if it runs this
-    created = crud.create(session, API_KEYS, request, call)
+    call = current_call() or Call(dialect=session.get_bind().dialect.name)  # the CLI's, if it runs this
+    created = writes.create(session, API_KEYS, request, call)
     return created, created.secret
 
 

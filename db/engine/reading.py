@@ -24,7 +24,7 @@ from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import NullType
 
 from db.prepared import prepared
-from db.resource import SECRET_COLUMNS, ResourceSpec
+from db.engine.resource import SECRET_COLUMNS, ResourceSpec
 
 
 class id_text(FunctionElement[str]):

@@ -11,11 +11,11 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from sqlalchemy import JSON, Boolean, Date, Float, Integer, Numeric, String, Uuid, event, inspect
+from sqlalchemy import JSON, Boolean, Date, Float, Integer, Numeric, String, Uuid, inspect
 from sqlalchemy.orm import Session
 
 from db.base import UTCDateTime
-from db.codecs import (
+from db.engine.codecs import (
     DEFAULT_LIMITS,
     DateCodec,
     EnumCodec,
@@ -29,13 +29,13 @@ from db.codecs import (
     UuidCodec,
     enum_filter_names,
 )
-from db.errors import ResourceExhausted
-from db.filtering import FieldKind, FilterCompiler, FilterField
+from db.engine.filtering import FieldKind, FilterCompiler, FilterField
+from db.engine.rules import Access
 
 COMMON_OUTPUT_ONLY = frozenset({"id", "create_time", "update_time", "delete_time", "etag"})
 # Hook signature: (session, row, changed field names, creating?, call) -> None; may raise NexusError.
 # It validates and completes the row; it may read, never write (a Create may run in autocommit:
-# crud.one_statement_create).
+# plans.one_statement_create).
 WriteHook = Callable[[Session, Any, set[str], bool, Any], None]
 
 
@@ -85,6 +85,17 @@ class ResourceSpec:
     read_only: bool = False
     # Whether changes are recorded in the audit trail.
     audited: bool = True
+    # Whether its changes make cached credentials stale (a revoked key, a deactivated user).
+    credentials: bool = False
+    # Who sees and changes which rows (engine/rules.py); the default: everyone sees every row,
+    # only admins change them.
+    access: Access = field(default_factory=Access)
+    # For a resource whose rows are themselves streams: the kind of scope ("channels") a
+    # StreamEvents call follows by its ids; its stream_scope is "<kind>/<id>".
+    stream_kind: str | None = None
+    # Whether its changes can change who may see a stream (a channel's members, its privacy):
+    # open streams of its scopes are re-authorised on them.
+    changes_stream_access: bool = False
     # Field -> its maximum size, instead of the default of its kind (codecs.DEFAULT_LIMITS); a
     # column with a length allows no more than that length. A relation field (member_ids) takes
     # items only.
@@ -289,6 +300,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._specs: dict[str, ResourceSpec] = {}
+        self._by_model: dict[type, ResourceSpec] = {}
 
     def add(self, spec: ResourceSpec) -> ResourceSpec:
         if spec.name in self._specs:
@@ -306,46 +318,16 @@ class Registry:
         return len(self._specs)
 
     def by_model(self, model: type) -> ResourceSpec:
-        for spec in self._specs.values():
-            if spec.model is model:
-                return spec
-        raise KeyError(model)
+        spec = self.models().get(model)
+        if spec is None:
+            raise KeyError(model)
+        return spec
+
+    def models(self) -> dict[type, ResourceSpec]:
+        """Model -> its resource (rebuilt when one is added)."""
+        if len(self._by_model) != len(self._specs):
+            self._by_model = {spec.model: spec for spec in self._specs.values()}
+        return self._by_model
 
 
 REGISTRY = Registry()
-
-
-_related: dict[type, ResourceSpec] = {}
-_related_of = [0]  # the registry size _related was built for
-
-
-def _related_specs() -> dict[type, ResourceSpec]:
-    """Model -> spec of the registered resources with relations (rebuilt when one is added)."""
-    if _related_of[0] != len(REGISTRY):
-        _related.clear()
-        _related.update({spec.model: spec for spec in REGISTRY if spec.relation_fields})
-        _related_of[0] = len(REGISTRY)
-    return _related
-
-
-@event.listens_for(Session, "before_flush")
-def _check_relation_sizes(session: Session, flush_context: Any, instances: Any) -> None:
-    """A relation that grew past its limit (ResourceSpec.relation_limit) stops the flush:
-    RESOURCE_EXHAUSTED naming the field, whichever method added to it (AddProjectMember,
-    AddChannelMember, AddTaskDependency, AssignRole)."""
-    related = _related_specs()
-    for obj in session.dirty:
-        spec = related.get(type(obj))
-        if spec is None:
-            continue
-        state = inspect(obj)
-        for key, (field_name, _) in spec.relation_fields.items():
-            if not state.attrs[key].history.added:
-                continue
-            limit, count = spec.relation_limit(key), len(getattr(obj, key))
-            if count > limit:
-                raise ResourceExhausted(
-                    f"{spec.name} {obj.id} may have at most {limit} {field_name} (it would have {count})",
-                    reason="TOO_MANY_RELATED",
-                    metadata={"field": field_name, "limit": str(limit), "resource_id": str(obj.id)},
-                )

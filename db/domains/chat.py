@@ -2,17 +2,136 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 from collections.abc import Iterable
 
 from nexus.chat.v1 import chat_pb2 as pb
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    String,
+    Table,
+    Text,
+    Uuid,
+    or_,
+    select,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+from sqlalchemy.sql.elements import ColumnElement
 
-from db import crud, errors, events, policy
-from db.base import utcnow
-from db.codecs import MessageListCodec, OutputCodec
-from db.models import ApiKey, Channel, ChatMessage, Conversation, ConversationMessage, User
-from db.resource import REGISTRY, ResourceSpec
+from db import errors
+from db.base import Base, ResourceMixin, SoftDeleteMixin, UTCDateTime, json_list, json_object, one_of, optional_timestamp, short_text, utcnow
+from db.domains.identity import ApiKey, User
+from db.engine import events, reads, rules, writes, changes
+from db.engine.call import Call
+from db.engine.codecs import MessageListCodec, OutputCodec
+from db.engine.resource import REGISTRY, ResourceSpec
+from db.engine.rules import Access, Rule, is_caller, mine
+
+
+
+# ---------------------------------------------------------------- tables
+
+CONVERSATION_STATUSES = ("active", "archived")
+
+
+SENDER_TYPES = ("user", "assistant", "system")
+
+
+channel_members = Table(
+    "channel_members",
+    Base.metadata,
+    Column("channel_id", Uuid, ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("create_time", UTCDateTime, nullable=False, default=utcnow),
+    Index("ix_channel_members_user_id", "user_id"),
+)
+
+
+class Channel(ResourceMixin, SoftDeleteMixin, Base):
+    __tablename__ = "channels"
+    __table_args__ = (Index("ix_channels_create_time_id", "create_time", "id"),)
+
+    name: Mapped[short_text]
+    description: Mapped[str | None] = mapped_column(Text)
+    project_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("projects.id", ondelete="SET NULL"), index=True
+    )
+    is_private: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    creator_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("users.id", ondelete="SET NULL"))
+
+    members: Mapped[list[User]] = relationship(secondary=channel_members, lazy="selectin", order_by="User.id")
+
+
+class ChatMessage(ResourceMixin, SoftDeleteMixin, Base):
+    __tablename__ = "chat_messages"
+    __table_args__ = (
+        Index("ix_chat_messages_create_time_id", "create_time", "id"),
+        Index("ix_chat_messages_channel_id_create_time", "channel_id", "create_time"),
+    )
+
+    channel_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("channels.id", ondelete="CASCADE"), nullable=False)
+    author_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    # Replies keep pointing at a soft-deleted parent; a parent removed for good takes its replies.
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("chat_messages.id", ondelete="CASCADE"), index=True
+    )
+    attachments: Mapped[json_list]
+    edited_time: Mapped[optional_timestamp]
+
+
+class Conversation(ResourceMixin, Base):
+    __tablename__ = "conversations"
+    __table_args__ = (
+        one_of("status", CONVERSATION_STATUSES),
+        Index("ix_conversations_create_time_id", "create_time", "id"),
+        Index("ix_conversations_user_id_status", "user_id", "status"),
+    )
+
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("users.id", ondelete="CASCADE"))
+    title: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="active")
+
+
+class ConversationMessage(ResourceMixin, Base):
+    __tablename__ = "conversation_messages"
+    __table_args__ = (
+        one_of("sender_type", SENDER_TYPES),
+        Index("ix_conversation_messages_create_time_id", "create_time", "id"),
+        Index("ix_conversation_messages_conversation_id_create_time", "conversation_id", "create_time"),
+    )
+
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
+    )
+    sender_type: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    role_metadata: Mapped[json_object]
+
+
+
+
+# ---------------------------------------------------------------- row rules
+
+def _channel_read(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]:
+    """Public channels, and for a caller with a user those it created or is a member of."""
+    if user_id is None:
+        return Channel.is_private.is_(False)
+    member = select(channel_members.c.channel_id).where(channel_members.c.user_id == user_id)
+    return or_(Channel.is_private.is_(False), Channel.creator_id == user_id, Channel.id.in_(member))
+
+
+def _visible_channels(user_id: uuid.UUID | None) -> Any:
+    return select(Channel.id).where(_channel_read(user_id, ""))
+
+
+def _own_conversations(user_id: uuid.UUID | None) -> Any:
+    return select(Conversation.id).where(is_caller(Conversation.user_id, user_id))
 
 
 def channel_scope(channel_id: object) -> str:
@@ -39,11 +158,14 @@ CHANNELS = REGISTRY.add(
         search_fields=(("name", "A"), ("description", "B")),
         owner_field="creator_id",
         stream_scope=lambda r: channel_scope(r.id),
+        access=Access(read=Rule(_channel_read, "public ones, and those they created or belong to"), manage=mine(Channel.creator_id, "those they created")),
+        stream_kind="channels",
+        changes_stream_access=True,
     )
 )
 
 
-def _chat_message_rules(session: Session, row: ChatMessage, changed: set[str], creating: bool, call: crud.Call) -> None:
+def _chat_message_rules(session: Session, row: ChatMessage, changed: set[str], creating: bool, call: Call) -> None:
     if creating:
         if row.parent_id is not None:
             parent = session.get(ChatMessage, row.parent_id)
@@ -73,6 +195,10 @@ CHAT_MESSAGES = REGISTRY.add(
         before_write=_chat_message_rules,
         owner_field="author_id",
         stream_scope=lambda r: channel_scope(r.channel_id),
+        access=Access(
+            read=Rule(lambda u, r: ChatMessage.channel_id.in_(_visible_channels(u)), "those in channels they see"),
+            manage=Rule(lambda u, r: is_caller(ChatMessage.author_id, u) & ChatMessage.channel_id.in_(_visible_channels(u)), "their own, in channels they see"),
+        ),
     )
 )
 
@@ -91,12 +217,14 @@ CONVERSATIONS = REGISTRY.add(
         search_fields=(("title", "A"),),
         owner_field="user_id",
         stream_scope=lambda r: conversation_scope(r.id),
+        access=Access(read=mine(Conversation.user_id, "their own"), manage=mine(Conversation.user_id, "their own")),
+        stream_kind="conversations",
     )
 )
 
 
 def _conversation_message_rules(
-    session: Session, row: ConversationMessage, changed: set[str], creating: bool, call: crud.Call
+    session: Session, row: ConversationMessage, changed: set[str], creating: bool, call: Call
 ) -> None:
     if not creating:
         return
@@ -123,6 +251,10 @@ CONVERSATION_MESSAGES = REGISTRY.add(
         search_fields=(("content", "A"),),
         before_write=_conversation_message_rules,
         stream_scope=lambda r: conversation_scope(r.conversation_id),
+        access=Access(
+            read=Rule(lambda u, r: ConversationMessage.conversation_id.in_(_own_conversations(u)), "those of their own conversations"),
+            manage=Rule(lambda u, r: ConversationMessage.conversation_id.in_(_own_conversations(u)), "those of their own conversations"),
+        ),
     )
 )
 
@@ -131,27 +263,27 @@ CONVERSATION_MESSAGES = REGISTRY.add(
 
 
 def add_channel_member(session: Session, request: pb.AddChannelMemberRequest) -> pb.Channel:
-    return crud.change_membership(session, CHANNELS, request.channel_id, request.user_id, add=True, parent_field="channel_id")
+    return writes.change_membership(session, CHANNELS, request.channel_id, request.user_id, add=True, parent_field="channel_id")
 
 
 def remove_channel_member(session: Session, request: pb.RemoveChannelMemberRequest) -> pb.Channel:
-    return crud.change_membership(session, CHANNELS, request.channel_id, request.user_id, add=False, parent_field="channel_id")
+    return writes.change_membership(session, CHANNELS, request.channel_id, request.user_id, add=False, parent_field="channel_id")
 
 
 def archive_conversation(session: Session, request: pb.ArchiveConversationRequest) -> pb.Conversation:
-    row = crud.fetch(session, CONVERSATIONS, request.id, lock=True)
+    row = reads.fetch(session, CONVERSATIONS, request.id, lock=True)
     if row.status == "archived":
         return CONVERSATIONS.to_proto(row)
     row.status = "archived"
-    session.flush()
-    return crud.publish(session, CONVERSATIONS, row, events.UPDATED, CONVERSATIONS.to_proto(row))
+    changes.flush(session)
+    return events.publish(session, CONVERSATIONS, row, events.UPDATED, CONVERSATIONS.to_proto(row))
 
 
 MAX_STREAM_SCOPES = 1000
 
 
 def _scope_ids(session: Session, spec: ResourceSpec, raw_ids: list[str], field_name: str, scope_of: object) -> list[str]:
-    return [scope_of(crud.visible_id(session, spec, raw, f"{field_name}[{i}]")) for i, raw in enumerate(raw_ids)]  # type: ignore[operator]
+    return [scope_of(reads.visible_id(session, spec, raw, f"{field_name}[{i}]")) for i, raw in enumerate(raw_ids)]  # type: ignore[operator]
 
 
 def _resumed_scope(session: Session, scope: str) -> str:
@@ -159,7 +291,7 @@ def _resumed_scope(session: Session, scope: str) -> str:
     spec = _scope_kinds().get(kind)
     if spec is None:
         raise errors.InvalidArgument.field("resume_token", "is not a resume token this service issued", reason="INVALID_RESUME_TOKEN")
-    row_id = crud.visible_id(session, spec, raw_id, "resume_token")
+    row_id = reads.visible_id(session, spec, raw_id, "resume_token")
     if f"{kind}/{row_id}" != scope:  # the id as this service writes it, or events never match
         raise errors.InvalidArgument.field("resume_token", "is not a resume token this service issued", reason="INVALID_RESUME_TOKEN")
     return scope
@@ -167,7 +299,7 @@ def _resumed_scope(session: Session, scope: str) -> str:
 
 def stream_positions(session: Session, request: pb.StreamEventsRequest) -> dict[str, int]:
     """Where a new stream starts in each scope: after its resume token, or at the current end."""
-    from db.events import decode_token, last_sequences
+    from db.engine.events import decode_token, last_sequences
 
     if len(request.channel_ids) + len(request.conversation_ids) > MAX_STREAM_SCOPES:
         raise errors.InvalidArgument.field("channel_ids", f"at most {MAX_STREAM_SCOPES} channels and conversations per stream")
@@ -202,7 +334,8 @@ def stream_positions(session: Session, request: pb.StreamEventsRequest) -> dict[
 
 
 def _scope_kinds() -> dict[str, ResourceSpec]:
-    return {"channels": CHANNELS, "conversations": CONVERSATIONS}
+    """The resources whose rows are streams, by their kind of scope (ResourceSpec.stream_kind)."""
+    return {spec.stream_kind: spec for spec in REGISTRY if spec.stream_kind}
 
 
 def stream_access(
@@ -234,7 +367,7 @@ def stream_access(
         acting = session.execute(owner.where(User.id == user_id)).one_or_none() if user_id is not None else None
     if user_id is not None and (acting is None or not acting.is_active or acting.delete_time is not None):
         raise errors.Unauthenticated("the credentials act for a user who is not active", reason="INVALID_CREDENTIALS")
-    if user_id is not None and policy.ROLE_RANK[acting.user_role] < policy.ROLE_RANK[role]:
+    if user_id is not None and rules.ROLE_RANK[acting.user_role] < rules.ROLE_RANK[role]:
         role = acting.user_role  # a credential acts with at most its user's current role
     by_kind: dict[str, dict[uuid.UUID, str]] = {}
     for scope in scopes:
@@ -243,11 +376,11 @@ def stream_access(
     denied: dict[str, errors.NexusError] = {}
     for kind, ids in by_kind.items():
         spec = _scope_kinds()[kind]
-        allowed = policy.read_predicate(spec.name, role, user_id)
+        allowed = rules.read_predicate(spec, role, user_id)
         if allowed is None:
             continue
         # Only rows that are there and hidden end a stream: a deleted one (soft or for good)
         # has its last event, the deletion, delivered.
         rows = session.execute(select(spec.table.c.id, allowed).where(spec.table.c.id.in_(list(ids)))).all()
-        denied.update({ids[row_id]: crud.denied(spec, str(row_id), False) for row_id, visible in rows if not visible})
+        denied.update({ids[row_id]: rules.denied(spec, str(row_id), False) for row_id, visible in rows if not visible})
     return denied

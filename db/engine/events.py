@@ -16,7 +16,7 @@ import uuid
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 from sqlalchemy import Engine, delete, func, select, text, update
@@ -26,7 +26,10 @@ from sqlalchemy.orm import Session
 from db import errors
 from db.base import utcnow
 from db.database import COMMITTED_EVENTS_KEY
-from db.models import ChangeEvent, StreamScope
+from db.engine.tables import ChangeEvent, StreamScope
+
+if TYPE_CHECKING:
+    from db.engine.resource import ResourceSpec
 
 CREATED, UPDATED, DELETED = "created", "updated", "deleted"
 NOTIFY_CHANNEL = "nexus_events"
@@ -158,3 +161,30 @@ def decode_token(token: str) -> dict[str, int]:
         raise
     except Exception:  # noqa: BLE001 - any decoding failure is the same client error
         raise bad from None
+
+
+def publish(session: Session, spec: ResourceSpec, row: Any, event_type: str, msg: Message) -> Message:
+    """Append the change to the resource's stream, in this transaction; returns msg."""
+    if spec.stream_scope is not None:
+        emit(session, spec.stream_scope(row), event_type, spec.name, row.id, msg)
+    return msg
+
+
+# What a deleted resource's events keep: what names it and places it, not what it said.
+KEPT_WHEN_DELETED = frozenset({"id", "create_time", "update_time", "delete_time", "etag"})
+
+
+def publish_deleted(session: Session, spec: ResourceSpec, row: Any, msg: Message) -> Message:
+    """Append a deleted row's event: its message without content (KEPT_WHEN_DELETED and its
+    references), and the row's earlier events in the log lose their content too, so that no
+    resume from before the delete brings back what a Get no longer shows. Returns msg whole."""
+    if spec.stream_scope is None:
+        return msg
+    left = type(msg)()
+    left.CopyFrom(msg)
+    for field, _ in msg.ListFields():
+        if field.name not in KEPT_WHEN_DELETED and field.name not in spec.references:
+            left.ClearField(field.name)
+    redact(session, spec.name, row.id, left)
+    emit(session, spec.stream_scope(row), DELETED, spec.name, row.id, left)
+    return msg

@@ -1,0 +1,188 @@
+"""The standard reads (AIP-131, 132, 158, 231, and Search): Get, BatchGet, List, Search, and
+the row lookups writes share (fetch, visible_id).
+
+Each function runs on a unit of work (a Session, or CoreReads on a bare read connection, see
+db/unit.py) and returns protos; the caller's row rule (engine/rules.py) is part of every query.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf.message import Message
+from sqlalchemy import Uuid, select
+from sqlalchemy.orm import Session
+
+from db import errors
+from db.engine import reading, statements
+from db.engine.call import Call
+from db.engine.codecs import parse_uuid
+from db.engine.paging import DEFAULT_PAGE_BYTES, SEARCH_RESULT_EXTRA, decode_token, encode_token, fingerprint, fitting, page_size, read_page
+from db.engine.resource import ResourceSpec
+from db.engine.rules import denied, found, predicate, read_rule
+from db.engine.search import search_query_value
+
+MAX_BATCH = 1000
+
+
+def fetch(
+    session: Session, spec: ResourceSpec, raw_id: str, *, show_deleted: bool = False, field_path: str = "id", lock: bool = False,
+) -> Any:
+    """The row with that id, or NOT_FOUND with ResourceInfo (soft-deleted rows count as absent).
+
+    lock=True means the caller is about to change the row: it takes the row lock (PostgreSQL) and
+    applies the caller's manage rule instead of its read rule. A caller whose rule hides the row —
+    or who asks for an id that does not exist — gets PERMISSION_DENIED, not NOT_FOUND (AIP-193:
+    permission is checked before existence, so hidden ids do not leak).
+    """
+    row_id = parse_uuid(raw_id, field_path)
+    stmt = select(spec.model).where(spec.table.c.id == row_id)
+    allowed = predicate(spec, write=True) if lock else read_rule(spec, show_deleted)
+    if allowed is not None:
+        stmt = stmt.where(allowed)
+    if spec.load_options:
+        stmt = stmt.options(*spec.load_options)
+    if lock and session.bind is not None and session.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(of=spec.table)
+    return found(spec, session.scalars(stmt).one_or_none(), raw_id, allowed, show_deleted=show_deleted, write=lock, field_path=field_path)
+
+
+def visible_id(session: Session, spec: ResourceSpec, raw_id: str, field_path: str = "id") -> uuid.UUID:
+    """The id of a row the caller may see, without loading the row: fetch's checks, one small query."""
+    row_id = parse_uuid(raw_id, field_path)
+    assert row_id is not None
+    stmt = select(spec.table.c.id).where(spec.table.c.id == row_id)
+    if spec.soft_delete:
+        stmt = stmt.where(spec.table.c.delete_time.is_(None))
+    allowed = predicate(spec, write=False)
+    if allowed is not None:
+        stmt = stmt.where(allowed)
+    if session.scalar(stmt) is None:
+        if allowed is not None:
+            raise denied(spec, raw_id, False)
+        raise errors.NotFound.resource(spec.name, raw_id, field_path)
+    return row_id
+
+
+def read_mask_paths(spec: ResourceSpec, paths: Sequence[str]) -> list[str] | None:
+    """Validated read_mask paths, None for the whole resource."""
+    if not paths or list(paths) == ["*"]:
+        return None
+    unknown = [p for p in paths if p not in spec.codecs]
+    if unknown:
+        raise errors.InvalidArgument.field("read_mask", f"unknown field(s) {', '.join(unknown)} of {spec.name}", reason="INVALID_FIELD_MASK")
+    return list(dict.fromkeys(paths))
+
+
+def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
+    mask = read_mask_paths(spec, request.read_mask.paths)
+    show_deleted = bool(getattr(request, "show_deleted", False))
+    raw_id = request.id
+    row_id = parse_uuid(raw_id, "id")
+    allowed = read_rule(spec, show_deleted)
+    if allowed is None:
+        row = reading.load_by_id(session, spec, row_id)
+    else:
+        row = reading.load_one(session, spec, spec.table.c.id == row_id, allowed)
+    return spec.to_proto(found(spec, row, raw_id, allowed, show_deleted=show_deleted, write=False, field_path="id"), mask)
+
+
+def batch_get(session: Session, spec: ResourceSpec, request: Any, max_bytes: int = DEFAULT_PAGE_BYTES) -> list[Message]:
+    ids = list(request.ids)
+    if not ids:
+        raise errors.InvalidArgument.field("ids", "must name at least one id", reason="REQUIRED_FIELD")
+    if len(ids) > MAX_BATCH:
+        raise errors.InvalidArgument.field("ids", f"at most {MAX_BATCH} ids per call", reason="BATCH_TOO_LARGE")
+    mask = read_mask_paths(spec, request.read_mask.paths)
+    parsed = [parse_uuid(raw, f"ids[{i}]") for i, raw in enumerate(ids)]
+    stmt = reading.select_rows(spec, reading.dialect_of(session)).where(spec.table.c.id.in_(set(parsed)))
+    allowed = predicate(spec, write=False)
+    if allowed is not None:
+        stmt = stmt.where(allowed)
+    rows = {row.id: row for row in reading.load_rows(session, spec, stmt)}  # ids as text
+    out = []
+    for i, row_id in enumerate(parsed):
+        row = rows.get(str(row_id))
+        if row is None and allowed is not None:
+            raise denied(spec, ids[i], False)
+        if row is None or (spec.soft_delete and row.delete_time is not None):
+            raise errors.NotFound.resource(spec.name, ids[i], f"ids[{i}]")
+        out.append(spec.to_proto(row, mask))
+    fitting(out, max_bytes, whole=True)
+    return out
+
+
+def list_page(
+    session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES
+) -> tuple[list[Message], str, int]:
+    """One keyset page: (resources, next_page_token, total_size). The page ends early, with a
+    token after its last row, where more rows would take the response past max_bytes."""
+    size = page_size(request.page_size)
+    show_deleted = bool(getattr(request, "show_deleted", False))
+    keys = statements.order_keys(spec, request.order_by)
+    query_fp = fingerprint(spec.name, request.filter, [(k.field, k.descending) for k in keys], show_deleted)
+    after: list[Any] | None = None
+    if request.page_token:
+        payload = decode_token(request.page_token, query_fp, len(keys))
+        if "k" not in payload:
+            raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
+        after = payload["k"]
+    allowed = read_rule(spec, show_deleted)
+    columns = [spec.table.c[k.field] for k in keys]
+
+    def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
+        start = after if last is None else [_key_value(last, column) for column in columns]
+        nulls = None if start is None else tuple(v is None for v in start)
+        if allowed is None:
+            stmt, count = statements.page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, counted)
+        else:  # the caller's row rule holds its own values: built for this call
+            stmt, count = statements.build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, allowed, counted)
+        params = {f"after_{i}": value for i, value in enumerate(start or ()) if value is not None}
+        found = reading.load_rows(session, spec, stmt, extra=int(counted), params=params)
+        if not counted:
+            return found, None
+        total = found[0][1] if found else session.connection().execute(count).scalar()
+        return [row for row, _ in found], total
+
+    rows, messages, more, total = read_page(size, max_bytes, fetch, spec.to_proto)
+    next_token = encode_token(query_fp, after=[_key_value(rows[-1], column) for column in columns]) if more else ""
+    return messages, next_token, total
+
+
+def _key_value(row: Any, column: Any) -> Any:
+    """row's value of an order key, as the column binds it (the read path has ids as text)."""
+    value = getattr(row, column.key)
+    return uuid.UUID(value) if isinstance(value, str) and isinstance(column.type, Uuid) else value
+
+
+def search(
+    session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES
+) -> tuple[list[tuple[Message, float]], str, int]:
+    """Ranked full-text hits: ([(resource, score)], next_page_token, total_size); cut short
+    within max_bytes as a List page is."""
+    size = page_size(request.page_size)
+    query = search_query_value(call.dialect, request.query)
+    query_fp = fingerprint(spec.name, "search", request.query, request.filter)
+    offset = 0
+    if request.page_token:
+        payload = decode_token(request.page_token, query_fp)
+        if "o" not in payload:
+            raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
+        offset = payload["o"]
+    allowed = predicate(spec, write=False)
+
+    def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
+        if allowed is None:
+            stmt, count = statements.search_statements(spec, call.dialect, request.filter, read)
+        else:  # the caller's row rule holds its own values: built for this call
+            stmt, count = statements.build_search_statements(spec, call.dialect, request.filter, read, allowed)
+        params = {"search_query": query, "search_offset": offset + taken}
+        found = reading.load_rows(session, spec, stmt, extra=2, params=params)
+        if not counted:
+            return found, None
+        return found, found[0][2] if found else session.connection().execute(count, params).scalar()
+
+    hits, messages, more, total = read_page(size, max_bytes, fetch, lambda hit: spec.to_proto(hit[0]), SEARCH_RESULT_EXTRA)
+    next_token = encode_token(query_fp, offset=offset + len(hits)) if more else ""
+    return [(message, float(score)) for message, (_, score, _) in zip(messages, hits)], next_token, total

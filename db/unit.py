@@ -1,0 +1,90 @@
+"""What a unit of work runs on, and how: its Plan, decided once before it runs.
+
+A Plan is a Mode and why it was chosen. Database.run executes it with the runner of its mode
+(db/database.py) and hands the unit of work its plan with the connection or Session it runs on
+(plan_of); the engine's writes read the plan from there and never look at the connection or the
+dialect to decide again. The engine decides the plan of its writes in db/engine/plans.py.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+
+class Mode(enum.Enum):
+    # Reads with Core statements on a bare read connection (CoreReads): no Session, no
+    # transaction kept (db/engine/reading.py).
+    READ = "read"
+    # Reads through a Session on the read pool (custom methods that load ORM objects).
+    SESSION_READ = "session read"
+    # A write in a transaction, on a Session.
+    TRANSACTION = "transaction"
+    # A write whose one statement is its commit (OneStatement): on PostgreSQL in autocommit,
+    # without BEGIN and COMMIT; on SQLite in one IMMEDIATE transaction on a bare connection.
+    ONE_STATEMENT = "one statement"
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: Mode
+    why: str
+
+    @property
+    def writes(self) -> bool:
+        return self.mode in (Mode.TRANSACTION, Mode.ONE_STATEMENT)
+
+
+READ = Plan(Mode.READ, "a read with Core statements")
+SESSION_READ = Plan(Mode.SESSION_READ, "a read through the ORM")
+TRANSACTION = Plan(Mode.TRANSACTION, "a write")
+# What a one-statement write becomes when it finds, before writing, that it needs a transaction.
+FALLBACK = Plan(Mode.TRANSACTION, "its one statement found the row changed since it was read: again, the row locked")
+
+# Session.info key under which Database hands a Session's unit of work its plan.
+PLAN_KEY = "nexus_plan"
+
+
+class CoreReads:
+    """What the Core read path (db/engine/reading.py) uses of a Session: its connection and its
+    bind. Read-only units of work that use nothing else run on one, over a bare read connection,
+    without a Session to build, begin, commit and close on every call."""
+
+    __slots__ = ("_conn", "plan")
+
+    def __init__(self, conn: Connection, plan: Plan = READ) -> None:
+        self._conn = conn
+        self.plan = plan
+
+    def connection(self) -> Connection:
+        return self._conn
+
+    def get_bind(self) -> Engine:
+        return self._conn.engine
+
+
+class OneStatement(CoreReads):
+    """What a write of plan ONE_STATEMENT gets instead of a Session: the connection (PostgreSQL:
+    in autocommit; SQLite: in its IMMEDIATE transaction), its bind, and `info` for the notes of
+    the commit listeners (changed credentials, appended events). engine/plans.py admits only
+    writes that use nothing more; anything else of a Session is a bug of that admission,
+    reported as one."""
+
+    __slots__ = ("info",)
+
+    def __init__(self, conn: Connection, plan: Plan) -> None:
+        super().__init__(conn, plan)
+        self.info: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"Session.{name} used by a one-statement write: it must run in a transaction (engine/plans.py)")
+
+
+def plan_of(unit: Any) -> Plan:
+    """The plan a unit of work runs under: a CoreReads or OneStatement holds it; a Session has it
+    in its info (a Session made outside Database.run, as the seed's or a test's: a transaction)."""
+    if isinstance(unit, CoreReads):
+        return unit.plan
+    return unit.info.get(PLAN_KEY, TRANSACTION)  # type: ignore[no-any-return]

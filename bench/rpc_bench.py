@@ -723,12 +723,12 @@ def _layer(path: str) -> str:
 
 
 def _run_sync_lines() -> set[str]:
-    """Lines of db/database.py's run_sync that open and close the session and its transaction."""
+    """Lines of db/database.py's runners that open and close the session and its transaction."""
     try:
         src = (REPO / "db" / "database.py").read_text().splitlines()
     except OSError:
         return set()
-    return {str(i + 1) for i, line in enumerate(src) if "with factory() as session" in line or "with session.begin()" in line}
+    return {str(i + 1) for i, line in enumerate(src) if "_sessions(" in line or "with session.begin()" in line}
 
 
 _TX_LINES = _run_sync_lines()
@@ -737,11 +737,11 @@ PHASES: tuple[tuple[str, Callable[[set[str], str], bool]], ...] = (
     ("ORM selectin loads (relationships)", lambda n, r: "_SelectInLoader._load_for_path" in n),
     ("to_proto (row -> message, codecs)", lambda n, r: "ResourceSpec.to_proto" in n),
     ("Session.flush (unit of work: INSERT / UPDATE)", lambda n, r: "Session._flush" in n),
-    ("audit trail (before_flush listener)", lambda n, r: "_record" in n and "db/audit.py" in r),
+    ("audit trail (engine/audit.py)", lambda n, r: "db/engine/audit.py" in r),
     ("reference checks (SELECT ... FOR SHARE per reference)", lambda n, r: "check_references" in n),
     ("statement_timeout (SET when a connection's value changes)", lambda n, r: "Database._statement_timeout" in n),
     ("transaction begin / commit / session close",
-     lambda n, r: any(f"Database.run_sync (db/database.py:{ln})" in r for ln in _TX_LINES)),
+     lambda n, r: any(f"Database.{runner} (db/database.py:{ln})" in r for ln in _TX_LINES for runner in ("_run_transaction", "_run_read"))),
     ("authentication + role check (CallGuard.enter)", lambda n, r: "CallGuard.enter" in n),
 )
 

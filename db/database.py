@@ -29,7 +29,7 @@ from db.unit import FALLBACK, PLAN_KEY, TRANSACTION, CoreReads, Mode, OneStateme
 from db.translate import UNREACHABLE, RetryableConflict, database_busy, settled, translate
 
 log = logging.getLogger(__name__)
-# Session.info key under which db/events.py lists the events (StoredEvent) a transaction appended.
+# Session.info key under which engine/events.py lists the events (StoredEvent) a transaction appended.
 COMMITTED_EVENTS_KEY = "nexus_events"
 # Session.info key set when a transaction changed an API key or a user (cached credentials go stale).
 CREDENTIALS_CHANGED_KEY = "nexus_credentials_changed"
@@ -668,8 +668,8 @@ class Database:
     def add_commit_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """Call listener(notes) after every commit that left notes in Session.info.
 
-        The notes are what the transaction reported: db/events.py lists the events it appended
-        under COMMITTED_EVENTS_KEY, db/audit.py sets CREDENTIALS_CHANGED_KEY.
+        The notes are what the transaction reported: engine/events.py lists the events it appended
+        under COMMITTED_EVENTS_KEY, engine/audit.py sets CREDENTIALS_CHANGED_KEY.
         """
         self._commit_listeners.append(listener)
 

@@ -1,6 +1,6 @@
 """Live event streams: one ChangeHub per process fans the durable change log out to subscribers.
 
-The change log in the database is the source of truth (db/events.py). The hub learns that a
+The change log in the database is the source of truth (db/engine/events.py). The hub learns that a
 scope moved on from this process's own commits (which hand it the events they appended: offered
 as they are when each is the next of its scope), from PostgreSQL NOTIFY for other replicas'
 commits, and from a periodic poll that repairs a lost notification; for those it reads the new

@@ -1,6 +1,6 @@
 """Proto field <-> row attribute conversion, one codec per field kind.
 
-The resource declaration (db/resource.py) picks a codec for every field of the message from the
+The resource declaration (engine/resource.py) picks a codec for every field of the message from the
 field's descriptor and the model's column, so conversion is written once for every resource.
 """
 from __future__ import annotations

@@ -77,7 +77,7 @@ class ResourceSpec:
     stream_scope: Callable[[Any], str] | None = None
     # Relationship -> (API field, label of one related row), for audit diffs of memberships.
     relation_fields: dict[str, tuple[str, Callable[[Any], str]]] = field(default_factory=dict)
-    # Relationship -> columns of the related rows the output reads (db/reading.py); default ("id",).
+    # Relationship -> columns of the related rows the output reads (engine/reading.py); default ("id",).
     relation_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # The field naming the user who owns a new row; defaults to the caller when left empty.
     owner_field: str | None = None

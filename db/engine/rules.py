@@ -112,7 +112,7 @@ def describe(spec: ResourceSpec, role: str) -> tuple[str, str]:
 
 
 def predicate(spec: ResourceSpec, write: bool) -> Any:
-    """The caller's row filter for spec (None: every row), from db/policy.py."""
+    """The caller's row filter for spec (None: every row), from its declared access."""
     call = current_call()
     if call is None:
         return None

@@ -14,7 +14,7 @@ from db.base import Base, json_list, one_of, timestamp, utcnow, uuid7
 class RequestRecord(Base):
     """Remembers the resource a Create with a request_id made, so a retry returns it (AIP-155).
 
-    A request id is the caller's own: `principal` (crud.request_principal) is part of the key."""
+    A request id is the caller's own: `principal` (engine/call.request_principal) is part of the key."""
 
     __tablename__ = "request_records"
     __table_args__ = (UniqueConstraint("resource_type", "principal", "request_id"),)

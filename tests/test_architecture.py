@@ -67,3 +67,11 @@ def test_every_engine_and_domain_module_is_checked() -> None:
     assert {p.name for p in ENGINE} >= {"reads.py", "writes.py", "statements.py", "rules.py", "audit.py", "plans.py"}
     assert {p.name for p in DOMAINS} >= {"identity.py", "work.py", "chat.py", "security.py"}
     assert "database.py" in {p.name for p in INFRASTRUCTURE}
+
+
+def test_every_package_is_a_regular_package() -> None:
+    """`pip install .` (the image) finds packages by their __init__.py: a folder of modules
+    without one would be left out of the installed service."""
+    folders = {p.parent for top in ("db", "service") for p in (ROOT / top).rglob("*.py")}
+    missing = sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").exists())
+    assert not missing, f"no __init__.py in {missing}"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -10,13 +9,13 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,33 +26,15 @@ from db.base import ResourceMixin
 from db.prepared import run_on_cursor
 from db.unit import FALLBACK, PLAN_KEY, TRANSACTION, CoreReads, Mode, OneStatement, Plan
 from db.translate import UNREACHABLE, RetryableConflict, database_busy, settled, translate
+from db.connections import KeptConnections, answers
+from db.timeouts import STATEMENT_TIMEOUT_KEY, busy_timeout, database_deadline, past_deadline_uncommitted, statement_timeout, too_late
 
 log = logging.getLogger(__name__)
 # Session.info key under which engine/events.py lists the events (StoredEvent) a transaction appended.
 COMMITTED_EVENTS_KEY = "nexus_events"
 # Session.info key set when a transaction changed an API key or a user (cached credentials go stale).
 CREDENTIALS_CHANGED_KEY = "nexus_credentials_changed"
-# Connection.info key: the statement_timeout (ms) the pooled connection is known to have.
-STATEMENT_TIMEOUT_KEY = "nexus_statement_timeout"
-# Connection.info key: the busy_timeout (ms) the SQLite write connection is known to have.
-BUSY_TIMEOUT_KEY = "nexus_busy_timeout"
-# The database's share of a call's deadline ends this much before it (a tenth of the remaining
-# time, at most ANSWER_MARGIN seconds), so that the server's own DEADLINE_EXCEEDED, which says
-# whether anything was changed, reaches the caller before the caller's timer fires.
-ANSWER_MARGIN = 0.1
 T = TypeVar("T")
-
-
-def timeout_step(ms: int) -> int:
-    """ms rounded down to 1, 1.25, 1.5 or 1.75 times a power of two (at most 20 % less).
-
-    Below one second the value is kept as it is: short deadlines are rare and need precision.
-    """
-    if ms < 1000:
-        return max(1, ms)
-    power = 1 << (ms.bit_length() - 1)
-    quarter = power // 4
-    return power + quarter * ((ms - power) // quarter)
 
 
 @dataclass(frozen=True)
@@ -149,44 +130,8 @@ def _ping_idle_connections(engine: Engine, idle_seconds: float) -> None:
 
     @event.listens_for(engine, "checkout")
     def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
-        if time.monotonic() - record.info.get("idle_since", 0.0) >= idle_seconds and not _answers(dbapi_conn):
+        if time.monotonic() - record.info.get("idle_since", 0.0) >= idle_seconds and not answers(dbapi_conn):
             raise DisconnectionError()
-
-
-def _answers(dbapi_conn: Any) -> bool:
-    """Whether a DBAPI connection answers SELECT 1 (any failure means a lost connection)."""
-    try:
-        cursor = dbapi_conn.cursor()
-        try:
-            cursor.execute("SELECT 1")
-        finally:
-            cursor.close()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means a dead connection
-        return False
-
-
-def too_late() -> errors.NexusError:
-    return settled(errors.DeadlineExceeded("the call's deadline passed before it reached the database"), maybe_committed=False)
-
-
-def past_deadline_uncommitted() -> errors.NexusError:
-    return settled(errors.DeadlineExceeded("the call's deadline passed before its changes committed"), maybe_committed=False)
-
-
-def database_deadline(deadline: float | None) -> float | None:
-    """When the database's share of a call ending at `deadline` ends (ANSWER_MARGIN)."""
-    if deadline is None:
-        return None
-    return deadline - max(0.0, min((deadline - time.monotonic()) / 10, ANSWER_MARGIN))
-
-
-def _ms_left(until: float) -> int:
-    """Whole ms left until `until`; too_late() when none is."""
-    left = int((until - time.monotonic()) * 1000)
-    if left <= 0:
-        raise too_late()
-    return left
 
 
 class _Progress:
@@ -259,23 +204,6 @@ class WriteThread(Executor):
             self._thread.join()
 
 
-class _Owned(threading.local):
-    """What one database thread keeps between its units of work: its own read connection.
-
-    Checking a connection out of the pool and wrapping it in a Connection, then resetting and
-    checking it in again, cost more Python than a primary-key read's SQL on SQLite (about 30 µs
-    of a 70 µs GetUser). Each thread of Database.executor therefore keeps the read connection it
-    took until something says it may be stale (Database._read_connection)."""
-
-    owns = False  # set in the executor's threads (Database._own_connections); others use the pool
-    conn: Connection | None = None
-    writes = False  # set in the SQLite write thread (WriteThread), which keeps its write connection
-    write_conn: Connection | None = None
-    since = 0.0  # when it was taken from the pool (pool_recycle counts from here)
-    idle_since = 0.0  # when its last unit of work ended (the idle ping counts from here)
-    generation = 0  # Database._generation when it was taken
-
-
 class Database:
     """Owns the engine and runs units of work in a bounded thread pool off the event loop."""
 
@@ -322,12 +250,7 @@ class Database:
         self.reachable = True
         self._reachability_listeners: list[Callable[[bool], None]] = []
         event.listen(self._write_sessions, "after_commit", self._after_commit)
-        self._owned = _Owned()
-        self._owned_connections: set[Connection] = set()
-        self._owned_lock = threading.Lock()
-        # Bumped when a unit of work lost its connection: the connections the threads keep were
-        # most likely lost with it, and are given up (invalidated) before their next use.
-        self._generation = 0
+        self._kept = KeptConnections(self.read_engine, write_engine, self.pool, self.is_postgres)
         self._runners = {
             Mode.READ: self._run_read,
             Mode.SESSION_READ: self._run_read,
@@ -335,7 +258,7 @@ class Database:
             Mode.ONE_STATEMENT: self._run_one_statement,
         }
         self.executor = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="nexus-db", initializer=self._own_connections if self._read_engine_owned else None
+            max_workers=workers, thread_name_prefix="nexus-db", initializer=self._kept.own_reads if self._read_engine_owned else None
         )
         # SQLite writes get one thread, for the one write connection: they wait in its queue
         # instead of as threads parked on the pool, each wake-up a context switch and a GIL
@@ -344,7 +267,7 @@ class Database:
         # Connection and a check-in less in the one writer's turn.
         self.write_executor: Executor = self.executor
         if self._writer is not None:
-            self.write_executor = WriteThread("nexus-db-write", self._own_write_connection, self._give_back_write_connection)
+            self.write_executor = WriteThread("nexus-db-write", self._kept.own_writes, self._kept.give_back_write)
 
     @property
     def is_postgres(self) -> bool:
@@ -382,9 +305,9 @@ class Database:
     def _run_read(self, work: Callable[[Any], T], plan: Plan, until: float | None, deadline: float | None, progress: _Progress) -> T:
         """READ and SESSION_READ: on the thread's read connection (PostgreSQL: autocommit, each
         statement its own snapshot; SQLite: no transaction kept)."""
-        with self._read_conn() as conn:
+        with self._kept.reading() as conn:
             if self.is_postgres:
-                self._statement_timeout(conn, until, record=True)  # autocommit: in force at once
+                statement_timeout(conn, until, record=True)  # autocommit: in force at once
             if plan.mode is Mode.READ:
                 return work(CoreReads(conn, plan))
             with self._read_sessions(bind=conn) as session:
@@ -397,16 +320,16 @@ class Database:
         commit: its answer is the truth, deadline or not); SQLite in one IMMEDIATE transaction
         on the write connection, committed unless the deadline passed."""
         if self.is_postgres:
-            with self._read_conn() as conn:
-                self._statement_timeout(conn, until, record=True)
+            with self._kept.reading() as conn:
+                statement_timeout(conn, until, record=True)
                 unit = OneStatement(conn, plan)
                 progress.committing = True
                 result = work(unit)
             self._notify(unit.info)
             return result
-        kept = self._kept_write_connection()
+        kept = self._kept.write()
         if kept is not None:
-            self._busy_timeout(kept, until)
+            busy_timeout(kept, until, int(self.pool.timeout * 1000))
         conn = kept if kept is not None else self._write_engine.connect()
         try:
             with conn.begin():
@@ -423,13 +346,13 @@ class Database:
     def _run_transaction(self, work: Callable[[Any], T], plan: Plan, until: float | None, deadline: float | None, progress: _Progress) -> T:
         """TRANSACTION: a Session on the write connection; committed unless the deadline passed
         (the caller has given up: DEADLINE_EXCEEDED, and a retry would write it twice)."""
-        kept = self._kept_write_connection()
+        kept = self._kept.write()
         if kept is not None:
-            self._busy_timeout(kept, until)
+            busy_timeout(kept, until, int(self.pool.timeout * 1000))
         with self._write_sessions(**({"bind": kept} if kept is not None else {})) as session:
             session.info[PLAN_KEY] = plan
             with session.begin():
-                timeout = self._statement_timeout(session.connection(), until) if self.is_postgres else None
+                timeout = statement_timeout(session.connection(), until) if self.is_postgres else None
                 result = work(session)
                 self._check_unflushed(session)
                 self._check_deadline(deadline)
@@ -453,19 +376,6 @@ class Database:
         if deadline is not None and time.monotonic() > deadline:
             raise past_deadline_uncommitted()
 
-    @contextlib.contextmanager
-    def _read_conn(self) -> Iterator[Connection]:
-        """The thread's own read connection (executor threads), else one from the read pool."""
-        owned = self._owned.owns
-        conn = self._read_connection() if owned else self.read_engine.connect()
-        try:
-            yield conn
-        finally:
-            if owned:
-                self._read_done(conn)
-            else:
-                conn.close()
-
     def _after_failure(self, exc: Exception, resource_type: str, attempt: int, until: float | None, committing: bool) -> float:
         """What a failed attempt means: the pause before the next one (a conflict that may pass),
         or the translated error, raised."""
@@ -474,7 +384,7 @@ class Database:
         if unreachable or getattr(exc, "connection_invalidated", False):
             # (On PostgreSQL also when connecting failed: the connections kept from before the
             # outage are as lost, if they have not been used since.)
-            self._generation += 1
+            self._kept.lost()
             if unreachable:
                 self._drop_pooled()
         if isinstance(translated, RetryableConflict):
@@ -505,121 +415,6 @@ class Database:
         by one (each failure would make the server NOT_SERVING again)."""
         for engine in {self.engine, self.read_engine, *((self._writer,) if self._writer is not None else ())}:
             engine.dispose(close=False)
-
-    def _own_write_connection(self) -> None:
-        """The SQLite write thread's start: it keeps the write connection between writes."""
-        self._owned.writes = True
-
-    def _kept_write_connection(self) -> Connection | None:
-        """On the SQLite write thread, the write connection it keeps between writes; None on others."""
-        own = self._owned
-        if not own.writes:
-            return None
-        conn = own.write_conn
-        if conn is not None and (conn.invalidated or conn.closed or conn.in_transaction()):
-            self._give_back_write_connection()
-            conn = None
-        if conn is None:
-            conn = own.write_conn = self._write_engine.connect()
-        return conn
-
-    def _give_back_write_connection(self) -> None:
-        """The write thread has nothing more queued (or is ending): the connection goes back to
-        the pool, for writes of other threads."""
-        conn, self._owned.write_conn = self._owned.write_conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - a connection that fails to close is dropped by the pool
-                log.debug("the kept write connection failed to close", exc_info=True)
-
-    def _own_connections(self) -> None:
-        """The executor's thread initializer: this thread keeps its read connection (_Owned)."""
-        self._owned.owns = True
-
-    def _read_connection(self) -> Connection:
-        """The calling database thread's own read connection, taken from the read pool when it
-        has none or when the one it has may be stale: lost with another thread's (a unit of
-        work lost its connection since), past pool_recycle, or idle past ping_after and not
-        answering SELECT 1 (the pool's idle pre-ping, for a connection that stays out of it)."""
-        own = self._owned
-        conn = own.conn
-        if conn is not None:
-            now = time.monotonic()
-            if conn.invalidated or conn.closed or own.generation != self._generation:
-                self._give_up(conn, invalidate=True)
-            elif now - own.since > self.pool.recycle:
-                self._give_up(conn)
-            elif self.is_postgres and self.pool.pre_ping and now - own.idle_since > self.pool.ping_after and not _answers(conn.connection.dbapi_connection):
-                self._give_up(conn, invalidate=True)
-            else:
-                return conn
-        generation = self._generation
-        conn = self.read_engine.connect()
-        own.conn, own.since, own.generation = conn, time.monotonic(), generation
-        with self._owned_lock:
-            self._owned_connections.add(conn)
-        return conn
-
-    def _read_done(self, conn: Connection) -> None:
-        """After a unit of work on the thread's own connection: end what SQLAlchemy began on it
-        (nothing is left open between units of work), note when it went idle."""
-        if conn.in_transaction():
-            try:
-                conn.rollback()
-            except Exception:  # noqa: BLE001 - a connection that cannot roll back is given up
-                self._give_up(conn, invalidate=True)
-                return
-        self._owned.idle_since = time.monotonic()
-
-    def _give_up(self, conn: Connection, invalidate: bool = False) -> None:
-        """Stop keeping conn: back to the pool, or closed for good when it may be lost."""
-        if self._owned.conn is conn:
-            self._owned.conn = None
-        with self._owned_lock:
-            self._owned_connections.discard(conn)
-        try:
-            if invalidate and not conn.invalidated and not conn.closed:
-                conn.invalidate()
-            conn.close()
-        except Exception:  # noqa: BLE001 - it is being dropped: nothing more to do with it
-            log.debug("a kept read connection failed to close", exc_info=True)
-
-    def _busy_timeout(self, conn: Connection, until: float | None) -> None:
-        """Bound the wait of SQLite's write connection for the file's write lock (BEGIN
-        IMMEDIATE, held by another process) by the call's deadline, as PostgreSQL's statements
-        are by the statement timeout: at most DB_POOL_TIMEOUT, in timeout_step() steps, and SET
-        only when the connection's current value differs."""
-        wanted = int(self.pool.timeout * 1000)
-        if until is not None:
-            wanted = min(wanted, timeout_step(_ms_left(until)))
-        info = conn.info
-        if info.get(BUSY_TIMEOUT_KEY, int(self.pool.timeout * 1000)) != wanted:
-            conn.connection.dbapi_connection.execute(f"PRAGMA busy_timeout={int(wanted)}")
-            info[BUSY_TIMEOUT_KEY] = wanted
-
-    @staticmethod
-    def _statement_timeout(conn: Connection, until: float | None, record: bool = False) -> tuple[dict[Any, Any], int] | None:
-        """Bound this transaction's statements by the call's deadline (PostgreSQL): `until`,
-        database_deadline() of it.
-
-        The timeout is a session setting of the pooled connection, rounded down to a step of
-        timeout_step(), and SET only when the connection's current step differs: with steady
-        deadlines that costs no round trip per call. Returns (connection info, value) to record
-        after the commit, or None when the connection already has the value (or record=True:
-        recorded at once, for a connection outside a transaction).
-        """
-        wanted = 0  # no deadline: no limit
-        if until is not None:
-            wanted = timeout_step(_ms_left(until))
-        info = conn.info
-        if info.get(STATEMENT_TIMEOUT_KEY) == wanted:
-            return None
-        conn.exec_driver_sql(f"SET statement_timeout = {int(wanted)}")
-        if record:
-            info[STATEMENT_TIMEOUT_KEY] = wanted
-            return None
-        return info, wanted
 
     async def run(self, work: Callable[[Any], T], plan: Plan = TRANSACTION, *, deadline: float | None = None, resource_type: str = "") -> T:
         """run_sync on a database thread: writes of SQLite on its one write thread, the rest on the pool's."""
@@ -699,13 +494,7 @@ class Database:
         self.executor.shutdown(wait=True, cancel_futures=True)
         if self.write_executor is not self.executor:
             self.write_executor.shutdown(wait=True, cancel_futures=True)
-        with self._owned_lock:  # the threads that kept them have ended
-            kept, self._owned_connections = list(self._owned_connections), set()
-        for conn in kept:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - closing for good: a lost one has nothing to close
-                log.debug("a kept read connection failed to close", exc_info=True)
+        self._kept.close()  # the threads that kept them have ended
         self.engine.dispose()
         if self._read_engine_owned:  # its own pool; an in-memory SQLite database shares the engine's
             self.read_engine.dispose()

@@ -10,7 +10,8 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.orm import Session
 
 from db import errors
-from db.database import CREDENTIALS_CHANGED_KEY, Database, PoolSettings, WriteThread, timeout_step
+from db.database import CREDENTIALS_CHANGED_KEY, Database, PoolSettings, WriteThread
+from db.timeouts import timeout_step
 from db.domains.identity import Role
 from db.engine import plans, reads, writes
 from db.engine.call import CURRENT_CALL, Call

@@ -140,11 +140,23 @@ def test_reads_leave_secret_columns_in_the_database(dialect: str) -> None:
     """Get, BatchGet, List and Search select every column an output may read, and never a
     column that holds a secret (a password or key hash): no output reads one."""
     from db.engine.reading import columns
-    from db.engine.resource import SECRET_COLUMNS
 
-    with_secrets = [spec for spec in REGISTRY if set(SECRET_COLUMNS) & set(spec.table.c.keys())]
-    assert {spec.name for spec in with_secrets} >= {"User", "ApiKey"}
+    with_secrets = [spec for spec in REGISTRY if spec.secrets]
+    assert {spec.name: set(spec.secrets) for spec in with_secrets} == {"User": {"password_hash"}, "ApiKey": {"secret_hash"}}
     for spec in REGISTRY:
         selected = {getattr(c, "key", None) or getattr(c, "name", None) for c in columns(spec, dialect)}
-        assert not selected & set(SECRET_COLUMNS), spec.name
-        assert {c.key for c in spec.table.c} - set(SECRET_COLUMNS) <= selected, spec.name
+        assert not selected & set(spec.secrets), spec.name
+        assert {c.key for c in spec.table.c} - set(spec.secrets) <= selected, spec.name
+
+
+def test_a_resource_with_an_undeclared_secret_column_is_refused() -> None:
+    """A column that looks like a secret (a hash, a token) must be declared in `secrets`, which
+    keeps it out of every read and masks it in the audit trail: registering without is refused."""
+    import dataclasses
+
+    from db.engine.resource import Registry
+
+    users = REGISTRY["User"]
+    with pytest.raises(TypeError, match="password_hash"):
+        Registry().add(dataclasses.replace(users, secrets={}))
+    assert Registry().add(dataclasses.replace(users)).secrets == {"password_hash": "password"}

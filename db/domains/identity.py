@@ -156,6 +156,7 @@ USERS = REGISTRY.add(
         # Users change themselves; creating users is for admins.
         access=Access(manage=mine(User.id, "themselves"), admin_only=frozenset({"role", "is_active", "external_id"})),
         credentials=True,
+        secrets={"password_hash": "password"},
     )
 )
 
@@ -263,6 +264,7 @@ API_KEYS = REGISTRY.add(
         before_write=_api_key_rules,
         access=Access(read=mine(ApiKey.user_id, "their own keys"), manage=mine(ApiKey.user_id, "their own keys"), admin_only=frozenset({"user_id"})),
         credentials=True,
+        secrets={"secret_hash": "secret"},
     )
 )
 

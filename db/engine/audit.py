@@ -25,7 +25,7 @@ from db.base import utcnow, uuid7
 from db.database import CREDENTIALS_CHANGED_KEY
 from db.engine.call import current_call
 from db.engine.codecs import InputCodec, OutputCodec
-from db.engine.resource import SECRET_COLUMNS, ResourceSpec
+from db.engine.resource import ResourceSpec
 from db.engine.tables import AuditLogEntry
 
 MASK = "***"
@@ -90,8 +90,8 @@ def _reported_columns(spec: ResourceSpec) -> tuple[tuple[str, str, bool], ...]:
     for key in _column_keys(spec):
         if key in _NOISE:
             continue
-        if key in SECRET_COLUMNS:
-            reported.append((key, SECRET_COLUMNS[key], True))
+        if key in spec.secrets:
+            reported.append((key, spec.secrets[key], True))
         elif key in fields:
             reported.append((key, fields[key], False))
     return tuple(reported)

@@ -24,7 +24,7 @@ from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import NullType
 
 from db.prepared import prepared
-from db.engine.resource import SECRET_COLUMNS, ResourceSpec
+from db.engine.resource import ResourceSpec
 
 
 class id_text(FunctionElement[str]):
@@ -229,9 +229,9 @@ def load_rows(session: Session, spec: ResourceSpec, stmt: Any, extra: int = 0, p
 
 @functools.lru_cache(maxsize=None)
 def read_columns(spec: ResourceSpec) -> tuple[Any, ...]:
-    """The table's columns a read selects: all but those holding secrets (SECRET_COLUMNS),
+    """The table's columns a read selects: all but those holding secrets (ResourceSpec.secrets),
     which no output reads and which need not leave the database."""
-    return tuple(c for c in spec.table.c if c.key not in SECRET_COLUMNS)
+    return tuple(c for c in spec.table.c if c.key not in spec.secrets)
 
 
 @functools.lru_cache(maxsize=None)

@@ -43,9 +43,9 @@ def etag_of(row: Any) -> str:
     return f'W/"{row.revision}"'
 
 
-# Columns that hold secrets (write-only: never in a response, a list, an export or an audit
-# entry), with the API field they are written through. Reads leave them in the database.
-SECRET_COLUMNS = {"password_hash": "password", "secret_hash": "secret"}
+# Column names that hold a secret by their look: a resource must declare each one it has in
+# `secrets` (Registry.add refuses it otherwise), so that no secret reaches a read by oversight.
+SECRET_LOOKING = ("_hash", "secret", "password", "token")
 
 
 @dataclass(eq=False)
@@ -85,6 +85,10 @@ class ResourceSpec:
     read_only: bool = False
     # Whether changes are recorded in the audit trail.
     audited: bool = True
+    # Columns that hold secrets (write-only: never in a response, a list, an export or an audit
+    # entry: masked there), with the API field they are written through. Reads leave them in
+    # the database.
+    secrets: dict[str, str] = field(default_factory=dict)
     # Whether its changes make cached credentials stale (a revoked key, a deactivated user).
     credentials: bool = False
     # Who sees and changes which rows (engine/rules.py); the default: everyone sees every row,
@@ -305,6 +309,9 @@ class Registry:
     def add(self, spec: ResourceSpec) -> ResourceSpec:
         if spec.name in self._specs:
             raise ValueError(f"resource {spec.name} registered twice")
+        undeclared = [c.key for c in spec.table.c if any(mark in c.key for mark in SECRET_LOOKING) and c.key not in spec.secrets]
+        if undeclared:
+            raise TypeError(f"{spec.name}: column(s) {', '.join(undeclared)} look like secrets: declare them in `secrets` (or rename them)")
         self._specs[spec.name] = spec
         return spec
 

@@ -9,7 +9,7 @@ import uuid
 from decimal import Decimal
 from typing import Annotated, Any
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, Integer, MetaData, Numeric, String, TypeDecorator, Uuid
+from sqlalchemy import JSON, CheckConstraint, Column, DateTime, ForeignKey, Index, Integer, MetaData, Numeric, String, Table, TypeDecorator, Uuid
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
@@ -182,3 +182,19 @@ def one_of(column: str, values: tuple[str, ...]) -> CheckConstraint:
     """A CHECK that column holds one of values (an enum stored as text)."""
     listed = ", ".join(f"'{v}'" for v in values)
     return CheckConstraint(f"{column} IN ({listed})", name=f"{column}_valid")
+
+
+def link_table(name: str, first: tuple[str, str], second: tuple[str, str], *extra: Any) -> Table:
+    """A many-to-many relation: two ids, (column, "table.id") each, ON DELETE CASCADE, that are
+    its primary key; when the link was made; and an index on the second id (the first leads
+    the primary key)."""
+    (first_column, first_target), (second_column, second_target) = first, second
+    return Table(
+        name,
+        Base.metadata,
+        Column(first_column, Uuid, ForeignKey(first_target, ondelete="CASCADE"), primary_key=True),
+        Column(second_column, Uuid, ForeignKey(second_target, ondelete="CASCADE"), primary_key=True),
+        Column("create_time", UTCDateTime, nullable=False, default=utcnow),
+        Index(f"ix_{name}_{second_column}", second_column),
+        *extra,
+    )

@@ -23,11 +23,11 @@ from sqlalchemy.pool import StaticPool
 
 from db import errors
 from db.base import ResourceMixin
-from db.prepared import run_on_cursor
-from db.unit import FALLBACK, PLAN_KEY, TRANSACTION, CoreReads, Mode, OneStatement, Plan
-from db.translate import UNREACHABLE, RetryableConflict, database_busy, settled, translate
 from db.connections import KeptConnections, answers
+from db.prepared import run_on_cursor
 from db.timeouts import STATEMENT_TIMEOUT_KEY, busy_timeout, database_deadline, past_deadline_uncommitted, statement_timeout, too_late
+from db.translate import UNREACHABLE, RetryableConflict, database_busy, settled, translate
+from db.unit import FALLBACK, PLAN_KEY, TRANSACTION, CoreReads, Mode, OneStatement, Plan
 
 log = logging.getLogger(__name__)
 # Session.info key under which engine/events.py lists the events (StoredEvent) a transaction appended.

@@ -28,11 +28,11 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 import db.domains  # noqa: F401 - the audit trail records seeded rows too
-from db.domains import identity, work
-from db.engine.call import Call
-from db.engine import writes
 from db.database import Database
+from db.domains import identity, work
 from db.domains.identity import Role, User
+from db.engine import writes
+from db.engine.call import Call
 from db.unit import SESSION_READ
 
 BATCH_STEPS = 250  # rows written per transaction

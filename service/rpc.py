@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 import grpc
 from sqlalchemy.orm import Session
 
-from db.engine.call import Call, current_call
-from db.engine import plans, reads, writes
 from db.database import Database
-from db.unit import READ, TRANSACTION, Plan
+from db.engine import plans, reads, writes
+from db.engine.call import Call, current_call
 from db.engine.paging import DEFAULT_PAGE_BYTES
 from db.engine.resource import ResourceSpec
+from db.unit import READ, TRANSACTION, Plan
 
 T = TypeVar("T")
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]

@@ -27,16 +27,16 @@ import db.domains  # noqa: F401 - every resource registered, the audit listener 
 from sqlalchemy import select
 
 from db import migrate, secrets
-from db.engine import events
 from db.base import utcnow
 from db.database import Database
+from db.engine import events
 from db.unit import SESSION_READ
-from service.chat import ChatService
-from service.config import Config, ConfigError
 from service import policy
 from service.auth import AuthSettings, Authenticator, JwtSettings
-from service.interceptors import Gate, GuardedRegistration
+from service.chat import ChatService
+from service.config import Config, ConfigError
 from service.identity import IdentityService
+from service.interceptors import Gate, GuardedRegistration
 from service.memory import MemoryTrimmer
 from service.rpc import Runner
 from service.security import SecurityService

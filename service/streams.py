@@ -40,11 +40,11 @@ from google.rpc import error_details_pb2
 from nexus.chat.v1 import chat_pb2 as pb
 
 from db import errors
+from db.database import COMMITTED_EVENTS_KEY, CREDENTIALS_CHANGED_KEY, Database
 from db.domains import chat
 from db.engine import events
 from db.engine.call import Call
 from db.engine.resource import REGISTRY
-from db.database import COMMITTED_EVENTS_KEY, CREDENTIALS_CHANGED_KEY, Database
 from db.unit import SESSION_READ
 
 log = logging.getLogger("nexus.streams")

@@ -47,9 +47,9 @@ from nexus.work.v1 import work_pb2 as wpb
 from nexus.work.v1 import work_pb2_grpc
 from sqlalchemy import update
 
-from db.engine import events
 from db.database import Database
 from db.domains.identity import ApiKey
+from db.engine import events
 from tests.conftest import Client, ServerThread, connect, make_config, unique
 from tests.databases import fresh_postgres_database
 from tests.support import expect_error, mask, new_user, rich_error

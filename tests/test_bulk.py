@@ -13,8 +13,8 @@ from sqlalchemy import event, insert, select
 from db import bulk, errors
 from db.base import uuid7
 from db.database import Database
-from db.domains.work import Project, Task
 from db.domains.identity import User
+from db.domains.work import Project, Task
 from db.unit import SESSION_READ
 from tests.conftest import Client
 

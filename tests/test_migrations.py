@@ -11,10 +11,10 @@ from sqlalchemy import create_engine, inspect, text
 
 import db.domains  # noqa: F401 - every table on the metadata
 from db import migrate
-from db.migrate import include_name
 from db.base import Base
 from db.database import Database
 from db.engine.resource import REGISTRY
+from db.migrate import include_name
 from service.config import Config
 from service.server import create_server
 from tests.conftest import BACKENDS, make_config

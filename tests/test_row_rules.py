@@ -22,8 +22,8 @@ from db.engine import rules
 from db.engine.resource import REGISTRY
 from tests.conftest import Client, connect, unique
 from tests.support import SAMPLES, expect_error, new_user
-from tests.test_standard_methods import SPECS, Api
 from tests.test_access import Actor, actor, chat_message, conversation_of, first_stream_item, new_key, private_channel  # noqa: F401
+from tests.test_standard_methods import SPECS, Api
 
 Code = grpc.StatusCode
 

@@ -24,8 +24,8 @@ from sqlalchemy import select
 
 from db import migrate, seed
 from db.database import Database
-from db.domains.work import Project, Task
 from db.domains.identity import User
+from db.domains.work import Project, Task
 from db.unit import SESSION_READ
 from tests.conftest import Client, ServerThread, connect, make_config
 from tests.databases import fresh_postgres_database

@@ -17,9 +17,9 @@ import pytest
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.chat.v1 import chat_pb2_grpc
 
-from db.engine import events
 from db.base import utcnow
 from db.database import Database
+from db.engine import events
 from db.unit import SESSION_READ
 from tests.conftest import Client, ServerThread, authed_channel, connect, make_config
 from tests.support import expect_error, new_channel, new_conversation, new_user, rich_error, run_async

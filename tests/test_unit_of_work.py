@@ -11,10 +11,10 @@ from sqlalchemy.orm import Session
 
 from db import errors
 from db.database import CREDENTIALS_CHANGED_KEY, Database, PoolSettings, WriteThread
-from db.timeouts import timeout_step
 from db.domains.identity import Role
 from db.engine import plans, reads, writes
 from db.engine.call import CURRENT_CALL, Call
+from db.timeouts import timeout_step
 from db.unit import READ, SESSION_READ, TRANSACTION, Mode, Plan
 from tests.conftest import Client
 from tests.support import run_async

@@ -8,11 +8,9 @@ from collections.abc import Iterable
 from nexus.chat.v1 import chat_pb2 as pb
 from sqlalchemy import (
     Boolean,
-    Column,
     ForeignKey,
     Index,
     String,
-    Table,
     Text,
     Uuid,
     or_,
@@ -22,14 +20,13 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 from sqlalchemy.sql.elements import ColumnElement
 
 from db import errors
-from db.base import Base, ResourceMixin, SoftDeleteMixin, UTCDateTime, json_list, json_object, one_of, optional_timestamp, short_text, utcnow
+from db.base import Base, ResourceMixin, SoftDeleteMixin, json_list, json_object, link_table, one_of, optional_timestamp, short_text, utcnow
 from db.domains.identity import ApiKey, User
 from db.engine import events, reads, rules, writes, changes
 from db.engine.call import Call
 from db.engine.codecs import MessageListCodec, OutputCodec
 from db.engine.resource import REGISTRY, ResourceSpec
 from db.engine.rules import Access, Rule, is_caller, mine
-
 
 
 # ---------------------------------------------------------------- tables
@@ -40,14 +37,7 @@ CONVERSATION_STATUSES = ("active", "archived")
 SENDER_TYPES = ("user", "assistant", "system")
 
 
-channel_members = Table(
-    "channel_members",
-    Base.metadata,
-    Column("channel_id", Uuid, ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True),
-    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
-    Column("create_time", UTCDateTime, nullable=False, default=utcnow),
-    Index("ix_channel_members_user_id", "user_id"),
-)
+channel_members = link_table("channel_members", ("channel_id", "channels.id"), ("user_id", "users.id"))
 
 
 class Channel(ResourceMixin, SoftDeleteMixin, Base):
@@ -112,8 +102,6 @@ class ConversationMessage(ResourceMixin, Base):
     sender_type: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
     content: Mapped[str] = mapped_column(Text, nullable=False)
     role_metadata: Mapped[json_object]
-
-
 
 
 # ---------------------------------------------------------------- row rules

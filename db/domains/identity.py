@@ -8,11 +8,9 @@ from typing import Any
 from nexus.identity.v1 import identity_pb2 as pb
 from sqlalchemy import (
     Boolean,
-    Column,
     ForeignKey,
     Index,
     String,
-    Table,
     Text,
     Uuid,
     select,
@@ -22,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from db import errors, secrets
-from db.base import Base, ResourceMixin, SoftDeleteMixin, UTCDateTime, json_list, json_object, one_of, optional_timestamp, utcnow
+from db.base import Base, ResourceMixin, SoftDeleteMixin, json_list, json_object, link_table, one_of, optional_timestamp, utcnow
 from db.engine import reads, writes, changes
 from db.engine.call import Call, current_call
 from db.engine.codecs import InputCodec, OutputCodec, SizeLimit
@@ -30,20 +28,12 @@ from db.engine.resource import REGISTRY, ResourceSpec
 from db.engine.rules import ROLE_RANK, Access, mine
 
 
-
 # ---------------------------------------------------------------- tables
 
 USER_ROLES = ("admin", "manager", "user", "guest")
 
 
-user_roles = Table(
-    "user_roles",
-    Base.metadata,
-    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
-    Column("role_id", Uuid, ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True),
-    Column("create_time", UTCDateTime, nullable=False, default=utcnow),
-    Index("ix_user_roles_role_id", "role_id"),
-)
+user_roles = link_table("user_roles", ("user_id", "users.id"), ("role_id", "roles.id"))
 
 
 class User(ResourceMixin, SoftDeleteMixin, Base):

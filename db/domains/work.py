@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any
 from decimal import Decimal
+from typing import Any
 
 from nexus.work.v1 import work_pb2 as pb
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
-    Column,
     Date,
     Float,
     ForeignKey,
     Index,
     String,
-    Table,
     Text,
     Uuid,
     case,
@@ -31,14 +29,13 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 from sqlalchemy.sql.elements import ColumnElement
 
 from db import errors
-from db.base import Base, ExactDecimal, ResourceMixin, SoftDeleteMixin, UTCDateTime, json_list, one_of, optional_timestamp, short_text, utcnow
+from db.base import Base, ExactDecimal, ResourceMixin, SoftDeleteMixin, json_list, link_table, one_of, optional_timestamp, short_text, utcnow
 from db.domains.identity import User
 from db.engine import changes, reads, writes
 from db.engine.call import Call
 from db.engine.codecs import MoneyCodec, OutputCodec, enum_maps, parse_uuid
 from db.engine.resource import REGISTRY, ResourceSpec
 from db.engine.rules import Access, Rule, is_caller
-
 
 
 # ---------------------------------------------------------------- tables
@@ -52,25 +49,10 @@ PRIORITIES = ("low", "medium", "high", "critical")
 TASK_STATUSES = ("todo", "in_progress", "review", "done", "blocked")
 
 
-project_members = Table(
-    "project_members",
-    Base.metadata,
-    Column("project_id", Uuid, ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
-    Column("user_id", Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
-    Column("create_time", UTCDateTime, nullable=False, default=utcnow),
-    Index("ix_project_members_user_id", "user_id"),
-)
+project_members = link_table("project_members", ("project_id", "projects.id"), ("user_id", "users.id"))
 
 
-task_dependencies = Table(
-    "task_dependencies",
-    Base.metadata,
-    Column("task_id", Uuid, ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
-    Column("depends_on_id", Uuid, ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
-    Column("create_time", UTCDateTime, nullable=False, default=utcnow),
-    Index("ix_task_dependencies_depends_on_id", "depends_on_id"),
-    CheckConstraint("task_id <> depends_on_id", name="not_self"),
-)
+task_dependencies = link_table("task_dependencies", ("task_id", "tasks.id"), ("depends_on_id", "tasks.id"), CheckConstraint("task_id <> depends_on_id", name="not_self"))
 
 
 class Project(ResourceMixin, SoftDeleteMixin, Base):
@@ -142,8 +124,6 @@ class Task(ResourceMixin, SoftDeleteMixin, Base):
         join_depth=1,
         order_by=lambda: Task.id,
     )
-
-
 
 
 # ---------------------------------------------------------------- row rules

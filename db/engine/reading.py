@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import NullType
 
-from db.prepared import prepared
 from db.engine.resource import ResourceSpec
+from db.prepared import prepared
 
 
 class id_text(FunctionElement[str]):

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from db.engine.resource import ResourceSpec
 
 
-
 ROLES = ("guest", "user", "manager", "admin")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
 Build = Callable[[uuid.UUID | None, str], ColumnElement[bool] | None]

@@ -1,0 +1,68 @@
+"""`nexus-data policy`: the policy table an operator prints, built from the resources' declared
+row rules, agrees with the rules the engine applies (tests/test_access_matrix.py checks those
+rules against every RPC)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy.sql.elements import False_
+
+import db.domains  # noqa: F401 - every resource in the registry
+from db.engine import rules
+from db.engine.resource import REGISTRY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service.cli", "policy", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_the_table_has_every_resource_and_role() -> None:
+    done = _cli()
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["RESOURCE", "ROLE", "SEES", "MANAGES"]
+    listed = {tuple(line.split()[:2]) for line in lines[1:] if line and not line.startswith(("Which", "users"))}
+    assert listed == {(spec.name, role) for spec in REGISTRY for role in rules.ROLES}
+
+
+def _kind(predicate: object) -> str:
+    if predicate is None:
+        return "all"
+    if isinstance(predicate, False_):
+        return "none"
+    return "some"
+
+
+@pytest.fixture(scope="module")
+def table() -> dict[tuple[str, str], dict[str, str]]:
+    done = _cli("--json")
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["least_role_by_method"]["Create"] == "user" and printed["least_role_by_service"]["nexus.security.v1.SecurityService"] == "admin"
+    return {(row["resource"], row["role"]): row for row in printed["rows"]}
+
+
+@pytest.mark.parametrize("role", rules.ROLES)
+def test_its_words_say_what_the_rules_do(table: dict[tuple[str, str], dict[str, str]], role: str) -> None:
+    """"all" exactly where the rule lets every row through, "none" exactly where it lets none,
+    for a caller with a user: a rule changed without its words (or the reverse) fails here."""
+    user = uuid.uuid4()
+    for spec in REGISTRY:
+        row = table[(spec.name, role)]
+        sees = _kind(rules.read_predicate(spec, role, user))
+        assert (row["sees"] == "all") == (sees == "all") and (row["sees"] == "none") == (sees == "none"), (spec.name, role, row, sees)
+        if spec.read_only:
+            assert row["manages"].startswith("none"), (spec.name, role, row)
+            continue
+        manages = _kind(rules.manage_predicate(spec, role, user))
+        assert (row["manages"] == "all") == (manages == "all"), (spec.name, role, row, manages)
+        assert (row["manages"] == "none") == (manages == "none"), (spec.name, role, row, manages)
+        if spec.access.admin_only and manages == "some":
+            assert all(name in row["manages"] for name in spec.access.admin_only), (spec.name, role, row)

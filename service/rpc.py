@@ -147,6 +147,17 @@ class DomainServicer:
         if missing:
             raise TypeError(f"{type(self).__name__} does not implement {', '.join(missing)}")
 
+    @classmethod
+    def registration(cls) -> Callable[[Any, Any], None]:
+        """The generated add_<Service>Servicer_to_server of the service, from the generated
+        servicer base the class extends."""
+        name = f"add_{cls.service_descriptor.name}Servicer_to_server"
+        for base in cls.__mro__:
+            register = getattr(sys.modules[base.__module__], name, None)
+            if register is not None:
+                return register  # type: ignore[no-any-return]
+        raise TypeError(f"{cls.__name__} extends no generated {cls.service_descriptor.name}Servicer")
+
     def unimplemented(self) -> list[str]:
         """RPCs of the service that still resolve to the generated UNIMPLEMENTED stub."""
         out = []

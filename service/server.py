@@ -17,15 +17,10 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy.engine import make_url
-from nexus.chat.v1 import chat_pb2, chat_pb2_grpc
-from nexus.identity.v1 import identity_pb2, identity_pb2_grpc
-from nexus.security.v1 import security_pb2, security_pb2_grpc
-from nexus.work.v1 import work_pb2, work_pb2_grpc
-
-import db.domains  # noqa: F401 - every resource registered, the audit listener installed
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
+import db.domains  # noqa: F401 - every resource registered
 from db import migrate, secrets
 from db.base import utcnow
 from db.database import Database
@@ -50,13 +45,10 @@ READINESS = "readiness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# (servicer class, registration function, service full name) for every domain service.
-DOMAIN_SERVICES = (
-    (IdentityService, identity_pb2_grpc.add_IdentityServiceServicer_to_server, identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name),
-    (WorkService, work_pb2_grpc.add_WorkServiceServicer_to_server, work_pb2.DESCRIPTOR.services_by_name["WorkService"].full_name),
-    (ChatService, chat_pb2_grpc.add_ChatServiceServicer_to_server, chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name),
-    (SecurityService, security_pb2_grpc.add_SecurityServiceServicer_to_server, security_pb2.DESCRIPTOR.services_by_name["SecurityService"].full_name),
-)
+# Every domain service's servicer: one line per domain.
+SERVICERS = (IdentityService, WorkService, ChatService, SecurityService)
+# (servicer class, registration function, service full name) of each.
+DOMAIN_SERVICES = tuple((cls, cls.registration(), cls.service_descriptor.full_name) for cls in SERVICERS)
 
 
 @dataclass

@@ -91,8 +91,9 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         # Reads ("NONE") open no transaction: each statement is its own, as on PostgreSQL's
         # READ COMMITTED, and nothing is left to COMMIT.
         # On the DBAPI cursor (errors wrapped as SQLAlchemy's execution wraps them): the BEGIN of
-        # every SQLite write, in the one writer's turn, and SQLAlchemy's execution of it cost
-        # about 20 µs of a 300 µs UpdateTask.
+        # every SQLite write is in the one writer's turn, which bounds every SQLite write's
+        # throughput, and SQLAlchemy's execution around it is Python spent in that turn
+        # (bench/README.md).
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         if mode != "NONE":
             run_on_cursor(conn, _BEGIN[mode], ())
@@ -263,8 +264,8 @@ class _Owned(threading.local):
     """What one database thread keeps between its units of work: its own read connection.
 
     Checking a connection out of the pool and wrapping it in a Connection, then resetting and
-    checking it in again, cost more Python than a primary-key read's SQL on SQLite (about 30 µs
-    of a 70 µs GetUser). Each thread of Database.executor therefore keeps the read connection it
+    checking it in again, cost more Python than a primary-key read's SQL on SQLite
+    (bench/README.md). Each thread of Database.executor therefore keeps the read connection it
     took until something says it may be stale (Database._read_connection)."""
 
     owns = False  # set in the executor's threads (Database._own_connections); others use the pool

@@ -30,9 +30,9 @@ class _Entropy(threading.local):
     """Random bytes from the operating system's CSPRNG, read 4 KiB at a time by each thread.
 
     os.urandom is one getrandom system call, and CPython releases the GIL around it: on a busy
-    server the calling thread then waits for the GIL to come back (on the event loop, 27 µs on
-    average per request id under a GetUser load, against 0.4 µs for the call itself). One call
-    per 4 KiB makes that once per few hundred ids. A forked child starts with a fresh buffer,
+    server the calling thread then waits for the GIL to come back, on the event loop far longer
+    than the call itself takes (bench/README.md). One call per 4 KiB makes that once per few
+    hundred ids. A forked child starts with a fresh buffer,
     never the parent's bytes."""
 
     generation = -1
@@ -110,8 +110,8 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if dialect.name != "sqlite":
             return super().result_processor(dialect, coltype)
         # SQLite hands back the stored text ("2026-12-02 14:46:18.618202", UTC). SQLAlchemy's
-        # DATETIME parses it and this decorator then adds the zone: 1.75 µs a value, against
-        # 1.16 with datetime.fromisoformat (150 values on a page of tasks).
+        # DATETIME parses it and this decorator then adds the zone: datetime.fromisoformat does
+        # both for less per value, and a page of tasks has many (bench/README.md).
         utc = dt.timezone.utc
         parse = dt.datetime.fromisoformat
 

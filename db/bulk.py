@@ -4,8 +4,8 @@ On PostgreSQL the rows travel as one JSON array (serialized by orjson, which wri
 datetimes and dates itself), unpacked by `json_populate_recordset` into the table's own row type:
 the driver quotes one string instead of adapting every value of every row (SQLAlchemy's
 insertmanyvalues renders one placeholder per value), and the server parses one literal instead
-of a VALUES list of thousands. Measured on a BatchCreateTasks of 1,000 rows (with their 1,000
-audit entries), in-process: service CPU 178 → 81 ms, PostgreSQL CPU 113 → 87 ms. Elsewhere
+of a VALUES list of thousands: on a large BatchCreateTasks both the service and PostgreSQL
+spend less CPU (bench/README.md). Elsewhere
 (SQLite: executemany in C), and for a table with a column type JSON cannot carry, it is
 SQLAlchemy's multi-row INSERT.
 """

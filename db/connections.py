@@ -37,8 +37,8 @@ class _Owned(threading.local):
     """What one database thread keeps between its units of work: its own read connection.
 
     Checking a connection out of the pool and wrapping it in a Connection, then resetting and
-    checking it in again, cost more Python than a primary-key read's SQL on SQLite (about 30 µs
-    of a 70 µs GetUser). Each thread of Database.executor therefore keeps the read connection it
+    checking it in again, cost more Python than a primary-key read's SQL on SQLite
+    (bench/README.md). Each thread of Database.executor therefore keeps the read connection it
     took until something says it may be stale (Database._read_connection)."""
 
     owns = False  # set in the executor's threads (Database._own_connections); others use the pool

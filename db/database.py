@@ -72,8 +72,9 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         # Reads ("NONE") open no transaction: each statement is its own, as on PostgreSQL's
         # READ COMMITTED, and nothing is left to COMMIT.
         # On the DBAPI cursor (errors wrapped as SQLAlchemy's execution wraps them): the BEGIN of
-        # every SQLite write, in the one writer's turn, and SQLAlchemy's execution of it cost
-        # about 20 µs of a 300 µs UpdateTask.
+        # every SQLite write is in the one writer's turn, which bounds every SQLite write's
+        # throughput, and SQLAlchemy's execution around it is Python spent in that turn
+        # (bench/README.md).
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         if mode != "NONE":
             run_on_cursor(conn, _BEGIN[mode], ())

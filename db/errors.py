@@ -1,7 +1,7 @@
 """The one exception hierarchy of the service.
 
-Each error knows its gRPC status code, its ErrorInfo reason and its rich details; the error
-interceptor (service/interceptors.py) is the only place that turns them into google.rpc.Status.
+Each error knows its gRPC status code, its ErrorInfo reason and its rich details; the call
+guard (service/interceptors.py) is the only place that turns them into google.rpc.Status.
 Database exceptions are translated into these once, in db/translate.py.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ class PermissionDenied(NexusError):
 
 
 class NeedsTransaction(Exception):
-    """Not an answer: a unit of work run in autocommit (Database.run_sync one_statement) found,
+    """Not an answer: a unit of work run under a ONE_STATEMENT plan (db/unit.py) found,
     before writing anything, that it must run in a transaction after all; run_sync runs it again
     in one."""
 

@@ -2,7 +2,7 @@
 
 SQLAlchemy's execution of a cached statement (the compiled-cache lookup, the execution context,
 the result's metadata, the statement events) costs more than building the SQL did, and on a
-write of one statement it is a fifth of the unit of work. A `Prepared` keeps what execution
+write of one statement it is a large share of the unit of work (bench/README.md). A `Prepared` keeps what execution
 needs from the one compilation: the SQL text, the bind parameters' names and their types' bind
 processors. It runs the statement on the connection's DBAPI cursor and keeps SQLAlchemy's error
 handling: a DBAPI error is wrapped as SQLAlchemy wraps it (so db/translate.py reads it the same

@@ -3,7 +3,7 @@
 glibc keeps the memory a process frees in its heaps (one per thread that allocates, up to eight
 per core) for later reuse, and gives back only what lies at the top of the main heap. After a
 burst of large requests (field values at their limits, 4 MiB pages) the server's RSS stayed
-150-300 MiB above where it was, for good (bench/rss_after_large.py). malloc_trim(0) returns the
+far above where it was, for good (bench/rss_after_large.py, bench/README.md). malloc_trim(0) returns the
 free pages of every heap: a MemoryTrimmer calls it, on a thread (ctypes releases the GIL),
 whenever the resident size has grown by `growth` bytes since the last trim; a steady server
 never trims. Where there is no glibc (musl) or no /proc, it does nothing.

@@ -29,7 +29,7 @@ class Runner:
 
     def __init__(self, db: Database, page_bytes: int = DEFAULT_PAGE_BYTES) -> None:
         self.db = db
-        self.page_bytes = page_bytes  # List and Search responses stay within it (db/paging.fitting)
+        self.page_bytes = page_bytes  # List and Search responses stay within it (db/engine/paging.fitting)
 
     def call(self, context: grpc.aio.ServicerContext) -> Call:
         """The call the guard set up for this RPC (caller, request id, method)."""

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-import db.domains  # noqa: F401 - every resource registered
+import db.domains  # noqa: F401 - every domain's resources registered, its tables on the metadata
 from db import migrate, secrets
 from db.base import utcnow
 from db.database import Database
@@ -401,12 +401,12 @@ async def serve(config: Config) -> None:
     await app.start()
     # Everything built so far (modules, the ORM's mappers, descriptors) lives as long as the
     # process: out of the collector's generations, it is not traversed again on every full
-    # collection. Measured with bench/run: about 0.1 ms less CPU per call on a Get.
+    # collection: less CPU per call (bench/README.md).
     gc.collect()
     gc.freeze()
-    # The youngest generation collected every 10,000 net allocations, not 700: under 1,000
-    # streams at 10,000 deliveries/s the default ran 16 times a second, 2-3 ms each, in the
-    # middle of the fan-outs (bench/README.md); at 10,000, none ran in 5 s. What this service
+    # The youngest generation collected every 10,000 net allocations, not 700: under a stream
+    # fan-out load the default's collections ran many times a second, in the middle of the
+    # fan-outs, and with this threshold they are rare (bench/README.md). What this service
     # drops is freed by reference counting; the collector is there for the rare cycle.
     gc.set_threshold(10_000, 20, 20)
     log.info("nexus-data serving on %s:%d (%s)", config.host, app.port, app.db.dialect)

@@ -553,7 +553,7 @@ class ChangeHub:
         self, positions: dict[str, int], heartbeat_seconds: float | None = None, caller: Caller = SYSTEM_CALLER, checked_at: int | None = None
     ) -> Subscription:
         """A new stream of `caller`, whose scopes were found visible at hub clock `checked_at`
-        (db.chat.stream_positions; None: now)."""
+        (db/domains/chat.stream_positions; None: now)."""
         if self.closed:
             raise errors.Unavailable("the server is shutting down; reconnect", reason="SERVER_SHUTTING_DOWN")
         open_now = self._streams_of.get(caller.quota_key, 0)

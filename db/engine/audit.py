@@ -31,7 +31,7 @@ from db.engine.tables import AuditLogEntry
 MASK = "***"
 # A changed value longer than this many characters (a dict or list: of JSON) is kept as its
 # first AUDIT_VALUE_CHARS characters and a marker saying how long it was, so that entries stay
-# small whatever the field limits allow (db/codecs.DEFAULT_LIMITS).
+# small whatever the field limits allow (engine/codecs.DEFAULT_LIMITS).
 AUDIT_VALUE_CHARS = 1024
 # Bookkeeping columns every change touches: not news in an audit entry.
 _NOISE = {"update_time", "revision"}

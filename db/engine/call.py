@@ -49,7 +49,7 @@ class Call:
         return f"Call(method={self.method!r}, actor={self.actor_type}:{self.actor_id}, role={self.role!r})"
 
 
-# Set per RPC by the authentication interceptor; database threads see it (Database.run copies it).
+# Set per RPC by the call guard (service/interceptors.py); database threads see it (Database.run copies it).
 CURRENT_CALL: ContextVar[Call] = ContextVar("nexus_call")
 
 

@@ -19,7 +19,7 @@ MAX_CASCADE_ROWS = 10_000
 
 def remove_with_dependents(session: Session, spec: ResourceSpec, row: Any, last_state: Message) -> None:
     """Delete row for good, doing first in the unit of work what the database's ON DELETE rules
-    would do behind its back, so that the audit listener records every row the deletion removes
+    would do behind its back, so that engine/changes.flush audits every row the deletion removes
     or changes and each one's stream hears of it: rows that reference it ON DELETE CASCADE are
     deleted (deepest first, so that none was already removed by the database), SET NULL
     references cleared and memberships in other resources' relations removed (both move the

@@ -32,7 +32,7 @@ class id_text(FunctionElement[str]):
 
     The database writes the text: psycopg2 would otherwise build a uuid.UUID per value (and
     SQLite's CHAR(32) would go through one) that the output turns straight back into a string,
-    about 2 µs a value, 200 values on a page of tasks.
+    for every id of every row of a page (bench/README.md).
     """
 
     type = String()
@@ -122,7 +122,7 @@ class RelationLoader:
         on PostgreSQL's autocommit reads, from one snapshot. SQLite (3.40) cannot order inside
         an aggregate; every output of a relation sorts its values itself. On PostgreSQL a
         relation of one column is an ARRAY of it (ids as text) instead: cheaper to plan and run
-        than a JSON aggregate, and parsed in C (GetUser's statement: about 50 µs less per call);
+        than a JSON aggregate, and parsed in C (bench/README.md);
         on SQLite a JSON array of its values, not of one-value arrays."""
         parent_pk, parent_fk = self.parent
         if dialect == "postgresql" and len(self.targets) == 1:

@@ -35,7 +35,7 @@ from db.engine.rules import Access
 COMMON_OUTPUT_ONLY = frozenset({"id", "create_time", "update_time", "delete_time", "etag"})
 # Hook signature: (session, row, changed field names, creating?, call) -> None; may raise NexusError.
 # It validates and completes the row; it may read, never write (a Create may run in autocommit:
-# plans.one_statement_create).
+# engine/plans.plan_create).
 WriteHook = Callable[[Session, Any, set[str], bool, Any], None]
 
 

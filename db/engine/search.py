@@ -36,7 +36,7 @@ def sqlite_fts_ddl(table_name: str, fields: tuple[tuple[str, str], ...]) -> list
 
     Trap: an external-content FTS5 table joins on rowid, and SQLite may renumber the implicit
     rowid of a table without an INTEGER PRIMARY KEY on VACUUM. After a VACUUM run
-    `INSERT INTO <t>_fts(<t>_fts) VALUES('rebuild')` (`nexus-data migrate --rebuild-search` does).
+    `INSERT INTO <t>_fts(<t>_fts) VALUES('rebuild')` for each such table.
     """
     fts = f"{table_name}_fts"
     cols = [c for c, _ in fields]

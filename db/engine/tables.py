@@ -30,7 +30,7 @@ class RequestRecord(Base):
 class StreamScope(Base):
     """One row per channel or conversation that has events: its last sequence number.
 
-    Writers bump last_seq with UPDATE ... RETURNING, which holds the row lock until commit, so
+    Writers bump last_seq with an UPSERT ... RETURNING, which holds the row lock until commit, so
     within a scope sequence numbers are gap-free and become visible in commit order.
     """
 

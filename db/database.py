@@ -19,7 +19,6 @@ from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import StaticPool
 
 from db import errors
 from db.base import ResourceMixin
@@ -80,24 +79,41 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
             run_on_cursor(conn, _BEGIN[mode], ())
 
 
+# Why a database URL naming an in-memory SQLite database is refused (by the settings, and here):
+# the database lives and dies with one connection, and the engine, the read pool and the write
+# connection would each open their own, empty one.
+IN_MEMORY_REFUSED = (
+    "names an in-memory SQLite database, which is lost with its connection, and each worker and pool would get its own: "
+    "use a file path"
+)
+
+
+def is_in_memory(url: str) -> bool:
+    """Whether url names an in-memory SQLite database (sqlite://, :memory:, a mode=memory URI)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    return database in ("", ":memory:") or database.startswith("file::memory:") or parsed.query.get("mode") == "memory"
+
+
 def create_db_engine(url: str, pool: PoolSettings, echo: bool = False, autocommit: bool = False) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        if is_in_memory(url):
+            raise ValueError(f"the database URL {IN_MEMORY_REFUSED}")
         database = parsed.database or ""
-        if database in ("", ":memory:"):
-            engine = create_engine(url, echo=echo, hide_parameters=True, poolclass=StaticPool, connect_args={"check_same_thread": False})
-        else:
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-            # No pre-ping: a SQLite "connection" is a file handle, there is no server to lose.
-            engine = create_engine(
-                url,
-                echo=echo,
-                hide_parameters=True,  # DB_ECHO must never log a password hash or a key secret
-                pool_size=pool.size,
-                max_overflow=pool.max_overflow,
-                pool_timeout=pool.timeout,
-                connect_args={"check_same_thread": False, "timeout": pool.timeout},
-            )
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # No pre-ping: a SQLite "connection" is a file handle, there is no server to lose.
+        engine = create_engine(
+            url,
+            echo=echo,
+            hide_parameters=True,  # DB_ECHO must never log a password hash or a key secret
+            pool_size=pool.size,
+            max_overflow=pool.max_overflow,
+            pool_timeout=pool.timeout,
+            connect_args={"check_same_thread": False, "timeout": pool.timeout},
+        )
         _configure_sqlite(engine, int(pool.timeout * 1000))
         return engine
     engine = create_engine(
@@ -217,7 +233,7 @@ class Database:
         self.dialect = self.engine.dialect.name
         write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._writer: Engine | None = None
-        if not self.is_postgres and str(self.engine.url.database or ":memory:") not in ("", ":memory:"):
+        if not self.is_postgres:
             # SQLite has one writer at a time. With one write connection, writers queue in the
             # pool (woken as soon as it is free) instead of polling the file lock in SQLite's
             # busy handler, which sleeps between tries and made write latency spiky.
@@ -229,20 +245,16 @@ class Database:
         # Each worker keeps its own read connection (_Owned), so the read pool has one per worker,
         # and a little overflow for reads of other threads (the CLI, tests, the health check's).
         read_pool = dataclasses.replace(self.pool, size=workers, max_overflow=2)
-        memory = str(self.engine.url.database or ":memory:") in ("", ":memory:")
-        self.read_engine = self.engine.execution_options(sqlite_begin="NONE")
         if self.is_postgres:
             # Under READ COMMITTED every statement takes its own snapshot, inside a transaction
             # or not: a read-only unit of work loses nothing without one, and saves the BEGIN
             # and COMMIT round trips (half of those of a Get). Its own pool, because switching
             # a pooled connection in and out of autocommit costs more than the round trips.
             self.read_engine = create_db_engine(url, read_pool, echo, autocommit=True)
-        elif not memory:
+        else:
             # Its own pool too, so that the connections the workers keep never starve the
-            # engine's other users (the health check, migrations). (An in-memory database is one
-            # connection, shared: it keeps the engine's.)
+            # engine's other users (the health check, migrations).
             self.read_engine = create_db_engine(url, read_pool, echo).execution_options(sqlite_begin="NONE")
-        self._read_engine_owned = self.is_postgres or not memory
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
         self._write_engine = write_engine
         self._write_sessions = sessionmaker(write_engine, expire_on_commit=False, autoflush=False)
@@ -258,9 +270,7 @@ class Database:
             Mode.TRANSACTION: self._run_transaction,
             Mode.ONE_STATEMENT: self._run_one_statement,
         }
-        self.executor = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="nexus-db", initializer=self._kept.own_reads if self._read_engine_owned else None
-        )
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nexus-db", initializer=self._kept.own_reads)
         # SQLite writes get one thread, for the one write connection: they wait in its queue
         # instead of as threads parked on the pool, each wake-up a context switch and a GIL
         # hand-off. One that waited past the pool timeout is DATABASE_BUSY, as on the pool.
@@ -497,7 +507,6 @@ class Database:
             self.write_executor.shutdown(wait=True, cancel_futures=True)
         self._kept.close()  # the threads that kept them have ended
         self.engine.dispose()
-        if self._read_engine_owned:  # its own pool; an in-memory SQLite database shares the engine's
-            self.read_engine.dispose()
+        self.read_engine.dispose()
         if self._writer is not None:
             self._writer.dispose()

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from db.database import PoolSettings
+from db.database import IN_MEMORY_REFUSED, PoolSettings, is_in_memory
 
 DEFAULT_DB_PATH = "data/nexus.db"
 
@@ -116,6 +116,8 @@ def check_settings(config: "Config") -> None:
     except Exception as exc:  # noqa: BLE001 - any parse failure; the URL (and its password) is not repeated
         detail = "its port is not a number" if isinstance(exc, ValueError) else "it cannot be parsed"
         raise ConfigError(f"DATABASE_URL (or DB_HOST, DB_PORT, ...) is not a database URL: {detail}") from None
+    if is_in_memory(config.database_url):
+        raise ConfigError(f"DATABASE_URL {IN_MEMORY_REFUSED}")
     for name, (variable, _, least, most) in NUMBERS.items():
         owner, _, key = name.rpartition(".")
         value = getattr(getattr(config, owner) if owner else config, key)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from db.database import Database
 from service.config import BOOLEANS, NUMBERS, Config, ConfigError
 
 NEXUS_DATA = Path(sys.executable).parent / "nexus-data"
@@ -68,3 +69,46 @@ def test_serve_refuses_a_wrong_setting_in_one_line(tmp_path: Path, variable: str
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0] and lines[0].startswith("nexus-data: refusing to start:"), done.stderr
     assert not (tmp_path / "nexus.db").exists(), "nothing was created"
+
+
+IN_MEMORY_URLS = [
+    "sqlite://",
+    "sqlite:///:memory:",
+    "sqlite+pysqlite://",
+    "sqlite:///file::memory:?cache=shared&uri=true",
+    "sqlite:///file:nexus?mode=memory&uri=true",
+]
+
+
+@pytest.mark.parametrize("url", IN_MEMORY_URLS)
+def test_an_in_memory_database_is_refused(url: str) -> None:
+    """An in-memory SQLite database is lost with its connection, and each pool (reads, the write
+    connection) and worker would get its own: the settings and Database refuse it, naming why."""
+    with pytest.raises(ConfigError, match="DATABASE_URL names an in-memory SQLite database.*use a file path"):
+        Config.from_env({"DATABASE_URL": url})
+    with pytest.raises(ValueError, match="in-memory SQLite database.*use a file path"):
+        Database(url)
+
+
+def test_db_path_of_memory_is_refused_too() -> None:
+    with pytest.raises(ConfigError, match="DATABASE_URL names an in-memory SQLite database"):
+        Config.from_env({"DB_PATH": ":memory:"})
+
+
+def test_a_database_file_is_still_taken(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'nexus.db'}"
+    assert Config.from_env({"DATABASE_URL": url}).database_url == url
+    database = Database(url)
+    try:
+        assert database.ping() and database.read_engine is not database.engine
+    finally:
+        database.dispose()
+
+
+def test_serve_refuses_an_in_memory_database_in_one_line(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "sqlite://"}
+    done = subprocess.run([str(NEXUS_DATA), "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nexus-data: refusing to start: DATABASE_URL names an in-memory SQLite database"), done.stderr
+    assert "use a file path" in lines[0]

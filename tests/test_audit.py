@@ -138,3 +138,23 @@ def test_audit_entries_are_read_only_and_filterable(client: Client) -> None:
         assert [e.id for e in by_actor.audit_log_entries] == [entry.id]
     found = client.security.SearchAuditLogEntries(spb.SearchAuditLogEntriesRequest(query="create Task", filter=f'resource_id = "{task.id}"'))
     assert [r.audit_log_entry.id for r in found.results] == [entry.id]
+
+
+def test_amounts_are_recorded_in_one_form_whichever_path_read_them(client: Client) -> None:
+    """An amount read back from the database (PostgreSQL's NUMERIC keeps its scale) and one
+    taken from a request are recorded alike: 1000.5 is "1000.5" on every path, not
+    "1000.500000000" where the value came from the row."""
+    from nexus.common.v1 import common_pb2
+
+    project = new_project(client, budget=common_pb2.Money(currency_code="EUR", units=1000, nanos=500_000_000))
+    client.work.UpdateProject(wpb.UpdateProjectRequest(
+        project=wpb.Project(id=project.id, budget=common_pb2.Money(currency_code="EUR", units=1001, nanos=500_000_000)), update_mask=mask("budget"),
+    ))
+    client.work.UpdateProject(wpb.UpdateProjectRequest(
+        project=wpb.Project(id=project.id, budget=common_pb2.Money(currency_code="EUR", units=1002)), update_mask=mask("budget"),
+    ))
+    client.work.DeleteProject(wpb.DeleteProjectRequest(id=project.id, force=True))
+    entries = entries_for(client, project.id)
+    assert [changes_of(e)["budget"] for e in entries] == [
+        (None, "1000.5"), ("1000.5", "1001.5"), ("1001.5", "1002"), ("1002", None),
+    ]

@@ -38,7 +38,9 @@ _NOISE = {"update_time", "revision"}
 
 def _plain(value: Any) -> Any:
     """A JSON-safe form of a column value, bounded (_bounded)."""
-    if isinstance(value, (uuid.UUID, Decimal)):
+    if isinstance(value, Decimal):  # one form, whatever scale the value was read with
+        return format(value.normalize(), "f")
+    if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, dt.datetime):
         return value.isoformat()

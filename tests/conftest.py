@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from nexus.work.v1 import work_pb2_grpc
 
 from db.database import PoolSettings
 from service.config import Config
-from service.server import App, create_server
+from service.server import DOMAIN_SERVICES, App, create_server
 from tests.databases import fresh_postgres_database
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -127,29 +128,40 @@ def authed_channel(address: str, secret: str | None, **kwargs: Any) -> grpc.Chan
 
 @dataclass
 class Client:
-    """A real channel to a running server, with a stub per service."""
+    """A real channel to a running server, with a stub per domain service (DOMAIN_SERVICES):
+    client.identity is IdentityService's, and so on for every service the server registers."""
 
     backend: str
     database_url: str
     server: ServerThread
     channel: grpc.Channel
     admin_secret: str
-    identity: identity_pb2_grpc.IdentityServiceStub
-    work: work_pb2_grpc.WorkServiceStub
-    chat: chat_pb2_grpc.ChatServiceStub
-    security: security_pb2_grpc.SecurityServiceStub
+    stubs: dict[str, Any]  # service full name -> its stub
+
+    # Typed names of the services many tests call (any other: __getattr__).
+    identity: identity_pb2_grpc.IdentityServiceStub = field(init=False)
+    work: work_pb2_grpc.WorkServiceStub = field(init=False)
+    chat: chat_pb2_grpc.ChatServiceStub = field(init=False)
+    security: security_pb2_grpc.SecurityServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        for full_name, stub in self.stubs.items():
+            setattr(self, _short_name(full_name), stub)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(f"no service named {name!r}: the server serves {sorted(map(_short_name, self.stubs))}")
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
     def stub_for(self, service_full_name: str) -> Any:
-        return {
-            "nexus.identity.v1.IdentityService": self.identity,
-            "nexus.work.v1.WorkService": self.work,
-            "nexus.chat.v1.ChatService": self.chat,
-            "nexus.security.v1.SecurityService": self.security,
-        }[service_full_name]
+        return self.stubs[service_full_name]
+
+
+def _short_name(service_full_name: str) -> str:
+    """"nexus.identity.v1.IdentityService" -> "identity"."""
+    return service_full_name.split(".")[1]
 
 
 def connect(backend: str, database_url: str, server: ServerThread, secret: str | None = None) -> Client:
@@ -161,17 +173,14 @@ def connect(backend: str, database_url: str, server: ServerThread, secret: str |
     raw = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     grpc.channel_ready_future(raw).result(timeout=10)
     channel = grpc.intercept_channel(raw, BearerAuth(secret))
-    return Client(
-        backend,
-        database_url,
-        server,
-        channel,
-        secret,
-        identity_pb2_grpc.IdentityServiceStub(channel),
-        work_pb2_grpc.WorkServiceStub(channel),
-        chat_pb2_grpc.ChatServiceStub(channel),
-        security_pb2_grpc.SecurityServiceStub(channel),
-    )
+    stubs = {full_name: _stub_class(cls)(channel) for cls, _, full_name in DOMAIN_SERVICES}
+    return Client(backend, database_url, server, channel, secret, stubs)
+
+
+def _stub_class(servicer: type) -> Any:
+    """The generated <Service>Stub beside the generated servicer base the servicer extends."""
+    module = sys.modules[servicer.registration().__module__]
+    return getattr(module, f"{servicer.service_descriptor.name}Stub")
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

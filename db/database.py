@@ -334,8 +334,11 @@ class Database:
             with self._kept.reading() as conn:
                 statement_timeout(conn, until, record=True)
                 unit = OneStatement(conn, plan)
-                progress.committing = True
-                result = work(unit)
+                try:
+                    result = work(unit)
+                finally:
+                    # Its reads failing leave nothing written; its statement failing may not.
+                    progress.committing = unit.writing
             self._notify(unit.info)
             return result
         kept = self._kept.write()

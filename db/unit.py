@@ -72,14 +72,24 @@ class OneStatement(CoreReads):
     writes that use nothing more; anything else of a Session is a bug of that admission,
     reported as one."""
 
-    __slots__ = ("info",)
+    __slots__ = ("info", "writing")
 
     def __init__(self, conn: Connection, plan: Plan) -> None:
         super().__init__(conn, plan)
         self.info: dict[str, Any] = {}
+        # Whether the write's statement was sent. In autocommit (PostgreSQL) it is the commit:
+        # after it a failure may have committed; before it (the reads), nothing was written.
+        self.writing = False
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"Session.{name} used by a one-statement write: it must run in a transaction (engine/plans.py)")
+
+
+def writing(unit: Any) -> None:
+    """The write's statement is about to be sent: from here, in autocommit, a failure may leave
+    it committed (the runner's error then says `committed` is unknown)."""
+    if isinstance(unit, OneStatement):
+        unit.writing = True
 
 
 def plan_of(unit: Any) -> Plan:

@@ -6,8 +6,10 @@ Create Date: ${create_date}
 """
 from __future__ import annotations
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
+
+import db.base  # noqa: F401 - the column types autogenerate names (db.base.UTCDateTime, db.base.ExactDecimal)
 ${imports if imports else ""}
 
 revision = ${repr(up_revision)}

@@ -228,7 +228,10 @@ class Authenticator:
             known = await self._check_key(token, earlier, peer)
             if known.principal is not None and (known.last_used is None or utcnow() - known.last_used > self.last_used_resolution):
                 key_id = known.principal.actor_id
-                await self.db.run(lambda s: s.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_time=utcnow())))
+                # A usage stamp, not a change of the key: update_time (its onupdate), the revision
+                # (the etag) and the audit trail stay as they are.
+                stamp = update(ApiKey).where(ApiKey.id == key_id).values(last_used_time=utcnow(), update_time=ApiKey.update_time)
+                await self.db.run(lambda s: s.execute(stamp))
             return known
         if self.jwt.enabled and token.count(".") == 2:
             return await self._check_jwt(token)

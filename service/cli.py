@@ -9,7 +9,8 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from db.errors import NexusError
 from service.config import Config, ConfigError
@@ -70,37 +71,52 @@ def _start_problem(exc: Exception, config: Config) -> str | None:
     return None
 
 
-def _migrate(args: argparse.Namespace) -> int:
-    from db import migrate
+def _on_the_database(command: str, config: Config, work: Callable[[Any], int]) -> int:
+    """work(database) for a command that needs the database; a database that cannot be used
+    (unreachable, refused, no driver) is one line and exit 2, as for serve."""
     from db.database import Database
 
-    config = _config(args)
-    database = Database(config.database_url, config.pool)
     try:
+        database = Database(config.database_url, config.pool)
+        try:
+            return work(database)
+        finally:
+            database.dispose()
+    except Exception as exc:  # noqa: BLE001 - an operator's failure is one line, anything else keeps its traceback
+        problem = _start_problem(exc, config)
+        if problem is None:
+            raise
+        print(f"nexus-data {command}: {problem}", file=sys.stderr)
+        return 2
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from db import migrate
+
+    def work(database: Any) -> int:
         if args.revision == "head":
             migrate.upgrade(database.engine)
         else:
             migrate.downgrade(database.engine, args.revision)
         print(f"schema at {migrate.current_revision(database.engine)}")
-    finally:
-        database.dispose()
-    return 0
+        return 0
+
+    return _on_the_database("migrate", _config(args), work)
 
 
 def _check(args: argparse.Namespace) -> int:
     from db import migrate
-    from db.database import Database
 
-    database = Database(_config(args).database_url)
-    try:
-        migrate.check(database.engine)
+    def work(database: Any) -> int:
+        try:
+            migrate.check(database.engine)
+        except migrate.SchemaMismatch as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
         print(f"schema at head {migrate.head_revision()}")
         return 0
-    except migrate.SchemaMismatch as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    finally:
-        database.dispose()
+
+    return _on_the_database("check-schema", _config(args), work)
 
 
 def _operator() -> str:
@@ -193,14 +209,17 @@ def policy_table() -> list[dict[str, str]]:
 def _policy(args: argparse.Namespace) -> int:
     import json
 
-    from service.policy import CUSTOM_METHODS, SERVICE_MINIMUM, STANDARD_PREFIXES
+    from service.policy import action_for
+    from service.server import DOMAIN_SERVICES
 
     table = policy_table()
     if args.json:
-        methods = {prefix: action.value for prefix, action in STANDARD_PREFIXES}
-        methods.update({name: action.value for name, action in CUSTOM_METHODS.items()})
-        services = {name: action.value for name, action in SERVICE_MINIMUM.items()}
-        print(json.dumps({"rows": table, "least_role_by_method": methods, "least_role_by_service": services}, indent=2))
+        methods = {
+            f"{full_name}/{method.name}": action_for(f"/{full_name}/{method.name}").value
+            for cls, _, full_name in DOMAIN_SERVICES
+            for method in cls.service_descriptor.methods
+        }
+        print(json.dumps({"rows": table, "least_role_by_method": methods}, indent=2))
         return 0
     widths = {key: max(len(key), *(len(row[key]) for row in table)) for key in ("resource", "role", "sees")}
     print(f"{'RESOURCE':<{widths['resource']}}  {'ROLE':<{widths['role']}}  {'SEES':<{widths['sees']}}  MANAGES")
@@ -259,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed.set_defaults(func=_seed)
 
     policy = sub.add_parser("policy", help="print which rows each role sees and manages, for every resource")
-    policy.add_argument("--json", action="store_true", help="as JSON, with the least role of each method")
+    policy.add_argument("--json", action="store_true", help="as JSON, with the least role of every served method")
     policy.set_defaults(func=_policy)
     return parser
 

@@ -12,6 +12,8 @@ from sqlalchemy.engine import make_url
 from db.database import IN_MEMORY_REFUSED, PoolSettings, is_in_memory
 
 DEFAULT_DB_PATH = "data/nexus.db"
+# The databases the service runs on: URL backend name -> what to call it.
+SUPPORTED_BACKENDS = {"postgresql": "PostgreSQL (postgresql+psycopg2://...)", "sqlite": "SQLite (sqlite:///path)"}
 
 
 def normalize_url(url: str) -> str:
@@ -32,6 +34,12 @@ def database_url_from_env(env: Mapping[str, str]) -> str:
     """DATABASE_URL wins; then DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD (PostgreSQL); else DB_PATH (SQLite)."""
     if env.get("DATABASE_URL"):
         return normalize_url(env["DATABASE_URL"])
+    stray = [name for name in ("DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD") if env.get(name)]
+    if stray and not env.get("DB_HOST"):
+        raise ConfigError(
+            f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} set but DB_HOST is not: DB_HOST is what selects "
+            "PostgreSQL (without it the service would use SQLite at DB_PATH); set DB_HOST, or unset them"
+        )
     if env.get("DB_HOST"):
         from sqlalchemy.engine import URL
 
@@ -116,6 +124,9 @@ def check_settings(config: "Config") -> None:
     except Exception as exc:  # noqa: BLE001 - any parse failure; the URL (and its password) is not repeated
         detail = "its port is not a number" if isinstance(exc, ValueError) else "it cannot be parsed"
         raise ConfigError(f"DATABASE_URL (or DB_HOST, DB_PORT, ...) is not a database URL: {detail}") from None
+    backend = make_url(config.database_url).get_backend_name()
+    if backend not in SUPPORTED_BACKENDS:
+        raise ConfigError(f"DATABASE_URL names a {backend} database: the service runs on {' or '.join(SUPPORTED_BACKENDS.values())} only")
     if is_in_memory(config.database_url):
         raise ConfigError(f"DATABASE_URL {IN_MEMORY_REFUSED}")
     for name, (variable, _, least, most) in NUMBERS.items():

@@ -45,7 +45,8 @@ def table() -> dict[tuple[str, str], dict[str, str]]:
     done = _cli("--json")
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
-    assert printed["least_role_by_method"]["Create"] == "user" and printed["least_role_by_service"]["nexus.security.v1.SecurityService"] == "admin"
+    least = printed["least_role_by_method"]
+    assert least["nexus.work.v1.WorkService/CreateTask"] == "user" and least["nexus.security.v1.SecurityService/GetAuditLogEntry"] == "admin"
     return {(row["resource"], row["role"]): row for row in printed["rows"]}
 
 

@@ -49,6 +49,8 @@ def test_every_boolean_setting_refuses_what_is_not_true_or_false(variable: str) 
         ({"NEXUS_JWT_ROLE_CLAIM": " "}, "NEXUS_JWT_ROLE_CLAIM"),
         ({"NEXUS_TLS_CERT": "cert.pem"}, "NEXUS_TLS_KEY"),
         ({"DB_HOST": "db", "DB_PORT": "99999"}, "DB_PORT"),
+        ({"DB_NAME": "nexus", "DB_USER": "app"}, "DB_HOST"),  # without it: SQLite, silently
+        ({"DATABASE_URL": "mysql://app@db/nexus"}, "DATABASE_URL"),  # no driver, no support
     ],
 )
 def test_other_settings_name_their_variable(env: dict[str, str], variable: str) -> None:

@@ -238,7 +238,7 @@ TASKS = REGISTRY.add(
         batch_get=True,
         before_write=_task_rules,
         owner_field="creator_id",
-        access=Access(manage=Rule(_task_manage, _task_manage_says)),
+        access=Access(manage=Rule(_task_manage, _task_manage_says), creates="in projects they own or belong to")  # _check_task_project,
     )
 )
 

@@ -75,6 +75,9 @@ class Access:
     manage: Rule = NO_ROW
     # Fields only an admin may set, whoever may otherwise change the row.
     admin_only: frozenset[str] = frozenset()
+    # What else a non-admin's new row must meet, in words, where the resource's before_write
+    # checks more than `manage` on a create (a task goes only into the caller's projects).
+    creates: str | None = None
 
 
 def read_predicate(spec: ResourceSpec, role: str, user_id: uuid.UUID | None) -> ColumnElement[bool] | None:
@@ -107,6 +110,8 @@ def describe(spec: ResourceSpec, role: str) -> tuple[str, str]:
         manages = spec.access.manage.describe(role)
         if spec.access.admin_only and manages != "none":
             manages += f" (not {', '.join(sorted(spec.access.admin_only))}: admins only)"
+        if spec.access.creates and manages != "none":
+            manages += f"; new ones only {spec.access.creates}"
     return sees, manages
 
 

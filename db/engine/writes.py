@@ -29,7 +29,7 @@ from db.engine.resource import REGISTRY, ResourceSpec, etag_of
 from db.engine.rules import check_field_rights, check_managed, check_managed_together, found, predicate
 from db.engine.tables import AuditLogEntry, RequestRecord
 from db.prepared import prepared
-from db.unit import Mode, plan_of
+from db.unit import Mode, plan_of, writing
 
 MAX_REQUEST_ID = 128
 
@@ -294,6 +294,7 @@ def insert_rows(
             )
             params.update({f"ref_{i}": unchecked[0][spec.codecs[field].attr] for i, (field, _) in enumerate(references)})
         stmt = statements.insert_with(spec.table, AuditLogEntry.__table__, tuple(values[0]), tuple(entry), references)
+        writing(session)
         if not prepared(stmt, conn.dialect).rows(conn, params):
             # A reference is missing: which one, as check_references reports it.
             check_references(session, spec, *unchecked)  # type: ignore[misc]
@@ -410,6 +411,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
             params.update({f"c_{key}": value for key, value in entry.items()})  # type: ignore[union-attr]
         companion = AuditLogEntry.__table__ if together else None
         stmt = statements.update_statement(spec, call.dialect, tuple(changed), companion, tuple(entry) if together else ())  # type: ignore[arg-type]
+        writing(session)
         answers = prepared(stmt, conn.dialect).rows(conn, params)
         answered = answers[0] if answers else None
         if answered is None and one_statement:

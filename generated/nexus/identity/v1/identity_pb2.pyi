@@ -248,7 +248,9 @@ class ApiKey(_message.Message):
 
     @_builtins.property
     def last_used_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only: last time the key authenticated a call."""
+        """Output only: when the key last authenticated a call (recorded at most once a minute). A
+        usage stamp: it moves neither update_time nor the etag, and is no audit entry.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:

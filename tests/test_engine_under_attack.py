@@ -20,6 +20,7 @@ from db.engine.resource import REGISTRY
 from db.engine.tables import AuditLogEntry
 from tests.conftest import Client, unique
 from tests.support import new_channel, new_project, new_role, new_task, new_user
+from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 AUDITED = [s for s in REGISTRY if s.audited and not s.read_only]
@@ -211,13 +212,17 @@ def test_after_postgresql_drops_every_connection_at_most_one_call_fails(client: 
     """PostgreSQL restarted under load: the service notices on the first call that meets a lost
     connection and gives up the others, so at most one later call fails (reads, one-statement
     writes and transactions alike)."""
-    import concurrent.futures
+    _on_a_database_of_its_own(_restarted_under_load)
 
+
+def _on_a_database_of_its_own(scenario: Any) -> None:
+    """scenario(url, ServerThread, connect, make_config) on a fresh PostgreSQL database: the
+    suite's server is not restarted with it."""
     from tests.conftest import ServerThread, connect, make_config
     from tests.databases import fresh_postgres_database
 
-    with fresh_postgres_database() as url:  # its own database: the suite's server is not restarted with it
-        _restarted_under_load(url, ServerThread, connect, make_config)
+    with fresh_postgres_database() as url:
+        scenario(url, ServerThread, connect, make_config)
 
 
 def _restarted_under_load(database_url: str, ServerThread: Any, connect: Any, make_config: Any) -> None:
@@ -257,11 +262,7 @@ def test_a_one_statement_update_that_failed_at_its_read_says_nothing_changed(cli
     """A one-statement Update whose connection was lost reads the row before it writes: losing
     the connection there changed nothing, and UNAVAILABLE says so (committed=false), as the
     same Update in a transaction says."""
-    from tests.conftest import ServerThread, connect, make_config
-    from tests.databases import fresh_postgres_database
-
-    with fresh_postgres_database() as url:  # its own database: the suite's server is not restarted with it
-        _update_after_restart(url, ServerThread, connect, make_config)
+    _on_a_database_of_its_own(_update_after_restart)
 
 
 def _update_after_restart(database_url: str, ServerThread: Any, connect: Any, make_config: Any) -> None:
@@ -459,75 +460,6 @@ def test_a_user_may_create_the_tasks_the_policy_says_they_manage(client: Client)
         assert made.creator_id == user.id
 
 
-class _Proxy:
-    """A TCP proxy to PostgreSQL that can go away (an outage) and come back."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        import socket
-        import threading
-
-        self.target = target
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self._socket = socket
-        self._threading = threading
-        self._open: list[Any] = []
-        self._listener: Any = None
-
-    def start(self) -> None:
-        s = self._socket.socket()
-        s.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(64)
-        self._listener = s
-        self._threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-
-    def _accept(self, listener: Any) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = self._socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            self._open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: Any, b: Any) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        try:
-            self._listener.shutdown(self._socket.SHUT_RDWR)  # wakes the accept() under way
-        except OSError:
-            pass
-        self._listener.close()
-        for s in self._open:
-            try:
-                s.shutdown(self._socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
-        self._open = []
-
-
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_an_outage_fails_calls_fast_and_the_service_recovers_when_postgresql_is_back(client: Client, database_url: str) -> None:
     """PostgreSQL unreachable under load: calls fail UNAVAILABLE well within their deadline;
@@ -537,8 +469,7 @@ def test_an_outage_fails_calls_fast_and_the_service_recovers_when_postgresql_is_
     from tests.conftest import ServerThread, connect, make_config
 
     url = sa.engine.make_url(database_url)
-    proxy = _Proxy((url.host or "127.0.0.1", url.port or 5432))
-    proxy.start()
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).open()
     server = ServerThread(make_config(url.set(port=proxy.port).render_as_string(hide_password=False))).start()
     try:
         c = connect("postgresql", database_url, server)
@@ -551,7 +482,7 @@ def test_an_outage_fails_calls_fast_and_the_service_recovers_when_postgresql_is_
         }
         for call in calls.values():
             call()
-        proxy.stop()
+        proxy.close()
         down = []
         for name, call in calls.items():
             started = time.monotonic()
@@ -561,7 +492,7 @@ def test_an_outage_fails_calls_fast_and_the_service_recovers_when_postgresql_is_
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() - started > 5:
                     down.append(f"{name}: {exc.code().name} after {time.monotonic() - started:.1f}s")
-        proxy.start()
+        proxy.open()
         time.sleep(0.5)
         after = []
         for i in range(5):
@@ -574,7 +505,7 @@ def test_an_outage_fails_calls_fast_and_the_service_recovers_when_postgresql_is_
         assert len(after) <= 1, after
     finally:
         server.stop()
-        proxy.stop()
+        proxy.close()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

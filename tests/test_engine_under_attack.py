@@ -20,7 +20,6 @@ from db.engine.resource import REGISTRY
 from db.engine.tables import AuditLogEntry
 from tests.conftest import Client, unique
 from tests.support import new_channel, new_project, new_role, new_task, new_user
-from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 AUDITED = [s for s in REGISTRY if s.audited and not s.read_only]
@@ -468,9 +467,11 @@ def test_an_outage_fails_calls_fast_and_the_service_recovers_when_postgresql_is_
 
     from tests.conftest import ServerThread, connect, make_config
 
-    url = sa.engine.make_url(database_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).open()
-    server = ServerThread(make_config(url.set(port=proxy.port).render_as_string(hide_password=False))).start()
+    from tests.test_server import _proxied
+
+    routed, proxy = _proxied(database_url)  # (a TCP or, for an embedded PostgreSQL, a Unix socket)
+    proxy.open()
+    server = ServerThread(make_config(routed)).start()
     try:
         c = connect("postgresql", database_url, server)
         project = new_project(c)

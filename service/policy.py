@@ -50,6 +50,7 @@ CUSTOM_METHODS: dict[str, Action] = {
     "nexus.chat.v1.ChatService/RemoveChannelMember": Action.WRITE,
     "nexus.chat.v1.ChatService/ArchiveConversation": Action.WRITE,
     "nexus.chat.v1.ChatService/StreamEvents": Action.READ,
+    "nexus.knowledge.v1.KnowledgeService/UpsertKnowledgeChunk": Action.WRITE,
 }
 
 # Services no role below this may call at all (the audit trail is for admins).

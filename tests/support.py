@@ -231,6 +231,18 @@ SAMPLES: dict[str, Sample] = {
         ("content", None),
         lambda w: f'content = "{w} asks a question"',
     ),
+    "KnowledgeChunk": Sample(
+        "nexus.knowledge.v1.KnowledgeService",
+        lambda c, w: {
+            "source": "docs",
+            "external_id": f"guide.md#{unique(w)}",  # the key: one per chunk, even of one word
+            "title": f"{w} installation",
+            "content": f"How to install {w}: run the installer, then sign in.",
+            "chunk_metadata": struct_pb2.Struct(fields={"lang": struct_pb2.Value(string_value="en")}),
+        },
+        ("title", None),
+        lambda w: f'title = "{w} installation"',
+    ),
 }
 
 

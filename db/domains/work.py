@@ -35,7 +35,7 @@ from db.engine import changes, reads, writes
 from db.engine.call import Call
 from db.engine.codecs import MoneyCodec, OutputCodec, enum_maps, parse_uuid
 from db.engine.resource import REGISTRY, ResourceSpec
-from db.engine.rules import Access, Rule, is_caller
+from db.engine.rules import Access, CreateRule, Rule, is_caller
 
 
 # ---------------------------------------------------------------- tables
@@ -192,8 +192,6 @@ PROJECTS = REGISTRY.add(
 
 
 def _task_rules(session: Session, row: Task, changed: set[str], creating: bool, call: Call) -> None:
-    if creating and call.role != "admin":
-        _check_task_project(session, row, call)
     violations = errors.Violations()
     for name in ("estimated_hours", "actual_hours"):
         value = getattr(row, name)
@@ -207,14 +205,18 @@ def _task_rules(session: Session, row: Task, changed: set[str], creating: bool, 
         row.completed_time = None
 
 
-def _check_task_project(session: Session, row: Task, call: Call) -> None:
-    """A caller other than an admin creates tasks only in projects it owns or is a member of."""
-    if session.scalar(select(literal(True)).where(Project.id == row.project_id, Project.id.in_(projects_of(call.actor_user_id)))) is None:
-        raise errors.PermissionDenied(
-            f"the caller may create tasks only in projects it owns or is a member of, not in {row.project_id}",
-            reason="PROJECT_ACCESS_DENIED",
-            metadata={"field": "task.project_id", "resource_type": "Project", "resource_id": str(row.project_id)},
-        )
+def _tasks_in_callers_projects(conn: Any, rows: list[Any], call: Call, prefixes: list[str]) -> None:
+    """A caller other than an admin creates tasks only in projects it owns or is a member of:
+    one query for every project the rows name."""
+    wanted = {row.project_id for row in rows}
+    allowed = set(conn.execute(select(Project.id).where(Project.id.in_(wanted), Project.id.in_(projects_of(call.actor_user_id)))).scalars())
+    for row, prefix in zip(rows, prefixes):
+        if row.project_id not in allowed:
+            raise errors.PermissionDenied(
+                f"the caller may create tasks only in projects it owns or is a member of, not in {row.project_id}",
+                reason="PROJECT_ACCESS_DENIED",
+                metadata={"field": f"{prefix}project_id", "resource_type": "Project", "resource_id": str(row.project_id)},
+            )
 
 
 TASKS = REGISTRY.add(
@@ -238,7 +240,10 @@ TASKS = REGISTRY.add(
         batch_get=True,
         before_write=_task_rules,
         owner_field="creator_id",
-        access=Access(manage=Rule(_task_manage, _task_manage_says), creates="in projects they own or belong to")  # _check_task_project,
+        access=Access(
+            manage=Rule(_task_manage, _task_manage_says),
+            create=CreateRule("in projects they own or belong to", _tasks_in_callers_projects),
+        ),
     )
 )
 

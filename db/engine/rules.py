@@ -68,6 +68,18 @@ def mine(column: Any, says: str | None = None) -> Rule:
 
 
 @dataclass(frozen=True)
+class CreateRule:
+    """What a non-admin's new rows must meet beyond `manage`, checked by the engine before they
+    are written, once for all the rows of a call: check(conn, rows, call, field prefixes)
+    raises PERMISSION_DENIED naming the field of the first row that fails (it reads through
+    the connection, so a one-statement create can run it). `says` is it in words, for the
+    policy table."""
+
+    says: str
+    check: Callable[[Any, list[Any], Any, list[str]], None]
+
+
+@dataclass(frozen=True)
 class Access:
     """A resource's row rules. The default: everyone sees every row, only admins change them."""
 
@@ -75,9 +87,8 @@ class Access:
     manage: Rule = NO_ROW
     # Fields only an admin may set, whoever may otherwise change the row.
     admin_only: frozenset[str] = frozenset()
-    # What else a non-admin's new row must meet, in words, where the resource's before_write
-    # checks more than `manage` on a create (a task goes only into the caller's projects).
-    creates: str | None = None
+    # What else a non-admin's new rows must meet (a task goes only into the caller's projects).
+    create: CreateRule | None = None
 
 
 def read_predicate(spec: ResourceSpec, role: str, user_id: uuid.UUID | None) -> ColumnElement[bool] | None:
@@ -110,8 +121,8 @@ def describe(spec: ResourceSpec, role: str) -> tuple[str, str]:
         manages = spec.access.manage.describe(role)
         if spec.access.admin_only and manages != "none":
             manages += f" (not {', '.join(sorted(spec.access.admin_only))}: admins only)"
-        if spec.access.creates and manages != "none":
-            manages += f"; new ones only {spec.access.creates}"
+        if spec.access.create is not None and manages != "none":
+            manages += f"; new ones only {spec.access.create.says}"
     return sees, manages
 
 
@@ -153,6 +164,16 @@ def found(spec: ResourceSpec, row: Any, raw_id: str, allowed: Any, *, show_delet
             raise denied(spec, raw_id, write)
         raise errors.NotFound.resource(spec.name, raw_id, field_path)
     return row
+
+
+def check_create_rule(session: Session, spec: ResourceSpec, rows: list[Any], prefixes: list[str]) -> None:
+    """Before new rows are written: a caller other than an admin must meet the resource's
+    create rule (Access.create), for every row, with one check for them all."""
+    call = current_call()
+    rule = spec.access.create
+    if rule is None or call is None or call.role == "admin":
+        return
+    rule.check(session.connection(), rows, call, prefixes)
 
 
 def check_managed(session: Session, spec: ResourceSpec, row: Any) -> None:

@@ -26,7 +26,7 @@ from db.engine.codecs import parse_uuid
 from db.engine.paging import DEFAULT_PAGE_BYTES, fitting
 from db.engine.reads import MAX_BATCH, fetch
 from db.engine.resource import REGISTRY, ResourceSpec, etag_of
-from db.engine.rules import check_field_rights, check_managed, check_managed_together, found, predicate
+from db.engine.rules import check_create_rule, check_field_rights, check_managed, check_managed_together, found, predicate
 from db.engine.tables import AuditLogEntry, RequestRecord
 from db.prepared import prepared
 from db.unit import Mode, plan_of, writing
@@ -213,6 +213,7 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
     field_prefix = f"{prefix}{spec.singular_field}."
     row, values, names = _new_row(spec, getattr(request, spec.singular_field), call, field_prefix)
     check_visible_references(session, spec, [(values, field_prefix)])
+    check_create_rule(session, spec, [row], [field_prefix])
     if spec.before_write is not None:
         spec.before_write(session, row, set(names), True, call)
     if request_id:
@@ -255,6 +256,7 @@ def _batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call
     loaded = [(values, field_prefix) for _, values, _, field_prefix in made]
     check_visible_references(session, spec, loaded)
     rows = [row for row, _, _, _ in made]
+    check_create_rule(session, spec, rows, [field_prefix for _, _, _, field_prefix in made])
     if spec.before_write is not None:
         for row, _, names, _ in made:
             spec.before_write(session, row, set(names), True, call)

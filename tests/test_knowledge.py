@@ -117,18 +117,19 @@ def test_an_upsert_that_loses_the_race_for_a_new_key_replaces_the_winners_chunk(
     inserted. The insert fails in its savepoint, and the upsert replaces the winner's chunk."""
     from db.database import Database
     from db.domains import knowledge
+    from db.engine import writes
     from db.engine.call import CURRENT_CALL, Call
 
     source, key = unique("src"), "raced.md#0"
     winner = _upsert(client, _chunk(source, key, content="the winner's")).knowledge_chunk
-    looked_up = knowledge._chunk_of
+    looked_up = writes._row_of_key
     lookups: list[str] = []
 
-    def racing(session: Any, s: str, e: str) -> Any:
-        lookups.append(e)
-        return None if len(lookups) == 1 else looked_up(session, s, e)  # the first: before the winner committed
+    def racing(session: Any, spec: Any, key: dict[str, Any]) -> Any:
+        lookups.append(key["external_id"])
+        return None if len(lookups) == 1 else looked_up(session, spec, key)  # the first: before the winner committed
 
-    monkeypatch.setattr(knowledge, "_chunk_of", racing)
+    monkeypatch.setattr(writes, "_row_of_key", racing)
     database = Database(client.database_url)
     call = Call(dialect=database.dialect, role="admin", method="/test/UpsertKnowledgeChunk")
     token = CURRENT_CALL.set(call)

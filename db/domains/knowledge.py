@@ -1,15 +1,10 @@
 """Knowledge domain: chunks of text from knowledge sources, for an assistant's retrieval."""
 from __future__ import annotations
 
-import uuid
-
-from google.protobuf import field_mask_pb2
 from nexus.knowledge.v1 import knowledge_pb2 as pb
-from sqlalchemy import Index, String, Text, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Index, String, Text, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from db import errors
 from db.base import Base, ResourceMixin, json_object
 from db.engine import writes
 from db.engine.call import Call
@@ -49,6 +44,7 @@ KNOWLEDGE_CHUNKS = REGISTRY.add(
         search_fields=(("title", "A"), ("content", "B")),
         batch_create=True,
         batch_get=True,
+        upsert_key=("source", "external_id"),
     )
 )
 
@@ -56,42 +52,7 @@ KNOWLEDGE_CHUNKS = REGISTRY.add(
 # ---------------------------------------------------------------- custom methods
 
 
-def _chunk_of(session: Session, source: str, external_id: str) -> uuid.UUID | None:
-    """The id of the chunk of (source, external_id), locked for the replace (PostgreSQL)."""
-    table = KNOWLEDGE_CHUNKS.table
-    stmt = select(table.c.id).where(table.c.source == source, table.c.external_id == external_id)
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    return session.scalar(stmt)
-
-
 def upsert_knowledge_chunk(session: Session, request: pb.UpsertKnowledgeChunkRequest, call: Call) -> pb.UpsertKnowledgeChunkResponse:
-    """Create the chunk of (source, external_id), or replace every writable field of the one
-    there (its id and create_time stay; its etag moves when anything changed). A concurrent
-    upsert of the same new key makes one row: the loser replaces what the winner made."""
-    chunk = request.knowledge_chunk
-    violations = errors.Violations()
-    for name in ("source", "external_id"):
-        if not getattr(chunk, name):
-            violations.add(f"knowledge_chunk.{name}", "is required: (source, external_id) is the chunk's key", "REQUIRED_FIELD")
-    violations.raise_if_any()
-    existing = _chunk_of(session, chunk.source, chunk.external_id)
-    if existing is None:
-        fresh = pb.KnowledgeChunk()
-        fresh.CopyFrom(chunk)
-        fresh.ClearField("id")
-        fresh.ClearField("etag")
-        try:
-            with session.begin_nested():  # a savepoint: a concurrent upsert's row may win the key
-                made = writes.create(session, KNOWLEDGE_CHUNKS, pb.CreateKnowledgeChunkRequest(knowledge_chunk=fresh), call)
-            return pb.UpsertKnowledgeChunkResponse(knowledge_chunk=made, created=True)
-        except IntegrityError:
-            existing = _chunk_of(session, chunk.source, chunk.external_id)
-            if existing is None:
-                raise
-    replacing = pb.KnowledgeChunk()
-    replacing.CopyFrom(chunk)
-    replacing.id = str(existing)
-    replacing.ClearField("etag")
-    update = pb.UpdateKnowledgeChunkRequest(knowledge_chunk=replacing, update_mask=field_mask_pb2.FieldMask(paths=["*"]))
-    return pb.UpsertKnowledgeChunkResponse(knowledge_chunk=writes.update(session, KNOWLEDGE_CHUNKS, update, call), created=False)
+    """The chunk of (source, external_id), made or replaced (writes.upsert)."""
+    chunk, created = writes.upsert(session, KNOWLEDGE_CHUNKS, request.knowledge_chunk, call)
+    return pb.UpsertKnowledgeChunkResponse(knowledge_chunk=chunk, created=created)

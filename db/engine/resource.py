@@ -83,6 +83,8 @@ class ResourceSpec:
     owner_field: str | None = None
     # Served with Get / List / Search only (written by the service itself).
     read_only: bool = False
+    # The fields whose values name one row, for writes.upsert (a unique index holds them).
+    upsert_key: tuple[str, ...] = ()
     # Whether changes are recorded in the audit trail.
     audited: bool = True
     # Columns that hold secrets (write-only: never in a response, a list, an export or an audit

@@ -7,11 +7,12 @@ runs, by engine/plans.py; the plan reaches these functions with the unit of work
 from __future__ import annotations
 
 import functools
+import sys
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, field_mask_pb2
 from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -221,6 +222,45 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
         if winner is not None:
             return winner
     return insert_rows(session, spec, [row], unchecked=(values, field_prefix))[0]
+
+
+def upsert(session: Session, spec: ResourceSpec, msg: Message, call: Call) -> tuple[Message, bool]:
+    """(the resource, created?): the row of msg's key (ResourceSpec.upsert_key) is made as Create
+    makes it, or the one there is replaced as Update with mask "*" replaces it (its id and
+    create_time stay; its etag moves when anything changed). A concurrent upsert of the same new
+    key makes one row: the insert that loses the key fails in its savepoint, and this call then
+    replaces the winner's row."""
+    prefix = f"{spec.singular_field}."
+    violations = errors.Violations()
+    for name in spec.upsert_key:
+        if not spec.codecs[name].present(msg):
+            violations.add(prefix + name, f"is required: ({', '.join(spec.upsert_key)}) is the {spec.name}'s key", "REQUIRED_FIELD")
+    violations.raise_if_any()
+    key = {spec.codecs[name].attr: getattr(msg, name) for name in spec.upsert_key}
+    pb = sys.modules[spec.message.__module__]
+    given = type(msg)()
+    given.CopyFrom(msg)
+    given.ClearField("id")
+    given.ClearField("etag")
+    existing = _row_of_key(session, spec, key)
+    if existing is None:
+        try:
+            with session.begin_nested():
+                made = create(session, spec, getattr(pb, f"Create{spec.name}Request")(**{spec.singular_field: given}), call)
+            return made, True
+        except IntegrityError:
+            existing = _row_of_key(session, spec, key)
+            if existing is None:
+                raise
+    given.id = str(existing)
+    replace = getattr(pb, f"Update{spec.name}Request")(**{spec.singular_field: given}, update_mask=field_mask_pb2.FieldMask(paths=["*"]))
+    return update(session, spec, replace, call), False
+
+
+def _row_of_key(session: Session, spec: ResourceSpec, key: dict[str, Any]) -> uuid.UUID | None:
+    """The id of the row whose columns hold key; update() then reads it again, locked."""
+    table = spec.table
+    return session.connection().execute(select(table.c.id).where(*(table.c[attr] == value for attr, value in key.items()))).scalar()
 
 
 def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES) -> list[Message]:

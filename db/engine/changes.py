@@ -10,23 +10,22 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 
 from db.engine import audit
-from db.engine.resource import REGISTRY
+from db.engine.resource import REGISTRY, ResourceSpec
 from db.errors import ResourceExhausted
 
 
 def flush(session: Session) -> None:
     """Flush the Session's changes, with their audit entries, after checking relation sizes."""
     specs = REGISTRY.models()
-    check_relation_sizes(session)
+    check_relation_sizes(session, specs)
     session.add_all(audit.pending(session, specs))
     session.flush()
 
 
-def check_relation_sizes(session: Session) -> None:
+def check_relation_sizes(session: Session, specs: dict[type, ResourceSpec]) -> None:
     """A relation that grew past its limit (ResourceSpec.relation_limit) stops the flush:
     RESOURCE_EXHAUSTED naming the field, whichever method added to it (AddProjectMember,
-    AddChannelMember, AddTaskDependency, AssignRole)."""
-    specs = REGISTRY.models()
+    AddChannelMember, AddTaskDependency, AssignRole). specs: the resources by model."""
     for obj in session.dirty:
         spec = specs.get(type(obj))
         if spec is None or not spec.relation_fields:

@@ -426,7 +426,9 @@ def test_sqlite_write_thread_keeps_its_connection_while_writes_wait(tmp_path: Pa
     back to the pool, so a write of another thread gets it at once."""
     import asyncio
 
-    database = Database(f"sqlite:///{tmp_path / 'kept.db'}", PoolSettings(size=2, max_overflow=0, timeout=0.5))
+    # A pool timeout well above the burst's queueing on a busy machine (a write queued past it is
+    # DATABASE_BUSY); a connection not given back still fails the direct write's 0.4 s below.
+    database = Database(f"sqlite:///{tmp_path / 'kept.db'}", PoolSettings(size=2, max_overflow=0, timeout=5.0))
     try:
         from db.base import Base
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import JSON, Boolean, Date, DateTime, Float, Integer, Numeric, String, Uuid, bindparam, insert, text
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from db.base import ExactDecimal, UTCDateTime
@@ -47,6 +47,20 @@ def insert_many(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> Non
     conn.execute(_recordset_insert(table, keys), {"rows": payload})
 
 
+def write_many(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
+    """insert_many, except that a row whose id is there already overwrites that row's other
+    columns (INSERT ... ON CONFLICT (id) DO UPDATE): new rows and replaced ones in one
+    statement, which on PostgreSQL takes them as one JSON array as insert_many does."""
+    if not rows:
+        return
+    keys = tuple(rows[0])
+    if conn.dialect.name == "postgresql" and _carried(table, keys):
+        payload = orjson.dumps(rows, default=_decimal_text, option=orjson.OPT_NAIVE_UTC).decode()
+        conn.execute(_recordset_write(table, keys), {"rows": payload})
+        return
+    conn.execute(_overwriting_insert(table, keys, conn.dialect.name), rows)
+
+
 def _decimal_text(value: Any) -> str:
     if isinstance(value, Decimal):
         return str(value)  # exact; NUMERIC reads it back as it is
@@ -70,3 +84,17 @@ def _recordset_insert(table: Any, keys: tuple[str, ...]) -> Any:
     name = quote(table.name)
     columns = ", ".join(quote(key) for key in keys)
     return text(f"INSERT INTO {name} ({columns}) SELECT {columns} FROM json_populate_recordset(NULL::{name}, :rows)")
+
+
+@functools.lru_cache(maxsize=None)
+def _recordset_write(table: Any, keys: tuple[str, ...]) -> Any:
+    quote = postgresql.dialect().identifier_preparer.quote
+    overwritten = ", ".join(f"{quote(key)} = EXCLUDED.{quote(key)}" for key in keys if key != "id")
+    return text(f"{_recordset_insert(table, keys).text} ON CONFLICT (id) DO UPDATE SET {overwritten}")
+
+
+@functools.lru_cache(maxsize=None)
+def _overwriting_insert(table: Any, keys: tuple[str, ...], dialect: str) -> Any:
+    make = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = make(table)
+    return stmt.on_conflict_do_update(index_elements=[table.c.id], set_={key: stmt.excluded[key] for key in keys if key != "id"})

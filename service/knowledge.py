@@ -18,3 +18,12 @@ class KnowledgeService(DomainServicer, knowledge_pb2_grpc.KnowledgeServiceServic
     async def UpsertKnowledgeChunk(self, request: pb.UpsertKnowledgeChunkRequest, context: grpc.aio.ServicerContext) -> Any:
         call = self.run.call(context)
         return await self.run(context, lambda s: knowledge.upsert_knowledge_chunk(s, request, call), resource_type="KnowledgeChunk")
+
+    async def BatchUpsertKnowledgeChunks(self, request: pb.BatchUpsertKnowledgeChunksRequest, context: grpc.aio.ServicerContext) -> Any:
+        call = self.run.call(context)
+        page_bytes = self.run.page_bytes
+        return await self.run(context, lambda s: knowledge.batch_upsert_knowledge_chunks(s, request, call, page_bytes), resource_type="KnowledgeChunk")
+
+    async def DeleteKnowledgeChunksBySource(self, request: pb.DeleteKnowledgeChunksBySourceRequest, context: grpc.aio.ServicerContext) -> Any:
+        call = self.run.call(context)
+        return await self.run(context, lambda s: knowledge.delete_knowledge_chunks_by_source(s, request, call), resource_type="KnowledgeChunk")

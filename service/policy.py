@@ -51,6 +51,8 @@ CUSTOM_METHODS: dict[str, Action] = {
     "nexus.chat.v1.ChatService/ArchiveConversation": Action.WRITE,
     "nexus.chat.v1.ChatService/StreamEvents": Action.READ,
     "nexus.knowledge.v1.KnowledgeService/UpsertKnowledgeChunk": Action.WRITE,
+    "nexus.knowledge.v1.KnowledgeService/BatchUpsertKnowledgeChunks": Action.WRITE,
+    "nexus.knowledge.v1.KnowledgeService/DeleteKnowledgeChunksBySource": Action.WRITE,
 }
 
 # Services no role below this may call at all (the audit trail is for admins).

@@ -6,7 +6,8 @@ from sqlalchemy import Index, String, Text, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from db.base import Base, ResourceMixin, json_object
-from db.engine import writes
+from db import errors
+from db.engine import cascade, reads, upserts
 from db.engine.call import Call
 from db.engine.resource import REGISTRY, ResourceSpec
 
@@ -53,6 +54,45 @@ KNOWLEDGE_CHUNKS = REGISTRY.add(
 
 
 def upsert_knowledge_chunk(session: Session, request: pb.UpsertKnowledgeChunkRequest, call: Call) -> pb.UpsertKnowledgeChunkResponse:
-    """The chunk of (source, external_id), made or replaced (writes.upsert)."""
-    chunk, created = writes.upsert(session, KNOWLEDGE_CHUNKS, request.knowledge_chunk, call)
+    """The chunk of (source, external_id), made or replaced (engine/upserts)."""
+    chunk, created = upserts.upsert(session, KNOWLEDGE_CHUNKS, request.knowledge_chunk, call)
     return pb.UpsertKnowledgeChunkResponse(knowledge_chunk=chunk, created=created)
+
+
+def batch_upsert_knowledge_chunks(
+    session: Session, request: pb.BatchUpsertKnowledgeChunksRequest, call: Call, max_bytes: int
+) -> pb.BatchUpsertKnowledgeChunksResponse:
+    """Every request's chunk upserted, all or nothing; refused before it commits when its answer
+    would pass max_bytes (a client that cannot read the answer would take a committed batch for
+    a refused one: a read_mask of "id,etag" keeps it small)."""
+    mask = reads.read_mask_paths(KNOWLEDGE_CHUNKS, request.read_mask.paths)
+    done = upserts.batch_upsert(session, KNOWLEDGE_CHUNKS, [r.knowledge_chunk for r in request.requests], call, read_mask=mask)
+    answer = pb.BatchUpsertKnowledgeChunksResponse(
+        results=[pb.UpsertKnowledgeChunkResponse(knowledge_chunk=d.message, created=d.created) for d in done],
+        created_count=sum(d.created for d in done),
+        replaced_count=sum(d.changed and not d.created for d in done),
+        unchanged_count=sum(not d.changed for d in done),
+    )
+    if answer.ByteSize() > max_bytes:
+        raise errors.ResourceExhausted(
+            f"the answer to {len(done)} upserts would take {answer.ByteSize()} bytes, more than the response limit "
+            f"({max_bytes}): nothing was written; ask for fewer fields (read_mask) or send fewer per call",
+            reason="RESPONSE_TOO_LARGE",
+            metadata={"field": "requests", "max_bytes": str(max_bytes)},
+        )
+    return answer
+
+
+def delete_knowledge_chunks_by_source(
+    session: Session, request: pb.DeleteKnowledgeChunksBySourceRequest, call: Call
+) -> pb.DeleteKnowledgeChunksBySourceResponse:
+    """The chunks of request.source (narrowed by request.filter) deleted for good, each audited
+    (engine/cascade.delete_matching)."""
+    if not request.source:
+        raise errors.InvalidArgument.field("source", "is required: the source whose chunks go", reason="REQUIRED_FIELD")
+    conditions = [KnowledgeChunk.source == request.source]
+    narrowed = KNOWLEDGE_CHUNKS.filter_compiler(call.dialect).compile(request.filter)
+    if narrowed is not None:
+        conditions.append(narrowed)
+    count = cascade.delete_matching(session, KNOWLEDGE_CHUNKS, conditions, request.validate_only)
+    return pb.DeleteKnowledgeChunksBySourceResponse(deleted_count=count)

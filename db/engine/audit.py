@@ -168,6 +168,14 @@ def updated(session: Session, spec: ResourceSpec, row_id: Any, old: dict[str, An
     return _entry(session, spec, row_id, _action("update", found), found)
 
 
+def deleted(session: Session, spec: ResourceSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of rows deleted by a Core statement (their column values as they were), for
+    the write to insert with the deletion."""
+    if not spec.audited:
+        return []
+    return [_entry(session, spec, values["id"], "delete", changes(spec, values, None)) for values in rows]
+
+
 def pending(session: Session, specs: dict[type, ResourceSpec]) -> list[AuditLogEntry]:
     """The entries of the changes a Session is about to flush: its new, changed and deleted
     rows of audited resources (specs: by model), relations included."""

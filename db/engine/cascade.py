@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import func, inspect, select
+from sqlalchemy import delete, func, inspect, literal, select
 from sqlalchemy.orm import Session
 
-from db import errors
+from db import bulk, errors
 from db.base import utcnow
-from db.engine import events, changes
+from db.engine import audit, changes, events, reading
 from db.engine.resource import REGISTRY, ResourceSpec
+from db.engine.rules import predicate
+from db.engine.tables import AuditLogEntry
+from db.unit import writing
 
 
 MAX_CASCADE_ROWS = 10_000
@@ -125,3 +128,61 @@ def _delete_leaves_first(session: Session, spec: ResourceSpec, rows: list[Any]) 
             session.delete(r)
             del remaining[r.id]
         changes.flush(session)
+
+
+# Rows one delete_matching may remove: their audit entries are built in memory.
+MAX_MATCHING_ROWS = 100_000
+
+
+def delete_matching(session: Session, spec: ResourceSpec, conditions: list[Any], validate_only: bool) -> int:
+    """Delete for good the rows meeting conditions that the caller sees, in one statement, and
+    answer how many (validate_only: how many would go, nothing deleted). Each row gets its
+    audit entry as a Delete of it would (its last state): the trail of every row stays complete,
+    whatever way it went. PERMISSION_DENIED when the caller sees a matching row it may not
+    delete, FAILED_PRECONDITION when more than MAX_MATCHING_ROWS match; either way nothing goes.
+    For resources nothing references and without soft delete (nothing to cascade, nothing to
+    keep)."""
+    if spec.soft_delete or _referenced(spec):
+        raise TypeError(f"{spec.name}: delete_matching is for resources without soft delete that nothing references")
+    table = spec.table
+    visible = predicate(spec, write=False)
+    managed = predicate(spec, write=True)
+    if visible is not None:
+        conditions = [*conditions, visible]
+    conn = session.connection()
+    refusing = literal(0) if managed is None else func.count().filter(~managed)
+    total, refused = conn.execute(select(func.count(), refusing).select_from(table).where(*conditions)).one()
+    if refused:
+        raise errors.PermissionDenied(
+            f"{refused} of the {total} matching {spec.plural} may not be deleted by the caller",
+            reason="ROW_ACCESS_DENIED",
+            metadata={"resource_type": spec.name, "refused": str(refused)},
+        )
+    if total > MAX_MATCHING_ROWS:
+        raise errors.FailedPrecondition(
+            f"{total} {spec.plural} match: at most {MAX_MATCHING_ROWS} go in one call; narrow the filter",
+            reason="TOO_MANY_ROWS",
+            metadata={"resource_type": spec.name, "matching": str(total), "max_rows": str(MAX_MATCHING_ROWS)},
+        )
+    if validate_only or not total:
+        return total
+    writing(session)
+    names = [c.key for c in table.c]
+    gone = [dict(zip(names, values)) for values in conn.execute(delete(table).where(*conditions).returning(*table.c))]
+    bulk.insert_many(conn, AuditLogEntry.__table__, audit.deleted(session, spec, gone))
+    loaded = reading.row_class(spec)
+    for values in gone:
+        row = loaded(values)
+        events.publish_deleted(session, spec, row, spec.to_proto(row))
+    return len(gone)
+
+
+def _referenced(spec: ResourceSpec) -> bool:
+    """Whether a row of another resource can reference a row of spec (a foreign key or a
+    membership relation): deleting its rows would have to cascade."""
+    for other in REGISTRY:
+        if any(fk.column.table is spec.table for fk in other.table.foreign_keys):
+            return True
+        if any(r.secondary is not None and r.mapper.local_table is spec.table for r in inspect(other.model).relationships):
+            return True
+    return False

@@ -7,12 +7,11 @@ runs, by engine/plans.py; the plan reaches these functions with the unit of work
 from __future__ import annotations
 
 import functools
-import sys
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from google.protobuf import empty_pb2, field_mask_pb2
+from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -224,45 +223,6 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
     return insert_rows(session, spec, [row], unchecked=(values, field_prefix))[0]
 
 
-def upsert(session: Session, spec: ResourceSpec, msg: Message, call: Call) -> tuple[Message, bool]:
-    """(the resource, created?): the row of msg's key (ResourceSpec.upsert_key) is made as Create
-    makes it, or the one there is replaced as Update with mask "*" replaces it (its id and
-    create_time stay; its etag moves when anything changed). A concurrent upsert of the same new
-    key makes one row: the insert that loses the key fails in its savepoint, and this call then
-    replaces the winner's row."""
-    prefix = f"{spec.singular_field}."
-    violations = errors.Violations()
-    for name in spec.upsert_key:
-        if not spec.codecs[name].present(msg):
-            violations.add(prefix + name, f"is required: ({', '.join(spec.upsert_key)}) is the {spec.name}'s key", "REQUIRED_FIELD")
-    violations.raise_if_any()
-    key = {spec.codecs[name].attr: getattr(msg, name) for name in spec.upsert_key}
-    pb = sys.modules[spec.message.__module__]
-    given = type(msg)()
-    given.CopyFrom(msg)
-    given.ClearField("id")
-    given.ClearField("etag")
-    existing = _row_of_key(session, spec, key)
-    if existing is None:
-        try:
-            with session.begin_nested():
-                made = create(session, spec, getattr(pb, f"Create{spec.name}Request")(**{spec.singular_field: given}), call)
-            return made, True
-        except IntegrityError:
-            existing = _row_of_key(session, spec, key)
-            if existing is None:
-                raise
-    given.id = str(existing)
-    replace = getattr(pb, f"Update{spec.name}Request")(**{spec.singular_field: given}, update_mask=field_mask_pb2.FieldMask(paths=["*"]))
-    return update(session, spec, replace, call), False
-
-
-def _row_of_key(session: Session, spec: ResourceSpec, key: dict[str, Any]) -> uuid.UUID | None:
-    """The id of the row whose columns hold key; update() then reads it again, locked."""
-    table = spec.table
-    return session.connection().execute(select(table.c.id).where(*(table.c[attr] == value for attr, value in key.items()))).scalar()
-
-
 def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES) -> list[Message]:
     """_batch_create, refused before it commits when its answer would pass max_bytes: a client
     that cannot read the answer would take a committed batch for a refused one."""
@@ -315,10 +275,7 @@ def insert_rows(
     session, so its flush does not see them; later statements in the transaction do.
     unchecked=(loaded values, field prefix): one row whose references are still to check.
     """
-    now = utcnow()
-    columns = [(c.key, _insert_default(c)) for c in spec.table.c]
-    drafts = [{key: getattr(row, key) for key, _ in columns} for row in rows]
-    values = [{key: _value_or_default(draft[key], default, now) for key, default in columns} for draft in drafts]
+    drafts, values = insert_values(spec, rows)
     entries = audit.created(session, spec, drafts)
     conn = session.connection()
     if len(values) == 1 and len(entries) == 1 and statements.companion_ctes(conn.dialect.name):
@@ -357,6 +314,16 @@ def insert_rows(
             setattr(row, key, [])
     check_managed_together(session, spec, rows)
     return [events.publish(session, spec, row, events.CREATED, spec.to_proto(row)) for row in rows]
+
+
+def insert_values(spec: ResourceSpec, rows: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(drafts, values) of new rows: their column values as set (what their audit entries
+    report), and with the column defaults filled in (what is inserted; every timestamp default
+    of one call the same instant)."""
+    now = utcnow()
+    columns = [(c.key, _insert_default(c)) for c in spec.table.c]
+    drafts = [{key: getattr(row, key) for key, _ in columns} for row in rows]
+    return drafts, [{key: _value_or_default(draft[key], default, now) for key, default in columns} for draft in drafts]
 
 
 _NOW = object()
@@ -425,12 +392,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     one_statement = plan_of(session).mode is Mode.ONE_STATEMENT  # no lock: a revision guard
     before = _fetch_for_update(session, spec, msg.id, field_prefix + "id", lock=not one_statement)
     check_etag(before, msg.etag, field_prefix + "etag")
-    values = _load_fields(spec, msg, names, field_prefix)
-    row = reading.row_class(spec)(dict(before.__dict__))
-    for key, value in values.items():
-        setattr(row, key, value)
-    _apply_defaults_for_cleared(spec, row, values)
-    _missing_required(spec, row, field_prefix)
+    row, values = changed_row(spec, before, msg, names, field_prefix)
     check_visible_references(session, spec, [(values, field_prefix)])
     check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:
@@ -476,6 +438,18 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
         setattr(row, loader.key, loader.rows(value))
     check_managed(session, spec, row)
     return events.publish(session, spec, row, events.UPDATED, spec.to_proto(row))
+
+
+def changed_row(spec: ResourceSpec, before: Any, msg: Message, names: list[str], field_prefix: str) -> tuple[Any, dict[str, Any]]:
+    """(the row as an update of the named fields of msg leaves it, the loaded values): a new
+    plain row, `before` untouched; validated as an update validates it (references apart)."""
+    values = _load_fields(spec, msg, names, field_prefix)
+    row = reading.row_class(spec)(dict(before.__dict__))
+    for key, value in values.items():
+        setattr(row, key, value)
+    _apply_defaults_for_cleared(spec, row, values)
+    _missing_required(spec, row, field_prefix)
+    return row, values
 
 
 def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_path: str, lock: bool = True) -> Any:

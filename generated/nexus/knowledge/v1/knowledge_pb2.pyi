@@ -510,3 +510,124 @@ class UpsertKnowledgeChunkResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpsertKnowledgeChunkResponse: _TypeAlias = UpsertKnowledgeChunkResponse  # noqa: Y015
+
+@_typing.final
+class BatchUpsertKnowledgeChunksRequest(_message.Message):
+    """Request for BatchUpsertKnowledgeChunks: all or nothing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpsertKnowledgeChunkRequest]:
+        """The upserts, at most 10000; no two of one (source, external_id)."""
+
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields of each chunk to return (e.g. "id,etag" for a large ingestion); all fields when empty."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___UpsertKnowledgeChunkRequest] | None = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_mask", b"read_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["read_mask", b"read_mask", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpsertKnowledgeChunksRequest: _TypeAlias = BatchUpsertKnowledgeChunksRequest  # noqa: Y015
+
+@_typing.final
+class BatchUpsertKnowledgeChunksResponse(_message.Message):
+    """Response of BatchUpsertKnowledgeChunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    CREATED_COUNT_FIELD_NUMBER: _builtins.int
+    REPLACED_COUNT_FIELD_NUMBER: _builtins.int
+    UNCHANGED_COUNT_FIELD_NUMBER: _builtins.int
+    created_count: _builtins.int
+    """How many chunks were made."""
+    replaced_count: _builtins.int
+    """How many existing chunks were replaced with something different (their etags moved)."""
+    unchanged_count: _builtins.int
+    """How many existing chunks already held what was sent: nothing was written for them."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpsertKnowledgeChunkResponse]:
+        """One result per request, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___UpsertKnowledgeChunkResponse] | None = ...,
+        created_count: _builtins.int = ...,
+        replaced_count: _builtins.int = ...,
+        unchanged_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_count", b"created_count", "replaced_count", b"replaced_count", "results", b"results", "unchanged_count", b"unchanged_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpsertKnowledgeChunksResponse: _TypeAlias = BatchUpsertKnowledgeChunksResponse  # noqa: Y015
+
+@_typing.final
+class DeleteKnowledgeChunksBySourceRequest(_message.Message):
+    """Request for DeleteKnowledgeChunksBySource."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """The source whose chunks go; required."""
+    filter: _builtins.str
+    """AIP-160 filter narrowing which of the source's chunks go, e.g.
+    update_time < "2026-12-01T00:00:00Z" for those a re-ingestion begun then did not upsert;
+    all of the source's chunks when empty.
+    """
+    validate_only: _builtins.bool
+    """When true nothing is deleted: deleted_count says how many chunks would be."""
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        filter: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "source", b"source", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteKnowledgeChunksBySourceRequest: _TypeAlias = DeleteKnowledgeChunksBySourceRequest  # noqa: Y015
+
+@_typing.final
+class DeleteKnowledgeChunksBySourceResponse(_message.Message):
+    """Response of DeleteKnowledgeChunksBySource."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_COUNT_FIELD_NUMBER: _builtins.int
+    deleted_count: _builtins.int
+    """How many chunks were deleted (with validate_only: would be)."""
+    def __init__(
+        self,
+        *,
+        deleted_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_count", b"deleted_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteKnowledgeChunksBySourceResponse: _TypeAlias = DeleteKnowledgeChunksBySourceResponse  # noqa: Y015

@@ -82,6 +82,16 @@ class KnowledgeServiceStub:
                 request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UpsertKnowledgeChunkRequest.SerializeToString,
                 response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UpsertKnowledgeChunkResponse.FromString,
                 _registered_method=True)
+        self.BatchUpsertKnowledgeChunks = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/BatchUpsertKnowledgeChunks',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchUpsertKnowledgeChunksRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchUpsertKnowledgeChunksResponse.FromString,
+                _registered_method=True)
+        self.DeleteKnowledgeChunksBySource = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/DeleteKnowledgeChunksBySource',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceResponse.FromString,
+                _registered_method=True)
 
 
 class KnowledgeServiceServicer:
@@ -153,6 +163,24 @@ class KnowledgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchUpsertKnowledgeChunks(self, request, context):
+        """Upserts many chunks as UpsertKnowledgeChunk upserts one: all or nothing, thousands per
+        call, in a few statements whatever their number. Two requests of one (source,
+        external_id) are INVALID_ARGUMENT naming both.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteKnowledgeChunksBySource(self, request, context):
+        """Deletes for good the chunks of one source, all of them or those a filter picks (e.g. the
+        ones a re-ingestion did not touch), and says how many. Each removed chunk gets its own
+        audit entry, as a DeleteKnowledgeChunk of it would.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnowledgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +228,16 @@ def add_KnowledgeServiceServicer_to_server(servicer, server):
                     servicer.UpsertKnowledgeChunk,
                     request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UpsertKnowledgeChunkRequest.FromString,
                     response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UpsertKnowledgeChunkResponse.SerializeToString,
+            ),
+            'BatchUpsertKnowledgeChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchUpsertKnowledgeChunks,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchUpsertKnowledgeChunksRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchUpsertKnowledgeChunksResponse.SerializeToString,
+            ),
+            'DeleteKnowledgeChunksBySource': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteKnowledgeChunksBySource,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +485,60 @@ class KnowledgeService:
             '/nexus.knowledge.v1.KnowledgeService/UpsertKnowledgeChunk',
             nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UpsertKnowledgeChunkRequest.SerializeToString,
             nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UpsertKnowledgeChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchUpsertKnowledgeChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/BatchUpsertKnowledgeChunks',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchUpsertKnowledgeChunksRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchUpsertKnowledgeChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteKnowledgeChunksBySource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/DeleteKnowledgeChunksBySource',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceResponse.FromString,
             options,
             channel_credentials,
             insecure,

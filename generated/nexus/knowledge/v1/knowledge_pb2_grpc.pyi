@@ -56,6 +56,16 @@ class KnowledgeServiceStub:
     """Creates the chunk of (source, external_id), or replaces the one there: its id and
     create_time stay, every writable field takes the request's value.
     """
+    BatchUpsertKnowledgeChunks: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.BatchUpsertKnowledgeChunksRequest, _knowledge_pb2.BatchUpsertKnowledgeChunksResponse]
+    """Upserts many chunks as UpsertKnowledgeChunk upserts one: all or nothing, thousands per
+    call, in a few statements whatever their number. Two requests of one (source,
+    external_id) are INVALID_ARGUMENT naming both.
+    """
+    DeleteKnowledgeChunksBySource: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.DeleteKnowledgeChunksBySourceRequest, _knowledge_pb2.DeleteKnowledgeChunksBySourceResponse]
+    """Deletes for good the chunks of one source, all of them or those a filter picks (e.g. the
+    ones a re-ingestion did not touch), and says how many. Each removed chunk gets its own
+    audit entry, as a DeleteKnowledgeChunk of it would.
+    """
 
 @_typing.type_check_only
 class KnowledgeServiceAsyncStub(KnowledgeServiceStub):
@@ -83,6 +93,16 @@ class KnowledgeServiceAsyncStub(KnowledgeServiceStub):
     UpsertKnowledgeChunk: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.UpsertKnowledgeChunkRequest, _knowledge_pb2.UpsertKnowledgeChunkResponse]  # type: ignore[assignment]
     """Creates the chunk of (source, external_id), or replaces the one there: its id and
     create_time stay, every writable field takes the request's value.
+    """
+    BatchUpsertKnowledgeChunks: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.BatchUpsertKnowledgeChunksRequest, _knowledge_pb2.BatchUpsertKnowledgeChunksResponse]  # type: ignore[assignment]
+    """Upserts many chunks as UpsertKnowledgeChunk upserts one: all or nothing, thousands per
+    call, in a few statements whatever their number. Two requests of one (source,
+    external_id) are INVALID_ARGUMENT naming both.
+    """
+    DeleteKnowledgeChunksBySource: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.DeleteKnowledgeChunksBySourceRequest, _knowledge_pb2.DeleteKnowledgeChunksBySourceResponse]  # type: ignore[assignment]
+    """Deletes for good the chunks of one source, all of them or those a filter picks (e.g. the
+    ones a re-ingestion did not touch), and says how many. Each removed chunk gets its own
+    audit entry, as a DeleteKnowledgeChunk of it would.
     """
 
 class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -162,6 +182,28 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_knowledge_pb2.UpsertKnowledgeChunkResponse, _abc.Awaitable[_knowledge_pb2.UpsertKnowledgeChunkResponse]]:
         """Creates the chunk of (source, external_id), or replaces the one there: its id and
         create_time stay, every writable field takes the request's value.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchUpsertKnowledgeChunks(
+        self,
+        request: _knowledge_pb2.BatchUpsertKnowledgeChunksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.BatchUpsertKnowledgeChunksResponse, _abc.Awaitable[_knowledge_pb2.BatchUpsertKnowledgeChunksResponse]]:
+        """Upserts many chunks as UpsertKnowledgeChunk upserts one: all or nothing, thousands per
+        call, in a few statements whatever their number. Two requests of one (source,
+        external_id) are INVALID_ARGUMENT naming both.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteKnowledgeChunksBySource(
+        self,
+        request: _knowledge_pb2.DeleteKnowledgeChunksBySourceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.DeleteKnowledgeChunksBySourceResponse, _abc.Awaitable[_knowledge_pb2.DeleteKnowledgeChunksBySourceResponse]]:
+        """Deletes for good the chunks of one source, all of them or those a filter picks (e.g. the
+        ones a re-ingestion did not touch), and says how many. Each removed chunk gets its own
+        audit entry, as a DeleteKnowledgeChunk of it would.
         """
 
 def add_KnowledgeServiceServicer_to_server(servicer: KnowledgeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

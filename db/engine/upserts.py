@@ -1,0 +1,232 @@
+"""Upserts by a resource's declared key (ResourceSpec.upsert_key): each row of the key is made as
+Create makes it, or the one there replaced as Update with mask "*" replaces it (its id and
+create_time stay; its etag moves when anything changed). One request or thousands take the same
+path, in a constant number of statements whatever their number: the rows of the keys read and
+locked (a statement per LOOKUP_KEYS keys), every new or changed row written by one INSERT that
+overwrites the rows of the ids it names (db/bulk.write_many), their audit entries by one more.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import Message
+from sqlalchemy import select, tuple_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db import bulk, errors
+from db.base import utcnow
+from db.engine import audit, events, reading
+from db.engine.call import Call
+from db.engine.resource import ResourceSpec
+from db.engine.rules import check_create_rule, check_field_rights, check_managed_together, denied, predicate
+from db.engine.tables import AuditLogEntry
+from db.engine.writes import (
+    _new_row,
+    changed_row,
+    check_references_together,
+    check_visible_references,
+    insert_values,
+)
+from db.unit import writing
+
+# Upserts one call may carry: a source's re-ingestion in one atomic call.
+MAX_UPSERT_BATCH = 10_000
+# Keys per locking read: a tuple IN of this many pairs stays well within every driver's limits.
+LOOKUP_KEYS = 1_000
+# A concurrent upsert may take a new key between the read and the write; the write then fails
+# on the key's unique index and the upsert starts again, this many times at most.
+ATTEMPTS = 3
+
+
+@dataclass
+class _Upsert:
+    """One validated upsert: its field prefix, its key, and the row Create would make of it."""
+
+    message: Message
+    prefix: str
+    key: tuple[Any, ...]
+    new_row: Any
+    created_values: dict[str, Any]
+    created_names: list[str]
+
+
+@dataclass
+class Upserted:
+    """What an upsert did to one row: its message, and whether it was made or replaced (and
+    then whether anything changed)."""
+
+    message: Message
+    created: bool
+    changed: bool
+
+
+def upsert(session: Session, spec: ResourceSpec, msg: Message, call: Call) -> tuple[Message, bool]:
+    """(the resource, created?) of one upsert: batch_upsert of one, its fields under
+    `<singular_field>.` as in UpsertXRequest."""
+    (done,) = batch_upsert(session, spec, [msg], call, prefixes=[f"{spec.singular_field}."])
+    return done.message, done.created
+
+
+def batch_upsert(
+    session: Session,
+    spec: ResourceSpec,
+    messages: Sequence[Message],
+    call: Call,
+    prefixes: Sequence[str] | None = None,
+    read_mask: list[str] | None = None,
+) -> list[Upserted]:
+    """Upsert every message by spec.upsert_key, all or nothing, in request order. prefixes: each
+    message's field path in the request (default requests[i].<singular_field>.). Two messages
+    of one key: INVALID_ARGUMENT naming both. A key whose row the caller may not change:
+    PERMISSION_DENIED, as Update answers it."""
+    if not messages:
+        raise errors.InvalidArgument.field("requests", "must hold at least one request", reason="REQUIRED_FIELD")
+    if len(messages) > MAX_UPSERT_BATCH:
+        raise errors.InvalidArgument.field("requests", f"at most {MAX_UPSERT_BATCH} per call", reason="BATCH_TOO_LARGE")
+    if spec.relation_fields:
+        raise TypeError(f"{spec.name}: an upsert does not write relations ({', '.join(spec.relation_fields)})")
+    if prefixes is None:
+        prefixes = [f"requests[{i}].{spec.singular_field}." for i in range(len(messages))]
+    upserts = [_validated(spec, msg, prefix, call) for msg, prefix in zip(messages, prefixes)]
+    _refuse_repeated_keys(spec, upserts)
+    for _ in range(ATTEMPTS):
+        existing: dict[tuple[Any, ...], Any] = {}
+        try:
+            with session.begin_nested():
+                existing = _rows_of_keys(session, spec, [u.key for u in upserts], lock=True)
+                return _write(session, spec, upserts, existing, call, read_mask)
+        except IntegrityError:
+            # A key made by a concurrent upsert since it was read: read again and replace its
+            # row. Any other violation is not a race: it goes up as it is.
+            fresh = [u.key for u in upserts if u.key not in existing]
+            if not _rows_of_keys(session, spec, fresh, lock=False):
+                raise
+    raise errors.Aborted(
+        f"concurrent upserts kept taking the same new keys of {spec.name}; retry", reason="CONCURRENT_MODIFICATION",
+        metadata={"resource_type": spec.name},
+    )
+
+
+def _validated(spec: ResourceSpec, msg: Message, prefix: str, call: Call) -> _Upsert:
+    violations = errors.Violations()
+    for name in spec.upsert_key:
+        if not spec.codecs[name].present(msg):
+            violations.add(prefix + name, f"is required: ({', '.join(spec.upsert_key)}) is the {spec.name}'s key", "REQUIRED_FIELD")
+    violations.raise_if_any()
+    given = type(msg)()
+    given.CopyFrom(msg)
+    given.ClearField("id")  # the key names the row
+    given.ClearField("etag")
+    row, values, names = _new_row(spec, given, call, prefix)
+    key = tuple(getattr(row, spec.codecs[name].attr) for name in spec.upsert_key)
+    return _Upsert(given, prefix, key, row, values, names)
+
+
+def _refuse_repeated_keys(spec: ResourceSpec, upserts: list[_Upsert]) -> None:
+    first: dict[tuple[Any, ...], str] = {}
+    for u in upserts:
+        earlier = first.setdefault(u.key, u.prefix)
+        if earlier is not u.prefix:
+            key_field = spec.upsert_key[-1]
+            violations = errors.Violations()
+            said = f"({', '.join(spec.upsert_key)}) {u.key!r} is given twice in one call: at {earlier.rstrip('.')} and {u.prefix.rstrip('.')}"
+            violations.add(earlier + key_field, said, "DUPLICATE_KEY")
+            violations.add(u.prefix + key_field, said, "DUPLICATE_KEY")
+            violations.raise_if_any()
+
+
+def _rows_of_keys(session: Session, spec: ResourceSpec, keys: list[tuple[Any, ...]], lock: bool) -> dict[tuple[Any, ...], Any]:
+    """The rows holding keys, as plain rows by key; locked (FOR UPDATE, in id order, so that
+    concurrent upserts lock alike) on PostgreSQL when lock."""
+    table = spec.table
+    key_columns = [table.c[spec.codecs[name].attr] for name in spec.upsert_key]
+    names = [c.key for c in table.c]
+    postgres = session.get_bind().dialect.name == "postgresql"
+    found: dict[tuple[Any, ...], Any] = {}
+    conn = session.connection()
+    for start in range(0, len(keys), LOOKUP_KEYS):
+        stmt = select(*table.c).where(tuple_(*key_columns).in_(keys[start:start + LOOKUP_KEYS])).order_by(table.c.id)
+        if lock and postgres:
+            stmt = stmt.with_for_update(of=table)
+        for values in conn.execute(stmt):
+            row = reading.row_class(spec)(dict(zip(names, values)))
+            found[tuple(getattr(row, c.key) for c in key_columns)] = row
+    return found
+
+
+def _write(
+    session: Session, spec: ResourceSpec, upserts: list[_Upsert], existing: dict[tuple[Any, ...], Any], call: Call, read_mask: list[str] | None
+) -> list[Upserted]:
+    """The upserts, given the rows of their keys there now (locked)."""
+    _check_may_replace(session, spec, upserts, existing)
+    fresh = [u for u in upserts if u.key not in existing]
+    check_create_rule(session, spec, [u.new_row for u in fresh], [u.prefix for u in fresh])
+    names = list(spec.updatable)
+    replacing = next((u for u in upserts if u.key in existing), None)
+    if replacing is not None:
+        check_field_rights(spec, names, replacing.prefix)
+    rows: list[Any] = []
+    loaded: list[tuple[dict[str, Any], str]] = []
+    for u in upserts:
+        before = existing.get(u.key)
+        if before is None:
+            row, values = u.new_row, u.created_values
+        else:
+            row, values = changed_row(spec, before, u.message, names, u.prefix)
+        if spec.before_write is not None:
+            spec.before_write(session, row, set(names) if before is not None else set(u.created_names), before is None, call)
+        rows.append(row)
+        loaded.append((values, u.prefix))
+    check_visible_references(session, spec, loaded)
+    check_references_together(session, spec, loaded)
+    drafts, inserted = insert_values(spec, [u.new_row for u in fresh])
+    entries = audit.created(session, spec, drafts)
+    written = dict(zip((u.key for u in fresh), inserted))
+    now = utcnow()
+    keys = [c.key for c in spec.table.c]
+    changed_keys = set()
+    for u, row in zip(upserts, rows):
+        before = existing.get(u.key)
+        if before is None:
+            row.__dict__.update(written[u.key])
+            continue
+        old = {key: getattr(before, key) for key in keys}
+        new = {key: getattr(row, key) for key in keys}
+        if new == old:
+            continue  # as Update: nothing changed, nothing written, the etag stays
+        row.update_time, row.revision = now, before.revision + 1
+        new.update(update_time=now, revision=row.revision)
+        entry = audit.updated(session, spec, before.id, old, new)
+        if entry is not None:
+            entries.append(entry)
+        written[u.key] = new
+        changed_keys.add(u.key)
+    conn = session.connection()
+    writing(session)
+    # In key order: two upserts writing the same new keys wait on each other in one order.
+    bulk.write_many(conn, spec.table, [written[key] for key in sorted(written, key=repr)])
+    bulk.insert_many(conn, AuditLogEntry.__table__, entries)
+    check_managed_together(session, spec, [row for u, row in zip(upserts, rows) if u.key in written])
+    done = []
+    for u, row in zip(upserts, rows):
+        made = u.key not in existing
+        if made or u.key in changed_keys:
+            events.publish(session, spec, row, events.CREATED if made else events.UPDATED, spec.to_proto(row))
+        done.append(Upserted(spec.to_proto(row, read_mask), made, made or u.key in changed_keys))
+    return done
+
+
+def _check_may_replace(session: Session, spec: ResourceSpec, upserts: list[_Upsert], existing: dict[tuple[Any, ...], Any]) -> None:
+    """PERMISSION_DENIED for the first upsert whose key's row the caller may not change."""
+    allowed = predicate(spec, write=True)
+    if allowed is None or not existing:
+        return
+    ids = [row.id for row in existing.values()]
+    managed = set(session.connection().execute(select(spec.table.c.id).where(spec.table.c.id.in_(ids), allowed)).scalars())
+    for u in upserts:
+        row = existing.get(u.key)
+        if row is not None and row.id not in managed:
+            raise denied(spec, str(row.id), True)

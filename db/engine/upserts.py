@@ -7,12 +7,14 @@ overwrites the rows of the ids it names (db/bulk.write_many), their audit entrie
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import select, tuple_
+from sqlalchemy import bindparam, func, select, tuple_
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -24,6 +26,7 @@ from db.engine.resource import ResourceSpec
 from db.engine.rules import check_create_rule, check_field_rights, check_managed_together, denied, predicate
 from db.engine.tables import AuditLogEntry
 from db.engine.writes import (
+    _load_fields,
     _new_row,
     changed_row,
     check_references_together,
@@ -43,14 +46,11 @@ ATTEMPTS = 3
 
 @dataclass
 class _Upsert:
-    """One validated upsert: its field prefix, its key, and the row Create would make of it."""
+    """One upsert: its message, its fields' path in the request, its key."""
 
     message: Message
     prefix: str
     key: tuple[Any, ...]
-    new_row: Any
-    created_values: dict[str, Any]
-    created_names: list[str]
 
 
 @dataclass
@@ -90,7 +90,7 @@ def batch_upsert(
         raise TypeError(f"{spec.name}: an upsert does not write relations ({', '.join(spec.relation_fields)})")
     if prefixes is None:
         prefixes = [f"requests[{i}].{spec.singular_field}." for i in range(len(messages))]
-    upserts = [_validated(spec, msg, prefix, call) for msg, prefix in zip(messages, prefixes)]
+    upserts = [_keyed(spec, msg, prefix) for msg, prefix in zip(messages, prefixes)]
     _refuse_repeated_keys(spec, upserts)
     for _ in range(ATTEMPTS):
         existing: dict[tuple[Any, ...], Any] = {}
@@ -110,19 +110,16 @@ def batch_upsert(
     )
 
 
-def _validated(spec: ResourceSpec, msg: Message, prefix: str, call: Call) -> _Upsert:
+def _keyed(spec: ResourceSpec, msg: Message, prefix: str) -> _Upsert:
+    """msg with its key read (required, and valid as the key's fields are); the rest of it is
+    validated once it is known whether it makes a row or replaces one (_write)."""
     violations = errors.Violations()
     for name in spec.upsert_key:
         if not spec.codecs[name].present(msg):
             violations.add(prefix + name, f"is required: ({', '.join(spec.upsert_key)}) is the {spec.name}'s key", "REQUIRED_FIELD")
     violations.raise_if_any()
-    given = type(msg)()
-    given.CopyFrom(msg)
-    given.ClearField("id")  # the key names the row
-    given.ClearField("etag")
-    row, values, names = _new_row(spec, given, call, prefix)
-    key = tuple(getattr(row, spec.codecs[name].attr) for name in spec.upsert_key)
-    return _Upsert(given, prefix, key, row, values, names)
+    values = _load_fields(spec, msg, spec.upsert_key, prefix)
+    return _Upsert(msg, prefix, tuple(values[spec.codecs[name].attr] for name in spec.upsert_key))
 
 
 def _refuse_repeated_keys(spec: ResourceSpec, upserts: list[_Upsert]) -> None:
@@ -140,51 +137,75 @@ def _refuse_repeated_keys(spec: ResourceSpec, upserts: list[_Upsert]) -> None:
 
 def _rows_of_keys(session: Session, spec: ResourceSpec, keys: list[tuple[Any, ...]], lock: bool) -> dict[tuple[Any, ...], Any]:
     """The rows holding keys, as plain rows by key; locked (FOR UPDATE, in id order, so that
-    concurrent upserts lock alike) on PostgreSQL when lock."""
+    concurrent upserts lock alike) on PostgreSQL when lock. On PostgreSQL one statement whose
+    keys travel as one array per key column; elsewhere a tuple IN per LOOKUP_KEYS keys."""
+    if not keys:
+        return {}
     table = spec.table
-    key_columns = [table.c[spec.codecs[name].attr] for name in spec.upsert_key]
     names = [c.key for c in table.c]
-    postgres = session.get_bind().dialect.name == "postgresql"
-    found: dict[tuple[Any, ...], Any] = {}
+    positions = [names.index(spec.codecs[name].attr) for name in spec.upsert_key]
     conn = session.connection()
-    for start in range(0, len(keys), LOOKUP_KEYS):
-        stmt = select(*table.c).where(tuple_(*key_columns).in_(keys[start:start + LOOKUP_KEYS])).order_by(table.c.id)
-        if lock and postgres:
-            stmt = stmt.with_for_update(of=table)
-        for values in conn.execute(stmt):
-            row = reading.row_class(spec)(dict(zip(names, values)))
-            found[tuple(getattr(row, c.key) for c in key_columns)] = row
-    return found
+    if conn.dialect.name == "postgresql":
+        params = {f"key_{i}": [key[i] for key in keys] for i in range(len(positions))}
+        found = conn.execute(_keys_statement(spec, lock), params).all()
+    else:
+        found = []
+        for start in range(0, len(keys), LOOKUP_KEYS):
+            found += conn.execute(_keys_statement(spec, None).where(_key_columns(spec).in_(keys[start:start + LOOKUP_KEYS]))).all()
+    loaded = reading.row_class(spec)
+    return {tuple(values[i] for i in positions): loaded(dict(zip(names, values))) for values in found}
+
+
+def _key_columns(spec: ResourceSpec) -> Any:
+    return tuple_(*(spec.table.c[spec.codecs[name].attr] for name in spec.upsert_key))
+
+
+@functools.lru_cache(maxsize=None)
+def _keys_statement(spec: ResourceSpec, lock: bool | None) -> Any:
+    """SELECT of the rows by key, in id order. lock None: without the keys' condition, added
+    per call; else (PostgreSQL) of the keys in the arrays key_0, key_1, ... (unnested
+    together), FOR UPDATE if lock. Built once."""
+    table = spec.table
+    stmt = select(*table.c).order_by(table.c.id)
+    if lock is None:
+        return stmt
+    columns = [table.c[spec.codecs[name].attr] for name in spec.upsert_key]
+    arrays = [bindparam(f"key_{i}", type_=postgresql.ARRAY(column.type)) for i, column in enumerate(columns)]
+    given = func.unnest(*arrays).table_valued(*(f"key_{i}" for i in range(len(columns)))).render_derived()
+    stmt = stmt.where(tuple_(*columns).in_(select(*given.c)))
+    return stmt.with_for_update(of=table) if lock else stmt
 
 
 def _write(
     session: Session, spec: ResourceSpec, upserts: list[_Upsert], existing: dict[tuple[Any, ...], Any], call: Call, read_mask: list[str] | None
 ) -> list[Upserted]:
-    """The upserts, given the rows of their keys there now (locked)."""
+    """The upserts, given the rows of their keys there now (locked): a new row validated as
+    Create validates it, a replaced one as Update with mask "*" (an id or etag sent is ignored:
+    neither is a field either takes)."""
     _check_may_replace(session, spec, upserts, existing)
-    fresh = [u for u in upserts if u.key not in existing]
-    check_create_rule(session, spec, [u.new_row for u in fresh], [u.prefix for u in fresh])
     names = list(spec.updatable)
-    replacing = next((u for u in upserts if u.key in existing), None)
-    if replacing is not None:
-        check_field_rights(spec, names, replacing.prefix)
     rows: list[Any] = []
     loaded: list[tuple[dict[str, Any], str]] = []
+    fresh: list[tuple[_Upsert, Any]] = []
     for u in upserts:
         before = existing.get(u.key)
         if before is None:
-            row, values = u.new_row, u.created_values
+            row, values, given = _new_row(spec, u.message, call, u.prefix)
+            fresh.append((u, row))
         else:
+            check_field_rights(spec, names, u.prefix)
             row, values = changed_row(spec, before, u.message, names, u.prefix)
+            given = names
         if spec.before_write is not None:
-            spec.before_write(session, row, set(names) if before is not None else set(u.created_names), before is None, call)
+            spec.before_write(session, row, set(given), before is None, call)
         rows.append(row)
         loaded.append((values, u.prefix))
+    check_create_rule(session, spec, [row for _, row in fresh], [u.prefix for u, _ in fresh])
     check_visible_references(session, spec, loaded)
     check_references_together(session, spec, loaded)
-    drafts, inserted = insert_values(spec, [u.new_row for u in fresh])
+    drafts, inserted = insert_values(spec, [row for _, row in fresh])
     entries = audit.created(session, spec, drafts)
-    written = dict(zip((u.key for u in fresh), inserted))
+    written = dict(zip((u.key for u, _ in fresh), inserted))
     now = utcnow()
     keys = [c.key for c in spec.table.c]
     changed_keys = set()
@@ -213,7 +234,7 @@ def _write(
     done = []
     for u, row in zip(upserts, rows):
         made = u.key not in existing
-        if made or u.key in changed_keys:
+        if spec.stream_scope is not None and (made or u.key in changed_keys):
             events.publish(session, spec, row, events.CREATED if made else events.UPDATED, spec.to_proto(row))
         done.append(Upserted(spec.to_proto(row, read_mask), made, made or u.key in changed_keys))
     return done

@@ -1,4 +1,4 @@
-"""db/bulk.insert_many writes every column type as SQLAlchemy's own INSERT would (on PostgreSQL
+"""db/bulk.insert_many and write_many write every column type as SQLAlchemy's own INSERT would (on PostgreSQL
 it sends the rows as one JSON array)."""
 from __future__ import annotations
 
@@ -100,5 +100,34 @@ def test_a_refused_row_refuses_the_whole_insert(client: Client, uid: str) -> Non
         with pytest.raises(errors.AlreadyExists):
             database.run_sync(lambda s: bulk.insert_many(s.connection(), User.__table__, users))
         assert _read(database, User, [u["id"] for u in users]) == []
+    finally:
+        database.dispose()
+
+
+def test_write_many_overwrites_the_rows_of_its_ids_and_inserts_the_others(client: Client, uid: str) -> None:
+    """What write_many leaves reads back as SQLAlchemy's own INSERT of the same values writes it:
+    a row whose id is there is overwritten (every column), a new one inserted, others untouched."""
+    database = Database(client.database_url)
+    try:
+        first = [_user(i, f"w{uid}") for i in range(3)]
+        database.run_sync(lambda s: bulk.insert_many(s.connection(), User.__table__, first))
+        untouched = _read(database, User, [first[2]["id"]])
+        later = NOW + dt.timedelta(seconds=1)
+        changed = [
+            {**u, "full_name": f"changed {i} {TRICKY_TEXT}", "preferences": {"k": [i, None]}, "is_active": not u["is_active"],
+             "last_login_time": None, "revision": 2, "update_time": later}
+            for i, u in enumerate(first[:2])
+        ]
+        rows = changed + [_user(i, f"n{uid}") for i in range(2)]
+        database.run_sync(lambda s: bulk.write_many(s.connection(), User.__table__, rows))
+        theirs = [{**r, "id": uuid7(), "username": f"t{i}{uid}", "email": f"t{i}{uid}@example.com"} for i, r in enumerate(rows)]
+        database.run_sync(lambda s: s.connection().execute(insert(User.__table__), theirs))
+        got_ours = _read(database, User, [r["id"] for r in rows])
+        got_theirs = _read(database, User, [r["id"] for r in theirs])
+        assert len(got_ours) == len(got_theirs) == 4
+        for a, b in zip(got_ours, got_theirs):
+            assert {k: v for k, v in a.items() if k not in ("id", "username", "email")} == {k: v for k, v in b.items() if k not in ("id", "username", "email")}
+        assert [r["full_name"] for r in got_ours[:2]] == [r["full_name"] for r in changed]
+        assert _read(database, User, [first[2]["id"]]) == untouched
     finally:
         database.dispose()

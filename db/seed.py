@@ -479,6 +479,12 @@ def _date(day: dt.date) -> common_pb2.Date:
     return common_pb2.Date(year=day.year, month=day.month, day=day.day)
 
 
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(values)
+    return out
+
+
 def _name_stem(rng: random.Random) -> tuple[str, str, str]:
     return rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES), rng.choice(EMAIL_DOMAINS)
 
@@ -496,8 +502,7 @@ def _user_role(rng: random.Random, index: int) -> str:
 def _user_plan(rng: random.Random, index: int, first: str, last: str, domain: str, number: int) -> UserPlan:
     role = _user_role(rng, index)
     username = _username(first, last, number)
-    preferences = struct_pb2.Struct()
-    preferences.update(
+    preferences = _struct(
         {
             "theme": rng.choice(("dark", "light")),
             "language": rng.choice(LANGUAGES),
@@ -598,12 +603,6 @@ def _dependencies(rng: random.Random, statuses: Sequence[str], index: int) -> li
     window = range(max(0, index - 6), index)
     candidates = [j for j in window if statuses[index] in ("todo", "blocked") or statuses[j] == "done"]
     return sorted(rng.sample(candidates, min(len(candidates), rng.choice((1, 1, 2)))))
-
-
-def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(values)
-    return out
 
 
 def _unique(name: str, taken: set[str]) -> str:

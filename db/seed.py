@@ -1,13 +1,22 @@
-"""Realistic sample data for the identity and work domains (`nexus-data seed`).
+"""Realistic sample data for the identity, work, chat and knowledge domains (`nexus-data seed`).
 
 Every row goes through the code paths the API uses: the proto Create*Request messages and
-`writes.create` with all its validation, and the domain functions for memberships, role
-assignments, e-mail verification and task dependencies. A plan of steps is drawn from one random
-generator first (deterministic when `rng_seed` is given, for a given database and day: dates are
-relative to today), then run in transactions of BATCH_STEPS rows.
+`writes.create` with all its validation, the domain functions for memberships, role
+assignments, e-mail verification, task dependencies and archiving a conversation, and
+`writes.upsert` (UpsertKnowledgeChunk's path) for knowledge chunks. A plan of steps is drawn
+from one random generator first (deterministic when `rng_seed` is given, for a given database
+and day: dates are relative to today), then run in transactions of BATCH_STEPS rows.
+
+What is seeded, in order (COUNT_KINDS): users with their roles and API keys; projects with
+members, tasks and dependencies; chat channels (some in projects) with members and messages,
+some of them replies; AI conversations of users (some archived) with their turns; knowledge
+chunks of several sources.
 
 Seeding twice into the same database never collides: usernames and e-mails carry a number past
 the users already stored, role rows that exist are reused, and API key names follow usernames.
+Knowledge chunks have a natural key, (source, external_id) as "path/to/file.md#3": a chunk whose
+key is stored already is replaced, as re-indexing a source replaces it, and counted apart
+(knowledge_chunks_replaced), so every other count is the number of rows the seed added.
 """
 from __future__ import annotations
 
@@ -20,8 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
+from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.common.v1 import common_pb2
 from nexus.identity.v1 import identity_pb2 as ipb
+from nexus.knowledge.v1 import knowledge_pb2 as kpb
 from nexus.work.v1 import work_pb2 as wpb
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -29,7 +40,7 @@ from tqdm import tqdm
 
 import db.domains  # noqa: F401 - the audit trail records seeded rows too
 from db.database import Database
-from db.domains import identity, work
+from db.domains import chat, identity, knowledge, work
 from db.domains.identity import Role, User
 from db.engine import writes
 from db.engine.call import Call
@@ -47,6 +58,14 @@ COUNT_KINDS = (
     "project_members",
     "tasks",
     "task_dependencies",
+    "channels",
+    "channel_members",
+    "chat_messages",
+    "conversations",
+    "conversation_messages",
+    "knowledge_chunks",
+    "knowledge_chunks_replaced",  # upserted chunks whose (source, external_id) was stored already
+    # Documents follow the knowledge chunks here, planned and written the same way.
 )
 
 ROLES: dict[str, tuple[str, list[str]]] = {
@@ -148,13 +167,193 @@ TASK_STATUS = {
     "blocked": wpb.TASK_STATUS_BLOCKED,
 }
 
+PUBLIC_CHANNELS = (
+    ("general", "Company-wide news and questions."),
+    ("random", "Everything that is not work."),
+    ("announcements", "Releases, launches and office news."),
+    ("help-desk", "Ask IT and the platform team for help."),
+    ("engineering", "Architecture, tooling and reviews across teams."),
+    ("releases", "What ships when; release notes and rollbacks."),
+    ("design-review", "Mock-ups and critique, every Thursday."),
+    ("incidents", "Live incidents and their follow-ups."),
+    ("til", "Today I learned: short tips worth sharing."),
+)
+PRIVATE_CHANNELS = (
+    ("leads", "Team leads: staffing, planning and escalations."),
+    ("hiring", "Candidates, interview loops and offers."),
+    ("security-response", "Vulnerability reports under embargo."),
+    ("budget-planning", "Next year's budget, line by line."),
+)
+PROJECT_CHANNEL_SUFFIXES = ("team", "dev", "design", "release", "support")
+CHAT_LINES = (
+    "Deployed {version} to staging; smoke tests are green.",
+    "Can someone review my pull request for the {obj}? It is small, I promise.",
+    "Standup moves to {time} tomorrow because of the all-hands.",
+    "Heads-up: the {obj} will be read-only for ten minutes tonight during the migration.",
+    "I wrote up the findings on the {obj}; comments welcome before Friday.",
+    "@{member} do you have the numbers from last week's load test?",
+    "The nightly build failed on the {obj} tests again, looking into it.",
+    "Reminder: demo of the {obj} at {time}, bring questions.",
+    "We hit the error budget for the {obj} this month; let's slow down releases a little.",
+    "Who owns the {obj} now that the team was split?",
+    "Release {version} is out. Changelog is in the wiki.",
+    "Pairing on the {obj} this afternoon if anyone wants to join.",
+    "Customer feedback on the {obj} is mostly positive, two bug reports filed.",
+    "Lunch at {time}? The new place around the corner.",
+)
+CHAT_REPLIES = (
+    "Thanks, looking now.",
+    "+1, ship it.",
+    "I can take this after lunch.",
+    "Done, left a few comments.",
+    "Can we move it to {time}? I have a clash.",
+    "Same here, it started after {version}.",
+    "@{member} knows this part best.",
+    "Good catch, I will add a test for it.",
+    "Not yet, will have them by end of day.",
+    "Works for me.",
+)
+CHAT_TIMES = ("9:30", "10:00", "11:15", "13:00", "14:30", "16:00")
+
+CONVERSATION_SYSTEM_PROMPT = (
+    "You are Nexus Assistant. Answer from the team's documentation and handbook, cite the pages you used, "
+    "and say so when you are not sure."
+)
+ASSISTANT_MODELS = ("nexus-assistant-1", "nexus-assistant-1", "nexus-assistant-2-preview")
+# (title, what the user says, what the assistant answers): turns alternate through both lists.
+CONVERSATION_TOPICS = (
+    (
+        "Paging through tasks",
+        ("How do I list all tasks of a project, more than a thousand of them?",
+         "And if tasks are added while I page?",
+         "Can I sort by due date instead?"),
+        ("Call ListTasks with a filter on project_id and page_size up to 1000, then pass each response's "
+         "next_page_token until it is empty.",
+         "Pages are keyset pages: new tasks after your position show up on a later page, none is repeated or skipped.",
+         'Yes: set order_by to "due_date"; the page token remembers the order it was made for.'),
+    ),
+    (
+        "Rotating API keys",
+        ("Our CI uses an API key that expires next month. How do I rotate it without downtime?",
+         "Does revoking the old key end open streams?",
+         "Who can create keys for other users?"),
+        ("Create a second key with the same role, switch the CI secret to it, check that calls succeed, "
+         "then revoke the old one.",
+         "Yes: a stream re-checks its credential and ends with UNAUTHENTICATED once the key is revoked.",
+         "Admins only; a manager can create keys for itself with at most its own role."),
+    ),
+    (
+        "Drafting release notes",
+        ("Summarise what changed in the billing platform since the last release.",
+         "Make it shorter, for customers.",
+         "Add a line about the CSV export."),
+        ("Since the last release: invoices render faster, failed payments are retried twice, and the "
+         "reports page gained filters by currency.",
+         "Faster invoices, automatic payment retries and currency filters in reports.",
+         "Added: you can now export any report to CSV from its menu."),
+    ),
+    (
+        "Debugging a flaky test",
+        ("The search indexing test fails about one run in twenty. Where do I start?",
+         "It only fails on PostgreSQL.",
+         "That was it, thanks."),
+        ("Run it in a loop with a fixed seed and print the rows it compares; flaky tests usually depend on order or time.",
+         "Then compare the ORDER BY: without a tie-breaker PostgreSQL may return equal rows in any order.",
+         "Glad it helped. Consider adding the id as the last sort key everywhere you page."),
+    ),
+    (
+        "Planning the onboarding week",
+        ("A new engineer starts on Monday. What should the first week look like?",
+         "Who sets up their accounts?",
+         "Put that into a checklist."),
+        ("Day one: accounts, laptop and a walk through the architecture; then a small bug fix to ship by Wednesday, "
+         "and pairing with the on-call engineer on Friday.",
+         "The help desk creates the accounts; the team lead adds them to projects and channels.",
+         "1. Accounts and laptop. 2. Architecture tour. 3. First bug fix. 4. On-call shadowing. 5. Retro with the lead."),
+    ),
+    (
+        "Budget questions",
+        ("How much of the Atlas budget is spent?",
+         "And how many hours are estimated for what is left?"),
+        ("I cannot see invoices, but the project's tasks have 312 actual hours logged against 480 estimated.",
+         "The open tasks are estimated at 168 hours; GetProjectProgress gives the exact figures."),
+    ),
+)
+CLIENTS = ("web", "web", "ios", "android", "cli")
+
+KNOWLEDGE_MODULES = ("identity", "work", "chat", "knowledge", "security", "billing", "search", "streams")
+# source -> (path patterns, topics as (slug, English title, German title)); "{module}", "{topic}"
+# fill a pattern. Only GERMAN_SOURCES have German pages.
+KNOWLEDGE_SOURCES: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str, str], ...]]] = {
+    "docs": (
+        ("guides/{module}/{topic}.md", "concepts/{module}/{topic}.md", "operations/{module}/{topic}.md"),
+        (("getting-started", "Getting started", "Erste Schritte"), ("configuration", "Configuration", "Konfiguration"),
+         ("pagination", "Pagination", "Seitenweises Lesen"), ("filtering", "Filtering", "Filtern"),
+         ("errors", "Error handling", "Fehlerbehandlung"), ("authentication", "Authentication", "Authentifizierung"),
+         ("rate-limits", "Rate limits", "Ratenbegrenzung"), ("backups", "Backups", "Datensicherung")),
+    ),
+    "handbook": (
+        ("engineering/{topic}.md", "people/{topic}.md", "security/{topic}.md", "support/{topic}.md"),
+        (("on-call", "On-call", "Rufbereitschaft"), ("code-review", "Code review", "Code-Review"),
+         ("releases", "Releases", "Releases"), ("incident-response", "Incident response", "Störungsbehebung"),
+         ("onboarding", "Onboarding", "Einarbeitung"), ("vacation", "Vacation", "Urlaub"),
+         ("expenses", "Expenses", "Spesen"), ("remote-work", "Remote work", "Mobiles Arbeiten")),
+    ),
+    "api-reference": (
+        ("nexus/{module}/v1/{topic}.md",),
+        (("get", "Get methods", ""), ("list", "List methods", ""), ("create", "Create methods", ""),
+         ("update", "Update methods", ""), ("delete", "Delete methods", ""), ("search", "Search methods", ""),
+         ("batch", "Batch methods", "")),
+    ),
+    "runbooks": (
+        ("alerts/{module}-{topic}.md",),
+        (("high-latency", "High latency", "Hohe Latenz"), ("error-rate", "Error rate", "Fehlerquote"),
+         ("disk-full", "Disk full", "Volle Festplatte"), ("failover", "Database failover", "Datenbank-Failover"),
+         ("certificate-expiry", "Certificate expiry", "Ablaufende Zertifikate")),
+    ),
+}
+GERMAN_SOURCES = ("docs", "handbook")  # the others are written in English only
+GERMAN_SHARE = 0.2
+KNOWLEDGE_SECTIONS = {
+    "en": ("Overview", "Prerequisites", "Configuration", "Examples", "Troubleshooting", "Limits", "FAQ"),
+    "de": ("Überblick", "Voraussetzungen", "Konfiguration", "Beispiele", "Fehlerbehebung", "Grenzen", "Häufige Fragen"),
+}
+KNOWLEDGE_SENTENCES = {
+    "en": (
+        "This section covers {topic} for the {module} service.",
+        "Most teams start with the defaults and revisit {topic} after their first month in production.",
+        "Requests that fail validation return INVALID_ARGUMENT and name the offending field.",
+        "Pages hold at most 1000 items; pass next_page_token to read the next one.",
+        "Check the {module} dashboards before and after every change.",
+        "Escalate to the on-call engineer if the error rate stays above {number} percent for ten minutes.",
+        "Every change is recorded in the audit trail with the caller and the request id.",
+        "Settings are read at start-up; restart the service after changing them.",
+        "Timeouts default to {number} seconds and can be shortened per call with a deadline.",
+        "Admins see every row; other roles see only the rows their rules allow.",
+        "Write down what you changed and why, so the next person does not have to guess.",
+        "The {module} team reviews questions about {topic} every Tuesday.",
+    ),
+    "de": (
+        "Dieser Abschnitt beschreibt {topic} im Modul {module}.",
+        "Die meisten Teams beginnen mit den Standardwerten und prüfen {topic} nach dem ersten Monat im Betrieb.",
+        "Ungültige Anfragen werden mit INVALID_ARGUMENT abgelehnt; das fehlerhafte Feld wird genannt.",
+        "Prüfen Sie vor und nach jeder Änderung die Dashboards von {module}.",
+        "Bleibt die Fehlerquote zehn Minuten über {number} Prozent, verständigen Sie die Rufbereitschaft.",
+        "Jede Änderung steht mit Aufrufer und Request-ID im Audit-Protokoll.",
+        "Einstellungen werden beim Start gelesen; starten Sie den Dienst nach einer Änderung neu.",
+        "Das Team {module} beantwortet Fragen zu {topic} jeden Dienstag.",
+    ),
+}
+
 Ids = dict[Any, str]  # plan key, e.g. ("user", 3), -> id of the created resource
-StepFn = Callable[[Session, Call, Ids], None]
+# A step returns the kind it counted in, when that is known only once written (an upsert).
+StepFn = Callable[[Session, Call, Ids], str | None]
 
 
 @dataclass(frozen=True)
 class Step:
-    """One row to write: `kind` names the count it adds to."""
+    """One row to write: `kind` names the count it adds to (unless its run returns another);
+    "" is a step that adds no row (a role that exists, archiving a conversation)."""
 
     kind: str
     run: StepFn
@@ -175,6 +374,29 @@ class ProjectPlan:
     members: tuple[int, ...]  # owner first
 
 
+@dataclass(frozen=True)
+class ChatLine:
+    author: int
+    content: str
+    parent: int | None  # index of an earlier message of the same channel
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    message: cpb.Channel  # without project_id and creator_id, known only once they exist
+    project: int | None
+    members: tuple[int, ...]  # creator first
+    lines: tuple[ChatLine, ...]
+
+
+@dataclass(frozen=True)
+class ConversationPlan:
+    user: int
+    title: str
+    archived: bool  # archived after its turns: an archived conversation takes no more
+    turns: tuple[cpb.ConversationMessage, ...]  # without conversation_id
+
+
 # ------------------------------------------------------------------ entry point
 
 
@@ -184,14 +406,28 @@ def seed(
     users: int = 50,
     projects: int = 20,
     tasks_per_project: int = 25,
+    channels: int = 10,
+    messages_per_channel: int = 30,
+    conversations: int = 20,
+    messages_per_conversation: int = 8,
+    knowledge_chunks: int = 150,
     progress: bool = True,
     rng_seed: int | None = None,
 ) -> dict[str, int]:
-    """Write sample users, roles, API keys, projects, members, tasks and dependencies; return counts."""
-    if min(users, projects, tasks_per_project) < 0:
-        raise ValueError("users, projects and tasks_per_project must not be negative")
+    """Write sample users, roles, API keys, projects, members, tasks, dependencies, channels with
+    members and messages, conversations with their messages, and knowledge chunks; return the
+    counts by kind (COUNT_KINDS)."""
+    sizes = {
+        "users": users, "projects": projects, "tasks_per_project": tasks_per_project, "channels": channels,
+        "messages_per_channel": messages_per_channel, "conversations": conversations,
+        "messages_per_conversation": messages_per_conversation, "knowledge_chunks": knowledge_chunks,
+    }
+    if min(sizes.values()) < 0:
+        raise ValueError(f"{', '.join(sizes)} must not be negative")
     if projects and not users:
         raise ValueError("projects need at least one user to own them")
+    if (channels or conversations) and not users:
+        raise ValueError("channels and conversations need at least one user to have them")
     rng = random.Random(rng_seed)
     today = dt.date.today()
     stems = [_name_stem(rng) for _ in range(users)]
@@ -205,6 +441,11 @@ def seed(
         *_project_steps(project_plans),
         *_task_steps(rng, project_plans, user_plans, tasks_per_project),
     ]
+    # Drawn after the work domain's plan, so a seed number's users, projects and tasks stay what they were.
+    names: set[str] = set()
+    steps += _channel_steps([_channel_plan(rng, user_plans, project_plans, messages_per_channel, names) for _ in range(channels)])
+    steps += _conversation_steps([_conversation_plan(rng, user_plans, messages_per_conversation) for _ in range(conversations)])
+    steps += _knowledge_steps(_knowledge_chunks(rng, knowledge_chunks))
     return _execute(database, steps, progress)
 
 
@@ -238,6 +479,12 @@ def _date(day: dt.date) -> common_pb2.Date:
     return common_pb2.Date(year=day.year, month=day.month, day=day.day)
 
 
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(values)
+    return out
+
+
 def _name_stem(rng: random.Random) -> tuple[str, str, str]:
     return rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES), rng.choice(EMAIL_DOMAINS)
 
@@ -255,8 +502,7 @@ def _user_role(rng: random.Random, index: int) -> str:
 def _user_plan(rng: random.Random, index: int, first: str, last: str, domain: str, number: int) -> UserPlan:
     role = _user_role(rng, index)
     username = _username(first, last, number)
-    preferences = struct_pb2.Struct()
-    preferences.update(
+    preferences = _struct(
         {
             "theme": rng.choice(("dark", "light")),
             "language": rng.choice(LANGUAGES),
@@ -357,6 +603,130 @@ def _dependencies(rng: random.Random, statuses: Sequence[str], index: int) -> li
     window = range(max(0, index - 6), index)
     candidates = [j for j in window if statuses[index] in ("todo", "blocked") or statuses[j] == "done"]
     return sorted(rng.sample(candidates, min(len(candidates), rng.choice((1, 1, 2)))))
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """name, or name-2, name-3... if an earlier plan took it; the plan takes what it returns."""
+    unique, number = name, 1
+    while unique in taken:
+        number += 1
+        unique = f"{name}-{number}"
+    taken.add(unique)
+    return unique
+
+
+def _active_users(users: Sequence[UserPlan]) -> list[int]:
+    return [i for i, u in enumerate(users) if u.message.is_active] or list(range(len(users)))
+
+
+def _chat_lines(rng: random.Random, members: Sequence[int], users: Sequence[UserPlan], count: int) -> tuple[ChatLine, ...]:
+    """Messages by members; about a third answer one of the five before them."""
+    lines: list[ChatLine] = []
+    for index in range(count):
+        author = rng.choice(members)
+        mentioned = rng.choice([m for m in members if m != author] or [author])
+        fill = {
+            "obj": rng.choice(TASK_OBJECTS),
+            "version": f"v{rng.randint(1, 4)}.{rng.randint(0, 20)}.{rng.randint(0, 9)}",
+            "time": rng.choice(CHAT_TIMES),
+            "member": users[mentioned].message.username,
+        }
+        reply = index > 0 and rng.random() < 0.3
+        parent = rng.randrange(max(0, index - 5), index) if reply else None
+        lines.append(ChatLine(author, rng.choice(CHAT_REPLIES if reply else CHAT_LINES).format(**fill), parent))
+    return tuple(lines)
+
+
+def _channel_plan(
+    rng: random.Random, users: Sequence[UserPlan], projects: Sequence[ProjectPlan], per_channel: int, taken: set[str]
+) -> ChannelPlan:
+    """A project's channel (its members only) about two times in five, else a company channel;
+    private ones too. Names are unique within one seed."""
+    project: int | None = None
+    if projects and rng.random() < 0.4:
+        project = rng.randrange(len(projects))
+        plan = projects[project]
+        suffix = rng.choice(PROJECT_CHANNEL_SUFFIXES)
+        name = f"{plan.message.name.split(' ', 1)[0].lower()}-{suffix}"
+        description = f"The {suffix} channel of {plan.message.name}."
+        private = rng.random() < 0.5
+        pool = list(plan.members)
+    else:
+        private = rng.random() < 0.25
+        name, description = rng.choice(PRIVATE_CHANNELS if private else PUBLIC_CHANNELS)
+        pool = _active_users(users)
+    creator = rng.choice(pool)
+    others = [u for u in pool if u != creator]
+    members = (creator, *rng.sample(others, min(len(others), rng.randint(2, 8))))
+    message = cpb.Channel(name=_unique(name, taken), description=description, is_private=private)
+    return ChannelPlan(message, project, members, _chat_lines(rng, members, users, per_channel))
+
+
+def _turn(sender: int, content: str, metadata: dict[str, Any] | None) -> cpb.ConversationMessage:
+    turn = cpb.ConversationMessage(sender_type=sender, content=content)
+    if metadata:
+        turn.role_metadata.CopyFrom(_struct(metadata))
+    return turn
+
+
+def _conversation_plan(rng: random.Random, users: Sequence[UserPlan], count: int) -> ConversationPlan:
+    """count turns: a system prompt first about half the time, then the user and the assistant
+    by turns (the user first), with the client or the model's usage as metadata now and then."""
+    title, asks, answers = rng.choice(CONVERSATION_TOPICS)
+    turns: list[cpb.ConversationMessage] = []
+    if count and rng.random() < 0.5:
+        turns.append(_turn(cpb.SENDER_TYPE_SYSTEM, CONVERSATION_SYSTEM_PROMPT, {"prompt_version": "2026-11"}))
+    for k in range(count - len(turns)):
+        if k % 2 == 0:
+            client = {"client": rng.choice(CLIENTS)} if rng.random() < 0.4 else None
+            turns.append(_turn(cpb.SENDER_TYPE_USER, asks[k // 2 % len(asks)], client))
+        else:
+            usage = None
+            if rng.random() < 0.7:
+                prompt = rng.randint(200, 3000)
+                usage = {
+                    "model": rng.choice(ASSISTANT_MODELS),
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": rng.randint(20, 400)},
+                    "finish_reason": "stop",
+                }
+            turns.append(_turn(cpb.SENDER_TYPE_ASSISTANT, answers[k // 2 % len(answers)], usage))
+    return ConversationPlan(rng.choice(_active_users(users)), title, rng.random() < 0.25, tuple(turns))
+
+
+def _knowledge_chunks(rng: random.Random, count: int) -> list[kpb.KnowledgeChunk]:
+    """count chunks of files of the KNOWLEDGE_SOURCES, one to five sections a file, each
+    "path#index" once within its source (a path drawn twice gets a number)."""
+    chunks: list[kpb.KnowledgeChunk] = []
+    taken: set[str] = set()
+    while len(chunks) < count:
+        source = rng.choice(list(KNOWLEDGE_SOURCES))
+        patterns, topics = KNOWLEDGE_SOURCES[source]
+        module = rng.choice(KNOWLEDGE_MODULES)
+        slug, english, german = rng.choice(topics)
+        stem = rng.choice(patterns).format(module=module, topic=slug).removesuffix(".md")
+        path = _unique(f"{source}:{stem}", taken).split(":", 1)[1] + ".md"
+        lang = "de" if source in GERMAN_SOURCES and rng.random() < GERMAN_SHARE else "en"
+        topic = german if lang == "de" else english
+        line = 1
+        all_sections = KNOWLEDGE_SECTIONS[lang]
+        picked = sorted(rng.sample(range(len(all_sections)), rng.randint(1, 5)))[: count - len(chunks)]
+        sections = [all_sections[i] for i in picked]  # in the order a page has them
+        for index, section in enumerate(sections):
+            sentences = rng.sample(KNOWLEDGE_SENTENCES[lang], rng.randint(2, 4))
+            fill = {"topic": topic if lang == "de" else topic.lower(), "module": module, "number": rng.choice((1, 2, 5, 10, 30))}
+            lines = rng.randint(8, 60)
+            metadata = {"lang": lang, "section": section, "module": module, "path": path, "line_start": line, "line_end": line + lines - 1}
+            chunks.append(
+                kpb.KnowledgeChunk(
+                    source=source,
+                    external_id=f"{path}#{index}",
+                    title=f"{topic}: {section}",
+                    content=" ".join(s.format(**fill) for s in sentences),
+                    chunk_metadata=_struct(metadata),
+                )
+            )
+            line += lines
+    return chunks
 
 
 # ------------------------------------------------------------------ steps
@@ -473,6 +843,89 @@ def _task_steps(
     return steps
 
 
+def _channel_steps(channels: Sequence[ChannelPlan]) -> list[Step]:
+    def create(c: int, plan: ChannelPlan) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            channel = cpb.Channel()
+            channel.CopyFrom(plan.message)
+            channel.creator_id = ids[("user", plan.members[0])]
+            if plan.project is not None:
+                channel.project_id = ids[("project", plan.project)]
+            ids[("channel", c)] = writes.create(session, chat.CHANNELS, cpb.CreateChannelRequest(channel=channel), call).id
+
+        return Step("channels", run)
+
+    def member(c: int, user: int) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            chat.add_channel_member(session, cpb.AddChannelMemberRequest(channel_id=ids[("channel", c)], user_id=ids[("user", user)]))
+
+        return Step("channel_members", run)
+
+    def post(c: int, m: int, line: ChatLine) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            message = cpb.ChatMessage(channel_id=ids[("channel", c)], author_id=ids[("user", line.author)], content=line.content)
+            if line.parent is not None:
+                message.parent_id = ids[("chat_message", c, line.parent)]
+            request = cpb.CreateChatMessageRequest(chat_message=message)
+            ids[("chat_message", c, m)] = writes.create(session, chat.CHAT_MESSAGES, request, call).id
+
+        return Step("chat_messages", run)
+
+    steps: list[Step] = []
+    for c, plan in enumerate(channels):
+        steps.append(create(c, plan))
+        steps.extend(member(c, user) for user in plan.members)
+        steps.extend(post(c, m, line) for m, line in enumerate(plan.lines))
+    return steps
+
+
+def _conversation_steps(conversations: Sequence[ConversationPlan]) -> list[Step]:
+    def create(c: int, plan: ConversationPlan) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            conversation = cpb.Conversation(user_id=ids[("user", plan.user)], title=plan.title)
+            request = cpb.CreateConversationRequest(conversation=conversation)
+            ids[("conversation", c)] = writes.create(session, chat.CONVERSATIONS, request, call).id
+
+        return Step("conversations", run)
+
+    def say(c: int, turn: cpb.ConversationMessage) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            message = cpb.ConversationMessage()
+            message.CopyFrom(turn)
+            message.conversation_id = ids[("conversation", c)]
+            writes.create(session, chat.CONVERSATION_MESSAGES, cpb.CreateConversationMessageRequest(conversation_message=message), call)
+
+        return Step("conversation_messages", run)
+
+    def archive(c: int) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            chat.archive_conversation(session, cpb.ArchiveConversationRequest(id=ids[("conversation", c)]))
+
+        return Step("", run)
+
+    steps: list[Step] = []
+    for c, plan in enumerate(conversations):
+        steps.append(create(c, plan))
+        steps.extend(say(c, turn) for turn in plan.turns)
+        if plan.archived:
+            steps.append(archive(c))
+    return steps
+
+
+def _knowledge_steps(chunks: Sequence[kpb.KnowledgeChunk]) -> list[Step]:
+    """Through UpsertKnowledgeChunk's path: a chunk whose key is stored already is replaced."""
+
+    def upsert(chunk: kpb.KnowledgeChunk) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> str | None:
+            request = kpb.UpsertKnowledgeChunkRequest(knowledge_chunk=chunk)
+            created = knowledge.upsert_knowledge_chunk(session, request, call).created
+            return None if created else "knowledge_chunks_replaced"
+
+        return Step("knowledge_chunks", run)
+
+    return [upsert(chunk) for chunk in chunks]
+
+
 # ------------------------------------------------------------------ running
 
 
@@ -487,13 +940,14 @@ def _execute(database: Database, steps: Sequence[Step], progress: bool) -> dict[
             batch = steps[start : start + BATCH_STEPS]
             done_before = bar.n
 
-            def work_batch(session: Session, batch: Sequence[Step] = batch, done_before: int = done_before) -> None:
+            def work_batch(session: Session, batch: Sequence[Step] = batch, done_before: int = done_before) -> list[str]:
                 bar.n = done_before  # a retried transaction starts its rows again
+                kinds = []
                 for step in batch:
-                    step.run(session, call, ids)
+                    kinds.append(step.run(session, call, ids) or step.kind)
                     if step.kind:
                         bar.update(1)
+                return kinds
 
-            database.run_sync(work_batch)
-            counts.update(step.kind for step in batch if step.kind)
+            counts.update(kind for kind in database.run_sync(work_batch) if kind)
     return {kind: counts[kind] for kind in COUNT_KINDS}

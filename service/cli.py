@@ -159,7 +159,18 @@ def _seed(args: argparse.Namespace) -> int:
         with _audited("seed", database.dialect) as request_id:
             if not args.quiet:
                 print(f"audited as request {request_id}", file=sys.stderr)
-            counts = seed.seed(database, users=args.users, projects=args.projects, tasks_per_project=args.tasks, progress=not args.quiet)
+            counts = seed.seed(
+                database,
+                users=args.users,
+                projects=args.projects,
+                tasks_per_project=args.tasks,
+                channels=args.channels,
+                messages_per_channel=args.messages,
+                conversations=args.conversations,
+                messages_per_conversation=args.turns,
+                knowledge_chunks=args.chunks,
+                progress=not args.quiet,
+            )
         print(", ".join(f"{n} {name}" for name, n in counts.items()))
     finally:
         database.dispose()
@@ -274,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--users", type=int, default=50)
     seed.add_argument("--projects", type=int, default=20)
     seed.add_argument("--tasks", type=int, default=25, help="tasks per project")
+    seed.add_argument("--channels", type=int, default=10)
+    seed.add_argument("--messages", type=int, default=30, help="chat messages per channel")
+    seed.add_argument("--conversations", type=int, default=20)
+    seed.add_argument("--turns", type=int, default=8, help="messages per conversation")
+    seed.add_argument("--chunks", type=int, default=150, help="knowledge chunks")
     seed.add_argument("--quiet", action="store_true", help="no progress bar")
     seed.set_defaults(func=_seed)
 

@@ -18,13 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import json_format
+from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.identity.v1 import identity_pb2 as ipb
+from nexus.knowledge.v1 import knowledge_pb2 as kpb
 from nexus.work.v1 import work_pb2 as wpb
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from db import migrate, seed
 from db.database import Database
+from db.domains.chat import Channel, ChatMessage, Conversation, ConversationMessage
 from db.domains.identity import User
+from db.domains.knowledge import KnowledgeChunk
 from db.domains.work import Project, Task
 from db.unit import SESSION_READ
 from tests.conftest import Client, ServerThread, connect, make_config
@@ -33,7 +38,12 @@ from tests.databases import fresh_postgres_database
 REPO = Path(__file__).resolve().parents[1]
 NEXUS_DATA = Path(sys.executable).parent / "nexus-data"
 USERS, PROJECTS, TASKS = 12, 3, 5
-SIZE_ARGS = ["--users", str(USERS), "--projects", str(PROJECTS), "--tasks", str(TASKS)]
+CHANNELS, MESSAGES, CONVERSATIONS, TURNS, CHUNKS = 4, 6, 5, 5, 24
+SIZE_ARGS = [
+    "--users", str(USERS), "--projects", str(PROJECTS), "--tasks", str(TASKS),
+    "--channels", str(CHANNELS), "--messages", str(MESSAGES),
+    "--conversations", str(CONVERSATIONS), "--turns", str(TURNS), "--chunks", str(CHUNKS),
+]
 COUNTS_LINE = re.compile(r"^(\d+ [a-z_]+)(, \d+ [a-z_]+)*$")
 
 
@@ -88,6 +98,12 @@ def totals(c: Client) -> dict[str, int]:
         "api_keys": c.identity.ListApiKeys(ipb.ListApiKeysRequest(page_size=1)).total_size,
         "projects": c.work.ListProjects(wpb.ListProjectsRequest(page_size=1)).total_size,
         "tasks": c.work.ListTasks(wpb.ListTasksRequest(page_size=1)).total_size,
+        "channels": c.chat.ListChannels(cpb.ListChannelsRequest(page_size=1)).total_size,
+        "channel_members": sum(len(ch.member_ids) for ch in list_all(c.chat.ListChannels, cpb.ListChannelsRequest, "channels")),
+        "chat_messages": c.chat.ListChatMessages(cpb.ListChatMessagesRequest(page_size=1)).total_size,
+        "conversations": c.chat.ListConversations(cpb.ListConversationsRequest(page_size=1)).total_size,
+        "conversation_messages": c.chat.ListConversationMessages(cpb.ListConversationMessagesRequest(page_size=1)).total_size,
+        "knowledge_chunks": c.knowledge.ListKnowledgeChunks(kpb.ListKnowledgeChunksRequest(page_size=1)).total_size,
     }
 
 
@@ -104,6 +120,11 @@ class Seeded:
     roles: list[ipb.Role]
     projects: list[wpb.Project]
     tasks: list[wpb.Task]
+    channels: list[cpb.Channel]
+    chat_messages: list[cpb.ChatMessage]
+    conversations: list[cpb.Conversation]
+    conversation_messages: list[cpb.ConversationMessage]
+    chunks: list[kpb.KnowledgeChunk]
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +147,13 @@ def seeded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 list_all(client.identity.ListRoles, ipb.ListRolesRequest, "roles"),
                 list_all(client.work.ListProjects, wpb.ListProjectsRequest, "projects"),
                 list_all(client.work.ListTasks, wpb.ListTasksRequest, "tasks", order_by="create_time"),
+                list_all(client.chat.ListChannels, cpb.ListChannelsRequest, "channels"),
+                list_all(client.chat.ListChatMessages, cpb.ListChatMessagesRequest, "chat_messages", order_by="create_time"),
+                list_all(client.chat.ListConversations, cpb.ListConversationsRequest, "conversations"),
+                list_all(
+                    client.chat.ListConversationMessages, cpb.ListConversationMessagesRequest, "conversation_messages", order_by="create_time"
+                ),
+                list_all(client.knowledge.ListKnowledgeChunks, kpb.ListKnowledgeChunksRequest, "knowledge_chunks"),
             )
         finally:
             client.channel.close()
@@ -143,6 +171,13 @@ def test_cli_prints_the_counts(seeded: Seeded) -> None:
     assert PROJECTS * 3 <= counts["project_members"] <= PROJECTS * 8  # the owner and 2 to 7 more
     assert counts["tasks"] == PROJECTS * TASKS
     assert 0 <= counts["task_dependencies"] <= PROJECTS * (TASKS - 1) * 2
+    assert counts["channels"] == CHANNELS
+    assert CHANNELS * 3 <= counts["channel_members"] <= CHANNELS * 9  # the creator and 2 to 8 more
+    assert counts["chat_messages"] == CHANNELS * MESSAGES
+    assert counts["conversations"] == CONVERSATIONS
+    assert counts["conversation_messages"] == CONVERSATIONS * TURNS
+    assert counts["knowledge_chunks"] == CHUNKS
+    assert counts["knowledge_chunks_replaced"] == 0, "a fresh database has no chunk to replace"
     assert seeded.result.stdout.strip().count("\n") == 0, "--quiet prints the counts line only"
     assert seeded.result.stderr == "", "--quiet draws no progress bar"
     assert "password" not in (seeded.result.stdout + seeded.result.stderr).lower()
@@ -233,6 +268,80 @@ def test_project_progress_of_a_seeded_project(seeded: Seeded) -> None:
         assert progress.actual_hours == pytest.approx(sum(t.actual_hours for t in mine))
 
 
+def test_channels_and_their_messages(seeded: Seeded) -> None:
+    users = {u.id for u in seeded.users}
+    projects = {p.id: p for p in seeded.projects}
+    channels = {ch.id: ch for ch in seeded.channels}
+    assert len(channels) == CHANNELS and len({ch.name for ch in seeded.channels}) == CHANNELS
+    for channel in seeded.channels:
+        assert channel.name and channel.description
+        assert channel.creator_id in channel.member_ids, "the creator is a member"
+        assert 3 <= len(channel.member_ids) <= 9 and set(channel.member_ids) <= users
+        if channel.project_id:
+            assert set(channel.member_ids) <= set(projects[channel.project_id].member_ids), "a project's channel is its members'"
+    messages = {m.id: m for m in seeded.chat_messages}
+    position = {m.id: i for i, m in enumerate(seeded.chat_messages)}  # creation order
+    assert len(messages) == CHANNELS * MESSAGES
+    for message in seeded.chat_messages:
+        assert message.content
+        assert message.author_id in channels[message.channel_id].member_ids, "authors are members of the channel"
+        if message.parent_id:
+            parent = messages[message.parent_id]
+            assert parent.channel_id == message.channel_id, "a reply is in its parent's channel"
+            assert position[parent.id] < position[message.id]
+
+
+def test_conversations_and_their_turns(seeded: Seeded) -> None:
+    users = {u.id for u in seeded.users}
+    conversations = {c.id: c for c in seeded.conversations}
+    assert len(conversations) == CONVERSATIONS
+    assert all(c.user_id in users and c.title for c in seeded.conversations)
+    assert all(c.status in (cpb.CONVERSATION_STATUS_ACTIVE, cpb.CONVERSATION_STATUS_ARCHIVED) for c in seeded.conversations)
+    turns: dict[str, list[cpb.ConversationMessage]] = {}
+    for message in seeded.conversation_messages:
+        assert message.conversation_id in conversations, "messages belong to seeded conversations"
+        turns.setdefault(message.conversation_id, []).append(message)
+    assert set(turns) == set(conversations)
+    for said in turns.values():
+        assert len(said) == TURNS
+        senders = [m.sender_type for m in said]
+        if senders[0] == cpb.SENDER_TYPE_SYSTEM:
+            senders = senders[1:]
+        expected = [cpb.SENDER_TYPE_USER, cpb.SENDER_TYPE_ASSISTANT] * TURNS
+        assert senders == expected[: len(senders)], "a system prompt first at most, then the user and the assistant by turns"
+
+
+def test_knowledge_chunks(seeded: Seeded) -> None:
+    chunks = seeded.chunks
+    assert len(chunks) == CHUNKS
+    keys = [(c.source, c.external_id) for c in chunks]
+    assert len(set(keys)) == CHUNKS, "an external id is unique within its source"
+    for chunk in chunks:
+        path, _, index = chunk.external_id.rpartition("#")
+        assert chunk.source in seed.KNOWLEDGE_SOURCES and path.endswith(".md") and index.isdigit()
+        assert chunk.title and chunk.content.count(".") >= 2
+        metadata = json_format.MessageToDict(chunk.chunk_metadata)
+        assert metadata["lang"] in ("en", "de") and metadata["section"] and metadata["module"]
+        assert metadata["path"] == path
+        assert metadata["lang"] == "en" or chunk.source in seed.GERMAN_SOURCES
+
+
+def test_knowledge_chunks_are_searchable_and_filterable_by_lang(seeded: Seeded) -> None:
+    c = seeded.client
+    lang = {chunk.id: json_format.MessageToDict(chunk.chunk_metadata)["lang"] for chunk in seeded.chunks}
+    for code in ("en", "de"):
+        found = list_all(c.knowledge.ListKnowledgeChunks, kpb.ListKnowledgeChunksRequest, "knowledge_chunks", filter=f'chunk_metadata.lang = "{code}"')
+        assert {chunk.id for chunk in found} == {i for i, v in lang.items() if v == code}
+    english = next(chunk for chunk in seeded.chunks if lang[chunk.id] == "en")
+    word = max((w.strip(".,;:") for w in english.content.split()), key=lambda w: (w.isalpha(), len(w)))
+    response = c.knowledge.SearchKnowledgeChunks(
+        kpb.SearchKnowledgeChunksRequest(query=word, filter='chunk_metadata.lang = "en"', page_size=1000)
+    )
+    hits = [r.knowledge_chunk for r in response.results]
+    assert english.id in {h.id for h in hits}, f"a search for {word!r} finds the chunk"
+    assert all(lang[h.id] == "en" for h in hits)
+
+
 def test_seeding_again_adds_more_without_collisions(seeded: Seeded) -> None:
     before = totals(seeded.client)
     result = run_seed(seeded.url, *SIZE_ARGS, "--quiet")
@@ -241,6 +350,10 @@ def test_seeding_again_adds_more_without_collisions(seeded: Seeded) -> None:
     assert counts["users"] == USERS and counts["projects"] == PROJECTS and counts["tasks"] == PROJECTS * TASKS
     assert counts["roles"] == 0, "the role rows exist already and are reused"
     assert counts["role_assignments"] == USERS
+    assert counts["channels"] == CHANNELS and counts["chat_messages"] == CHANNELS * MESSAGES
+    assert counts["conversations"] == CONVERSATIONS and counts["conversation_messages"] == CONVERSATIONS * TURNS
+    # A chunk whose (source, external_id) was seeded before is replaced, not added again.
+    assert counts["knowledge_chunks"] + counts["knowledge_chunks_replaced"] == CHUNKS
     after = totals(seeded.client)
     assert {k: after[k] - before[k] for k in after} == {k: counts[k] for k in after}
     users = list_all(seeded.client.identity.ListUsers, ipb.ListUsersRequest, "users")
@@ -265,6 +378,11 @@ SNAPSHOT_COLUMNS = {
     User: (User.username, User.email, User.full_name, User.role, User.preferences, User.is_active),
     Project: (Project.name, Project.status, Project.priority, Project.budget_amount, Project.start_date),
     Task: (Task.title, Task.status, Task.priority, Task.tags, Task.estimated_hours, Task.actual_hours),
+    Channel: (Channel.name, Channel.description, Channel.is_private),
+    ChatMessage: (ChatMessage.content,),
+    Conversation: (Conversation.title, Conversation.status),
+    ConversationMessage: (ConversationMessage.sender_type, ConversationMessage.content, ConversationMessage.role_metadata),
+    KnowledgeChunk: (KnowledgeChunk.source, KnowledgeChunk.external_id, KnowledgeChunk.title, KnowledgeChunk.content, KnowledgeChunk.chunk_metadata),
 }
 
 
@@ -274,7 +392,7 @@ def _snapshot(url: str) -> dict[str, list[Any]]:
     try:
         return database.run_sync(
             lambda s: {
-                model.__name__: list(s.execute(select(*columns).order_by(model.create_time)))
+                model.__name__: list(s.execute(select(*columns).order_by(model.create_time, model.id)))
                 for model, columns in SNAPSHOT_COLUMNS.items()
             },
             SESSION_READ,
@@ -292,9 +410,15 @@ def _seed_in_process(url: str, **kwargs: Any) -> dict[str, int]:
         database.dispose()
 
 
+IN_PROCESS_SIZES = dict(
+    users=8, projects=2, tasks_per_project=6, channels=6, messages_per_channel=8,
+    conversations=6, messages_per_conversation=6, knowledge_chunks=30,
+)
+
+
 def test_a_seed_number_makes_it_deterministic(tmp_path: Path) -> None:
     urls = [f"sqlite:///{tmp_path / name}.db" for name in ("a", "b", "c")]
-    sizes = dict(users=8, projects=2, tasks_per_project=6)
+    sizes = IN_PROCESS_SIZES
     counts = [_seed_in_process(urls[0], rng_seed=42, **sizes), _seed_in_process(urls[1], rng_seed=42, **sizes)]
     assert counts[0] == counts[1]
     assert _snapshot(urls[0]) == _snapshot(urls[1])
@@ -302,10 +426,66 @@ def test_a_seed_number_makes_it_deterministic(tmp_path: Path) -> None:
     assert _snapshot(urls[2]) != _snapshot(urls[0])
 
 
+def _stored(url: str) -> dict[str, int]:
+    database = Database(url)
+    try:
+        return database.run_sync(
+            lambda s: {model.__name__: s.scalar(select(func.count()).select_from(model)) for model in SNAPSHOT_COLUMNS}, SESSION_READ
+        )
+    finally:
+        database.dispose()
+
+
+def test_seeding_twice_with_one_seed_number_replaces_the_chunks_and_adds_the_rest(database_url: str, tmp_path: Path) -> None:
+    """The same chunks again (same keys) are replaced through the upsert; everything else is added."""
+    with fresh_database(backend_of(database_url), tmp_path) as url:
+        first = _seed_in_process(url, rng_seed=7, **IN_PROCESS_SIZES)
+        once = _stored(url)
+        second = _seed_in_process(url, rng_seed=7, **IN_PROCESS_SIZES)
+        twice = _stored(url)
+    assert first["knowledge_chunks"] == IN_PROCESS_SIZES["knowledge_chunks"] and first["knowledge_chunks_replaced"] == 0
+    assert second["knowledge_chunks"] == 0 and second["knowledge_chunks_replaced"] == IN_PROCESS_SIZES["knowledge_chunks"]
+    assert twice["KnowledgeChunk"] == once["KnowledgeChunk"] == IN_PROCESS_SIZES["knowledge_chunks"]
+    for model, kind in ((User, "users"), (Task, "tasks"), (Channel, "channels"), (ChatMessage, "chat_messages"),
+                        (Conversation, "conversations"), (ConversationMessage, "conversation_messages")):
+        assert twice[model.__name__] == 2 * once[model.__name__] == 2 * first[kind] == 2 * second[kind], kind
+
+
+def test_the_sample_has_each_variety(tmp_path: Path) -> None:
+    """One seed number's sample has what a client of each kind meets: project and company
+    channels, private ones, replies, archived conversations with system prompts and metadata,
+    German chunks and several sources."""
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    # Large enough that each variety is all but certain for any seed number, not just this one.
+    _seed_in_process(url, rng_seed=1, **IN_PROCESS_SIZES | dict(channels=16, conversations=16, knowledge_chunks=200))
+    database = Database(url)
+    try:
+        channels, messages, conversations, turns, chunks = database.run_sync(
+            lambda s: [list(s.scalars(select(model))) for model in (Channel, ChatMessage, Conversation, ConversationMessage, KnowledgeChunk)],
+            SESSION_READ,
+        )
+        assert {c.project_id is None for c in channels} == {True, False}
+        assert {c.is_private for c in channels} == {True, False}
+        assert any(m.parent_id for m in messages)
+        assert {c.status for c in conversations} == {"active", "archived"}
+        assert {t.sender_type for t in turns} == {"system", "user", "assistant"}
+        assert any(t.role_metadata for t in turns) and not all(t.role_metadata for t in turns)
+        assert {c.chunk_metadata["lang"] for c in chunks} == {"en", "de"}
+        assert len({c.source for c in chunks}) >= 3
+    finally:
+        database.dispose()
+
+
 def test_sizes_are_checked(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     with pytest.raises(ValueError, match="at least one user"):
-        _seed_in_process(url, users=0, projects=1)
-    with pytest.raises(ValueError, match="negative"):
-        _seed_in_process(url, users=-1)
-    assert _seed_in_process(url, users=0, projects=0) == dict.fromkeys(seed.COUNT_KINDS, 0) | {"roles": 4}
+        _seed_in_process(url, users=0, projects=1, channels=0, conversations=0)
+    for kind in ("channels", "conversations"):
+        with pytest.raises(ValueError, match="at least one user"):
+            _seed_in_process(url, users=0, projects=0, **{"channels": 0, "conversations": 0, kind: 1})
+    for size in IN_PROCESS_SIZES:
+        with pytest.raises(ValueError, match="negative"):
+            _seed_in_process(url, **{size: -1})
+    nothing = dict.fromkeys(IN_PROCESS_SIZES, 0)
+    assert _seed_in_process(url, **nothing) == dict.fromkeys(seed.COUNT_KINDS, 0) | {"roles": 4}
+    assert set(_stored(url).values()) == {0}

@@ -270,3 +270,19 @@ def test_bad_input_is_refused_precisely_and_changes_nothing(client: Client, acto
     assert _get(owner.c, made.id) == made
     assert list(_shares(owner.c, made.id).document_shares) == [share]
     assert _versions(owner.c, made.id).total_size == 0
+
+
+def test_search_finds_words_of_the_title_first_then_of_the_contents_string_values(client: Client, actor: Callable[..., Actor]) -> None:
+    owner = actor()
+    word = unique("quokka")
+    nested = struct_pb2.Struct()
+    nested.update({"slides": [{"notes": f"remember the {word}"}], "count": 3})
+    titled = _create(owner.c, f"{word} handbook", content=_content("nothing here"))
+    mentioned = _create(owner.c, "Field notes", content=nested)
+    keyed = _create(owner.c, "Keys", content=struct_pb2.Struct(fields={word: struct_pb2.Value(string_value="not a value")}))
+    found = owner.c.knowledge.SearchDocuments(kpb.SearchDocumentsRequest(query=word)).results
+    assert [r.document.id for r in found] == [titled.id, mentioned.id], "a key is not text of the content"
+    _update(owner.c, mentioned.id, "content", content=_content("changed"))
+    found = owner.c.knowledge.SearchDocuments(kpb.SearchDocumentsRequest(query=word)).results
+    assert [r.document.id for r in found] == [titled.id], "the index follows the content"
+    assert keyed.id not in [r.document.id for r in found]

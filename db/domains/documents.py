@@ -27,6 +27,7 @@ from db.engine.call import Call
 from db.engine.codecs import parse_uuid
 from db.engine.resource import REGISTRY, ResourceSpec
 from db.engine.rules import Access, Rule, mine, predicate
+from db.engine.search import JsonText
 
 # ---------------------------------------------------------------- tables
 
@@ -151,8 +152,8 @@ DOCUMENTS = REGISTRY.add(
         required=frozenset({"title", "owner_id"}),
         references={"owner_id": "User"},
         orderable=("create_time", "update_time", "title", "version"),
-        # The title only: the content is a Struct, whose text the search index does not reach.
-        search_fields=(("title", "A"),),
+        # The content's words are those of its string values (search.JsonText).
+        search_fields=(("title", "A"), (JsonText("content"), "B")),
         batch_get=True,
         before_write=_stamp_editor,
         on_update=_keep_version,

@@ -1,8 +1,8 @@
 """documents
 
-KnowledgeService's documents (soft-deleted, searchable over the title), the states they had
-(one per document and version number) and their shares (one per document and user); versions
-and shares go with their document, and shares with their user.
+KnowledgeService's documents (soft-deleted, searchable over the title and the string values of
+the content), the states they had (one per document and version number) and their shares (one
+per document and user); versions and shares go with their document, and shares with their user.
 
 Revision ID: 0009
 Revises: 0008
@@ -14,14 +14,14 @@ from alembic import op
 
 from sqlalchemy.dialects import postgresql
 
-from db.engine.search import create_search_objects, drop_search_objects
+from db.engine.search import JsonText, create_search_objects, drop_search_objects
 
 revision = '0009'
 down_revision = '0008'
 branch_labels = None
 depends_on = None
 
-SEARCH = {"documents": (("title", "A"),)}
+SEARCH = {"documents": (("title", "A"), (JsonText("content"), "B"))}
 
 
 def upgrade() -> None:

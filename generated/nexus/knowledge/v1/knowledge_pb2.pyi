@@ -991,7 +991,7 @@ class SearchDocumentsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the documents' titles."""
+    """Full-text query over the documents' titles and the string values of their content."""
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int

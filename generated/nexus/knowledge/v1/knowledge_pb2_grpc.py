@@ -267,7 +267,8 @@ class KnowledgeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchDocuments(self, request, context):
-        """Full-text search over Documents' titles, best match first.
+        """Full-text search over Documents (title first, then the text of the content's string
+        values), best match first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

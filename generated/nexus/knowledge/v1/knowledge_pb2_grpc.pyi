@@ -71,7 +71,9 @@ class KnowledgeServiceStub:
     UndeleteDocument: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.UndeleteDocumentRequest, _knowledge_pb2.Document]
     """Restores a soft-deleted Document."""
     SearchDocuments: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.SearchDocumentsRequest, _knowledge_pb2.SearchDocumentsResponse]
-    """Full-text search over Documents' titles, best match first."""
+    """Full-text search over Documents (title first, then the text of the content's string
+    values), best match first.
+    """
     BatchGetDocuments: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.BatchGetDocumentsRequest, _knowledge_pb2.BatchGetDocumentsResponse]
     """Returns Documents by id: all or nothing."""
     ListDocumentVersions: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.ListDocumentVersionsRequest, _knowledge_pb2.ListDocumentVersionsResponse]
@@ -131,7 +133,9 @@ class KnowledgeServiceAsyncStub(KnowledgeServiceStub):
     UndeleteDocument: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.UndeleteDocumentRequest, _knowledge_pb2.Document]  # type: ignore[assignment]
     """Restores a soft-deleted Document."""
     SearchDocuments: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.SearchDocumentsRequest, _knowledge_pb2.SearchDocumentsResponse]  # type: ignore[assignment]
-    """Full-text search over Documents' titles, best match first."""
+    """Full-text search over Documents (title first, then the text of the content's string
+    values), best match first.
+    """
     BatchGetDocuments: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.BatchGetDocumentsRequest, _knowledge_pb2.BatchGetDocumentsResponse]  # type: ignore[assignment]
     """Returns Documents by id: all or nothing."""
     ListDocumentVersions: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.ListDocumentVersionsRequest, _knowledge_pb2.ListDocumentVersionsResponse]  # type: ignore[assignment]
@@ -284,7 +288,9 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _knowledge_pb2.SearchDocumentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_knowledge_pb2.SearchDocumentsResponse, _abc.Awaitable[_knowledge_pb2.SearchDocumentsResponse]]:
-        """Full-text search over Documents' titles, best match first."""
+        """Full-text search over Documents (title first, then the text of the content's string
+        values), best match first.
+        """
 
     @_abc_1.abstractmethod
     def BatchGetDocuments(

@@ -53,6 +53,12 @@ CUSTOM_METHODS: dict[str, Action] = {
     "nexus.knowledge.v1.KnowledgeService/UpsertKnowledgeChunk": Action.WRITE,
     "nexus.knowledge.v1.KnowledgeService/BatchUpsertKnowledgeChunks": Action.WRITE,
     "nexus.knowledge.v1.KnowledgeService/DeleteKnowledgeChunksBySource": Action.WRITE,
+    "nexus.knowledge.v1.KnowledgeService/ListDocumentVersions": Action.READ,
+    "nexus.knowledge.v1.KnowledgeService/GetDocumentVersion": Action.READ,
+    "nexus.knowledge.v1.KnowledgeService/RestoreDocumentVersion": Action.WRITE,
+    "nexus.knowledge.v1.KnowledgeService/ShareDocument": Action.WRITE,
+    "nexus.knowledge.v1.KnowledgeService/UnshareDocument": Action.WRITE,
+    "nexus.knowledge.v1.KnowledgeService/ListDocumentShares": Action.READ,
 }
 
 # Services no role below this may call at all (the audit trail is for admins).

@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.common.v1 import common_pb2
 from nexus.identity.v1 import identity_pb2 as ipb
+from nexus.knowledge.v1 import knowledge_pb2 as kpb
 from nexus.work.v1 import work_pb2 as wpb
 
 from tests.conftest import Client, unique
@@ -242,6 +243,17 @@ SAMPLES: dict[str, Sample] = {
         },
         ("title", None),
         lambda w: f'title = "{w} installation"',
+    ),
+    "Document": Sample(
+        "nexus.knowledge.v1.KnowledgeService",
+        lambda c, w: {
+            "title": f"{w} quarterly report",
+            "kind": kpb.DOCUMENT_KIND_WORD,
+            "content": struct_pb2.Struct(fields={"body": struct_pb2.Value(string_value="Revenue grew.")}),
+            "owner_id": new_user(c).id,
+        },
+        ("title", None),
+        lambda w: f'title = "{w} quarterly report"',
     ),
 }
 

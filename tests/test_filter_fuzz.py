@@ -46,6 +46,17 @@ FILTERS = st.one_of(
 )
 
 
+def _served_lists() -> list[str]:
+    """The resources served with a standard List: every one in a servicer's `resources` (a
+    document's versions and shares are listed per document, by custom methods, unfiltered)."""
+    from service.server import DOMAIN_SERVICES
+
+    return sorted(spec.name for cls, _, _ in DOMAIN_SERVICES for spec in cls.resources)
+
+
+LISTED = _served_lists()
+
+
 def _list(client: Client, spec_name: str, flt: str) -> object:
     spec = REGISTRY[spec_name]
     pb = sys.modules[spec.message.__module__]
@@ -54,7 +65,7 @@ def _list(client: Client, spec_name: str, flt: str) -> object:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(spec_name=st.sampled_from(sorted(s.name for s in REGISTRY)), flt=FILTERS)
+@given(spec_name=st.sampled_from(LISTED), flt=FILTERS)
 def test_any_filter_is_answered_or_refused_precisely(client: Client, spec_name: str, flt: str) -> None:
     try:
         _list(client, spec_name, flt)
@@ -67,9 +78,9 @@ def test_any_filter_is_answered_or_refused_precisely(client: Client, spec_name: 
 def test_hostile_filters_leave_the_data_intact(client: Client) -> None:
     before = _list(client, "User", "").total_size  # type: ignore[attr-defined]
     for flt in HOSTILE:
-        for spec in REGISTRY:
+        for name in LISTED:
             try:
-                _list(client, spec.name, flt)
+                _list(client, name, flt)
             except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (spec.name, flt, exc.details())
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, flt, exc.details())
     assert _list(client, "User", "").total_size == before  # type: ignore[attr-defined]

@@ -67,3 +67,7 @@ def test_its_words_say_what_the_rules_do(table: dict[tuple[str, str], dict[str, 
         assert (row["manages"] == "none") == (manages == "none"), (spec.name, role, row, manages)
         if spec.access.admin_only and manages == "some":
             assert all(name in row["manages"] for name in spec.access.admin_only), (spec.name, role, row)
+        if spec.access.delete is not None and manages == "some":
+            # Fewer rows deleted than managed: the words say which.
+            assert f"deletes only {spec.access.delete.describe(role)}" in row["manages"], (spec.name, role, row)
+            assert _kind(rules.delete_predicate(spec, role, user)) == "some", (spec.name, role, row)

@@ -53,6 +53,8 @@ def plan_update(spec: ResourceSpec, request: Any, call: Call) -> Plan:
     needs = _needs_transaction(spec)
     if needs is not None:
         return needs
+    if spec.on_update is not None:
+        return Plan(Mode.TRANSACTION, f"a change of a {spec.name} writes more rows (its on_update)")
     msg = getattr(request, spec.singular_field)
     try:
         names = update_paths(spec, msg, request.update_mask.paths)

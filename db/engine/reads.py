@@ -28,17 +28,19 @@ MAX_BATCH = 1000
 
 def fetch(
     session: Session, spec: ResourceSpec, raw_id: str, *, show_deleted: bool = False, field_path: str = "id", lock: bool = False,
+    deleting: bool = False,
 ) -> Any:
     """The row with that id, or NOT_FOUND with ResourceInfo (soft-deleted rows count as absent).
 
     lock=True means the caller is about to change the row: it takes the row lock (PostgreSQL) and
     applies the caller's manage rule instead of its read rule. A caller whose rule hides the row —
     or who asks for an id that does not exist — gets PERMISSION_DENIED, not NOT_FOUND (AIP-193:
-    permission is checked before existence, so hidden ids do not leak).
+    permission is checked before existence, so hidden ids do not leak). deleting=True (with
+    lock) applies the caller's delete rule instead: the row is about to be deleted or undeleted.
     """
     row_id = parse_uuid(raw_id, field_path)
     stmt = select(spec.model).where(spec.table.c.id == row_id)
-    allowed = predicate(spec, write=True) if lock else read_rule(spec, show_deleted)
+    allowed = predicate(spec, write=True, deleting=deleting) if lock else read_rule(spec, show_deleted)
     if allowed is not None:
         stmt = stmt.where(allowed)
     if spec.load_options:

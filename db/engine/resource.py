@@ -37,6 +37,11 @@ COMMON_OUTPUT_ONLY = frozenset({"id", "create_time", "update_time", "delete_time
 # It validates and completes the row; it may read, never write (a Create may run in autocommit:
 # engine/plans.plan_create).
 WriteHook = Callable[[Session, Any, set[str], bool, Any], None]
+# Hook signature: (session, old values, new values (both by column), call) -> None. Run when a
+# standard Update changes a row, before the row is written: it may complete the new values (a
+# document's version number) and write other rows through the engine, audited (the state the
+# document leaves, kept as a version), in the update's transaction.
+UpdateHook = Callable[[Session, dict[str, Any], dict[str, Any], Any], None]
 
 
 def etag_of(row: Any) -> str:
@@ -71,6 +76,8 @@ class ResourceSpec:
     batch_create: bool = False
     batch_get: bool = False
     before_write: WriteHook | None = None
+    # What a change of a row does beyond it (UpdateHook); its updates then run in a transaction.
+    on_update: UpdateHook | None = None
     # Options a servicer may load eagerly with every row (relationships the output needs).
     load_options: tuple[Any, ...] = ()
     # For streamed resources: the scope ("channels/<id>") whose event log a change goes to.

@@ -7,7 +7,9 @@ resource declares two rules over its table, built for the calling user:
 - `read`:   rows the caller may see (List and Search filter by it; Get of any other id is
             PERMISSION_DENIED, checked before existence, so ids of hidden rows do not leak);
 - `manage`: rows the caller may create, change or delete (checked on the row before a change
-            and on the row after it, so nobody can move a row out of their own reach).
+            and on the row after it, so nobody can move a row out of their own reach);
+- `delete`: optional, rows the caller may delete, undelete and see once soft-deleted, where
+            fewer than it manages (a document's editors change it, only its owner deletes it).
 
 A rule's predicate None means "every row". Which RPCs a role may call at all is
 service/policy.py's table; `nexus-data policy` prints both.
@@ -89,6 +91,9 @@ class Access:
     admin_only: frozenset[str] = frozenset()
     # What else a non-admin's new rows must meet (a task goes only into the caller's projects).
     create: CreateRule | None = None
+    # Rows the caller may delete, undelete and see once soft-deleted, when fewer than `manage`
+    # (None: those it manages).
+    delete: Rule | None = None
 
 
 def read_predicate(spec: ResourceSpec, role: str, user_id: uuid.UUID | None) -> ColumnElement[bool] | None:
@@ -108,6 +113,16 @@ def manage_predicate(spec: ResourceSpec, role: str, user_id: uuid.UUID | None) -
     return true() if built is None else built
 
 
+def delete_predicate(spec: ResourceSpec, role: str, user_id: uuid.UUID | None) -> ColumnElement[bool] | None:
+    """None when the caller may delete every row of the resource; the manage rule unless the
+    resource declares a delete rule, and then both."""
+    managed = manage_predicate(spec, role, user_id)
+    if managed is None or spec.access.delete is None or role == "guest":
+        return managed
+    built = spec.access.delete(user_id, role)
+    return managed if built is None else and_(managed, built)
+
+
 def describe(spec: ResourceSpec, role: str) -> tuple[str, str]:
     """(sees, manages) of a role on a resource, in words: a row of the policy table."""
     sees = "all" if role == "admin" else spec.access.read.describe(role)
@@ -123,14 +138,19 @@ def describe(spec: ResourceSpec, role: str) -> tuple[str, str]:
             manages += f" (not {', '.join(sorted(spec.access.admin_only))}: admins only)"
         if spec.access.create is not None and manages != "none":
             manages += f"; new ones only {spec.access.create.says}"
+        if spec.access.delete is not None and manages != "none":
+            manages += f"; deletes only {spec.access.delete.describe(role)}"
     return sees, manages
 
 
-def predicate(spec: ResourceSpec, write: bool) -> Any:
-    """The caller's row filter for spec (None: every row), from its declared access."""
+def predicate(spec: ResourceSpec, write: bool, deleting: bool = False) -> Any:
+    """The caller's row filter for spec (None: every row), from its declared access: the read
+    rule, the manage rule (write), or the delete rule (deleting)."""
     call = current_call()
     if call is None:
         return None
+    if deleting:
+        return delete_predicate(spec, call.role, call.actor_user_id)
     if write:
         return manage_predicate(spec, call.role, call.actor_user_id)
     return read_predicate(spec, call.role, call.actor_user_id)
@@ -138,12 +158,13 @@ def predicate(spec: ResourceSpec, write: bool) -> Any:
 
 def read_rule(spec: ResourceSpec, show_deleted: bool) -> Any:
     """The caller's read rule, and for a read that shows soft-deleted rows, those only where the
-    caller manages the row (its author or owner, the resource's managers; admins: all)."""
+    caller may delete the row, and so undelete it (its author or owner, the resource's
+    managers; admins: all)."""
     allowed = predicate(spec, write=False)
     call = current_call()
     if not (show_deleted and spec.soft_delete and call is not None and call.role != "admin"):
         return allowed
-    live_or_managed = or_(spec.table.c.delete_time.is_(None), predicate(spec, write=True))
+    live_or_managed = or_(spec.table.c.delete_time.is_(None), predicate(spec, write=True, deleting=True))
     return live_or_managed if allowed is None else and_(allowed, live_or_managed)
 
 

@@ -22,9 +22,30 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 MAX_QUERY_LENGTH = 1024
 
 
+class JsonText(str):
+    """A searchable column holding JSON (a Struct), by name: the words of its string values are
+    searched, never its keys, numbers or punctuation. PostgreSQL indexes to_tsvector of the
+    jsonb (which reads string values only); SQLite's triggers put the string values, taken with
+    json_tree, into the FTS5 table."""
+
+
 def _pg_vector_sql(fields: tuple[tuple[str, str], ...]) -> str:
-    parts = [f"setweight(to_tsvector('english'::regconfig, coalesce({col}, '')), '{weight}')" for col, weight in fields]
+    parts = []
+    for col, weight in fields:
+        source = f"coalesce({col}, '{{}}'::jsonb)" if isinstance(col, JsonText) else f"coalesce({col}, '')"
+        parts.append(f"setweight(to_tsvector('english'::regconfig, {source}), '{weight}')")
     return " || ".join(parts)
+
+
+def _sqlite_values(fields: tuple[tuple[str, str], ...], row: str) -> str:
+    """What the FTS5 table holds of a row (row: "new", "old" or the table's name)."""
+    values = []
+    for col, _ in fields:
+        if isinstance(col, JsonText):
+            values.append(f"(SELECT group_concat(value, ' ') FROM json_tree({row}.{col}) WHERE type = 'text')")
+        else:
+            values.append(f"{row}.{col}")
+    return ", ".join(values)
 
 
 def pg_index_ddl(table_name: str, fields: tuple[tuple[str, str], ...]) -> str:
@@ -36,13 +57,13 @@ def sqlite_fts_ddl(table_name: str, fields: tuple[tuple[str, str], ...]) -> list
 
     Trap: an external-content FTS5 table joins on rowid, and SQLite may renumber the implicit
     rowid of a table without an INTEGER PRIMARY KEY on VACUUM. After a VACUUM run
-    `INSERT INTO <t>_fts(<t>_fts) VALUES('rebuild')` for each such table.
+    sqlite_fts_rebuild(table, fields) for each such table.
     """
     fts = f"{table_name}_fts"
     cols = [c for c, _ in fields]
     col_list = ", ".join(cols)
-    new_vals = ", ".join(f"new.{c}" for c in cols)
-    old_vals = ", ".join(f"old.{c}" for c in cols)
+    new_vals = _sqlite_values(fields, "new")
+    old_vals = _sqlite_values(fields, "old")
     return [
         f"CREATE VIRTUAL TABLE {fts} USING fts5({col_list}, content='{table_name}', content_rowid='rowid', tokenize='porter unicode61')",
         f"CREATE TRIGGER {fts}_ai AFTER INSERT ON {table_name} BEGIN "
@@ -52,7 +73,7 @@ def sqlite_fts_ddl(table_name: str, fields: tuple[tuple[str, str], ...]) -> list
         f"CREATE TRIGGER {fts}_au AFTER UPDATE OF {col_list} ON {table_name} BEGIN "
         f"INSERT INTO {fts}({fts}, rowid, {col_list}) VALUES ('delete', old.rowid, {old_vals}); "
         f"INSERT INTO {fts}(rowid, {col_list}) VALUES (new.rowid, {new_vals}); END",
-        f"INSERT INTO {fts}({fts}) VALUES ('rebuild')",
+        *sqlite_fts_rebuild(table_name, fields),
     ]
 
 
@@ -61,8 +82,18 @@ def sqlite_fts_drop(table_name: str) -> list[str]:
     return [f"DROP TRIGGER IF EXISTS {fts}_{s}" for s in ("ai", "ad", "au")] + [f"DROP TABLE IF EXISTS {fts}"]
 
 
-def sqlite_fts_rebuild(table_name: str) -> str:
-    return f"INSERT INTO {table_name}_fts({table_name}_fts) VALUES ('rebuild')"
+def sqlite_fts_rebuild(table_name: str, fields: tuple[tuple[str, str], ...]) -> list[str]:
+    """The statements that fill the FTS5 table afresh from its table: FTS5's own rebuild, which
+    reads the columns as they are, or for a table with a JSON field the values its triggers
+    write (a 'delete' must name what was inserted)."""
+    fts = f"{table_name}_fts"
+    if not any(isinstance(col, JsonText) for col, _ in fields):
+        return [f"INSERT INTO {fts}({fts}) VALUES ('rebuild')"]
+    col_list = ", ".join(col for col, _ in fields)
+    return [
+        f"INSERT INTO {fts}({fts}) VALUES ('delete-all')",
+        f"INSERT INTO {fts}(rowid, {col_list}) SELECT rowid, {_sqlite_values(fields, table_name)} FROM {table_name}",
+    ]
 
 
 @dataclass(frozen=True)

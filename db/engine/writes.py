@@ -401,6 +401,13 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     old = {key: getattr(before, key) for key in keys}
     new = {key: getattr(row, key) for key in keys}
     changed = {key: value for key, value in new.items() if value != old[key]}
+    if changed and spec.on_update is not None:
+        if one_statement:  # its rows and this one would commit apart: a bug of engine/plans.py
+            raise AssertionError(f"a change of a {spec.name} writes more rows (on_update): the plan {plan_of(session)} cannot hold")
+        spec.on_update(session, old, new, call)
+        changed = {key: value for key, value in new.items() if value != old[key]}
+        for key, value in changed.items():
+            setattr(row, key, value)
     loaders = reading.relation_loaders(spec)
     table = spec.table
     if changed:
@@ -488,7 +495,7 @@ def delete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
             reason="FORCE_DELETE_ADMIN_ONLY",
             metadata={"field": "force", "resource_type": spec.name},
         )
-    row = fetch(session, spec, request.id, show_deleted=force, lock=True)
+    row = fetch(session, spec, request.id, show_deleted=force, lock=True, deleting=True)
     check_etag(row, request.etag, "etag")
     if spec.soft_delete and not force:
         row.delete_time = utcnow()
@@ -500,7 +507,7 @@ def delete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
 
 
 def undelete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:
-    row = fetch(session, spec, request.id, show_deleted=True, lock=True)
+    row = fetch(session, spec, request.id, show_deleted=True, lock=True, deleting=True)
     if row.delete_time is None:
         raise errors.FailedPrecondition(f"{spec.name} {request.id!r} is not deleted", reason="NOT_DELETED")
     row.delete_time = None

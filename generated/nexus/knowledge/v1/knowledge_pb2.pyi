@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,70 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _DocumentKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DocumentKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DocumentKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DOCUMENT_KIND_UNSPECIFIED: _DocumentKind.ValueType  # 0
+    """Not set: a new document is OTHER."""
+    DOCUMENT_KIND_WORD: _DocumentKind.ValueType  # 1
+    """A text document."""
+    DOCUMENT_KIND_EXCEL: _DocumentKind.ValueType  # 2
+    """A spreadsheet."""
+    DOCUMENT_KIND_POWERPOINT: _DocumentKind.ValueType  # 3
+    """A slide deck."""
+    DOCUMENT_KIND_OTHER: _DocumentKind.ValueType  # 4
+    """Anything else."""
+
+class DocumentKind(_DocumentKind, metaclass=_DocumentKindEnumTypeWrapper):
+    """What a Document is."""
+
+DOCUMENT_KIND_UNSPECIFIED: DocumentKind.ValueType  # 0
+"""Not set: a new document is OTHER."""
+DOCUMENT_KIND_WORD: DocumentKind.ValueType  # 1
+"""A text document."""
+DOCUMENT_KIND_EXCEL: DocumentKind.ValueType  # 2
+"""A spreadsheet."""
+DOCUMENT_KIND_POWERPOINT: DocumentKind.ValueType  # 3
+"""A slide deck."""
+DOCUMENT_KIND_OTHER: DocumentKind.ValueType  # 4
+"""Anything else."""
+Global___DocumentKind: _TypeAlias = DocumentKind  # noqa: Y015
+
+class _DocumentShareLevel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DocumentShareLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DocumentShareLevel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DOCUMENT_SHARE_LEVEL_UNSPECIFIED: _DocumentShareLevel.ValueType  # 0
+    """Not set: refused."""
+    DOCUMENT_SHARE_LEVEL_VIEW: _DocumentShareLevel.ValueType  # 1
+    """See the document, its versions and its shares."""
+    DOCUMENT_SHARE_LEVEL_COMMENT: _DocumentShareLevel.ValueType  # 2
+    """As VIEW (comments are kept elsewhere)."""
+    DOCUMENT_SHARE_LEVEL_EDIT: _DocumentShareLevel.ValueType  # 3
+    """As VIEW, and change its title, content and kind (making versions) and restore versions;
+    not delete it, change its owner, or share it.
+    """
+
+class DocumentShareLevel(_DocumentShareLevel, metaclass=_DocumentShareLevelEnumTypeWrapper):
+    """What a user a Document is shared with may do with it."""
+
+DOCUMENT_SHARE_LEVEL_UNSPECIFIED: DocumentShareLevel.ValueType  # 0
+"""Not set: refused."""
+DOCUMENT_SHARE_LEVEL_VIEW: DocumentShareLevel.ValueType  # 1
+"""See the document, its versions and its shares."""
+DOCUMENT_SHARE_LEVEL_COMMENT: DocumentShareLevel.ValueType  # 2
+"""As VIEW (comments are kept elsewhere)."""
+DOCUMENT_SHARE_LEVEL_EDIT: DocumentShareLevel.ValueType  # 3
+"""As VIEW, and change its title, content and kind (making versions) and restore versions;
+not delete it, change its owner, or share it.
+"""
+Global___DocumentShareLevel: _TypeAlias = DocumentShareLevel  # noqa: Y015
 
 @_typing.final
 class KnowledgeChunk(_message.Message):
@@ -631,3 +696,791 @@ class DeleteKnowledgeChunksBySourceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteKnowledgeChunksBySourceResponse: _TypeAlias = DeleteKnowledgeChunksBySourceResponse  # noqa: Y015
+
+@_typing.final
+class Document(_message.Message):
+    """A document (Word, Excel, PowerPoint or other) with its content as structured data. Its owner
+    and admins manage it; users it is shared with see it, and edit-sharers change it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    OWNER_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LAST_EDITOR_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    DELETE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Server-assigned UUID."""
+    title: _builtins.str
+    """Its title; required."""
+    kind: Global___DocumentKind.ValueType
+    """What it is; OTHER when unset."""
+    owner_id: _builtins.str
+    """Id of the user who owns it: the caller by default; only an admin names or changes another."""
+    version: _builtins.int
+    """Output only: 1 at creation, one more on every change of title or content."""
+    last_editor_id: _builtins.str
+    """Output only: id of the user who made the current title and content."""
+    etag: _builtins.str
+    """Output only: changes on every update."""
+    @_builtins.property
+    def content(self) -> _struct_pb2.Struct:
+        """Its content, as the editor of its kind stores it."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: creation time."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: last update time."""
+
+    @_builtins.property
+    def delete_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: when it was soft-deleted; unset while it is live."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        title: _builtins.str = ...,
+        kind: Global___DocumentKind.ValueType = ...,
+        content: _struct_pb2.Struct | None = ...,
+        owner_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        last_editor_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        delete_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time", "delete_time", b"delete_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time", "delete_time", b"delete_time", "etag", b"etag", "id", b"id", "kind", b"kind", "last_editor_id", b"last_editor_id", "owner_id", b"owner_id", "title", b"title", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Document: _TypeAlias = Document  # noqa: Y015
+
+@_typing.final
+class DocumentVersion(_message.Message):
+    """An earlier state of a Document, kept when an update changed its title or content. Written
+    only by the service and never changed; removed with its document.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    AUTHOR_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Server-assigned UUID."""
+    document_id: _builtins.str
+    """The document's id."""
+    version: _builtins.int
+    """The version number the document had in this state."""
+    title: _builtins.str
+    """The title in this state."""
+    kind: Global___DocumentKind.ValueType
+    """The kind in this state."""
+    author_id: _builtins.str
+    """Id of the user who made this state."""
+    etag: _builtins.str
+    """Never changes."""
+    @_builtins.property
+    def content(self) -> _struct_pb2.Struct:
+        """The content in this state."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When this state was made (the document's update time then)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When this state was kept as a version."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        document_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        title: _builtins.str = ...,
+        kind: Global___DocumentKind.ValueType = ...,
+        content: _struct_pb2.Struct | None = ...,
+        author_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author_id", b"author_id", "content", b"content", "create_time", b"create_time", "document_id", b"document_id", "etag", b"etag", "id", b"id", "kind", b"kind", "title", b"title", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentVersion: _TypeAlias = DocumentVersion  # noqa: Y015
+
+@_typing.final
+class DocumentShare(_message.Message):
+    """A Document shared with a user at a level: one per document and user."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    SHARED_BY_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Server-assigned UUID."""
+    document_id: _builtins.str
+    """The document's id."""
+    user_id: _builtins.str
+    """The user it is shared with."""
+    level: Global___DocumentShareLevel.ValueType
+    """What the user may do with it."""
+    shared_by_id: _builtins.str
+    """Id of the user who shared it (or last changed its level)."""
+    etag: _builtins.str
+    """Changes with its level."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was shared."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When its level last changed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        document_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        level: Global___DocumentShareLevel.ValueType = ...,
+        shared_by_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "document_id", b"document_id", "etag", b"etag", "id", b"id", "level", b"level", "shared_by_id", b"shared_by_id", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentShare: _TypeAlias = DocumentShare  # noqa: Y015
+
+@_typing.final
+class GetDocumentRequest(_message.Message):
+    """Request for GetDocument."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
+    SHOW_DELETED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The document's id."""
+    show_deleted: _builtins.bool
+    """Return the document even when it is soft-deleted (to its owner and admins)."""
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to return; all fields when empty."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
+        show_deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_mask", b"read_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "read_mask", b"read_mask", "show_deleted", b"show_deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDocumentRequest: _TypeAlias = GetDocumentRequest  # noqa: Y015
+
+@_typing.final
+class ListDocumentsRequest(_message.Message):
+    """Request for ListDocuments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    SHOW_DELETED_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum results per page: default 50, at most 1000."""
+    page_token: _builtins.str
+    """Token from a previous page's next_page_token."""
+    filter: _builtins.str
+    """AIP-160 filter expression, e.g. kind = WORD AND owner_id = "..."."""
+    order_by: _builtins.str
+    """Comma-separated order, e.g. "update_time desc, id"."""
+    show_deleted: _builtins.bool
+    """Include soft-deleted documents (those the caller owns; admins: all)."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
+        order_by: _builtins.str = ...,
+        show_deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDocumentsRequest: _TypeAlias = ListDocumentsRequest  # noqa: Y015
+
+@_typing.final
+class ListDocumentsResponse(_message.Message):
+    """Response of ListDocuments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    total_size: _builtins.int
+    """Number of documents matching the filter, over all pages."""
+    @_builtins.property
+    def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Document]:
+        """The page of documents."""
+
+    def __init__(
+        self,
+        *,
+        documents: _abc.Iterable[Global___Document] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDocumentsResponse: _TypeAlias = ListDocumentsResponse  # noqa: Y015
+
+@_typing.final
+class CreateDocumentRequest(_message.Message):
+    """Request for CreateDocument."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key: a repeated request_id returns the first result."""
+    @_builtins.property
+    def document(self) -> Global___Document:
+        """The document to create; output-only fields are ignored."""
+
+    def __init__(
+        self,
+        *,
+        document: Global___Document | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDocumentRequest: _TypeAlias = CreateDocumentRequest  # noqa: Y015
+
+@_typing.final
+class UpdateDocumentRequest(_message.Message):
+    """Request for UpdateDocument."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def document(self) -> Global___Document:
+        """The document with its id and, optionally, the etag it was read with."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change; "*" replaces all writable fields."""
+
+    def __init__(
+        self,
+        *,
+        document: Global___Document | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDocumentRequest: _TypeAlias = UpdateDocumentRequest  # noqa: Y015
+
+@_typing.final
+class DeleteDocumentRequest(_message.Message):
+    """Request for DeleteDocument."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The document's id."""
+    etag: _builtins.str
+    """When set, must match the current etag."""
+    force: _builtins.bool
+    """Remove for good (admins only), with its versions and shares, instead of soft-deleting."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "force", b"force", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDocumentRequest: _TypeAlias = DeleteDocumentRequest  # noqa: Y015
+
+@_typing.final
+class UndeleteDocumentRequest(_message.Message):
+    """Request for UndeleteDocument."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The soft-deleted document's id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndeleteDocumentRequest: _TypeAlias = UndeleteDocumentRequest  # noqa: Y015
+
+@_typing.final
+class SearchDocumentsRequest(_message.Message):
+    """Request for SearchDocuments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    """Full-text query over the documents' titles and the string values of their content."""
+    filter: _builtins.str
+    """AIP-160 filter applied on top of the query."""
+    page_size: _builtins.int
+    """Maximum results per page: default 50, at most 1000."""
+    page_token: _builtins.str
+    """Token from a previous page's next_page_token."""
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        filter: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token", "query", b"query"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchDocumentsRequest: _TypeAlias = SearchDocumentsRequest  # noqa: Y015
+
+@_typing.final
+class DocumentSearchResult(_message.Message):
+    """One ranked search hit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """Relevance; higher is better."""
+    @_builtins.property
+    def document(self) -> Global___Document:
+        """The matching document."""
+
+    def __init__(
+        self,
+        *,
+        document: Global___Document | None = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentSearchResult: _TypeAlias = DocumentSearchResult  # noqa: Y015
+
+@_typing.final
+class SearchDocumentsResponse(_message.Message):
+    """Response of SearchDocuments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    total_size: _builtins.int
+    """Number of matching documents."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentSearchResult]:
+        """Hits, best match first."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___DocumentSearchResult] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "results", b"results", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchDocumentsResponse: _TypeAlias = SearchDocumentsResponse  # noqa: Y015
+
+@_typing.final
+class BatchGetDocumentsRequest(_message.Message):
+    """Request for BatchGetDocuments: all or nothing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids, at most 1000."""
+
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to return; all fields when empty."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_mask", b"read_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "read_mask", b"read_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGetDocumentsRequest: _TypeAlias = BatchGetDocumentsRequest  # noqa: Y015
+
+@_typing.final
+class BatchGetDocumentsResponse(_message.Message):
+    """Response of BatchGetDocuments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Document]:
+        """The documents, in request order."""
+
+    def __init__(
+        self,
+        *,
+        documents: _abc.Iterable[Global___Document] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGetDocumentsResponse: _TypeAlias = BatchGetDocumentsResponse  # noqa: Y015
+
+@_typing.final
+class ListDocumentVersionsRequest(_message.Message):
+    """Request for ListDocumentVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    document_id: _builtins.str
+    """The document's id."""
+    page_size: _builtins.int
+    """Maximum results per page: default 50, at most 1000."""
+    page_token: _builtins.str
+    """Token from a previous page's next_page_token."""
+    def __init__(
+        self,
+        *,
+        document_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDocumentVersionsRequest: _TypeAlias = ListDocumentVersionsRequest  # noqa: Y015
+
+@_typing.final
+class ListDocumentVersionsResponse(_message.Message):
+    """Response of ListDocumentVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_VERSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    total_size: _builtins.int
+    """Number of versions of the document."""
+    @_builtins.property
+    def document_versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentVersion]:
+        """The page of versions, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        document_versions: _abc.Iterable[Global___DocumentVersion] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_versions", b"document_versions", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDocumentVersionsResponse: _TypeAlias = ListDocumentVersionsResponse  # noqa: Y015
+
+@_typing.final
+class GetDocumentVersionRequest(_message.Message):
+    """Request for GetDocumentVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    document_id: _builtins.str
+    """The document's id."""
+    version: _builtins.int
+    """The version number."""
+    def __init__(
+        self,
+        *,
+        document_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDocumentVersionRequest: _TypeAlias = GetDocumentVersionRequest  # noqa: Y015
+
+@_typing.final
+class RestoreDocumentVersionRequest(_message.Message):
+    """Request for RestoreDocumentVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    document_id: _builtins.str
+    """The document's id."""
+    version: _builtins.int
+    """The version number whose title, content and kind the document takes."""
+    etag: _builtins.str
+    """When set, must match the document's current etag."""
+    def __init__(
+        self,
+        *,
+        document_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "etag", b"etag", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreDocumentVersionRequest: _TypeAlias = RestoreDocumentVersionRequest  # noqa: Y015
+
+@_typing.final
+class ShareDocumentRequest(_message.Message):
+    """Request for ShareDocument."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    document_id: _builtins.str
+    """The document's id."""
+    user_id: _builtins.str
+    """The user to share it with: not its owner."""
+    level: Global___DocumentShareLevel.ValueType
+    """The level; required."""
+    def __init__(
+        self,
+        *,
+        document_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        level: Global___DocumentShareLevel.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "level", b"level", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareDocumentRequest: _TypeAlias = ShareDocumentRequest  # noqa: Y015
+
+@_typing.final
+class UnshareDocumentRequest(_message.Message):
+    """Request for UnshareDocument."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    document_id: _builtins.str
+    """The document's id."""
+    user_id: _builtins.str
+    """The user whose share ends."""
+    def __init__(
+        self,
+        *,
+        document_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnshareDocumentRequest: _TypeAlias = UnshareDocumentRequest  # noqa: Y015
+
+@_typing.final
+class ListDocumentSharesRequest(_message.Message):
+    """Request for ListDocumentShares."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    document_id: _builtins.str
+    """The document's id."""
+    page_size: _builtins.int
+    """Maximum results per page: default 50, at most 1000."""
+    page_token: _builtins.str
+    """Token from a previous page's next_page_token."""
+    def __init__(
+        self,
+        *,
+        document_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDocumentSharesRequest: _TypeAlias = ListDocumentSharesRequest  # noqa: Y015
+
+@_typing.final
+class ListDocumentSharesResponse(_message.Message):
+    """Response of ListDocumentShares."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_SHARES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    total_size: _builtins.int
+    """Number of shares of the document."""
+    @_builtins.property
+    def document_shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentShare]:
+        """The page of shares, by user id."""
+
+    def __init__(
+        self,
+        *,
+        document_shares: _abc.Iterable[Global___DocumentShare] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_shares", b"document_shares", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDocumentSharesResponse: _TypeAlias = ListDocumentSharesResponse  # noqa: Y015

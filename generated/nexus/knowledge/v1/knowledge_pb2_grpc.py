@@ -28,7 +28,7 @@ if _version_not_supported:
 
 class KnowledgeServiceStub:
     """Knowledge for retrieval: chunks of text an assistant searches, each keyed by its source and
-    its id there.
+    its id there; and documents (Word, Excel, PowerPoint...) with their version history and shares.
     """
 
     def __init__(self, channel):
@@ -92,11 +92,81 @@ class KnowledgeServiceStub:
                 request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceRequest.SerializeToString,
                 response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceResponse.FromString,
                 _registered_method=True)
+        self.GetDocument = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/GetDocument',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.GetDocumentRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+                _registered_method=True)
+        self.ListDocuments = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/ListDocuments',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentsRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentsResponse.FromString,
+                _registered_method=True)
+        self.CreateDocument = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/CreateDocument',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.CreateDocumentRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+                _registered_method=True)
+        self.UpdateDocument = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/UpdateDocument',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UpdateDocumentRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+                _registered_method=True)
+        self.DeleteDocument = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/DeleteDocument',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteDocumentRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+                _registered_method=True)
+        self.UndeleteDocument = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/UndeleteDocument',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UndeleteDocumentRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+                _registered_method=True)
+        self.SearchDocuments = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/SearchDocuments',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.SearchDocumentsRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.SearchDocumentsResponse.FromString,
+                _registered_method=True)
+        self.BatchGetDocuments = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/BatchGetDocuments',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchGetDocumentsRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchGetDocumentsResponse.FromString,
+                _registered_method=True)
+        self.ListDocumentVersions = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/ListDocumentVersions',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentVersionsRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentVersionsResponse.FromString,
+                _registered_method=True)
+        self.GetDocumentVersion = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/GetDocumentVersion',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.GetDocumentVersionRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DocumentVersion.FromString,
+                _registered_method=True)
+        self.RestoreDocumentVersion = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/RestoreDocumentVersion',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.RestoreDocumentVersionRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+                _registered_method=True)
+        self.ShareDocument = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/ShareDocument',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ShareDocumentRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DocumentShare.FromString,
+                _registered_method=True)
+        self.UnshareDocument = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/UnshareDocument',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UnshareDocumentRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListDocumentShares = channel.unary_unary(
+                '/nexus.knowledge.v1.KnowledgeService/ListDocumentShares',
+                request_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentSharesRequest.SerializeToString,
+                response_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentSharesResponse.FromString,
+                _registered_method=True)
 
 
 class KnowledgeServiceServicer:
     """Knowledge for retrieval: chunks of text an assistant searches, each keyed by its source and
-    its id there.
+    its id there; and documents (Word, Excel, PowerPoint...) with their version history and shares.
     """
 
     def GetKnowledgeChunk(self, request, context):
@@ -181,6 +251,107 @@ class KnowledgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDocument(self, request, context):
+        """Returns one Document.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDocuments(self, request, context):
+        """Lists Documents with filter, order and keyset pages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateDocument(self, request, context):
+        """Creates a Document (version 1, owned by the caller unless an admin names another owner).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateDocument(self, request, context):
+        """Updates the masked fields of a Document; a change of title or content keeps the previous
+        state as a DocumentVersion and moves version on by one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDocument(self, request, context):
+        """Soft-deletes a Document (or removes it for good with force, with its versions and shares).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndeleteDocument(self, request, context):
+        """Restores a soft-deleted Document.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchDocuments(self, request, context):
+        """Full-text search over Documents (title first, then the text of the content's string
+        values), best match first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchGetDocuments(self, request, context):
+        """Returns Documents by id: all or nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDocumentVersions(self, request, context):
+        """Lists the earlier states of a Document, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDocumentVersion(self, request, context):
+        """Returns one earlier state of a Document by its version number.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreDocumentVersion(self, request, context):
+        """Sets a Document's title, content and kind to those of one of its versions: itself a change,
+        so the current state is kept as a version first and history is never rewritten.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareDocument(self, request, context):
+        """Shares a Document with a user at a level, or changes the level of its share with them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnshareDocument(self, request, context):
+        """Ends a user's share of a Document; idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDocumentShares(self, request, context):
+        """Lists the shares of a Document, by user id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnowledgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +410,76 @@ def add_KnowledgeServiceServicer_to_server(servicer, server):
                     request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceRequest.FromString,
                     response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceResponse.SerializeToString,
             ),
+            'GetDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDocument,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.GetDocumentRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.SerializeToString,
+            ),
+            'ListDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDocuments,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentsRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentsResponse.SerializeToString,
+            ),
+            'CreateDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDocument,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.CreateDocumentRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.SerializeToString,
+            ),
+            'UpdateDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDocument,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UpdateDocumentRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.SerializeToString,
+            ),
+            'DeleteDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDocument,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteDocumentRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.SerializeToString,
+            ),
+            'UndeleteDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndeleteDocument,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UndeleteDocumentRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.SerializeToString,
+            ),
+            'SearchDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchDocuments,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.SearchDocumentsRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.SearchDocumentsResponse.SerializeToString,
+            ),
+            'BatchGetDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGetDocuments,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchGetDocumentsRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchGetDocumentsResponse.SerializeToString,
+            ),
+            'ListDocumentVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDocumentVersions,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentVersionsRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentVersionsResponse.SerializeToString,
+            ),
+            'GetDocumentVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDocumentVersion,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.GetDocumentVersionRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DocumentVersion.SerializeToString,
+            ),
+            'RestoreDocumentVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreDocumentVersion,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.RestoreDocumentVersionRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.SerializeToString,
+            ),
+            'ShareDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareDocument,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ShareDocumentRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DocumentShare.SerializeToString,
+            ),
+            'UnshareDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnshareDocument,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UnshareDocumentRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListDocumentShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDocumentShares,
+                    request_deserializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentSharesRequest.FromString,
+                    response_serializer=nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentSharesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'nexus.knowledge.v1.KnowledgeService', rpc_method_handlers)
@@ -249,7 +490,7 @@ def add_KnowledgeServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class KnowledgeService:
     """Knowledge for retrieval: chunks of text an assistant searches, each keyed by its source and
-    its id there.
+    its id there; and documents (Word, Excel, PowerPoint...) with their version history and shares.
     """
 
     @staticmethod
@@ -539,6 +780,384 @@ class KnowledgeService:
             '/nexus.knowledge.v1.KnowledgeService/DeleteKnowledgeChunksBySource',
             nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceRequest.SerializeToString,
             nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteKnowledgeChunksBySourceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/GetDocument',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.GetDocumentRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/ListDocuments',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentsRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/CreateDocument',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.CreateDocumentRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/UpdateDocument',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UpdateDocumentRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/DeleteDocument',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DeleteDocumentRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndeleteDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/UndeleteDocument',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UndeleteDocumentRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/SearchDocuments',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.SearchDocumentsRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.SearchDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGetDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/BatchGetDocuments',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchGetDocumentsRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.BatchGetDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDocumentVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/ListDocumentVersions',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentVersionsRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDocumentVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/GetDocumentVersion',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.GetDocumentVersionRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DocumentVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreDocumentVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/RestoreDocumentVersion',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.RestoreDocumentVersionRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.Document.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/ShareDocument',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ShareDocumentRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.DocumentShare.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnshareDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/UnshareDocument',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.UnshareDocumentRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDocumentShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nexus.knowledge.v1.KnowledgeService/ListDocumentShares',
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentSharesRequest.SerializeToString,
+            nexus_dot_knowledge_dot_v1_dot_knowledge__pb2.ListDocumentSharesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,7 +29,7 @@ GRPC_VERSION: str
 
 class KnowledgeServiceStub:
     """Knowledge for retrieval: chunks of text an assistant searches, each keyed by its source and
-    its id there.
+    its id there; and documents (Word, Excel, PowerPoint...) with their version history and shares.
     """
 
     @_typing.overload
@@ -66,11 +66,45 @@ class KnowledgeServiceStub:
     ones a re-ingestion did not touch), and says how many. Each removed chunk gets its own
     audit entry, as a DeleteKnowledgeChunk of it would.
     """
+    GetDocument: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.GetDocumentRequest, _knowledge_pb2.Document]
+    """Returns one Document."""
+    ListDocuments: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.ListDocumentsRequest, _knowledge_pb2.ListDocumentsResponse]
+    """Lists Documents with filter, order and keyset pages."""
+    CreateDocument: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.CreateDocumentRequest, _knowledge_pb2.Document]
+    """Creates a Document (version 1, owned by the caller unless an admin names another owner)."""
+    UpdateDocument: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.UpdateDocumentRequest, _knowledge_pb2.Document]
+    """Updates the masked fields of a Document; a change of title or content keeps the previous
+    state as a DocumentVersion and moves version on by one.
+    """
+    DeleteDocument: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.DeleteDocumentRequest, _knowledge_pb2.Document]
+    """Soft-deletes a Document (or removes it for good with force, with its versions and shares)."""
+    UndeleteDocument: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.UndeleteDocumentRequest, _knowledge_pb2.Document]
+    """Restores a soft-deleted Document."""
+    SearchDocuments: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.SearchDocumentsRequest, _knowledge_pb2.SearchDocumentsResponse]
+    """Full-text search over Documents (title first, then the text of the content's string
+    values), best match first.
+    """
+    BatchGetDocuments: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.BatchGetDocumentsRequest, _knowledge_pb2.BatchGetDocumentsResponse]
+    """Returns Documents by id: all or nothing."""
+    ListDocumentVersions: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.ListDocumentVersionsRequest, _knowledge_pb2.ListDocumentVersionsResponse]
+    """Lists the earlier states of a Document, oldest first."""
+    GetDocumentVersion: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.GetDocumentVersionRequest, _knowledge_pb2.DocumentVersion]
+    """Returns one earlier state of a Document by its version number."""
+    RestoreDocumentVersion: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.RestoreDocumentVersionRequest, _knowledge_pb2.Document]
+    """Sets a Document's title, content and kind to those of one of its versions: itself a change,
+    so the current state is kept as a version first and history is never rewritten.
+    """
+    ShareDocument: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.ShareDocumentRequest, _knowledge_pb2.DocumentShare]
+    """Shares a Document with a user at a level, or changes the level of its share with them."""
+    UnshareDocument: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.UnshareDocumentRequest, _empty_pb2.Empty]
+    """Ends a user's share of a Document; idempotent."""
+    ListDocumentShares: _grpc.UnaryUnaryMultiCallable[_knowledge_pb2.ListDocumentSharesRequest, _knowledge_pb2.ListDocumentSharesResponse]
+    """Lists the shares of a Document, by user id."""
 
 @_typing.type_check_only
 class KnowledgeServiceAsyncStub(KnowledgeServiceStub):
     """Knowledge for retrieval: chunks of text an assistant searches, each keyed by its source and
-    its id there.
+    its id there; and documents (Word, Excel, PowerPoint...) with their version history and shares.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -104,10 +138,44 @@ class KnowledgeServiceAsyncStub(KnowledgeServiceStub):
     ones a re-ingestion did not touch), and says how many. Each removed chunk gets its own
     audit entry, as a DeleteKnowledgeChunk of it would.
     """
+    GetDocument: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.GetDocumentRequest, _knowledge_pb2.Document]  # type: ignore[assignment]
+    """Returns one Document."""
+    ListDocuments: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.ListDocumentsRequest, _knowledge_pb2.ListDocumentsResponse]  # type: ignore[assignment]
+    """Lists Documents with filter, order and keyset pages."""
+    CreateDocument: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.CreateDocumentRequest, _knowledge_pb2.Document]  # type: ignore[assignment]
+    """Creates a Document (version 1, owned by the caller unless an admin names another owner)."""
+    UpdateDocument: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.UpdateDocumentRequest, _knowledge_pb2.Document]  # type: ignore[assignment]
+    """Updates the masked fields of a Document; a change of title or content keeps the previous
+    state as a DocumentVersion and moves version on by one.
+    """
+    DeleteDocument: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.DeleteDocumentRequest, _knowledge_pb2.Document]  # type: ignore[assignment]
+    """Soft-deletes a Document (or removes it for good with force, with its versions and shares)."""
+    UndeleteDocument: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.UndeleteDocumentRequest, _knowledge_pb2.Document]  # type: ignore[assignment]
+    """Restores a soft-deleted Document."""
+    SearchDocuments: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.SearchDocumentsRequest, _knowledge_pb2.SearchDocumentsResponse]  # type: ignore[assignment]
+    """Full-text search over Documents (title first, then the text of the content's string
+    values), best match first.
+    """
+    BatchGetDocuments: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.BatchGetDocumentsRequest, _knowledge_pb2.BatchGetDocumentsResponse]  # type: ignore[assignment]
+    """Returns Documents by id: all or nothing."""
+    ListDocumentVersions: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.ListDocumentVersionsRequest, _knowledge_pb2.ListDocumentVersionsResponse]  # type: ignore[assignment]
+    """Lists the earlier states of a Document, oldest first."""
+    GetDocumentVersion: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.GetDocumentVersionRequest, _knowledge_pb2.DocumentVersion]  # type: ignore[assignment]
+    """Returns one earlier state of a Document by its version number."""
+    RestoreDocumentVersion: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.RestoreDocumentVersionRequest, _knowledge_pb2.Document]  # type: ignore[assignment]
+    """Sets a Document's title, content and kind to those of one of its versions: itself a change,
+    so the current state is kept as a version first and history is never rewritten.
+    """
+    ShareDocument: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.ShareDocumentRequest, _knowledge_pb2.DocumentShare]  # type: ignore[assignment]
+    """Shares a Document with a user at a level, or changes the level of its share with them."""
+    UnshareDocument: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.UnshareDocumentRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Ends a user's share of a Document; idempotent."""
+    ListDocumentShares: _aio.UnaryUnaryMultiCallable[_knowledge_pb2.ListDocumentSharesRequest, _knowledge_pb2.ListDocumentSharesResponse]  # type: ignore[assignment]
+    """Lists the shares of a Document, by user id."""
 
 class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Knowledge for retrieval: chunks of text an assistant searches, each keyed by its source and
-    its id there.
+    its id there; and documents (Word, Excel, PowerPoint...) with their version history and shares.
     """
 
     @_abc_1.abstractmethod
@@ -205,5 +273,123 @@ class KnowledgeServiceServicer(metaclass=_abc_1.ABCMeta):
         ones a re-ingestion did not touch), and says how many. Each removed chunk gets its own
         audit entry, as a DeleteKnowledgeChunk of it would.
         """
+
+    @_abc_1.abstractmethod
+    def GetDocument(
+        self,
+        request: _knowledge_pb2.GetDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.Document, _abc.Awaitable[_knowledge_pb2.Document]]:
+        """Returns one Document."""
+
+    @_abc_1.abstractmethod
+    def ListDocuments(
+        self,
+        request: _knowledge_pb2.ListDocumentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.ListDocumentsResponse, _abc.Awaitable[_knowledge_pb2.ListDocumentsResponse]]:
+        """Lists Documents with filter, order and keyset pages."""
+
+    @_abc_1.abstractmethod
+    def CreateDocument(
+        self,
+        request: _knowledge_pb2.CreateDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.Document, _abc.Awaitable[_knowledge_pb2.Document]]:
+        """Creates a Document (version 1, owned by the caller unless an admin names another owner)."""
+
+    @_abc_1.abstractmethod
+    def UpdateDocument(
+        self,
+        request: _knowledge_pb2.UpdateDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.Document, _abc.Awaitable[_knowledge_pb2.Document]]:
+        """Updates the masked fields of a Document; a change of title or content keeps the previous
+        state as a DocumentVersion and moves version on by one.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteDocument(
+        self,
+        request: _knowledge_pb2.DeleteDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.Document, _abc.Awaitable[_knowledge_pb2.Document]]:
+        """Soft-deletes a Document (or removes it for good with force, with its versions and shares)."""
+
+    @_abc_1.abstractmethod
+    def UndeleteDocument(
+        self,
+        request: _knowledge_pb2.UndeleteDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.Document, _abc.Awaitable[_knowledge_pb2.Document]]:
+        """Restores a soft-deleted Document."""
+
+    @_abc_1.abstractmethod
+    def SearchDocuments(
+        self,
+        request: _knowledge_pb2.SearchDocumentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.SearchDocumentsResponse, _abc.Awaitable[_knowledge_pb2.SearchDocumentsResponse]]:
+        """Full-text search over Documents (title first, then the text of the content's string
+        values), best match first.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchGetDocuments(
+        self,
+        request: _knowledge_pb2.BatchGetDocumentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.BatchGetDocumentsResponse, _abc.Awaitable[_knowledge_pb2.BatchGetDocumentsResponse]]:
+        """Returns Documents by id: all or nothing."""
+
+    @_abc_1.abstractmethod
+    def ListDocumentVersions(
+        self,
+        request: _knowledge_pb2.ListDocumentVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.ListDocumentVersionsResponse, _abc.Awaitable[_knowledge_pb2.ListDocumentVersionsResponse]]:
+        """Lists the earlier states of a Document, oldest first."""
+
+    @_abc_1.abstractmethod
+    def GetDocumentVersion(
+        self,
+        request: _knowledge_pb2.GetDocumentVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.DocumentVersion, _abc.Awaitable[_knowledge_pb2.DocumentVersion]]:
+        """Returns one earlier state of a Document by its version number."""
+
+    @_abc_1.abstractmethod
+    def RestoreDocumentVersion(
+        self,
+        request: _knowledge_pb2.RestoreDocumentVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.Document, _abc.Awaitable[_knowledge_pb2.Document]]:
+        """Sets a Document's title, content and kind to those of one of its versions: itself a change,
+        so the current state is kept as a version first and history is never rewritten.
+        """
+
+    @_abc_1.abstractmethod
+    def ShareDocument(
+        self,
+        request: _knowledge_pb2.ShareDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.DocumentShare, _abc.Awaitable[_knowledge_pb2.DocumentShare]]:
+        """Shares a Document with a user at a level, or changes the level of its share with them."""
+
+    @_abc_1.abstractmethod
+    def UnshareDocument(
+        self,
+        request: _knowledge_pb2.UnshareDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Ends a user's share of a Document; idempotent."""
+
+    @_abc_1.abstractmethod
+    def ListDocumentShares(
+        self,
+        request: _knowledge_pb2.ListDocumentSharesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_knowledge_pb2.ListDocumentSharesResponse, _abc.Awaitable[_knowledge_pb2.ListDocumentSharesResponse]]:
+        """Lists the shares of a Document, by user id."""
 
 def add_KnowledgeServiceServicer_to_server(servicer: KnowledgeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -86,8 +86,9 @@ def batch_upsert(
         raise errors.InvalidArgument.field("requests", "must hold at least one request", reason="REQUIRED_FIELD")
     if len(messages) > MAX_UPSERT_BATCH:
         raise errors.InvalidArgument.field("requests", f"at most {MAX_UPSERT_BATCH} per call", reason="BATCH_TOO_LARGE")
-    if spec.relation_fields:
-        raise TypeError(f"{spec.name}: an upsert does not write relations ({', '.join(spec.relation_fields)})")
+    if spec.relation_fields or spec.on_update is not None:
+        # Neither is written by the rows' one INSERT: such a resource needs its own path first.
+        raise TypeError(f"{spec.name}: an upsert writes neither relations nor what an on_update hook writes")
     if prefixes is None:
         prefixes = [f"requests[{i}].{spec.singular_field}." for i in range(len(messages))]
     upserts = [_keyed(spec, msg, prefix) for msg, prefix in zip(messages, prefixes)]

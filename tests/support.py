@@ -147,6 +147,10 @@ class Sample:
     filter_for: Callable[[str], str]
     # fields that make a row visible to fewer callers (tests/test_access_matrix.py tries both)
     restricted: dict[str, Any] = field(default_factory=dict)
+    # Rights a row's owner can give another user (tests/test_access_matrix.py makes a row for
+    # each, given to the caller): name -> (give(admin client, row, user id), what a user or
+    # manager given it may do: (see, change, delete)).
+    grants: dict[str, tuple[Callable[[Client, Any, str], Any], tuple[bool, bool, bool]]] = field(default_factory=dict)
 
 
 def _user_fields(c: Client, word: str) -> dict[str, Any]:
@@ -254,8 +258,17 @@ SAMPLES: dict[str, Sample] = {
         },
         ("title", None),
         lambda w: f'title = "{w} quarterly report"',
+        grants={
+            "shared to view": (lambda c, row, user_id: _share(c, row, user_id, kpb.DOCUMENT_SHARE_LEVEL_VIEW), (True, False, False)),
+            "shared to comment": (lambda c, row, user_id: _share(c, row, user_id, kpb.DOCUMENT_SHARE_LEVEL_COMMENT), (True, False, False)),
+            "shared to edit": (lambda c, row, user_id: _share(c, row, user_id, kpb.DOCUMENT_SHARE_LEVEL_EDIT), (True, True, False)),
+        },
     ),
 }
+
+
+def _share(c: Client, document: Any, user_id: str, level: int) -> Any:
+    return c.knowledge.ShareDocument(kpb.ShareDocumentRequest(document_id=document.id, user_id=user_id, level=level))
 
 
 def _future() -> Any:

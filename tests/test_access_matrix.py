@@ -3,8 +3,9 @@
 Nothing here names a resource or a method. Callers: a guest, a user, a manager (each with a key
 acting for it) and keys that act for no user (of role user and guest). For every writable
 resource of the registry, rows are made by an admin from the resource's sample (tests/support.py)
-as they are and, where the resource has an owner field, owned by the caller; the declared row
-rules (each resource's `access`, db/engine/rules.py, evaluated in the database for that row) say whether the caller sees and
+as they are, owned by the caller where the resource has an owner field, and given to the caller
+by each grant its sample declares (a document shared at view, comment and edit: the rules must
+say what the grant promises); the declared row rules (each resource's `access`, db/engine/rules.py, evaluated in the database for that row) say whether the caller sees and
 manages each row, and every way to the row must agree: Get, BatchGet, List, Search, Update,
 Delete (by the delete rule where one is declared); a caller without a user has no more rights than a stranger of its role. A Create the caller makes either is refused or leaves a row the caller manages. Every
 method found through reflection answers the role gate of service/policy.py.
@@ -122,18 +123,25 @@ class Calls:
         raise AssertionError("no items field")
 
 
-def _rows(client: Client, spec: ResourceSpec, caller: Caller) -> list[tuple[str, Any]]:
-    """(word, row) made by an admin: the sample as it is, and owned by the caller where it can be."""
+def _rows(client: Client, spec: ResourceSpec, caller: Caller) -> list[tuple[str, Any, str]]:
+    """(word, row, how) made by an admin: the sample as it is, owned by the caller where it can
+    be, and given to the caller by each of the sample's grants (a document shared with them at
+    each level)."""
     admin = Calls(client, spec)
     sample = SAMPLES[spec.name]
     out = []
-    variants: list[dict[str, Any]] = [{}, *([sample.restricted] if sample.restricted else [])]
+    variants: list[tuple[dict[str, Any], str]] = [({}, "other"), *([(sample.restricted, "other, restricted")] if sample.restricted else [])]
     if spec.owner_field and caller.user_id:
-        variants += [{**v, spec.owner_field: caller.user_id} for v in variants]
-    for extra in variants:
+        variants += [({**v, spec.owner_field: caller.user_id}, how.replace("other", "owned")) for v, how in variants]
+    for extra, how in variants:
         word = unique("mx")
         fields = {**sample.fields(client, word), **extra}
-        out.append((word, admin("Create{E}", **{spec.singular_field: spec.message(**fields)})))
+        out.append((word, admin("Create{E}", **{spec.singular_field: spec.message(**fields)}), how))
+    for how, (give, _) in sample.grants.items() if caller.user_id else ():
+        word = unique("mx")
+        row = admin("Create{E}", **{spec.singular_field: spec.message(**sample.fields(client, word))})
+        give(client, row, caller.user_id)
+        out.append((word, row, how))
     return out
 
 
@@ -155,14 +163,18 @@ def test_every_way_to_a_row_agrees_with_the_declared_rules(client: Client, rules
     spec, caller, calls = case
     resource, label = spec.name, caller.label
     may_write = row_rules.ROLE_RANK[caller.role] >= row_rules.ROLE_RANK["user"]
-    for word, row in _rows(client, spec, caller):
+    for word, row, how in _rows(client, spec, caller):
         sees, manages = rules(spec, row.id, caller)
+        where = (resource, label, how)
+        if how in SAMPLES[resource].grants and caller.role != "guest":
+            # The declared rules say what the grant promises, before every way is held to them.
+            _, promised = SAMPLES[resource].grants[how]
+            assert (sees, manages, rules(spec, row.id, caller, deletes=True)[1]) == promised, where
         if caller.user_id is None:
             # A caller without a user has no more rights to a row than a stranger of its role:
             # rows whose owner is unset are nobody's.
             stranger = rules(spec, row.id, Caller("stranger", caller.role, str(uuid.uuid4()), caller.c, ""))
             assert (sees <= stranger[0], manages <= stranger[1]) == (True, True), (resource, label)
-        where = (resource, label, "owned" if spec.owner_field and getattr(row, spec.owner_field) == caller.user_id else "other")
         assert calls.code("Get{E}", id=row.id) == (Code.OK if sees else Code.PERMISSION_DENIED), where
         if spec.batch_get:
             assert calls.code("BatchGet{Es}", ids=[row.id]) == (Code.OK if sees else Code.PERMISSION_DENIED), where

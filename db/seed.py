@@ -2,7 +2,9 @@
 
 Every row goes through the code paths the API uses: the proto Create*Request messages and
 `writes.create` with all its validation, the domain functions for memberships, role
-assignments, e-mail verification, task dependencies and archiving a conversation, and
+assignments, e-mail verification, task dependencies, archiving a conversation, sharing a
+document and restoring one of its versions, `writes.update` and `writes.delete` for documents'
+edits and soft deletes (made on behalf of their seeded users, _acting_for), and
 `writes.upsert` (UpsertKnowledgeChunk's path) for knowledge chunks. A plan of steps is drawn
 from one random generator first (deterministic when `rng_seed` is given, for a given database
 and day: dates are relative to today), then run in transactions of BATCH_STEPS rows.
@@ -10,19 +12,25 @@ and day: dates are relative to today), then run in transactions of BATCH_STEPS r
 What is seeded, in order (COUNT_KINDS): users with their roles and API keys; projects with
 members, tasks and dependencies; chat channels (some in projects) with members and messages,
 some of them replies; AI conversations of users (some archived) with their turns; knowledge
-chunks of several sources.
+chunks of several sources; documents of users (Word, Excel, PowerPoint, other) shared at each
+level, some edited by their owners and edit-sharers through the standard Update (the engine
+keeps each version, by its author), one or two restored to an earlier version, a few
+soft-deleted.
 
 Seeding twice into the same database never collides: usernames and e-mails carry a number past
-the users already stored, role rows that exist are reused, and API key names follow usernames.
+the users already stored, role rows that exist are reused, API key names follow usernames, and
+a document's versions and shares are those of a new document.
 Knowledge chunks have a natural key, (source, external_id) as "path/to/file.md#3": a chunk whose
 key is stored already is replaced, as re-indexing a source replaces it, and counted apart
 (knowledge_chunks_replaced), so every other count is the number of rows the seed added.
 """
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import random
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +49,7 @@ from tqdm import tqdm
 import db.domains  # noqa: F401 - the audit trail records seeded rows too
 from db.database import Database
 from db.domains import chat, identity, knowledge, work
+from db.domains.documents import DOCUMENTS, restore_document_version, share_document
 from db.domains.identity import Role, User
 from db.engine import writes
 from db.engine.call import Call
@@ -65,7 +74,9 @@ COUNT_KINDS = (
     "conversation_messages",
     "knowledge_chunks",
     "knowledge_chunks_replaced",  # upserted chunks whose (source, external_id) was stored already
-    # Documents follow the knowledge chunks here, planned and written the same way.
+    "documents",
+    "document_versions",  # kept by the engine as an edit or a restore changes a document
+    "document_shares",
 )
 
 ROLES: dict[str, tuple[str, list[str]]] = {
@@ -345,6 +356,43 @@ KNOWLEDGE_SENTENCES = {
     ),
 }
 
+DOCUMENT_KIND = {
+    "word": kpb.DOCUMENT_KIND_WORD,
+    "excel": kpb.DOCUMENT_KIND_EXCEL,
+    "powerpoint": kpb.DOCUMENT_KIND_POWERPOINT,
+    "other": kpb.DOCUMENT_KIND_OTHER,
+}
+DOCUMENT_KIND_WEIGHTS = {"word": 40, "excel": 25, "powerpoint": 20, "other": 15}
+SHARE_LEVEL = {"view": kpb.DOCUMENT_SHARE_LEVEL_VIEW, "comment": kpb.DOCUMENT_SHARE_LEVEL_COMMENT, "edit": kpb.DOCUMENT_SHARE_LEVEL_EDIT}
+SHARE_LEVEL_WEIGHTS = {"view": 50, "comment": 25, "edit": 25}
+# kind -> title patterns; "{area}", "{obj}", "{quarter}" fill them.
+DOCUMENT_TITLES = {
+    "word": ("{area} requirements", "Architecture decision: {obj}", "Post-mortem: {obj} outage", "Onboarding guide for the {area}",
+             "Meeting notes: {area} sync"),
+    "excel": ("{area} budget {quarter}", "Capacity plan {quarter}", "Bug triage: {obj}", "{area} release checklist"),
+    "powerpoint": ("{area} kickoff", "Quarterly review {quarter}", "Design review: {obj}", "{area} roadmap"),
+    "other": ("{obj} notes", "Release notes {quarter}", "Runbook draft: {obj}"),
+}
+DOCUMENT_RETITLES = (" (draft)", " (reviewed)", " v2", " - final", " (for comments)")
+DOCUMENT_QUARTERS = ("Q1 2026", "Q2 2026", "Q3 2026", "Q4 2026", "Q1 2027")
+DOCUMENT_HEADINGS = ("Background", "Goals", "Scope", "Decisions", "Risks", "Open questions", "Next steps")
+DOCUMENT_SENTENCES = (
+    "The {area} team owns the {obj} from here on.",
+    "We agreed to ship the {obj} behind a feature flag first.",
+    "Load tests of the {obj} passed at twice the current traffic.",
+    "Customers asked for the {obj} in three of the last five reviews.",
+    "Work on the {obj} waits for the identity service upgrade.",
+    "Costs stay within the {area} budget if we reuse the existing cluster.",
+    "Open point: who signs off the {obj} before the release?",
+    "Support needs a week of notice before any change to the {obj}.",
+)
+# sheet name -> (its columns, the range of its numbers); a row is a task object, a first name, then numbers.
+DOCUMENT_SHEETS = {
+    "Budget": (("Item", "Owner", "Planned", "Spent"), (500, 50_000)),
+    "Estimates": (("Task", "Assignee", "Hours", "Days left"), (1, 80)),
+    "Risks": (("Risk", "Owner", "Likelihood", "Impact"), (1, 5)),
+}
+
 Ids = dict[Any, str]  # plan key, e.g. ("user", 3), -> id of the created resource
 # A step returns the kind it counted in, when that is known only once written (an upsert).
 StepFn = Callable[[Session, Call, Ids], str | None]
@@ -353,7 +401,8 @@ StepFn = Callable[[Session, Call, Ids], str | None]
 @dataclass(frozen=True)
 class Step:
     """One row to write: `kind` names the count it adds to (unless its run returns another);
-    "" is a step that adds no row (a role that exists, archiving a conversation)."""
+    "" is a step that adds no row (a role that exists, archiving a conversation, soft-deleting a
+    document)."""
 
     kind: str
     run: StepFn
@@ -397,6 +446,27 @@ class ConversationPlan:
     turns: tuple[cpb.ConversationMessage, ...]  # without conversation_id
 
 
+@dataclass(frozen=True)
+class DocumentEdit:
+    """A change of a document by its owner or an edit-sharer: always of its content (one more
+    paragraph, row, slide or line, so no state repeats an earlier one), sometimes of its title."""
+
+    editor: int
+    title: str
+    content: struct_pb2.Struct
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DocumentPlan:
+    message: kpb.Document  # without owner_id, known only once the owner exists
+    owner: int
+    shares: tuple[tuple[int, str], ...]  # (user, level), never the owner
+    edits: tuple[DocumentEdit, ...]
+    restore: tuple[int, int] | None  # (by whom, which version), after the edits
+    deleted: bool  # soft-deleted last
+
+
 # ------------------------------------------------------------------ entry point
 
 
@@ -411,23 +481,25 @@ def seed(
     conversations: int = 20,
     messages_per_conversation: int = 8,
     knowledge_chunks: int = 150,
+    documents: int = 20,
     progress: bool = True,
     rng_seed: int | None = None,
 ) -> dict[str, int]:
     """Write sample users, roles, API keys, projects, members, tasks, dependencies, channels with
-    members and messages, conversations with their messages, and knowledge chunks; return the
-    counts by kind (COUNT_KINDS)."""
+    members and messages, conversations with their messages, knowledge chunks, and documents with
+    their versions and shares; return the counts by kind (COUNT_KINDS)."""
     sizes = {
         "users": users, "projects": projects, "tasks_per_project": tasks_per_project, "channels": channels,
         "messages_per_channel": messages_per_channel, "conversations": conversations,
         "messages_per_conversation": messages_per_conversation, "knowledge_chunks": knowledge_chunks,
+        "documents": documents,
     }
     if min(sizes.values()) < 0:
         raise ValueError(f"{', '.join(sizes)} must not be negative")
     if projects and not users:
         raise ValueError("projects need at least one user to own them")
-    if (channels or conversations) and not users:
-        raise ValueError("channels and conversations need at least one user to have them")
+    if (channels or conversations or documents) and not users:
+        raise ValueError("channels, conversations and documents need at least one user to have them")
     rng = random.Random(rng_seed)
     today = dt.date.today()
     stems = [_name_stem(rng) for _ in range(users)]
@@ -446,6 +518,7 @@ def seed(
     steps += _channel_steps([_channel_plan(rng, user_plans, project_plans, messages_per_channel, names) for _ in range(channels)])
     steps += _conversation_steps([_conversation_plan(rng, user_plans, messages_per_conversation) for _ in range(conversations)])
     steps += _knowledge_steps(_knowledge_chunks(rng, knowledge_chunks))
+    steps += _document_steps([_document_plan(rng, d, user_plans) for d in range(documents)])
     return _execute(database, steps, progress)
 
 
@@ -729,6 +802,88 @@ def _knowledge_chunks(rng: random.Random, count: int) -> list[kpb.KnowledgeChunk
     return chunks
 
 
+def _sentence(rng: random.Random, area: str) -> str:
+    return rng.choice(DOCUMENT_SENTENCES).format(area=area.lower(), obj=rng.choice(TASK_OBJECTS))
+
+
+def _sheet_row(rng: random.Random, sheet: str) -> list[Any]:
+    columns, (low, high) = DOCUMENT_SHEETS[sheet]
+    return [rng.choice(TASK_OBJECTS), rng.choice(FIRST_NAMES), *(rng.randint(low, high) for _ in columns[2:])]
+
+
+def _slide(rng: random.Random, area: str) -> dict[str, Any]:
+    return {"title": rng.choice(DOCUMENT_HEADINGS), "bullets": [_sentence(rng, area) for _ in range(rng.randint(1, 3))]}
+
+
+def _document_content(rng: random.Random, kind: str, area: str) -> dict[str, Any]:
+    """A new document's content as the editor of its kind keeps it: a Word document's sections
+    of paragraphs, a workbook's sheets of rows, a deck's slides of bullets, else a text file."""
+    if kind == "word":
+        headings = rng.sample(DOCUMENT_HEADINGS, rng.randint(1, 3))
+        return {"sections": [{"heading": h, "paragraphs": [_sentence(rng, area) for _ in range(rng.randint(1, 3))]} for h in headings]}
+    if kind == "excel":
+        sheets = rng.sample(list(DOCUMENT_SHEETS), rng.randint(1, 2))
+        return {
+            "sheets": [
+                {"name": name, "columns": list(DOCUMENT_SHEETS[name][0]), "rows": [_sheet_row(rng, name) for _ in range(rng.randint(2, 5))]}
+                for name in sheets
+            ]
+        }
+    if kind == "powerpoint":
+        return {"slides": [_slide(rng, area) for _ in range(rng.randint(2, 5))]}
+    return {"format": "markdown", "text": "\n".join(_sentence(rng, area) for _ in range(rng.randint(1, 4)))}
+
+
+def _grown(rng: random.Random, kind: str, content: dict[str, Any], area: str) -> dict[str, Any]:
+    """A copy of content with one more paragraph, row, slide or line: an edit. Content only
+    grows, so no state of a document repeats an earlier one and every edit makes a version."""
+    grown = copy.deepcopy(content)
+    if kind == "word":
+        rng.choice(grown["sections"])["paragraphs"].append(_sentence(rng, area))
+    elif kind == "excel":
+        sheet = rng.choice(grown["sheets"])
+        sheet["rows"].append(_sheet_row(rng, sheet["name"]))
+    elif kind == "powerpoint":
+        grown["slides"].append(_slide(rng, area))
+    else:
+        grown["text"] += "\n" + _sentence(rng, area)
+    return grown
+
+
+def _document_plan(rng: random.Random, index: int, users: Sequence[UserPlan]) -> DocumentPlan:
+    """A document of an active user, shared with up to three others. The first one has every
+    variety (shared at each level, edited by its owner and then by its edit-sharer, a version
+    restored), the second is soft-deleted; then a mix: about three in five edited one to four
+    times by their owner or edit-sharers, one in ten of those restored, one in ten deleted."""
+    active = _active_users(users)
+    owner = rng.choice(active)
+    kind = _weighted(rng, DOCUMENT_KIND_WEIGHTS)
+    area = rng.choice(PROJECT_AREAS)
+    title = rng.choice(DOCUMENT_TITLES[kind]).format(area=area, obj=rng.choice(TASK_OBJECTS), quarter=rng.choice(DOCUMENT_QUARTERS))
+    content = _document_content(rng, kind, area)
+    message = kpb.Document(title=title, kind=DOCUMENT_KIND[kind], content=_struct(content))
+    levels = ["edit", "view", "comment"] if index == 0 else [_weighted(rng, SHARE_LEVEL_WEIGHTS) for _ in range(rng.choice((0, 0, 1, 1, 2, 3)))]
+    others = [u for u in active if u != owner]
+    shares = tuple(zip(rng.sample(others, min(len(others), len(levels))), levels))
+    editors = [owner, *(user for user, level in shares if level == "edit")]
+    if index == 0:
+        by = editors[:2]
+    else:
+        by = [rng.choice(editors) for _ in range(rng.randint(1, 4))] if rng.random() < 0.6 else []
+    edits: list[DocumentEdit] = []
+    for editor in by:
+        content = _grown(rng, kind, content, area)
+        retitled = rng.random() < 0.3
+        if retitled:
+            title = message.title + rng.choice(DOCUMENT_RETITLES)
+        edits.append(DocumentEdit(editor, title, _struct(content), ("title", "content") if retitled else ("content",)))
+    restore = None
+    if edits and (index == 0 or rng.random() < 0.1):
+        restore = (rng.choice(editors), rng.randint(1, len(edits)))  # an earlier version: the current one is 1 + len(edits)
+    deleted = index == 1 or (index > 1 and rng.random() < 0.1)
+    return DocumentPlan(message, owner, shares, tuple(edits), restore, deleted)
+
+
 # ------------------------------------------------------------------ steps
 
 
@@ -924,6 +1079,71 @@ def _knowledge_steps(chunks: Sequence[kpb.KnowledgeChunk]) -> list[Step]:
         return Step("knowledge_chunks", run)
 
     return [upsert(chunk) for chunk in chunks]
+
+
+def _acting_for(call: Call, ids: Ids, user: int) -> Call:
+    """The seed's call made on behalf of a seeded user: what the engine stamps as the caller's
+    (a new document's owner and last editor, the author of the state an edit leaves, who
+    shared) is that user's."""
+    return Call(
+        request_id=call.request_id, method=call.method, dialect=call.dialect, actor_type=call.actor_type,
+        actor_id=call.actor_id, role=call.role, actor_user_id=uuid.UUID(ids[("user", user)]),
+    )
+
+
+def _document_steps(plans: Sequence[DocumentPlan]) -> list[Step]:
+    """Through the standard Create, Update and Delete and ShareDocument's and
+    RestoreDocumentVersion's paths, each on behalf of a seeded user: the owner creates, shares
+    and deletes, the plan's editors edit and restore, and the engine keeps every version."""
+
+    def create(d: int, plan: DocumentPlan) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            document = kpb.Document()
+            document.CopyFrom(plan.message)
+            document.owner_id = ids[("user", plan.owner)]
+            request = kpb.CreateDocumentRequest(document=document)
+            ids[("document", d)] = writes.create(session, DOCUMENTS, request, _acting_for(call, ids, plan.owner)).id
+
+        return Step("documents", run)
+
+    def share(d: int, owner: int, user: int, level: str) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            request = kpb.ShareDocumentRequest(document_id=ids[("document", d)], user_id=ids[("user", user)], level=SHARE_LEVEL[level])
+            share_document(session, request, _acting_for(call, ids, owner))
+
+        return Step("document_shares", run)
+
+    def edit(d: int, change: DocumentEdit) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            document = kpb.Document(id=ids[("document", d)], title=change.title, content=change.content)
+            request = kpb.UpdateDocumentRequest(document=document, update_mask={"paths": list(change.paths)})
+            writes.update(session, DOCUMENTS, request, _acting_for(call, ids, change.editor))
+
+        return Step("document_versions", run)  # the state it leaves
+
+    def restore(d: int, by: int, version: int) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            request = kpb.RestoreDocumentVersionRequest(document_id=ids[("document", d)], version=version)
+            restore_document_version(session, request, _acting_for(call, ids, by))
+
+        return Step("document_versions", run)  # the state it leaves
+
+    def delete(d: int, owner: int) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            writes.delete(session, DOCUMENTS, kpb.DeleteDocumentRequest(id=ids[("document", d)]), _acting_for(call, ids, owner))
+
+        return Step("", run)
+
+    steps: list[Step] = []
+    for d, plan in enumerate(plans):
+        steps.append(create(d, plan))
+        steps.extend(share(d, plan.owner, user, level) for user, level in plan.shares)
+        steps.extend(edit(d, change) for change in plan.edits)
+        if plan.restore is not None:
+            steps.append(restore(d, *plan.restore))
+        if plan.deleted:
+            steps.append(delete(d, plan.owner))
+    return steps
 
 
 # ------------------------------------------------------------------ running

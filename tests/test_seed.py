@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from db import migrate, seed
 from db.database import Database
 from db.domains.chat import Channel, ChatMessage, Conversation, ConversationMessage
+from db.domains.documents import Document, DocumentShare, DocumentVersion
 from db.domains.identity import User
 from db.domains.knowledge import KnowledgeChunk
 from db.domains.work import Project, Task
@@ -38,11 +39,11 @@ from tests.databases import fresh_postgres_database
 REPO = Path(__file__).resolve().parents[1]
 NEXUS_DATA = Path(sys.executable).parent / "nexus-data"
 USERS, PROJECTS, TASKS = 12, 3, 5
-CHANNELS, MESSAGES, CONVERSATIONS, TURNS, CHUNKS = 4, 6, 5, 5, 24
+CHANNELS, MESSAGES, CONVERSATIONS, TURNS, CHUNKS, DOCUMENTS = 4, 6, 5, 5, 24, 8
 SIZE_ARGS = [
     "--users", str(USERS), "--projects", str(PROJECTS), "--tasks", str(TASKS),
     "--channels", str(CHANNELS), "--messages", str(MESSAGES),
-    "--conversations", str(CONVERSATIONS), "--turns", str(TURNS), "--chunks", str(CHUNKS),
+    "--conversations", str(CONVERSATIONS), "--turns", str(TURNS), "--chunks", str(CHUNKS), "--documents", str(DOCUMENTS),
 ]
 COUNTS_LINE = re.compile(r"^(\d+ [a-z_]+)(, \d+ [a-z_]+)*$")
 
@@ -91,7 +92,19 @@ def list_all(method: Any, request_type: Any, items: str, **fields: Any) -> list[
             return out
 
 
+def all_documents(c: Client) -> list[kpb.Document]:
+    return list_all(c.knowledge.ListDocuments, kpb.ListDocumentsRequest, "documents", order_by="create_time", show_deleted=True)
+
+
+def per_document(c: Client, documents: list[kpb.Document], method: str, request_type: Any, items: str) -> dict[str, list[Any]]:
+    """A document's versions or shares, listed per document as the API serves them."""
+    return {d.id: list_all(getattr(c.knowledge, method), request_type, items, document_id=d.id) for d in documents}
+
+
 def totals(c: Client) -> dict[str, int]:
+    documents = all_documents(c)
+    versions = per_document(c, documents, "ListDocumentVersions", kpb.ListDocumentVersionsRequest, "document_versions")
+    shares = per_document(c, documents, "ListDocumentShares", kpb.ListDocumentSharesRequest, "document_shares")
     return {
         "users": c.identity.ListUsers(ipb.ListUsersRequest(page_size=1)).total_size,
         "roles": c.identity.ListRoles(ipb.ListRolesRequest(page_size=1)).total_size,
@@ -104,6 +117,9 @@ def totals(c: Client) -> dict[str, int]:
         "conversations": c.chat.ListConversations(cpb.ListConversationsRequest(page_size=1)).total_size,
         "conversation_messages": c.chat.ListConversationMessages(cpb.ListConversationMessagesRequest(page_size=1)).total_size,
         "knowledge_chunks": c.knowledge.ListKnowledgeChunks(kpb.ListKnowledgeChunksRequest(page_size=1)).total_size,
+        "documents": len(documents),
+        "document_versions": sum(map(len, versions.values())),
+        "document_shares": sum(map(len, shares.values())),
     }
 
 
@@ -125,6 +141,9 @@ class Seeded:
     conversations: list[cpb.Conversation]
     conversation_messages: list[cpb.ConversationMessage]
     chunks: list[kpb.KnowledgeChunk]
+    documents: list[kpb.Document]  # soft-deleted ones too
+    versions: dict[str, list[kpb.DocumentVersion]]  # by document id, oldest first
+    shares: dict[str, list[kpb.DocumentShare]]  # by document id
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +156,7 @@ def seeded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             before = totals(client)
             result = run_seed(url, *SIZE_ARGS, "--quiet")
             assert result.returncode == 0, result.stderr
+            documents = all_documents(client)
             yield Seeded(
                 url,
                 client,
@@ -154,6 +174,9 @@ def seeded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                     client.chat.ListConversationMessages, cpb.ListConversationMessagesRequest, "conversation_messages", order_by="create_time"
                 ),
                 list_all(client.knowledge.ListKnowledgeChunks, kpb.ListKnowledgeChunksRequest, "knowledge_chunks"),
+                documents,
+                per_document(client, documents, "ListDocumentVersions", kpb.ListDocumentVersionsRequest, "document_versions"),
+                per_document(client, documents, "ListDocumentShares", kpb.ListDocumentSharesRequest, "document_shares"),
             )
         finally:
             client.channel.close()
@@ -178,6 +201,9 @@ def test_cli_prints_the_counts(seeded: Seeded) -> None:
     assert counts["conversation_messages"] == CONVERSATIONS * TURNS
     assert counts["knowledge_chunks"] == CHUNKS
     assert counts["knowledge_chunks_replaced"] == 0, "a fresh database has no chunk to replace"
+    assert counts["documents"] == DOCUMENTS
+    assert counts["document_versions"] >= 3, "the first document is edited twice and restored"
+    assert counts["document_shares"] >= 3, "the first document is shared at each level"
     assert seeded.result.stdout.strip().count("\n") == 0, "--quiet prints the counts line only"
     assert seeded.result.stderr == "", "--quiet draws no progress bar"
     assert "password" not in (seeded.result.stdout + seeded.result.stderr).lower()
@@ -342,6 +368,59 @@ def test_knowledge_chunks_are_searchable_and_filterable_by_lang(seeded: Seeded) 
     assert all(lang[h.id] == "en" for h in hits)
 
 
+VIEW, COMMENT, EDIT = kpb.DOCUMENT_SHARE_LEVEL_VIEW, kpb.DOCUMENT_SHARE_LEVEL_COMMENT, kpb.DOCUMENT_SHARE_LEVEL_EDIT
+CONTENT_OF_KIND = {  # a kind's content: its parts, and what each part holds
+    kpb.DOCUMENT_KIND_WORD: ("sections", "paragraphs"),
+    kpb.DOCUMENT_KIND_EXCEL: ("sheets", "rows"),
+    kpb.DOCUMENT_KIND_POWERPOINT: ("slides", "bullets"),
+}
+
+
+def test_documents_have_content_that_fits_their_kind(seeded: Seeded) -> None:
+    users = {u.id for u in seeded.users}
+    assert len(seeded.documents) == DOCUMENTS
+    for document in seeded.documents:
+        assert document.title and document.owner_id in users and document.last_editor_id in users
+        content = json_format.MessageToDict(document.content)
+        if document.kind == kpb.DOCUMENT_KIND_OTHER:
+            assert content["text"] and content["format"], document.title
+            continue
+        parts, holds = CONTENT_OF_KIND[document.kind]
+        assert content[parts] and all(part[holds] for part in content[parts]), document.title
+        for sheet in content.get("sheets", ()):
+            assert all(len(row) == len(sheet["columns"]) for row in sheet["rows"]), "a row has a cell per column"
+    deleted = [d for d in seeded.documents if d.HasField("delete_time")]
+    assert 1 <= len(deleted) < DOCUMENTS, "a few documents are soft-deleted"
+
+
+def test_document_versions_are_numbered_without_gaps_and_made_by_editors(seeded: Seeded) -> None:
+    counts = parse_counts(seeded.result.stdout)
+    for document in seeded.documents:
+        versions = seeded.versions[document.id]
+        assert [v.version for v in versions] == list(range(1, document.version)), document.title
+        editors = {document.owner_id} | {s.user_id for s in seeded.shares[document.id] if s.level == EDIT}
+        assert {v.author_id for v in versions} | {document.last_editor_id} <= editors, "every state is the owner's or an edit-sharer's"
+    assert sum(d.version - 1 for d in seeded.documents) == counts["document_versions"]
+    by_sharers = [v for d in seeded.documents for v in seeded.versions[d.id] if v.author_id != d.owner_id]
+    assert by_sharers, "some versions are an edit-sharer's"
+    # Edits only add to the content, so a document that is in the state of one of its versions was restored.
+    restored = [d for d in seeded.documents if any((v.title, v.content, v.kind) == (d.title, d.content, d.kind) for v in seeded.versions[d.id])]
+    assert restored, "a document was restored to an earlier version"
+
+
+def test_document_shares_are_at_every_level_and_never_the_owners(seeded: Seeded) -> None:
+    users = {u.id for u in seeded.users}
+    levels = set()
+    for document in seeded.documents:
+        shares = seeded.shares[document.id]
+        assert len({s.user_id for s in shares}) == len(shares)
+        for share in shares:
+            assert share.user_id != document.owner_id, "an owner needs no share"
+            assert share.user_id in users and share.shared_by_id == document.owner_id
+            levels.add(share.level)
+    assert levels == {VIEW, COMMENT, EDIT}
+
+
 def test_seeding_again_adds_more_without_collisions(seeded: Seeded) -> None:
     before = totals(seeded.client)
     result = run_seed(seeded.url, *SIZE_ARGS, "--quiet")
@@ -352,6 +431,7 @@ def test_seeding_again_adds_more_without_collisions(seeded: Seeded) -> None:
     assert counts["role_assignments"] == USERS
     assert counts["channels"] == CHANNELS and counts["chat_messages"] == CHANNELS * MESSAGES
     assert counts["conversations"] == CONVERSATIONS and counts["conversation_messages"] == CONVERSATIONS * TURNS
+    assert counts["documents"] == DOCUMENTS and counts["document_versions"] >= 3 and counts["document_shares"] >= 3
     # A chunk whose (source, external_id) was seeded before is replaced, not added again.
     assert counts["knowledge_chunks"] + counts["knowledge_chunks_replaced"] == CHUNKS
     after = totals(seeded.client)
@@ -374,6 +454,11 @@ def test_progress_bar_goes_to_stderr(database_url: str, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ in-process
 
 
+def username_of(user_id: Any) -> Any:
+    """The username of a user id column (ids differ between databases; usernames do not)."""
+    return select(User.username).where(User.id == user_id).scalar_subquery()
+
+
 SNAPSHOT_COLUMNS = {
     User: (User.username, User.email, User.full_name, User.role, User.preferences, User.is_active),
     Project: (Project.name, Project.status, Project.priority, Project.budget_amount, Project.start_date),
@@ -383,6 +468,12 @@ SNAPSHOT_COLUMNS = {
     Conversation: (Conversation.title, Conversation.status),
     ConversationMessage: (ConversationMessage.sender_type, ConversationMessage.content, ConversationMessage.role_metadata),
     KnowledgeChunk: (KnowledgeChunk.source, KnowledgeChunk.external_id, KnowledgeChunk.title, KnowledgeChunk.content, KnowledgeChunk.chunk_metadata),
+    Document: (
+        Document.title, Document.kind, Document.content, Document.version, Document.delete_time.is_(None),
+        username_of(Document.owner_id), username_of(Document.last_editor_id),
+    ),
+    DocumentVersion: (DocumentVersion.version, DocumentVersion.title, DocumentVersion.kind, DocumentVersion.content, username_of(DocumentVersion.author_id)),
+    DocumentShare: (DocumentShare.level, username_of(DocumentShare.user_id), username_of(DocumentShare.shared_by_id)),
 }
 
 
@@ -412,7 +503,7 @@ def _seed_in_process(url: str, **kwargs: Any) -> dict[str, int]:
 
 IN_PROCESS_SIZES = dict(
     users=8, projects=2, tasks_per_project=6, channels=6, messages_per_channel=8,
-    conversations=6, messages_per_conversation=6, knowledge_chunks=30,
+    conversations=6, messages_per_conversation=6, knowledge_chunks=30, documents=10,
 )
 
 
@@ -447,21 +538,26 @@ def test_seeding_twice_with_one_seed_number_replaces_the_chunks_and_adds_the_res
     assert second["knowledge_chunks"] == 0 and second["knowledge_chunks_replaced"] == IN_PROCESS_SIZES["knowledge_chunks"]
     assert twice["KnowledgeChunk"] == once["KnowledgeChunk"] == IN_PROCESS_SIZES["knowledge_chunks"]
     for model, kind in ((User, "users"), (Task, "tasks"), (Channel, "channels"), (ChatMessage, "chat_messages"),
-                        (Conversation, "conversations"), (ConversationMessage, "conversation_messages")):
+                        (Conversation, "conversations"), (ConversationMessage, "conversation_messages"), (Document, "documents"),
+                        (DocumentVersion, "document_versions"), (DocumentShare, "document_shares")):
         assert twice[model.__name__] == 2 * once[model.__name__] == 2 * first[kind] == 2 * second[kind], kind
 
 
 def test_the_sample_has_each_variety(tmp_path: Path) -> None:
     """One seed number's sample has what a client of each kind meets: project and company
     channels, private ones, replies, archived conversations with system prompts and metadata,
-    German chunks and several sources."""
+    German chunks and several sources, documents of every kind, live and deleted, with versions
+    by their owners and by others."""
     url = f"sqlite:///{tmp_path / 'v.db'}"
     # Large enough that each variety is all but certain for any seed number, not just this one.
-    _seed_in_process(url, rng_seed=1, **IN_PROCESS_SIZES | dict(channels=16, conversations=16, knowledge_chunks=200))
+    _seed_in_process(url, rng_seed=1, **IN_PROCESS_SIZES | dict(channels=16, conversations=16, knowledge_chunks=200, documents=40))
     database = Database(url)
     try:
-        channels, messages, conversations, turns, chunks = database.run_sync(
-            lambda s: [list(s.scalars(select(model))) for model in (Channel, ChatMessage, Conversation, ConversationMessage, KnowledgeChunk)],
+        channels, messages, conversations, turns, chunks, documents, versions = database.run_sync(
+            lambda s: [
+                list(s.scalars(select(model)))
+                for model in (Channel, ChatMessage, Conversation, ConversationMessage, KnowledgeChunk, Document, DocumentVersion)
+            ],
             SESSION_READ,
         )
         assert {c.project_id is None for c in channels} == {True, False}
@@ -472,6 +568,10 @@ def test_the_sample_has_each_variety(tmp_path: Path) -> None:
         assert any(t.role_metadata for t in turns) and not all(t.role_metadata for t in turns)
         assert {c.chunk_metadata["lang"] for c in chunks} == {"en", "de"}
         assert len({c.source for c in chunks}) >= 3
+        assert {d.kind for d in documents} == set(seed.DOCUMENT_KIND)
+        assert {d.delete_time is None for d in documents} == {True, False}
+        owner = {d.id: d.owner_id for d in documents}
+        assert {v.author_id == owner[v.document_id] for v in versions} == {True, False}
     finally:
         database.dispose()
 
@@ -479,10 +579,10 @@ def test_the_sample_has_each_variety(tmp_path: Path) -> None:
 def test_sizes_are_checked(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     with pytest.raises(ValueError, match="at least one user"):
-        _seed_in_process(url, users=0, projects=1, channels=0, conversations=0)
-    for kind in ("channels", "conversations"):
+        _seed_in_process(url, users=0, projects=1, channels=0, conversations=0, documents=0)
+    for kind in ("channels", "conversations", "documents"):
         with pytest.raises(ValueError, match="at least one user"):
-            _seed_in_process(url, users=0, projects=0, **{"channels": 0, "conversations": 0, kind: 1})
+            _seed_in_process(url, users=0, projects=0, **{"channels": 0, "conversations": 0, "documents": 0, kind: 1})
     for size in IN_PROCESS_SIZES:
         with pytest.raises(ValueError, match="negative"):
             _seed_in_process(url, **{size: -1})

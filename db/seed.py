@@ -5,7 +5,7 @@ Every row goes through the code paths the API uses: the proto Create*Request mes
 assignments, e-mail verification, task dependencies, archiving a conversation, sharing a
 document and restoring one of its versions, `writes.update` and `writes.delete` for documents'
 edits and soft deletes (made on behalf of their seeded users, _acting_for), and
-`writes.upsert` (UpsertKnowledgeChunk's path) for knowledge chunks. A plan of steps is drawn
+`knowledge.upsert_knowledge_chunk` (UpsertKnowledgeChunk's path) for knowledge chunks. A plan of steps is drawn
 from one random generator first (deterministic when `rng_seed` is given, for a given database
 and day: dates are relative to today), then run in transactions of BATCH_STEPS rows.
 

@@ -1,4 +1,4 @@
-"""Schema migrations at run time: upgrade to head, or check the schema is at head."""
+"""Schema migrations at run time: upgrade to head (or move to a revision), or check the schema is at head."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +18,10 @@ _ADVISORY_LOCK_KEY = 7_340_221
 
 class SchemaMismatch(RuntimeError):
     """The database is not at the schema this build expects."""
+
+
+class UnknownRevision(ValueError):
+    """A revision this build's migrations do not have."""
 
 
 def include_name(name: str | None, type_: str, parent_names: object) -> bool:
@@ -61,6 +65,22 @@ def downgrade(engine: Engine, target: str) -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, target)
+
+
+def migrate_to(engine: Engine, target: str) -> None:
+    """Move the schema to target: "head", "base", or a revision of this build's migrations,
+    upgrading when it is past the database's revision and downgrading when it is before it.
+    UnknownRevision for any other name."""
+    script = ScriptDirectory.from_config(alembic_config())
+    known = {revision.revision for revision in script.walk_revisions()}
+    if target not in known | {"head", "base"}:
+        raise UnknownRevision(f"{target!r} is not a revision of this build: head, base, or one of {', '.join(sorted(known))}")
+    current = current_revision(engine)
+    behind = target == "base" or (current is not None and target in {r.revision for r in script.iterate_revisions(current, "base")})
+    if behind and target != current:
+        downgrade(engine, target)
+    elif target != current:
+        upgrade(engine, target)
 
 
 def check(engine: Engine) -> None:

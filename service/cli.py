@@ -94,10 +94,11 @@ def _migrate(args: argparse.Namespace) -> int:
     from db import migrate
 
     def work(database: Any) -> int:
-        if args.revision == "head":
-            migrate.upgrade(database.engine)
-        else:
-            migrate.downgrade(database.engine, args.revision)
+        try:
+            migrate.migrate_to(database.engine, args.revision)
+        except migrate.UnknownRevision as exc:
+            print(f"nexus-data migrate: {exc}", file=sys.stderr)
+            return 2
         print(f"schema at {migrate.current_revision(database.engine)}")
         return 0
 
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mTLS)")
     serve.set_defaults(func=_serve)
 
-    mig = sub.add_parser("migrate", help="upgrade the schema to head, or downgrade to a revision")
+    mig = sub.add_parser("migrate", help="upgrade the schema to head, or move it to a revision, up or down")
     common(mig)
     mig.add_argument("revision", nargs="?", default="head")
     mig.set_defaults(func=_migrate)

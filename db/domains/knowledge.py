@@ -8,6 +8,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from db.base import Base, ResourceMixin, json_object
 from db import errors
 from db.engine import cascade, reads, upserts
+from db.engine.writes import load_fields
 from db.engine.call import Call
 from db.engine.resource import REGISTRY, ResourceSpec
 
@@ -90,7 +91,9 @@ def delete_knowledge_chunks_by_source(
     (engine/cascade.delete_matching)."""
     if not request.source:
         raise errors.InvalidArgument.field("source", "is required: the source whose chunks go", reason="REQUIRED_FIELD")
-    conditions = [KnowledgeChunk.source == request.source]
+    # As a chunk's source is checked: one no chunk can have is refused, not counted as none.
+    source = load_fields(KNOWLEDGE_CHUNKS, request, ["source"], "")["source"]
+    conditions = [KnowledgeChunk.source == source]
     narrowed = KNOWLEDGE_CHUNKS.filter_compiler(call.dialect).compile(request.filter)
     if narrowed is not None:
         conditions.append(narrowed)

@@ -26,7 +26,7 @@ from db.engine.resource import ResourceSpec
 from db.engine.rules import check_create_rule, check_field_rights, check_managed_together, denied, predicate
 from db.engine.tables import AuditLogEntry
 from db.engine.writes import (
-    _load_fields,
+    load_fields,
     _new_row,
     changed_row,
     check_references_together,
@@ -119,7 +119,7 @@ def _keyed(spec: ResourceSpec, msg: Message, prefix: str) -> _Upsert:
         if not spec.codecs[name].present(msg):
             violations.add(prefix + name, f"is required: ({', '.join(spec.upsert_key)}) is the {spec.name}'s key", "REQUIRED_FIELD")
     violations.raise_if_any()
-    values = _load_fields(spec, msg, spec.upsert_key, prefix)
+    values = load_fields(spec, msg, spec.upsert_key, prefix)
     return _Upsert(msg, prefix, tuple(values[spec.codecs[name].attr] for name in spec.upsert_key))
 
 

@@ -34,7 +34,7 @@ from db.unit import Mode, plan_of, writing
 MAX_REQUEST_ID = 128
 
 
-def _load_fields(spec: ResourceSpec, msg: Message, names: Iterable[str], prefix: str) -> dict[str, Any]:
+def load_fields(spec: ResourceSpec, msg: Message, names: Iterable[str], prefix: str) -> dict[str, Any]:
     """Row values for the named fields; every violation is reported at once."""
     values: dict[str, Any] = {}
     violations = errors.Violations()
@@ -170,7 +170,7 @@ def _new_row(spec: ResourceSpec, msg: Message, call: Call, field_prefix: str) ->
     """
     names = [n for n in spec.creatable if spec.codecs[n].present(msg)]
     check_field_rights(spec, names, field_prefix)
-    values = _load_fields(spec, msg, names, field_prefix)
+    values = load_fields(spec, msg, names, field_prefix)
     set_values = {k: v for k, v in values.items() if v is not None}
     row = reading.row_class(spec)({**_empty_row(spec), **set_values})
     row.id = uuid7()
@@ -450,7 +450,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
 def changed_row(spec: ResourceSpec, before: Any, msg: Message, names: list[str], field_prefix: str) -> tuple[Any, dict[str, Any]]:
     """(the row as an update of the named fields of msg leaves it, the loaded values): a new
     plain row, `before` untouched; validated as an update validates it (references apart)."""
-    values = _load_fields(spec, msg, names, field_prefix)
+    values = load_fields(spec, msg, names, field_prefix)
     row = reading.row_class(spec)(dict(before.__dict__))
     for key, value in values.items():
         setattr(row, key, value)

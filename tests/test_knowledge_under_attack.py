@@ -220,10 +220,14 @@ def test_a_document_given_to_its_sharer_keeps_no_share_of_its_owner(client: Clie
     as an EDIT sharer, and ShareDocument can no longer change its level (FAILED_PRECONDITION)."""
     owner, heir = actor(), actor()
     made = client.knowledge.CreateDocument(kpb.CreateDocumentRequest(document=kpb.Document(title="Estate", owner_id=owner.id)))
-    client.knowledge.ShareDocument(kpb.ShareDocumentRequest(document_id=made.id, user_id=heir.id, level=kpb.DOCUMENT_SHARE_LEVEL_EDIT))
+    share = client.knowledge.ShareDocument(kpb.ShareDocumentRequest(document_id=made.id, user_id=heir.id, level=kpb.DOCUMENT_SHARE_LEVEL_EDIT))
     client.knowledge.UpdateDocument(kpb.UpdateDocumentRequest(document=kpb.Document(id=made.id, owner_id=heir.id), update_mask={"paths": ["owner_id"]}))
     shares = client.knowledge.ListDocumentShares(kpb.ListDocumentSharesRequest(document_id=made.id)).document_shares
     assert heir.id not in [s.user_id for s in shares], "the new owner is listed as a sharer of their own document"
+    from nexus.security.v1 import security_pb2 as spb
+
+    trail = client.security.ListAuditLogEntries(spb.ListAuditLogEntriesRequest(filter=f'resource_id = "{share.id}"')).audit_log_entries
+    assert [e.action for e in trail] == [spb.AUDIT_ACTION_CREATE, spb.AUDIT_ACTION_DELETE], "the share's end is audited"
 
 
 def test_a_key_without_a_user_is_not_asked_for_a_field_it_may_not_send(client: Client) -> None:

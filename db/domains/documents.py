@@ -125,6 +125,18 @@ def _stamp_editor(session: Session, row: Document, changed: set[str], creating: 
         row.last_editor_id = call.actor_user_id
 
 
+def _on_update(session: Session, old: dict[str, Any], new: dict[str, Any], call: Call) -> None:
+    """What a change of a document writes beyond it, in its transaction: the version it leaves
+    (_keep_version), and a new owner's share of it, which an owner does not need (ShareDocument
+    refuses one), removed (audited)."""
+    _keep_version(session, old, new, call)
+    if new["owner_id"] != old["owner_id"] and new["owner_id"] is not None:
+        share = _share_of(session, old["id"], new["owner_id"])
+        if share is not None:
+            session.delete(share)
+            changes.flush(session)
+
+
 def _keep_version(session: Session, old: dict[str, Any], new: dict[str, Any], call: Call) -> None:
     """A change of title or content moves the document to its next version, made by the caller,
     and keeps the state it leaves as a DocumentVersion (audited, in the same transaction). Other
@@ -156,7 +168,7 @@ DOCUMENTS = REGISTRY.add(
         search_fields=(("title", "A"), (JsonText("content"), "B")),
         batch_get=True,
         before_write=_stamp_editor,
-        on_update=_keep_version,
+        on_update=_on_update,
         owner_field="owner_id",
         access=Access(read=READABLE, manage=EDITABLE, admin_only=frozenset({"owner_id"}), delete=OWNED),
     )

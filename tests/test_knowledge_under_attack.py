@@ -231,11 +231,10 @@ def test_a_document_given_to_its_sharer_keeps_no_share_of_its_owner(client: Clie
 
 
 def test_a_key_without_a_user_is_not_asked_for_a_field_it_may_not_send(client: Client) -> None:
-    """A USER key without a user (CreateApiKey without user_id) cannot own a document. CreateDocument
-    answers INVALID_ARGUMENT `document.owner_id: is required`; sending owner_id is then
-    PERMISSION_DENIED `only an admin may set document.owner_id`: the first answer sends the
-    client after a field it may not set. It should be refused once, as what it is (PERMISSION_DENIED
-    or FAILED_PRECONDITION: the key acts for no user)."""
+    """A USER key without a user (CreateApiKey without user_id) cannot own a document, and may not
+    name an owner (only admins may): it is refused once, as what it is (PERMISSION_DENIED: the key
+    acts for no user), not asked for a field it may not send (INVALID_ARGUMENT `owner_id is
+    required`, then PERMISSION_DENIED when it sends one)."""
     from nexus.identity.v1 import identity_pb2 as ipb
 
     from tests.conftest import connect
@@ -243,10 +242,10 @@ def test_a_key_without_a_user_is_not_asked_for_a_field_it_may_not_send(client: C
     key = client.identity.CreateApiKey(ipb.CreateApiKeyRequest(api_key=ipb.ApiKey(name=unique("k"), role=ipb.USER_ROLE_USER)))
     userless = connect(client.backend, client.database_url, client.server, secret=key.secret)
     try:
-        code = _code(lambda: userless.knowledge.CreateDocument(kpb.CreateDocumentRequest(document=kpb.Document(title="Orphan"))))
+        err = expect_error(Code.PERMISSION_DENIED, userless.knowledge.CreateDocument, kpb.CreateDocumentRequest(document=kpb.Document(title="Orphan")))
     finally:
         userless.channel.close()
-    assert code in (Code.PERMISSION_DENIED, Code.FAILED_PRECONDITION), code
+    assert (err.info.reason, err.info.metadata["field"]) == ("NO_USER_TO_OWN", "document.owner_id"), err.message
 
 
 def test_readme_shows_the_knowledge_service_with_grpcurl() -> None:

@@ -188,6 +188,13 @@ def _own_row(spec: ResourceSpec, row: Any, values: dict[str, Any], call: Call, f
     if owner is None and call.actor_user_id is not None:
         setattr(row, spec.owner_field, call.actor_user_id)
         values[spec.owner_field] = call.actor_user_id
+    elif owner is None and spec.owner_field in spec.required and call.role != "admin":
+        # Asking for the field would send the caller after one it may not set (below).
+        field = field_prefix + spec.owner_field
+        raise errors.PermissionDenied(
+            f"the caller acts for no user, so it cannot own a {spec.name}: only an admin may make one for a user",
+            reason="NO_USER_TO_OWN", metadata={"field": field, "resource_type": spec.name},
+        )
     elif owner is not None and owner != call.actor_user_id and call.role != "admin":
         field = field_prefix + spec.owner_field
         raise errors.PermissionDenied(

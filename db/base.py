@@ -143,7 +143,9 @@ class ExactDecimal(TypeDecorator[Decimal]):
 
 
 # JSONB where it matters (PostgreSQL: indexable, containment operators), JSON text on SQLite.
-PortableJSON = JSON().with_variant(postgresql.JSONB(), "postgresql")
+# An unset value is SQL NULL whichever way it is written (SQLAlchemy's bound parameters would
+# write JSON null, db/bulk's JSON arrays SQL NULL): filters see one "absent".
+PortableJSON = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 
 uuid_pk = Annotated[uuid.UUID, mapped_column(Uuid, primary_key=True, default=uuid7)]
 timestamp = Annotated[dt.datetime, mapped_column(UTCDateTime, nullable=False)]

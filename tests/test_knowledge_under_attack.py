@@ -260,14 +260,12 @@ def test_readme_shows_the_knowledge_service_with_grpcurl() -> None:
 
 
 def test_a_chunk_without_metadata_is_stored_and_filtered_alike_whichever_method_wrote_it(client: Client) -> None:
-    """A chunk sent without chunk_metadata has none: `chunk_metadata:*` (AIP-160 presence) must
-    not match it, whether CreateKnowledgeChunk, BatchCreateKnowledgeChunks,
-    UpsertKnowledgeChunk or BatchUpsertKnowledgeChunks wrote it, or an upsert replaced metadata
-    with none; it matters most to DeleteKnowledgeChunksBySource, whose filter decides what goes.
-    The paths store "no metadata" differently: on PostgreSQL the standard creates write JSON
-    null and the upserts (bulk.write_many) SQL NULL, so `chunk_metadata:*` matches the created
-    ones and `chunk_metadata = null` only the upserted ones; on SQLite every path writes JSON
-    null and `chunk_metadata:*` matches all of them."""
+    """A chunk sent without chunk_metadata has none: `chunk_metadata:*` (AIP-160 presence) does
+    not match it, whether CreateKnowledgeChunk, BatchCreateKnowledgeChunks, UpsertKnowledgeChunk
+    or BatchUpsertKnowledgeChunks wrote it, or an upsert replaced metadata with none, nor a row
+    that holds JSON null (as the standard creates once wrote on PostgreSQL, where the upserts
+    wrote SQL NULL); it matters most to DeleteKnowledgeChunksBySource, whose filter decides
+    what goes."""
     k = client.knowledge
     source = unique("meta")
 
@@ -284,10 +282,24 @@ def test_a_chunk_without_metadata_is_stored_and_filtered_alike_whichever_method_
     k.UpsertKnowledgeChunk(kpb.UpsertKnowledgeChunkRequest(knowledge_chunk=chunk("replaced")))
     k.UpsertKnowledgeChunk(kpb.UpsertKnowledgeChunkRequest(knowledge_chunk=chunk("with-metadata", chunk_metadata=metadata)))
 
+    # A row that holds JSON null, as rows written before every path wrote SQL NULL do.
+    engine = create_engine(client.database_url)
+    try:
+        with engine.begin() as conn:
+            new_id = "gen_random_uuid()" if client.backend == "postgresql" else "lower(hex(randomblob(16)))"
+            conn.execute(text(
+                f"INSERT INTO knowledge_chunks (id, source, external_id, content, chunk_metadata, create_time, update_time, revision) "
+                f"VALUES ({new_id}, :s, 'json-null', 'text', 'null', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 1)"
+            ), {"s": source})
+    finally:
+        engine.dispose()
+
     def matching(condition: str) -> list[str]:
         listed = k.ListKnowledgeChunks(kpb.ListKnowledgeChunksRequest(filter=f'source = "{source}" AND {condition}'))
         return sorted(c.external_id for c in listed.knowledge_chunks)
 
     assert matching("chunk_metadata:*") == ["with-metadata"]
+    assert matching("chunk_metadata != null") == ["with-metadata"]
+    assert len(matching("chunk_metadata = null")) == 6
     deleting = k.DeleteKnowledgeChunksBySource(kpb.DeleteKnowledgeChunksBySourceRequest(source=source, filter="chunk_metadata:*", validate_only=True))
     assert deleting.deleted_count == 1

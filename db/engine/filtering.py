@@ -613,9 +613,18 @@ class FilterCompiler:
                 f"operator {_quote(node.op)} at position {node.op_position} cannot compare "
                 f"{_quote(node.name)} with null; use = or !=",
             )
+        if spec.kind is FieldKind.JSON and not subpath:
+            absent = self._json_absent(spec.column)
+            return absent if node.op == "=" else not_(absent)
         # JSON paths: missing keys and JSON null both extract as SQL NULL on both engines.
         target: ColumnElement[Any] = spec.column[subpath].as_string() if subpath else spec.column
         return target.is_(None) if node.op == "=" else target.is_not(None)
+
+    def _json_absent(self, column: Any) -> ColumnElement[bool]:
+        """A JSON column that holds nothing: SQL NULL, or JSON null (as rows written before every
+        path wrote SQL NULL hold it)."""
+        kind = func.jsonb_typeof(self._jsonb(column)) if self._postgres else func.json_type(column)
+        return or_(column.is_(None), kind == "null")
 
     def _presence(self, spec: FilterField, subpath: tuple[str, ...]) -> ColumnElement[bool]:
         column: ColumnElement[Any] = spec.column
@@ -633,6 +642,8 @@ class FilterCompiler:
             else:
                 length = func.json_array_length(column)
             return and_(column.is_not(None), length > 0)
+        if spec.kind is FieldKind.JSON:
+            return not_(self._json_absent(column))
         return column.is_not(None)
 
     # -- kinds

@@ -32,7 +32,8 @@ def _sqlstate(exc: sa_exc.DBAPIError) -> str | None:
     return getattr(exc.orig, "pgcode", None)
 
 
-def _unique_fields(exc: sa_exc.IntegrityError) -> list[str]:
+def unique_fields(exc: sa_exc.IntegrityError) -> list[str]:
+    """The columns of the unique index a violation names (empty when it names none)."""
     message = str(exc.orig)
     match = _SQLITE_UNIQUE.search(message)
     if match:
@@ -93,7 +94,7 @@ def translate(exc: Exception, resource_type: str = "") -> Exception:
     message = str(exc.orig)
     if isinstance(exc, sa_exc.IntegrityError):
         if state == "23505" or "UNIQUE constraint failed" in message:
-            fields = _unique_fields(exc)
+            fields = unique_fields(exc)
             what = ", ".join(fields) or "a unique field"
             return errors.AlreadyExists(
                 f"{resource_type or 'resource'} with the same {what} already exists",

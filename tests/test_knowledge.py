@@ -139,7 +139,7 @@ def test_an_upsert_that_loses_the_race_for_a_new_key_replaces_the_winners_chunk(
     finally:
         CURRENT_CALL.reset(token)
         database.dispose()
-    assert lookups == [[key], [key], [key]], "looked up, lost the insert, saw the key taken, looked up again"
+    assert lookups == [[key], [key]], "looked up, lost the insert on the key, looked up again"
     assert not answer.created and answer.knowledge_chunk.id == winner.id and answer.knowledge_chunk.content == "the loser's"
     listed = client.knowledge.ListKnowledgeChunks(kpb.ListKnowledgeChunksRequest(filter=f'source = "{source}"'))
     assert listed.total_size == 1

@@ -70,11 +70,11 @@ def _write_lock_held(c: Client) -> Iterator[None]:
 
 
 def test_concurrent_batch_upserts_of_overlapping_keys_in_different_orders_all_succeed(client: Client) -> None:
-    """upserts.batch_upsert: "a new key taken by a concurrent upsert starts the batch again".
-    Eight ingesters upserting overlapping samples of one source's keys (half of them there
-    before) must all be answered OK: each upsert is idempotent and none conflicts with another's
-    intent. On PostgreSQL about half end ABORTED `concurrent upserts kept taking the same new
-    keys` after ATTEMPTS (3) restarts."""
+    """Eight ingesters upserting overlapping samples of one source's keys (half of them there
+    before), in different orders, are all answered OK: each upsert is idempotent and none
+    conflicts with another's intent. (On PostgreSQL they take turns by source, engine/upserts
+    _take_turns: without, a concurrent upsert's new rows were outside the read's snapshot, and
+    about half the calls ended ABORTED after their restarts.)"""
     codes: Counter[Code] = Counter()
     for round_no in range(3):
         source = unique("ingest")
@@ -143,12 +143,10 @@ class _OtherWriter:
 
 
 def test_an_upsert_whose_new_key_was_taken_and_deleted_meanwhile_is_not_already_exists(client: Client) -> None:
-    """An upsert never answers ALREADY_EXISTS: whatever a concurrent writer did to its key, the
-    key's row is made or replaced. upserts.batch_upsert catches the unique violation of a key
-    made concurrently, but re-raises it when the key's row is gone again by the time it looks
-    (deleted by a DeleteKnowledgeChunksBySource in between): on PostgreSQL the client gets
-    ALREADY_EXISTS `KnowledgeChunk with the same source, external_id already exists` (about one
-    try in three here; seen as well under plain concurrent upserts and deletes by source)."""
+    """An upsert never answers ALREADY_EXISTS: whatever a concurrent writer does to its key (here
+    a plain insert, committed and deleted again while the upsert waits on it), the key's row is
+    made or replaced. (A violation of the key's unique index starts the upsert again, whether or
+    not the row that caused it is still there.)"""
     source = unique("taken")
     other = _OtherWriter(client)
     codes: Counter[Code] = Counter()
@@ -169,11 +167,9 @@ def test_an_upsert_whose_new_key_was_taken_and_deleted_meanwhile_is_not_already_
 
 
 def test_a_read_is_answered_while_another_call_writes(client: Client, actor: Callable[..., Actor]) -> None:
-    """A read needs no write lock. But a key's first call of the minute stamps its
-    last_used_time (service/auth.py) by a write that waits for the database's write lock, without
-    the call's deadline: on SQLite, while a batch upsert (or any write) holds the lock, a
-    ListDocuments ends in a bare DEADLINE_EXCEEDED (no google.rpc.Status, no `committed`) and,
-    without a deadline, in ABORTED `the transaction kept conflicting` after ~23 s."""
+    """A read needs no write lock, nor does a key's usage stamp hold a call up: on SQLite, while
+    another writer holds the write lock (a large batch upsert), a ListDocuments by a key's first
+    call of the minute is answered at once (its last_used_time is written in the background)."""
     reader = actor()
     with _write_lock_held(client):
         started = time.monotonic()
@@ -183,10 +179,8 @@ def test_a_read_is_answered_while_another_call_writes(client: Client, actor: Cal
 
 
 def test_delete_by_source_refuses_a_source_no_chunk_can_have_naming_it(client: Client) -> None:
-    """Bad input gets INVALID_ARGUMENT naming the field, on both databases alike. A source with a
-    NUL character is OK (deleted_count 0) on SQLite and an INVALID_ARGUMENT naming no field
-    (`text must not contain NUL characters`) on PostgreSQL; a source longer than the column
-    (255) is OK on both."""
+    """A source no chunk can have (a NUL character, longer than the column's 255) is
+    INVALID_ARGUMENT naming `source`, on both databases alike, not OK with nothing deleted."""
     for source in ("a\x00b", "s" * 256):
         for validate_only in (True, False):
             request = kpb.DeleteKnowledgeChunksBySourceRequest(source=source, validate_only=validate_only)
@@ -215,9 +209,9 @@ def test_migrate_moves_to_a_revision_either_way_and_refuses_an_unknown_one_in_a_
 
 
 def test_a_document_given_to_its_sharer_keeps_no_share_of_its_owner(client: Client, actor: Callable[..., Actor]) -> None:
-    """"An owner needs no share" (ShareDocument refuses one: SHARE_WITH_OWNER), yet an admin
-    giving a document to its edit-sharer leaves that share: ListDocumentShares lists the owner
-    as an EDIT sharer, and ShareDocument can no longer change its level (FAILED_PRECONDITION)."""
+    """"An owner needs no share" (ShareDocument refuses one: SHARE_WITH_OWNER): an admin giving a
+    document to its edit-sharer ends that share in the same change, audited, so the owner is not
+    listed as a sharer of their own document with a share nobody could change."""
     owner, heir = actor(), actor()
     made = client.knowledge.CreateDocument(kpb.CreateDocumentRequest(document=kpb.Document(title="Estate", owner_id=owner.id)))
     share = client.knowledge.ShareDocument(kpb.ShareDocumentRequest(document_id=made.id, user_id=heir.id, level=kpb.DOCUMENT_SHARE_LEVEL_EDIT))
@@ -249,10 +243,8 @@ def test_a_key_without_a_user_is_not_asked_for_a_field_it_may_not_send(client: C
 
 
 def test_readme_shows_the_knowledge_service_with_grpcurl() -> None:
-    """The README's grpcurl section shows identity and work calls only: a newcomer finds no
-    example of UpsertKnowledgeChunk / BatchUpsertKnowledgeChunks (its read_mask, the 10,000
-    limit), DeleteKnowledgeChunksBySource (validate_only), SearchKnowledgeChunks with a
-    chunk_metadata filter, nor of documents and shares."""
+    """A newcomer finds the knowledge service in the README's grpcurl calls: chunks upserted in a
+    batch, documents shared."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     calls = [line for line in readme.splitlines() if "nexus.knowledge.v1.KnowledgeService/" in line]
     assert any("BatchUpsertKnowledgeChunks" in line for line in calls), calls

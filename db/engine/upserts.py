@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import bindparam, func, select, tuple_
+from sqlalchemy import bindparam, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import bulk, errors
+from db.translate import unique_fields
 from db.base import utcnow
 from db.engine import audit, events, reading
 from db.engine.call import Call
@@ -39,7 +40,7 @@ from db.unit import writing
 MAX_UPSERT_BATCH = 10_000
 # Keys per locking read: a tuple IN of this many pairs stays well within every driver's limits.
 LOOKUP_KEYS = 1_000
-# A concurrent upsert may take a new key between the read and the write; the write then fails
+# A concurrent Create may take a new key between the read and the write; the write then fails
 # on the key's unique index and the upsert starts again, this many times at most.
 ATTEMPTS = 3
 
@@ -93,22 +94,47 @@ def batch_upsert(
         prefixes = [f"requests[{i}].{spec.singular_field}." for i in range(len(messages))]
     upserts = [_keyed(spec, msg, prefix) for msg, prefix in zip(messages, prefixes)]
     _refuse_repeated_keys(spec, upserts)
+    _take_turns(session, spec, upserts)
+    key_columns = {spec.codecs[name].attr for name in spec.upsert_key}
     for _ in range(ATTEMPTS):
-        existing: dict[tuple[Any, ...], Any] = {}
         try:
             with session.begin_nested():
                 existing = _rows_of_keys(session, spec, [u.key for u in upserts], lock=True)
                 return _write(session, spec, upserts, existing, call, read_mask)
-        except IntegrityError:
-            # A key made by a concurrent upsert since it was read: read again and replace its
-            # row. Any other violation is not a race: it goes up as it is.
-            fresh = [u.key for u in upserts if u.key not in existing]
-            if not _rows_of_keys(session, spec, fresh, lock=False):
+        except IntegrityError as exc:
+            # A new key made meanwhile by a write that is no upsert (a Create), or made and
+            # removed again: read again, and make or replace its row. Any other violation is
+            # not a race: it goes up as it is.
+            if set(unique_fields(exc)) != key_columns:
                 raise
     raise errors.Aborted(
-        f"concurrent upserts kept taking the same new keys of {spec.name}; retry", reason="CONCURRENT_MODIFICATION",
+        f"concurrent creates kept taking the same new keys of {spec.name}; retry", reason="CONCURRENT_MODIFICATION",
         metadata={"resource_type": spec.name},
     )
+
+
+def _take_turns(session: Session, spec: ResourceSpec, upserts: list[_Upsert]) -> None:
+    """On PostgreSQL, upserts of the same keys take turns: each takes, until its transaction
+    ends, an advisory lock per TURN_BUCKETS bucket of its keys' first field (a chunk's source),
+    in order. Its read of the keys' rows then comes after the commit of the one before it, and
+    sees its new rows: without the turn they are outside the read's snapshot and the insert
+    fails on the key's unique index. (SQLite's writes take turns already.)"""
+    conn = session.connection()
+    if conn.dialect.name != "postgresql":
+        return
+    names = sorted({f"{spec.table.name}:{u.key[0]}" for u in upserts})
+    conn.execute(_TURNS, {"names": names, "space": _TURN_SPACE, "buckets": TURN_BUCKETS - 1})
+
+
+# The advisory locks of _take_turns: (a number of their own, the bucket); a bucket is the
+# leading key's hash masked to TURN_BUCKETS (a power of two) values, so a transaction holds at
+# most that many, whatever its keys (the lock table is shared and bounded).
+TURN_BUCKETS = 64
+_TURN_SPACE = 5_170_311
+_TURNS = text(
+    "SELECT count(pg_advisory_xact_lock(:space, bucket)) FROM "
+    "(SELECT DISTINCT hashtext(name) & :buckets AS bucket FROM unnest(CAST(:names AS text[])) AS name ORDER BY bucket) AS turns"
+)
 
 
 def _keyed(spec: ResourceSpec, msg: Message, prefix: str) -> _Upsert:

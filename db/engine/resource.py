@@ -90,7 +90,8 @@ class ResourceSpec:
     owner_field: str | None = None
     # Served with Get / List / Search only (written by the service itself).
     read_only: bool = False
-    # The fields whose values name one row, for writes.upsert (a unique index holds them).
+    # The fields whose values name one row, for engine/upserts (a unique index holds them; on
+    # PostgreSQL concurrent upserts take turns by the first one's value).
     upsert_key: tuple[str, ...] = ()
     # Whether changes are recorded in the audit trail.
     audited: bool = True

@@ -135,7 +135,7 @@ class _OtherWriter:
             time.sleep(0.3)
             return True
         with self.conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'nexus-data'")
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND application_name = 'nexus-data'")
             return bool(cur.fetchone()[0])
 
     def close(self) -> None:

@@ -152,7 +152,7 @@ def _waiting_for_a_lock(c: Client) -> int:
     try:
         with engine.connect() as conn:
             return int(conn.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'nexus-data'"
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND application_name = 'nexus-data'"
             )).scalar())
     finally:
         engine.dispose()

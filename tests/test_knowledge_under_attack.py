@@ -107,7 +107,10 @@ class _OtherWriter:
         if c.backend == "postgresql":
             import psycopg2
 
-            self.conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, dbname=url.database)
+            # The connection arguments SQLAlchemy takes from the URL (a socket directory in its
+            # query, as the embedded server's URL has, included).
+            args, kwargs = create_engine(c.database_url).dialect.create_connect_args(url)
+            self.conn = psycopg2.connect(*args, **kwargs)
             self.conn.autocommit = True
         else:
             self.conn = sqlite3.connect(url.database, isolation_level=None, timeout=10)

@@ -168,10 +168,42 @@ class _Known:
     reason: str = "INVALID_CREDENTIALS"
 
 
+class UsageStamps:
+    """API keys' last uses, written in the background: no call waits for them. At most one write
+    is in flight, an UPDATE of every key noted since the one before, given STAMP_SECONDS (on
+    SQLite its wait for the write lock, on PostgreSQL its statement time) and dropped past
+    them: a stamp never holds the SQLite write thread, a pooled connection or a shutdown for
+    longer, and a key whose stamp was dropped is stamped at its next check.
+
+    A usage stamp, not a change of the key: update_time (its onupdate), the revision (the etag)
+    and the audit trail stay as they are."""
+
+    STAMP_SECONDS = 0.25
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._noted: dict[uuid.UUID, dt.datetime] = {}
+        self._writing: asyncio.Future[None] | None = None  # held: the loop keeps weak references
+
+    def note(self, key_id: uuid.UUID) -> None:
+        self._noted[key_id] = utcnow()
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.ensure_future(self._write())
+
+    async def _write(self) -> None:
+        while self._noted:
+            noted, self._noted = self._noted, {}
+            used = max(noted.values())
+            stamp = update(ApiKey).where(ApiKey.id.in_(list(noted))).values(last_used_time=used, update_time=ApiKey.update_time)
+            try:
+                await self.db.run(lambda s: s.execute(stamp), deadline=time.monotonic() + self.STAMP_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - a lost stamp costs nothing but its minute
+                log.info("the last use of %d API key(s) was not recorded: %s", len(noted), exc)
+
+
 class Authenticator:
     last_used_resolution = dt.timedelta(minutes=1)
     max_cached = 10_000
-    stamp_seconds = 5.0  # how long a key's usage stamp may wait for the database
 
     def __init__(self, db: Database, jwt_settings: JwtSettings | None = None, settings: AuthSettings | None = None) -> None:
         self.db = db
@@ -183,7 +215,7 @@ class Authenticator:
         self._hashing = ThreadPoolExecutor(max_workers=self.settings.hash_workers, thread_name_prefix="nexus-auth-hash")
         self._known: dict[str, _Known] = {}
         self._checking: dict[str, asyncio.Future[_Known]] = {}
-        self._stamping: set[asyncio.Future[None]] = set()
+        self._stamps = UsageStamps(db)
         # A key or user changed through this replica: its cached checks go at once.
         db.add_commit_listener(self._on_commit)
 
@@ -232,30 +264,11 @@ class Authenticator:
         if token.startswith("nx_") and "." in token:
             known = await self._check_key(token, earlier, peer)
             if known.principal is not None and (known.last_used is None or utcnow() - known.last_used > self.last_used_resolution):
-                self._stamp_use(known.principal.actor_id)
+                self._stamps.note(known.principal.actor_id)
             return known
         if self.jwt.enabled and token.count(".") == 2:
             return await self._check_jwt(token)
         return _Known(None, "the credentials are not a valid API key or JWT", None, time.monotonic())
-
-    def _stamp_use(self, key_id: uuid.UUID) -> None:
-        """Record a key's use, in the background: the stamp is a write, and no call waits for it
-        (on SQLite it queues for the one write connection, behind whatever long write holds it).
-        A stamp not written within stamp_seconds is dropped; the key's next check stamps again.
-
-        A usage stamp, not a change of the key: update_time (its onupdate), the revision (the
-        etag) and the audit trail stay as they are."""
-        stamp = update(ApiKey).where(ApiKey.id == key_id).values(last_used_time=utcnow(), update_time=ApiKey.update_time)
-
-        async def write() -> None:
-            try:
-                await self.db.run(lambda s: s.execute(stamp), deadline=time.monotonic() + self.stamp_seconds)
-            except Exception as exc:  # noqa: BLE001 - a lost stamp costs nothing but its minute
-                log.info("the last use of API key %s was not recorded: %s", key_id, exc)
-
-        task = asyncio.ensure_future(write())
-        self._stamping.add(task)  # held until done: the loop keeps only weak references
-        task.add_done_callback(self._stamping.discard)
 
     async def _check_key(self, token: str, earlier: _Known | None, peer: Callable[[], str]) -> _Known:
         prefix = token.split(".", 1)[0]

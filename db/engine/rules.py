@@ -202,16 +202,26 @@ def check_managed(session: Session, spec: ResourceSpec, row: Any) -> None:
     check_managed_together(session, spec, [row])
 
 
-def check_managed_together(session: Session, spec: ResourceSpec, rows: list[Any]) -> None:
-    """check_managed for many rows, with one query."""
+def check_managed_together(session: Session, spec: ResourceSpec, rows: list[Any], new: frozenset[Any] = frozenset()) -> None:
+    """check_managed for many rows, with one query. new: the ids of rows this call made, whose
+    refusal names the rule, not an id the caller never got (the write is undone)."""
     allowed = predicate(spec, write=True)
     if allowed is None:
         return
     ids = [row.id for row in rows]
     managed = set(session.scalars(select(spec.table.c.id).where(spec.table.c.id.in_(ids), allowed)))
     for row in rows:
-        if row.id not in managed:
-            raise denied(spec, str(row.id), True)
+        if row.id in managed:
+            continue
+        if row.id in new:
+            call = current_call()
+            rule = spec.access.manage.describe(call.role) if call is not None else ""
+            raise errors.PermissionDenied(
+                f"the caller may not make this {spec.name}: it would not be among those it may change ({rule})",
+                reason="ROW_ACCESS_DENIED",
+                metadata={"resource_type": spec.name},
+            )
+        raise denied(spec, str(row.id), True)
 
 
 def check_field_rights(spec: ResourceSpec, names: Iterable[str], prefix: str) -> None:

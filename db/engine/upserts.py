@@ -257,7 +257,7 @@ def _write(
     # In key order: two upserts writing the same new keys wait on each other in one order.
     bulk.write_many(conn, spec.table, [written[key] for key in sorted(written, key=repr)])
     bulk.insert_many(conn, AuditLogEntry.__table__, entries)
-    check_managed_together(session, spec, [row for u, row in zip(upserts, rows) if u.key in written])
+    check_managed_together(session, spec, [row for u, row in zip(upserts, rows) if u.key in written], new=frozenset(row.id for _, row in fresh))
     done = []
     for u, row in zip(upserts, rows):
         made = u.key not in existing

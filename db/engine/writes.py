@@ -319,7 +319,7 @@ def insert_rows(
         row.__dict__.update(row_values)
         for key in spec.relation_fields:
             setattr(row, key, [])
-    check_managed_together(session, spec, rows)
+    check_managed_together(session, spec, rows, new=frozenset(row.id for row in rows))
     return [events.publish(session, spec, row, events.CREATED, spec.to_proto(row)) for row in rows]
 
 

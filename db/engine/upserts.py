@@ -41,8 +41,10 @@ MAX_UPSERT_BATCH = 10_000
 # Keys per locking read: a tuple IN of this many pairs stays well within every driver's limits.
 LOOKUP_KEYS = 1_000
 # A concurrent Create may take a new key between the read and the write; the write then fails
-# on the key's unique index and the upsert starts again, this many times at most.
-ATTEMPTS = 3
+# on the key's unique index and the upsert starts again, this many times at most. Each restart
+# finds the keys taken meanwhile there (and locks them), so only a churn of creates and deletes
+# of the same keys makes one lose again: 3 were seen running out under 10 such writers.
+ATTEMPTS = 10
 
 
 @dataclass

@@ -2,8 +2,16 @@
 refused upload leaves (nothing), on a server of its own with its own blob directory."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,10 +20,11 @@ from typing import Any
 import grpc
 import pytest
 from nexus.files.v1 import files_pb2 as fpb
+from nexus.files.v1 import files_pb2_grpc
 from nexus.identity.v1 import identity_pb2 as ipb
 
 from db.blobs import BlobStore
-from tests.conftest import Client, ServerThread, connect, make_config, unique
+from tests.conftest import Client, ServerThread, authed_channel, connect, make_config, unique
 from tests.support import expect_error, new_user
 
 Code = grpc.StatusCode
@@ -193,3 +202,142 @@ def test_concurrent_downloads_are_all_counted(env: Files) -> None:
         list(pool.map(lambda _: files.RecordFileDownload(fpb.RecordFileDownloadRequest(id=made.id)), range(100)))
     got = files.GetFile(fpb.GetFileRequest(id=made.id))
     assert got.download_count == 100 and got.etag == made.etag, "counted, and not a change of the file"
+
+
+# ------------------------------------------------------------------ a server process: sweep, SIGKILL, memory
+
+
+def _sweep(env: Files, *flags: str) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).parent / "nexus-data"), "blobs", "sweep", "--database-url", env.admin.database_url, *flags]
+    return subprocess.run(command, env=dict(os.environ, NEXUS_BLOB_DIR=str(env.blob_dir)), capture_output=True, text=True, timeout=60)
+
+
+def _age(path: Path, seconds: float = 2 * 3600) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_the_sweep_removes_orphans_and_reports_missing_blobs(env: Files) -> None:
+    _, files = env.user()
+    orphan = env.store.put([os.urandom(1000)])
+    _age(env.store.path(orphan.sha256))
+    young = env.store.put([os.urandom(1000)])  # an upload's whose row is not yet written, maybe
+    temp = env.blob_dir / ".tmp-killed-upload"
+    temp.write_bytes(b"partial")
+    _age(temp)
+    kept = upload(files, b"kept bytes")
+    _age(env.store.path(kept.sha256))
+    lost = upload(files, os.urandom(500))
+    env.store.delete(lost.sha256)
+    try:
+        dry = _sweep(env, "--dry-run")
+        assert dry.returncode == 1, dry.stderr
+        assert f"would remove unreferenced blob {orphan.sha256}" in dry.stdout and str(temp) in dry.stdout
+        assert f"missing blob {lost.sha256} of file {lost.id}" in dry.stdout
+        assert env.store.exists(orphan.sha256) and temp.exists(), "a dry run removes nothing"
+        done = _sweep(env)
+        assert done.returncode == 1 and f"removed unreferenced blob {orphan.sha256}" in done.stdout, done.stdout + done.stderr
+        assert not env.store.exists(orphan.sha256) and not temp.exists()
+        assert env.store.exists(young.sha256) and env.store.exists(kept.sha256), "young and referenced blobs stay"
+        assert download(files, kept.id) == b"kept bytes"
+    finally:
+        env.admin.files.DeleteFile(fpb.DeleteFileRequest(id=lost.id, force=True))
+        env.store.delete(young.sha256)
+    assert _sweep(env).returncode == 0
+
+
+@contextlib.contextmanager
+def serving(env: Files, log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
+    """A `nexus-data serve` process on the test database and blob directory, and its FileService stub."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    variables = dict(os.environ, DATABASE_URL=env.admin.database_url, NEXUS_PORT=str(port), NEXUS_HOST="127.0.0.1",
+                     NEXUS_BLOB_DIR=str(env.blob_dir), NEXUS_DRAIN_SECONDS="0", NEXUS_GRACE_SECONDS="1")
+    log = log_path.open("w+")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "nexus-data"), "serve", "--no-migrate"], env=variables, stdout=log, stderr=subprocess.STDOUT)
+    channel = authed_channel(f"127.0.0.1:{port}", env.admin.admin_secret)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield proc, files_pb2_grpc.FileServiceStub(channel)
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_killed_upload_leaves_no_row_and_its_temporary_file_is_swept(env: Files, tmp_path: Path) -> None:
+    name = unique("killed") + ".bin"
+    sent, release = threading.Event(), threading.Event()
+
+    def stalled() -> Iterator[fpb.UploadFileRequest]:
+        yield fpb.UploadFileRequest(metadata=fpb.UploadFileMetadata(name=name))
+        for _ in range(4):
+            yield fpb.UploadFileRequest(chunk=os.urandom(CHUNK))
+        sent.set()
+        release.wait(30)
+
+    with serving(env, tmp_path / "server.log") as (proc, stub):
+        with ThreadPoolExecutor(1) as pool:
+            outcome = pool.submit(stub.UploadFile, stalled(), timeout=60)
+            assert sent.wait(30)
+            deadline = time.monotonic() + 10
+            while not (env.temps() and env.temps()[0].stat().st_size >= 4 * CHUNK) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            partial = env.temps()
+            assert partial, "the upload's bytes are in a temporary file"
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            release.set()
+            with pytest.raises(grpc.RpcError):
+                outcome.result(timeout=30)
+    assert named(env.admin.files, name) == 0
+    for temp in partial:
+        _age(temp)
+    swept = _sweep(env)
+    assert swept.returncode == 0 and all(str(t) in swept.stdout for t in partial), swept.stdout + swept.stderr
+    assert env.temps() == []
+
+
+def test_a_100_mb_upload_and_download_in_little_memory(env: Files, tmp_path: Path) -> None:
+    """The server streams a 100 MB file to disk and back: its resident size grows by less than
+    20 MB, however large the file."""
+    size, chunk = 100 * 1024 * 1024, 1024 * 1024
+    block = os.urandom(chunk)
+    digest = hashlib.sha256(block * (size // chunk)).hexdigest()
+    with serving(env, tmp_path / "server.log") as (proc, stub):
+        stub.UploadFile(messages(b"warm-up", unique("warm")), timeout=30)
+        before, peak, done = _rss(proc.pid), [0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss(proc.pid))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            parts = itertools.chain(
+                [fpb.UploadFileRequest(metadata=fpb.UploadFileMetadata(name=unique("large"), sha256=digest))],
+                (fpb.UploadFileRequest(chunk=block) for _ in range(size // chunk)),
+            )
+            made = stub.UploadFile(parts, timeout=300)
+            got = hashlib.sha256()
+            for part in stub.DownloadFile(fpb.DownloadFileRequest(id=made.id), timeout=300):
+                got.update(part.chunk)
+        finally:
+            done.set()
+            sampler.join()
+    assert made.size_bytes == size and got.hexdigest() == digest
+    assert peak[0] - before < 20 << 20, f"resident {before >> 20} MiB before, {peak[0] >> 20} MiB at most"
+    env.admin.files.DeleteFile(fpb.DeleteFileRequest(id=made.id, force=True))

@@ -11,7 +11,10 @@ Public files are seen by every caller; private ones by their owner (and admins);
 theirs."""
 from __future__ import annotations
 
+import time
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from nexus.files.v1 import files_pb2 as pb
@@ -20,7 +23,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from db import errors
 from db.base import Base, ResourceMixin, SoftDeleteMixin
-from db.blobs import Stored
+from db.blobs import STALE_TEMP_SECONDS, BlobStore, Stored
 from db.domains.identity import User  # noqa: F401 - the users table the foreign key names
 from db.engine import reads, writes
 from db.engine.call import Call
@@ -150,3 +153,35 @@ def blob_unreferenced(session: Session, sha256: str) -> bool:
 def referenced_blobs(session: Session) -> set[str]:
     """Every blob some row names."""
     return set(session.scalars(select(File.sha256).distinct()))
+
+
+@dataclass
+class Sweep:
+    """What `nexus-data blobs sweep` found: blobs no row names, stale temporary files (both
+    removed unless a dry run), and the files whose blob is missing (reported: only an operator
+    can bring their bytes back)."""
+
+    unreferenced: list[str] = field(default_factory=list)
+    temps: list[str] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (file id, sha256)
+
+
+def sweep(session: Session, store: BlobStore, dry_run: bool, older_than: float = STALE_TEMP_SECONDS) -> Sweep:
+    """The blob store set against the rows. A blob or temporary file younger than older_than is
+    left alone whatever the rows say: it may be an upload's whose row is not committed yet."""
+    referenced = referenced_blobs(session)
+    cutoff = time.time() - older_than
+    found = Sweep()
+    for sha256 in store.list():
+        if sha256 not in referenced and store.path(sha256).stat().st_mtime < cutoff:
+            found.unreferenced.append(sha256)
+    found.temps = [str(p) for p in store.stale_temps(older_than)]
+    stored = set(store.list())
+    rows = session.execute(select(File.id, File.sha256).order_by(File.id))
+    found.missing = [(str(file_id), sha256) for file_id, sha256 in rows if sha256 not in stored]
+    if not dry_run:
+        for sha256 in found.unreferenced:
+            store.delete(sha256)
+        for temp in found.temps:
+            Path(temp).unlink(missing_ok=True)
+    return found

@@ -8,6 +8,8 @@ killed upload left behind are what `sweep` removes (older than an hour, so never
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -50,6 +52,21 @@ class BlobStore:
         if not SHA256_HEX.match(sha256):
             raise ValueError(f"not a SHA-256 in lowercase hex: {sha256!r}")
         return self.root / sha256[:2] / sha256
+
+    @contextlib.contextmanager
+    def lock(self, sha256: str) -> Iterator[None]:
+        """Holds the lock of the blob's prefix directory (an flock: across processes and threads).
+        Whoever puts a blob in place holds it until the row naming the blob is committed, and
+        whoever removes a blob holds it from the check that no row names it to the removal: so a
+        blob a new row is about to name is never removed under it."""
+        directory = self.path(sha256).parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def begin(self) -> "BlobWriter":
         """A new blob to write chunk by chunk (BlobWriter.write), then keep or discard."""

@@ -7,6 +7,7 @@ nothing: no temporary file, no blob, no row."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,14 +47,28 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
             await self._receive(messages, writer)
             stored = await asyncio.to_thread(writer.finish)
             files.check_stored(metadata, stored)
-            await asyncio.to_thread(writer.keep)
+            held = await asyncio.to_thread(self._keep, writer, stored.sha256)
         finally:
             await asyncio.to_thread(writer.discard)
         try:
             return await self.run(context, lambda s: files.create_file(s, metadata, stored, call), resource_type="File")
         except BaseException:
-            await self._drop_if_unreferenced(context, stored.sha256)
+            await self._drop_if_unreferenced(context, stored.sha256, held=True)
             raise
+        finally:
+            held.close()
+
+    def _keep(self, writer: BlobWriter, sha256: str) -> contextlib.ExitStack:
+        """The blob put in place, its lock held (until the row naming it is committed: released
+        by closing the stack, which never waits)."""
+        held = contextlib.ExitStack()
+        held.enter_context(self.run.blobs.lock(sha256))
+        try:
+            writer.keep()
+        except BaseException:
+            held.close()
+            raise
+        return held
 
     async def _receive(self, messages: AsyncIterator[pb.UploadFileRequest], writer: BlobWriter) -> None:
         """The upload's chunks written to writer; a second metadata message or bytes past the
@@ -111,6 +126,13 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
             await self._drop_if_unreferenced(context, removed.sha256)
         return removed
 
-    async def _drop_if_unreferenced(self, context: grpc.aio.ServicerContext, sha256: str) -> None:
-        if await self.run(context, lambda s: files.blob_unreferenced(s, sha256), SESSION_READ, resource_type="File"):
-            await asyncio.to_thread(self.run.blobs.delete, sha256)
+    async def _drop_if_unreferenced(self, context: grpc.aio.ServicerContext, sha256: str, held: bool = False) -> None:
+        """The blob removed when no row names it, checked and removed under its lock (taken here
+        unless the caller holds it), so an upload of the same bytes never loses its blob."""
+        with contextlib.ExitStack() as stack:
+            if not held:
+                lock = self.run.blobs.lock(sha256)
+                await asyncio.to_thread(lock.__enter__)
+                stack.push(lock.__exit__)
+            if await self.run(context, lambda s: files.blob_unreferenced(s, sha256), SESSION_READ, resource_type="File"):
+                self.run.blobs.delete(sha256)  # an unlink: on the loop, so no thread is waited for under the lock

@@ -341,3 +341,18 @@ def test_a_100_mb_upload_and_download_in_little_memory(env: Files, tmp_path: Pat
     assert made.size_bytes == size and got.hexdigest() == digest
     assert peak[0] - before < 20 << 20, f"resident {before >> 20} MiB before, {peak[0] >> 20} MiB at most"
     env.admin.files.DeleteFile(fpb.DeleteFileRequest(id=made.id, force=True))
+
+
+def test_a_removal_for_good_never_takes_the_blob_of_a_concurrent_upload(env: Files) -> None:
+    """The last file of some bytes removed for good while the same bytes are uploaded again:
+    whichever order they take, the new file keeps its blob."""
+    _, files = env.user()
+    data = os.urandom(2000)
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(30):
+            old = upload(files, data)
+            removal = pool.submit(env.admin.files.DeleteFile, fpb.DeleteFileRequest(id=old.id, force=True))
+            new = pool.submit(upload, files, data)
+            removal.result()
+            assert download(files, new.result().id) == data
+            env.admin.files.DeleteFile(fpb.DeleteFileRequest(id=new.result().id, force=True))

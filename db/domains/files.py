@@ -181,7 +181,9 @@ def sweep(session: Session, store: BlobStore, dry_run: bool, older_than: float =
     found.missing = [(str(file_id), sha256) for file_id, sha256 in rows if sha256 not in stored]
     if not dry_run:
         for sha256 in found.unreferenced:
-            store.delete(sha256)
+            with store.lock(sha256):  # an upload of the same bytes may just have named it
+                if store.path(sha256).stat().st_mtime < cutoff and blob_unreferenced(session, sha256):
+                    store.delete(sha256)
         for temp in found.temps:
             Path(temp).unlink(missing_ok=True)
     return found

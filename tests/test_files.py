@@ -158,6 +158,9 @@ def test_an_upload_carries_its_metadata_first_and_once(env: Files) -> None:
     assert err.info.reason == "DUPLICATE_METADATA"
     err = expect_error(Code.INVALID_ARGUMENT, files.UploadFile, messages(b"abc", ""))
     assert err.info.metadata["field"] == "metadata.name"
+    err = expect_error(Code.INVALID_ARGUMENT, files.UploadFile, messages(b"abc", "n" * 256))
+    assert err.info.metadata["field"] == "metadata.name" and err.info.reason == "FIELD_TOO_LARGE"
+    assert not env.store.exists(hashlib.sha256(b"abc").hexdigest())
     assert env.temps() == [] and named(files, name) == 0
 
 

@@ -99,6 +99,8 @@ def check_metadata(metadata: pb.UploadFileMetadata) -> None:
     when it is written: this only spares a client the upload of a file that cannot be kept)."""
     if not metadata.name:
         raise errors.InvalidArgument.field("metadata.name", "is required", reason="REQUIRED_FIELD")
+    # The File's own checks of these fields (sizes, text), with the metadata's field paths.
+    writes.load_fields(FILES, _file_of(metadata), ["name", "mime_type"], "metadata.")
     if metadata.sha256 and not _is_sha256(metadata.sha256):
         raise errors.InvalidArgument.field("metadata.sha256", f"{metadata.sha256!r} is not a SHA-256 in hex (64 digits)")
     if metadata.size_bytes < 0:
@@ -122,9 +124,13 @@ def check_stored(metadata: pb.UploadFileMetadata, stored: Stored) -> None:
         )
 
 
+def _file_of(metadata: pb.UploadFileMetadata) -> pb.File:
+    return pb.File(name=metadata.name, mime_type=metadata.mime_type, is_public=metadata.is_public)
+
+
 def create_file(session: Session, metadata: pb.UploadFileMetadata, stored: Stored, call: Call) -> pb.File:
     """The File of an upload whose bytes are stored (durably) as `stored`."""
-    message = pb.File(name=metadata.name, mime_type=metadata.mime_type, is_public=metadata.is_public)
+    message = _file_of(metadata)
     server_values = {"sha256": stored.sha256, "size_bytes": stored.size}
     return writes.create(session, FILES, _NewFile(message), call, server_values=server_values)
 

@@ -47,7 +47,7 @@ DRAWN_BY_RESOURCE = {"ApiKey": frozenset({"key_prefix", "secret"})}
 
 
 def test_every_writable_resource_is_walked() -> None:
-    assert sorted(SAMPLES) == sorted(s.name for s in SPECS)
+    assert sorted(n for n, sample in SAMPLES.items() if not sample.without_create) == sorted(s.name for s in SPECS)
 
 
 @pytest.fixture(params=[s.name for s in SPECS])

@@ -108,6 +108,16 @@ class ResourceExhausted(NexusError):
     default_reason = "RESOURCE_EXHAUSTED"
 
 
+class OutOfRange(NexusError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "OUT_OF_RANGE"
+
+
+class DataLoss(NexusError):
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "DATA_LOSS"
+
+
 class Unauthenticated(NexusError):
     code = grpc.StatusCode.UNAUTHENTICATED
     default_reason = "UNAUTHENTICATED"

@@ -1,4 +1,4 @@
-"""`nexus-data`: serve, migrate, seed, check-schema, keys, policy."""
+"""`nexus-data`: serve, migrate, seed, check-schema, keys, blobs, policy."""
 from __future__ import annotations
 
 import argparse
@@ -244,6 +244,33 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _blobs_sweep(args: argparse.Namespace) -> int:
+    """Blobs no file names and stale temporary files removed (or only listed), and files whose
+    blob is missing listed; exit 1 when any file's blob is missing."""
+    from sqlalchemy.orm import Session
+
+    from db.blobs import BlobStore
+    from db.domains import files
+
+    config = _config(args)
+
+    def work(database: Any) -> int:
+        with Session(database.engine) as session:
+            found = files.sweep(session, BlobStore(config.blob_path), args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for sha256 in found.unreferenced:
+            print(f"{verb} unreferenced blob {sha256}")
+        for temp in found.temps:
+            print(f"{verb} stale temporary file {temp}")
+        for file_id, sha256 in found.missing:
+            print(f"missing blob {sha256} of file {file_id}")
+        print(f"{len(found.unreferenced)} unreferenced blobs, {len(found.temps)} stale temporary files, "
+              f"{len(found.missing)} files without their blob ({config.blob_path})")
+        return 1 if found.missing else 0
+
+    return _on_the_database("blobs sweep", config, work)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nexus-data", description="Nexus Data Service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user-id", help="the user the key acts for")
     create.add_argument("--expires-in-days", type=int, help="days until the key stops working")
     create.set_defaults(func=_keys_create)
+
+    blobs = sub.add_parser("blobs", help="the blob store of files (NEXUS_BLOB_DIR)")
+    blobs_sub = blobs.add_subparsers(dest="blobs_command", required=True)
+    sweep = blobs_sub.add_parser(
+        "sweep", help="remove blobs no file names and temporary files older than an hour; list files whose blob is missing"
+    )
+    common(sweep)
+    sweep.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    sweep.set_defaults(func=_blobs_sweep)
 
     seed = sub.add_parser("seed", help="fill the database with realistic sample data")
     common(seed)

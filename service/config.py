@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from db.blobs import DEFAULT_BLOB_DIR
 from db.database import IN_MEMORY_REFUSED, PoolSettings, is_in_memory
 
 DEFAULT_DB_PATH = "data/nexus.db"
@@ -89,6 +90,7 @@ NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
     "auth_peer_failure_limit": ("NEXUS_AUTH_PEER_FAILURE_LIMIT", int, 1, None),
     "auth_failure_window_seconds": ("NEXUS_AUTH_FAILURE_WINDOW_SECONDS", float, 1, None),
     "auth_recheck_seconds": ("NEXUS_AUTH_RECHECK_SECONDS", float, 0, None),
+    "max_file_bytes": ("NEXUS_MAX_FILE_BYTES", int, 1, None),
 }
 BOOLEANS = {"pool.pre_ping": "DB_POOL_PRE_PING", "db_echo": "DB_ECHO", "migrate_on_start": "NEXUS_MIGRATE_ON_START"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -137,6 +139,8 @@ def check_settings(config: "Config") -> None:
             raise ConfigError(f"{variable} must be {allowed}, not {value!r}")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
+    if config.blob_dir is not None and not config.blob_dir.strip():
+        raise ConfigError("NEXUS_BLOB_DIR must be a directory path (unset it for the default, blobs beside the database)")
     if not config.jwt_role_claim.strip():
         raise ConfigError("NEXUS_JWT_ROLE_CLAIM must name a claim (unset it for the default, role)")
     if bool(config.tls_cert) != bool(config.tls_key):
@@ -213,9 +217,24 @@ class Config:
     # How often the resident size is looked at; 32 MiB above its lowest, freed heap
     # memory goes back to the system (service/memory.py). 0: never.
     memory_trim_seconds: float = 2.0
+    # Files (FileService): the blob store's directory (None: `blobs` beside the SQLite file, or
+    # data/blobs on PostgreSQL) and the largest file an upload may send.
+    blob_dir: str | None = None
+    max_file_bytes: int = 1024**3
 
     def __post_init__(self) -> None:
         check_settings(self)
+
+    @property
+    def blob_path(self) -> str:
+        """The blob store's directory: NEXUS_BLOB_DIR, else beside the SQLite file (data/blobs on
+        PostgreSQL, whose data is elsewhere)."""
+        if self.blob_dir:
+            return self.blob_dir
+        url = make_url(self.database_url)
+        if url.get_backend_name() == "sqlite" and url.database:
+            return os.path.join(os.path.dirname(url.database) or ".", "blobs")
+        return DEFAULT_BLOB_DIR
 
     @property
     def page_bytes(self) -> int:
@@ -242,6 +261,8 @@ class Config:
             tls_key=env.get("NEXUS_TLS_KEY") or None,
             tls_client_ca=env.get("NEXUS_TLS_CLIENT_CA") or None,
         )
+        if "NEXUS_BLOB_DIR" in env:
+            values["blob_dir"] = env["NEXUS_BLOB_DIR"]
         if "NEXUS_BOOTSTRAP_KEY_FILE" in env:
             values["bootstrap_key_file"] = env["NEXUS_BOOTSTRAP_KEY_FILE"]
         values.update({k: v for k, v in overrides.items() if v is not None})

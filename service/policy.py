@@ -59,6 +59,10 @@ CUSTOM_METHODS: dict[str, Action] = {
     "nexus.knowledge.v1.KnowledgeService/ShareDocument": Action.WRITE,
     "nexus.knowledge.v1.KnowledgeService/UnshareDocument": Action.WRITE,
     "nexus.knowledge.v1.KnowledgeService/ListDocumentShares": Action.READ,
+    "nexus.files.v1.FileService/UploadFile": Action.WRITE,
+    "nexus.files.v1.FileService/DownloadFile": Action.READ,
+    # Counting a download goes with downloading: whoever may read the file (a guest, a public one).
+    "nexus.files.v1.FileService/RecordFileDownload": Action.READ,
 }
 
 # Services no role below this may call at all (the audit trail is for admins).

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from sqlalchemy.orm import Session
 
+from db.blobs import DEFAULT_BLOB_DIR, BlobStore
 from db.database import Database
 from db.engine import plans, reads, writes
 from db.engine.call import Call, current_call
@@ -27,9 +28,14 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 class Runner:
     """Runs a unit of work for an RPC: its deadline, its call context, its database."""
 
-    def __init__(self, db: Database, page_bytes: int = DEFAULT_PAGE_BYTES) -> None:
+    def __init__(
+        self, db: Database, page_bytes: int = DEFAULT_PAGE_BYTES, blobs: BlobStore | None = None, max_file_bytes: int = 1024**3
+    ) -> None:
         self.db = db
         self.page_bytes = page_bytes  # List and Search responses stay within it (db/engine/paging.fitting)
+        # Files' bytes (FileService) and the largest an upload may send.
+        self.blobs = blobs if blobs is not None else BlobStore(DEFAULT_BLOB_DIR)
+        self.max_file_bytes = max_file_bytes
 
     def call(self, context: grpc.aio.ServicerContext) -> Call:
         """The call the guard set up for this RPC (caller, request id, method)."""
@@ -76,7 +82,9 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
     handlers: dict[str, Handler] = {f"Get{E}": get, f"List{Es}": list_}
     if not spec.read_only:
-        handlers.update({f"Create{E}": create, f"Update{E}": update, f"Delete{E}": delete})
+        handlers.update({f"Update{E}": update, f"Delete{E}": delete})
+        if spec.create_rpc:
+            handlers[f"Create{E}"] = create
 
     if spec.soft_delete and not spec.read_only:
 

@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 import db.domains  # noqa: F401 - every domain's resources registered, its tables on the metadata
 from db import migrate, secrets
 from db.base import utcnow
+from db.blobs import BlobStore
 from db.database import Database
 from db.engine import events
 from db.unit import SESSION_READ
@@ -30,6 +31,7 @@ from service import policy
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.chat import ChatService
 from service.config import Config, ConfigError
+from service.files import FileService
 from service.identity import IdentityService
 from service.interceptors import Gate, GuardedRegistration
 from service.knowledge import KnowledgeService
@@ -47,7 +49,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Every domain service's servicer: one line per domain.
-SERVICERS = (IdentityService, WorkService, ChatService, KnowledgeService, SecurityService)
+SERVICERS = (IdentityService, WorkService, ChatService, KnowledgeService, SecurityService, FileService)
 # (servicer class, registration function, service full name) of each.
 DOMAIN_SERVICES = tuple((cls, cls.registration(), cls.service_descriptor.full_name) for cls in SERVICERS)
 
@@ -217,7 +219,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
-    run = Runner(db, config.page_bytes)
+    run = Runner(db, config.page_bytes, BlobStore(config.blob_path), config.max_file_bytes)
     hub = ChangeHub(
         db,
         HubSettings(

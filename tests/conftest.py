@@ -92,7 +92,7 @@ class ServerThread:
 ADMIN_KEYS: dict[str, str] = {}
 
 
-class BearerAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class BearerAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
     """Adds `authorization: Bearer <secret>` to every call of a channel."""
 
     def __init__(self, secret: str) -> None:
@@ -108,6 +108,9 @@ class BearerAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterce
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return continuation(self._with_auth(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._with_auth(details), request_iterator)
 
 
 class _Details(grpc.ClientCallDetails):

@@ -32,7 +32,7 @@ from tests.support import SAMPLES, new_user, rich_error
 from tests.test_auth import call_empty, discovered_methods
 
 Code = grpc.StatusCode
-SPECS = sorted((s for s in REGISTRY if not s.read_only), key=lambda s: s.name)
+SPECS = sorted((s for s in REGISTRY if not s.read_only and s.create_rpc), key=lambda s: s.name)
 ROLE_NAMES = {ipb.USER_ROLE_GUEST: "guest", ipb.USER_ROLE_USER: "user", ipb.USER_ROLE_MANAGER: "manager"}
 # label: (role, acts for a user)
 CALLERS = {

@@ -22,7 +22,7 @@ from tests.conftest import Client, unique
 from tests.support import new_channel, new_project, new_role, new_task, new_user
 
 ROOT = Path(__file__).resolve().parent.parent
-AUDITED = [s for s in REGISTRY if s.audited and not s.read_only]
+AUDITED = [s for s in REGISTRY if s.audited and not s.read_only and s.create_rpc]
 PASSWORD = "correct horse battery"
 
 

@@ -35,7 +35,7 @@ from db.unit import TRANSACTION, Mode, Plan
 from tests.conftest import Client, unique
 from tests.support import SAMPLES, mask
 
-SPECS = sorted((s for s in REGISTRY if not s.read_only), key=lambda s: s.name)
+SPECS = sorted((s for s in REGISTRY if not s.read_only and s.create_rpc), key=lambda s: s.name)
 ENTRIES = AuditLogEntry.__table__
 # What an audit entry says, its own id and time aside.
 ENTRY_COLUMNS = ("action", "actor_type", "actor_id", "method", "request_id", "resource_type", "changes", "summary")
@@ -47,7 +47,7 @@ DRAWN_BY_RESOURCE = {"ApiKey": frozenset({"key_prefix", "secret"})}
 
 
 def test_every_writable_resource_is_walked() -> None:
-    assert sorted(SAMPLES) == sorted(s.name for s in SPECS)
+    assert sorted(n for n, sample in SAMPLES.items() if not sample.without_create) == sorted(s.name for s in SPECS)
 
 
 @pytest.fixture(params=[s.name for s in SPECS])

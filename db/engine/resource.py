@@ -90,6 +90,9 @@ class ResourceSpec:
     owner_field: str | None = None
     # Served with Get / List / Search only (written by the service itself).
     read_only: bool = False
+    # Whether Create (and BatchCreate) are served: False for rows the service makes itself
+    # through a custom method (a File, by its upload), which the other standard methods serve.
+    create_rpc: bool = True
     # The fields whose values name one row, for engine/upserts (a unique index holds them; on
     # PostgreSQL concurrent upserts take turns by the first one's value).
     upsert_key: tuple[str, ...] = ()

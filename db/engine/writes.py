@@ -211,7 +211,11 @@ def _empty_row(spec: ResourceSpec) -> dict[str, Any]:
     return dict(_empty_row_values(spec))
 
 
-def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefix: str = "") -> Message:
+def create(
+    session: Session, spec: ResourceSpec, request: Any, call: Call, prefix: str = "", server_values: dict[str, Any] | None = None
+) -> Message:
+    """A new row from a create request. server_values: output-only columns the service itself
+    computed for the row (a file's sha256 and size), set after the request's fields are checked."""
     request_id = validate_request_id(request.request_id, prefix + "request_id")
     if request_id:
         earlier = _earlier_result(session, spec, request_id, call)
@@ -219,6 +223,8 @@ def create(session: Session, spec: ResourceSpec, request: Any, call: Call, prefi
             return earlier
     field_prefix = f"{prefix}{spec.singular_field}."
     row, values, names = _new_row(spec, getattr(request, spec.singular_field), call, field_prefix)
+    for name, value in (server_values or {}).items():
+        setattr(row, name, value)
     check_visible_references(session, spec, [(values, field_prefix)])
     check_create_rule(session, spec, [row], [field_prefix])
     if spec.before_write is not None:

@@ -59,6 +59,7 @@ CUSTOM_METHODS: dict[str, Action] = {
     "nexus.knowledge.v1.KnowledgeService/ShareDocument": Action.WRITE,
     "nexus.knowledge.v1.KnowledgeService/UnshareDocument": Action.WRITE,
     "nexus.knowledge.v1.KnowledgeService/ListDocumentShares": Action.READ,
+    "nexus.mail.v1.MailService/SendEmail": Action.WRITE,
 }
 
 # Services no role below this may call at all (the audit trail is for admins).

@@ -72,7 +72,7 @@ def _readable(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool]:
     return or_(Email.sender_id == user_id, and_(Email.status != "draft", Email.delete_time.is_(None), _addressed_to(user_id)))
 
 
-READABLE = Rule(_readable, "those they sent, and live ones sent or received to them (without bcc)")
+READABLE = Rule(_readable, "those they send, and live ones sent or received to them")
 SENT_BY_THEM = mine(Email.sender_id, "those they send")
 
 

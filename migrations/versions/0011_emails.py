@@ -5,7 +5,7 @@ by user id as JSON arrays, a thread id shared by the emails of one conversation,
 draft / sent / received.
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql
 from db.engine.search import create_search_objects, drop_search_objects
 
 revision = '0011'
-down_revision = '0009'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 

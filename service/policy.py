@@ -63,6 +63,7 @@ CUSTOM_METHODS: dict[str, Action] = {
     "nexus.files.v1.FileService/DownloadFile": Action.READ,
     # Counting a download goes with downloading: whoever may read the file (a guest, a public one).
     "nexus.files.v1.FileService/RecordFileDownload": Action.READ,
+    "nexus.mail.v1.MailService/SendEmail": Action.WRITE,
 }
 
 # Services no role below this may call at all (the audit trail is for admins).

@@ -35,6 +35,7 @@ from service.files import FileService
 from service.identity import IdentityService
 from service.interceptors import Gate, GuardedRegistration
 from service.knowledge import KnowledgeService
+from service.mail import MailService
 from service.memory import MemoryTrimmer
 from service.rpc import Runner
 from service.security import SecurityService
@@ -49,7 +50,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Every domain service's servicer: one line per domain.
-SERVICERS = (IdentityService, WorkService, ChatService, KnowledgeService, SecurityService, FileService)
+SERVICERS = (IdentityService, WorkService, ChatService, KnowledgeService, MailService, SecurityService, FileService)
 # (servicer class, registration function, service full name) of each.
 DOMAIN_SERVICES = tuple((cls, cls.registration(), cls.service_descriptor.full_name) for cls in SERVICERS)
 

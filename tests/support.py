@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.common.v1 import common_pb2
 from nexus.identity.v1 import identity_pb2 as ipb
 from nexus.knowledge.v1 import knowledge_pb2 as kpb
+from nexus.mail.v1 import mail_pb2 as mpb
 from nexus.work.v1 import work_pb2 as wpb
 
 from tests.conftest import Client, unique
@@ -278,7 +280,27 @@ SAMPLES: dict[str, Sample] = {
             "covers its standard methods, row rules and errors"
         ),
     ),
+    "Email": Sample(
+        "nexus.mail.v1.MailService",
+        lambda c, w: {
+            "sender_id": new_user(c).id,
+            "to": ["ann@example.com"],
+            "bcc": ["boss@example.com"],
+            "subject": f"{w} meeting notes",
+            "body": "See you at noon in the small room.",
+            "attachments": [str(uuid.uuid4())],
+        },
+        ("subject", None),
+        lambda w: f'subject = "{w} meeting notes"',
+        grants={"sent to them": (lambda c, row, user_id: _send_to(c, row, user_id), (True, False, False))},
+    ),
 }
+
+
+def _send_to(c: Client, email: Any, user_id: str) -> Any:
+    """The draft addressed to the user and sent."""
+    c.mail.UpdateEmail(mpb.UpdateEmailRequest(email=mpb.Email(id=email.id, to_user_ids=[user_id]), update_mask={"paths": ["to_user_ids"]}))
+    return c.mail.SendEmail(mpb.SendEmailRequest(id=email.id))
 
 
 def _share(c: Client, document: Any, user_id: str, level: int) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,11 @@ from tests.test_standard_methods import Api as StandardApi
 Code = grpc.StatusCode
 SPECS = sorted((s for s in REGISTRY if not s.read_only and s.create_rpc), key=lambda s: s.name)
 # Text fields whose domain rules want a shape: (prefix, suffix) around the padding.
-SHAPES = {"email": ("", "@example.com"), "avatar_url": ("https://files.example.com/", "")}
+SHAPES = {"email": ("", "@example.com"), "avatar_url": ("https://files.example.com/", "")} | {
+    name: ("", "@example.com") for name in ("to", "cc", "bcc")  # an email's recipients: addresses
+}
+# Repeated fields whose items are ids (UUIDs: 36 characters, their limit).
+ID_ITEMS = frozenset({"to_user_ids", "cc_user_ids", "bcc_user_ids", "attachments"})
 
 
 def compact_json_size(value: Any) -> int:
@@ -44,6 +49,8 @@ def sized(spec: ResourceSpec) -> list[tuple[str, FieldCodec]]:
 
 def text_of(name: str, length: int) -> str:
     """A valid, unique value of a text field, exactly `length` characters long."""
+    if name in ID_ITEMS and length == 36:
+        return str(uuid.uuid4())
     prefix, suffix = SHAPES.get(name, ("", ""))
     token = unique("L")
     pad = length - len(prefix) - len(token) - len(suffix)
@@ -67,7 +74,9 @@ def values_at(name: str, codec: FieldCodec, over: bool) -> list[tuple[str, Any]]
         assert compact_json_size([{"name": "x" * (limit.json_bytes - 13)}]) == limit.json_bytes
         out.append((name, [item(name=f"a{i}") for i in range(limit.items + extra)]))
     elif isinstance(codec, StringListCodec):
-        out.append((name, [f"t{i}" for i in range(limit.items + extra)]))
+        prefix, suffix = SHAPES.get(name, ("", ""))
+        items = [str(uuid.uuid4()) if name in ID_ITEMS else f"{prefix}t{i}{suffix}" for i in range(limit.items + extra)]
+        out.append((name, items))
         out.append((f"{name}[0]", [text_of(name, limit.chars + extra)]))
     else:
         out.append((name, text_of(name, limit.chars + extra)))

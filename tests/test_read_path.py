@@ -77,7 +77,7 @@ from sqlalchemy import JSON, Boolean, Date, Float, Integer, LargeBinary, Numeric
 
 import db.domains  # noqa: E402,F401 - every resource registered
 from db.base import UTCDateTime  # noqa: E402
-from db.engine.codecs import EnumCodec  # noqa: E402
+from db.engine.codecs import EnumCodec, StringListCodec  # noqa: E402
 from db.engine.reading import row_class  # noqa: E402
 from db.engine.resource import REGISTRY  # noqa: E402
 
@@ -111,7 +111,8 @@ def _value(spec: Any, column: Any, variant: int) -> Any:
     if isinstance(kind, JSON):
         default = column.default.arg(None) if column.default is not None and column.default.is_callable else None
         if isinstance(default, list):
-            return [] if variant == 0 else (["a", "b"] if "tag" in column.key or "permission" in column.key else [{"field": "f", "old_value": None, "new_value": variant}])
+            strings = any(isinstance(c, StringListCodec) and c.attr == column.key for c in spec.codecs.values())
+            return [] if variant == 0 else (["a", "b"] if strings else [{"field": "f", "old_value": None, "new_value": variant}])
         return {} if variant == 0 else {"k": "v", "n": variant}
     if isinstance(kind, String):
         if column.key.endswith("currency"):

@@ -43,7 +43,7 @@ ENTRY_COLUMNS = ("action", "actor_type", "actor_id", "method", "request_id", "re
 # follows its revision); and the credential an API key's hook draws for every key (its secret,
 # and the prefix that finds it).
 DRAWN = frozenset({"id", "create_time", "update_time", "etag"})
-DRAWN_BY_RESOURCE = {"ApiKey": frozenset({"key_prefix", "secret"})}
+DRAWN_BY_RESOURCE = {"ApiKey": frozenset({"key_prefix", "secret"}), "Email": frozenset({"thread_id"})}
 
 
 def test_every_writable_resource_is_walked() -> None:

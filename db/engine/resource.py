@@ -30,6 +30,7 @@ from db.engine.codecs import (
     enum_filter_names,
 )
 from db.engine.filtering import FieldKind, FilterCompiler, FilterField
+from db.engine.call import current_call
 from db.engine.rules import Access
 
 COMMON_OUTPUT_ONLY = frozenset({"id", "create_time", "update_time", "delete_time", "etag"})
@@ -117,6 +118,11 @@ class ResourceSpec:
     # column with a length allows no more than that length. A relation field (member_ids) takes
     # items only.
     size_limits: dict[str, SizeLimit] = field(default_factory=dict)
+    # Fields shown only to the row's owner (owner_field) and admins: every message of a row
+    # (Get, List, Search, BatchGet, a write's answer, a replayed request id) is made by to_proto,
+    # which leaves them out for anyone else; they can be neither filtered nor ordered by, so a
+    # filter cannot tell others what they hold (a bcc list).
+    private_fields: frozenset[str] = frozenset()
 
     @property
     def soft_delete(self) -> bool:
@@ -191,7 +197,7 @@ class ResourceSpec:
         fields: dict[str, FilterField] = {}
         columns = self.table.c
         for fd in self.message.DESCRIPTOR.fields:
-            if fd.name in self.filter_exclude or fd.name not in columns:
+            if fd.name in self.filter_exclude or fd.name in self.private_fields or fd.name not in columns:
                 continue
             kind = _filter_kind(fd, columns[fd.name])
             if kind is None:
@@ -208,12 +214,25 @@ class ResourceSpec:
     def to_proto(self, row: Any, read_mask: Iterable[str] | None = None) -> Message:
         """The message for a row (mapped or Core): every field, or those of read_mask."""
         if read_mask is None:
-            return self.dumper(row)
-        msg = self.message()
-        codecs = self.codecs
-        for name in read_mask:
-            codecs[name].dump(row, msg)
+            msg = self.dumper(row)
+        else:
+            msg = self.message()
+            codecs = self.codecs
+            for name in read_mask:
+                codecs[name].dump(row, msg)
+        if self.private_fields and not self.shows_private(row):
+            for name in self.private_fields:
+                msg.ClearField(name)
         return msg
+
+    def shows_private(self, row: Any) -> bool:
+        """Whether the caller may see the row's private_fields: admins (and the service itself,
+        outside a call), and the row's owner."""
+        call = current_call()
+        if call is None or call.role == "admin":
+            return True
+        owner = getattr(row, self.owner_field) if self.owner_field else None
+        return owner is not None and call.actor_user_id is not None and str(owner) == str(call.actor_user_id)
 
     @functools.cached_property
     def dumper(self) -> Callable[[Any], Message]:
@@ -325,6 +344,8 @@ class Registry:
         undeclared = [c.key for c in spec.table.c if any(mark in c.key for mark in SECRET_LOOKING) and c.key not in spec.secrets]
         if undeclared:
             raise TypeError(f"{spec.name}: column(s) {', '.join(undeclared)} look like secrets: declare them in `secrets` (or rename them)")
+        if spec.private_fields and (spec.owner_field is None or spec.private_fields & (set(spec.orderable) | {c for c, _ in spec.search_fields})):
+            raise TypeError(f"{spec.name}: private_fields need an owner_field and may be neither orderable nor searched")
         self._specs[spec.name] = spec
         return spec
 

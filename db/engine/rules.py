@@ -126,6 +126,8 @@ def delete_predicate(spec: ResourceSpec, role: str, user_id: uuid.UUID | None) -
 def describe(spec: ResourceSpec, role: str) -> tuple[str, str]:
     """(sees, manages) of a role on a resource, in words: a row of the policy table."""
     sees = "all" if role == "admin" else spec.access.read.describe(role)
+    if spec.private_fields and role != "admin" and sees != "none":
+        sees += f" ({', '.join(sorted(spec.private_fields))}: only of their own)"
     if spec.read_only:
         manages = "none (written by the service)"
     elif role == "admin":

@@ -114,8 +114,8 @@ def _check_email(session: Session, row: Email, changed: set[str], creating: bool
 
 
 def _check_attachments(session: Session, row: Email) -> None:
-    """The attachments are ids of files (UUIDs, checked above). The check that each names a File
-    the caller may see goes here once the File resource is served."""
+    """The attachments are ids of files (UUIDs, checked above). Not yet checked: that each names
+    a File the caller may see (the check chat attachments will share)."""
 
 
 EMAILS = REGISTRY.add(

@@ -277,11 +277,25 @@ def test_a_chunk_without_metadata_is_stored_and_filtered_alike_whichever_method_
     k.UpsertKnowledgeChunk(kpb.UpsertKnowledgeChunkRequest(knowledge_chunk=chunk("replaced")))
     k.UpsertKnowledgeChunk(kpb.UpsertKnowledgeChunkRequest(knowledge_chunk=chunk("with-metadata", chunk_metadata=metadata)))
 
-    # A row that holds JSON null, as rows written before every path wrote SQL NULL do.
-    engine = create_engine(client.database_url)
+    add_json_null_chunk(client, source)
+
+    def matching(condition: str) -> list[str]:
+        return chunks_matching(client, source, condition)
+
+    assert matching("chunk_metadata:*") == ["with-metadata"]
+    assert matching("chunk_metadata != null") == ["with-metadata"]
+    assert len(matching("chunk_metadata = null")) == 6
+    deleting = k.DeleteKnowledgeChunksBySource(kpb.DeleteKnowledgeChunksBySourceRequest(source=source, filter="chunk_metadata:*", validate_only=True))
+    assert deleting.deleted_count == 1
+
+
+def add_json_null_chunk(c: Client, source: str) -> None:
+    """A chunk 'json-null' of source whose chunk_metadata holds JSON null, as rows written before
+    every path wrote SQL NULL do."""
+    engine = create_engine(c.database_url)
     try:
         with engine.begin() as conn:
-            new_id = "gen_random_uuid()" if client.backend == "postgresql" else "lower(hex(randomblob(16)))"
+            new_id = "gen_random_uuid()" if c.backend == "postgresql" else "lower(hex(randomblob(16)))"
             conn.execute(text(
                 f"INSERT INTO knowledge_chunks (id, source, external_id, content, chunk_metadata, create_time, update_time, revision) "
                 f"VALUES ({new_id}, :s, 'json-null', 'text', 'null', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 1)"
@@ -289,12 +303,8 @@ def test_a_chunk_without_metadata_is_stored_and_filtered_alike_whichever_method_
     finally:
         engine.dispose()
 
-    def matching(condition: str) -> list[str]:
-        listed = k.ListKnowledgeChunks(kpb.ListKnowledgeChunksRequest(filter=f'source = "{source}" AND {condition}'))
-        return sorted(c.external_id for c in listed.knowledge_chunks)
 
-    assert matching("chunk_metadata:*") == ["with-metadata"]
-    assert matching("chunk_metadata != null") == ["with-metadata"]
-    assert len(matching("chunk_metadata = null")) == 6
-    deleting = k.DeleteKnowledgeChunksBySource(kpb.DeleteKnowledgeChunksBySourceRequest(source=source, filter="chunk_metadata:*", validate_only=True))
-    assert deleting.deleted_count == 1
+def chunks_matching(c: Client, source: str, condition: str) -> list[str]:
+    """The external ids of source's chunks that the filter condition picks, sorted."""
+    listed = c.knowledge.ListKnowledgeChunks(kpb.ListKnowledgeChunksRequest(filter=f'source = "{source}" AND {condition}'))
+    return sorted(chunk.external_id for chunk in listed.knowledge_chunks)

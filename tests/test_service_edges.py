@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from tests.conftest import Client, connect, unique
 from tests.support import expect_error, mask, new_project, new_user
 from tests.test_access import Actor, actor  # noqa: F401 - the fixture
+from tests.test_knowledge_under_attack import add_json_null_chunk, chunks_matching
 from tests.test_migrations import empty_url  # noqa: F401 - the fixture
 
 Code = grpc.StatusCode
@@ -427,25 +428,15 @@ def test_first_calls_of_many_keys_are_answered_while_a_long_write_holds_their_ro
 
 def test_negated_presence_of_json_columns_matches_rows_without_one(client: Client) -> None:
     """NOT / - of `chunk_metadata:*` and of `chunk_metadata = null` are the complements, a row
-    holding JSON null (written before the mend) counted as without metadata."""
+    holding JSON null (as rows written before every path wrote SQL NULL do) counted as without metadata."""
     k = client.knowledge
     source = unique("neg")
     k.CreateKnowledgeChunk(kpb.CreateKnowledgeChunkRequest(knowledge_chunk=_chunk(source, "none")))
     k.CreateKnowledgeChunk(kpb.CreateKnowledgeChunkRequest(knowledge_chunk=_chunk(source, "some", chunk_metadata=_struct(lang="en"))))
-    engine = create_engine(client.database_url)
-    try:
-        with engine.begin() as conn:
-            new_id = "gen_random_uuid()" if client.backend == "postgresql" else "lower(hex(randomblob(16)))"
-            conn.execute(text(
-                f"INSERT INTO knowledge_chunks (id, source, external_id, content, chunk_metadata, create_time, update_time, revision) "
-                f"VALUES ({new_id}, :s, 'json-null', 'text', 'null', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 1)"
-            ), {"s": source})
-    finally:
-        engine.dispose()
+    add_json_null_chunk(client, source)
 
     def matching(condition: str) -> list[str]:
-        listed = k.ListKnowledgeChunks(kpb.ListKnowledgeChunksRequest(filter=f'source = "{source}" AND {condition}'))
-        return sorted(c.external_id for c in listed.knowledge_chunks)
+        return chunks_matching(client, source, condition)
 
     got = {cond: matching(cond) for cond in (
         "NOT chunk_metadata:*", "-chunk_metadata:*", "NOT chunk_metadata = null", "NOT chunk_metadata != null",

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from db.base import Base, ResourceMixin, json_object
 from db import errors
-from db.engine import cascade, reads, upserts
+from db.engine import cascade, paging, reads, upserts
 from db.engine.writes import load_fields
 from db.engine.call import Call
 from db.engine.resource import REGISTRY, ResourceSpec
@@ -74,13 +74,7 @@ def batch_upsert_knowledge_chunks(
         replaced_count=sum(d.changed and not d.created for d in done),
         unchanged_count=sum(not d.changed for d in done),
     )
-    if answer.ByteSize() > max_bytes:
-        raise errors.ResourceExhausted(
-            f"the answer to {len(done)} upserts would take {answer.ByteSize()} bytes, more than the response limit "
-            f"({max_bytes}): nothing was written; ask for fewer fields (read_mask) or send fewer per call",
-            reason="RESPONSE_TOO_LARGE",
-            metadata={"field": "requests", "max_bytes": str(max_bytes)},
-        )
+    paging.refuse_unread_answer(answer.ByteSize(), max_bytes, f"{len(done)} upserts; ask for fewer fields (read_mask) or send fewer per call")
     return answer
 
 

@@ -90,6 +90,18 @@ class PageBudget:
         return max(1, int((self.max_bytes - self.used) / average) + 1)
 
 
+def refuse_unread_answer(size: int, max_bytes: int, what: str) -> None:
+    """RESOURCE_EXHAUSTED (RESPONSE_TOO_LARGE) before a write commits when its answer, `size`
+    bytes, would pass max_bytes: a client that cannot read the answer would take a committed
+    write for a refused one. what: the write in words ("1000 creates"), and what to do."""
+    if size > max_bytes:
+        raise ResourceExhausted(
+            f"the answer to {what} would take more than the response limit ({max_bytes} bytes): nothing was written",
+            reason="RESPONSE_TOO_LARGE",
+            metadata={"field": "requests", "max_bytes": str(max_bytes)},
+        )
+
+
 def fitting(messages: list[Any], max_bytes: int, extra: int = 0, whole: bool = False) -> int:
     """PageBudget(max_bytes).take(messages, extra, whole): how many of messages one response holds."""
     return PageBudget(max_bytes).take(messages, extra, whole)

@@ -23,7 +23,7 @@ from db.engine import audit, changes, events, reading, statements
 from db.engine.call import Call, request_principal
 from db.engine.cascade import remove_with_dependents
 from db.engine.codecs import parse_uuid
-from db.engine.paging import DEFAULT_PAGE_BYTES, fitting
+from db.engine.paging import DEFAULT_PAGE_BYTES, fitting, refuse_unread_answer
 from db.engine.reads import MAX_BATCH, fetch
 from db.engine.resource import REGISTRY, ResourceSpec, etag_of
 from db.engine.rules import check_create_rule, check_field_rights, check_managed, check_managed_together, found, predicate
@@ -241,12 +241,7 @@ def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call,
     that cannot read the answer would take a committed batch for a refused one."""
     made = _batch_create(session, spec, request, call)
     if fitting(made, max_bytes) < len(made):
-        raise errors.ResourceExhausted(
-            f"the answer to {len(made)} creates would take more than the response limit ({max_bytes} bytes): "
-            "nothing was created; send fewer per call",
-            reason="RESPONSE_TOO_LARGE",
-            metadata={"field": "requests", "max_bytes": str(max_bytes)},
-        )
+        refuse_unread_answer(max_bytes + 1, max_bytes, f"{len(made)} creates; send fewer per call")
     return made
 
 

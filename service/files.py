@@ -42,6 +42,10 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
             raise errors.InvalidArgument.field("metadata", "the first message of an upload carries the file's metadata", reason="REQUIRED_FIELD")
         metadata = first.metadata
         files.check_metadata(metadata)
+        if metadata.request_id:
+            earlier = await self.run(context, lambda s: files.earlier_upload(s, metadata, call), SESSION_READ, resource_type="File")
+            if earlier is not None:  # a replay: its bytes are stored already
+                return earlier
         writer = await asyncio.to_thread(self.run.blobs.begin)
         try:
             await self._receive(messages, writer)
@@ -51,7 +55,10 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
         finally:
             await asyncio.to_thread(writer.discard)
         try:
-            return await self.run(context, lambda s: files.create_file(s, metadata, stored, call), resource_type="File")
+            made = await self.run(context, lambda s: files.create_file(s, metadata, stored, call), resource_type="File")
+            if made.sha256 != stored.sha256:  # a concurrent upload with its request id made the File
+                await self._drop_if_unreferenced(context, stored.sha256, held=True)
+            return made
         except BaseException:
             await self._drop_if_unreferenced(context, stored.sha256, held=True)
             raise

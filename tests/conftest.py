@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from service.server import DOMAIN_SERVICES, App, create_server
 from tests.databases import fresh_postgres_database
 
 BACKENDS = ["sqlite", "postgresql"]
+# The blob store of servers a test does not give one (never the working directory's data/).
+TEST_BLOBS = tempfile.TemporaryDirectory(prefix="nexus-test-blobs-")
 
 
 def make_config(database_url: str, **overrides: Any) -> Config:
@@ -36,6 +39,7 @@ def make_config(database_url: str, **overrides: Any) -> Config:
         drain_seconds=0.0,
         grace_seconds=1.0,
         health_interval_seconds=0.2,
+        blob_dir=TEST_BLOBS.name,
         hash_time_cost=1,
         hash_memory_kib=1024,
     )

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.common.v1 import common_pb2
+from nexus.files.v1 import files_pb2 as fpb
 from nexus.identity.v1 import identity_pb2 as ipb
 from nexus.knowledge.v1 import knowledge_pb2 as kpb
 from nexus.mail.v1 import mail_pb2 as mpb
@@ -128,6 +128,14 @@ def new_channel(c: Client, **fields: Any) -> cpb.Channel:
     values: dict[str, Any] = {"name": f"channel {unique()}"}
     values.update(fields)
     return c.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(**values)))
+
+
+def new_file(c: Client, data: bytes = b"some bytes", **metadata: Any) -> fpb.File:
+    """A File uploaded by the client (private unless is_public=True)."""
+    values: dict[str, Any] = {"name": f"{unique('file')}.txt", "mime_type": "text/plain"}
+    values.update(metadata)
+    parts = [fpb.UploadFileRequest(metadata=fpb.UploadFileMetadata(**values)), fpb.UploadFileRequest(chunk=data)]
+    return c.files.UploadFile(iter(parts))
 
 
 def new_conversation(c: Client, **fields: Any) -> cpb.Conversation:
@@ -288,7 +296,7 @@ SAMPLES: dict[str, Sample] = {
             "bcc": ["boss@example.com"],
             "subject": f"{w} meeting notes",
             "body": "See you at noon in the small room.",
-            "attachments": [str(uuid.uuid4())],
+            "attachments": [new_file(c).id],
         },
         ("subject", None),
         lambda w: f'subject = "{w} meeting notes"',

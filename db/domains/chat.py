@@ -25,7 +25,7 @@ from db.domains.identity import ApiKey, User
 from db.engine import events, reads, rules, writes, changes
 from db.engine.call import Call
 from db.engine.codecs import MessageListCodec, OutputCodec
-from db.engine.resource import REGISTRY, ResourceSpec
+from db.engine.resource import REGISTRY, ListReference, ResourceSpec
 from db.engine.rules import Access, Rule, is_caller, mine
 
 
@@ -177,6 +177,7 @@ CHAT_MESSAGES = REGISTRY.add(
         immutable=frozenset({"channel_id", "author_id", "parent_id"}),
         required=frozenset({"channel_id", "content"}),
         references={"channel_id": "Channel", "author_id": "User", "parent_id": "ChatMessage"},
+        list_references={"attachments": ListReference("File", key="file_id")},
         extra_codecs={"attachments": MessageListCodec("attachments", "attachments", pb.Attachment)},
         orderable=("create_time", "update_time"),
         search_fields=(("content", "A"),),

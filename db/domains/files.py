@@ -129,10 +129,18 @@ def _file_of(metadata: pb.UploadFileMetadata) -> pb.File:
 
 
 def create_file(session: Session, metadata: pb.UploadFileMetadata, stored: Stored, call: Call) -> pb.File:
-    """The File of an upload whose bytes are stored (durably) as `stored`."""
+    """The File of an upload whose bytes are stored (durably) as `stored` (or, when its request
+    id was claimed meanwhile, the File that claim made)."""
     message = _file_of(metadata)
     server_values = {"sha256": stored.sha256, "size_bytes": stored.size}
-    return writes.create(session, FILES, _NewFile(message), call, server_values=server_values)
+    request = _NewFile(message, metadata.request_id)
+    return writes.create(session, FILES, request, call, server_values=server_values)
+
+
+def earlier_upload(session: Session, metadata: pb.UploadFileMetadata, call: Call) -> pb.File | None:
+    """The File an earlier upload of the caller with this request id made, or None."""
+    request_id = writes.validate_request_id(metadata.request_id, "metadata.request_id")
+    return writes.earlier_result(session, FILES, request_id, call) if request_id else None
 
 
 def readable_blob(session: Session, raw_id: str) -> tuple[str, int]:

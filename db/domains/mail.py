@@ -17,7 +17,7 @@ from db.domains.identity import User  # noqa: F401 - the users table the foreign
 from db.engine import changes, reads
 from db.engine.call import Call
 from db.engine.codecs import SizeLimit, parse_uuid
-from db.engine.resource import REGISTRY, ResourceSpec
+from db.engine.resource import REGISTRY, ListReference, ResourceSpec
 from db.engine.rules import Access, Rule, mine
 from db.engine.writes import check_etag
 
@@ -51,7 +51,7 @@ class Email(ResourceMixin, SoftDeleteMixin, Base):
     body: Mapped[str | None] = mapped_column(Text)
     thread_id: Mapped[uuid.UUID] = mapped_column(Uuid, nullable=False)
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="draft")
-    # File ids; the reference check to File belongs in _check_attachments.
+    # Ids of Files its sender may see (checked by the engine: ListReference).
     attachments: Mapped[json_list]
     sent_time: Mapped[optional_timestamp]
 
@@ -108,14 +108,8 @@ def _check_email(session: Session, row: Email, changed: set[str], creating: bool
         for i, address in enumerate(getattr(row, name) or ()):
             if "@" not in address.strip("@") or any(c.isspace() for c in address):
                 raise errors.InvalidArgument.field(f"email.{name}[{i}]", "must be an email address (local@domain)")
-    for name in (*USER_ID_FIELDS, "attachments"):
+    for name in USER_ID_FIELDS:
         setattr(row, name, [str(parse_uuid(v, f"email.{name}[{i}]")) for i, v in enumerate(getattr(row, name) or ())])
-    _check_attachments(session, row)
-
-
-def _check_attachments(session: Session, row: Email) -> None:
-    """The attachments are ids of files (UUIDs, checked above). Not yet checked: that each names
-    a File the caller may see (the check chat attachments will share)."""
 
 
 EMAILS = REGISTRY.add(
@@ -129,6 +123,7 @@ EMAILS = REGISTRY.add(
         required=frozenset({"subject"}),
         immutable=frozenset({"thread_id", "status"}),
         references={"sender_id": "User"},
+        list_references={"attachments": ListReference("File")},
         orderable=("create_time", "update_time", "sent_time", "subject"),
         search_fields=(("subject", "A"), ("body", "B")),
         batch_get=True,

@@ -43,6 +43,8 @@ def plan_create(spec: ResourceSpec, request: Any, call: Call) -> Plan:
     event) or to check after its INSERT (the caller's row rule)."""
     if request.request_id:
         return Plan(Mode.TRANSACTION, "its request id is claimed with it")
+    if spec.list_references:
+        return Plan(Mode.TRANSACTION, "the items of its list references are read FOR SHARE until its commit")
     return _needs_transaction(spec) or ONE_STATEMENT_CREATE
 
 
@@ -60,7 +62,7 @@ def plan_update(spec: ResourceSpec, request: Any, call: Call) -> Plan:
         names = update_paths(spec, msg, request.update_mask.paths)
     except errors.NexusError:
         return Plan(Mode.TRANSACTION, "its update mask is refused (by the update itself)")
-    if set(names) & set(spec.references):
+    if set(names) & {*spec.references, *spec.list_references}:
         return Plan(Mode.TRANSACTION, "it changes a reference, read FOR SHARE until its commit")
     return ONE_STATEMENT_UPDATE
 

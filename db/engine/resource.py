@@ -54,6 +54,16 @@ def etag_of(row: Any) -> str:
 SECRET_LOOKING = ("_hash", "secret", "password", "token")
 
 
+@dataclass(frozen=True)
+class ListReference:
+    """The items of a repeated field reference target's rows: each item is an id, or (key) an
+    object holding the id at key, absent or empty when the item names no row (an attachment by
+    url only)."""
+
+    target: str
+    key: str | None = None
+
+
 @dataclass(eq=False)
 class ResourceSpec:
     """Declares one resource: its model, message and field rules. Built codecs are cached."""
@@ -69,6 +79,9 @@ class ResourceSpec:
     extra_codecs: dict[str, FieldCodec] = field(default_factory=dict)
     # field -> name of the resource it references; checked before writing (NOT_FOUND naming it).
     references: dict[str, str] = field(default_factory=dict)
+    # Repeated field -> the resource its items reference (email attachments naming Files), checked
+    # as references are, item by item (the field path names the item).
+    list_references: dict[str, ListReference] = field(default_factory=dict)
     orderable: tuple[str, ...] = ("create_time", "update_time")
     default_order: tuple[tuple[str, bool], ...] = (("create_time", False),)
     search_fields: tuple[tuple[str, str], ...] = ()  # (column, weight A-D), best weight first

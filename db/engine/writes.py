@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
@@ -48,29 +48,72 @@ def load_fields(spec: ResourceSpec, msg: Message, names: Iterable[str], prefix: 
     return values
 
 
+class Named(NamedTuple):
+    """One reference a row makes: its field, the path errors name, the target and its id."""
+
+    field: str
+    path: str
+    target: str
+    value: Any
+
+
+def named_references(spec: ResourceSpec, values: dict[str, Any], prefix: str, scalars: bool = True) -> list[Named]:
+    """The references one row's loaded values make: its reference fields (unless not scalars),
+    then each item of its list references. An item's id is checked as a UUID (INVALID_ARGUMENT
+    naming the item) and kept in canonical form, in the loaded list itself (the row's)."""
+    out = []
+    if scalars:
+        for name, target in spec.references.items():
+            attr = spec.codecs[name].attr
+            if attr and values.get(attr) is not None:
+                out.append(Named(name, prefix + name, target, values[attr]))
+    for name, ref in spec.list_references.items():
+        items = values.get(spec.codecs[name].attr or name) or []
+        for i, item in enumerate(items):
+            path = f"{prefix}{name}[{i}]"
+            if ref.key is None:
+                value = parse_uuid(item, path)
+                items[i] = str(value)
+            elif isinstance(item, dict) and item.get(ref.key):
+                path += "." + ref.key
+                value = parse_uuid(item[ref.key], path)
+                item[ref.key] = str(value)
+            else:
+                continue
+            out.append(Named(name, path, ref.target, value))
+    return out
+
+
+def _by_field(spec: ResourceSpec, loaded: list[tuple[dict[str, Any], str]], scalars: bool = True) -> dict[str, list[Named]]:
+    """The references of rows, by field (in the spec's order, then the rows')."""
+    grouped: dict[str, list[Named]] = {}
+    for values, prefix in loaded:
+        for named in named_references(spec, values, prefix, scalars):
+            grouped.setdefault(named.field, []).append(named)
+    order = {name: i for i, name in enumerate((*spec.references, *spec.list_references))}
+    return dict(sorted(grouped.items(), key=lambda item: order[item[0]]))
+
+
 def check_visible_references(session: Session, spec: ResourceSpec, loaded: list[tuple[dict[str, Any], str]]) -> None:
     """PERMISSION_DENIED naming the field when a row references a resource its caller may not
-    see (a reply to a message of a hidden channel, a message in a hidden conversation): hidden
-    and absent ids answer alike, as a Get of them would, so references are no existence oracle.
-    One query per referencing field whose target has a read rule for the caller; none for admins."""
-    for field_name, target_name in spec.references.items():
-        target = REGISTRY[target_name]
+    see (a reply to a message of a hidden channel, a message in a hidden conversation, an
+    attachment of a file of someone else's): hidden and absent ids answer alike, as a Get of them
+    would, so references are no existence oracle. One query per referencing field whose target
+    has a read rule for the caller; none for admins."""
+    for refs in _by_field(spec, loaded).values():
+        target = REGISTRY[refs[0].target]
         allowed = predicate(target, write=False)
-        attr = spec.codecs[field_name].attr
-        if allowed is None or not attr:
-            continue
-        wanted = {values[attr] for values, _ in loaded if values.get(attr) is not None}
-        if not wanted:
+        if allowed is None:
             continue
         ids = target.table.c.id
+        wanted = {named.value for named in refs}
         seen = set(session.connection().execute(select(ids).where(ids.in_(wanted), allowed)).scalars())
-        for values, prefix in loaded:
-            value = values.get(attr)
-            if value is not None and value not in seen:
+        for named in refs:
+            if named.value not in seen:
                 raise errors.PermissionDenied(
-                    f"the caller may not see {target.name} {str(value)!r}",
+                    f"the caller may not see {target.name} {str(named.value)!r}",
                     reason="REFERENCE_ACCESS_DENIED",
-                    metadata={"field": prefix + field_name, "resource_type": target.name, "resource_id": str(value)},
+                    metadata={"field": named.path, "resource_type": target.name, "resource_id": str(named.value)},
                 )
 
 
@@ -79,15 +122,14 @@ def check_references(session: Session, spec: ResourceSpec, values: dict[str, Any
     check_references_together(session, spec, [(values, prefix)])
 
 
-def check_references_together(session: Session, spec: ResourceSpec, loaded: list[tuple[dict[str, Any], str]]) -> None:
+def check_references_together(
+    session: Session, spec: ResourceSpec, loaded: list[tuple[dict[str, Any], str]], scalars: bool = True
+) -> None:
     """check_references for many rows: one query per referencing field; NOT_FOUND names the
-    first row (in request order) whose reference is missing."""
-    for field_name, target_name in spec.references.items():
-        attr = spec.codecs[field_name].attr
-        wanted = {values[attr] for values, _ in loaded if attr and values.get(attr) is not None}
-        if not wanted:
-            continue
-        target = REGISTRY[target_name]
+    first row (in request order) whose reference is missing. scalars=False: list references only."""
+    for refs in _by_field(spec, loaded, scalars).values():
+        wanted = {named.value for named in refs}
+        target = REGISTRY[refs[0].target]
         stmt = statements.reference_statement(target, len(wanted) == 1)
         conn = session.connection()
         if len(wanted) == 1:
@@ -96,10 +138,9 @@ def check_references_together(session: Session, spec: ResourceSpec, loaded: list
             found = set(conn.execute(stmt, {"ids": list(wanted)}).scalars())
         if len(found) == len(wanted):
             continue
-        for values, prefix in loaded:
-            value = values.get(attr) if attr else None
-            if value is not None and value not in found:
-                raise errors.NotFound.resource(target.name, str(value), prefix + field_name)
+        for named in refs:
+            if named.value not in found:
+                raise errors.NotFound.resource(target.name, str(named.value), named.path)
 
 
 def _missing_required(spec: ResourceSpec, row: Any, prefix: str) -> None:
@@ -129,7 +170,7 @@ def validate_request_id(request_id: str, field_path: str = "request_id") -> str:
     return request_id
 
 
-def _earlier_result(session: Session, spec: ResourceSpec, request_id: str, call: Call) -> Message | None:
+def earlier_result(session: Session, spec: ResourceSpec, request_id: str, call: Call) -> Message | None:
     """The result of this caller's earlier create with request_id, read as a Get would read it
     (the caller's read rule applies: PERMISSION_DENIED if it may no longer see the row)."""
     earlier = session.scalar(
@@ -155,7 +196,7 @@ def _claim_request_id(session: Session, spec: ResourceSpec, request_id: str, row
             )
             changes.flush(session)
     except IntegrityError:
-        result = _earlier_result(session, spec, request_id, call)
+        result = earlier_result(session, spec, request_id, call)
         if result is None:
             raise errors.Aborted("a concurrent call with the same request_id did not finish; retry", reason="REQUEST_IN_FLIGHT") from None
         return result
@@ -218,7 +259,7 @@ def create(
     computed for the row (a file's sha256 and size), set after the request's fields are checked."""
     request_id = validate_request_id(request.request_id, prefix + "request_id")
     if request_id:
-        earlier = _earlier_result(session, spec, request_id, call)
+        earlier = earlier_result(session, spec, request_id, call)
         if earlier is not None:
             return earlier
     field_prefix = f"{prefix}{spec.singular_field}."
@@ -233,6 +274,8 @@ def create(
         winner = _claim_request_id(session, spec, request_id, row.id, call)
         if winner is not None:
             return winner
+    if spec.list_references:  # insert_rows checks the other references with its INSERT
+        check_references_together(session, spec, [(values, field_prefix)], scalars=False)
     return insert_rows(session, spec, [row], unchecked=(values, field_prefix))[0]
 
 

@@ -190,6 +190,7 @@ class Attachment(_message.Message):
     URL_FIELD_NUMBER: _builtins.int
     MIME_TYPE_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    FILE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """File name shown to people."""
     url: _builtins.str
@@ -198,6 +199,11 @@ class Attachment(_message.Message):
     """MIME type, e.g. "image/png"."""
     size_bytes: _builtins.int
     """Size in bytes."""
+    file_id: _builtins.str
+    """Id of the File (FileService) holding the bytes, if they are stored here: a File its author
+    may see (PERMISSION_DENIED otherwise; NOT_FOUND if it does not exist). Empty for a file
+    known by its url only.
+    """
     def __init__(
         self,
         *,
@@ -205,10 +211,11 @@ class Attachment(_message.Message):
         url: _builtins.str = ...,
         mime_type: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
+        file_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mime_type", b"mime_type", "name", b"name", "size_bytes", b"size_bytes", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_id", b"file_id", "mime_type", b"mime_type", "name", b"name", "size_bytes", b"size_bytes", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

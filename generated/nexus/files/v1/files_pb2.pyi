@@ -413,6 +413,7 @@ class UploadFileMetadata(_message.Message):
     IS_PUBLIC_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The file's name; required."""
     mime_type: _builtins.str
@@ -423,6 +424,11 @@ class UploadFileMetadata(_message.Message):
     """When set, the SHA-256 (hex) the bytes must have."""
     size_bytes: _builtins.int
     """When set (above 0), the number of bytes the upload must have."""
+    request_id: _builtins.str
+    """When set, makes the upload idempotent: a second upload with the same request_id from the
+    same caller answers the File the first one made, without storing its bytes again (the
+    server answers as soon as it reads this metadata).
+    """
     def __init__(
         self,
         *,
@@ -431,10 +437,11 @@ class UploadFileMetadata(_message.Message):
         is_public: _builtins.bool = ...,
         sha256: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_public", b"is_public", "mime_type", b"mime_type", "name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_public", b"is_public", "mime_type", b"mime_type", "name", b"name", "request_id", b"request_id", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

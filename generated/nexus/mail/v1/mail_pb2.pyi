@@ -118,7 +118,10 @@ class Email(_message.Message):
 
     @_builtins.property
     def attachments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids (UUIDs) of the files attached, at most 100."""
+        """Ids (UUIDs) of the files attached (FileService), at most 100: each a File its sender may
+        see (PERMISSION_DENIED naming the item otherwise; NOT_FOUND if it does not exist). Attaching
+        does not share a file: recipients download the public ones.
+        """
 
     @_builtins.property
     def sent_time(self) -> _timestamp_pb2.Timestamp:

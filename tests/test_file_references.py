@@ -95,3 +95,19 @@ def test_a_chat_attachment_names_a_file_its_author_sees(actor: Callable[..., Act
     assert [v.field for v in err.violations] == ["chat_message.attachments[0].file_id"]
     listed = author.c.chat.ListChatMessages(cpb.ListChatMessagesRequest(filter=f'channel_id = "{channel.id}"')).chat_messages
     assert [m.id for m in listed] == [made.id], "refused messages were not written"
+
+
+def test_recipients_by_user_id_are_users_that_exist(actor: Callable[..., Actor]) -> None:
+    sender, ann = actor(), actor()
+    subject, missing = unique("to users"), str(uuid.uuid4())
+    request = mpb.CreateEmailRequest(email=mpb.Email(subject=subject, to_user_ids=[ann.id.upper()], cc_user_ids=[missing]))
+    err = expect_error(Code.NOT_FOUND, sender.c.mail.CreateEmail, request)
+    assert err.info.metadata["field"] == "email.cc_user_ids[0]"
+    assert err.resource is not None and (err.resource.resource_type, err.resource.resource_name) == ("User", missing)
+    err = expect_error(Code.INVALID_ARGUMENT, sender.c.mail.CreateEmail, mpb.CreateEmailRequest(email=mpb.Email(subject=subject, bcc_user_ids=["ann"])))
+    assert [v.field for v in err.violations] == ["email.bcc_user_ids[0]"]
+    assert _emails(sender.c, subject) == 0
+    made = sender.c.mail.CreateEmail(mpb.CreateEmailRequest(email=mpb.Email(subject=subject, to_user_ids=[ann.id.upper()])))
+    assert list(made.to_user_ids) == [ann.id], "kept in canonical form, which the recipients' read rule matches"
+    sender.c.mail.SendEmail(mpb.SendEmailRequest(id=made.id))
+    assert ann.c.mail.GetEmail(mpb.GetEmailRequest(id=made.id)).subject == subject

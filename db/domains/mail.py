@@ -16,7 +16,7 @@ from db.base import Base, ResourceMixin, SoftDeleteMixin, json_list, one_of, opt
 from db.domains.identity import User  # noqa: F401 - the users table the foreign key names
 from db.engine import changes, reads
 from db.engine.call import Call
-from db.engine.codecs import SizeLimit, parse_uuid
+from db.engine.codecs import SizeLimit
 from db.engine.resource import REGISTRY, ListReference, ResourceSpec
 from db.engine.rules import Access, Rule, mine
 from db.engine.writes import check_etag
@@ -60,7 +60,7 @@ class Email(ResourceMixin, SoftDeleteMixin, Base):
 
 def _addressed_to(user_id: uuid.UUID) -> ColumnElement[bool]:
     """The email names the user among its recipients (to, cc or bcc, by user id). The lists hold
-    canonical UUID strings (_check_email), so the quoted id in the JSON text is an exact match of
+    canonical UUID strings (the engine keeps list references so: writes.named_references), so the quoted id in the JSON text is an exact match of
     one item, in the same SQL on both databases (a rule is built without knowing the dialect)."""
     needle = f'"{user_id}"'
     return or_(*(cast(Email.__table__.c[name], Text).contains(needle) for name in USER_ID_FIELDS))
@@ -82,7 +82,7 @@ SENT_BY_THEM = mine(Email.sender_id, "those they send")
 def _check_email(session: Session, row: Email, changed: set[str], creating: bool, call: Call) -> None:
     """A draft's checks: only drafts change; only admins make received emails and none is made
     sent (SendEmail sends); a new email starts a thread unless it names one; addresses look like
-    addresses and user ids are UUIDs."""
+    addresses (user and file ids are the engine's: list_references)."""
     if not creating and row.status != "draft":
         raise errors.FailedPrecondition(
             f"email {row.id} is {row.status}: only a draft may change",
@@ -108,8 +108,6 @@ def _check_email(session: Session, row: Email, changed: set[str], creating: bool
         for i, address in enumerate(getattr(row, name) or ()):
             if "@" not in address.strip("@") or any(c.isspace() for c in address):
                 raise errors.InvalidArgument.field(f"email.{name}[{i}]", "must be an email address (local@domain)")
-    for name in USER_ID_FIELDS:
-        setattr(row, name, [str(parse_uuid(v, f"email.{name}[{i}]")) for i, v in enumerate(getattr(row, name) or ())])
 
 
 EMAILS = REGISTRY.add(
@@ -123,7 +121,11 @@ EMAILS = REGISTRY.add(
         required=frozenset({"subject"}),
         immutable=frozenset({"thread_id", "status"}),
         references={"sender_id": "User"},
-        list_references={"attachments": ListReference("File")},
+        # Each checked by the engine: ids of users that exist, of files the sender sees.
+        list_references={
+            **{name: ListReference("User") for name in USER_ID_FIELDS},
+            "attachments": ListReference("File"),
+        },
         orderable=("create_time", "update_time", "sent_time", "subject"),
         search_fields=(("subject", "A"), ("body", "B")),
         batch_get=True,

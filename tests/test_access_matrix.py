@@ -3,11 +3,11 @@
 Nothing here names a resource or a method. Callers: a guest, a user, a manager (each with a key
 acting for it) and keys that act for no user (of role user and guest). For every writable
 resource of the registry, rows are made by an admin from the resource's sample (tests/support.py)
-as they are, owned by the caller where the resource has an owner field, and given to the caller
+the way the resource is made (tests/support.make_row: its Create, or a File's upload) as they are, owned by the caller where the resource has an owner field, and given to the caller
 by each grant its sample declares (a document shared at view, comment and edit: the rules must
 say what the grant promises); the declared row rules (each resource's `access`, db/engine/rules.py, evaluated in the database for that row) say whether the caller sees and
 manages each row, and every way to the row must agree: Get, BatchGet, List, Search, Update,
-Delete (by the delete rule where one is declared); a caller without a user has no more rights than a stranger of its role. A Create the caller makes either is refused or leaves a row the caller manages. Every
+Delete (by the delete rule where one is declared); a caller without a user has no more rights than a stranger of its role. A row the caller makes (by Create, or by a File's upload) either is refused or is one the caller manages. Every
 method found through reflection answers the role gate of service/policy.py.
 """
 from __future__ import annotations
@@ -28,11 +28,12 @@ from db.engine import rules as row_rules
 from db.engine.resource import REGISTRY, ResourceSpec
 from service import policy as rpc_policy
 from tests.conftest import Client, connect, unique
-from tests.support import SAMPLES, new_user, rich_error
+from tests.support import MADE, SAMPLES, make_row, new_user, rich_error
 from tests.test_auth import call_empty, discovered_methods
 
 Code = grpc.StatusCode
-SPECS = sorted((s for s in REGISTRY if not s.read_only and s.create_rpc), key=lambda s: s.name)
+# Every writable resource; its rows made by make_row (a File's by an upload of its caller).
+SPECS = MADE
 ROLE_NAMES = {ipb.USER_ROLE_GUEST: "guest", ipb.USER_ROLE_USER: "user", ipb.USER_ROLE_MANAGER: "manager"}
 # label: (role, acts for a user)
 CALLERS = {
@@ -127,7 +128,6 @@ def _rows(client: Client, spec: ResourceSpec, caller: Caller) -> list[tuple[str,
     """(word, row, how) made by an admin: the sample as it is, owned by the caller where it can
     be, and given to the caller by each of the sample's grants (a document shared with them at
     each level)."""
-    admin = Calls(client, spec)
     sample = SAMPLES[spec.name]
     out = []
     variants: list[tuple[dict[str, Any], str]] = [({}, "other"), *([(sample.restricted, "other, restricted")] if sample.restricted else [])]
@@ -136,10 +136,10 @@ def _rows(client: Client, spec: ResourceSpec, caller: Caller) -> list[tuple[str,
     for extra, how in variants:
         word = unique("mx")
         fields = {**sample.fields(client, word), **extra}
-        out.append((word, admin("Create{E}", **{spec.singular_field: spec.message(**fields)}), how))
+        out.append((word, make_row(client, spec, fields), how))
     for how, (give, _) in sample.grants.items() if caller.user_id else ():
         word = unique("mx")
-        row = admin("Create{E}", **{spec.singular_field: spec.message(**sample.fields(client, word))})
+        row = make_row(client, spec, sample.fields(client, word))
         give(client, row, caller.user_id)
         out.append((word, row, how))
     return out
@@ -195,7 +195,7 @@ def test_a_create_is_refused_or_leaves_a_row_its_caller_manages(client: Client, 
     fields = SAMPLES[resource].fields(client, unique("mx"))
     fields.pop(spec.owner_field or "", None)  # the caller's own, by default
     try:
-        made = calls("Create{E}", **{spec.singular_field: spec.message(**fields)})
+        made = make_row(caller.c, spec, fields)
     except grpc.RpcError as exc:
         err = rich_error(exc)
         # A caller without a user has no one to make the owner of a row that needs one.

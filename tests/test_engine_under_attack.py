@@ -12,6 +12,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from nexus.chat.v1 import chat_pb2 as cpb
+from nexus.files.v1 import files_pb2 as fpb
 from nexus.identity.v1 import identity_pb2 as ipb
 from nexus.work.v1 import work_pb2 as wpb
 
@@ -19,10 +20,11 @@ import db.domains  # noqa: F401
 from db.engine.resource import REGISTRY
 from db.engine.tables import AuditLogEntry
 from tests.conftest import Client, unique
-from tests.support import new_channel, new_project, new_role, new_task, new_user
+from tests.support import MADE, SAMPLES, make_row, mask, new_channel, new_project, new_role, new_task, new_user
 
 ROOT = Path(__file__).resolve().parent.parent
-AUDITED = [s for s in REGISTRY if s.audited and not s.read_only and s.create_rpc]
+# Every audited writable resource, whether its rows are made by Create or otherwise (a File).
+AUDITED = [s for s in MADE if s.audited]
 PASSWORD = "correct horse battery"
 
 
@@ -99,11 +101,22 @@ def test_custom_methods_memberships_and_cascades_each_leave_one_entry_per_change
     cmsg = c.chat.CreateConversationMessage(cpb.CreateConversationMessageRequest(
         conversation_message=cpb.ConversationMessage(conversation_id=conv.id, sender_type=cpb.SENDER_TYPE_USER, content="q")))
     ids |= {channel.id, msg.id, reply.id, conv.id, cmsg.id}
+    # A File of u's, made, changed, counted (a download is no change of it), deleted and back:
+    # u's deletion for good clears its owner_id.
+    files = REGISTRY["File"]
+    file = make_row(c, files, {**SAMPLES["File"].fields(c, unique("f")), "owner_id": u.id})
+    c.files.UpdateFile(fpb.UpdateFileRequest(file=fpb.File(id=file.id, mime_type="text/markdown"), update_mask=mask("mime_type")))
+    c.files.RecordFileDownload(fpb.RecordFileDownloadRequest(id=file.id))
+    c.files.DeleteFile(fpb.DeleteFileRequest(id=file.id))
+    c.files.UndeleteFile(fpb.UndeleteFileRequest(id=file.id))
+    ids.add(file.id)
     c.identity.DeleteUser(ipb.DeleteUserRequest(id=u.id))
     c.identity.UndeleteUser(ipb.UndeleteUserRequest(id=u.id))
     assert not _trail_disagreements(c, ids), _trail_disagreements(c, ids)
     c.identity.DeleteUser(ipb.DeleteUserRequest(id=u.id, force=True))
     assert not _trail_disagreements(c, ids), _trail_disagreements(c, ids)
+    assert not c.files.GetFile(fpb.GetFileRequest(id=file.id)).owner_id
+    c.files.DeleteFile(fpb.DeleteFileRequest(id=file.id, force=True))
     c.work.DeleteTask(wpb.DeleteTaskRequest(id=t1.id, force=True))
     c.chat.DeleteChannel(cpb.DeleteChannelRequest(id=channel.id, force=True))
     c.work.DeleteProject(wpb.DeleteProjectRequest(id=project.id, force=True))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
 import tempfile
@@ -25,8 +26,13 @@ from service.server import DOMAIN_SERVICES, App, create_server
 from tests.databases import fresh_postgres_database
 
 BACKENDS = ["sqlite", "postgresql"]
-# The blob store of servers a test does not give one (never the working directory's data/).
+# The blob stores of test servers (never the working directory's data/): one per database, so
+# every server of a database, and the sweep of its files, see the same blobs.
 TEST_BLOBS = tempfile.TemporaryDirectory(prefix="nexus-test-blobs-")
+
+
+def blob_dir_of(database_url: str) -> Path:
+    return Path(TEST_BLOBS.name) / hashlib.sha256(database_url.encode()).hexdigest()[:16]
 
 
 def make_config(database_url: str, **overrides: Any) -> Config:
@@ -39,7 +45,7 @@ def make_config(database_url: str, **overrides: Any) -> Config:
         drain_seconds=0.0,
         grace_seconds=1.0,
         health_interval_seconds=0.2,
-        blob_dir=TEST_BLOBS.name,
+        blob_dir=str(blob_dir_of(database_url)),
         hash_time_cost=1,
         hash_memory_kib=1024,
     )

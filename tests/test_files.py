@@ -25,7 +25,7 @@ from nexus.files.v1 import files_pb2_grpc
 from nexus.identity.v1 import identity_pb2 as ipb
 
 from db.blobs import BlobStore
-from tests.conftest import Client, ServerThread, authed_channel, connect, make_config, unique
+from tests.conftest import Client, ServerThread, authed_channel, blob_dir_of, connect, make_config, unique
 from tests.support import expect_error, new_user
 
 Code = grpc.StatusCode
@@ -62,8 +62,8 @@ class Files:
 
 
 @pytest.fixture(scope="module")
-def env(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Files]:
-    files = Files(database_url, tmp_path_factory.mktemp("blobs"))
+def env(database_url: str) -> Iterator[Files]:
+    files = Files(database_url, blob_dir_of(database_url))  # shared with the database's other servers
     yield files
     files.close()
 

@@ -6,10 +6,10 @@ codec's `limit`), so a resource or a field added later is covered without new te
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import db.domains  # noqa: F401 - every resource in the registry
 from db.engine.codecs import DEFAULT_LIMITS, FieldCodec, MessageListCodec, SizeLimit, StringListCodec, StructCodec
 from db.engine.resource import REGISTRY, ResourceSpec
 from tests.conftest import Client, ServerThread, connect, make_config, unique
-from tests.support import MADE, MADE_BY_CREATE, expect_error, mask, new_channel, new_project, new_task, new_user
+from tests.support import MADE, MADE_BY_CREATE, expect_error, mask, new_channel, new_file, new_project, new_task, new_user
 from tests.test_standard_methods import Api as StandardApi
 
 Code = grpc.StatusCode
@@ -37,8 +37,23 @@ CREATE_SPECS = MADE_BY_CREATE
 SHAPES = {"email": ("", "@example.com"), "avatar_url": ("https://files.example.com/", "")} | {
     name: ("", "@example.com") for name in ("to", "cc", "bcc")  # an email's recipients: addresses
 }
-# Repeated fields whose items are ids (UUIDs: 36 characters, their limit).
-ID_ITEMS = frozenset({"to_user_ids", "cc_user_ids", "bcc_user_ids", "attachments"})
+# Repeated fields whose items are ids (UUIDs: 36 characters, their limit) of rows that must
+# exist (and are told apart: a list keeps one of equal items), made by Ids.
+ID_ITEMS = {"to_user_ids": "User", "cc_user_ids": "User", "bcc_user_ids": "User", "attachments": "File"}
+
+
+class Ids:
+    """Rows of the resources ID_ITEMS name, made by the client as they are first asked for."""
+
+    def __init__(self, c: Client) -> None:
+        self.c = c
+        self.made: dict[str, list[str]] = {"User": [], "File": []}
+
+    def __call__(self, name: str, i: int = 0) -> str:
+        made = self.made[ID_ITEMS[name]]
+        while len(made) <= i:
+            made.append((new_user(self.c) if ID_ITEMS[name] == "User" else new_file(self.c, os.urandom(8))).id)
+        return made[i]
 
 
 def compact_json_size(value: Any) -> int:
@@ -50,10 +65,10 @@ def sized(spec: ResourceSpec) -> list[tuple[str, FieldCodec]]:
     return [(name, spec.codecs[name]) for name in spec.creatable if spec.codecs[name].limit is not None]
 
 
-def text_of(name: str, length: int) -> str:
-    """A valid, unique value of a text field, exactly `length` characters long."""
+def text_of(name: str, length: int, ids: Ids) -> str:
+    """A valid value of a text field (unique, but for the ids of ID_ITEMS), exactly `length` characters long."""
     if name in ID_ITEMS and length == 36:
-        return str(uuid.uuid4())
+        return ids(name)
     prefix, suffix = SHAPES.get(name, ("", ""))
     token = unique("L")
     pad = length - len(prefix) - len(token) - len(suffix)
@@ -61,7 +76,7 @@ def text_of(name: str, length: int) -> str:
     return prefix + token + "x" * pad + suffix
 
 
-def values_at(name: str, codec: FieldCodec, over: bool) -> list[tuple[str, Any]]:
+def values_at(name: str, codec: FieldCodec, over: bool, ids: Ids) -> list[tuple[str, Any]]:
     """(the violation's field path below the resource, value) of each measure of the field's
     limit: at the limit when not over, one past it when over."""
     limit = codec.limit
@@ -78,16 +93,20 @@ def values_at(name: str, codec: FieldCodec, over: bool) -> list[tuple[str, Any]]
         out.append((name, [item(name=f"a{i}") for i in range(limit.items + extra)]))
     elif isinstance(codec, StringListCodec):
         prefix, suffix = SHAPES.get(name, ("", ""))
-        items = [str(uuid.uuid4()) if name in ID_ITEMS else f"{prefix}t{i}{suffix}" for i in range(limit.items + extra)]
+        items = [ids(name, i) if name in ID_ITEMS else f"{prefix}t{i}{suffix}" for i in range(limit.items + extra)]
         out.append((name, items))
-        out.append((f"{name}[0]", [text_of(name, limit.chars + extra)]))
+        out.append((f"{name}[0]", [text_of(name, limit.chars + extra, ids)]))
     else:
-        out.append((name, text_of(name, limit.chars + extra)))
+        out.append((name, text_of(name, limit.chars + extra, ids)))
     return out
 
 
 class Api(StandardApi):
     """The standard methods of one resource (tests/test_standard_methods.py), and a new resource's message."""
+
+    @functools.cached_property
+    def ids(self) -> Ids:
+        return Ids(self.c)
 
     def resource(self, **changes: Any) -> Any:
         fields = self.sample.fields(self.c, unique("w"))
@@ -160,12 +179,12 @@ def test_create_refuses_each_field_over_its_limit_and_takes_it_at_the_limit(crea
     singular = api.spec.singular_field
     for name, codec in sized(api.spec):
         before = api.count()
-        for path, value in values_at(name, codec, over=True):
+        for path, value in values_at(name, codec, over=True, ids=api.ids):
             err = expect_error(Code.INVALID_ARGUMENT, api.call, "Create{E}", **{singular: api.resource(**{name: value})})
             assert [v.field for v in err.violations] == [f"{singular}.{path}"], (name, err.message)
             assert err.info.reason == "FIELD_TOO_LARGE"
         assert api.count() == before, f"{name}: nothing created"
-        for _, value in values_at(name, codec, over=False):
+        for _, value in values_at(name, codec, over=False, ids=api.ids):
             created = api.call("Create{E}", **{singular: api.resource(**{name: value})})
             assert api.call("Get{E}", id=created.id) is not None
 
@@ -176,15 +195,15 @@ def test_update_refuses_each_field_over_its_limit_and_changes_nothing(api: Api) 
     for name, codec in sized(api.spec):
         if name in api.spec.immutable:
             continue
-        for path, value in values_at(name, codec, over=True):
+        for path, value in values_at(name, codec, over=True, ids=api.ids):
             patch = api.spec.message(id=created.id, **{name: value})
             err = expect_error(Code.INVALID_ARGUMENT, api.call, "Update{E}", **{singular: patch}, update_mask=mask(name))
             assert [v.field for v in err.violations] == [f"{singular}.{path}"], (name, err.message)
             assert api.call("Get{E}", id=created.id).etag == created.etag, f"{name}: nothing changed"
-        for _, value in values_at(name, codec, over=False):
+        for _, value in values_at(name, codec, over=False, ids=api.ids):
             patch = api.spec.message(id=created.id, **{name: value})
             updated = api.call("Update{E}", **{singular: patch}, update_mask=mask(name))
-            assert updated.etag != created.etag
+            assert updated.etag != created.etag, name
             created = updated
 
 
@@ -197,12 +216,12 @@ def test_batch_create_refuses_a_field_over_its_limit_in_any_request(client: Clie
         request_type = getattr(api.pb, f"Create{spec.name}Request")
         for name, codec in sized(spec):
             before = api.count()
-            for path, value in values_at(name, codec, over=True):
+            for path, value in values_at(name, codec, over=True, ids=api.ids):
                 requests = [request_type(**{singular: api.resource()}), request_type(**{singular: api.resource(**{name: value})})]
                 err = expect_error(Code.INVALID_ARGUMENT, api.call, "BatchCreate{Es}", requests=requests)
                 assert [v.field for v in err.violations] == [f"requests[1].{singular}.{path}"], (name, err.message)
             assert api.count() == before, f"{name}: nothing of the batch created"
-            for _, value in values_at(name, codec, over=False):
+            for _, value in values_at(name, codec, over=False, ids=api.ids):
                 made = api.call("BatchCreate{Es}", requests=[request_type(**{singular: api.resource(**{name: value})})])
                 assert len(made.ListFields()) == 1
 

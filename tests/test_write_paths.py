@@ -212,20 +212,37 @@ def _remove(database: Database, spec: ResourceSpec, ids: list[Any]) -> None:
         conn.execute(delete(spec.table).where(spec.table.c.id.in_([uuid.UUID(str(i)) for i in ids])))
 
 
-def _held(spec: ResourceSpec) -> bool:
-    """Whether plans.py keeps every update of spec from ONE_STATEMENT, whatever it changes."""
-    return spec.stream_scope is not None or spec.on_update is not None
+def _held(spec: ResourceSpec, request: Any) -> bool:
+    """Whether plans.py keeps the write of request from ONE_STATEMENT: every update of spec,
+    whatever it changes (or create: a change event), or a write setting a list reference, whose
+    ids are read FOR SHARE before it writes."""
+    return spec.stream_scope is not None or spec.on_update is not None or bool(_lists_set(spec, request))
 
 
-def _one_statement_cannot_hold(database: Database, spec: ResourceSpec, plan: Plan, one_statement: Plan, write: Any, doomed: Call) -> None:
+def _lists_set(spec: ResourceSpec, request: Any) -> list[str]:
+    """The list references a write sets: an update's mask names them, a create's message holds them."""
+    if hasattr(request, "update_mask"):
+        return [name for name in spec.list_references if name in request.update_mask.paths]
+    msg = getattr(request, spec.singular_field)
+    return [name for name in spec.list_references if spec.codecs[name].present(msg)]
+
+
+def _one_statement_cannot_hold(
+    database: Database, spec: ResourceSpec, request: Any, plan: Plan, one_statement: Plan, write: Any, doomed: Call
+) -> None:
     """A resource plans.py keeps from ONE_STATEMENT: the write run that way anyway fails (it
     needs a Session, or its update writes more rows: on_update); what PostgreSQL committed of
     it on its own (the row with its audit entry, in autocommit) is taken away again (found by
     the call's request id)."""
-    assert plan.mode is Mode.TRANSACTION and _held(spec), (spec.name, plan)
+    assert plan.mode is Mode.TRANSACTION and _held(spec, request), (spec.name, plan)
+    lists_set = _lists_set(spec, request)
     if spec.stream_scope is not None:
         assert plan.why == f"{spec.name} appends a change event with each write"
-        refusal = "used by a one-statement write"
+        # The first guard met refuses: the list references' before the change event's.
+        refusal = "read FOR SHARE until the commit" if lists_set else "used by a one-statement write"
+    elif lists_set:
+        assert plan is plans.LIST_REFERENCES or plan.why.startswith("it changes a reference"), plan
+        refusal = "read FOR SHARE until the commit"
     else:
         assert plan.why == f"a change of a {spec.name} writes more rows (its on_update)"
         refusal = "cannot hold"
@@ -265,7 +282,7 @@ def test_a_create_answers_and_audits_alike_under_both_plans(client: Client, data
     with _as(call):
         plan = plans.plan_create(spec, request, call)
     if plan.mode is Mode.TRANSACTION:
-        _one_statement_cannot_hold(database, spec, plan, plans.ONE_STATEMENT_CREATE, create, _call(client, spec, "Create"))
+        _one_statement_cannot_hold(database, spec, request, plan, plans.ONE_STATEMENT_CREATE, create, _call(client, spec, "Create"))
         return
     assert plan is plans.ONE_STATEMENT_CREATE
     with _as(call):
@@ -296,8 +313,8 @@ def test_an_update_answers_and_audits_alike_under_both_plans(client: Client, dat
 
     with _as(call):
         plan = plans.plan_update(spec, request, call)
-    if _held(spec):
-        _one_statement_cannot_hold(database, spec, plan, plans.ONE_STATEMENT_UPDATE, change, _call(client, spec, "Update"))
+    if _held(spec, request):
+        _one_statement_cannot_hold(database, spec, request, plan, plans.ONE_STATEMENT_UPDATE, change, _call(client, spec, "Update"))
         _restore(database, spec, start)
     else:
         if plan.mode is Mode.TRANSACTION:
@@ -314,10 +331,10 @@ def test_an_update_answers_and_audits_alike_under_both_plans(client: Client, dat
         two = database.run_sync(change, TRANSACTION)
     two_row = _row(database, spec, created.id)
     entries = _entries(database, created.id)
-    assert [e["action"] for e in entries] == ["create", "update"] + ([] if _held(spec) else ["update"])
+    assert [e["action"] for e in entries] == ["create", "update"] + ([] if _held(spec, request) else ["update"])
     updated_fields = {c["field"] for c in entries[-1]["changes"]}
     assert updated_fields >= set(request.update_mask.paths), "every field the update names changed (and what its hook sets)"
-    if _held(spec):
+    if _held(spec, request):
         return
     assert _normalised(spec, one) == _normalised(spec, two)
     assert one.etag == two.etag == f'W/"{start["revision"] + 1}"'

@@ -25,6 +25,8 @@ from db.unit import TRANSACTION, Mode, Plan
 
 ONE_STATEMENT_CREATE = Plan(Mode.ONE_STATEMENT, "a create with nothing to write or check after its INSERT")
 ONE_STATEMENT_UPDATE = Plan(Mode.ONE_STATEMENT, "an update with nothing to write or check after its UPDATE")
+# The ids of a list reference are checked before the write, not in its statement.
+LIST_REFERENCES = Plan(Mode.TRANSACTION, "the items of its list references are read FOR SHARE until its commit")
 
 
 def _needs_transaction(spec: ResourceSpec) -> Plan | None:
@@ -43,9 +45,9 @@ def plan_create(spec: ResourceSpec, request: Any, call: Call) -> Plan:
     event) or to check after its INSERT (the caller's row rule)."""
     if request.request_id:
         return Plan(Mode.TRANSACTION, "its request id is claimed with it")
-    if spec.list_references:
-        return Plan(Mode.TRANSACTION, "the items of its list references are read FOR SHARE until its commit")
-    return _needs_transaction(spec) or ONE_STATEMENT_CREATE
+    msg = getattr(request, spec.singular_field)
+    names_lists = any(spec.codecs[name].present(msg) for name in spec.list_references)
+    return _needs_transaction(spec) or (LIST_REFERENCES if names_lists else ONE_STATEMENT_CREATE)
 
 
 def plan_update(spec: ResourceSpec, request: Any, call: Call) -> Plan:
@@ -62,8 +64,10 @@ def plan_update(spec: ResourceSpec, request: Any, call: Call) -> Plan:
         names = update_paths(spec, msg, request.update_mask.paths)
     except errors.NexusError:
         return Plan(Mode.TRANSACTION, "its update mask is refused (by the update itself)")
-    if set(names) & {*spec.references, *spec.list_references}:
+    if set(names) & set(spec.references):
         return Plan(Mode.TRANSACTION, "it changes a reference, read FOR SHARE until its commit")
+    if set(names) & set(spec.list_references):
+        return LIST_REFERENCES
     return ONE_STATEMENT_UPDATE
 
 

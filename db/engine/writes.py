@@ -117,6 +117,14 @@ def check_visible_references(session: Session, spec: ResourceSpec, loaded: list[
                 )
 
 
+def _hold_list_references(session: Session, spec: ResourceSpec) -> None:
+    """A write setting a list reference reads the rows it names FOR SHARE before it writes: a
+    ONE_STATEMENT plan (autocommit) would not keep them until its commit, a bug of engine/plans.py
+    (which chooses a transaction for a write setting one: plans.LIST_REFERENCES)."""
+    if plan_of(session).mode is Mode.ONE_STATEMENT:
+        raise AssertionError(f"{spec.name} rows name rows in lists, read FOR SHARE until the commit: the plan {plan_of(session)} cannot hold")
+
+
 def check_references(session: Session, spec: ResourceSpec, values: dict[str, Any], prefix: str = "") -> None:
     """NOT_FOUND naming the field when a referenced resource does not exist (or is deleted)."""
     check_references_together(session, spec, [(values, prefix)])
@@ -274,7 +282,8 @@ def create(
         winner = _claim_request_id(session, spec, request_id, row.id, call)
         if winner is not None:
             return winner
-    if spec.list_references:  # insert_rows checks the other references with its INSERT
+    if set(names) & set(spec.list_references):  # insert_rows checks the others with its INSERT
+        _hold_list_references(session, spec)
         check_references_together(session, spec, [(values, field_prefix)], scalars=False)
     return insert_rows(session, spec, [row], unchecked=(values, field_prefix))[0]
 
@@ -444,6 +453,8 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     before = _fetch_for_update(session, spec, msg.id, field_prefix + "id", lock=not one_statement)
     check_etag(before, msg.etag, field_prefix + "etag")
     row, values = changed_row(spec, before, msg, names, field_prefix)
+    if set(names) & set(spec.list_references):
+        _hold_list_references(session, spec)
     check_visible_references(session, spec, [(values, field_prefix)])
     check_references(session, spec, values, field_prefix)
     if spec.before_write is not None:

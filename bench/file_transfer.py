@@ -6,29 +6,33 @@ grpc.aio stream to a file and back.
 For each database: a fresh one (PostgreSQL: created on `postgres` and dropped afterwards;
 SQLite: a temporary file), `nexus-data migrate`, an admin key, `nexus-data serve` with its blob
 store in a temporary directory. The floor is this file run as a server (`--floor-port`): one
-grpc.aio process whose client stream writes each message's bytes to a file as it arrives and
-fsyncs it at the end, and whose server stream reads a file back in 64 KiB messages (the
-service's DownloadFile chunk). No hashing, no temporary file renamed into place, no lock, no
-database row, no authentication, no row rule: what any Python gRPC file store pays at least.
+grpc.aio process serving the same two methods with the same messages (as bench/floor_server.py
+does for the other RPCs), whose UploadFile writes each chunk to a file as it arrives and fsyncs it
+at the end, and whose DownloadFile reads a file back in 64 KiB chunks (the service's). No
+hashing, no temporary file renamed into place, no lock, no database row, no authentication, no
+row rule: what any Python gRPC file store of this API pays at least.
 
 Each round, for each side (their order alternating): one upload of --mib MiB in messages of
 --chunk-kib KiB (fresh bytes each round, so the service never finds them stored already: each
 upload stores its bytes), then one download of it, through the same kind of channel (grpcio,
-sync, on this machine). The client's messages are built before the clock starts. MB/s = MiB
-moved / seconds (1 MiB = 1,048,576 bytes), best of --rounds. The target is service / floor >= 0.8
-for both; the exit code is 1 when a ratio is below it. Written to bench/results/file_transfer.md.
+sync, on this machine) and the same client work: the upload's messages serialized before the
+clock starts, the download's messages kept as they arrive and read (checked against the upload)
+after it. Both servers run with MALLOC_ARENA_MAX=2, as the image runs the service. MB/s = MiB moved / seconds (1 MiB = 1,048,576 bytes), best of --rounds, with the server
+process's CPU time per MiB in that round. The target is service / floor >= 0.8 for both; the exit
+code is 1 when a ratio is below it. Written to bench/results/file_transfer.md.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +49,8 @@ from nexus.files.v1 import files_pb2_grpc  # noqa: E402
 SIDES = ("service", "floor")
 TARGET = 0.8
 DOWNLOAD_CHUNK = 64 * 1024  # the service's DownloadFile message (service/files.py CHUNK_BYTES)
-UPLOAD = "/floor.Files/Upload"
-DOWNLOAD = "/floor.Files/Download"
+UPLOAD = "/nexus.files.v1.FileService/UploadFile"
+DOWNLOAD = "/nexus.files.v1.FileService/DownloadFile"
 MESSAGE_LIMIT = 16 << 20
 
 
@@ -58,30 +62,37 @@ def _raw(data: bytes) -> bytes:
 
 
 async def serve_floor(port: int, directory: Path) -> None:
-    """Upload: a client stream of raw byte messages, written to a file and fsynced; answers the
-    file's name. Download: the file named by the request, in 64 KiB messages."""
+    """UploadFile: each chunk written to a new file as it arrives, fsynced at the end; answers a
+    File whose id is the file's name. DownloadFile: that file in 64 KiB chunks."""
 
-    async def upload(messages: AsyncIterator[bytes], context: Any) -> bytes:
+    async def upload(messages: AsyncIterator[fpb.UploadFileRequest], context: Any) -> fpb.File:
         fd, name = tempfile.mkstemp(dir=directory)
+        size = 0
         with os.fdopen(fd, "wb") as f:
-            async for chunk in messages:
+            async for message in messages:
+                chunk = message.chunk
+                size += len(chunk)
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        return os.path.basename(name).encode()
+        return fpb.File(id=os.path.basename(name), size_bytes=size)
 
-    async def download(request: bytes, context: Any) -> AsyncIterator[bytes]:
-        with open(directory / request.decode(), "rb") as f:
+    async def download(request: fpb.DownloadFileRequest, context: Any) -> AsyncIterator[fpb.DownloadFileResponse]:
+        offset = 0
+        with open(directory / request.id, "rb") as f:
             while chunk := f.read(DOWNLOAD_CHUNK):
-                yield chunk
+                yield fpb.DownloadFileResponse(chunk=chunk, offset=offset)
+                offset += len(chunk)
 
     handlers = {
-        "Upload": grpc.stream_unary_rpc_method_handler(upload, request_deserializer=_raw, response_serializer=_raw),
-        "Download": grpc.unary_stream_rpc_method_handler(download, request_deserializer=_raw, response_serializer=_raw),
+        "UploadFile": grpc.stream_unary_rpc_method_handler(
+            upload, request_deserializer=fpb.UploadFileRequest.FromString, response_serializer=fpb.File.SerializeToString),
+        "DownloadFile": grpc.unary_stream_rpc_method_handler(
+            download, request_deserializer=fpb.DownloadFileRequest.FromString, response_serializer=fpb.DownloadFileResponse.SerializeToString),
     }
     options = [("grpc.max_receive_message_length", MESSAGE_LIMIT), ("grpc.max_send_message_length", MESSAGE_LIMIT)]
     server = grpc.aio.server(options=options)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor.Files", handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("nexus.files.v1.FileService", handlers),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -107,35 +118,32 @@ def payload(mib: int, round_no: int, side: str) -> tuple[list[bytes], str]:
 CHUNK = 256 * 1024
 
 
-def service_side(stub: Any, key: str, chunks: list[bytes], sha256: str) -> tuple[float, float]:
-    metadata = (("authorization", f"Bearer {key}"),)
-    messages = [fpb.UploadFileRequest(metadata=fpb.UploadFileMetadata(name="bench.bin", sha256=sha256))]
-    messages += [fpb.UploadFileRequest(chunk=c) for c in chunks]
-    start = time.perf_counter()
-    made = stub.UploadFile(iter(messages), metadata=metadata, timeout=600)
-    up = time.perf_counter() - start
-    got, start = 0, time.perf_counter()
-    for part in stub.DownloadFile(fpb.DownloadFileRequest(id=made.id), metadata=metadata, timeout=600):
-        got += len(part.chunk)
-    down = time.perf_counter() - start
-    assert made.sha256 == sha256 and got == made.size_bytes == sum(map(len, chunks)), (made, got)
-    stub.DeleteFile(fpb.DeleteFileRequest(id=made.id, force=True), metadata=metadata, timeout=60)
-    return up, down
+Measured = dict[str, tuple[float, float]]  # direction -> (seconds, server CPU seconds)
 
 
-def floor_side(channel: grpc.Channel, chunks: list[bytes], directory: Path) -> tuple[float, float]:
-    upload = channel.stream_unary(UPLOAD, request_serializer=_raw, response_deserializer=_raw)
-    download = channel.unary_stream(DOWNLOAD, request_serializer=_raw, response_deserializer=_raw)
-    start = time.perf_counter()
-    name = upload(iter(chunks), timeout=600)
-    up = time.perf_counter() - start
-    got, start = 0, time.perf_counter()
-    for part in download(name, timeout=600):
-        got += len(part)
-    down = time.perf_counter() - start
-    assert got == sum(map(len, chunks))
-    (directory / name.decode()).unlink()
-    return up, down
+def _timed(server_cpu: Callable[[], float], transfer: Callable[[], Any]) -> tuple[Any, float, float]:
+    cpu, start = server_cpu(), time.perf_counter()
+    result = transfer()
+    return result, time.perf_counter() - start, server_cpu() - cpu
+
+
+def transfer(channel: grpc.Channel, chunks: list[bytes], sha256: str, server_cpu: Callable[[], float], key: str | None) -> tuple[Measured, str]:
+    """One upload and one download through either side: (what was measured, the File's id)."""
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    messages = [fpb.UploadFileRequest(metadata=fpb.UploadFileMetadata(name="bench.bin", sha256=sha256)).SerializeToString()]
+    messages += [fpb.UploadFileRequest(chunk=c).SerializeToString() for c in chunks]
+    upload = channel.stream_unary(UPLOAD, request_serializer=_raw, response_deserializer=fpb.File.FromString)
+    download = channel.unary_stream(DOWNLOAD, request_serializer=fpb.DownloadFileRequest.SerializeToString, response_deserializer=_raw)
+    made, up, up_cpu = _timed(server_cpu, lambda: upload(iter(messages), metadata=metadata, timeout=600))
+    parts, down, down_cpu = _timed(server_cpu, lambda: list(download(fpb.DownloadFileRequest(id=made.id), metadata=metadata, timeout=600)))
+    got, offset = hashlib.sha256(), 0
+    for part in parts:
+        response = fpb.DownloadFileResponse.FromString(part)
+        assert response.offset == offset
+        got.update(response.chunk)
+        offset += len(response.chunk)
+    assert got.hexdigest() == sha256 and made.size_bytes == offset == sum(map(len, chunks)), made
+    return {"upload": (up, up_cpu), "download": (down, down_cpu)}, made.id
 
 
 def _channel(port: int) -> grpc.Channel:
@@ -152,27 +160,35 @@ def bench_dialect(dialect: str, args: argparse.Namespace, work: Path) -> dict[st
         benchdb.migrate(url)
         key = benchdb.create_admin_key(url)
         os.environ["NEXUS_BLOB_DIR"] = str(blobs)
+        # Both servers with the glibc heaps of the image (Dockerfile): with the default eight
+        # per core, each thread a transfer's file I/O runs on allocates in a heap of its own.
+        os.environ["MALLOC_ARENA_MAX"] = "2"
         ns = argparse.Namespace(max_rpcs=100, pool_size=5, max_overflow=5, workers=1, project_src=None)
         server = rpc_bench.start_project(dialect, url, work, ns, dialect)
         port = rpc_bench.free_port()
         argv = [rpc_bench.PYTHON, __file__, "--floor-port", str(port), "--floor-dir", str(floor_dir)]
         floor = rpc_bench.Server(f"floor-{dialect}", argv, dict(os.environ), work / f"floor-{dialect}.log", port)
         rpc_bench.wait_ready(floor)
-        best: dict[tuple[str, str], float] = {}
+        best: dict[tuple[str, str], tuple[float, float]] = {}  # (MB/s, server CPU ms per MiB) of the fastest round
         service_channel, floor_channel = _channel(server.port), _channel(port)
-        stub = files_pb2_grpc.FileServiceStub(service_channel)
         try:
             for round_no in range(args.rounds):
                 for side in SIDES if round_no % 2 == 0 else tuple(reversed(SIDES)):
                     chunks, sha256 = payload(args.mib, round_no, side)
+                    pid = (server if side == "service" else floor).proc.pid
+                    server_cpu = functools.partial(rpc_bench.tree_cpu_seconds, pid)
                     if side == "service":
-                        up, down = service_side(stub, key, chunks, sha256)
+                        measured, file_id = transfer(service_channel, chunks, sha256, server_cpu, key)
+                        stub = files_pb2_grpc.FileServiceStub(service_channel)
+                        stub.DeleteFile(fpb.DeleteFileRequest(id=file_id, force=True), metadata=(("authorization", f"Bearer {key}"),), timeout=60)
                     else:
-                        up, down = floor_side(floor_channel, chunks, floor_dir)
-                    rates = {"upload": args.mib / up, "download": args.mib / down}
-                    rpc_bench.log(f"{dialect} round {round_no + 1} {side}: upload {rates['upload']:,.0f} MB/s, download {rates['download']:,.0f} MB/s")
-                    for direction, rate in rates.items():
-                        best[(side, direction)] = max(best.get((side, direction), 0.0), rate)
+                        measured, file_id = transfer(floor_channel, chunks, sha256, server_cpu, None)
+                        (floor_dir / file_id).unlink()
+                    for direction, (seconds, cpu) in measured.items():
+                        rate = args.mib / seconds
+                        rpc_bench.log(f"{dialect} round {round_no + 1} {side} {direction}: {rate:,.0f} MB/s, server CPU {cpu * 1000 / args.mib:.2f} ms per MiB")
+                        if rate > best.get((side, direction), (0.0, 0.0))[0]:
+                            best[(side, direction)] = (rate, cpu * 1000 / args.mib)
         finally:
             service_channel.close()
             floor_channel.close()
@@ -208,15 +224,16 @@ def main() -> int:
         f"`{' '.join(['bench/file_transfer.py', *sys.argv[1:]])}`: {args.mib} MiB per transfer, uploads in "
         f"{args.chunk_kib} KiB messages, downloads in 64 KiB ones, best of {args.rounds} rounds; target service / floor >= {TARGET}.",
         "",
-        "| database | direction | service MB/s | floor MB/s | service / floor | target met |",
-        "|---|---|---:|---:|---:|---|",
+        "| database | direction | service MB/s | floor MB/s | service / floor | target met | service CPU ms/MiB | floor CPU ms/MiB |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     failed = False
     for r in results:
         for d in ("upload", "download"):
-            ratio = r[f"service {d}"] / r[f"floor {d}"]
+            (rate, cpu), (floor_rate, floor_cpu) = r[f"service {d}"], r[f"floor {d}"]
+            ratio = rate / floor_rate
             failed |= ratio < TARGET
-            lines.append(f"| {r['db']} | {d} | {r[f'service {d}']:,.0f} | {r[f'floor {d}']:,.0f} | {ratio:.2f} | {'yes' if ratio >= TARGET else 'NO'} |")
+            lines.append(f"| {r['db']} | {d} | {rate:,.0f} | {floor_rate:,.0f} | {ratio:.2f} | {'yes' if ratio >= TARGET else 'NO'} | {cpu:.2f} | {floor_cpu:.2f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     (BENCH / "results" / "file_transfer.md").write_text(table)

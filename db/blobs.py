@@ -15,10 +15,10 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 # Beside the default SQLite file (data/nexus.db).
 DEFAULT_BLOB_DIR = "data/blobs"
@@ -26,6 +26,12 @@ TEMP_PREFIX = ".tmp-"
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 # Temporary files older than this belong to no live upload.
 STALE_TEMP_SECONDS = 3600.0
+
+
+class Blocks(Protocol):
+    """Where a thread takes the blocks (lists of chunks) of a blob being written: None at the end."""
+
+    def get(self) -> list[bytes] | None: ...
 
 
 class TooLarge(Exception):
@@ -152,6 +158,21 @@ class BlobWriter:
         self.hash.update(chunk)
         self.file.write(chunk)
 
+    def hash_from(self, blocks: Blocks) -> None:
+        """Hashes the chunks of each block taken from blocks until None; with write_from on
+        the same blocks in another thread, a block is hashed while another is written."""
+        _drain(blocks, self.hash.update)
+
+    def write_from(self, blocks: Blocks) -> None:
+        """Appends the chunks of each block taken from blocks until None, unhashed (hash_from
+        hashes them); their size is the caller's to bound."""
+
+        def append(chunk: bytes) -> None:
+            self.size += len(chunk)
+            self.file.write(chunk)
+
+        _drain(blocks, append)
+
     def finish(self) -> Stored:
         """The content written durably to its temporary file: what it is, to check before keep."""
         if not self.file.closed:
@@ -179,6 +200,22 @@ class BlobWriter:
             self.temp.unlink()
         except FileNotFoundError:
             pass
+
+
+def _drain(blocks: Blocks, step: Callable[[bytes], object]) -> None:
+    """step on each chunk of each block taken from blocks, until None. After a failure (a full
+    disk) the remaining blocks are taken and dropped until None, so a producer never waits on a
+    queue nobody empties; then it is raised."""
+    failure: BaseException | None = None
+    while (block := blocks.get()) is not None:
+        if failure is None:
+            try:
+                for chunk in block:
+                    step(chunk)
+            except BaseException as exc:  # noqa: BLE001 - raised below, once the queue is done
+                failure = exc
+    if failure is not None:
+        raise failure
 
 
 def _fsync_dir(path: Path) -> None:

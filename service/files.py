@@ -8,21 +8,87 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, BinaryIO
 
 import grpc
 from nexus.files.v1 import files_pb2 as pb
 from nexus.files.v1 import files_pb2_grpc
 
 from db import errors
-from db.blobs import BlobWriter, TooLarge
+from db.blobs import BlobWriter
 from db.domains import files
 from db.unit import SESSION_READ
 from service.rpc import DomainServicer
 
 # The bytes of one DownloadFile message.
 CHUNK_BYTES = 64 * 1024
+# The bytes read from a blob, or written to it, per trip to a thread.
+READ_BYTES = WRITE_BYTES = 1024 * 1024
+# Blocks of an upload received and waiting for its writing thread.
+WRITE_QUEUE = 4
+
+
+def _read_messages(blob: BinaryIO, offset: int, size: int) -> tuple[list[bytes], int]:
+    """Up to size bytes of blob from offset (where it stands), as serialized DownloadFileResponse
+    messages of CHUNK_BYTES: (the messages, the bytes read)."""
+    messages, read = [], 0
+    while read < size:
+        chunk = blob.read(min(CHUNK_BYTES, size - read))
+        if not chunk:
+            break
+        messages.append(pb.DownloadFileResponse(chunk=chunk, offset=offset + read).SerializeToString())
+        read += len(chunk)
+    return messages, read
+
+
+class _Handoff:
+    """Blocks handed from the event loop to a thread of their own, where consume(handoff) takes
+    them (get) until None: at most `depth` are queued or in its hands, and put waits for room on
+    the loop, holding no thread (a thread per waiting upload could take every thread of the
+    loop's pool, and the consumers would wait for blocks that never come)."""
+
+    def __init__(self, consume: Callable[["_Handoff"], None], depth: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+        self._room = asyncio.Semaphore(depth)
+        self._holds = False
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        threading.Thread(target=self._run, args=(consume,), name="nexus-upload", daemon=True).start()
+
+    def _run(self, consume: Callable[["_Handoff"], None]) -> None:
+        failure: BaseException | None = None
+        try:
+            consume(self)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop
+            failure = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._settle, failure)
+
+    def _settle(self, failure: BaseException | None) -> None:
+        if self.done.done():
+            return
+        if failure is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(failure)
+
+    def get(self) -> list[bytes] | None:
+        """In the thread: the next block, once the one before is done with (its room freed)."""
+        if self._holds:
+            self._loop.call_soon_threadsafe(self._room.release)
+        self._holds = True
+        return self._queue.get()
+
+    async def put(self, block: list[bytes]) -> None:
+        await self._room.acquire()
+        self._queue.put(block)
+
+    def close(self) -> None:
+        """No more blocks: the thread ends once it has taken them all (done)."""
+        self._queue.put(None)
 
 
 class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
@@ -79,18 +145,47 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
 
     async def _receive(self, messages: AsyncIterator[pb.UploadFileRequest], writer: BlobWriter) -> None:
         """The upload's chunks written to writer; a second metadata message or bytes past the
-        maximum file size refused."""
+        maximum file size refused (counted as they arrive: refused at once).
+
+        Pipelined: the chunks go, in blocks of WRITE_BYTES, to a thread that hashes them and one
+        that writes them, while the next ones are received (BlobWriter.hash_from, write_from);
+        at most WRITE_QUEUE blocks wait for each, so the loop waits only when they are all taken."""
         limit = self.run.max_file_bytes
-        async for message in messages:
-            if message.WhichOneof("part") == "metadata":
-                raise errors.InvalidArgument.field("metadata", "only the first message of an upload carries metadata", reason="DUPLICATE_METADATA")
-            try:
-                await asyncio.to_thread(writer.write, message.chunk, limit)
-            except TooLarge:
-                raise errors.ResourceExhausted(
-                    f"the file passes the maximum file size ({limit} bytes): nothing was kept",
-                    reason="FILE_TOO_LARGE", metadata={"max_bytes": str(limit)},
-                ) from None
+        # Each block goes to a thread that hashes it and to one that writes it.
+        pipes = [_Handoff(consume, WRITE_QUEUE) for consume in (writer.hash_from, writer.write_from)]
+
+        async def put(item: list[bytes]) -> None:
+            for pipe in pipes:
+                await pipe.put(item)
+
+        received, block, block_bytes = 0, [], 0
+        try:
+            async for message in messages:
+                if message.WhichOneof("part") == "metadata":
+                    raise errors.InvalidArgument.field("metadata", "only the first message of an upload carries metadata", reason="DUPLICATE_METADATA")
+                chunk = message.chunk  # each read of the field is a copy
+                received += len(chunk)
+                if received > limit:
+                    raise errors.ResourceExhausted(
+                        f"the file passes the maximum file size ({limit} bytes): nothing was kept",
+                        reason="FILE_TOO_LARGE", metadata={"max_bytes": str(limit)},
+                    )
+                block.append(chunk)
+                block_bytes += len(chunk)
+                if block_bytes >= WRITE_BYTES:
+                    await put(block)
+                    block, block_bytes = [], 0
+            if block:
+                await put(block)
+        finally:
+            # The threads end (the last block hashed and written, or the rest of them dropped
+            # after a failure) before the file is kept or discarded.
+            for pipe in pipes:
+                pipe.close()
+            outcomes = await asyncio.gather(*(pipe.done for pipe in pipes), return_exceptions=True)
+        for outcome in outcomes:  # a failure of theirs (a full disk), once every chunk is received
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def DownloadFile(self, request: pb.DownloadFileRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadFileResponse]:
         if request.offset < 0:
@@ -111,14 +206,20 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
         left = size - request.offset if request.limit == 0 else min(request.limit, size - request.offset)
         offset = request.offset
         try:
+            # Pipelined: the next block of READ_BYTES is read, in CHUNK_BYTES messages serialized
+            # there, in a thread while this one is sent (the guard sends bytes as they are).
+            reading = asyncio.ensure_future(asyncio.to_thread(_read_messages, blob, offset, min(READ_BYTES, left)))
             while left > 0:
-                chunk = await asyncio.to_thread(blob.read, min(CHUNK_BYTES, left))
-                if not chunk:
+                messages, read = await reading
+                if not read:
                     return
-                yield pb.DownloadFileResponse(chunk=chunk, offset=offset)
-                offset += len(chunk)
-                left -= len(chunk)
+                left -= read
+                offset += read
+                reading = asyncio.ensure_future(asyncio.to_thread(_read_messages, blob, offset, min(READ_BYTES, left)))
+                for message in messages:
+                    yield message
         finally:
+            await asyncio.gather(reading, return_exceptions=True)  # the thread done before the file is closed
             blob.close()
 
     async def RecordFileDownload(self, request: pb.RecordFileDownloadRequest, context: grpc.aio.ServicerContext) -> Any:

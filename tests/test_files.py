@@ -25,11 +25,12 @@ from nexus.files.v1 import files_pb2_grpc
 from nexus.identity.v1 import identity_pb2 as ipb
 
 from db.blobs import BlobStore
+from service import files as files_service
 from tests.conftest import Client, ServerThread, authed_channel, blob_dir_of, connect, make_config, unique
 from tests.support import expect_error, new_user
 
 Code = grpc.StatusCode
-MAX_FILE_BYTES = 1024 * 1024
+MAX_FILE_BYTES = 3 * 1024 * 1024  # above the blocks of service/files.py
 CHUNK = 64 * 1024
 
 
@@ -108,6 +109,31 @@ def test_a_download_resumes_from_an_offset(env: Files) -> None:
     err = expect_error(Code.OUT_OF_RANGE, download, files, made.id, offset=len(data) + 1)
     assert err.info.metadata["field"] == "offset"
     expect_error(Code.INVALID_ARGUMENT, download, files, made.id, offset=-1)
+
+
+def test_transfers_across_block_and_message_edges_keep_every_byte_in_place(env: Files) -> None:
+    """Uploads are written, and downloads read, in blocks (service/files.py WRITE_BYTES,
+    READ_BYTES) pipelined with the stream, downloads sent in CHUNK_BYTES messages: every size and
+    range across those edges gives the bytes in order, each message at its offset, as one
+    read of the file would."""
+    _, files = env.user()
+    block, message = files_service.READ_BYTES, files_service.CHUNK_BYTES
+    data = os.urandom(2 * block + message + 5)
+    for size in (0, 1, message - 1, message, block - 1, block, block + 1, len(data)):
+        for chunk in (1000, message, block + 3):  # uploads in messages of odd sizes too
+            made = files.UploadFile(messages(data[:size], unique("edge"), chunk=chunk))
+            assert (made.size_bytes, made.sha256) == (size, hashlib.sha256(data[:size]).hexdigest()), (size, chunk)
+        for offset, limit in ((0, 0), (1, 0), (message - 1, 2), (block - 1, 0), (block, message + 1), (size // 2, block)):
+            if offset > size:
+                continue
+            parts = list(files.DownloadFile(fpb.DownloadFileRequest(id=made.id, offset=offset, limit=limit)))
+            expected = data[offset:size] if limit == 0 else data[offset:min(size, offset + limit)]
+            assert b"".join(p.chunk for p in parts) == expected, (size, offset, limit)
+            assert [p.offset for p in parts] == list(itertools.accumulate((len(p.chunk) for p in parts[:-1]), initial=offset))[: len(parts)]
+            assert all(0 < len(p.chunk) <= message for p in parts)
+    empty = files.UploadFile(iter([fpb.UploadFileRequest(metadata=fpb.UploadFileMetadata(name=unique("e"))), fpb.UploadFileRequest(chunk=b""),
+                                   fpb.UploadFileRequest(chunk=b"ab"), fpb.UploadFileRequest(chunk=b"")]))
+    assert download(files, empty.id) == b"ab"
 
 
 def test_the_same_bytes_are_stored_once_and_outlive_one_of_their_files(env: Files) -> None:

@@ -75,8 +75,8 @@ def messages(data: bytes, name: str, chunk: int = CHUNK, **metadata: Any) -> Ite
         yield fpb.UploadFileRequest(chunk=data[start : start + chunk])
 
 
-def upload(stub: Any, data: bytes, name: str | None = None, **metadata: Any) -> fpb.File:
-    return stub.UploadFile(messages(data, name or unique("f") + ".bin", **metadata))
+def upload(stub: Any, data: bytes, name: str | None = None, chunk: int = CHUNK, **metadata: Any) -> fpb.File:
+    return stub.UploadFile(messages(data, name or unique("f") + ".bin", chunk=chunk, **metadata))
 
 
 def download(stub: Any, file_id: str, offset: int = 0, limit: int = 0) -> bytes:
@@ -134,6 +134,19 @@ def test_transfers_across_block_and_message_edges_keep_every_byte_in_place(env: 
     empty = files.UploadFile(iter([fpb.UploadFileRequest(metadata=fpb.UploadFileMetadata(name=unique("e"))), fpb.UploadFileRequest(chunk=b""),
                                    fpb.UploadFileRequest(chunk=b"ab"), fpb.UploadFileRequest(chunk=b"")]))
     assert download(files, empty.id) == b"ab"
+
+
+def test_many_concurrent_transfers_all_finish_with_their_bytes(env: Files) -> None:
+    """More concurrent uploads than the server's thread pool has threads (each upload's writing
+    threads are its own, so none waits for another's), each downloaded while others upload."""
+    _, files = env.user()
+    blobs = [os.urandom(files_service.WRITE_BYTES * 2 + i) for i in range(16)]
+
+    def round_trip(data: bytes) -> bytes:
+        return download(files, upload(files, data, chunk=64 * 1024).id)
+
+    with ThreadPoolExecutor(len(blobs)) as pool:
+        assert list(pool.map(round_trip, blobs, timeout=120)) == blobs
 
 
 def test_the_same_bytes_are_stored_once_and_outlive_one_of_their_files(env: Files) -> None:

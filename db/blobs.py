@@ -74,6 +74,17 @@ class BlobStore:
         finally:
             os.close(fd)
 
+    def check(self) -> None:
+        """The store's directory made if it is not there, and shown to take files (a probe
+        written and removed): OSError naming the problem otherwise (a file, a missing mount,
+        no write permission). Run before serving, so a bad directory stops the server."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"{self.root} is not a directory")
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.root)
+        os.close(fd)
+        os.unlink(name)
+
     def begin(self) -> "BlobWriter":
         """A new blob to write chunk by chunk (BlobWriter.write), then keep or discard."""
         self.root.mkdir(parents=True, exist_ok=True)

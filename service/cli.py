@@ -246,13 +246,17 @@ def _policy(args: argparse.Namespace) -> int:
 
 def _blobs_sweep(args: argparse.Namespace) -> int:
     """Blobs no file names and stale temporary files removed (or only listed), and files whose
-    blob is missing listed; exit 1 when any file's blob is missing."""
+    blob is missing or of another size listed; exit 1 when there is any, 2 when the blob store is
+    not a directory."""
     from sqlalchemy.orm import Session
 
     from db.blobs import BlobStore
     from db.domains import files
 
     config = _config(args)
+    if not os.path.isdir(config.blob_path):
+        print(f"blobs sweep: the blob store {config.blob_path} is not a directory: set NEXUS_BLOB_DIR to the servers' store", file=sys.stderr)
+        return 2
 
     def work(database: Any) -> int:
         with Session(database.engine) as session:
@@ -264,9 +268,11 @@ def _blobs_sweep(args: argparse.Namespace) -> int:
             print(f"{verb} stale temporary file {temp}")
         for file_id, sha256 in found.missing:
             print(f"missing blob {sha256} of file {file_id}")
+        for file_id, sha256, blob_size, file_size in found.damaged:
+            print(f"damaged blob {sha256} of file {file_id}: {blob_size} bytes, the file has {file_size}")
         print(f"{len(found.unreferenced)} unreferenced blobs, {len(found.temps)} stale temporary files, "
-              f"{len(found.missing)} files without their blob ({config.blob_path})")
-        return 1 if found.missing else 0
+              f"{len(found.missing)} files without their blob, {len(found.damaged)} with a damaged one ({config.blob_path})")
+        return 1 if found.missing or found.damaged else 0
 
     return _on_the_database("blobs sweep", config, work)
 

@@ -91,6 +91,8 @@ NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
     "auth_failure_window_seconds": ("NEXUS_AUTH_FAILURE_WINDOW_SECONDS", float, 1, None),
     "auth_recheck_seconds": ("NEXUS_AUTH_RECHECK_SECONDS", float, 0, None),
     "max_file_bytes": ("NEXUS_MAX_FILE_BYTES", int, 1, None),
+    "upload_idle_seconds": ("NEXUS_UPLOAD_IDLE_SECONDS", float, 0.1, None),
+    "max_uploads_per_caller": ("NEXUS_MAX_UPLOADS_PER_CALLER", int, 1, None),
 }
 BOOLEANS = {"pool.pre_ping": "DB_POOL_PRE_PING", "db_echo": "DB_ECHO", "migrate_on_start": "NEXUS_MIGRATE_ON_START"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -221,20 +223,26 @@ class Config:
     # data/blobs on PostgreSQL) and the largest file an upload may send.
     blob_dir: str | None = None
     max_file_bytes: int = 1024**3
+    # An upload that sends nothing for this long is ended (DEADLINE_EXCEEDED, nothing kept), and a
+    # caller has at most this many uploads open at once (more: RESOURCE_EXHAUSTED): so a caller's
+    # stalled uploads hold neither slots of max_concurrent_rpcs nor temporary files for ever.
+    upload_idle_seconds: float = 60.0
+    max_uploads_per_caller: int = 4
 
     def __post_init__(self) -> None:
         check_settings(self)
 
     @property
     def blob_path(self) -> str:
-        """The blob store's directory: NEXUS_BLOB_DIR, else beside the SQLite file (data/blobs on
-        PostgreSQL, whose data is elsewhere)."""
+        """The blob store's directory, absolute: NEXUS_BLOB_DIR, else beside the SQLite file
+        (data/blobs under the working directory on PostgreSQL, whose data is elsewhere: set
+        NEXUS_BLOB_DIR there, so every server and `blobs sweep` use the same store)."""
         if self.blob_dir:
-            return self.blob_dir
+            return os.path.abspath(self.blob_dir)
         url = make_url(self.database_url)
         if url.get_backend_name() == "sqlite" and url.database:
-            return os.path.join(os.path.dirname(url.database) or ".", "blobs")
-        return DEFAULT_BLOB_DIR
+            return os.path.abspath(os.path.join(os.path.dirname(url.database) or ".", "blobs"))
+        return os.path.abspath(DEFAULT_BLOB_DIR)
 
     @property
     def page_bytes(self) -> int:

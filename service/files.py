@@ -7,10 +7,12 @@ nothing: no temporary file, no blob, no row."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import errno
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, BinaryIO
 
 import grpc
@@ -20,6 +22,7 @@ from nexus.files.v1 import files_pb2_grpc
 from db import errors
 from db.blobs import BlobWriter
 from db.domains import files
+from db.engine.call import Call, request_principal
 from db.unit import SESSION_READ
 from service.rpc import DomainServicer
 
@@ -29,6 +32,14 @@ CHUNK_BYTES = 64 * 1024
 READ_BYTES = WRITE_BYTES = 1024 * 1024
 # Blocks of an upload received and waiting for its writing thread.
 WRITE_QUEUE = 4
+
+
+def store_failure(exc: OSError) -> errors.NexusError:
+    """What a client is told of a blob store that failed: RESOURCE_EXHAUSTED when it is full
+    (or over quota), UNAVAILABLE otherwise (an I/O error); either way nothing was kept."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.ResourceExhausted("the blob store is full: nothing was kept", reason="BLOB_STORE_FULL")
+    return errors.Unavailable(f"the blob store failed ({exc.strerror or type(exc).__name__}): nothing was kept", reason="BLOB_STORE_FAILED")
 
 
 def _read_messages(blob: BinaryIO, offset: int, size: int) -> tuple[list[bytes], int]:
@@ -97,29 +108,64 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
 
     def __init__(self, run: Any, hub: Any = None) -> None:
         super().__init__(run, hub)
+        self._uploads: collections.Counter[str] = collections.Counter()  # open uploads by caller
         self._delete = self.DeleteFile
         self.DeleteFile = self._delete_file  # type: ignore[method-assign]
 
     async def UploadFile(self, request_iterator: AsyncIterator[pb.UploadFileRequest], context: grpc.aio.ServicerContext) -> Any:
         call = self.run.call(context)
-        messages = aiter(request_iterator)
-        first = await anext(messages, None)
-        if first is None or first.WhichOneof("part") != "metadata":
-            raise errors.InvalidArgument.field("metadata", "the first message of an upload carries the file's metadata", reason="REQUIRED_FIELD")
-        metadata = first.metadata
-        files.check_metadata(metadata)
-        if metadata.request_id:
-            earlier = await self.run(context, lambda s: files.earlier_upload(s, metadata, call), SESSION_READ, resource_type="File")
-            if earlier is not None:  # a replay: its bytes are stored already
-                return earlier
-        writer = await asyncio.to_thread(self.run.blobs.begin)
+        with self._open_upload(request_principal(call)):
+            try:
+                async with asyncio.timeout(self.run.uploads.idle_seconds) as idle:
+                    return await self._upload(aiter(request_iterator), context, call, idle)
+            except TimeoutError:  # the idle timeout (not an OSError of the store: _upload maps those)
+                raise errors.DeadlineExceeded(
+                    f"the upload sent nothing for {self.run.uploads.idle_seconds:g} s: nothing was kept", reason="UPLOAD_IDLE",
+                    metadata={"idle_seconds": f"{self.run.uploads.idle_seconds:g}"},
+                ) from None
+
+    @contextlib.contextmanager
+    def _open_upload(self, caller: str) -> Iterator[None]:
+        """One more upload of caller's open; RESOURCE_EXHAUSTED past uploads.per_caller."""
+        limit = self.run.uploads.per_caller
+        if self._uploads[caller] >= limit:
+            raise errors.ResourceExhausted(
+                f"the caller has {limit} uploads open already: finish one first", reason="TOO_MANY_UPLOADS",
+                metadata={"max_uploads": str(limit)},
+            )
+        self._uploads[caller] += 1
         try:
-            await self._receive(messages, writer)
-            stored = await asyncio.to_thread(writer.finish)
-            files.check_stored(metadata, stored)
-            held = await asyncio.to_thread(self._keep, writer, stored.sha256)
+            yield
         finally:
-            await asyncio.to_thread(writer.discard)
+            self._uploads[caller] -= 1
+            if not self._uploads[caller]:
+                del self._uploads[caller]
+
+    async def _upload(self, messages: AsyncIterator[pb.UploadFileRequest], context: grpc.aio.ServicerContext, call: Call, idle: asyncio.Timeout) -> Any:
+        """The upload within its idle timeout (idle: put off at each message it receives)."""
+        try:
+            first = await anext(messages, None)
+            if first is None or first.WhichOneof("part") != "metadata":
+                raise errors.InvalidArgument.field("metadata", "the first message of an upload carries the file's metadata", reason="REQUIRED_FIELD")
+            metadata = first.metadata
+            files.check_metadata(metadata)
+            if metadata.size_bytes > self.run.uploads.max_file_bytes:
+                raise self._too_large()
+            if metadata.request_id:
+                earlier = await self.run(context, lambda s: files.earlier_upload(s, metadata, call), SESSION_READ, resource_type="File")
+                if earlier is not None:  # a replay: its bytes are stored already
+                    return earlier
+            writer = await asyncio.to_thread(self.run.blobs.begin)
+            try:
+                await self._receive(messages, writer, idle)
+                idle.reschedule(None)  # all received: what is left is the server's
+                stored = await asyncio.to_thread(writer.finish)
+                files.check_stored(metadata, stored)
+                held = await asyncio.to_thread(self._keep, writer, stored.sha256)
+            finally:
+                await asyncio.to_thread(writer.discard)
+        except OSError as exc:  # the blob store's disk: full, or failing
+            raise store_failure(exc) from None
         try:
             made = await self.run(context, lambda s: files.create_file(s, metadata, stored, call), resource_type="File")
             if made.sha256 != stored.sha256:  # a concurrent upload with its request id made the File
@@ -130,6 +176,13 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
             raise
         finally:
             held.close()
+
+    def _too_large(self) -> errors.ResourceExhausted:
+        limit = self.run.uploads.max_file_bytes
+        return errors.ResourceExhausted(
+            f"the file passes the maximum file size ({limit} bytes): nothing was kept",
+            reason="FILE_TOO_LARGE", metadata={"max_bytes": str(limit)},
+        )
 
     def _keep(self, writer: BlobWriter, sha256: str) -> contextlib.ExitStack:
         """The blob put in place, its lock held (until the row naming it is committed: released
@@ -143,14 +196,14 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
             raise
         return held
 
-    async def _receive(self, messages: AsyncIterator[pb.UploadFileRequest], writer: BlobWriter) -> None:
+    async def _receive(self, messages: AsyncIterator[pb.UploadFileRequest], writer: BlobWriter, idle: asyncio.Timeout) -> None:
         """The upload's chunks written to writer; a second metadata message or bytes past the
         maximum file size refused (counted as they arrive: refused at once).
 
         Pipelined: the chunks go, in blocks of WRITE_BYTES, to a thread that hashes them and one
         that writes them, while the next ones are received (BlobWriter.hash_from, write_from);
         at most WRITE_QUEUE blocks wait for each, so the loop waits only when they are all taken."""
-        limit = self.run.max_file_bytes
+        limit = self.run.uploads.max_file_bytes
         # Each block goes to a thread that hashes it and to one that writes it.
         pipes = [_Handoff(consume, WRITE_QUEUE) for consume in (writer.hash_from, writer.write_from)]
 
@@ -163,13 +216,11 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
             async for message in messages:
                 if message.WhichOneof("part") == "metadata":
                     raise errors.InvalidArgument.field("metadata", "only the first message of an upload carries metadata", reason="DUPLICATE_METADATA")
+                idle.reschedule(asyncio.get_running_loop().time() + self.run.uploads.idle_seconds)
                 chunk = message.chunk  # each read of the field is a copy
                 received += len(chunk)
                 if received > limit:
-                    raise errors.ResourceExhausted(
-                        f"the file passes the maximum file size ({limit} bytes): nothing was kept",
-                        reason="FILE_TOO_LARGE", metadata={"max_bytes": str(limit)},
-                    )
+                    raise self._too_large()
                 block.append(chunk)
                 block_bytes += len(chunk)
                 if block_bytes >= WRITE_BYTES:
@@ -211,8 +262,11 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
             reading = asyncio.ensure_future(asyncio.to_thread(_read_messages, blob, offset, min(READ_BYTES, left)))
             while left > 0:
                 messages, read = await reading
-                if not read:
-                    return
+                if read < min(READ_BYTES, left):  # the blob ends before the file does
+                    raise errors.DataLoss(
+                        f"the bytes of File {request.id!r} end before its {size} bytes: the blob is damaged", reason="BLOB_TRUNCATED",
+                        resource_type="File", resource_name=request.id,
+                    )
                 left -= read
                 offset += read
                 reading = asyncio.ensure_future(asyncio.to_thread(_read_messages, blob, offset, min(READ_BYTES, left)))

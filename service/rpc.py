@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -25,17 +26,27 @@ T = TypeVar("T")
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class UploadLimits:
+    """FileService's uploads: the largest file, how long one may send nothing, and how many one
+    caller may have open (service/config.py says why)."""
+
+    max_file_bytes: int = 1024**3
+    idle_seconds: float = 60.0
+    per_caller: int = 4
+
+
 class Runner:
     """Runs a unit of work for an RPC: its deadline, its call context, its database."""
 
     def __init__(
-        self, db: Database, page_bytes: int = DEFAULT_PAGE_BYTES, blobs: BlobStore | None = None, max_file_bytes: int = 1024**3
+        self, db: Database, page_bytes: int = DEFAULT_PAGE_BYTES, blobs: BlobStore | None = None, uploads: UploadLimits | None = None
     ) -> None:
         self.db = db
         self.page_bytes = page_bytes  # List and Search responses stay within it (db/engine/paging.fitting)
-        # Files' bytes (FileService) and the largest an upload may send.
+        # Files' bytes (FileService) and what an upload may do.
         self.blobs = blobs if blobs is not None else BlobStore(DEFAULT_BLOB_DIR)
-        self.max_file_bytes = max_file_bytes
+        self.uploads = uploads or UploadLimits()
 
     def call(self, context: grpc.aio.ServicerContext) -> Call:
         """The call the guard set up for this RPC (caller, request id, method)."""

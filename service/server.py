@@ -37,7 +37,7 @@ from service.interceptors import Gate, GuardedRegistration
 from service.knowledge import KnowledgeService
 from service.mail import MailService
 from service.memory import MemoryTrimmer
-from service.rpc import Runner
+from service.rpc import Runner, UploadLimits
 from service.security import SecurityService
 from service.streams import ChangeHub, HubSettings
 from service.work import WorkService
@@ -220,7 +220,13 @@ def create_server(config: Config, database: Database | None = None) -> App:
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
-    run = Runner(db, config.page_bytes, BlobStore(config.blob_path), config.max_file_bytes)
+    blobs = BlobStore(config.blob_path)
+    try:
+        blobs.check()
+    except OSError as exc:
+        raise ConfigError(f"NEXUS_BLOB_DIR: the blob store {config.blob_path} cannot hold files: {exc}") from None
+    uploads = UploadLimits(config.max_file_bytes, config.upload_idle_seconds, config.max_uploads_per_caller)
+    run = Runner(db, config.page_bytes, blobs, uploads)
     hub = ChangeHub(
         db,
         HubSettings(
@@ -413,7 +419,7 @@ async def serve(config: Config) -> None:
     # fan-outs, and with this threshold they are rare (bench/README.md). What this service
     # drops is freed by reference counting; the collector is there for the rare cycle.
     gc.set_threshold(10_000, 20, 20)
-    log.info("nexus-data serving on %s:%d (%s)", config.host, app.port, app.db.dialect)
+    log.info("nexus-data serving on %s:%d (%s); blob store %s", config.host, app.port, app.db.dialect, config.blob_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

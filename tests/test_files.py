@@ -139,14 +139,15 @@ def test_transfers_across_block_and_message_edges_keep_every_byte_in_place(env: 
 def test_many_concurrent_transfers_all_finish_with_their_bytes(env: Files) -> None:
     """More concurrent uploads than the server's thread pool has threads (each upload's writing
     threads are its own, so none waits for another's), each downloaded while others upload."""
-    _, files = env.user()
+    callers = [env.user()[1] for _ in range(4)]  # each with as many uploads open as one may have
     blobs = [os.urandom(files_service.WRITE_BYTES * 2 + i) for i in range(16)]
 
-    def round_trip(data: bytes) -> bytes:
-        return download(files, upload(files, data, chunk=64 * 1024).id)
+    def round_trip(i: int) -> bytes:
+        files = callers[i % len(callers)]
+        return download(files, upload(files, blobs[i], chunk=64 * 1024).id)
 
     with ThreadPoolExecutor(len(blobs)) as pool:
-        assert list(pool.map(round_trip, blobs, timeout=120)) == blobs
+        assert list(pool.map(round_trip, range(len(blobs)), timeout=120)) == blobs
 
 
 def test_the_same_bytes_are_stored_once_and_outlive_one_of_their_files(env: Files) -> None:

@@ -172,12 +172,21 @@ def referenced_blobs(session: Session) -> set[str]:
 @dataclass
 class Sweep:
     """What `nexus-data blobs sweep` found: blobs no row names, stale temporary files (both
-    removed unless a dry run), and the files whose blob is missing (reported: only an operator
-    can bring their bytes back)."""
+    removed unless a dry run), and the files whose blob is missing or not of the file's size
+    (reported: only an operator can bring their bytes back)."""
 
     unreferenced: list[str] = field(default_factory=list)
     temps: list[str] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)  # (file id, sha256)
+    damaged: list[tuple[str, str, int, int]] = field(default_factory=list)  # (file id, sha256, blob size, file size)
+
+
+def _mtime(path: Path) -> float | None:
+    """The file's modification time, or None when it is gone (removed since it was listed)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def sweep(session: Session, store: BlobStore, dry_run: bool, older_than: float = STALE_TEMP_SECONDS) -> Sweep:
@@ -186,17 +195,27 @@ def sweep(session: Session, store: BlobStore, dry_run: bool, older_than: float =
     referenced = referenced_blobs(session)
     cutoff = time.time() - older_than
     found = Sweep()
+    sizes: dict[str, int] = {}
     for sha256 in store.list():
-        if sha256 not in referenced and store.path(sha256).stat().st_mtime < cutoff:
+        try:
+            stat = store.path(sha256).stat()
+        except FileNotFoundError:  # removed since it was listed (a removal for good)
+            continue
+        sizes[sha256] = stat.st_size
+        if sha256 not in referenced and stat.st_mtime < cutoff:
             found.unreferenced.append(sha256)
     found.temps = [str(p) for p in store.stale_temps(older_than)]
-    stored = set(store.list())
-    rows = session.execute(select(File.id, File.sha256).order_by(File.id))
-    found.missing = [(str(file_id), sha256) for file_id, sha256 in rows if sha256 not in stored]
+    rows = session.execute(select(File.id, File.sha256, File.size_bytes).order_by(File.id))
+    for file_id, sha256, size_bytes in rows:
+        if sha256 not in sizes:
+            found.missing.append((str(file_id), sha256))
+        elif sizes[sha256] != size_bytes:
+            found.damaged.append((str(file_id), sha256, sizes[sha256], size_bytes))
     if not dry_run:
         for sha256 in found.unreferenced:
             with store.lock(sha256):  # an upload of the same bytes may just have named it
-                if store.path(sha256).stat().st_mtime < cutoff and blob_unreferenced(session, sha256):
+                mtime = _mtime(store.path(sha256))
+                if mtime is not None and mtime < cutoff and blob_unreferenced(session, sha256):
                     store.delete(sha256)
         for temp in found.temps:
             Path(temp).unlink(missing_ok=True)

@@ -10,9 +10,11 @@ grpc.aio process serving the same two methods with the same messages (as bench/f
 does for the other RPCs), whose UploadFile writes each chunk to a file as it arrives and fsyncs it
 at the end, and whose DownloadFile reads a file back in 64 KiB chunks (the service's). No
 hashing, no temporary file renamed into place, no lock, no database row, no authentication, no
-row rule: what any Python gRPC file store of this API pays at least.
+row rule: what any Python gRPC file store of this API pays at least. A second floor,
+floor+sha256, also hashes each chunk before writing it, as a content-addressed store must: the
+service against it is what the service costs beyond the hash.
 
-Each round, for each side (their order alternating): one upload of --mib MiB in messages of
+Each round, for each side (service, floor, floor+sha256; their order alternating): one upload of --mib MiB in messages of
 --chunk-kib KiB (fresh bytes each round, so the service never finds them stored already: each
 upload stores its bytes), then one download of it, through the same kind of channel (grpcio,
 sync, on this machine) and the same client work: the upload's messages serialized before the
@@ -46,7 +48,10 @@ import rpc_bench  # noqa: E402
 from nexus.files.v1 import files_pb2 as fpb  # noqa: E402
 from nexus.files.v1 import files_pb2_grpc  # noqa: E402
 
-SIDES = ("service", "floor")
+# The floor, and the floor hashing each upload's bytes on the way (SHA-256, as the service must
+# to address them by content): what the service costs beyond the hash it cannot skip.
+SIDES = ("service", "floor", "floor+sha256")
+FLOORS = SIDES[1:]
 TARGET = 0.8
 DOWNLOAD_CHUNK = 64 * 1024  # the service's DownloadFile message (service/files.py CHUNK_BYTES)
 UPLOAD = "/nexus.files.v1.FileService/UploadFile"
@@ -61,21 +66,24 @@ def _raw(data: bytes) -> bytes:
 # ---------------------------------------------------------------- the floor server
 
 
-async def serve_floor(port: int, directory: Path) -> None:
-    """UploadFile: each chunk written to a new file as it arrives, fsynced at the end; answers a
-    File whose id is the file's name. DownloadFile: that file in 64 KiB chunks."""
+async def serve_floor(port: int, directory: Path, hashing: bool) -> None:
+    """UploadFile: each chunk written to a new file as it arrives (hashed first, when hashing),
+    fsynced at the end; answers a File whose id is the file's name (and sha256). DownloadFile:
+    that file in 64 KiB chunks."""
 
     async def upload(messages: AsyncIterator[fpb.UploadFileRequest], context: Any) -> fpb.File:
         fd, name = tempfile.mkstemp(dir=directory)
-        size = 0
+        size, digest = 0, hashlib.sha256()
         with os.fdopen(fd, "wb") as f:
             async for message in messages:
                 chunk = message.chunk
                 size += len(chunk)
+                if hashing:
+                    digest.update(chunk)
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        return fpb.File(id=os.path.basename(name), size_bytes=size)
+        return fpb.File(id=os.path.basename(name), size_bytes=size, sha256=digest.hexdigest() if hashing else "")
 
     async def download(request: fpb.DownloadFileRequest, context: Any) -> AsyncIterator[fpb.DownloadFileResponse]:
         offset = 0
@@ -165,24 +173,27 @@ def bench_dialect(dialect: str, args: argparse.Namespace, work: Path) -> dict[st
         os.environ["MALLOC_ARENA_MAX"] = "2"
         ns = argparse.Namespace(max_rpcs=100, pool_size=5, max_overflow=5, workers=1, project_src=None)
         server = rpc_bench.start_project(dialect, url, work, ns, dialect)
-        port = rpc_bench.free_port()
-        argv = [rpc_bench.PYTHON, __file__, "--floor-port", str(port), "--floor-dir", str(floor_dir)]
-        floor = rpc_bench.Server(f"floor-{dialect}", argv, dict(os.environ), work / f"floor-{dialect}.log", port)
-        rpc_bench.wait_ready(floor)
+        floors = {}
+        for side in FLOORS:
+            port = rpc_bench.free_port()
+            argv = [rpc_bench.PYTHON, __file__, "--floor-port", str(port), "--floor-dir", str(floor_dir), *(["--floor-hash"] if "sha256" in side else [])]
+            floors[side] = rpc_bench.Server(f"{side}-{dialect}", argv, dict(os.environ), work / f"{side}-{dialect}.log", port)
+            rpc_bench.wait_ready(floors[side])
         best: dict[tuple[str, str], tuple[float, float]] = {}  # (MB/s, server CPU ms per MiB) of the fastest round
-        service_channel, floor_channel = _channel(server.port), _channel(port)
+        service_channel = _channel(server.port)
+        floor_channels = {side: _channel(floor.port) for side, floor in floors.items()}
         try:
             for round_no in range(args.rounds):
                 for side in SIDES if round_no % 2 == 0 else tuple(reversed(SIDES)):
                     chunks, sha256 = payload(args.mib, round_no, side)
-                    pid = (server if side == "service" else floor).proc.pid
+                    pid = (server if side == "service" else floors[side]).proc.pid
                     server_cpu = functools.partial(rpc_bench.tree_cpu_seconds, pid)
                     if side == "service":
                         measured, file_id = transfer(service_channel, chunks, sha256, server_cpu, key)
                         stub = files_pb2_grpc.FileServiceStub(service_channel)
                         stub.DeleteFile(fpb.DeleteFileRequest(id=file_id, force=True), metadata=(("authorization", f"Bearer {key}"),), timeout=60)
                     else:
-                        measured, file_id = transfer(floor_channel, chunks, sha256, server_cpu, None)
+                        measured, file_id = transfer(floor_channels[side], chunks, sha256, server_cpu, None)
                         (floor_dir / file_id).unlink()
                     for direction, (seconds, cpu) in measured.items():
                         rate = args.mib / seconds
@@ -191,8 +202,9 @@ def bench_dialect(dialect: str, args: argparse.Namespace, work: Path) -> dict[st
                             best[(side, direction)] = (rate, cpu * 1000 / args.mib)
         finally:
             service_channel.close()
-            floor_channel.close()
-            floor.stop()
+            for side, floor in floors.items():
+                floor_channels[side].close()
+                floor.stop()
             server.stop()
         return {"db": dialect, **{f"{side} {d}": best[(side, d)] for side in SIDES for d in ("upload", "download")}}
     finally:
@@ -209,9 +221,10 @@ def main() -> int:
     p.add_argument("--chunk-kib", type=int, default=256, help="KiB per upload message (default 256)")
     p.add_argument("--floor-port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--floor-dir", help=argparse.SUPPRESS)
+    p.add_argument("--floor-hash", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.floor_port:
-        asyncio.run(serve_floor(args.floor_port, Path(args.floor_dir)))
+        asyncio.run(serve_floor(args.floor_port, Path(args.floor_dir), args.floor_hash))
         return 0
     CHUNK = args.chunk_kib * 1024
     results = []
@@ -224,16 +237,17 @@ def main() -> int:
         f"`{' '.join(['bench/file_transfer.py', *sys.argv[1:]])}`: {args.mib} MiB per transfer, uploads in "
         f"{args.chunk_kib} KiB messages, downloads in 64 KiB ones, best of {args.rounds} rounds; target service / floor >= {TARGET}.",
         "",
-        "| database | direction | service MB/s | floor MB/s | service / floor | target met | service CPU ms/MiB | floor CPU ms/MiB |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "| database | direction | service MB/s | floor MB/s | service / floor | target met | floor+sha256 MB/s | service / floor+sha256 | CPU ms/MiB: service, floor, floor+sha256 |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|",
     ]
     failed = False
     for r in results:
         for d in ("upload", "download"):
-            (rate, cpu), (floor_rate, floor_cpu) = r[f"service {d}"], r[f"floor {d}"]
+            (rate, cpu), (floor_rate, floor_cpu), (hashed_rate, hashed_cpu) = (r[f"{side} {d}"] for side in SIDES)
             ratio = rate / floor_rate
             failed |= ratio < TARGET
-            lines.append(f"| {r['db']} | {d} | {rate:,.0f} | {floor_rate:,.0f} | {ratio:.2f} | {'yes' if ratio >= TARGET else 'NO'} | {cpu:.2f} | {floor_cpu:.2f} |")
+            lines.append(f"| {r['db']} | {d} | {rate:,.0f} | {floor_rate:,.0f} | {ratio:.2f} | {'yes' if ratio >= TARGET else 'NO'} "
+                         f"| {hashed_rate:,.0f} | {rate / hashed_rate:.2f} | {cpu:.2f}, {floor_cpu:.2f}, {hashed_cpu:.2f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     (BENCH / "results" / "file_transfer.md").write_text(table)

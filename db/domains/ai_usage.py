@@ -23,7 +23,7 @@ from db.base import Base, ResourceMixin, json_object, one_of, timestamp, utcnow
 from db.domains.identity import User  # noqa: F401 - the users table the foreign key names
 from db.engine import paging
 from db.engine.call import Call
-from db.engine.codecs import DurationCodec, FieldCodec, MoneyPartsCodec, TimestampCodec, set_duration
+from db.engine.codecs import DurationCodec, FieldCodec, MoneyPartsCodec, SizeLimit, TimestampCodec, set_duration
 from db.engine.resource import REGISTRY, ResourceSpec
 from db.engine.rules import NO_ROW, Access, mine, predicate
 
@@ -138,6 +138,9 @@ AI_INTERACTIONS = REGISTRY.add(
         batch_get=True,
         update_rpc=False,
         owner_field="user_id",
+        # What went wrong, in a few lines: prompt, response and request_metadata at their limits
+        # (64 Ki characters, 64 KiB) leave room below the 1 MiB every message stays within.
+        size_limits={"error": SizeLimit(chars=4096)},
         access=Access(
             read=mine(AIInteraction.user_id, "their own"),
             manage=mine(AIInteraction.user_id, "their own"),

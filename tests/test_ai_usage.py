@@ -7,6 +7,7 @@ The standard methods of AIInteraction are covered by the registry-driven suites
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 import random
 import uuid
@@ -40,9 +41,13 @@ def _ts(value: dt.datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
+_SPANS = itertools.count(random.randrange(0, 1000))
+
+
 def _span() -> dt.datetime:
-    """The start of a span of days no other test writes in (summaries are over request_time)."""
-    return dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=random.randrange(0, 3000) * 30, seconds=uuid.uuid4().int % 1000)
+    """The start of 30 days no other test writes in (summaries are over request_time): each
+    call's own, in the 20th century, where the generic suites' interactions (made now) are not."""
+    return dt.datetime(1900, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=next(_SPANS) * 30, seconds=random.randrange(0, 1000))
 
 
 def _batch(c: Client, interactions: Iterable[apb.AIInteraction]) -> list[apb.AIInteraction]:

@@ -15,7 +15,8 @@ some of them replies; AI conversations of users (some archived) with their turns
 chunks of several sources; documents of users (Word, Excel, PowerPoint, other) shared at each
 level, some edited by their owners and edit-sharers through the standard Update (the engine
 keeps each version, by its author), one or two restored to an earlier version, a few
-soft-deleted.
+soft-deleted; AI interactions of users (calls to models over the thirty days before today,
+their cost from their tokens), each made on its user's behalf.
 
 Seeding twice into the same database never collides: usernames and e-mails carry a number past
 the users already stored, role rows that exist are reused, API key names follow usernames, and
@@ -36,7 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from nexus.ai.v1 import ai_pb2 as apb
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.common.v1 import common_pb2
 from nexus.identity.v1 import identity_pb2 as ipb
@@ -48,7 +50,7 @@ from tqdm import tqdm
 
 import db.domains  # noqa: F401 - the audit trail records seeded rows too
 from db.database import Database
-from db.domains import chat, identity, knowledge, work
+from db.domains import ai_usage, chat, identity, knowledge, work
 from db.domains.documents import DOCUMENTS, restore_document_version, share_document
 from db.domains.identity import Role, User
 from db.engine import writes
@@ -77,6 +79,7 @@ COUNT_KINDS = (
     "documents",
     "document_versions",  # kept by the engine as an edit or a restore changes a document
     "document_shares",
+    "ai_interactions",
 )
 
 ROLES: dict[str, tuple[str, list[str]]] = {
@@ -482,6 +485,7 @@ def seed(
     messages_per_conversation: int = 8,
     knowledge_chunks: int = 150,
     documents: int = 20,
+    ai_interactions: int = 200,
     progress: bool = True,
     rng_seed: int | None = None,
 ) -> dict[str, int]:
@@ -492,14 +496,14 @@ def seed(
         "users": users, "projects": projects, "tasks_per_project": tasks_per_project, "channels": channels,
         "messages_per_channel": messages_per_channel, "conversations": conversations,
         "messages_per_conversation": messages_per_conversation, "knowledge_chunks": knowledge_chunks,
-        "documents": documents,
+        "documents": documents, "ai_interactions": ai_interactions,
     }
     if min(sizes.values()) < 0:
         raise ValueError(f"{', '.join(sizes)} must not be negative")
     if projects and not users:
         raise ValueError("projects need at least one user to own them")
-    if (channels or conversations or documents) and not users:
-        raise ValueError("channels, conversations and documents need at least one user to have them")
+    if (channels or conversations or documents or ai_interactions) and not users:
+        raise ValueError("channels, conversations, documents and AI interactions need at least one user to have them")
     rng = random.Random(rng_seed)
     today = dt.date.today()
     stems = [_name_stem(rng) for _ in range(users)]
@@ -519,6 +523,7 @@ def seed(
     steps += _conversation_steps([_conversation_plan(rng, user_plans, messages_per_conversation) for _ in range(conversations)])
     steps += _knowledge_steps(_knowledge_chunks(rng, knowledge_chunks))
     steps += _document_steps([_document_plan(rng, d, user_plans) for d in range(documents)])
+    steps += _ai_interaction_steps([_ai_interaction_plan(rng, len(user_plans), today) for _ in range(ai_interactions)])
     return _execute(database, steps, progress)
 
 
@@ -1144,6 +1149,62 @@ def _document_steps(plans: Sequence[DocumentPlan]) -> list[Step]:
         if plan.deleted:
             steps.append(delete(d, plan.owner))
     return steps
+
+
+AI_MODULES = ("chat", "chat", "chat", "analysis", "tools", "search")
+AI_MODELS = {"nexus-assistant-1": (2_500, 10_000), "nexus-assistant-2-preview": (7_500, 30_000), "embedder-small": (20, 0)}  # USD nanos per 1k tokens in, out
+AI_STATUS_WEIGHTS = {"succeeded": 92, "failed": 5, "timed_out": 3}
+AI_STATUS = {"succeeded": apb.AI_INTERACTION_STATUS_SUCCEEDED, "failed": apb.AI_INTERACTION_STATUS_FAILED, "timed_out": apb.AI_INTERACTION_STATUS_TIMED_OUT}
+AI_PROMPTS = (
+    "Summarise the open tasks of this project", "Draft a reply to the last message", "Which documents mention the release?",
+    "Explain the failing build", "Translate this paragraph into German", "Suggest a title for this document",
+)
+
+
+@dataclass(frozen=True)
+class AIInteractionPlan:
+    user: int
+    message: apb.AIInteraction  # without user_id: the user's own, made on their behalf
+
+
+def _ai_interaction_plan(rng: random.Random, users: int, today: dt.date) -> AIInteractionPlan:
+    """One call to a model in the thirty days before today, its cost from its tokens at the model's price."""
+    model = rng.choice(sorted(AI_MODELS))
+    price_in, price_out = AI_MODELS[model]
+    status = _weighted(rng, AI_STATUS_WEIGHTS)
+    prompt_tokens = rng.randint(20, 4000)
+    completion_tokens = 0 if status != "succeeded" or not price_out else rng.randint(10, 1500)
+    cost = (prompt_tokens * price_in + completion_tokens * price_out) // 1000
+    when = dt.datetime.combine(today, dt.time(), dt.timezone.utc) - dt.timedelta(seconds=rng.randrange(1, 30 * 86400))
+    latency_ms = rng.randint(30000, 60000) if status == "timed_out" else rng.randint(80, 9000)
+    message = apb.AIInteraction(
+        module=rng.choice(AI_MODULES),
+        model=model,
+        prompt=rng.choice(AI_PROMPTS),
+        response="" if status != "succeeded" else "Here is what I found.",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost=common_pb2.Money(currency_code="USD", units=cost // 1_000_000_000, nanos=cost % 1_000_000_000),
+        latency=duration_pb2.Duration(seconds=latency_ms // 1000, nanos=latency_ms % 1000 * 1_000_000),
+        status=AI_STATUS[status],
+        error={"failed": "the model refused the request", "timed_out": "no answer within the deadline"}.get(status, ""),
+        request_metadata=_struct({"client": rng.choice(CLIENTS)}),
+    )
+    message.request_time.FromDatetime(when)
+    return AIInteractionPlan(rng.randrange(users), message)
+
+
+def _ai_interaction_steps(plans: Sequence[AIInteractionPlan]) -> list[Step]:
+    """Through the standard Create, each on behalf of its user (its owner)."""
+
+    def create(plan: AIInteractionPlan) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            request = apb.CreateAIInteractionRequest(ai_interaction=plan.message)
+            writes.create(session, ai_usage.AI_INTERACTIONS, request, _acting_for(call, ids, plan.user))
+
+        return Step("ai_interactions", run)
+
+    return [create(plan) for plan in plans]
 
 
 # ------------------------------------------------------------------ running

@@ -171,6 +171,7 @@ def _seed(args: argparse.Namespace) -> int:
                 messages_per_conversation=args.turns,
                 knowledge_chunks=args.chunks,
                 documents=args.documents,
+                ai_interactions=args.ai_interactions,
                 progress=not args.quiet,
             )
         print(", ".join(f"{n} {name}" for name, n in counts.items()))
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--turns", type=int, default=8, help="messages per conversation")
     seed.add_argument("--chunks", type=int, default=150, help="knowledge chunks")
     seed.add_argument("--documents", type=int, default=20, help="documents, with their versions and shares")
+    seed.add_argument("--ai-interactions", type=int, default=200, help="AI interactions (calls to models) of the last 30 days")
     seed.add_argument("--quiet", action="store_true", help="no progress bar")
     seed.set_defaults(func=_seed)
 

@@ -64,6 +64,15 @@ CUSTOM_METHODS: dict[str, Action] = {
     # Counting a download goes with downloading: whoever may read the file (a guest, a public one).
     "nexus.files.v1.FileService/RecordFileDownload": Action.READ,
     "nexus.mail.v1.MailService/SendEmail": Action.WRITE,
+    "nexus.ai.v1.AIService/GetAIUsageSummary": Action.READ,
+    "nexus.ai.v1.AIService/StartDataAnalysis": Action.WRITE,
+    "nexus.ai.v1.AIService/CompleteDataAnalysis": Action.WRITE,
+    "nexus.ai.v1.AIService/FailDataAnalysis": Action.WRITE,
+    "nexus.ai.v1.AIService/WatchDataAnalysis": Action.READ,
+    "nexus.ai.v1.AIService/StartToolGeneration": Action.WRITE,
+    "nexus.ai.v1.AIService/CompleteToolGeneration": Action.WRITE,
+    "nexus.ai.v1.AIService/FailToolGeneration": Action.WRITE,
+    "nexus.ai.v1.AIService/WatchToolGeneration": Action.READ,
 }
 
 # Services no role below this may call at all (the audit trail is for admins).

@@ -93,7 +93,9 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
     handlers: dict[str, Handler] = {f"Get{E}": get, f"List{Es}": list_}
     if not spec.read_only:
-        handlers.update({f"Update{E}": update, f"Delete{E}": delete})
+        handlers[f"Delete{E}"] = delete
+        if spec.update_rpc:
+            handlers[f"Update{E}"] = update
         if spec.create_rpc:
             handlers[f"Create{E}"] = create
 

@@ -31,6 +31,7 @@ from service import policy
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.chat import ChatService
 from service.config import Config, ConfigError
+from service.ai import AIService
 from service.files import FileService
 from service.identity import IdentityService
 from service.interceptors import Gate, GuardedRegistration
@@ -50,7 +51,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Every domain service's servicer: one line per domain.
-SERVICERS = (IdentityService, WorkService, ChatService, KnowledgeService, MailService, SecurityService, FileService)
+SERVICERS = (IdentityService, WorkService, ChatService, KnowledgeService, MailService, SecurityService, FileService, AIService)
 # (servicer class, registration function, service full name) of each.
 DOMAIN_SERVICES = tuple((cls, cls.registration(), cls.service_descriptor.full_name) for cls in SERVICERS)
 

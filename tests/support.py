@@ -10,9 +10,10 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2, struct_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from nexus.ai.v1 import ai_pb2 as apb
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.common.v1 import common_pb2
 from nexus.files.v1 import files_pb2 as fpb
@@ -35,6 +36,8 @@ MADE = sorted((s for s in REGISTRY if not s.read_only), key=lambda s: s.name)
 # Those made by their Create RPC: the ones a test whose subject is Create or BatchCreate itself
 # (its request id, its missing fields, its refusals) can walk.
 MADE_BY_CREATE = [s for s in MADE if s.create_rpc]
+# Those with an Update RPC (a record, an AIInteraction, has none): the tests of Update walk them.
+UPDATED = [s for s in MADE if s.update_rpc]
 
 
 def run_async(coro: Any) -> Any:
@@ -165,8 +168,8 @@ class Sample:
     service: str
     # message fields for a valid new resource whose searchable text contains `word`
     fields: Callable[[Client, str], dict[str, Any]]
-    # (field, value) an update changes
-    change: tuple[str, Any]
+    # (field, value) an update changes; None for a resource without Update (a record)
+    change: tuple[str, Any] | None
     # a filter that matches exactly the resources made with `word`
     filter_for: Callable[[str], str]
     # fields that make a row visible to fewer callers (tests/test_access_matrix.py tries both)
@@ -318,6 +321,24 @@ SAMPLES: dict[str, Sample] = {
         ("subject", None),
         lambda w: f'subject = "{w} meeting notes"',
         grants={"sent to them": (lambda c, row, user_id: _send_to(c, row, user_id), (True, False, False))},
+    ),
+    "AIInteraction": Sample(
+        "nexus.ai.v1.AIService",
+        lambda c, w: {
+            "user_id": new_user(c).id,
+            "module": "chat",
+            "model": "gpt-4o",
+            "prompt": f"{w} asks for a summary",
+            "response": "Here is the summary you asked for.",
+            "prompt_tokens": 120,
+            "completion_tokens": 30,
+            "cost": common_pb2.Money(currency_code="USD", units=0, nanos=4_500_000),
+            "latency": duration_pb2.Duration(seconds=1, nanos=250_000_000),
+            "status": apb.AI_INTERACTION_STATUS_SUCCEEDED,
+            "request_metadata": struct_pb2.Struct(fields={"temperature": struct_pb2.Value(number_value=0.2)}),
+        },
+        None,  # a record: no Update
+        lambda w: f'prompt = "{w} asks for a summary"',
     ),
 }
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
+from nexus.ai.v1 import ai_pb2 as apb
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.identity.v1 import identity_pb2 as ipb
 from nexus.knowledge.v1 import knowledge_pb2 as kpb
@@ -27,6 +28,7 @@ from sqlalchemy import func, select
 
 from db import migrate, seed
 from db.database import Database
+from db.domains.ai_usage import AIInteraction
 from db.domains.chat import Channel, ChatMessage, Conversation, ConversationMessage
 from db.domains.documents import Document, DocumentShare, DocumentVersion
 from db.domains.identity import User
@@ -40,10 +42,12 @@ REPO = Path(__file__).resolve().parents[1]
 NEXUS_DATA = Path(sys.executable).parent / "nexus-data"
 USERS, PROJECTS, TASKS = 12, 3, 5
 CHANNELS, MESSAGES, CONVERSATIONS, TURNS, CHUNKS, DOCUMENTS = 4, 6, 5, 5, 24, 8
+AI_INTERACTIONS = 15
 SIZE_ARGS = [
     "--users", str(USERS), "--projects", str(PROJECTS), "--tasks", str(TASKS),
     "--channels", str(CHANNELS), "--messages", str(MESSAGES),
     "--conversations", str(CONVERSATIONS), "--turns", str(TURNS), "--chunks", str(CHUNKS), "--documents", str(DOCUMENTS),
+    "--ai-interactions", str(AI_INTERACTIONS),
 ]
 COUNTS_LINE = re.compile(r"^(\d+ [a-z_]+)(, \d+ [a-z_]+)*$")
 
@@ -120,6 +124,7 @@ def totals(c: Client) -> dict[str, int]:
         "documents": len(documents),
         "document_versions": sum(map(len, versions.values())),
         "document_shares": sum(map(len, shares.values())),
+        "ai_interactions": c.ai.ListAIInteractions(apb.ListAIInteractionsRequest(page_size=1)).total_size,
     }
 
 
@@ -202,6 +207,7 @@ def test_cli_prints_the_counts(seeded: Seeded) -> None:
     assert counts["knowledge_chunks"] == CHUNKS
     assert counts["knowledge_chunks_replaced"] == 0, "a fresh database has no chunk to replace"
     assert counts["documents"] == DOCUMENTS
+    assert counts["ai_interactions"] == AI_INTERACTIONS
     assert counts["document_versions"] >= 3, "the first document is edited twice and restored"
     assert counts["document_shares"] >= 3, "the first document is shared at each level"
     assert seeded.result.stdout.strip().count("\n") == 0, "--quiet prints the counts line only"
@@ -421,6 +427,21 @@ def test_document_shares_are_at_every_level_and_never_the_owners(seeded: Seeded)
     assert levels == {VIEW, COMMENT, EDIT}
 
 
+def test_ai_interactions_belong_to_seeded_users_and_sum_up(seeded: Seeded) -> None:
+    c = seeded.client
+    made = list_all(c.ai.ListAIInteractions, apb.ListAIInteractionsRequest, "ai_interactions")
+    assert len(made) == AI_INTERACTIONS
+    assert {i.user_id for i in made} <= {u.id for u in seeded.users}
+    assert all(i.total_tokens == i.prompt_tokens + i.completion_tokens and i.cost.currency_code == "USD" for i in made)
+    end = max(i.request_time.ToDatetime() for i in made) + dt.timedelta(seconds=1)
+    request = apb.GetAIUsageSummaryRequest(group_by=[apb.USAGE_GROUPING_USER], page_size=1000)
+    request.start_time.FromDatetime(end - dt.timedelta(days=31))
+    request.end_time.FromDatetime(end)
+    groups = c.ai.GetAIUsageSummary(request).groups
+    assert sum(g.call_count for g in groups) == AI_INTERACTIONS
+    assert sum(g.total_tokens for g in groups) == sum(i.total_tokens for i in made)
+
+
 def test_seeding_again_adds_more_without_collisions(seeded: Seeded) -> None:
     before = totals(seeded.client)
     result = run_seed(seeded.url, *SIZE_ARGS, "--quiet")
@@ -432,6 +453,7 @@ def test_seeding_again_adds_more_without_collisions(seeded: Seeded) -> None:
     assert counts["channels"] == CHANNELS and counts["chat_messages"] == CHANNELS * MESSAGES
     assert counts["conversations"] == CONVERSATIONS and counts["conversation_messages"] == CONVERSATIONS * TURNS
     assert counts["documents"] == DOCUMENTS and counts["document_versions"] >= 3 and counts["document_shares"] >= 3
+    assert counts["ai_interactions"] == AI_INTERACTIONS
     # A chunk whose (source, external_id) was seeded before is replaced, not added again.
     assert counts["knowledge_chunks"] + counts["knowledge_chunks_replaced"] == CHUNKS
     after = totals(seeded.client)
@@ -474,6 +496,10 @@ SNAPSHOT_COLUMNS = {
     ),
     DocumentVersion: (DocumentVersion.version, DocumentVersion.title, DocumentVersion.kind, DocumentVersion.content, username_of(DocumentVersion.author_id)),
     DocumentShare: (DocumentShare.level, username_of(DocumentShare.user_id), username_of(DocumentShare.shared_by_id)),
+    AIInteraction: (
+        AIInteraction.module, AIInteraction.model, AIInteraction.total_tokens, AIInteraction.cost_units, AIInteraction.cost_nanos,
+        AIInteraction.latency_nanos, AIInteraction.status, AIInteraction.request_time, username_of(AIInteraction.user_id),
+    ),
 }
 
 
@@ -503,7 +529,7 @@ def _seed_in_process(url: str, **kwargs: Any) -> dict[str, int]:
 
 IN_PROCESS_SIZES = dict(
     users=8, projects=2, tasks_per_project=6, channels=6, messages_per_channel=8,
-    conversations=6, messages_per_conversation=6, knowledge_chunks=30, documents=10,
+    conversations=6, messages_per_conversation=6, knowledge_chunks=30, documents=10, ai_interactions=12,
 )
 
 
@@ -579,10 +605,10 @@ def test_the_sample_has_each_variety(tmp_path: Path) -> None:
 def test_sizes_are_checked(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     with pytest.raises(ValueError, match="at least one user"):
-        _seed_in_process(url, users=0, projects=1, channels=0, conversations=0, documents=0)
-    for kind in ("channels", "conversations", "documents"):
+        _seed_in_process(url, users=0, projects=1, channels=0, conversations=0, documents=0, ai_interactions=0)
+    for kind in ("channels", "conversations", "documents", "ai_interactions"):
         with pytest.raises(ValueError, match="at least one user"):
-            _seed_in_process(url, users=0, projects=0, **{"channels": 0, "conversations": 0, "documents": 0, kind: 1})
+            _seed_in_process(url, users=0, projects=0, **{"channels": 0, "conversations": 0, "documents": 0, "ai_interactions": 0, kind: 1})
     for size in IN_PROCESS_SIZES:
         with pytest.raises(ValueError, match="negative"):
             _seed_in_process(url, **{size: -1})

@@ -366,6 +366,84 @@ class MoneyCodec(FieldCodec):
         money.nanos = int((amount - units) * NANOS)
 
 
+class MoneyPartsCodec(FieldCodec):
+    """nexus.common.v1.Money <-> three columns: whole units and nanos (integers) and the currency.
+    Integers sum exactly in SQL on both databases (SQLite's NUMERIC is a float): a sum of units
+    and a sum of nanos make the exact total. Not negative; at most max_units per value, so that
+    sums of many stay far within 64 bits."""
+
+    def __init__(self, name: str, units_attr: str, nanos_attr: str, currency_attr: str, max_units: int = 10**12) -> None:
+        self.name = name
+        self.units_attr = units_attr
+        self.nanos_attr = nanos_attr
+        self.currency_attr = currency_attr
+        self.max_units = max_units
+
+    def present(self, msg: Message) -> bool:
+        return msg.HasField(self.name)
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        if not msg.HasField(self.name):
+            return {self.units_attr: None, self.nanos_attr: None, self.currency_attr: None}
+        money = getattr(msg, self.name)
+        code = money.currency_code
+        if len(code) != 3 or not code.isalpha() or not code.isascii() or not code.isupper():
+            raise InvalidArgument.field(f"{self.name}.currency_code", "must be a three-letter upper-case ISO 4217 code")
+        if money.units < 0 or money.nanos < 0:
+            raise InvalidArgument.field(f"{self.name}.units" if money.units < 0 else f"{self.name}.nanos", "must not be negative")
+        if money.nanos >= 1_000_000_000:
+            raise InvalidArgument.field(f"{self.name}.nanos", "must be between 0 and 999,999,999")
+        if money.units > self.max_units:
+            raise InvalidArgument.field(f"{self.name}.units", f"must be at most {self.max_units:,}")
+        return {self.units_attr: money.units, self.nanos_attr: money.nanos, self.currency_attr: code}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        units = getattr(row, self.units_attr)
+        if units is None:
+            return
+        money = getattr(msg, self.name)
+        money.currency_code = getattr(row, self.currency_attr) or ""
+        money.units = units
+        money.nanos = getattr(row, self.nanos_attr) or 0
+        money.SetInParent()
+
+
+class DurationCodec(FieldCodec):
+    """google.protobuf.Duration <-> an integer column of nanoseconds (exact; orders and sums in
+    SQL). Not negative; at most max_seconds."""
+
+    def __init__(self, name: str, attr: str, max_seconds: int = 366 * 86400) -> None:
+        self.name = name
+        self.attr = attr
+        self.max_seconds = max_seconds
+
+    def present(self, msg: Message) -> bool:
+        return msg.HasField(self.name)
+
+    def load(self, msg: Message) -> dict[str, Any]:
+        if not msg.HasField(self.name):
+            return {self.attr: None}
+        d = getattr(msg, self.name)
+        if abs(d.nanos) >= 1_000_000_000 or (d.seconds > 0 and d.nanos < 0) or (d.seconds < 0 and d.nanos > 0):
+            raise InvalidArgument.field(f"{self.name}.nanos", "must be between -999,999,999 and 999,999,999, of the sign of seconds")
+        if d.seconds < 0 or d.nanos < 0:
+            raise InvalidArgument.field(self.name, "must not be negative")
+        if d.seconds > self.max_seconds or (d.seconds == self.max_seconds and d.nanos):
+            raise InvalidArgument.field(f"{self.name}.seconds", f"must be at most {self.max_seconds} seconds")
+        return {self.attr: d.seconds * 1_000_000_000 + d.nanos}
+
+    def dump(self, row: Any, msg: Message) -> None:
+        value = getattr(row, self.attr)
+        if value is not None:
+            set_duration(getattr(msg, self.name), value)
+
+
+def set_duration(target: Any, nanos: int) -> None:
+    """A Duration message set to `nanos` nanoseconds (not negative)."""
+    target.seconds, target.nanos = divmod(int(nanos), 1_000_000_000)
+    target.SetInParent()
+
+
 class OutputCodec(FieldCodec):
     """An output-only field computed from the row (relationship ids, etag...)."""
 

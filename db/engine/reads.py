@@ -23,6 +23,7 @@ from db.engine.resource import ResourceSpec
 from db.engine.rules import denied, found, predicate, read_rule
 from db.engine.search import search_query_value
 
+# Ids one BatchGet takes at most (a BatchCreate's creates: ResourceSpec.batch_create_limit).
 MAX_BATCH = 1000
 
 

@@ -51,6 +51,7 @@ def etag_of(row: Any) -> str:
 
 # Column names that hold a secret by their look: a resource must declare each one it has in
 # `secrets` (Registry.add refuses it otherwise), so that no secret reaches a read by oversight.
+# Integer columns hold no secret (counts of a model's tokens: prompt_tokens).
 SECRET_LOOKING = ("_hash", "secret", "password", "token")
 
 
@@ -88,6 +89,8 @@ class ResourceSpec:
     filter_exclude: frozenset[str] = frozenset()
     extra_filters: dict[str, FilterField] = field(default_factory=dict)
     batch_create: bool = False
+    # Creates one BatchCreate takes at most (INVALID_ARGUMENT naming `requests` beyond it).
+    batch_create_limit: int = 1000
     batch_get: bool = False
     before_write: WriteHook | None = None
     # What a change of a row does beyond it (UpdateHook); its updates then run in a transaction.
@@ -107,6 +110,9 @@ class ResourceSpec:
     # Whether Create (and BatchCreate) are served: False for rows the service makes itself
     # through a custom method (a File, by its upload), which the other standard methods serve.
     create_rpc: bool = True
+    # Whether Update is served: False for a record, written once and never changed (an AI
+    # interaction); Delete is still served as its access says.
+    update_rpc: bool = True
     # The fields whose values name one row, for engine/upserts (a unique index holds them; on
     # PostgreSQL concurrent upserts take turns by the first one's value).
     upsert_key: tuple[str, ...] = ()
@@ -354,7 +360,10 @@ class Registry:
     def add(self, spec: ResourceSpec) -> ResourceSpec:
         if spec.name in self._specs:
             raise ValueError(f"resource {spec.name} registered twice")
-        undeclared = [c.key for c in spec.table.c if any(mark in c.key for mark in SECRET_LOOKING) and c.key not in spec.secrets]
+        undeclared = [
+            c.key for c in spec.table.c
+            if any(mark in c.key for mark in SECRET_LOOKING) and c.key not in spec.secrets and not isinstance(c.type, Integer)
+        ]
         if undeclared:
             raise TypeError(f"{spec.name}: column(s) {', '.join(undeclared)} look like secrets: declare them in `secrets` (or rename them)")
         if spec.private_fields and (spec.owner_field is None or spec.private_fields & (set(spec.orderable) | {c for c, _ in spec.search_fields})):

@@ -24,7 +24,7 @@ from db.engine.call import Call, request_principal
 from db.engine.cascade import remove_with_dependents
 from db.engine.codecs import parse_uuid
 from db.engine.paging import DEFAULT_PAGE_BYTES, fitting, refuse_unread_answer
-from db.engine.reads import MAX_BATCH, fetch
+from db.engine.reads import fetch
 from db.engine.resource import REGISTRY, ResourceSpec, etag_of
 from db.engine.rules import check_create_rule, check_field_rights, check_managed, check_managed_together, found, predicate
 from db.engine.tables import AuditLogEntry, RequestRecord
@@ -304,8 +304,8 @@ def _batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call
     requests = list(request.requests)
     if not requests:
         raise errors.InvalidArgument.field("requests", "must hold at least one request", reason="REQUIRED_FIELD")
-    if len(requests) > MAX_BATCH:
-        raise errors.InvalidArgument.field("requests", f"at most {MAX_BATCH} per call", reason="BATCH_TOO_LARGE")
+    if len(requests) > spec.batch_create_limit:
+        raise errors.InvalidArgument.field("requests", f"at most {spec.batch_create_limit} per call", reason="BATCH_TOO_LARGE")
     if any(sub.request_id for sub in requests):
         # Each request id is claimed (or answered from an earlier call) row by row.
         return [create(session, spec, sub, call, prefix=f"requests[{i}].") for i, sub in enumerate(requests)]

@@ -13,6 +13,7 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from nexus.ai.v1 import ai_pb2 as apb
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.common.v1 import common_pb2
 from nexus.files.v1 import files_pb2 as fpb
@@ -150,6 +151,12 @@ def new_file(c: Client, data: bytes = b"some bytes", **metadata: Any) -> fpb.Fil
     values.update(metadata)
     parts = [fpb.UploadFileRequest(metadata=fpb.UploadFileMetadata(**values)), fpb.UploadFileRequest(chunk=data)]
     return c.files.UploadFile(iter(parts))
+
+
+def new_data_analysis(c: Client, **fields: Any) -> apb.DataAnalysis:
+    values: dict[str, Any] = {"title": f"analysis {unique()}", "analysis_type": "summary"}
+    values.update(fields)
+    return c.ai.CreateDataAnalysis(apb.CreateDataAnalysisRequest(data_analysis=apb.DataAnalysis(**values)))
 
 
 def new_conversation(c: Client, **fields: Any) -> cpb.Conversation:
@@ -318,6 +325,39 @@ SAMPLES: dict[str, Sample] = {
         ("subject", None),
         lambda w: f'subject = "{w} meeting notes"',
         grants={"sent to them": (lambda c, row, user_id: _send_to(c, row, user_id), (True, False, False))},
+    ),
+    "DataAnalysis": Sample(
+        "nexus.ai.v1.AIService",
+        lambda c, w: {
+            "user_id": new_user(c).id,
+            "title": f"{w} churn analysis",
+            "analysis_type": "regression",
+            "parameters": struct_pb2.Struct(fields={"target": struct_pb2.Value(string_value="churned")}),
+        },
+        ("title", None),
+        lambda w: f'title = "{w} churn analysis"',
+    ),
+    "AnalysisFile": Sample(
+        "nexus.ai.v1.AIService",
+        lambda c, w: {
+            "analysis_id": new_data_analysis(c, user_id=new_user(c).id).id,
+            "file_id": new_file(c, is_public=True).id,
+            "role": apb.ANALYSIS_FILE_ROLE_OUTPUT,
+            "description": f"{w} figures",
+        },
+        ("description", None),
+        lambda w: f'description = "{w} figures"',
+    ),
+    "ToolGeneration": Sample(
+        "nexus.ai.v1.AIService",
+        lambda c, w: {
+            "user_id": new_user(c).id,
+            "prompt": f"{w} parser for invoices",
+            "tool_type": "python",
+            "specification": struct_pb2.Struct(fields={"input": struct_pb2.Value(string_value="csv")}),
+        },
+        ("prompt", None),
+        lambda w: f'prompt = "{w} parser for invoices"',
     ),
 }
 

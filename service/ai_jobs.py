@@ -42,6 +42,9 @@ class JobMethods:
 
     run: Any
     hub: Any
+    # How often a quiet Watch re-reads its job and its caller's rights (None: the hub's recheck
+    # interval), catching what no commit of its scope announces: a revoked key, a lowered role.
+    watch_recheck_seconds: float | None = None
 
     async def _move(self, context: grpc.aio.ServicerContext, spec: ResourceSpec, request: Any, method: str) -> Any:
         call = self.run.call(context)
@@ -88,7 +91,7 @@ class JobMethods:
         # Subscribed before the first send: a change committed from now on wakes the stream.
         scope = ai_jobs.scope_of(spec, row_id)
         watcher = streams.Caller("system", call.actor_id, "admin", None)
-        sub = await hub.subscribe({scope: position}, hub.settings.recheck_seconds, watcher)
+        sub = await hub.subscribe({scope: position}, self.watch_recheck_seconds or hub.settings.recheck_seconds, watcher)
         try:
             yield current
             sent = ai_jobs.revision_of(current)

@@ -9,7 +9,8 @@ The standard methods of the three resources are also covered by the registry-dri
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from nexus.ai.v1 import ai_pb2 as apb
 from nexus.files.v1 import files_pb2 as fpb
 from nexus.security.v1 import security_pb2 as spb
 
-from tests.conftest import Client, unique
+from tests.conftest import Client, ServerThread, connect, make_config, unique
 from tests.support import expect_error, mask, new_file, rich_error
 from tests.test_access import Actor, actor  # noqa: F401 - the fixture
 
@@ -113,6 +114,17 @@ KINDS = [pytest.param(ANALYSIS, id="DataAnalysis"), pytest.param(GENERATION, id=
 
 def _time(ts: Any) -> dt.datetime:
     return ts.ToDatetime(tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture(autouse=True)
+def watches_woken_by_commits_only(client: Client) -> Iterator[None]:
+    """The server's Watches re-read their job only when a commit of its scope wakes them (not
+    every recheck interval as well): each state a test expects comes by the change log's wake-up."""
+    assert client.server.app is not None
+    (service,) = [s for s in client.server.app.servicers if type(s).__name__ == "AIService"]
+    service.watch_recheck_seconds = 3600.0
+    yield
+    service.watch_recheck_seconds = None
 
 
 def _now() -> dt.datetime:
@@ -349,6 +361,24 @@ def test_a_watch_ends_when_its_caller_may_no_longer_see_the_job(kind: Kind, clie
     with pytest.raises(grpc.RpcError) as caught:
         _next(stream)
     assert rich_error(caught.value).code == Code.PERMISSION_DENIED
+
+
+def test_a_watch_ends_when_the_server_shuts_down(client: Client) -> None:
+    server = ServerThread(make_config(client.database_url)).start()
+    c = connect(client.backend, client.database_url, server)
+    try:
+        job = ANALYSIS.create(c)
+        stream = ANALYSIS.watch(c, job.id)
+        assert _next(stream) == job
+        stopping = threading.Thread(target=server.stop)
+        stopping.start()
+        with pytest.raises(grpc.RpcError) as caught:
+            _next(stream)
+        stopping.join()
+        err = rich_error(caught.value)
+        assert (err.code, err.info.reason) == (Code.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
+    finally:
+        c.channel.close()
 
 
 # ------------------------------------------------------------------ every way to a job

@@ -144,6 +144,7 @@ def _audited(command: str, dialect: str) -> Iterator[str]:
 
 def _seed(args: argparse.Namespace) -> int:
     from db import migrate, seed
+    from db.blobs import BlobStore
     from db.database import Database
 
     config = _config(args)
@@ -171,6 +172,9 @@ def _seed(args: argparse.Namespace) -> int:
                 messages_per_conversation=args.turns,
                 knowledge_chunks=args.chunks,
                 documents=args.documents,
+                analyses=args.analyses,
+                tool_generations=args.tool_generations,
+                blobs=BlobStore(config.blob_path),
                 progress=not args.quiet,
             )
         print(", ".join(f"{n} {name}" for name, n in counts.items()))
@@ -329,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--turns", type=int, default=8, help="messages per conversation")
     seed.add_argument("--chunks", type=int, default=150, help="knowledge chunks")
     seed.add_argument("--documents", type=int, default=20, help="documents, with their versions and shares")
+    seed.add_argument("--analyses", type=int, default=12, help="data analyses, in every status, with their files")
+    seed.add_argument("--tool-generations", type=int, default=12, help="tool generations, in every status")
     seed.add_argument("--quiet", action="store_true", help="no progress bar")
     seed.set_defaults(func=_seed)
 

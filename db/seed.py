@@ -16,7 +16,9 @@ chunks of several sources; documents of users (Word, Excel, PowerPoint, other) s
 level, some edited by their owners and edit-sharers through the standard Update (the engine
 keeps each version, by its author), one or two restored to an earlier version, a few
 soft-deleted; AI interactions of users (calls to models over the thirty days before today,
-their cost from their tokens), each made on its user's behalf.
+their cost from their tokens), each made on its user's behalf; data analyses of users in every status (started, completed with a result or
+failed through their lifecycle methods), with input and output files when a blob store is given
+(the CLI's), and tool generations likewise.
 
 Seeding twice into the same database never collides: usernames and e-mails carry a number past
 the users already stored, role rows that exist are reused, API key names follow usernames, and
@@ -41,6 +43,7 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from nexus.ai.v1 import ai_pb2 as apb
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.common.v1 import common_pb2
+from nexus.files.v1 import files_pb2 as fpb
 from nexus.identity.v1 import identity_pb2 as ipb
 from nexus.knowledge.v1 import knowledge_pb2 as kpb
 from nexus.work.v1 import work_pb2 as wpb
@@ -49,8 +52,9 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 import db.domains  # noqa: F401 - the audit trail records seeded rows too
+from db.blobs import BlobStore
 from db.database import Database
-from db.domains import ai_usage, chat, identity, knowledge, work
+from db.domains import ai_jobs, ai_usage, chat, files, identity, knowledge, work
 from db.domains.documents import DOCUMENTS, restore_document_version, share_document
 from db.domains.identity import Role, User
 from db.engine import writes
@@ -80,6 +84,9 @@ COUNT_KINDS = (
     "document_versions",  # kept by the engine as an edit or a restore changes a document
     "document_shares",
     "ai_interactions",
+    "data_analyses",
+    "analysis_files",
+    "tool_generations",
 )
 
 ROLES: dict[str, tuple[str, list[str]]] = {
@@ -486,17 +493,21 @@ def seed(
     knowledge_chunks: int = 150,
     documents: int = 20,
     ai_interactions: int = 200,
+    analyses: int = 12,
+    tool_generations: int = 12,
+    blobs: BlobStore | None = None,
     progress: bool = True,
     rng_seed: int | None = None,
 ) -> dict[str, int]:
     """Write sample users, roles, API keys, projects, members, tasks, dependencies, channels with
     members and messages, conversations with their messages, knowledge chunks, and documents with
-    their versions and shares; return the counts by kind (COUNT_KINDS)."""
+    their versions and shares, AI jobs of users (without users: none; their files only with
+    blobs, where the files' bytes go); return the counts by kind (COUNT_KINDS)."""
     sizes = {
         "users": users, "projects": projects, "tasks_per_project": tasks_per_project, "channels": channels,
         "messages_per_channel": messages_per_channel, "conversations": conversations,
         "messages_per_conversation": messages_per_conversation, "knowledge_chunks": knowledge_chunks,
-        "documents": documents, "ai_interactions": ai_interactions,
+        "documents": documents, "ai_interactions": ai_interactions, "analyses": analyses, "tool_generations": tool_generations,
     }
     if min(sizes.values()) < 0:
         raise ValueError(f"{', '.join(sizes)} must not be negative")
@@ -524,6 +535,8 @@ def seed(
     steps += _knowledge_steps(_knowledge_chunks(rng, knowledge_chunks))
     steps += _document_steps([_document_plan(rng, d, user_plans) for d in range(documents)])
     steps += _ai_interaction_steps([_ai_interaction_plan(rng, len(user_plans), today) for _ in range(ai_interactions)])
+    if user_plans:  # a job is a user's: none without users
+        steps += _job_steps(rng, user_plans, analyses, tool_generations, blobs)
     return _execute(database, steps, progress)
 
 
@@ -1205,6 +1218,88 @@ def _ai_interaction_steps(plans: Sequence[AIInteractionPlan]) -> list[Step]:
         return Step("ai_interactions", run)
 
     return [create(plan) for plan in plans]
+
+
+# ------------------------------------------------------------------ AI jobs
+
+ANALYSIS_TOPICS = ("churn by plan", "revenue by region", "support tickets by week", "sign-ups by channel", "task lead times")
+ANALYSIS_TYPES = ("summary", "regression", "forecast", "clustering")
+TOOL_PROMPTS = (
+    ("python", "a parser of CSV invoices into JSON"), ("sql", "a query of the overdue tasks by project"),
+    ("python", "a function that masks e-mail addresses"), ("javascript", "a date picker limited to working days"),
+)
+JOB_FINISHES = ("pending", "running", "completed", "failed")  # where a job is left, drawn per job
+JOB_ERRORS = ("the model timed out", "the input file is not valid CSV", "out of memory on the worker")
+
+
+def _job_steps(rng: random.Random, users: Sequence[UserPlan], analyses: int, generations: int, blobs: BlobStore | None) -> list[Step]:
+    """Analyses and tool generations of active users, each left in a status (the first four of
+    each in each status) through Start, Complete and Fail; an analysis's input file, and a
+    completed one's output, uploaded to blobs when given."""
+    active = _active_users(users) or list(range(len(users)))
+    steps: list[Step] = []
+    for a in range(analyses):
+        owner, status = rng.choice(active), JOB_FINISHES[a] if a < 4 else rng.choice(JOB_FINISHES)
+        topic = rng.choice(ANALYSIS_TOPICS)
+        message = apb.DataAnalysis(title=f"{topic.capitalize()} ({a + 1})", analysis_type=rng.choice(ANALYSIS_TYPES),
+                                   parameters=_struct({"period_days": rng.choice((7, 30, 90)), "segment": rng.choice(("all", "paid", "trial"))}))
+        rows = [f"{topic.replace(' ', '_')},{rng.randint(1, 500)}" for _ in range(rng.randint(3, 8))]
+        steps += _job_lifecycle(("analysis", a), ai_jobs.DATA_ANALYSES, message, owner, status, rng,
+                                {"result": _struct({"rows": len(rows), "mean": round(rng.uniform(1, 500), 2)})})
+        if blobs is not None:
+            steps.append(_analysis_file(("analysis", a), owner, blobs, f"{topic} input.csv", "\n".join(rows).encode(), "input"))
+            if status == "completed":
+                steps.append(_analysis_file(("analysis", a), owner, blobs, f"{topic} summary.txt", f"{topic}: {len(rows)} rows".encode(), "output"))
+    for g in range(generations):
+        owner, status = rng.choice(active), JOB_FINISHES[g] if g < 4 else rng.choice(JOB_FINISHES)
+        tool_type, prompt = rng.choice(TOOL_PROMPTS)
+        message = apb.ToolGeneration(prompt=f"Write {prompt}", tool_type=tool_type, specification=_struct({"tests": rng.random() < 0.5}))
+        code = f"# {prompt}\ndef run(data):\n    return data\n"
+        steps += _job_lifecycle(("generation", g), ai_jobs.TOOL_GENERATIONS, message, owner, status, rng,
+                                {"generated_code": code, "output": "1 function, 3 lines"})
+    return steps
+
+
+def _job_lifecycle(key: tuple[str, int], spec: Any, message: Any, owner: int, status: str, rng: random.Random, outcome: dict[str, Any]) -> list[Step]:
+    """The job created for its owner, then moved by its lifecycle methods to status."""
+    pb = sys.modules[spec.message.__module__]
+    error = rng.choice(JOB_ERRORS)
+
+    def create(session: Session, call: Call, ids: Ids) -> None:
+        job = spec.message()
+        job.CopyFrom(message)
+        job.user_id = ids[("user", owner)]
+        request = getattr(pb, f"Create{spec.name}Request")(**{spec.singular_field: job})
+        ids[key] = writes.create(session, spec, request, _acting_for(call, ids, owner)).id
+
+    def move(method: str, **fields: Any) -> Step:
+        def run(session: Session, call: Call, ids: Ids) -> None:
+            request = getattr(pb, f"{method.capitalize()}{spec.name}Request")(id=ids[key], **fields)
+            ai_jobs.transition(session, spec, request, method, _acting_for(call, ids, owner))
+
+        return Step("", run)
+
+    steps = [Step(spec.table.name, create)]  # the count's kind: "data_analyses", "tool_generations"
+    if status in ("running", "completed") or (status == "failed" and rng.random() < 0.5):
+        steps.append(move(ai_jobs.START))
+    if status == "completed":
+        steps.append(move(ai_jobs.COMPLETE, **outcome))
+    if status == "failed":
+        steps.append(move(ai_jobs.FAIL, error=error))
+    return steps
+
+
+def _analysis_file(key: tuple[str, int], owner: int, blobs: BlobStore, name: str, data: bytes, role: str) -> Step:
+    """A File of the analysis's owner, its bytes in blobs, linked to the analysis."""
+
+    def run(session: Session, call: Call, ids: Ids) -> None:
+        acting = _acting_for(call, ids, owner)
+        stored = blobs.put([data])
+        made = files.create_file(session, fpb.UploadFileMetadata(name=name, mime_type="text/plain"), stored, acting)
+        link = apb.AnalysisFile(analysis_id=ids[key], file_id=made.id, role=apb.AnalysisFileRole.Value(f"ANALYSIS_FILE_ROLE_{role.upper()}"))
+        writes.create(session, ai_jobs.ANALYSIS_FILES, apb.CreateAnalysisFileRequest(analysis_file=link), acting)
+
+    return Step("analysis_files", run)
 
 
 # ------------------------------------------------------------------ running

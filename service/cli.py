@@ -144,6 +144,7 @@ def _audited(command: str, dialect: str) -> Iterator[str]:
 
 def _seed(args: argparse.Namespace) -> int:
     from db import migrate, seed
+    from db.blobs import BlobStore
     from db.database import Database
 
     config = _config(args)
@@ -172,6 +173,9 @@ def _seed(args: argparse.Namespace) -> int:
                 knowledge_chunks=args.chunks,
                 documents=args.documents,
                 ai_interactions=args.ai_interactions,
+                analyses=args.analyses,
+                tool_generations=args.tool_generations,
+                blobs=BlobStore(config.blob_path),
                 progress=not args.quiet,
             )
         print(", ".join(f"{n} {name}" for name, n in counts.items()))
@@ -337,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--chunks", type=int, default=150, help="knowledge chunks")
     seed.add_argument("--documents", type=int, default=20, help="documents, with their versions and shares")
     seed.add_argument("--ai-interactions", type=int, default=200, help="AI interactions (calls to models) of the last 30 days")
+    seed.add_argument("--analyses", type=int, default=12, help="data analyses, in every status, with their files")
+    seed.add_argument("--tool-generations", type=int, default=12, help="tool generations, in every status")
     seed.add_argument("--quiet", action="store_true", help="no progress bar")
     seed.set_defaults(func=_seed)
 

@@ -136,15 +136,21 @@ class TooManyStreams(errors.ResourceExhausted):
 
 
 def to_response(event: events.StoredEvent) -> pb.StreamEventsResponse:
-    """A stream message for a stored event, without the per-stream resume token."""
+    """A stream message for a stored event, without the per-stream resume token. A resource
+    StreamEventsResponse has no field for (an AI job, whose scope only its own Watch follows,
+    through the hub's wake-ups: service/ai_jobs.py) is left out of it."""
     field_name = REGISTRY[event.resource_type].singular_field
     commit_time = timestamp_pb2.Timestamp()
     commit_time.FromDatetime(event.create_time)
     response = pb.StreamEventsResponse(
         type=EVENT_TYPES[event.event_type], scope=event.scope, sequence=event.seq, commit_time=commit_time
     )
-    getattr(response, field_name).MergeFromString(event.payload)
+    if field_name in _RESOURCE_FIELDS:
+        getattr(response, field_name).MergeFromString(event.payload)
     return response
+
+
+_RESOURCE_FIELDS = frozenset(pb.StreamEventsResponse.DESCRIPTOR.fields_by_name)
 
 
 @dataclass(frozen=True)

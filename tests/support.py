@@ -155,6 +155,12 @@ def new_file(c: Client, data: bytes = b"some bytes", **metadata: Any) -> fpb.Fil
     return c.files.UploadFile(iter(parts))
 
 
+def new_data_analysis(c: Client, **fields: Any) -> apb.DataAnalysis:
+    values: dict[str, Any] = {"title": f"analysis {unique()}", "analysis_type": "summary"}
+    values.update(fields)
+    return c.ai.CreateDataAnalysis(apb.CreateDataAnalysisRequest(data_analysis=apb.DataAnalysis(**values)))
+
+
 def new_conversation(c: Client, **fields: Any) -> cpb.Conversation:
     values: dict[str, Any] = {"title": f"conversation {unique()}", "user_id": new_user(c).id}
     values.update(fields)
@@ -339,6 +345,39 @@ SAMPLES: dict[str, Sample] = {
         },
         None,  # a record: no Update
         lambda w: f'prompt = "{w} asks for a summary"',
+    ),
+    "DataAnalysis": Sample(
+        "nexus.ai.v1.AIService",
+        lambda c, w: {
+            "user_id": new_user(c).id,
+            "title": f"{w} churn analysis",
+            "analysis_type": "regression",
+            "parameters": struct_pb2.Struct(fields={"target": struct_pb2.Value(string_value="churned")}),
+        },
+        ("title", None),
+        lambda w: f'title = "{w} churn analysis"',
+    ),
+    "AnalysisFile": Sample(
+        "nexus.ai.v1.AIService",
+        lambda c, w: {
+            "analysis_id": new_data_analysis(c, user_id=new_user(c).id).id,
+            "file_id": new_file(c, is_public=True).id,
+            "role": apb.ANALYSIS_FILE_ROLE_OUTPUT,
+            "description": f"{w} figures",
+        },
+        ("description", None),
+        lambda w: f'description = "{w} figures"',
+    ),
+    "ToolGeneration": Sample(
+        "nexus.ai.v1.AIService",
+        lambda c, w: {
+            "user_id": new_user(c).id,
+            "prompt": f"{w} parser for invoices",
+            "tool_type": "python",
+            "specification": struct_pb2.Struct(fields={"input": struct_pb2.Value(string_value="csv")}),
+        },
+        ("prompt", None),
+        lambda w: f'prompt = "{w} parser for invoices"',
     ),
 }
 

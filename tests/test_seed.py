@@ -35,7 +35,7 @@ from db.domains.identity import User
 from db.domains.knowledge import KnowledgeChunk
 from db.domains.work import Project, Task
 from db.unit import SESSION_READ
-from tests.conftest import Client, ServerThread, connect, make_config
+from tests.conftest import Client, ServerThread, blob_dir_of, connect, make_config
 from tests.databases import fresh_postgres_database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +54,7 @@ COUNTS_LINE = re.compile(r"^(\d+ [a-z_]+)(, \d+ [a-z_]+)*$")
 
 def run_seed(url: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DB_HOST", "DB_PATH")}
+    env["NEXUS_BLOB_DIR"] = str(blob_dir_of(url))  # the test servers' store of the database (never the repository's data/)
     return subprocess.run(
         [str(NEXUS_DATA), "seed", *args, "--database-url", url],
         cwd=REPO,

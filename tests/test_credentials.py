@@ -43,7 +43,7 @@ from db.database import Database
 from db.domains.identity import ApiKey
 from service.config import Config
 from service.server import create_server
-from tests.conftest import Client, connect, make_config, unique
+from tests.conftest import Client, blob_dir_of, connect, make_config, unique
 from tests.support import expect_error, mask, new_user, rich_error
 from tests.test_access import (  # noqa: F401 - actor is a fixture
     HS_SECRET,
@@ -414,7 +414,9 @@ def test_an_owner_may_shorten_but_not_extend_its_key_expiry(client: Client, acto
 
 
 def _serve(url: str, cwd: Path, env: dict[str, str], **popen: Any) -> subprocess.Popen[bytes]:
-    full = {**os.environ, "DATABASE_URL": url, "NEXUS_PORT": "0", "NEXUS_HOST": "127.0.0.1",
+    # The blob store in a directory of its own: on PostgreSQL the default is data/blobs under cwd,
+    # where the tests look for what the server wrote of its bootstrap key.
+    full = {**os.environ, "DATABASE_URL": url, "NEXUS_PORT": "0", "NEXUS_HOST": "127.0.0.1", "NEXUS_BLOB_DIR": str(cwd / "blob-store"),
             "NEXUS_HASH_TIME_COST": "1", "NEXUS_HASH_MEMORY_KIB": "1024", "NEXUS_DRAIN_SECONDS": "0", **env}
     if "NEXUS_BOOTSTRAP_KEY_FILE" not in env:
         full.pop("NEXUS_BOOTSTRAP_KEY_FILE", None)
@@ -546,6 +548,7 @@ def test_cli_writes_are_audited_with_the_operator_and_the_command(client: Client
     done = subprocess.run(
         [str(NEXUS_DATA), "seed", "--users", "2", "--projects", "1", "--tasks", "1", "--quiet", "--database-url", client.database_url],
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+        env=dict(os.environ, NEXUS_BLOB_DIR=str(blob_dir_of(client.database_url))),  # its files beside the other servers'
     )
     assert done.returncode == 0, done.stderr
     seeded = audit_entries(client, f'method = "cli:seed by {getpass.getuser()}"')

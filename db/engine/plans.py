@@ -45,9 +45,13 @@ def plan_create(spec: ResourceSpec, request: Any, call: Call) -> Plan:
     event) or to check after its INSERT (the caller's row rule)."""
     if request.request_id:
         return Plan(Mode.TRANSACTION, "its request id is claimed with it")
+    needs = _needs_transaction(spec)
+    if needs is not None:
+        return needs
     msg = getattr(request, spec.singular_field)
-    names_lists = any(spec.codecs[name].present(msg) for name in spec.list_references)
-    return _needs_transaction(spec) or (LIST_REFERENCES if names_lists else ONE_STATEMENT_CREATE)
+    if any(spec.codecs[name].present(msg) for name in spec.list_references):
+        return LIST_REFERENCES
+    return ONE_STATEMENT_CREATE
 
 
 def plan_update(spec: ResourceSpec, request: Any, call: Call) -> Plan:

@@ -30,8 +30,10 @@ from service.rpc import DomainServicer
 CHUNK_BYTES = 64 * 1024
 # The bytes read from a blob, or written to it, per trip to a thread.
 READ_BYTES = WRITE_BYTES = 1024 * 1024
-# Blocks of an upload received and waiting for its writing thread.
-WRITE_QUEUE = 4
+# Blocks of an upload received and waiting for each of its two threads: with the one in each
+# thread's hands, at most four MiB of an upload are held, whatever its size (the rest of what it
+# holds is gRPC's HTTP/2 window).
+WRITE_QUEUE = 2
 
 
 def store_failure(exc: OSError) -> errors.NexusError:

@@ -230,6 +230,43 @@ def test_percentiles_are_nearest_rank_values_that_were_written(client: Client) -
     assert (first_three.latency_p50.seconds, first_three.latency_p95.seconds) == (4, 5)
 
 
+def test_percentiles_are_exact_at_bucket_edges_in_groups_of_one_and_over_hours(client: Client) -> None:
+    """The summary counts latencies in buckets on a log scale (a power of two cut in equal
+    parts) and then picks the exact value inside one: equal values at a power of two and
+    either side of it, a group of one row, latencies of 0 and of hours, a p95 in another
+    bucket than the p50, under every grouping (each its own bucket width)."""
+    start = _span()
+    edge, hour = 1 << 30, 3600 * NANOS
+    latencies = {
+        # 30 on the last value below the power of two, 50 on it, 20 on the last value of its
+        # bucket (2**24 wide where a power of two has 64) and 1 on the first of the next.
+        "edge": [edge - 1] * 30 + [edge] * 50 + [edge + (1 << 24) - 1] * 20 + [edge + (1 << 24)],
+        "one": [5 * hour + 7],
+        # p50 among zeros, p95 among hours: far apart buckets, and the smallest and large values.
+        "spread": [0] * 11 + [1, 2, 3] + [hour * h + h for h in range(1, 7)],
+        "close": [edge + i for i in range(40)],
+    }
+    rows = []
+    for model, values in latencies.items():
+        for i, value in enumerate(values):
+            rows.append(apb.AIInteraction(
+                module=("a", "b")[i % 2], model=model, request_time=_ts(start + dt.timedelta(seconds=len(rows))),
+                latency=duration_pb2.Duration(seconds=value // NANOS, nanos=value % NANOS)))
+    made = _batch(client, rows)
+    end = start + dt.timedelta(days=1)
+    for group_by in ([], [MODEL], [MODEL, MODULE], [MODEL, MODULE, USER]):
+        assert _summary(client, start, end, group_by, page_size=2)[0] == _hand_count(made, group_by, start, end), group_by
+
+    def nanos(d: duration_pb2.Duration) -> int:
+        return d.seconds * NANOS + d.nanos
+
+    by_model = {g.model: (nanos(g.latency_p50), nanos(g.latency_p95)) for g in _summary(client, start, end, [MODEL])[0]}
+    assert by_model["edge"] == (edge, edge + (1 << 24) - 1)  # ranks 51 and 96 of 101
+    assert by_model["one"] == (5 * hour + 7, 5 * hour + 7)
+    assert by_model["spread"] == (0, 5 * hour + 5)  # rank 10 of 20, rank 19 of 20
+    assert by_model["close"] == (edge + 19, edge + 37)
+
+
 def test_a_summary_refuses_bad_requests_naming_the_field(client: Client) -> None:
     start = _span()
     end = start + dt.timedelta(days=1)

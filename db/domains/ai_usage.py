@@ -7,14 +7,16 @@ latency as integer nanoseconds, so that the summary's sums are exact and its per
 values that were written, on both databases."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf.message import Message
 from nexus.ai.v1 import ai_pb2 as pb
 from nexus.common.v1 import common_pb2
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, Text, Uuid, and_, case, cast, func, or_, select, true
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, Text, Uuid, and_, case, cast, func, literal, literal_column, or_, select, true, union_all
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -188,7 +190,14 @@ def usage_summary(session: Session, request: pb.GetAIUsageSummaryRequest, call: 
     filter picks, grouped by the asked columns and the currency of their cost, summed in SQL:
     counts, errors, tokens, exact cost (integer sums), latency percentiles by nearest rank (the
     smallest latency at least p% of the group's latencies do not exceed). Groups in key order,
-    keyset pages; total_size counts all groups."""
+    keyset pages; total_size counts all groups.
+
+    Two statements in one snapshot, the same on both databases: the first sums each (group,
+    latency bucket) in one hash aggregate (LATENCY_BUCKETS), folds them into the groups, takes
+    the page, and finds for each group of the page the bucket holding rank ceil(n / 2) and the
+    one holding ceil(95 n / 100), with the count before each; the second reads only the rows of
+    those groups' buckets and takes the (rank - count before)-th latency of each in order. No
+    sort of every row, and each answer is a latency that was written."""
     start, end = _range(request)
     grouped = _groupings(request)
     size = paging.page_size(request.page_size)
@@ -203,82 +212,212 @@ def usage_summary(session: Session, request: pb.GetAIUsageSummaryRequest, call: 
     if allowed is not None:
         conditions.append(allowed)
 
-    # The keys: each grouped column, then the currency; never NULL ('' for no user, no cost),
-    # so that they order and compare alike on both databases.
-    def key_expression(name: str) -> Any:
-        if name == "user_id":
-            return func.coalesce(cast(t.c.user_id, String), "")
-        return t.c[name]
-
+    # The rows are grouped on their raw columns (cheapest to hash); the keys the answer orders
+    # and pages by are made of those sums' few rows: never NULL ('' for no user, no cost), so
+    # that they order and compare alike on both databases.
+    raw = {name: t.c[name] for name in grouped}
+    raw["currency"] = t.c.cost_currency
     key_names = [*grouped, "currency"]
-    keys = [key_expression(name).label(name) for name in grouped]
-    keys.append(func.coalesce(t.c.cost_currency, "").label("currency"))
-    base = select(
-        *keys,
-        case((t.c.status.in_(ERROR_STATUSES), 1), else_=0).label("is_error"),
-        t.c.prompt_tokens, t.c.completion_tokens, t.c.total_tokens,
-        t.c.cost_units, t.c.cost_nanos, t.c.latency_nanos,
-    ).where(*conditions).cte("base")
-    base_keys = [base.c[name] for name in key_names]
-    sums = [
+    bits = BUCKET_BITS[len(grouped)]
+    bucket = latency_bucket(t.c.latency_nanos, bits)
+    hist = select(
+        *(column.label(name) for name, column in raw.items()),
+        bucket.label("bucket"),
         func.count().label("call_count"),
-        func.sum(base.c.is_error).label("error_count"),
-        func.sum(base.c.prompt_tokens).label("prompt_tokens"),
-        func.sum(base.c.completion_tokens).label("completion_tokens"),
-        func.sum(base.c.total_tokens).label("total_tokens"),
-        func.sum(base.c.cost_units).label("cost_units"),
-        func.sum(base.c.cost_nanos).label("cost_nanos"),
-    ]
-    if postgres:
-        percentiles = [
-            func.percentile_disc(0.5).within_group(base.c.latency_nanos).label("p50"),
-            func.percentile_disc(0.95).within_group(base.c.latency_nanos).label("p95"),
-        ]
-        groups = select(*base_keys, *sums, *percentiles).group_by(*base_keys).cte("groups")
-        columns = [*groups.c]
-        source: Any = groups
-    else:
-        # Nearest rank with window functions: the value at rank ceil(p * n) of the group's
-        # latencies in order (ceil(n / 2), ceil(95 n / 100) in integers), as percentile_disc.
-        rank = func.row_number().over(partition_by=base_keys, order_by=base.c.latency_nanos)
-        count = func.count().over(partition_by=base_keys)
-        ranked = select(*base_keys, base.c.latency_nanos, rank.label("rn"), count.label("n")).where(base.c.latency_nanos.is_not(None)).cte("ranked")
-        pcts = select(
-            *(ranked.c[name] for name in key_names),
-            func.min(case((ranked.c.rn >= (ranked.c.n + 1) // 2, ranked.c.latency_nanos))).label("p50"),
-            func.min(case((ranked.c.rn >= (ranked.c.n * 95 + 99) // 100, ranked.c.latency_nanos))).label("p95"),
-        ).group_by(*(ranked.c[name] for name in key_names)).cte("percentiles")
-        summed = select(*base_keys, *sums).group_by(*base_keys).cte("groups")
-        joined = summed.outerjoin(pcts, and_(*(summed.c[name] == pcts.c[name] for name in key_names)))
-        columns = [*summed.c, pcts.c.p50, pcts.c.p95]
-        source = joined
-        groups = summed
+        func.count(t.c.latency_nanos).label("timed"),
+        func.sum(case((t.c.status.in_(ERROR_STATUSES), 1), else_=0)).label("error_count"),
+        func.sum(t.c.prompt_tokens).label("prompt_tokens"),
+        func.sum(t.c.completion_tokens).label("completion_tokens"),
+        func.sum(t.c.cost_units).label("cost_units"),
+        func.sum(t.c.cost_nanos).label("cost_nanos"),
+    ).where(*conditions).group_by(*raw.values(), bucket).cte("histogram")
 
-    def ordered(name: str) -> Any:
-        column = groups.c[name]
+    def key_of(source: Any, name: str) -> Any:
+        if name == "user_id":
+            return func.coalesce(cast(source.c.user_id, String), "")
+        if name == "currency":
+            return func.coalesce(source.c.currency, "")
+        return source.c[name]
+
+    hist_keys = [key_of(hist, name) for name in key_names]
+    groups = select(
+        *(key.label(name) for key, name in zip(hist_keys, key_names)),
+        # Counts summed stay integers (PostgreSQL's sum of a bigint is a numeric): the ranks are
+        # integer divisions of them.
+        *(cast(func.sum(hist.c[name]), BigInteger).label(name) for name in ("call_count", "error_count", "timed")),
+        *(func.sum(hist.c[name]).label(name) for name in ("prompt_tokens", "completion_tokens", "cost_units", "cost_nanos")),
+    ).group_by(*hist_keys).cte("groups")
+
+    def ordered(column: Any) -> Any:
         return column.collate("C") if postgres else column  # byte order, as SQLite's BINARY
 
     fp = paging.fingerprint("AIUsageSummary", start.isoformat(), end.isoformat(), key_names, request.filter)
-    stmt = select(*columns, select(func.count()).select_from(groups).scalar_subquery().label("total")).select_from(source)
+    page = select(*groups.c, select(func.count()).select_from(groups).scalar_subquery().label("total"))
     if request.page_token:
         after = paging.decode_token(request.page_token, fp, len(key_names))["k"]
         if not all(isinstance(v, str) for v in after):
             raise errors.InvalidArgument.field("page_token", "is not a page token this query issued", reason="INVALID_PAGE_TOKEN")
-        stmt = stmt.where(_after([ordered(name) for name in key_names], after))
-    stmt = stmt.order_by(*(ordered(name) for name in key_names)).limit(size + 1)
-    rows = session.connection().execute(stmt).all()
+        page = page.where(_after([ordered(groups.c[name]) for name in key_names], after))
+    page = page.order_by(*(ordered(groups.c[name]) for name in key_names)).limit(size + 1).cte("page")
 
-    if not rows and request.page_token:
-        total = session.connection().execute(select(func.count()).select_from(groups)).scalar_one()
-    else:
-        total = rows[0].total if rows else 0
+    # Each page group's buckets in order, with the count of its latencies up to each; the
+    # bucket of rank r is the first whose count reaches r, the count before it the largest
+    # below r (the counts grow with the bucket).
+    ranks = {"p50": (page.c.timed + 1) // 2, "p95": (page.c.timed * 95 + 99) // 100}
+    upto = func.sum(hist.c.timed).over(partition_by=[page.c[name] for name in key_names], order_by=hist.c.bucket)
+    cumulative = (
+        select(*(page.c[name] for name in key_names), hist.c.bucket, upto.label("upto"), *(rank.label(f"rank_{p}") for p, rank in ranks.items()))
+        .select_from(page.join(hist, and_(*(page.c[name] == key for name, key in zip(key_names, hist_keys)))))
+        .where(hist.c.bucket.is_not(None))
+        .cte("cumulative")
+    )
+    c = cumulative.c
+    targets = select(
+        *(c[name] for name in key_names),
+        *(func.min(case((c.upto >= c[f"rank_{p}"], c.bucket))).label(f"bucket_{p}") for p in ranks),
+        *(func.coalesce(func.max(case((c.upto < c[f"rank_{p}"], c.upto))), 0).label(f"before_{p}") for p in ranks),
+        *(func.min(c[f"rank_{p}"]).label(f"rank_{p}") for p in ranks),
+    ).group_by(*(c[name] for name in key_names)).cte("targets")
+    stmt = (
+        select(*page.c, *(targets.c[f"{what}_{p}"] for p in ranks for what in ("bucket", "before", "rank")))
+        .select_from(page.outerjoin(targets, and_(*(page.c[name] == targets.c[name] for name in key_names))))
+        .order_by(*(ordered(page.c[name]) for name in key_names))
+    )
+
+    conn = session.connection()
+    with _snapshot(conn, postgres):
+        rows = conn.execute(stmt).all()
+        if not rows and request.page_token:
+            total = conn.execute(select(func.count()).select_from(groups)).scalar_one()
+        else:
+            total = rows[0].total if rows else 0
+        rows = rows[: size + 1]
+        latencies = _ranked_latencies(conn, conditions, key_names, rows[:size], bits)
+
     response = pb.GetAIUsageSummaryResponse(total_size=total)
-    for row in rows[:size]:
-        response.groups.append(_group(row, grouped))
+    for i, row in enumerate(rows[:size]):
+        response.groups.append(_group(row, grouped, latencies.get((i, "p50")), latencies.get((i, "p95"))))
     if len(rows) > size:
         last = rows[size - 1]
         response.next_page_token = paging.encode_token(fp, after=[getattr(last, name) for name in key_names])
     return response
+
+
+# ---------------------------------------------------------------- latency buckets
+
+# Latencies (integer nanoseconds, 0 to 2**63 - 1) are counted in buckets on a log scale of
+# integers: below 2**(bits + 1) each value is its own bucket; above, each power of two is
+# cut into 2**bits buckets of equal width (so a bucket spans at most 1/2**bits of its values).
+# Buckets grow with the latency, so the bucket holding a rank is found from counts
+# alone. No float anywhere: the buckets are shifts and comparisons of integers, alike on both
+# databases, and only choose which rows the exact pick reads.
+#
+# BUCKET_BITS by the number of grouped columns: fine buckets where groups are few and large (the
+# rows the exact pick reads are few), coarse where they are many and small (the aggregate keeps
+# one entry per group and bucket). Only speed depends on it, never the answer. PostgreSQL cannot
+# guess how many buckets there are: migration 0014 gives it statistics on each of these
+# expressions (without them it plans a sort of every row); a change here needs a new migration.
+BUCKET_BITS = {0: 6, 1: 6, 2: 3, 3: 2}
+_LARGEST_POWER = 62  # of a bigint that is not negative
+
+
+def latency_bucket(x: Any, bits: int) -> Any:
+    """The bucket of x (an integer column) as SQL: which power of two x is in, by a binary search
+    of CASEs (six comparisons), then its top `bits` bits below the leading one."""
+    m = bits
+
+    def number(value: int) -> Any:
+        return literal_column(str(value), BigInteger)
+
+    def leaf(e: int) -> Any:  # 2**e <= x < 2**(e + 1), e > m
+        return number((e - m) << m) + x.op(">>")(number(e - m))
+
+    def search(low: int, high: int) -> Any:  # the power is in [low, high]; low == m means x < 2**(m + 1)
+        if low == high:
+            return x if low == m else leaf(low)
+        mid = (low + high + 1) // 2
+        return case((x < number(1 << mid), search(low, mid - 1)), else_=search(mid, high))
+
+    return search(m, _LARGEST_POWER)
+
+
+def bucket_range(bucket: int, bits: int) -> tuple[int, int]:
+    """The latencies [low, high) of a bucket: the inverse of latency_bucket."""
+    m = bits
+    if bucket < 1 << (m + 1):
+        return bucket, bucket + 1
+    shift = (bucket >> m) - 1  # the power of two less m
+    low = (bucket - (shift << m)) << shift
+    return low, low + (1 << shift)
+
+
+@contextlib.contextmanager
+def _snapshot(conn: Any, postgres: bool) -> Iterator[None]:
+    """The two statements of a summary see the same rows (the ranks of the first are counts
+    the second reads). PostgreSQL: a REPEATABLE READ transaction on the autocommit read
+    connection, and for it alone no JIT (its compile costs a tenth of the summary and saves
+    nothing over a million rows of hash aggregate) and work_mem enough for the aggregate to
+    stay in memory. SQLite: a read transaction (WAL: one snapshot)."""
+    if postgres:
+        conn.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        conn.exec_driver_sql("SET LOCAL jit = off")
+        conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
+    else:
+        conn.exec_driver_sql("BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.exec_driver_sql("ROLLBACK")
+        raise
+    conn.exec_driver_sql("COMMIT")
+
+
+def _ranked_latencies(conn: Any, conditions: list[ColumnElement[bool]], key_names: list[str], rows: list[Any], bits: int) -> dict[tuple[int, str], int]:
+    """The exact latency of each (page row, percentile): the (rank - count before)-th in order
+    of the rows of that group whose latency is in the bucket its first statement found."""
+    t = AIInteraction.__table__
+    wanted = []
+    for i, row in enumerate(rows):
+        for p in ("p50", "p95"):
+            bucket = getattr(row, f"bucket_{p}")
+            if bucket is not None:
+                low, high = bucket_range(int(bucket), bits)
+                wanted.append((i, p, [getattr(row, name) for name in key_names], low, high, int(getattr(row, f"rank_{p}")) - int(getattr(row, f"before_{p}"))))
+    if not wanted:
+        return {}
+    targets = union_all(*(
+        select(
+            literal(n, Integer).label("target"),
+            *(literal(value, String).label(name) for name, value in zip(key_names, keys)),
+            literal(low, BigInteger).label("low"), literal(high, BigInteger).label("high"), literal(k, BigInteger).label("k"),
+        )
+        for n, (_, _, keys, low, high, k) in enumerate(wanted)
+    )).cte("targets")
+    # Only the rows in the buckets' latency ranges (merged where they meet) reach the join.
+    spans: list[list[int]] = []
+    for low, high in sorted({(w[3], w[4]) for w in wanted}):
+        if spans and low <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], high)
+        else:
+            spans.append([low, high])
+    latency = t.c.latency_nanos
+    in_spans = or_(*(and_(latency >= low, latency < high) for low, high in spans))
+
+    def key_of(name: str) -> Any:
+        if name == "user_id":
+            return func.coalesce(cast(t.c.user_id, String), "")
+        if name == "currency":
+            return func.coalesce(t.c.cost_currency, "")
+        return t.c[name]
+
+    picked = (
+        select(targets.c.target, targets.c.k, latency, func.row_number().over(partition_by=targets.c.target, order_by=latency).label("n"))
+        .select_from(t.join(targets, and_(*(key_of(name) == targets.c[name] for name in key_names), latency >= targets.c.low, latency < targets.c.high)))
+        .where(*conditions, in_spans)
+        .subquery()
+    )
+    found = conn.execute(select(picked.c.target, picked.c.latency_nanos).where(picked.c.n == picked.c.k)).all()
+    return {(wanted[n][0], wanted[n][1]): value for n, value in found}
 
 
 def _after(keys: list[Any], values: list[Any]) -> ColumnElement[bool]:
@@ -289,13 +428,14 @@ def _after(keys: list[Any], values: list[Any]) -> ColumnElement[bool]:
     return or_(*clauses) if clauses else true()
 
 
-def _group(row: Any, grouped: list[str]) -> pb.UsageGroup:
+def _group(row: Any, grouped: list[str], p50: int | None, p95: int | None) -> pb.UsageGroup:
     group = pb.UsageGroup(
-        call_count=row.call_count,
+        call_count=int(row.call_count),
         error_count=int(row.error_count or 0),
         prompt_tokens=int(row.prompt_tokens or 0),
         completion_tokens=int(row.completion_tokens or 0),
-        total_tokens=int(row.total_tokens or 0),
+        # total_tokens = prompt_tokens + completion_tokens in every row (tokens_valid).
+        total_tokens=int(row.prompt_tokens or 0) + int(row.completion_tokens or 0),
     )
     if "model" in grouped:
         group.model = row.model
@@ -306,9 +446,9 @@ def _group(row: Any, grouped: list[str]) -> pb.UsageGroup:
     if row.currency:
         nanos = int(row.cost_units or 0) * 1_000_000_000 + int(row.cost_nanos or 0)
         group.cost.CopyFrom(common_pb2.Money(currency_code=row.currency, units=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000))
-    if row.p50 is not None:
-        set_duration(group.latency_p50, row.p50)
-        set_duration(group.latency_p95, row.p95)
+    if p50 is not None and p95 is not None:
+        set_duration(group.latency_p50, p50)
+        set_duration(group.latency_p95, p95)
     return group
 
 

@@ -21,6 +21,7 @@ from nexus.ai.v1 import ai_pb2 as apb
 from nexus.common.v1 import common_pb2
 from nexus.identity.v1 import identity_pb2 as ipb
 
+from db.domains.ai_usage import MAX_TOKENS
 from tests.conftest import Client, unique
 from tests.support import expect_error, new_user
 from tests.test_access import Actor, actor  # noqa: F401 - the fixture
@@ -206,14 +207,14 @@ def test_money_sums_are_exact_to_the_nano(client: Client) -> None:
     nanos = [999_999_999, 1, 333_333_333, 666_666_667, 999_999_999]
     rows = [
         apb.AIInteraction(module="m", model="exact", request_time=_ts(start + dt.timedelta(seconds=i)),
-                          cost=common_pb2.Money(currency_code="EUR", units=10**9 + i, nanos=n))
+                          cost=common_pb2.Money(currency_code="EUR", units=10**9 - i, nanos=n))
         for i, n in enumerate(nanos)
     ]
     _batch(client, rows)
     [group] = _summary(client, start, start + dt.timedelta(hours=1), [MODEL])[0]
-    total = sum((10**9 + i) * NANOS + n for i, n in enumerate(nanos))
+    total = sum((10**9 - i) * NANOS + n for i, n in enumerate(nanos))
     assert (group.model, group.cost.currency_code, group.cost.units, group.cost.nanos) == ("exact", "EUR", total // NANOS, total % NANOS)
-    assert group.cost.nanos == 999_999_999 and group.cost.units == 5 * 10**9 + 10 + 2
+    assert group.cost.nanos == 999_999_999 and group.cost.units == 5 * 10**9 - 10 + 2
 
 
 def test_percentiles_are_nearest_rank_values_that_were_written(client: Client) -> None:
@@ -390,3 +391,38 @@ def test_search_ranks_prompt_before_response(client: Client, query: str) -> None
     in_prompt = _create(client, prompt=f"{word} {query}", response="an answer")
     hits = client.ai.SearchAIInteractions(apb.SearchAIInteractionsRequest(query=f"{word} {query}", page_size=10)).results
     assert [h.ai_interaction.id for h in hits] == [in_prompt.id, in_response.id]
+
+
+def test_counts_and_costs_past_their_bounds_are_refused_naming_the_field(client: Client, actor: Callable[..., Actor]) -> None:
+    """Token counts past MAX_TOKENS and costs past a billion units are refused where they are
+    written (their sums over billions of rows then fit the summary's 64-bit fields on both
+    databases); rows at the bounds are summed exactly, and the server stays SERVING."""
+    from tests.test_server import SERVING, health_of
+
+    user = actor()
+    huge = [
+        (["prompt_tokens", "completion_tokens"], apb.AIInteraction(module="m", model="huge", prompt_tokens=2**62, completion_tokens=2**62)),
+        (["completion_tokens"], apb.AIInteraction(module="m", model="huge", completion_tokens=MAX_TOKENS + 1)),
+        (["cost.units"], apb.AIInteraction(module="m", model="huge", cost=common_pb2.Money(currency_code="USD", units=10**9 + 1))),
+    ]
+    for fields, row in huge:
+        err = expect_error(Code.INVALID_ARGUMENT, user.c.ai.CreateAIInteraction, apb.CreateAIInteractionRequest(ai_interaction=row))
+        assert [v.field for v in err.violations] == [f"ai_interaction.{f}" for f in fields], err.message
+        request = apb.BatchCreateAIInteractionsRequest(requests=[apb.CreateAIInteractionRequest(ai_interaction=apb.AIInteraction(module="m", model="ok")),
+                                                                 apb.CreateAIInteractionRequest(ai_interaction=row)])
+        err = expect_error(Code.INVALID_ARGUMENT, user.c.ai.BatchCreateAIInteractions, request)
+        assert [v.field for v in err.violations] == [f"requests[1].ai_interaction.{f}" for f in fields], err.message
+    start = _span()
+    at_bounds = apb.AIInteraction(module="m", model="at the bounds", prompt_tokens=MAX_TOKENS, completion_tokens=MAX_TOKENS,
+                                  cost=common_pb2.Money(currency_code="USD", units=10**9, nanos=999_999_999))
+    rows = []
+    for i in range(3):
+        row = apb.AIInteraction()
+        row.CopyFrom(at_bounds)
+        row.request_time.CopyFrom(_ts(start + dt.timedelta(seconds=i)))
+        rows.append(row)
+    _batch(user.c, rows)
+    [group] = _summary(user.c, start, start + dt.timedelta(hours=1), [])[0]
+    assert (group.call_count, group.prompt_tokens, group.total_tokens) == (3, 3 * MAX_TOKENS, 6 * MAX_TOKENS)
+    assert (group.cost.units, group.cost.nanos) == (3 * 10**9 + 2, 999_999_997)
+    assert health_of(client.channel, "readiness") == SERVING

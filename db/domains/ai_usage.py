@@ -75,6 +75,11 @@ class AIInteraction(ResourceMixin, Base):
 # ---------------------------------------------------------------- codecs
 
 
+# The most tokens one call may count (a thousand times the largest context of any model): the
+# summary's sums of billions of such rows stay within 64 bits, on both databases.
+MAX_TOKENS = 10**9
+
+
 class TokenCountCodec(FieldCodec):
     """A count of tokens: an int64 that is not negative."""
 
@@ -89,6 +94,8 @@ class TokenCountCodec(FieldCodec):
         value = getattr(msg, self.name)
         if value < 0:
             raise errors.InvalidArgument.field(self.name, f"must not be negative (got {value})")
+        if value > MAX_TOKENS:
+            raise errors.InvalidArgument.field(self.name, f"must be at most {MAX_TOKENS:,} (got {value})")
         return {self.attr: value}
 
     def dump(self, row: Any, msg: Message) -> None:
@@ -106,7 +113,8 @@ class TotalTokensCodec(TokenCountCodec):
 
     def load(self, msg: Message) -> dict[str, Any]:
         given = getattr(msg, self.name)
-        parts = max(msg.prompt_tokens, 0) + max(msg.completion_tokens, 0)  # pb: their own codecs refuse negatives
+        # Their own codecs refuse negatives and counts past MAX_TOKENS (named as theirs).
+        parts = min(max(msg.prompt_tokens, 0), MAX_TOKENS) + min(max(msg.completion_tokens, 0), MAX_TOKENS)
         if given and given != parts:
             raise errors.InvalidArgument.field(
                 self.name, f"must be prompt_tokens + completion_tokens ({parts}), or unset to be computed (got {given})"
@@ -129,7 +137,8 @@ AI_INTERACTIONS = REGISTRY.add(
             "prompt_tokens": TokenCountCodec("prompt_tokens"),
             "completion_tokens": TokenCountCodec("completion_tokens"),
             "total_tokens": TotalTokensCodec("total_tokens"),
-            "cost": MoneyPartsCodec("cost", "cost_units", "cost_nanos", "cost_currency"),
+            # At most a billion units a call, as MAX_TOKENS: sums of billions of rows fit 64 bits.
+            "cost": MoneyPartsCodec("cost", "cost_units", "cost_nanos", "cost_currency", max_units=10**9),
             "latency": DurationCodec("latency", "latency_nanos"),
         },
         references={"user_id": "User"},

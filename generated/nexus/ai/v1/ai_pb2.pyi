@@ -175,9 +175,9 @@ class AIInteraction(_message.Message):
     response: _builtins.str
     """The model's answer."""
     prompt_tokens: _builtins.int
-    """Tokens of the prompt; not negative."""
+    """Tokens of the prompt; from 0 to 1,000,000,000."""
     completion_tokens: _builtins.int
-    """Tokens of the answer; not negative."""
+    """Tokens of the answer; from 0 to 1,000,000,000."""
     total_tokens: _builtins.int
     """prompt_tokens + completion_tokens: computed when unset, INVALID_ARGUMENT when it differs."""
     status: Global___AIInteractionStatus.ValueType
@@ -188,7 +188,7 @@ class AIInteraction(_message.Message):
     """Output only: changes on every update."""
     @_builtins.property
     def cost(self) -> _common_pb2.Money:
-        """What the call cost; not negative."""
+        """What the call cost; not negative, at most 1,000,000,000 units."""
 
     @_builtins.property
     def latency(self) -> _duration_pb2.Duration:

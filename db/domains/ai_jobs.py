@@ -327,7 +327,8 @@ def watch_next(session: Session, spec: ResourceSpec, row_id: uuid.UUID, position
     """The next states of a watched job after position, each sent only while its caller may see
     the row (read afresh here, with the states): PERMISSION_DENIED once it may not (a job given to
     another user, a role lowered), gone once the row is deleted (its DELETED event)."""
-    chat.stream_access(session, call.actor_type, call.actor_id, call.actor_user_id, call.role, ())  # the credential still holds
+    # The credential still holds, and the role and user it acts with now (a lowered role counts).
+    role, user_id = chat.current_credential(session, call.actor_type, call.actor_id, call.actor_user_id, call.role)
     scope = scope_of(spec, row_id)
     batch = events.read_after(session, scope, position, limit)
     if any(event.event_type == events.DELETED for event in batch):
@@ -335,7 +336,7 @@ def watch_next(session: Session, spec: ResourceSpec, row_id: uuid.UUID, position
     exists = session.execute(select(spec.table.c.id).where(spec.table.c.id == row_id)).first() is not None
     if not exists:
         return Watched([], position, True)
-    allowed = rules.read_predicate(spec, call.role, call.actor_user_id)
+    allowed = rules.read_predicate(spec, role, user_id)
     if allowed is not None:
         visible = session.execute(select(spec.table.c.id).where(spec.table.c.id == row_id, allowed)).first() is not None
         if not visible:
@@ -344,6 +345,11 @@ def watch_next(session: Session, spec: ResourceSpec, row_id: uuid.UUID, position
     for event in batch:
         message = spec.message()
         message.MergeFromString(event.payload)
+        # A state is the caller's to see only if the job was theirs then (the rule is the owner's,
+        # or any for admins): one written while it was another user's ends the stream, however
+        # late the stream reads it.
+        if allowed is not None and message.user_id != str(user_id):
+            raise rules.denied(spec, str(row_id), False)
         states.append(message)
     return Watched(states, batch[-1].seq if batch else position, False)
 

@@ -327,18 +327,15 @@ def _scope_kinds() -> dict[str, ResourceSpec]:
     return {spec.stream_kind: spec for spec in REGISTRY if spec.stream_kind}
 
 
-def stream_access(
-    session: Session, actor_type: str, actor_id: uuid.UUID | None, user_id: uuid.UUID | None, role: str, scopes: Iterable[str]
-) -> dict[str, errors.NexusError]:
-    """An open stream's right to go on, read afresh: the scopes its caller may no longer see,
-    each with the error that ends a stream of it (empty: all still visible).
-
-    The credential is re-read too (an API key's row and role, the user it acts for): a revoked
-    or expired key or an inactive user raises UNAUTHENTICATED, as a new call would get. `role`
-    is the caller's role as authenticated (a JWT's); an API key's own role replaces it. One
-    query for the credential (with its user) and one per kind of scope, whatever their number."""
+def current_credential(
+    session: Session, actor_type: str, actor_id: uuid.UUID | None, user_id: uuid.UUID | None, role: str
+) -> tuple[str, uuid.UUID | None]:
+    """(the role, the user) an open stream's caller acts with now, read afresh: a revoked or
+    expired key or an inactive user raises UNAUTHENTICATED, as a new call would get; an API key's
+    own role replaces `role` (the caller's as authenticated, a JWT's), and no credential acts
+    above its user's current role."""
     if actor_type == "system":
-        return {}
+        return role, user_id
     owner = select(User.is_active, User.delete_time, User.role.label("user_role"))
     if actor_type == "api_key":  # the key and the user it acts for, in one query
         key = session.execute(
@@ -358,6 +355,20 @@ def stream_access(
         raise errors.Unauthenticated("the credentials act for a user who is not active", reason="INVALID_CREDENTIALS")
     if user_id is not None and rules.ROLE_RANK[acting.user_role] < rules.ROLE_RANK[role]:
         role = acting.user_role  # a credential acts with at most its user's current role
+    return role, user_id
+
+
+def stream_access(
+    session: Session, actor_type: str, actor_id: uuid.UUID | None, user_id: uuid.UUID | None, role: str, scopes: Iterable[str]
+) -> dict[str, errors.NexusError]:
+    """An open stream's right to go on, read afresh: the scopes its caller may no longer see,
+    each with the error that ends a stream of it (empty: all still visible).
+
+    The credential is re-read too (an API key's row and role, the user it acts for): a revoked
+    or expired key or an inactive user raises UNAUTHENTICATED, as a new call would get. `role`
+    is the caller's role as authenticated (a JWT's); an API key's own role replaces it. One
+    query for the credential (with its user) and one per kind of scope, whatever their number."""
+    role, user_id = current_credential(session, actor_type, actor_id, user_id, role)
     by_kind: dict[str, dict[uuid.UUID, str]] = {}
     for scope in scopes:
         kind, _, raw_id = scope.partition("/")

@@ -90,7 +90,8 @@ class JobMethods:
             return
         # Subscribed before the first send: a change committed from now on wakes the stream.
         scope = ai_jobs.scope_of(spec, row_id)
-        watcher = streams.Caller("system", call.actor_id, "admin", None)
+        # Re-checked by watch_next, not by the hub; counted with the caller's other streams.
+        watcher = streams.Caller("system", call.actor_id, "admin", None, counted_as=(call.actor_type, call.actor_id))
         sub = await hub.subscribe({scope: position}, self.watch_recheck_seconds or hub.settings.recheck_seconds, watcher)
         try:
             yield current

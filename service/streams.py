@@ -97,6 +97,9 @@ class Caller:
     user_id: uuid.UUID | None
     # The credential as sent, to authenticate it again; held only while the stream is open.
     authorization: str | None = field(default=None, repr=False)
+    # Whose streams it counts with for the per-caller limit, when not its own principal's (a
+    # Watch, held by the system for a caller: service/ai_jobs.py).
+    counted_as: tuple[str, uuid.UUID | None] | None = None
 
     @classmethod
     def of(cls, call: Call | None, authorization: str | None) -> "Caller":
@@ -107,7 +110,7 @@ class Caller:
     @property
     def quota_key(self) -> tuple[str, uuid.UUID | None]:
         """One caller for the per-caller limit: the key, the JWT's user, or the system."""
-        return self.actor_type, self.actor_id
+        return self.counted_as or (self.actor_type, self.actor_id)
 
 
 SYSTEM_CALLER = Caller("system", None, "admin", None)

@@ -22,7 +22,6 @@ from tests.test_ai_jobs import ANALYSIS, KINDS, RUNNING, Kind
 from tests.test_ai_usage import MODEL, _batch, _span, _summary, _ts
 
 Code = grpc.StatusCode
-INT64_MAX = 2**63 - 1
 
 
 # ------------------------------------------------------------------ writes for another user
@@ -355,3 +354,35 @@ def test_another_users_request_id_returns_nothing_of_theirs(actor: Callable[...,
         assert all(m.id != hers.id and m.prompt != "ann's secret" and m.user_id == bob.id for m in got), got
 
 
+
+
+def test_watches_count_against_the_callers_limit_of_open_streams(client: Client, actor: Callable[..., Actor]) -> None:
+    """NEXUS_MAX_STREAMS_PER_CALLER bounds a caller's open streams: Watches of jobs are streams
+    like StreamEvents, so a caller at its limit with StreamEvents may not open Watches beyond
+    it (and Watches alone stop at the limit)."""
+    from nexus.chat.v1 import chat_pb2 as cpb
+
+    owner = actor()
+    server = ServerThread(make_config(client.database_url, max_streams_per_caller=2)).start()
+    c = connect(client.backend, client.database_url, server, secret=owner.key.secret)
+    opened: list[Any] = []
+    try:
+        jobs = [ANALYSIS.create(c) for _ in range(3)]
+        for job in jobs[:2]:
+            opened.append(ANALYSIS.watch(c, job.id))
+            assert next(opened[-1]).id == job.id
+        err = expect_error(Code.RESOURCE_EXHAUSTED, lambda: next(ANALYSIS.watch(c, jobs[2].id)))
+        for s in opened:
+            s.cancel()
+        opened.clear()
+        channel = c.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(name=f"limits-{jobs[0].id[-8:]}")))
+        for _ in range(2):
+            opened.append(c.chat.StreamEvents(cpb.StreamEventsRequest(channel_ids=[channel.id], heartbeat_seconds=1), timeout=60))
+            next(opened[-1])
+        err = expect_error(Code.RESOURCE_EXHAUSTED, lambda: next(ANALYSIS.watch(c, jobs[2].id)))
+        assert err.info.reason
+    finally:
+        for s in opened:
+            s.cancel()
+        c.channel.close()
+        server.stop()

@@ -23,6 +23,7 @@ from db import errors
 from db.blobs import BlobWriter
 from db.domains import files
 from db.engine.call import Call, request_principal
+from db.translate import COMMITTED
 from db.unit import SESSION_READ
 from service.rpc import DomainServicer
 
@@ -41,7 +42,10 @@ def store_failure(exc: OSError) -> errors.NexusError:
     (or over quota), UNAVAILABLE otherwise (an I/O error); either way nothing was kept."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return errors.ResourceExhausted("the blob store is full: nothing was kept", reason="BLOB_STORE_FULL")
-    return errors.Unavailable(f"the blob store failed ({exc.strerror or type(exc).__name__}): nothing was kept", reason="BLOB_STORE_FAILED")
+    return errors.Unavailable(
+        f"the blob store failed ({exc.strerror or type(exc).__name__}): nothing was kept", reason="BLOB_STORE_FAILED",
+        metadata={COMMITTED: "false"},
+    )
 
 
 def _read_messages(blob: BinaryIO, offset: int, size: int) -> tuple[list[bytes], int]:
@@ -123,7 +127,7 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
             except TimeoutError:  # the idle timeout (not an OSError of the store: _upload maps those)
                 raise errors.DeadlineExceeded(
                     f"the upload sent nothing for {self.run.uploads.idle_seconds:g} s: nothing was kept", reason="UPLOAD_IDLE",
-                    metadata={"idle_seconds": f"{self.run.uploads.idle_seconds:g}"},
+                    metadata={"idle_seconds": f"{self.run.uploads.idle_seconds:g}", COMMITTED: "false"},
                 ) from None
 
     @contextlib.contextmanager

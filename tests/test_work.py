@@ -193,6 +193,7 @@ def test_project_budget_round_trips_exactly(client: Client, units: int, nanos: i
         (money(10, 0, "EURO"), "project.budget.currency_code"),
         (money(10, 0, "E1R"), "project.budget.currency_code"),
         (money(10, 0, ""), "project.budget.currency_code"),
+        (money(10, 0, "ÄÖÜ"), "project.budget.currency_code"),  # alphabetic and upper-case, not ISO
         (money(10, 1_000_000_000), "project.budget.nanos"),
         (money(0, -1_000_000_000), "project.budget.nanos"),
         (money(10, -5), "project.budget.nanos"),

@@ -329,6 +329,15 @@ class MessageListCodec(FieldCodec):
             json_format.ParseDict(value, target.add(), ignore_unknown_fields=True)
 
 
+def currency_code(money: Message, field_name: str) -> str:
+    """The Money's currency code: three upper-case ASCII letters (ISO 4217's shape; "ÄÖÜ" is
+    alphabetic and upper-case too, so ASCII is checked), INVALID_ARGUMENT naming it otherwise."""
+    code = money.currency_code
+    if len(code) != 3 or not code.isascii() or not code.isalpha() or not code.isupper():
+        raise InvalidArgument.field(f"{field_name}.currency_code", "must be a three-letter upper-case ISO 4217 code")
+    return code
+
+
 class MoneyCodec(FieldCodec):
     """nexus.common.v1.Money <-> NUMERIC amount column + currency column."""
 
@@ -344,9 +353,7 @@ class MoneyCodec(FieldCodec):
         if not msg.HasField(self.name):
             return {self.amount_attr: None, self.currency_attr: None}
         money = getattr(msg, self.name)
-        code = money.currency_code
-        if len(code) != 3 or not code.isalpha() or not code.isupper():
-            raise InvalidArgument.field(f"{self.name}.currency_code", "must be a three-letter upper-case ISO 4217 code")
+        code = currency_code(money, self.name)
         if abs(money.nanos) >= 1_000_000_000:
             raise InvalidArgument.field(f"{self.name}.nanos", "must be between -999,999,999 and 999,999,999")
         if (money.units > 0 and money.nanos < 0) or (money.units < 0 and money.nanos > 0):
@@ -386,9 +393,7 @@ class MoneyPartsCodec(FieldCodec):
         if not msg.HasField(self.name):
             return {self.units_attr: None, self.nanos_attr: None, self.currency_attr: None}
         money = getattr(msg, self.name)
-        code = money.currency_code
-        if len(code) != 3 or not code.isalpha() or not code.isascii() or not code.isupper():
-            raise InvalidArgument.field(f"{self.name}.currency_code", "must be a three-letter upper-case ISO 4217 code")
+        code = currency_code(money, self.name)
         if money.units < 0 or money.nanos < 0:
             raise InvalidArgument.field(f"{self.name}.units" if money.units < 0 else f"{self.name}.nanos", "must not be negative")
         if money.nanos >= 1_000_000_000:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import errors
@@ -149,6 +149,40 @@ def _ping_idle_connections(engine: Engine, idle_seconds: float) -> None:
     def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
         if time.monotonic() - record.info.get("idle_since", 0.0) >= idle_seconds and not answers(dbapi_conn):
             raise DisconnectionError()
+
+
+class DatabaseUnreachable(RuntimeError):
+    """The database did not answer within the wait at start: `where` is its host:port."""
+
+    def __init__(self, where: str, waited: float, detail: str) -> None:
+        super().__init__(f"the database at {where} did not answer within {waited:g}s: {detail}")
+        self.where = where
+        self.waited = waited
+        self.detail = detail
+
+
+# What PostgreSQL answers while it cannot take connections yet (or for now): worth waiting for.
+# Any other answer (no such database, role or password) is the URL's fault: no wait mends it.
+_PASSING_REFUSALS = ("starting up", "shutting down", "in recovery mode", "too many clients", "connection slots are reserved")
+# The pauses between attempts double from the first up to the cap.
+FIRST_WAIT_SECONDS = 0.25
+MAX_WAIT_SECONDS = 5.0
+
+
+def worth_waiting(exc: BaseException) -> bool:
+    """Whether a failure to connect to PostgreSQL may pass: no answer at all (refused, timed
+    out, a host name not resolvable yet: a pod starting before its database or its DNS entry),
+    or a server that is not taking connections yet."""
+    if not isinstance(exc, OperationalError):
+        return False
+    text = str(exc.orig)
+    return "FATAL:" not in text or any(refusal in text for refusal in _PASSING_REFUSALS)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a driver's message, without SQLAlchemy's decorations."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Progress:
@@ -494,6 +528,42 @@ class Database:
         if notes:
             for listener in list(self._commit_listeners):
                 listener(notes)
+
+    @property
+    def where(self) -> str:
+        """host:port of a PostgreSQL database (the socket directory of a Unix socket), or the SQLite file."""
+        url = make_url(self.url)
+        if not self.is_postgres:
+            return url.database or ""
+        host = url.host or str(url.query.get("host") or "localhost")
+        return f"{host}:{url.port or 5432}"
+
+    def wait_until_reachable(self, seconds: float, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Connect to PostgreSQL, retrying with doubling pauses (up to MAX_WAIT_SECONDS) for
+        `seconds` while the failure may pass (worth_waiting), each wait logged; then
+        DatabaseUnreachable. A failure no wait mends (a wrong password, no such database) is
+        raised at once, as is any on SQLite (a file: nothing to wait for)."""
+        if not self.is_postgres:
+            return
+        deadline = time.monotonic() + seconds
+        pause = FIRST_WAIT_SECONDS
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    conn.execute(select(1))
+                return
+            except Exception as exc:  # noqa: BLE001 - sorted just below
+                if not worth_waiting(exc):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DatabaseUnreachable(self.where, seconds, first_line(exc)) from exc
+                wait = min(pause, left)
+                log.warning(
+                    "the database at %s does not answer (%s): trying again in %.1fs, %.1fs left of the wait", self.where, first_line(exc), wait, left
+                )
+                sleep(wait)
+                pause = min(pause * 2, MAX_WAIT_SECONDS)
 
     def ping(self) -> bool:
         """True when a connection answers SELECT 1."""

@@ -8,12 +8,22 @@ import getpass
 import logging
 import os
 import sys
+import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from db.errors import NexusError
 from service.config import Config, ConfigError
+
+
+# Exit statuses: 0 done; 1 refused by the service, or a check that found something (check-schema,
+# blobs sweep); 2 a setting, flag or argument that cannot work (the line names it); 3 the
+# database did not answer within NEXUS_DB_WAIT_SECONDS (nothing wrong with the settings, maybe:
+# the database may be down; starting again later may work).
+EXIT_REFUSED = 1
+EXIT_BAD_SETTING = 2
+EXIT_DATABASE_UNREACHABLE = 3
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -29,7 +39,9 @@ def _config(args: argparse.Namespace) -> Config:
         overrides["insecure_dev"] = True
     for name in ("tls_cert", "tls_key", "tls_client_ca"):
         overrides[name] = getattr(args, name, None)
-    return Config.from_env(**overrides)
+    config = Config.from_env(**overrides)
+    args.config = config  # for the message of a failure (main)
+    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -37,57 +49,56 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if config.workers > 1:
-            return serve_workers(config)
-        asyncio.run(serve(config))
-    except Exception as exc:  # noqa: BLE001 - a start-up failure is reported in one line, not a trace
-        problem = _start_problem(exc, config)
-        if problem is None:
-            raise
-        print(f"nexus-data: refusing to start: {problem}", file=sys.stderr)
-        return 2
+    if config.workers > 1:
+        return serve_workers(config)
+    asyncio.run(serve(config))
     return 0
 
 
-def _start_problem(exc: Exception, config: Config) -> str | None:
-    """One line for the failures an operator meets at start (the schema, the database, the port,
-    a file named by a setting); None for anything else, which keeps its traceback."""
+def operator_problem(exc: BaseException, config: Config | None) -> tuple[str, int] | None:
+    """(one line, exit status) for the failures an operator meets (a setting, the schema, the
+    database, the port, a file named by a setting, a refused command); None for anything else,
+    a bug, which keeps its traceback."""
     from sqlalchemy import exc as sa_exc
     from sqlalchemy.engine import make_url
 
+    from db.database import DatabaseUnreachable, first_line
     from db.migrate import SchemaMismatch
 
+    setting = config.database_setting if config is not None else "DATABASE_URL"
+    if isinstance(exc, ConfigError):
+        return str(exc), EXIT_BAD_SETTING
+    if isinstance(exc, DatabaseUnreachable):
+        return (
+            f"the database at {exc.where} did not answer within {exc.waited:g}s ({exc.detail}): start it, or correct "
+            f"{setting}; NEXUS_DB_WAIT_SECONDS sets how long to wait for it",
+            EXIT_DATABASE_UNREACHABLE,
+        )
     if isinstance(exc, SchemaMismatch):
-        return str(exc)
+        return str(exc), EXIT_BAD_SETTING
+    if isinstance(exc, NexusError):
+        return f"{exc.message} ({exc.reason})", EXIT_REFUSED
     if isinstance(exc, (sa_exc.DBAPIError, sa_exc.ArgumentError, sa_exc.NoSuchModuleError)):
-        where = make_url(config.database_url).render_as_string(hide_password=True) if "://" in config.database_url else config.database_url
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        return f"the database {where} cannot be used: {first} (DATABASE_URL, DB_HOST..., DB_PATH)"
-    if isinstance(exc, RuntimeError) and "bind" in str(exc).lower():
-        return f"cannot listen on {config.host}:{config.port}: is another server on that port? (NEXUS_HOST, NEXUS_PORT)"
+        url = config.database_url if config is not None else ""
+        where = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+        return f"the database {where} cannot be used: {first_line(exc)} ({setting})", EXIT_BAD_SETTING
+    if config is not None and isinstance(exc, RuntimeError) and "bind" in str(exc).lower():
+        return f"cannot listen on {config.host}:{config.port}: is another server on that port? (NEXUS_HOST, NEXUS_PORT)", EXIT_BAD_SETTING
     if isinstance(exc, OSError) and exc.filename:
-        return f"{exc.strerror}: {exc.filename}"
+        return f"{exc.strerror}: {exc.filename}", EXIT_BAD_SETTING
     return None
 
 
 def _on_the_database(command: str, config: Config, work: Callable[[Any], int]) -> int:
-    """work(database) for a command that needs the database; a database that cannot be used
-    (unreachable, refused, no driver) is one line and exit 2, as for serve."""
-    from db.database import Database
+    """work(database) for a command that needs the database, once it answers (PostgreSQL is
+    waited for, NEXUS_DB_WAIT_SECONDS, as by serve)."""
+    from service.server import open_database
 
+    database = open_database(config)
     try:
-        database = Database(config.database_url, config.pool)
-        try:
-            return work(database)
-        finally:
-            database.dispose()
-    except Exception as exc:  # noqa: BLE001 - an operator's failure is one line, anything else keeps its traceback
-        problem = _start_problem(exc, config)
-        if problem is None:
-            raise
-        print(f"nexus-data {command}: {problem}", file=sys.stderr)
-        return 2
+        return work(database)
+    finally:
+        database.dispose()
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -98,7 +109,7 @@ def _migrate(args: argparse.Namespace) -> int:
             migrate.migrate_to(database.engine, args.revision)
         except migrate.UnknownRevision as exc:
             print(f"nexus-data migrate: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_SETTING
         print(f"schema at {migrate.current_revision(database.engine)}")
         return 0
 
@@ -145,10 +156,10 @@ def _audited(command: str, dialect: str) -> Iterator[str]:
 def _seed(args: argparse.Namespace) -> int:
     from db import migrate, seed
     from db.blobs import BlobStore
-    from db.database import Database
+    from service.server import open_database
 
     config = _config(args)
-    database = Database(config.database_url, config.pool)
+    database = open_database(config)
     try:
         migrate.upgrade(database.engine)
         # Seeded keys' secrets are not kept: on an empty database the first admin key is made
@@ -184,24 +195,66 @@ def _seed(args: argparse.Namespace) -> int:
     return 0
 
 
+# keys create's flags by the field of the key they set (for the service's refusals).
+_KEY_FLAGS = {"name": "--name", "role": "--role", "user_id": "--user-id", "expire_time": "--expires-in-days"}
+MAX_KEY_DAYS = 36_500
+
+
+def _key_name(raw: str) -> str:
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("a key needs a name that is not blank")
+    return raw
+
+
+def _user_id(raw: str) -> str:
+    try:
+        uuid.UUID(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a user id (a UUID)") from None
+    return raw
+
+
+def _days(raw: str) -> int:
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_KEY_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not a number of days from 1 to {MAX_KEY_DAYS} (leave the flag out for a key that does not expire)"
+        )
+    return int(raw)
+
+
+def _flag_of(exc: NexusError) -> str | None:
+    """The keys create flag a refusal of the service is about."""
+    for path in [violation.field for violation in exc.violations] + [exc.metadata.get("field", "")]:
+        flag = _KEY_FLAGS.get(path.rpartition(".")[2])
+        if flag:
+            return flag
+    if exc.resource_type == "User":
+        return "--user-id"
+    return "--name" if exc.reason == "RESOURCE_ALREADY_EXISTS" else None
+
+
 def _keys_create(args: argparse.Namespace) -> int:
     import datetime as dt
 
     import db.domains  # noqa: F401 - the audit trail records the new key
     from db import migrate
-    from db.database import Database
     from db.domains.identity import create_api_key
+    from service.server import open_database
 
     from db import secrets
 
     config = _config(args)
     secrets.configure(config.hash_time_cost, config.hash_memory_kib)
-    database = Database(config.database_url, config.pool)
+    database = open_database(config)
     try:
         migrate.check(database.engine)
         expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=args.expires_in_days) if args.expires_in_days else None
         with _audited("keys create", database.dialect) as request_id:
             key, secret = database.run_sync(lambda s: create_api_key(s, args.name, args.role, args.user_id or "", expires))
+    except NexusError as exc:
+        flag = _flag_of(exc)
+        print(f"nexus-data keys create: {flag + ': ' if flag else ''}{exc.message} ({exc.reason})", file=sys.stderr)
+        return EXIT_REFUSED
     finally:
         database.dispose()
     print(f"API key {key.name!r} ({key.id}, role {args.role}; audited as request {request_id}). The secret is shown once:", file=sys.stderr)
@@ -282,12 +335,27 @@ def _blobs_sweep(args: argparse.Namespace) -> int:
     return _on_the_database("blobs sweep", config, work)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A wrong flag or argument is one line (which, and where the help is), exit status 2, not
+    the usage text with the error at its end."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_SETTING, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+DEBUG_HELP = "on a failure, show its traceback too (by default: one line saying what to change)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nexus-data", description="Nexus Data Service")
+    from service import __version__
+
+    parser = _Parser(prog="nexus-data", description="Nexus Data Service")
+    parser.add_argument("--version", action="version", version=f"nexus-data {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--database-url", help="SQLAlchemy URL; default from DATABASE_URL / DB_* / DB_PATH")
+        p.add_argument("--database-url", help="SQLAlchemy URL; default from DATABASE_URL / DB_* / DB_PATH / NEXUS_DATA_DIR")
 
     serve = sub.add_parser("serve", help="run the gRPC server")
     common(serve)
@@ -314,10 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create an API key and print its secret once")
     common(create)
-    create.add_argument("--name", required=True)
+    create.add_argument("--name", required=True, type=_key_name)
     create.add_argument("--role", required=True, choices=["admin", "manager", "user", "guest"])
-    create.add_argument("--user-id", help="the user the key acts for")
-    create.add_argument("--expires-in-days", type=int, help="days until the key stops working")
+    create.add_argument("--user-id", type=_user_id, help="the user the key acts for (its id, a UUID)")
+    create.add_argument("--expires-in-days", type=_days, help=f"days until the key stops working (1 to {MAX_KEY_DAYS}; default: never)")
     create.set_defaults(func=_keys_create)
 
     blobs = sub.add_parser("blobs", help="the blob store of files (NEXUS_BLOB_DIR)")
@@ -353,15 +421,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # --debug after the command too (`nexus-data serve --debug`); SUPPRESS: absent there, it
+    # leaves the one before the command as it is.
+    for choice in _subparsers(parser):
+        choice.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:  # a setting's bad value: one line naming it, not a trace
-        print(f"nexus-data: refusing to start: {exc}", file=sys.stderr)
-        return 2
-    except NexusError as exc:  # a refused command (e.g. a key above its user's role): the reason
-        print(f"nexus-data: {exc.message} ({exc.reason})", file=sys.stderr)
-        return 1
+    except Exception as exc:  # noqa: BLE001 - an operator's mistake is one line; anything else keeps its traceback
+        found = operator_problem(exc, getattr(args, "config", None))
+        if found is None:
+            raise
+        line, status = found
+        if args.debug:
+            traceback.print_exc()
+        start = args.command == "serve" or isinstance(exc, ConfigError)
+        print(f"{'nexus-data: refusing to start' if start else ' '.join(['nexus-data', *_command_words(args)])}: {line}", file=sys.stderr)
+        return status
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every (sub)command's parser, recursively."""
+    for action in parser._actions:  # noqa: SLF001 - argparse lists its subparsers nowhere else
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for choice in dict.fromkeys(action.choices.values()):
+                yield choice
+                yield from _subparsers(choice)
+
+
+def _command_words(args: argparse.Namespace) -> list[str]:
+    return [word for word in (args.command, getattr(args, "keys_command", None), getattr(args, "blobs_command", None)) if word]
 
 
 if __name__ == "__main__":

@@ -12,9 +12,17 @@ from sqlalchemy.engine import make_url
 from db.blobs import DEFAULT_BLOB_DIR
 from db.database import IN_MEMORY_REFUSED, PoolSettings, is_in_memory
 
-DEFAULT_DB_PATH = "data/nexus.db"
+# The data directory (NEXUS_DATA_DIR), under the working directory unless set: where the SQLite
+# file, the blob store and the first admin key's file go unless each is set on its own. Kept
+# relative to the working directory (the behaviour before the setting existed), so an upgrade
+# never starts on a new, empty database somewhere else; the server logs its absolute path.
+DEFAULT_DATA_DIR = "data"
+SQLITE_FILE_NAME = "nexus.db"
+DEFAULT_DB_PATH = os.path.join(DEFAULT_DATA_DIR, SQLITE_FILE_NAME)
 # The databases the service runs on: URL backend name -> what to call it.
 SUPPORTED_BACKENDS = {"postgresql": "PostgreSQL (postgresql+psycopg2://...)", "sqlite": "SQLite (sqlite:///path)"}
+# The one driver of each (the engine's SQL, its bulk paths and its error translation are theirs).
+SUPPORTED_DRIVERS = {"postgresql": "psycopg2", "sqlite": "pysqlite"}
 
 
 def normalize_url(url: str) -> str:
@@ -31,10 +39,37 @@ def _port(raw: str) -> int:
     return int(raw)
 
 
-def database_url_from_env(env: Mapping[str, str]) -> str:
-    """DATABASE_URL wins; then DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD (PostgreSQL); else DB_PATH (SQLite)."""
+def _refuse_empty(env: Mapping[str, str]) -> None:
+    """A variable set to nothing (a Kubernetes secret's missing key, `export DATABASE_URL=`) is
+    a mistake, never a request for the default: without this check an empty DATABASE_URL or
+    DB_HOST would start on a new SQLite file."""
+    for variable, instead in (
+        ("DATABASE_URL", "unset it for SQLite in NEXUS_DATA_DIR"),
+        ("DB_HOST", "unset it for SQLite in NEXUS_DATA_DIR"),
+        ("DB_PATH", "unset it for nexus.db in NEXUS_DATA_DIR"),
+        ("NEXUS_DATA_DIR", f"unset it for {DEFAULT_DATA_DIR} under the working directory"),
+    ):
+        if variable in env and not env[variable].strip():
+            raise ConfigError(f"{variable} is set but empty: give it a value, or {instead}")
+
+
+def database_setting_from_env(env: Mapping[str, str]) -> str:
+    """The variables the database URL came from, for messages about it."""
     if env.get("DATABASE_URL"):
-        return normalize_url(env["DATABASE_URL"])
+        return "DATABASE_URL"
+    if env.get("DB_HOST"):
+        return "DB_HOST/DB_PORT/DB_NAME/DB_USER"
+    if env.get("DB_PATH"):
+        return "DB_PATH"
+    return "NEXUS_DATA_DIR" if env.get("NEXUS_DATA_DIR") else "DB_PATH/NEXUS_DATA_DIR"
+
+
+def database_url_from_env(env: Mapping[str, str]) -> str:
+    """DATABASE_URL wins; then DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD (PostgreSQL); else DB_PATH
+    (SQLite), by default nexus.db in NEXUS_DATA_DIR."""
+    _refuse_empty(env)
+    if env.get("DATABASE_URL"):
+        return normalize_url(env["DATABASE_URL"].strip())
     stray = [name for name in ("DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD") if env.get(name)]
     if stray and not env.get("DB_HOST"):
         raise ConfigError(
@@ -52,7 +87,7 @@ def database_url_from_env(env: Mapping[str, str]) -> str:
             port=_port(env.get("DB_PORT", "5432")),
             database=env.get("DB_NAME", "nexus"),
         ).render_as_string(hide_password=False)
-    return f"sqlite:///{env.get('DB_PATH', DEFAULT_DB_PATH)}"
+    return f"sqlite:///{env.get('DB_PATH') or os.path.join(env.get('NEXUS_DATA_DIR') or DEFAULT_DATA_DIR, SQLITE_FILE_NAME)}"
 
 
 class ConfigError(ValueError):
@@ -68,6 +103,7 @@ NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
     "pool.timeout": ("DB_POOL_TIMEOUT", float, 0.001, None),
     "pool.recycle": ("DB_POOL_RECYCLE", int, 1, None),
     "pool.ping_after": ("DB_POOL_PING_AFTER", float, 0, None),
+    "db_wait_seconds": ("NEXUS_DB_WAIT_SECONDS", float, 0, None),
     "port": ("NEXUS_PORT", int, 0, 65535),
     "workers": ("NEXUS_WORKERS", int, 1, 256),
     "max_message_bytes": ("NEXUS_MAX_MESSAGE_BYTES", int, 4096, 2**31 - 1),
@@ -121,18 +157,35 @@ def _parsed(env: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
+def check_database_url(url: str, setting: str = "DATABASE_URL") -> None:
+    """ConfigError naming `setting` unless url is a URL of a database the service runs on, with
+    its driver (the URL, and its password, never repeated)."""
+    if not url.strip():
+        raise ConfigError(f"{setting} is empty: give a database URL (postgresql://user@host:5432/name or sqlite:///path)")
+    try:
+        parsed = make_url(url)
+        port = parsed.port
+    except Exception as exc:  # noqa: BLE001 - any parse failure
+        detail = "its port is not a number" if isinstance(exc, ValueError) else "it cannot be parsed"
+        raise ConfigError(f"{setting} is not a database URL: {detail} (postgresql://user@host:5432/name or sqlite:///path)") from None
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"{setting} names port {port}: a port is from 1 to 65535")
+    backend = parsed.get_backend_name()
+    if backend not in SUPPORTED_BACKENDS:
+        raise ConfigError(f"{setting} names a {backend} database: the service runs on {' or '.join(SUPPORTED_BACKENDS.values())} only")
+    driver = parsed.get_driver_name()
+    if driver != SUPPORTED_DRIVERS[backend]:
+        raise ConfigError(
+            f"{setting} names the {backend} driver {driver}, which the service does not use: "
+            f"write {backend}:// (or {backend}+{SUPPORTED_DRIVERS[backend]}://)"
+        )
+    if is_in_memory(url):
+        raise ConfigError(f"{setting} {IN_MEMORY_REFUSED}")
+
+
 def check_settings(config: "Config") -> None:
     """ConfigError naming the variable of the first setting out of its range."""
-    try:
-        make_url(config.database_url).port  # noqa: B018 - parses the port too
-    except Exception as exc:  # noqa: BLE001 - any parse failure; the URL (and its password) is not repeated
-        detail = "its port is not a number" if isinstance(exc, ValueError) else "it cannot be parsed"
-        raise ConfigError(f"DATABASE_URL (or DB_HOST, DB_PORT, ...) is not a database URL: {detail}") from None
-    backend = make_url(config.database_url).get_backend_name()
-    if backend not in SUPPORTED_BACKENDS:
-        raise ConfigError(f"DATABASE_URL names a {backend} database: the service runs on {' or '.join(SUPPORTED_BACKENDS.values())} only")
-    if is_in_memory(config.database_url):
-        raise ConfigError(f"DATABASE_URL {IN_MEMORY_REFUSED}")
+    check_database_url(config.database_url, config.database_setting)
     for name, (variable, _, least, most) in NUMBERS.items():
         owner, _, key = name.rpartition(".")
         value = getattr(getattr(config, owner) if owner else config, key)
@@ -141,6 +194,8 @@ def check_settings(config: "Config") -> None:
             raise ConfigError(f"{variable} must be {allowed}, not {value!r}")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
+    if config.data_dir is not None and not config.data_dir.strip():
+        raise ConfigError(f"NEXUS_DATA_DIR must be a directory path (unset it for the default, {DEFAULT_DATA_DIR} under the working directory)")
     if config.blob_dir is not None and not config.blob_dir.strip():
         raise ConfigError("NEXUS_BLOB_DIR must be a directory path (unset it for the default, blobs beside the database)")
     if not config.jwt_role_claim.strip():
@@ -166,6 +221,12 @@ def check_credential_settings(config: "Config") -> None:
 @dataclass(frozen=True)
 class Config:
     database_url: str = f"sqlite:///{DEFAULT_DB_PATH}"
+    # Where database_url came from (a variable, or --database-url), for the messages about it.
+    database_setting: str = field(default="DATABASE_URL", compare=False)
+    # How long the first connection to PostgreSQL is retried at start (it may start after us).
+    db_wait_seconds: float = 30.0
+    # NEXUS_DATA_DIR; None: the SQLite file's directory, or data under the working directory.
+    data_dir: str | None = None
     host: str = "[::]"
     port: int = 50051
     # Server processes sharing the port (SO_REUSEPORT); each has its own engine and event loop.
@@ -233,16 +294,31 @@ class Config:
         check_settings(self)
 
     @property
-    def blob_path(self) -> str:
-        """The blob store's directory, absolute: NEXUS_BLOB_DIR, else beside the SQLite file
-        (data/blobs under the working directory on PostgreSQL, whose data is elsewhere: set
-        NEXUS_BLOB_DIR there, so every server and `blobs sweep` use the same store)."""
-        if self.blob_dir:
-            return os.path.abspath(self.blob_dir)
+    def sqlite_path(self) -> str | None:
+        """The SQLite file, absolute; None on PostgreSQL."""
         url = make_url(self.database_url)
         if url.get_backend_name() == "sqlite" and url.database:
-            return os.path.abspath(os.path.join(os.path.dirname(url.database) or ".", "blobs"))
-        return os.path.abspath(DEFAULT_BLOB_DIR)
+            return os.path.abspath(url.database)
+        return None
+
+    @property
+    def data_path(self) -> str:
+        """The data directory, absolute: NEXUS_DATA_DIR, else the SQLite file's directory (by
+        default data/ under the working directory, where its nexus.db is), else data/ under
+        the working directory (PostgreSQL, whose data is elsewhere)."""
+        if self.data_dir:
+            return os.path.abspath(self.data_dir)
+        sqlite = self.sqlite_path
+        return os.path.dirname(sqlite) if sqlite else os.path.abspath(DEFAULT_DATA_DIR)
+
+    @property
+    def blob_path(self) -> str:
+        """The blob store's directory, absolute: NEXUS_BLOB_DIR, else blobs/ in the data
+        directory (on PostgreSQL set NEXUS_DATA_DIR or NEXUS_BLOB_DIR to a shared volume, so
+        every server and `blobs sweep` use the same store)."""
+        if self.blob_dir:
+            return os.path.abspath(self.blob_dir)
+        return os.path.join(self.data_path, os.path.basename(DEFAULT_BLOB_DIR))
 
     @property
     def page_bytes(self) -> int:
@@ -257,6 +333,7 @@ class Config:
         values: dict[str, Any] = {k: v for k, v in parsed.items() if not k.startswith("pool.")}
         values.update(
             database_url=database_url_from_env(env),
+            database_setting=database_setting_from_env(env),
             host=env.get("NEXUS_HOST", cls.host),
             pool=pool,
             log_level=env.get("LOG_LEVEL", cls.log_level).strip().upper(),
@@ -269,10 +346,14 @@ class Config:
             tls_key=env.get("NEXUS_TLS_KEY") or None,
             tls_client_ca=env.get("NEXUS_TLS_CLIENT_CA") or None,
         )
+        if "NEXUS_DATA_DIR" in env:
+            values["data_dir"] = env["NEXUS_DATA_DIR"]
         if "NEXUS_BLOB_DIR" in env:
             values["blob_dir"] = env["NEXUS_BLOB_DIR"]
         if "NEXUS_BOOTSTRAP_KEY_FILE" in env:
             values["bootstrap_key_file"] = env["NEXUS_BOOTSTRAP_KEY_FILE"]
+        if overrides.get("database_url") is not None:
+            values["database_setting"] = "--database-url"
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import errno
 import gc
 import os
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -19,12 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 import db.domains  # noqa: F401 - every domain's resources registered, its tables on the metadata
 from db import migrate, secrets
 from db.base import utcnow
 from db.blobs import BlobStore
-from db.database import Database
+from db.database import Database, first_line
 from db.engine import events
 from db.unit import SESSION_READ
 from service import policy
@@ -189,19 +192,89 @@ class _MethodAwarePool:
             return self._pool.FindFileContainingSymbol(service)
 
 
+def open_database(config: Config) -> Database:
+    """The database, once it answers: PostgreSQL is waited for (NEXUS_DB_WAIT_SECONDS; then
+    DatabaseUnreachable); a SQLite directory that cannot be made, or a PostgreSQL that refuses
+    the URL's user, password or database, is a ConfigError naming the setting."""
+    try:
+        database = Database(config.database_url, config.pool, echo=config.db_echo)
+    except OSError as exc:
+        raise ConfigError(
+            f"{config.database_setting}: the SQLite file's directory {exc.filename} cannot be made ({exc.strerror}): choose a writable path"
+        ) from None
+    try:
+        database.wait_until_reachable(config.db_wait_seconds)
+    except DBAPIError as exc:
+        database.dispose()
+        raise ConfigError(f"{config.database_setting}: the database at {database.where} refused the connection: {first_line(exc)}") from exc
+    except BaseException:
+        database.dispose()
+        raise
+    return database
+
+
 def prepare_database(config: Config) -> Database:
     """Open the database and bring its schema to head (or refuse a mismatched one)."""
-    database = Database(config.database_url, config.pool, echo=config.db_echo)
-    if config.migrate_on_start:
-        migrate.upgrade(database.engine)
-    else:
-        migrate.check(database.engine)
+    database = open_database(config)
+    try:
+        if config.migrate_on_start:
+            migrate.upgrade(database.engine)
+        else:
+            migrate.check(database.engine)
+    except BaseException:
+        database.dispose()
+        raise
     return database
+
+
+def _setting_file(path: str, variable: str) -> bytes:
+    """The bytes of a file a setting names; ConfigError naming the setting if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{variable}: {path} cannot be read ({exc.strerror})") from None
+
+
+def check_port(config: Config) -> None:
+    """ConfigError naming NEXUS_PORT when the port is taken (or not ours to take), found before
+    anything is migrated: a probe socket bound as gRPC binds (SO_REUSEADDR) and closed at once.
+    Other failures are left to gRPC's own bind, which reports them."""
+    if config.port == 0:
+        return
+    host = config.host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"NEXUS_HOST (--host) {config.host!r} is not an address to listen on: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"NEXUS_PORT (--port) {config.port} is in use on {config.host}: stop what listens there, or choose another port"
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise ConfigError(f"NEXUS_PORT (--port) {config.port}: not allowed to listen there ({exc.strerror}): choose a port above 1023") from None
+
+
+def preflight(config: Config) -> None:
+    """What serve checks before it opens the database: the files settings name (TLS, the JWT
+    public key) and the port, so that a mistake in them migrates nothing."""
+    _tls_credentials(config)
+    _jwt_settings(config)
+    check_port(config)
 
 
 def create_server(config: Config, database: Database | None = None) -> App:
     """Build the server bound to config.host:config.port (port 0 picks a free one); not started."""
     secrets.configure(config.hash_time_cost, config.hash_memory_kib)
+    # The files settings name are read before the database is touched.
+    tls = _tls_credentials(config) if config.tls_cert else None
+    jwt_settings = _jwt_settings(config)
     db = database or prepare_database(config)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -216,7 +289,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
     ]
     methods = [f"/{full}/{m.name}" for cls, _, full in DOMAIN_SERVICES for m in cls.service_descriptor.methods]
     actions = policy.check_all_covered(methods)  # refuses to start if an RPC has no access rule
-    authenticator = None if config.insecure_dev else Authenticator(db, _jwt_settings(config), _auth_settings(config))
+    authenticator = None if config.insecure_dev else Authenticator(db, jwt_settings, _auth_settings(config))
     server = grpc.aio.server(
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
@@ -256,16 +329,22 @@ def create_server(config: Config, database: Database | None = None) -> App:
         pool=_MethodAwarePool(descriptor_pool.Default()),
     )
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, _tls_credentials(config)) if config.tls_cert else server.add_insecure_port(address)
+    port = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
+    if config.port and port != config.port:
+        # gRPC keeps only the low 16 bits of a port number (70000 binds 4464): never serve on
+        # another port than the one asked for, whatever let it through.
+        raise ConfigError(f"NEXUS_PORT (--port) {config.port}: gRPC bound port {port} instead; a port is from 1 to 65535")
     # With several workers the parent made the bootstrap key (if any) before forking them.
     secret = None if config.insecure_dev or config.workers > 1 else bootstrap_admin_key(db, config)
     return App(config, server, db, port, health_servicer, names, hub, guarded.gate, servicers=servicers, bootstrap_secret=secret)
 
 
 def _jwt_settings(config: Config) -> JwtSettings:
-    public_key = Path(config.jwt_rs256_public_key_file).read_text() if config.jwt_rs256_public_key_file else None
+    public_key = None
+    if config.jwt_rs256_public_key_file:
+        public_key = _setting_file(config.jwt_rs256_public_key_file, "NEXUS_JWT_RS256_PUBLIC_KEY_FILE").decode(errors="replace")
     return JwtSettings(config.jwt_hs256_secret, public_key, config.jwt_issuer, config.jwt_audience, config.jwt_role_claim, config.jwt_max_lifetime_seconds)
 
 
@@ -276,12 +355,19 @@ def _auth_settings(config: Config) -> AuthSettings:
     )
 
 
-def _tls_credentials(config: Config) -> grpc.ServerCredentials:
+def _tls_credentials(config: Config) -> grpc.ServerCredentials | None:
+    """The server's TLS credentials (None without TLS); ConfigError naming the setting of a file
+    that cannot be read."""
+    if not config.tls_cert:
+        if config.tls_client_ca:
+            raise ConfigError("NEXUS_TLS_CLIENT_CA (--tls-client-ca) needs NEXUS_TLS_CERT and NEXUS_TLS_KEY (--tls-cert, --tls-key)")
+        return None
     if not config.tls_key:
-        raise ValueError("--tls-cert needs --tls-key")
-    pair = [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]  # type: ignore[arg-type]
+        raise ConfigError("NEXUS_TLS_CERT (--tls-cert) needs NEXUS_TLS_KEY (--tls-key)")
+    pair = [(_setting_file(config.tls_key, "NEXUS_TLS_KEY (--tls-key)"), _setting_file(config.tls_cert, "NEXUS_TLS_CERT (--tls-cert)"))]
     if config.tls_client_ca:
-        return grpc.ssl_server_credentials(pair, root_certificates=Path(config.tls_client_ca).read_bytes(), require_client_auth=True)
+        ca = _setting_file(config.tls_client_ca, "NEXUS_TLS_CLIENT_CA (--tls-client-ca)")
+        return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=True)
     return grpc.ssl_server_credentials(pair)
 
 
@@ -313,13 +399,11 @@ BOOTSTRAP_KEY_NAME = "bootstrap-admin-key"
 
 
 def bootstrap_key_path(config: Config) -> Path:
-    """NEXUS_BOOTSTRAP_KEY_FILE, else beside the SQLite file, else data/ under the working directory."""
+    """NEXUS_BOOTSTRAP_KEY_FILE, else in the data directory (Config.data_path: by default the
+    SQLite file's)."""
     if config.bootstrap_key_file:
         return Path(config.bootstrap_key_file).absolute()
-    url = make_url(config.database_url)
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        return Path(url.database).absolute().parent / BOOTSTRAP_KEY_NAME
-    return Path("data", BOOTSTRAP_KEY_NAME).absolute()
+    return Path(config.data_path, BOOTSTRAP_KEY_NAME)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -363,10 +447,20 @@ def hand_out_admin_key(config: Config, bootstrap_secret: str) -> None:
     log.warning("first start on an empty database: an admin API key was written to %s (mode 0600); read it, then delete the file", path)
 
 
+def _log_places(config: Config) -> None:
+    """Where the data is, absolute: the data directory, the SQLite file, the blob store."""
+    sqlite = config.sqlite_path
+    log.info(
+        "data directory %s (NEXUS_DATA_DIR): %s, blob store %s", config.data_path,
+        f"SQLite file {sqlite}" if sqlite else f"database at {make_url(config.database_url).render_as_string(hide_password=True)}",
+        config.blob_path,
+    )
+
+
 def _run_worker(config: Config) -> None:
     """Entry point of one worker process (a fresh interpreter: its own engine, its own gRPC)."""
     logging.basicConfig(level=config.log_level, format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, worker=True))
 
 
 def serve_workers(config: Config) -> int:
@@ -379,11 +473,13 @@ def serve_workers(config: Config) -> int:
     import multiprocessing
 
     if config.port == 0:
-        raise ValueError("--workers needs a fixed port")
+        raise ConfigError("NEXUS_WORKERS (--workers) above 1 needs a fixed NEXUS_PORT (--port), not 0")
+    log.info("configuration: %s", config.describe())
+    preflight(config)
+    _log_places(config)
     database = prepare_database(config)
     secret = None if config.insecure_dev else bootstrap_admin_key(database, config)
     database.dispose()
-    log.info("configuration: %s", config.describe())
     _announce(config, secret)
     worker_config = dataclasses.replace(config, migrate_on_start=False)
     context = multiprocessing.get_context("spawn")
@@ -404,9 +500,13 @@ def serve_workers(config: Config) -> int:
     return max((w.exitcode or 0) for w in workers)
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(config: Config, worker: bool = False) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully. (A worker of serve_workers: its
+    parent checked the settings and the port, and migrated.)"""
     log.info("configuration: %s", config.describe())
+    if not worker:
+        preflight(config)
+        _log_places(config)
     app = create_server(config)
     _announce(config, app.bootstrap_secret)
     await app.start()

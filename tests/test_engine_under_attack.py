@@ -308,13 +308,15 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, pythonpa
 @pytest.mark.parametrize("command", ["migrate", "check-schema"])
 def test_migrate_and_check_schema_refuse_an_unreachable_database_in_one_line(tmp_path: Path, command: str) -> None:
     """An operator who points migrate or check-schema at a PostgreSQL that is not there gets what
-    serve says: one line naming the database and the settings, exit status 2, no traceback."""
+    serve says: one line naming the database and the settings, exit status 3 (the database did not
+    answer within NEXUS_DB_WAIT_SECONDS, 0 here), no traceback."""
     url = "postgresql+psycopg2://postgres@127.0.0.1:1/nexus"
-    serve = _cli(["serve", "--port", "0"], tmp_path, {"DATABASE_URL": url})
-    assert serve.returncode == 2 and "refusing to start" in serve.stderr  # what serve says
-    done = _cli([command], tmp_path, {"DATABASE_URL": url})
+    unreachable = {"DATABASE_URL": url, "NEXUS_DB_WAIT_SECONDS": "0"}
+    serve = _cli(["serve", "--port", "0"], tmp_path, unreachable)
+    assert serve.returncode == 3 and "refusing to start" in serve.stderr  # what serve says
+    done = _cli([command], tmp_path, unreachable)
     assert "Traceback" not in done.stderr, done.stderr[-400:]
-    assert done.returncode == 2
+    assert done.returncode == 3
     assert len(done.stderr.strip().splitlines()) == 1
 
 

@@ -111,7 +111,7 @@ def test_a_database_setting_that_cannot_work_is_one_clear_line(tmp_path: Path, e
     setting / the problem, non-zero exit, no 100-line traceback (the unreachable case prints 139
     lines with two tracebacks)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NEXUS_", "DB_", "DATABASE_URL"))}
-    env.update(NEXUS_BOOTSTRAP_KEY_FILE=str(tmp_path / "key"), NEXUS_PORT="0", **env_)
+    env.update(NEXUS_BOOTSTRAP_KEY_FILE=str(tmp_path / "key"), NEXUS_PORT="0", NEXUS_DB_WAIT_SECONDS="0", **env_)
     done = subprocess.run([NEXUS, "serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     output = done.stdout + done.stderr
     assert done.returncode != 0

@@ -93,7 +93,7 @@ def test_an_in_memory_database_is_refused(url: str) -> None:
 
 
 def test_db_path_of_memory_is_refused_too() -> None:
-    with pytest.raises(ConfigError, match="DATABASE_URL names an in-memory SQLite database"):
+    with pytest.raises(ConfigError, match="DB_PATH names an in-memory SQLite database"):
         Config.from_env({"DB_PATH": ":memory:"})
 
 

@@ -38,7 +38,8 @@ RUN pip install --upgrade pip \
 # ---- final: the venv on a clean slim image, run as a non-root user ---------------------------
 FROM ${PYTHON_IMAGE}
 
-# NEXUS_BLOB_DIR on the volume, whichever database: files' bytes outlive the container.
+# NEXUS_DATA_DIR is the volume: the SQLite file, the blob store (whichever database: files' bytes
+# outlive the container) and the first admin key's file.
 # MALLOC_ARENA_MAX=2: two glibc heaps instead of eight per core; after large requests the
 # server's peak and remaining memory are lower (bench/README.md, rss_after_large.py).
 ENV PATH=/opt/venv/bin:$PATH \
@@ -46,8 +47,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     MALLOC_ARENA_MAX=2 \
     NEXUS_PORT=50051 \
-    DB_PATH=/data/nexus.db \
-    NEXUS_BLOB_DIR=/data/blobs
+    NEXUS_DATA_DIR=/data
 
 # Fixed numeric ids, so Kubernetes' runAsNonRoot can check them and volume ownership is stable.
 RUN groupadd --system --gid 10001 nexus \

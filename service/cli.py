@@ -426,7 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # leaves the one before the command as it is.
     for choice in _subparsers(parser):
         choice.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser, which names it and its --help
+        prog = " ".join(["nexus-data", *_command_words(args)])
+        next((p for p in _subparsers(parser) if p.prog == prog), parser).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except Exception as exc:  # noqa: BLE001 - an operator's mistake is one line; anything else keeps its traceback

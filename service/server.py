@@ -520,11 +520,12 @@ async def serve(config: Config, worker: bool = False) -> None:
     # fan-outs, and with this threshold they are rare (bench/README.md). What this service
     # drops is freed by reference counting; the collector is there for the rare cycle.
     gc.set_threshold(10_000, 20, 20)
-    log.info("nexus-data serving on %s:%d (%s); blob store %s", config.host, app.port, app.db.dialect, config.blob_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # (After the handlers: a SIGTERM sent on reading this line shuts down gracefully.)
+    log.info("nexus-data serving on %s:%d (%s); blob store %s", config.host, app.port, app.db.dialect, config.blob_path)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining %.1fs, grace %.1fs", config.drain_seconds, config.grace_seconds)
     await app.stop(stop_server=False)

@@ -5,6 +5,8 @@ import socket
 import threading
 from contextlib import suppress
 
+from sqlalchemy.engine import make_url
+
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target (TCP host:port or a Unix socket path)."""
@@ -75,3 +77,16 @@ class TcpProxy:
             with suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+
+def proxied(url: str) -> tuple[str, TcpProxy]:
+    """A proxy (not yet open) to the PostgreSQL of url, and url routed through it."""
+    parsed = make_url(url)
+    socket_dir = parsed.query.get("host")
+    if socket_dir:  # embedded PostgreSQL listens on a Unix socket only
+        port = parsed.port or 5432
+        proxy = TcpProxy("", 0, unix_path=f"{socket_dir}/.s.PGSQL.{port}")
+    else:
+        proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+    routed = parsed.set(host="127.0.0.1", port=proxy.port, query={})
+    return routed.render_as_string(hide_password=False), proxy

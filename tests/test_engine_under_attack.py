@@ -485,9 +485,9 @@ def test_an_outage_fails_calls_fast_and_the_service_recovers_when_postgresql_is_
 
     from tests.conftest import ServerThread, connect, make_config
 
-    from tests.test_server import _proxied
+    from tests.tcp_proxy import proxied
 
-    routed, proxy = _proxied(database_url)  # (a TCP or, for an embedded PostgreSQL, a Unix socket)
+    routed, proxy = proxied(database_url)  # (a TCP or, for an embedded PostgreSQL, a Unix socket)
     proxy.open()
     server = ServerThread(make_config(routed)).start()
     try:

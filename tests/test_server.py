@@ -17,13 +17,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nexus.identity.v1 import identity_pb2 as ipb
-from sqlalchemy.engine import make_url
 
 from service.server import DOMAIN_SERVICES
 from tests.conftest import Client, ServerThread, connect, make_config, unique
 from tests.databases import fresh_postgres_database
 from tests.support import expect_error
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, proxied
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -62,24 +61,12 @@ def test_health_names(client: Client) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def _proxied(url: str) -> tuple[str, TcpProxy]:
-    parsed = make_url(url)
-    socket_dir = parsed.query.get("host")
-    if socket_dir:  # embedded PostgreSQL listens on a Unix socket only
-        port = parsed.port or 5432
-        proxy = TcpProxy("", 0, unix_path=f"{socket_dir}/.s.PGSQL.{port}")
-    else:
-        proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
-    routed = parsed.set(host="127.0.0.1", port=proxy.port, query={})
-    return routed.render_as_string(hide_password=False), proxy
-
-
 @contextlib.contextmanager
 def blinking_postgres_server(**config: Any) -> Iterator[tuple[Client, TcpProxy]]:
     """A server whose PostgreSQL sits behind a proxy the test can cut. The Client's
     database_url is the database's own, not through the proxy, for the test's connections."""
     with fresh_postgres_database("nexus_blink") as url:
-        routed, proxy = _proxied(url)
+        routed, proxy = proxied(url)
         proxy.open()
         server = ServerThread(make_config(routed, **config)).start()
         c = connect("postgresql", routed, server)

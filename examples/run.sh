@@ -52,29 +52,36 @@ readonly DEBIAN_MODULES=(google.golang.org/grpc google.golang.org/protobuf googl
 # source. Each replacement is a directory of links to Debian's files with a go.mod of its own
 # that requires only the others: the go.mod files Debian ships name the whole upstream module
 # graph (linters, xDS, cloud SDKs), which is not installed and could not be fetched.
+# The replacements live in a fixed place outside the checkout, made again only when Debian's
+# packages change: Go's build cache keys on source paths, so a fixed path keeps the next
+# build, from any clone, fast.
 debian_go_work() {
-    # A fixed place (ignored by git), not the temporary directory: Go's build cache keys on
-    # source paths, so the same path keeps later builds fast.
-    local work=$ROOT/.ci/.go-debian m o entry
-    rm -rf "$work"
-    local replaces=""
-    for m in "${DEBIAN_MODULES[@]}"; do
-        [[ -f $DEBIAN_GO/$m/go.mod ]] || fail "$DEBIAN_GO/$m is missing: apt-get install the Go packages .ci/run lists"
-        mkdir -p "$work/$m"
-        for entry in "$DEBIAN_GO/$m"/*; do
-            [[ $(basename "$entry") == go.mod ]] || ln -s "$entry" "$work/$m/"
+    local cache=${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/nexus-data/go-debian
+    local stamp m o entry replaces=""
+    stamp=$(printf '%s\n' "${DEBIAN_MODULES[@]}"; ls -ld --time-style=+%s "${DEBIAN_MODULES[@]/#/$DEBIAN_GO/}")
+    if [[ ! -f $cache/stamp || $(cat "$cache/stamp") != "$stamp" ]]; then
+        local fresh=$cache.$$
+        rm -rf "$fresh"
+        for m in "${DEBIAN_MODULES[@]}"; do
+            [[ -f $DEBIAN_GO/$m/go.mod ]] || fail "$DEBIAN_GO/$m is missing: apt-get install the Go packages .ci/run lists"
+            mkdir -p "$fresh/$m"
+            for entry in "$DEBIAN_GO/$m"/*; do
+                [[ $(basename "$entry") == go.mod ]] || ln -s "$entry" "$fresh/$m/"
+            done
+            {
+                echo "module $m"
+                grep -m1 '^go ' "$DEBIAN_GO/$m/go.mod" || true
+                echo "require ("
+                for o in "${DEBIAN_MODULES[@]}"; do [[ $o == "$m" ]] || printf '\t%s v0.0.0\n' "$o"; done
+                echo ")"
+            } >"$fresh/$m/go.mod"
         done
-        {
-            echo "module $m"
-            grep -m1 '^go ' "$DEBIAN_GO/$m/go.mod" || true
-            echo "require ("
-            for o in "${DEBIAN_MODULES[@]}"; do [[ $o == "$m" ]] || printf '\t%s v0.0.0\n' "$o"; done
-            echo ")"
-        } >"$work/$m/go.mod"
-        replaces+=$(printf '\t%s => %s' "$m" "$work/$m")$'\n'
-    done
-    printf 'go 1.19\n\nuse (\n\t%s\n\t%s\n)\n\nreplace (\n%s)\n' "$ROOT/examples/go" "$ROOT/gen/go" "$replaces" >"$work/go.work"
-    echo "$work/go.work"
+        printf '%s' "$stamp" >"$fresh/stamp"
+        rm -rf "$cache" && mv "$fresh" "$cache"
+    fi
+    for m in "${DEBIAN_MODULES[@]}"; do replaces+=$(printf '\t%s => %s' "$m" "$cache/$m")$'\n'; done
+    printf 'go 1.19\n\nuse (\n\t%s\n\t%s\n)\n\nreplace (\n%s)\n' "$ROOT/examples/go" "$ROOT/gen/go" "$replaces" >"$TMP_DIR/go.work"
+    echo "$TMP_DIR/go.work"
 }
 
 build_go() {

@@ -58,7 +58,8 @@ def test_grpcurl_is_the_expected_binary() -> None:
 def test_list_services(client: Client) -> None:
     listed = ok(grpcurl(client, "list")).split()
     assert {IDENTITY, WORK} <= set(SERVICES)
-    assert sorted(listed) == sorted({*SERVICES, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
+    reflection = {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+    assert sorted(listed) == sorted({*SERVICES, "grpc.health.v1.Health", *reflection})
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
@@ -92,6 +93,42 @@ def test_describe_a_method(client: Client, method: str) -> None:
     out = ok(grpcurl(client, "describe", method))
     assert out.startswith(f"{method} is a method:")
     assert _signature(SERVICES[service].methods_by_name[name]) in out
+
+
+PROTOS = Path(__file__).resolve().parent.parent / "protos"
+
+
+def proto_comment(proto: str, declaration: str) -> list[str]:
+    """The `//` comment lines right above the line of the .proto that starts with `declaration`."""
+    lines = (PROTOS / proto).read_text().splitlines()
+    (at,) = [i for i, line in enumerate(lines) if line.strip().startswith(declaration)]
+    comment = []
+    while lines[at - 1].strip().startswith("//"):
+        at -= 1
+        comment.insert(0, lines[at].strip())
+    assert comment, f"{declaration} has no comment in {proto}"
+    return comment
+
+
+@pytest.mark.parametrize(
+    "symbol, declarations",
+    [
+        (f"{WORK}.CreateTask", ["rpc CreateTask("]),
+        (WORK, ["service WorkService", "rpc CreateTask(", "rpc GetProjectProgress("]),
+        ("nexus.work.v1.Task", ["message Task {", "string project_id = 2;", "repeated string tags = 12;"]),
+        ("nexus.work.v1.TaskStatus", ["enum TaskStatus {"]),
+        ("nexus.common.v1.Money", ["message Money {", "int32 nanos = 3;"]),
+    ],
+)
+def test_describe_shows_the_comments_of_the_protos(client: Client, symbol: str, declarations: list[str]) -> None:
+    """Reflection serves the files with their source info: grpcurl prints each comment above its
+    element, as the .proto has it."""
+    proto = f"nexus/{symbol.split('.')[1]}/v1/{symbol.split('.')[1]}.proto"
+    out = [line.strip() for line in ok(grpcurl(client, "describe", symbol)).splitlines()]
+    for declaration in declarations:
+        comment = proto_comment(proto, declaration)
+        found = [i for i in range(len(out)) if out[i : i + len(comment)] == comment]
+        assert found, f"{symbol}: the comment of {declaration!r} is not shown:\n{comment}\n---\n" + "\n".join(out)
 
 
 _SCALARS = {

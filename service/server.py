@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
@@ -27,7 +25,7 @@ from db.blobs import BlobStore
 from db.database import Database
 from db.engine import events
 from db.unit import SESSION_READ
-from service import policy
+from service import policy, reflection
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.chat import ChatService
 from service.config import Config, ConfigError
@@ -163,32 +161,6 @@ class App:
         await asyncio.get_running_loop().run_in_executor(None, self.db.dispose)
 
 
-class _MethodAwarePool:
-    """The default descriptor pool, whose FindFileContainingSymbol also resolves methods.
-
-    grpcurl's `describe pkg.Service.Method` asks reflection for the file defining the method; the
-    upb protobuf backend's pool knows services but not their method names, so it would answer
-    "Symbol not found".
-    """
-
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pool, name)
-
-    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - the pool's API
-        try:
-            return self._pool.FindFileContainingSymbol(symbol)
-        except KeyError:
-            service, _, method = symbol.rpartition(".")
-            try:
-                self._pool.FindServiceByName(service).methods_by_name[method]
-            except KeyError:
-                raise KeyError(symbol) from None
-            return self._pool.FindFileContainingSymbol(service)
-
-
 def prepare_database(config: Config) -> Database:
     """Open the database and bring its schema to head (or refuse a mismatched one)."""
     database = Database(config.database_url, config.pool, echo=config.db_echo)
@@ -250,11 +222,8 @@ def create_server(config: Config, database: Database | None = None) -> App:
         raise RuntimeError(f"domain services registered without their guard: {sorted(set(names) - set(guarded.registered))}")
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-        pool=_MethodAwarePool(descriptor_pool.Default()),
-    )
+    # v1 and v1alpha, the protos' comments included (service/reflection.py)
+    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server)
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, _tls_credentials(config)) if config.tls_cert else server.add_insecure_port(address)
     if port == 0:

@@ -202,8 +202,9 @@ def _pod_problems(where: str, owner: dict[str, Any], uid: int) -> list[str]:
         sc = {**pod_sc, **container.get("securityContext", {})}
         if sc.get("runAsNonRoot") is not True:
             say(f"container {name}: runAsNonRoot must be true")
-        if sc.get("runAsUser") != uid:
-            say(f"container {name}: runAsUser must be {uid}, the Dockerfile's user, not {sc.get('runAsUser')!r}")
+        for level, context in (("pod", pod_sc), (f"container {name}", sc)):
+            if context.get("runAsUser", uid if level == "pod" else None) != uid:
+                say(f"{level}: runAsUser must be {uid}, the Dockerfile's user, not {context.get('runAsUser')!r}")
         if container.get("securityContext", {}).get("readOnlyRootFilesystem") is not True:
             say(f"container {name}: readOnlyRootFilesystem must be true")
         if container.get("securityContext", {}).get("allowPrivilegeEscalation") is not False:

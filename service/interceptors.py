@@ -80,13 +80,6 @@ def refused() -> grpc.Status:
     return to_status(settled(errors.Unavailable("the server is shutting down; retry the call", reason="SERVER_SHUTTING_DOWN"), maybe_committed=False))
 
 
-def interrupted(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The code of a call that ended without an answer of ours: its deadline passed, or the
-    client went away."""
-    remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
-
-
 class CallGuard:
     """Runs one method's behavior inside the checks; one instance per method, built once."""
 
@@ -122,10 +115,10 @@ class CallGuard:
             # A DEADLINE_EXCEEDED or UNAVAILABLE that does not say whether the call changed
             # anything (db/database.py says so when it knows) says it may have.
             settled(exc, maybe_committed=True)
-            self.telemetry.end(record, exc.code, context, exc.reason)  # the access line (NEXUS_ACCESS_LOG), the span
+            self.telemetry.end(record, exc.code, exc.reason)  # the access line (NEXUS_ACCESS_LOG), the span
             await context.abort_with_status(to_status(exc, request_id))
         log.exception("unhandled error in %s [request %s]", self.method, request_id)
-        self.telemetry.end(record, grpc.StatusCode.INTERNAL, context, "INTERNAL")
+        self.telemetry.end(record, grpc.StatusCode.INTERNAL, "INTERNAL")
         await context.abort_with_status(internal_status(f"internal error in {self.method} (request {request_id}); it has been logged", request_id))
 
     def unary(self, behavior: Behavior) -> Behavior:
@@ -134,17 +127,17 @@ class CallGuard:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             record = telemetry.begin(self.method, context)
             if gate.closed:
-                telemetry.end(record, grpc.StatusCode.UNAVAILABLE, context, "SERVER_SHUTTING_DOWN")
+                telemetry.end(record, grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
                 await context.abort_with_status(refused())
             gate.entered(context)
             token = None
             try:
                 _, token = await self.enter(context, record)
                 response = await behavior(request, context)
-                telemetry.end(record, grpc.StatusCode.OK, context)
+                telemetry.end(record, grpc.StatusCode.OK)
                 return response
             except (grpc.aio.AbortError, asyncio.CancelledError):
-                telemetry.end(record, interrupted(context), context)  # (nothing after an abort of fail: its outcome is recorded)
+                telemetry.end(record, record.interrupted())  # (nothing after an abort of fail: its outcome is recorded)
                 raise
             except Exception as exc:  # noqa: BLE001 - NexusError or a bug: both become a Status
                 await self.fail(context, exc, record)
@@ -160,7 +153,7 @@ class CallGuard:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             record = telemetry.begin(self.method, context)
             if gate.closed:
-                telemetry.end(record, grpc.StatusCode.UNAVAILABLE, context, "SERVER_SHUTTING_DOWN")
+                telemetry.end(record, grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
                 await context.abort_with_status(refused())
             gate.entered(context)
             token = None
@@ -168,9 +161,9 @@ class CallGuard:
                 _, token = await self.enter(context, record)
                 async for item in behavior(request, context):
                     yield item
-                telemetry.end(record, grpc.StatusCode.OK, context)
+                telemetry.end(record, grpc.StatusCode.OK)
             except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
-                telemetry.end(record, interrupted(context), context)  # (nothing after an abort of fail: its outcome is recorded)
+                telemetry.end(record, record.interrupted())  # (nothing after an abort of fail: its outcome is recorded)
                 raise
             except Exception as exc:  # noqa: BLE001
                 await self.fail(context, exc, record)

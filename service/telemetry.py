@@ -58,11 +58,16 @@ class CallRecord:
     once it has made it and the caller once authenticated (`principal`: the kind of caller and
     its id, "api_key:<key id>", "user:<user id>", "system": never a secret)."""
 
-    __slots__ = ("method", "started", "call", "principal", "span", "ended", "_token", "_otel_token")
+    __slots__ = ("method", "started", "peer", "deadline", "call", "principal", "span", "ended", "_token", "_otel_token")
 
-    def __init__(self, method: str, started: float) -> None:
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
         self.method = method
-        self.started = started
+        self.started = time.perf_counter()
+        # Read now: a stream the client left may end after its call is gone, when the
+        # context must not be touched any more.
+        self.peer = context.peer() or ""
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else self.started + remaining
         self.call: Call | None = None
         self.principal: str | None = None
         self.span: Any = None
@@ -73,6 +78,12 @@ class CallRecord:
     @property
     def request_id(self) -> str | None:
         return self.call.request_id if self.call is not None else None
+
+    def interrupted(self) -> grpc.StatusCode:
+        """The code of a call that ended without an answer of ours: its deadline passed, or
+        the client went away."""
+        passed = self.deadline is not None and time.perf_counter() >= self.deadline
+        return grpc.StatusCode.DEADLINE_EXCEEDED if passed else grpc.StatusCode.CANCELLED
 
 
 # The call being handled, for the log lines written while it is (LogContext). The database
@@ -285,13 +296,13 @@ class CallTelemetry:
     def begin(self, method: str, context: grpc.aio.ServicerContext) -> CallRecord:
         """A call arrives: its clock starts, its record becomes the current one, and with
         tracing on its server span starts (continuing the caller's traceparent) as the current span."""
-        record = CallRecord(method, time.perf_counter())
+        record = CallRecord(method, context)
         record._token = CURRENT_RECORD.set(record)
         if _tracer is not None:
             self._start_span(record, context)
         return record
 
-    def end(self, record: CallRecord, code: grpc.StatusCode, context: grpc.aio.ServicerContext, reason: str = "") -> None:
+    def end(self, record: CallRecord, code: grpc.StatusCode, reason: str = "") -> None:
         """The call's outcome: its access line (if the mode and the sample say so), the end of its
         span. Once per call; a second call (an abort after its outcome was known) does nothing."""
         if record.ended:
@@ -299,16 +310,16 @@ class CallTelemetry:
         record.ended = True
         duration_ms = (time.perf_counter() - record.started) * 1000
         if self.access != "off" and (code is not grpc.StatusCode.OK or (self.access == "all" and (self.sample >= 1 or random.random() < self.sample))):
-            self._access_line(record, code, duration_ms, context, reason)
+            self._access_line(record, code, duration_ms, reason)
         if record.span is not None:
             self._end_span(record, code, reason)
         if CURRENT_RECORD.get(None) is record:  # (a stream may end in another context: nothing to undo there)
             with contextlib.suppress(ValueError):
                 CURRENT_RECORD.reset(record._token)
 
-    def _access_line(self, record: CallRecord, code: grpc.StatusCode, duration_ms: float, context: grpc.aio.ServicerContext, reason: str) -> None:
+    def _access_line(self, record: CallRecord, code: grpc.StatusCode, duration_ms: float, reason: str) -> None:
         request_id = record.request_id
-        peer = context.peer() or ""
+        peer = record.peer
         fields: dict[str, Any] = {
             "method": record.method, "code": code.name, "duration_ms": round(duration_ms, 3), "peer": peer,
         }

@@ -40,9 +40,6 @@ access_log = logging.getLogger("nexus.rpc.access")
 log = logging.getLogger("nexus.telemetry")
 
 SERVICE_NAME = "nexus-data"
-# The fields a log line carries about the call it was logged in (LogContext), besides time,
-# level, logger, message and pid.
-CALL_FIELDS = ("request_id", "trace_id", "span_id", "method", "principal")
 # The server span's status is an error for these codes only (OpenTelemetry's semantic
 # conventions for gRPC servers): the others are the client's mistakes, not the server's.
 SERVER_ERRORS = frozenset(
@@ -124,12 +121,13 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 class TextFormatter(logging.Formatter):
-    """The text line, with the call's request id and trace id appended when it has them."""
+    """The text line, with the call's request id and trace id appended when it has them (and
+    its message does not say them already, as an access line does its request id)."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         values = record.__dict__
-        tags = [f"{name}={values[name]}" for name in ("request_id", "trace_id") if values.get(name)]
+        tags = [f"{name}={values[name]}" for name in ("request_id", "trace_id") if values.get(name) and values[name] not in record.message]
         if not tags:
             return line
         first, newline, rest = line.partition("\n")  # after the message, before a traceback
@@ -138,7 +136,7 @@ class TextFormatter(logging.Formatter):
 
 def json_formatter() -> logging.Formatter:
     """One JSON object per line: time (RFC 3339, UTC), level, logger, message, pid, then the
-    fields of the call (CALL_FIELDS) and of an access line (code, duration_ms, peer, reason)
+    fields of the call (request_id, trace_id, span_id, method, principal) and of an access line (code, duration_ms, peer, reason)
     when known, and exc_info (the traceback) for an exception."""
     from pythonjsonlogger.json import JsonFormatter
 

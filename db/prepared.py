@@ -7,7 +7,7 @@ needs from the one compilation: the SQL text, the bind parameters' names and the
 processors. It runs the statement on the connection's DBAPI cursor and keeps SQLAlchemy's error
 handling: a DBAPI error is wrapped as SQLAlchemy wraps it (so db/translate.py reads it the same
 way) and a lost connection is invalidated. With DB_ECHO on, statements go through SQLAlchemy so
-that they are logged.
+that they are logged, and so they do while they are traced (`through_sqlalchemy`).
 
 Rows of a `processed` statement (a SELECT) go through its columns' result processors, made from
 the driver's type codes of the first result; other rows come back as the driver answers them:
@@ -21,6 +21,12 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
+
+
+# True while statements are traced (service/telemetry.py): every prepared statement then goes
+# through SQLAlchemy's execution, as with DB_ECHO, so that the engine's events (and the tracing
+# that listens to them) see it. Off, statements skip those events: the fast path.
+through_sqlalchemy = False
 
 
 def run_on_cursor(conn: Connection, sql: str, params: Any, many: bool = False) -> tuple[Any, list[Any]]:
@@ -72,7 +78,7 @@ class Prepared:
     def run_many(self, conn: Connection, rows: list[dict[str, Any]], prefix: str = "") -> None:
         """Run a statement that returns nothing once per row by the driver's executemany (SQLite:
         one loop in C over the bound tuples). Each row's keys, prefixed, name every parameter."""
-        if conn.engine.echo:
+        if through_sqlalchemy or conn.engine.echo:
             conn.execute(self.stmt, [{prefix + key: value for key, value in row.items()} for row in rows])
             return
         if self.positional is None:
@@ -89,7 +95,7 @@ class Prepared:
         """The statement's rows (or [] for none) for params, which must name every parameter."""
         if params.keys() != self.names:
             raise KeyError(f"parameters {sorted(params.keys() ^ self.names)} do not match the statement's")
-        if conn.engine.echo:
+        if through_sqlalchemy or conn.engine.echo:
             result = conn.execute(self.stmt, params)
             return result.all() if result.returns_rows else []
         processors = self.processors

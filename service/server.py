@@ -39,6 +39,7 @@ from service.memory import MemoryTrimmer
 from service.rpc import Runner, UploadLimits
 from service.security import SecurityService
 from service.streams import ChangeHub, HubSettings
+from service import telemetry
 from service.work import WorkService
 
 log = logging.getLogger("nexus.server")
@@ -212,7 +213,8 @@ def create_server(config: Config, database: Database | None = None) -> App:
     )
     names = []
     servicers = []
-    guarded = GuardedRegistration(server, actions, authenticator, db.dialect)
+    telemetry.trace_database(db)  # (only while tracing is on)
+    guarded = GuardedRegistration(server, actions, authenticator, db.dialect, telemetry.CallTelemetry(config.access_log, config.access_log_sample))
     for servicer_cls, register, full_name in DOMAIN_SERVICES:
         servicer = servicer_cls(run, hub)
         register(servicer, guarded)
@@ -334,7 +336,7 @@ def hand_out_admin_key(config: Config, bootstrap_secret: str) -> None:
 
 def _run_worker(config: Config) -> None:
     """Entry point of one worker process (a fresh interpreter: its own engine, its own gRPC)."""
-    logging.basicConfig(level=config.log_level, format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
+    telemetry.configure_logging(config.log_level, config.log_format)
     asyncio.run(serve(config))
 
 
@@ -376,6 +378,7 @@ def serve_workers(config: Config) -> int:
 async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     log.info("configuration: %s", config.describe())
+    telemetry.setup_tracing()  # only with an OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)
     app = create_server(config)
     _announce(config, app.bootstrap_secret)
     await app.start()
@@ -397,6 +400,7 @@ async def serve(config: Config) -> None:
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining %.1fs, grace %.1fs", config.drain_seconds, config.grace_seconds)
     await app.stop(stop_server=False)
+    telemetry.shutdown_tracing()  # the spans still buffered are exported
     log.info("stopped")
     # Out without grpc's stop (App.stop): the calls still arriving (refused with UNAVAILABLE
     # since the drain began) see their connection closed, UNAVAILABLE too, never CANCELLED.

@@ -427,8 +427,13 @@ class Database:
         likely lost too; new pools take their place (the checked-out ones go back to the old pools, which
         close them), so that the first calls after the database is back do not fail on them one
         by one (each failure would make the server NOT_SERVING again)."""
-        for engine in {self.engine, self.read_engine, *((self._writer,) if self._writer is not None else ())}:
+        for engine in self.engines:
             engine.dispose(close=False)
+
+    @property
+    def engines(self) -> list[Engine]:
+        """Every engine of the database, each once: the main one, the reads' and SQLite's writer's."""
+        return [self.engine, self.read_engine, *((self._writer,) if self._writer is not None else ())]
 
     async def run(self, work: Callable[[Any], T], plan: Plan = TRANSACTION, *, deadline: float | None = None, resource_type: str = "") -> T:
         """run_sync on a database thread: writes of SQLite on its one write thread, the rest on the pool's."""

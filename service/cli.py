@@ -34,9 +34,10 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     from service.server import serve, serve_workers
+    from service.telemetry import configure_logging
 
     config = _config(args)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.log_format)
     try:
         if config.workers > 1:
             return serve_workers(config)
@@ -45,7 +46,10 @@ def _serve(args: argparse.Namespace) -> int:
         problem = _start_problem(exc, config)
         if problem is None:
             raise
-        print(f"nexus-data: refusing to start: {problem}", file=sys.stderr)
+        if config.log_format == "json":  # every line on stderr JSON
+            logging.getLogger("nexus").critical("refusing to start: %s", problem)
+        else:
+            print(f"nexus-data: refusing to start: {problem}", file=sys.stderr)
         return 2
     return 0
 

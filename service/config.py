@@ -93,9 +93,13 @@ NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
     "max_file_bytes": ("NEXUS_MAX_FILE_BYTES", int, 1, None),
     "upload_idle_seconds": ("NEXUS_UPLOAD_IDLE_SECONDS", float, 0.1, None),
     "max_uploads_per_caller": ("NEXUS_MAX_UPLOADS_PER_CALLER", int, 1, None),
+    "access_log_sample": ("NEXUS_ACCESS_LOG_SAMPLE", float, 0, 1),
 }
 BOOLEANS = {"pool.pre_ping": "DB_POOL_PRE_PING", "db_echo": "DB_ECHO", "migrate_on_start": "NEXUS_MIGRATE_ON_START"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+# Which calls get an access line (service/telemetry.py): every call, the failed ones, none.
+ACCESS_LOG_MODES = ("all", "errors", "off")
 MIN_HS256_SECRET_BYTES = 32
 
 
@@ -141,6 +145,10 @@ def check_settings(config: "Config") -> None:
             raise ConfigError(f"{variable} must be {allowed}, not {value!r}")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {config.log_format!r}")
+    if config.access_log not in ACCESS_LOG_MODES:
+        raise ConfigError(f"NEXUS_ACCESS_LOG must be one of {', '.join(ACCESS_LOG_MODES)}, not {config.access_log!r}")
     if config.blob_dir is not None and not config.blob_dir.strip():
         raise ConfigError("NEXUS_BLOB_DIR must be a directory path (unset it for the default, blobs beside the database)")
     if not config.jwt_role_claim.strip():
@@ -180,6 +188,12 @@ class Config:
     grace_seconds: float = 10.0
     health_interval_seconds: float = 2.0
     log_level: str = "INFO"
+    # Log lines as text, or as one JSON object per line (service/telemetry.py).
+    log_format: str = "text"
+    # The access log: one line per call (all), per failed call (errors), or none (off); in "all",
+    # this share of the successful calls (0 to 1; failed calls are always logged).
+    access_log: str = "errors"
+    access_log_sample: float = 1.0
     # Change log: how long events stay resumable, how often old ones are purged.
     event_retention_seconds: float = 7 * 24 * 3600.0
     event_purge_interval_seconds: float = 300.0
@@ -260,6 +274,8 @@ class Config:
             host=env.get("NEXUS_HOST", cls.host),
             pool=pool,
             log_level=env.get("LOG_LEVEL", cls.log_level).strip().upper(),
+            log_format=(env.get("LOG_FORMAT", "").strip() or cls.log_format).lower(),
+            access_log=(env.get("NEXUS_ACCESS_LOG", "").strip() or cls.access_log).lower(),
             jwt_hs256_secret=env.get("NEXUS_JWT_HS256_SECRET") or None,
             jwt_rs256_public_key_file=env.get("NEXUS_JWT_RS256_PUBLIC_KEY_FILE") or None,
             jwt_issuer=env.get("NEXUS_JWT_ISSUER") or None,

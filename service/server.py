@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
@@ -27,7 +25,7 @@ from db.blobs import BlobStore
 from db.database import Database
 from db.engine import events
 from db.unit import SESSION_READ
-from service import policy
+from service import policy, reflection
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.chat import ChatService
 from service.config import Config, ConfigError
@@ -41,6 +39,7 @@ from service.memory import MemoryTrimmer
 from service.rpc import Runner, UploadLimits
 from service.security import SecurityService
 from service.streams import ChangeHub, HubSettings
+from service import telemetry
 from service.work import WorkService
 
 log = logging.getLogger("nexus.server")
@@ -163,32 +162,6 @@ class App:
         await asyncio.get_running_loop().run_in_executor(None, self.db.dispose)
 
 
-class _MethodAwarePool:
-    """The default descriptor pool, whose FindFileContainingSymbol also resolves methods.
-
-    grpcurl's `describe pkg.Service.Method` asks reflection for the file defining the method; the
-    upb protobuf backend's pool knows services but not their method names, so it would answer
-    "Symbol not found".
-    """
-
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pool, name)
-
-    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - the pool's API
-        try:
-            return self._pool.FindFileContainingSymbol(symbol)
-        except KeyError:
-            service, _, method = symbol.rpartition(".")
-            try:
-                self._pool.FindServiceByName(service).methods_by_name[method]
-            except KeyError:
-                raise KeyError(symbol) from None
-            return self._pool.FindFileContainingSymbol(service)
-
-
 def prepare_database(config: Config) -> Database:
     """Open the database and bring its schema to head (or refuse a mismatched one)."""
     database = Database(config.database_url, config.pool, echo=config.db_echo)
@@ -240,7 +213,8 @@ def create_server(config: Config, database: Database | None = None) -> App:
     )
     names = []
     servicers = []
-    guarded = GuardedRegistration(server, actions, authenticator, db.dialect)
+    telemetry.trace_database(db)  # (only while tracing is on)
+    guarded = GuardedRegistration(server, actions, authenticator, db.dialect, telemetry.CallTelemetry(config.access_log, config.access_log_sample))
     for servicer_cls, register, full_name in DOMAIN_SERVICES:
         servicer = servicer_cls(run, hub)
         register(servicer, guarded)
@@ -250,11 +224,8 @@ def create_server(config: Config, database: Database | None = None) -> App:
         raise RuntimeError(f"domain services registered without their guard: {sorted(set(names) - set(guarded.registered))}")
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-        pool=_MethodAwarePool(descriptor_pool.Default()),
-    )
+    # v1 and v1alpha, the protos' comments included (service/reflection.py)
+    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server)
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, _tls_credentials(config)) if config.tls_cert else server.add_insecure_port(address)
     if port == 0:
@@ -365,7 +336,7 @@ def hand_out_admin_key(config: Config, bootstrap_secret: str) -> None:
 
 def _run_worker(config: Config) -> None:
     """Entry point of one worker process (a fresh interpreter: its own engine, its own gRPC)."""
-    logging.basicConfig(level=config.log_level, format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
+    telemetry.configure_logging(config.log_level, config.log_format)
     asyncio.run(serve(config))
 
 
@@ -407,6 +378,7 @@ def serve_workers(config: Config) -> int:
 async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     log.info("configuration: %s", config.describe())
+    telemetry.setup_tracing()  # only with an OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)
     app = create_server(config)
     _announce(config, app.bootstrap_secret)
     await app.start()
@@ -428,6 +400,7 @@ async def serve(config: Config) -> None:
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining %.1fs, grace %.1fs", config.drain_seconds, config.grace_seconds)
     await app.stop(stop_server=False)
+    telemetry.shutdown_tracing()  # the spans still buffered are exported
     log.info("stopped")
     # Out without grpc's stop (App.stop): the calls still arriving (refused with UNAVAILABLE
     # since the drain began) see their connection closed, UNAVAILABLE too, never CANCELLED.

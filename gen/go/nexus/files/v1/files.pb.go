@@ -170,6 +170,7 @@ func (x *File) GetEtag() string {
 	return ""
 }
 
+// Request for GetFile.
 type GetFileRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -236,6 +237,7 @@ func (x *GetFileRequest) GetShowDeleted() bool {
 	return false
 }
 
+// Request for ListFiles.
 type ListFilesRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -320,6 +322,7 @@ func (x *ListFilesRequest) GetShowDeleted() bool {
 	return false
 }
 
+// Response of ListFiles.
 type ListFilesResponse struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -386,6 +389,7 @@ func (x *ListFilesResponse) GetTotalSize() int32 {
 	return 0
 }
 
+// Request for UpdateFile.
 type UpdateFileRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -443,6 +447,7 @@ func (x *UpdateFileRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
 	return nil
 }
 
+// Request for DeleteFile.
 type DeleteFileRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -509,6 +514,7 @@ func (x *DeleteFileRequest) GetForce() bool {
 	return false
 }
 
+// Request for UndeleteFile.
 type UndeleteFileRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -557,6 +563,7 @@ func (x *UndeleteFileRequest) GetId() string {
 	return ""
 }
 
+// Request for SearchFiles.
 type SearchFilesRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -632,6 +639,7 @@ func (x *SearchFilesRequest) GetPageToken() string {
 	return ""
 }
 
+// Response of SearchFiles.
 type SearchFilesResponse struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -698,6 +706,7 @@ func (x *SearchFilesResponse) GetTotalSize() int32 {
 	return 0
 }
 
+// One ranked search hit.
 type FileSearchResult struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -755,6 +764,7 @@ func (x *FileSearchResult) GetScore() float64 {
 	return 0
 }
 
+// Request for BatchGetFiles.
 type BatchGetFilesRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -812,6 +822,7 @@ func (x *BatchGetFilesRequest) GetReadMask() *fieldmaskpb.FieldMask {
 	return nil
 }
 
+// Response of BatchGetFiles.
 type BatchGetFilesResponse struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -956,6 +967,7 @@ func (x *UploadFileMetadata) GetRequestId() string {
 	return ""
 }
 
+// One message of an UploadFile stream: the metadata first, then the file's bytes in chunks.
 type UploadFileRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -1041,6 +1053,7 @@ func (*UploadFileRequest_Metadata) isUploadFileRequest_Part() {}
 
 func (*UploadFileRequest_Chunk) isUploadFileRequest_Part() {}
 
+// Request for DownloadFile.
 type DownloadFileRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -1107,6 +1120,7 @@ func (x *DownloadFileRequest) GetLimit() int64 {
 	return 0
 }
 
+// One message of a DownloadFile stream: the next bytes and where they start.
 type DownloadFileResponse struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -1164,6 +1178,7 @@ func (x *DownloadFileResponse) GetOffset() int64 {
 	return 0
 }
 
+// Request for RecordFileDownload.
 type RecordFileDownloadRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

@@ -14,6 +14,7 @@ import grpc
 from db import errors
 from db.engine.call import CURRENT_CALL, Call
 from db.translate import settled
+from service import metrics
 from service.auth import INSECURE_PRINCIPAL, Authenticator, Principal
 from service.errors import internal_status, to_status
 from service.policy import Action, authorize
@@ -81,12 +82,15 @@ def refused() -> grpc.Status:
 class CallGuard:
     """Runs one method's behavior inside the checks; one instance per method, built once."""
 
-    def __init__(self, method: str, action: Action, authenticator: Authenticator | None, dialect: str, gate: Gate) -> None:
+    def __init__(
+        self, method: str, action: Action, authenticator: Authenticator | None, dialect: str, gate: Gate, grpc_type: str = metrics.UNARY
+    ) -> None:
         self.method = method
         self.action = action
         self.authenticator = authenticator
         self.dialect = dialect
         self.gate = gate
+        self.watch = metrics.watch(method, grpc_type)
 
     async def enter(self, context: grpc.aio.ServicerContext) -> tuple[Call, Any]:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -116,13 +120,15 @@ class CallGuard:
 
     def unary(self, behavior: Behavior) -> Behavior:
         gate = self.gate
+        watch = self.watch
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if gate.closed:
-                await context.abort_with_status(refused())
-            gate.entered(context)
+            began = watch.started()
             token = None
             try:
+                if gate.closed:
+                    await context.abort_with_status(refused())
+                gate.entered(context)
                 call, token = await self.enter(context)
                 response = await behavior(request, context)
                 if log.isEnabledFor(logging.DEBUG):
@@ -135,21 +141,26 @@ class CallGuard:
             finally:
                 if token is not None:
                     CURRENT_CALL.reset(token)
+                watch.handled(context, began)
 
         return guarded
 
     def stream(self, behavior: Behavior) -> Behavior:
         gate = self.gate
+        watch = self.watch
+        sent = watch.sent
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if gate.closed:
-                await context.abort_with_status(refused())
-            gate.entered(context)
+            began = watch.started()
             token = None
             try:
+                if gate.closed:
+                    await context.abort_with_status(refused())
+                gate.entered(context)
                 call, token = await self.enter(context)
                 async for item in behavior(request, context):
                     yield item
+                    sent()  # written: grpc resumes the generator once the message went out
             except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -161,6 +172,7 @@ class CallGuard:
                 if token is not None:
                     with contextlib.suppress(ValueError):
                         CURRENT_CALL.reset(token)
+                watch.handled(context, began)
 
         return guarded
 
@@ -206,7 +218,7 @@ class GuardedRegistration:
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method not in self.actions:
             raise TypeError(f"{method} has no access rule in service/policy.py")
-        guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect, self.gate)
+        guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect, self.gate, metrics.grpc_type_of(handler))
         kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(guard.unary(handler.unary_unary), **kwargs)
@@ -215,5 +227,5 @@ class GuardedRegistration:
             kwargs["response_serializer"] = _bytes_or(handler.response_serializer)
             return grpc.unary_stream_rpc_method_handler(guard.stream(handler.unary_stream), **kwargs)
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(guard.unary(handler.stream_unary), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(guard.stream(handler.stream_stream), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(guard.unary(guard.watch.counting_requests(handler.stream_unary)), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(guard.stream(guard.watch.counting_requests(handler.stream_stream)), **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,10 +44,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def scrape(url: str) -> Samples:
+def scrape_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as answer:
         assert answer.status == 200
-        text = answer.read().decode()
+        return answer.read().decode()
+
+
+def scrape(url: str) -> Samples:
+    text = scrape_text(url)
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -156,6 +161,14 @@ def test_scrape_counts_every_call_by_method_and_code(metered: tuple[Client, str]
     assert value(after, "nexus_stream_queued_events") == 0
     assert value(after, "nexus_build_info", version=service.__version__) == 1
     assert value(after, "process_resident_memory_bytes") > 0
+
+    # The README's Metrics section lists every metric of the service (prometheus_client's own
+    # process_* and python_* as a group).
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = set(re.findall(r"`((?:grpc_server|nexus)_[a-z_]+)`", readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]))
+    ours = {f.name for f in text_string_to_metric_families(scrape_text(url)) if f.name.startswith(("grpc_server_", "nexus_"))}
+    assert len(ours) == 17
+    assert sorted(name for name in ours if name not in documented and f"{name}_total" not in documented) == []
 
 
 def test_a_call_takes_no_label_lookup(metered: tuple[Client, str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -148,7 +148,6 @@ class CallGuard:
     def stream(self, behavior: Behavior) -> Behavior:
         gate = self.gate
         watch = self.watch
-        sent = watch.sent
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             began = watch.started()
@@ -160,7 +159,6 @@ class CallGuard:
                 call, token = await self.enter(context)
                 async for item in behavior(request, context):
                     yield item
-                    sent()  # written: grpc resumes the generator once the message went out
             except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -221,11 +219,14 @@ class GuardedRegistration:
         guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect, self.gate, metrics.grpc_type_of(handler))
         kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
+            kwargs = guard.watch.counting(**kwargs)
             return grpc.unary_unary_rpc_method_handler(guard.unary(handler.unary_unary), **kwargs)
         if handler.unary_stream is not None:
             # A stream may yield messages serialized already (service/streams.py, Offered).
             kwargs["response_serializer"] = _bytes_or(handler.response_serializer)
+            kwargs = guard.watch.counting(**kwargs)
             return grpc.unary_stream_rpc_method_handler(guard.stream(handler.unary_stream), **kwargs)
+        kwargs = guard.watch.counting(**kwargs)
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(guard.unary(guard.watch.counting_requests(handler.stream_unary)), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(guard.stream(guard.watch.counting_requests(handler.stream_stream)), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(guard.unary(handler.stream_unary), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(guard.stream(handler.stream_stream), **kwargs)

@@ -5,8 +5,8 @@ Two kinds, both with prometheus_client:
 - Counted as they happen. The gRPC server metrics, with the names and labels of
   go-grpc-prometheus and py-grpc-prometheus (grpc_server_*): CallGuard (service/interceptors.py)
   holds a MethodWatch per method, made once with its label children, and tells it when a call
-  starts and how it ended; a stream's messages are counted as they go. The database calls'
-  latency (Database.timing).
+  starts and how it ended; messages are counted by the method's (de)serializers, which grpc
+  calls once per message. The database calls' latency (Database.timing).
 - Read from the service's own counters and state when the metrics are refreshed: the pools
   (Database.load), the open streams and their queues, cut-offs and delivered events
   (ChangeHub.load and its counters), refused credentials and the credential cache
@@ -128,7 +128,7 @@ class _Metrics:
 class MethodWatch:
     """The metrics of one served method; its label children are made once, here."""
 
-    __slots__ = ("labels", "handled_by_code", "_handled", "_started", "_received", "sent", "_observe", "_unary_request", "_unary_response")
+    __slots__ = ("labels", "handled_by_code", "_handled", "_started", "_received", "_sent", "_observe")
 
     def __init__(self, metrics: _Metrics, method: str, grpc_type: str) -> None:
         service_name, _, name = method.lstrip("/").partition("/")
@@ -137,16 +137,12 @@ class MethodWatch:
         self.handled_by_code: dict[grpc.StatusCode, Callable[[], None]] = {}
         self._started = metrics.started.labels(*self.labels).inc
         self._received = metrics.received.labels(*self.labels).inc
-        self.sent = metrics.sent.labels(*self.labels).inc  # a stream's message, once grpc has written it
+        self._sent = metrics.sent.labels(*self.labels).inc
         self._observe = metrics.handling.labels(*self.labels).observe
-        self._unary_request = grpc_type in (UNARY, SERVER_STREAM)
-        self._unary_response = grpc_type in (UNARY, CLIENT_STREAM)
 
     def started(self) -> float:
-        """A call began: counted (with its request, when it has one); the time it began."""
+        """A call began: counted; the time it began."""
         self._started()
-        if self._unary_request:
-            self._received()
         return time.perf_counter()
 
     def handled(self, context: grpc.aio.ServicerContext, began: float) -> None:
@@ -171,16 +167,37 @@ class MethodWatch:
         if count is None:
             count = self.handled_by_code[code] = self._handled.labels(*self.labels, code.name).inc
         count()
-        if code is _OK and self._unary_response:
-            self.sent()
         self._observe(elapsed)
 
-    def counting_requests(self, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-        """A client-streaming behavior whose request messages are counted as it reads them."""
+    def counting(self, request_deserializer: Any, response_serializer: Any) -> dict[str, Any]:
+        """A method handler's (de)serializer arguments, counting its messages."""
+        return {"request_deserializer": self.deserializer(request_deserializer), "response_serializer": self.serializer(response_serializer)}
+
+    def deserializer(self, deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+        """The method's request deserializer, counting each message it reads (grpc calls it once
+        per request message, a unary call's one included)."""
+        if deserialize is None:
+            return None
         received = self._received
 
-        def counted(requests: Any, context: Any) -> Any:
-            return behavior(_CountedRequests(requests, received), context)
+        def counted(data: bytes) -> Any:
+            message = deserialize(data)
+            received()
+            return message
+
+        return counted
+
+    def serializer(self, serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+        """The method's response serializer, counting each message as grpc is about to write it
+        (a unary call's answer, which only an OK call has, and each message of a stream)."""
+        if serialize is None:
+            return None
+        sent = self._sent
+
+        def counted(message: Any) -> bytes:
+            data = serialize(message)
+            sent()
+            return data
 
         return counted
 
@@ -196,33 +213,11 @@ class _Unwatched:
     def handled(self, context: Any, began: float) -> None:
         pass
 
-    def sent(self) -> None:
-        pass
-
-    def counting_requests(self, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-        return behavior
+    def counting(self, request_deserializer: Any, response_serializer: Any) -> dict[str, Any]:
+        return {"request_deserializer": request_deserializer, "response_serializer": response_serializer}
 
 
 UNWATCHED = _Unwatched()
-
-
-class _CountedRequests:
-    """A request stream whose messages are counted as they are read. An iterator object, not a
-    generator: a read cancelled by a timeout (service/files.py's idle limit) leaves it usable."""
-
-    __slots__ = ("_requests", "_received")
-
-    def __init__(self, requests: Any, received: Callable[[], None]) -> None:
-        self._requests = aiter(requests)
-        self._received = received
-
-    def __aiter__(self) -> "_CountedRequests":
-        return self
-
-    async def __anext__(self) -> Any:
-        message = await anext(self._requests)
-        self._received()
-        return message
 
 
 class _BuildInfo:

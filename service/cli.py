@@ -22,6 +22,7 @@ def _config(args: argparse.Namespace) -> Config:
         "port": getattr(args, "port", None),
         "host": getattr(args, "host", None),
         "workers": getattr(args, "workers", None),
+        "metrics_port": getattr(args, "metrics_port", None),
     }
     if getattr(args, "no_migrate", False):
         overrides["migrate_on_start"] = False
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--host", help="bind address (NEXUS_HOST, default [::])")
     serve.add_argument("--port", type=int, help="port (NEXUS_PORT, default 50051)")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://host:PORT/metrics (NEXUS_METRICS_PORT, default 0: off)")
     serve.add_argument("--no-migrate", action="store_true", help="refuse to start unless the schema is at head")
     serve.add_argument("--workers", type=int, help="server processes sharing the port (NEXUS_WORKERS, default 1)")
     serve.add_argument("--insecure-dev", action="store_true", help="turn authentication OFF (local experiments only)")

@@ -69,6 +69,7 @@ NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
     "pool.recycle": ("DB_POOL_RECYCLE", int, 1, None),
     "pool.ping_after": ("DB_POOL_PING_AFTER", float, 0, None),
     "port": ("NEXUS_PORT", int, 0, 65535),
+    "metrics_port": ("NEXUS_METRICS_PORT", int, 0, 65535),
     "workers": ("NEXUS_WORKERS", int, 1, 256),
     "max_message_bytes": ("NEXUS_MAX_MESSAGE_BYTES", int, 4096, 2**31 - 1),
     "max_concurrent_rpcs": ("NEXUS_MAX_CONCURRENT_RPCS", int, 1, None),
@@ -143,6 +144,8 @@ def check_settings(config: "Config") -> None:
         if not value >= least or (most is not None and value > most):  # NaN too
             allowed = f"from {least:g} to {most:g}" if most is not None else f"at least {least:g}"
             raise ConfigError(f"{variable} must be {allowed}, not {value!r}")
+    if config.metrics_port and config.metrics_port == config.port:
+        raise ConfigError(f"NEXUS_METRICS_PORT must differ from NEXUS_PORT (both are {config.port}): the metrics are served over HTTP on a port of their own")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
     if config.log_format not in LOG_FORMATS:
@@ -176,6 +179,8 @@ class Config:
     database_url: str = f"sqlite:///{DEFAULT_DB_PATH}"
     host: str = "[::]"
     port: int = 50051
+    # The Prometheus endpoint (http://host:metrics_port/metrics, service/metrics.py); 0: none.
+    metrics_port: int = 0
     # Server processes sharing the port (SO_REUSEPORT); each has its own engine and event loop.
     workers: int = 1
     pool: PoolSettings = field(default_factory=PoolSettings)

@@ -15,6 +15,7 @@ import grpc
 from db import errors
 from db.engine.call import CURRENT_CALL, Call
 from db.translate import settled
+from service import metrics
 from service.auth import INSECURE_PRINCIPAL, Authenticator, Principal
 from service.errors import internal_status, to_status
 from service.policy import Action, authorize
@@ -85,6 +86,7 @@ class CallGuard:
 
     def __init__(
         self, method: str, action: Action, authenticator: Authenticator | None, dialect: str, gate: Gate, telemetry: CallTelemetry,
+        grpc_type: str = metrics.UNARY,
     ) -> None:
         self.method = method
         self.action = action
@@ -92,6 +94,7 @@ class CallGuard:
         self.dialect = dialect
         self.gate = gate
         self.telemetry = telemetry
+        self.watch = metrics.watch(method, grpc_type)
 
     async def enter(self, context: grpc.aio.ServicerContext, record: CallRecord) -> tuple[Call, Any]:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -122,16 +125,17 @@ class CallGuard:
         await context.abort_with_status(internal_status(f"internal error in {self.method} (request {request_id}); it has been logged", request_id))
 
     def unary(self, behavior: Behavior) -> Behavior:
-        gate, telemetry = self.gate, self.telemetry
+        gate, telemetry, watch = self.gate, self.telemetry, self.watch
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             record = telemetry.begin(self.method, context)
-            if gate.closed:
-                telemetry.end(record, grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
-                await context.abort_with_status(refused())
-            gate.entered(context)
+            began = watch.started()
             token = None
             try:
+                if gate.closed:
+                    telemetry.end(record, grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
+                    await context.abort_with_status(refused())
+                gate.entered(context)
                 _, token = await self.enter(context, record)
                 response = await behavior(request, context)
                 telemetry.end(record, grpc.StatusCode.OK)
@@ -144,20 +148,22 @@ class CallGuard:
             finally:
                 if token is not None:
                     CURRENT_CALL.reset(token)
+                watch.handled(context, began)
 
         return guarded
 
     def stream(self, behavior: Behavior) -> Behavior:
-        gate, telemetry = self.gate, self.telemetry
+        gate, telemetry, watch = self.gate, self.telemetry, self.watch
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             record = telemetry.begin(self.method, context)
-            if gate.closed:
-                telemetry.end(record, grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
-                await context.abort_with_status(refused())
-            gate.entered(context)
+            began = watch.started()
             token = None
             try:
+                if gate.closed:
+                    telemetry.end(record, grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
+                    await context.abort_with_status(refused())
+                gate.entered(context)
                 _, token = await self.enter(context, record)
                 async for item in behavior(request, context):
                     yield item
@@ -174,6 +180,7 @@ class CallGuard:
                 if token is not None:
                     with contextlib.suppress(ValueError):
                         CURRENT_CALL.reset(token)
+                watch.handled(context, began)
 
         return guarded
 
@@ -223,14 +230,17 @@ class GuardedRegistration:
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method not in self.actions:
             raise TypeError(f"{method} has no access rule in service/policy.py")
-        guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect, self.gate, self.telemetry)
+        guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect, self.gate, self.telemetry, metrics.grpc_type_of(handler))
         kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
+            kwargs = guard.watch.counting(**kwargs)
             return grpc.unary_unary_rpc_method_handler(guard.unary(handler.unary_unary), **kwargs)
         if handler.unary_stream is not None:
             # A stream may yield messages serialized already (service/streams.py, Offered).
             kwargs["response_serializer"] = _bytes_or(handler.response_serializer)
+            kwargs = guard.watch.counting(**kwargs)
             return grpc.unary_stream_rpc_method_handler(guard.stream(handler.unary_stream), **kwargs)
+        kwargs = guard.watch.counting(**kwargs)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(guard.unary(handler.stream_unary), **kwargs)
         return grpc.stream_stream_rpc_method_handler(guard.stream(handler.stream_stream), **kwargs)

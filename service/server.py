@@ -25,7 +25,7 @@ from db.blobs import BlobStore
 from db.database import Database
 from db.engine import events
 from db.unit import SESSION_READ
-from service import policy, reflection
+from service import metrics, policy, reflection
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.chat import ChatService
 from service.config import Config, ConfigError
@@ -72,6 +72,7 @@ class App:
     _readiness: asyncio.Future[None] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _trimmer: asyncio.Task[None] | None = None
+    _metrics: metrics.Exporter | None = None
     _stopping: bool = False
     ready: bool = False
     servicers: list[Any] = field(default_factory=list)
@@ -120,6 +121,7 @@ class App:
                 log.warning("change event purge failed: %s", exc)
 
     async def start(self) -> None:
+        self._metrics = metrics.start(self)  # first: a metrics port that cannot be had stops the start
         await self.hub.start()
         await self.server.start()
         await self.health.set(LIVENESS, SERVING)
@@ -159,6 +161,8 @@ class App:
             log.warning("%d calls still under way after the grace of %.1fs: cut", self.gate.calls, grace)
         if stop_server:
             await self.server.stop(max(0.0, grace - (asyncio.get_running_loop().time() - started)))
+        if self._metrics is not None:
+            self._metrics.stop()
         await asyncio.get_running_loop().run_in_executor(None, self.db.dispose)
 
 
@@ -214,6 +218,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
     names = []
     servicers = []
     telemetry.trace_database(db)  # (only while tracing is on)
+    metrics.enable(config)  # before the methods are registered: each gets its MethodWatch
     guarded = GuardedRegistration(server, actions, authenticator, db.dialect, telemetry.CallTelemetry(config.access_log, config.access_log_sample))
     for servicer_cls, register, full_name in DOMAIN_SERVICES:
         servicer = servicer_cls(run, hub)
@@ -348,6 +353,7 @@ def serve_workers(config: Config) -> int:
     change-log poll on SQLite).
     """
     import multiprocessing
+    import multiprocessing.connection
 
     if config.port == 0:
         raise ValueError("--workers needs a fixed port")
@@ -359,19 +365,27 @@ def serve_workers(config: Config) -> int:
     worker_config = dataclasses.replace(config, migrate_on_start=False)
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_run_worker, args=(worker_config,), name=f"nexus-worker-{i}") for i in range(config.workers)]
-    for worker in workers:
-        worker.start()
-    log.info("nexus-data serving on %s:%d with %d workers", config.host, config.port, config.workers)
-
-    def forward(signum: int, _frame: object) -> None:
+    # The metrics endpoint is open (and PROMETHEUS_MULTIPROC_DIR set) before the first worker starts.
+    with metrics.for_workers(config) as endpoint:
         for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
+            worker.start()
+        log.info("nexus-data serving on %s:%d with %d workers", config.host, config.port, config.workers)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.join()
+        def forward(signum: int, _frame: object) -> None:
+            for worker in workers:
+                if worker.pid is not None and worker.is_alive():
+                    os.kill(worker.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        running = list(workers)
+        while running:  # each worker as it exits, in whatever order
+            ended = multiprocessing.connection.wait([w.sentinel for w in running])
+            for worker in [w for w in running if w.sentinel in ended]:
+                worker.join()
+                running.remove(worker)
+                if endpoint is not None:
+                    endpoint.worker_exited(worker.pid)
     return max((w.exitcode or 0) for w in workers)
 
 

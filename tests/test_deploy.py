@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import urllib.request
 import sys
 import time
 from collections.abc import Iterator
@@ -209,14 +210,14 @@ def test_no_secret_value_is_in_the_repository(checked: dict[str, Any]) -> None:
 
 def test_the_servers_settings_are_ones_the_service_reads_and_accepts(checked: dict[str, Any]) -> None:
     """A misspelt variable would be ignored without a word; every one set is read by the
-    service (NEXUS_METRICS_PORT: by the metrics endpoint), and together they are a valid
+    service, and together they are a valid
     configuration whose files are all on the /data volume."""
     sources = "".join(p.read_text() for d in ("service", "db") for p in (REPO / d).rglob("*.py"))
     for root in ("base", "overlays/production"):
         deployment = server_of(checked, root)
         container = container_of(deployment)
         env = literal_env(container)
-        for variable in {e["name"] for e in container["env"]} - {"NEXUS_METRICS_PORT"}:
+        for variable in {e["name"] for e in container["env"]}:
             assert f'"{variable}"' in sources, f"{root}: {variable} is read nowhere in service/ or db/"
         config = Config.from_env({**env, "DATABASE_URL": "postgresql://nexus:x@db:5432/nexus"})
         assert config.migrate_on_start is False
@@ -298,6 +299,9 @@ def test_the_job_then_the_deployment_serve_on_a_read_only_root(checked: dict[str
             assert proc.poll() is None, "the server exited"
             time.sleep(0.1)
         assert _health(port, server["livenessProbe"]["grpc"]["service"]) == SERVING
+        # What the pod's prometheus.io annotations point a scraper at answers.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as scraped:
+            assert b"nexus_build_info" in scraped.read()
         while _health(port, server["readinessProbe"]["grpc"]["service"]) != SERVING and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _health(port, server["readinessProbe"]["grpc"]["service"]) == SERVING

@@ -211,6 +211,11 @@ class WriteThread(Executor):
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def waiting(self) -> int:
+        """Writes queued behind the one under way."""
+        return self._queue.qsize()
+
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
         with self._lock:
@@ -296,6 +301,9 @@ class Database:
         # Whether the database answered the last call that reached it (note_reachable).
         self.reachable = True
         self._reachability_listeners: list[Callable[[bool], None]] = []
+        # Told (plan, seconds) after each unit of work run() awaited, a failed one too: from its
+        # submission to its answer, the wait for a database thread included (service/metrics.py).
+        self.timing: Callable[[Plan, float], None] | None = None
         event.listen(self._write_sessions, "after_commit", self._after_commit)
         self._kept = KeptConnections(self.read_engine, write_engine, self.pool, self.is_postgres)
         self._runners = {
@@ -461,8 +469,13 @@ class Database:
         likely lost too; new pools take their place (the checked-out ones go back to the old pools, which
         close them), so that the first calls after the database is back do not fail on them one
         by one (each failure would make the server NOT_SERVING again)."""
-        for engine in {self.engine, self.read_engine, *((self._writer,) if self._writer is not None else ())}:
+        for engine in self.engines:
             engine.dispose(close=False)
+
+    @property
+    def engines(self) -> list[Engine]:
+        """Every engine of the database, each once: the main one, the reads' and SQLite's writer's."""
+        return [self.engine, self.read_engine, *((self._writer,) if self._writer is not None else ())]
 
     async def run(self, work: Callable[[Any], T], plan: Plan = TRANSACTION, *, deadline: float | None = None, resource_type: str = "") -> T:
         """run_sync on a database thread: writes of SQLite on its one write thread, the rest on the pool's."""
@@ -486,15 +499,31 @@ class Database:
             def unit() -> T:
                 return ctx.run(self.run_sync, work, plan, deadline=deadline, resource_type=resource_type)
 
+        began = time.perf_counter()
         try:
             result = await loop.run_in_executor(executor, unit)
         except errors.Unavailable as exc:
             if exc.reason == UNREACHABLE:
                 self.note_reachable(False)
             raise
+        finally:
+            if self.timing is not None:
+                self.timing(plan, time.perf_counter() - began)
         if not self.reachable:  # the one cost of this on the way of every call: a flag read
             self.note_reachable(True)
         return result
+
+    def load(self) -> tuple[dict[str, int], dict[str, int]]:
+        """How busy the database is, from any thread: the connections checked out of each pool
+        ("read", and "write": SQLite's one write connection, or PostgreSQL's transactions'),
+        kept ones included; and the units of work waiting: for a database thread ("threads":
+        each thread keeps one pooled connection, so this is the wait for a connection) and, on
+        SQLite, for the one write connection ("sqlite_write")."""
+        in_use = {"read": self.read_engine.pool.checkedout(), "write": (self._writer or self.engine).pool.checkedout()}  # type: ignore[attr-defined]
+        waiting = {"threads": self.executor._work_queue.qsize()}  # (ThreadPoolExecutor's queue: no public size)
+        if isinstance(self.write_executor, WriteThread):
+            waiting["sqlite_write"] = self.write_executor.waiting
+        return in_use, waiting
 
     def note_reachable(self, reachable: bool) -> None:
         """What a call (or the periodic check) just found: the database answers or not. The

@@ -7,7 +7,7 @@ needs from the one compilation: the SQL text, the bind parameters' names and the
 processors. It runs the statement on the connection's DBAPI cursor and keeps SQLAlchemy's error
 handling: a DBAPI error is wrapped as SQLAlchemy wraps it (so db/translate.py reads it the same
 way) and a lost connection is invalidated. With DB_ECHO on, statements go through SQLAlchemy so
-that they are logged.
+that they are logged, and so they do while they are traced (`through_sqlalchemy`).
 
 Rows of a `processed` statement (a SELECT) go through its columns' result processors, made from
 the driver's type codes of the first result; other rows come back as the driver answers them:
@@ -23,13 +23,23 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 
 
-def run_on_cursor(conn: Connection, sql: str, params: Any) -> tuple[Any, list[Any]]:
-    """Execute sql with params on conn's DBAPI cursor: (cursor.description, rows); errors
-    wrapped and lost connections invalidated as SQLAlchemy's own execution does it."""
+# True while statements are traced (service/telemetry.py): every prepared statement then goes
+# through SQLAlchemy's execution, as with DB_ECHO, so that the engine's events (and the tracing
+# that listens to them) see it. Off, statements skip those events: the fast path.
+through_sqlalchemy = False
+
+
+def run_on_cursor(conn: Connection, sql: str, params: Any, many: bool = False) -> tuple[Any, list[Any]]:
+    """Execute sql with params (many: a list of parameter sets, by executemany) on conn's DBAPI
+    cursor: (cursor.description, rows); errors wrapped and lost connections invalidated as
+    SQLAlchemy's own execution does it."""
     dialect = conn.dialect
     dbapi_conn = conn.connection.dbapi_connection
     cursor = dbapi_conn.cursor()
     try:
+        if many:
+            cursor.executemany(sql, params)
+            return None, []
         cursor.execute(sql, params)
         description = cursor.description
         return description, cursor.fetchall() if description is not None else []
@@ -65,11 +75,27 @@ class Prepared:
         # The result processors need the driver's column type codes: made from the first result.
         self._result_processors: tuple[tuple[int, Any], ...] | None = None
 
+    def run_many(self, conn: Connection, rows: list[dict[str, Any]], prefix: str = "") -> None:
+        """Run a statement that returns nothing once per row by the driver's executemany (SQLite:
+        one loop in C over the bound tuples). Each row's keys, prefixed, name every parameter."""
+        if through_sqlalchemy or conn.engine.echo:
+            conn.execute(self.stmt, [{prefix + key: value for key, value in row.items()} for row in rows])
+            return
+        if self.positional is None:
+            raise ValueError("run_many binds by position: the dialect's parameters are named")
+        names = {prefix + key for key in rows[0]}
+        if names != self.names:
+            raise KeyError(f"parameters {sorted(names ^ self.names)} do not match the statement's")
+        # Each parameter's key in the rows and its type's bind processor, found once.
+        columns = [(name[len(prefix):], self.processors.get(name)) for name in self.positional]
+        bound = [tuple(row[key] if process is None else process(row[key]) for key, process in columns) for row in rows]
+        run_on_cursor(conn, self.sql, bound, many=True)
+
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         """The statement's rows (or [] for none) for params, which must name every parameter."""
         if params.keys() != self.names:
             raise KeyError(f"parameters {sorted(params.keys() ^ self.names)} do not match the statement's")
-        if conn.engine.echo:
+        if through_sqlalchemy or conn.engine.echo:
             result = conn.execute(self.stmt, params)
             return result.all() if result.returns_rows else []
         processors = self.processors

@@ -1,4 +1,6 @@
-"""Writes generated/ from protos/: Python messages, gRPC stubs and .pyi stubs (mypy-protobuf).
+"""Writes generated/ from protos/: Python messages, gRPC stubs and .pyi stubs (mypy-protobuf), and
+generated/nexus/descriptors.binpb: every proto with the files it imports, comments included, as a
+FileDescriptorSet, which server reflection answers from (the Python modules drop the comments).
 
 Run: python protos/generate.py [--out DIR]. generated/ is only ever written by this script.
 """
@@ -11,6 +13,8 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = PROTO_ROOT.parent / "generated"
+# The descriptor set, under generated/ (the `nexus` package, so an installed service has it too).
+DESCRIPTOR_SET = Path("nexus", "descriptors.binpb")
 
 
 def proto_files() -> list[Path]:
@@ -23,7 +27,7 @@ def generate(out: Path) -> None:
 
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    (out / DESCRIPTOR_SET).parent.mkdir(parents=True)
     bindir = Path(sys.executable).parent
     include = Path(grpc_tools.__file__).parent / "_proto"
     args = [
@@ -36,6 +40,9 @@ def generate(out: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
+        "--include_imports",
+        "--include_source_info",
+        f"--descriptor_set_out={out / DESCRIPTOR_SET}",
         *(str(p.relative_to(PROTO_ROOT)) for p in proto_files()),
     ]
     if protoc.main(args) != 0:

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -216,6 +216,11 @@ class Authenticator:
         self._known: dict[str, _Known] = {}
         self._checking: dict[str, asyncio.Future[_Known]] = {}
         self._stamps = UsageStamps(db)
+        # Counted as they happen, read by service/metrics.py: calls answered from the cache of
+        # checked credentials (hits) or that checked theirs (misses), refusals by reason.
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.failures: Counter[str] = Counter()
         # A key or user changed through this replica: its cached checks go at once.
         db.add_commit_listener(self._on_commit)
 
@@ -229,6 +234,13 @@ class Authenticator:
     async def authenticate(self, header: str | None, peer: Callable[[], str] = str) -> Principal:
         """The caller of `authorization: header`; peer() names its address (asked only when a
         secret must be hashed, to count failures per peer)."""
+        try:
+            return await self._authenticate(header, peer)
+        except (errors.Unauthenticated, RateLimited) as exc:
+            self.failures[exc.reason] += 1
+            raise
+
+    async def _authenticate(self, header: str | None, peer: Callable[[], str]) -> Principal:
         if not header:
             raise errors.Unauthenticated("missing credentials: send 'authorization: Bearer <API key or JWT>'", reason="MISSING_CREDENTIALS")
         scheme, _, token = header.partition(" ")
@@ -238,6 +250,7 @@ class Authenticator:
         digest = hashlib.sha256(token.encode()).hexdigest()
         known = self._known.get(digest)
         if known is None or time.monotonic() - known.checked_at > self.recheck_seconds:
+            self.cache_misses += 1
             # Concurrent first calls with one credential share one check (one slow hash).
             pending = self._checking.get(digest)
             if pending is None:
@@ -248,6 +261,8 @@ class Authenticator:
             if len(self._known) >= self.max_cached:
                 self._evict()
             self._known[digest] = known
+        else:
+            self.cache_hits += 1
         if known.principal is None:
             raise errors.Unauthenticated(known.problem, reason=known.reason)
         if known.expire_time is not None and known.expire_time <= utcnow():

@@ -32,6 +32,7 @@ def _config(args: argparse.Namespace) -> Config:
         "port": getattr(args, "port", None),
         "host": getattr(args, "host", None),
         "workers": getattr(args, "workers", None),
+        "metrics_port": getattr(args, "metrics_port", None),
     }
     if getattr(args, "no_migrate", False):
         overrides["migrate_on_start"] = False
@@ -46,9 +47,10 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     from service.server import serve, serve_workers
+    from service.telemetry import configure_logging
 
     config = _config(args)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level, config.log_format)
     if config.workers > 1:
         return serve_workers(config)
     asyncio.run(serve(config))
@@ -361,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--host", help="bind address (NEXUS_HOST, default [::])")
     serve.add_argument("--port", type=int, help="port (NEXUS_PORT, default 50051)")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on http://host:PORT/metrics (NEXUS_METRICS_PORT, default 0: off)")
     serve.add_argument("--no-migrate", action="store_true", help="refuse to start unless the schema is at head")
     serve.add_argument("--workers", type=int, help="server processes sharing the port (NEXUS_WORKERS, default 1)")
     serve.add_argument("--insecure-dev", action="store_true", help="turn authentication OFF (local experiments only)")
@@ -440,7 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         start = args.command == "serve" or isinstance(exc, ConfigError)
-        print(f"{'nexus-data: refusing to start' if start else ' '.join(['nexus-data', *_command_words(args)])}: {line}", file=sys.stderr)
+        config = getattr(args, "config", None)
+        if args.command == "serve" and config is not None and config.log_format == "json":  # every line on stderr JSON
+            logging.getLogger("nexus").critical("refusing to start: %s", line)
+        else:
+            print(f"{'nexus-data: refusing to start' if start else ' '.join(['nexus-data', *_command_words(args)])}: {line}", file=sys.stderr)
         return status
 
 

@@ -105,6 +105,7 @@ NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
     "pool.ping_after": ("DB_POOL_PING_AFTER", float, 0, None),
     "db_wait_seconds": ("NEXUS_DB_WAIT_SECONDS", float, 0, None),
     "port": ("NEXUS_PORT", int, 0, 65535),
+    "metrics_port": ("NEXUS_METRICS_PORT", int, 0, 65535),
     "workers": ("NEXUS_WORKERS", int, 1, 256),
     "max_message_bytes": ("NEXUS_MAX_MESSAGE_BYTES", int, 4096, 2**31 - 1),
     "max_concurrent_rpcs": ("NEXUS_MAX_CONCURRENT_RPCS", int, 1, None),
@@ -129,9 +130,13 @@ NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
     "max_file_bytes": ("NEXUS_MAX_FILE_BYTES", int, 1, None),
     "upload_idle_seconds": ("NEXUS_UPLOAD_IDLE_SECONDS", float, 0.1, None),
     "max_uploads_per_caller": ("NEXUS_MAX_UPLOADS_PER_CALLER", int, 1, None),
+    "access_log_sample": ("NEXUS_ACCESS_LOG_SAMPLE", float, 0, 1),
 }
 BOOLEANS = {"pool.pre_ping": "DB_POOL_PRE_PING", "db_echo": "DB_ECHO", "migrate_on_start": "NEXUS_MIGRATE_ON_START"}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+# Which calls get an access line (service/telemetry.py): every call, the failed ones, none.
+ACCESS_LOG_MODES = ("all", "errors", "off")
 MIN_HS256_SECRET_BYTES = 32
 
 
@@ -192,10 +197,16 @@ def check_settings(config: "Config") -> None:
         if not value >= least or (most is not None and value > most):  # NaN too
             allowed = f"from {least:g} to {most:g}" if most is not None else f"at least {least:g}"
             raise ConfigError(f"{variable} must be {allowed}, not {value!r}")
+    if config.metrics_port and config.metrics_port == config.port:
+        raise ConfigError(f"NEXUS_METRICS_PORT must differ from NEXUS_PORT (both are {config.port}): the metrics are served over HTTP on a port of their own")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
     if config.data_dir is not None and not config.data_dir.strip():
         raise ConfigError(f"NEXUS_DATA_DIR must be a directory path (unset it for the default, {DEFAULT_DATA_DIR} under the working directory)")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {config.log_format!r}")
+    if config.access_log not in ACCESS_LOG_MODES:
+        raise ConfigError(f"NEXUS_ACCESS_LOG must be one of {', '.join(ACCESS_LOG_MODES)}, not {config.access_log!r}")
     if config.blob_dir is not None and not config.blob_dir.strip():
         raise ConfigError("NEXUS_BLOB_DIR must be a directory path (unset it for the default, blobs beside the database)")
     if not config.jwt_role_claim.strip():
@@ -229,6 +240,8 @@ class Config:
     data_dir: str | None = None
     host: str = "[::]"
     port: int = 50051
+    # The Prometheus endpoint (http://host:metrics_port/metrics, service/metrics.py); 0: none.
+    metrics_port: int = 0
     # Server processes sharing the port (SO_REUSEPORT); each has its own engine and event loop.
     workers: int = 1
     pool: PoolSettings = field(default_factory=PoolSettings)
@@ -241,6 +254,12 @@ class Config:
     grace_seconds: float = 10.0
     health_interval_seconds: float = 2.0
     log_level: str = "INFO"
+    # Log lines as text, or as one JSON object per line (service/telemetry.py).
+    log_format: str = "text"
+    # The access log: one line per call (all), per failed call (errors), or none (off); in "all",
+    # this share of the successful calls (0 to 1; failed calls are always logged).
+    access_log: str = "errors"
+    access_log_sample: float = 1.0
     # Change log: how long events stay resumable, how often old ones are purged.
     event_retention_seconds: float = 7 * 24 * 3600.0
     event_purge_interval_seconds: float = 300.0
@@ -337,6 +356,8 @@ class Config:
             host=env.get("NEXUS_HOST", cls.host),
             pool=pool,
             log_level=env.get("LOG_LEVEL", cls.log_level).strip().upper(),
+            log_format=(env.get("LOG_FORMAT", "").strip() or cls.log_format).lower(),
+            access_log=(env.get("NEXUS_ACCESS_LOG", "").strip() or cls.access_log).lower(),
             jwt_hs256_secret=env.get("NEXUS_JWT_HS256_SECRET") or None,
             jwt_rs256_public_key_file=env.get("NEXUS_JWT_RS256_PUBLIC_KEY_FILE") or None,
             jwt_issuer=env.get("NEXUS_JWT_ISSUER") or None,

@@ -1,5 +1,6 @@
 """The guard every domain RPC passes: request id, authentication, the role gate, and the
-translation of errors into google.rpc.Status. Health and reflection pass untouched."""
+translation of errors into google.rpc.Status; each outcome goes to service/telemetry.py (the
+access line, the call's span). Health and reflection pass untouched."""
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +15,11 @@ import grpc
 from db import errors
 from db.engine.call import CURRENT_CALL, Call
 from db.translate import settled
+from service import metrics
 from service.auth import INSECURE_PRINCIPAL, Authenticator, Principal
 from service.errors import internal_status, to_status
 from service.policy import Action, authorize
+from service.telemetry import CallRecord, CallTelemetry, principal_of
 
 log = logging.getLogger("nexus.rpc")
 MAX_REQUEST_ID = 128
@@ -81,79 +84,95 @@ def refused() -> grpc.Status:
 class CallGuard:
     """Runs one method's behavior inside the checks; one instance per method, built once."""
 
-    def __init__(self, method: str, action: Action, authenticator: Authenticator | None, dialect: str, gate: Gate) -> None:
+    def __init__(
+        self, method: str, action: Action, authenticator: Authenticator | None, dialect: str, gate: Gate, telemetry: CallTelemetry,
+        grpc_type: str = metrics.UNARY,
+    ) -> None:
         self.method = method
         self.action = action
         self.authenticator = authenticator
         self.dialect = dialect
         self.gate = gate
+        self.telemetry = telemetry
+        self.watch = metrics.watch(method, grpc_type)
 
-    async def enter(self, context: grpc.aio.ServicerContext) -> tuple[Call, Any]:
+    async def enter(self, context: grpc.aio.ServicerContext, record: CallRecord) -> tuple[Call, Any]:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         request_id = _request_id(metadata)
-        call = Call(request_id=request_id, method=self.method, dialect=self.dialect)
+        call = record.call = Call(request_id=request_id, method=self.method, dialect=self.dialect)
         token = CURRENT_CALL.set(call)
         principal: Principal = (
             INSECURE_PRINCIPAL if self.authenticator is None else await self.authenticator.authenticate(metadata.get("authorization"), context.peer)
         )
+        record.principal = principal_of(principal.actor_type, principal.actor_id)  # who, never a secret
         authorize(principal.role, self.action, self.method)
         call.actor_type, call.actor_id, call.role, call.actor_user_id = (
             principal.actor_type, principal.actor_id, principal.role, principal.user_id,
         )
         return call, token
 
-    async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException, record: CallRecord) -> None:
         call = CURRENT_CALL.get(None)
         request_id = call.request_id if call else ""
         if isinstance(exc, errors.NexusError):
             # A DEADLINE_EXCEEDED or UNAVAILABLE that does not say whether the call changed
             # anything (db/database.py says so when it knows) says it may have.
             settled(exc, maybe_committed=True)
-            log.info("%s %s [request %s]: %s", exc.code.name, self.method, request_id, exc.reason)
+            self.telemetry.end(record, exc.code, exc.reason)  # the access line (NEXUS_ACCESS_LOG), the span
             await context.abort_with_status(to_status(exc, request_id))
         log.exception("unhandled error in %s [request %s]", self.method, request_id)
+        self.telemetry.end(record, grpc.StatusCode.INTERNAL, "INTERNAL")
         await context.abort_with_status(internal_status(f"internal error in {self.method} (request {request_id}); it has been logged", request_id))
 
     def unary(self, behavior: Behavior) -> Behavior:
-        gate = self.gate
+        gate, telemetry, watch = self.gate, self.telemetry, self.watch
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if gate.closed:
-                await context.abort_with_status(refused())
-            gate.entered(context)
+            record = telemetry.begin(self.method, context)
+            began = watch.started()
             token = None
             try:
-                call, token = await self.enter(context)
+                if gate.closed:
+                    telemetry.end(record, grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
+                    await context.abort_with_status(refused())
+                gate.entered(context)
+                _, token = await self.enter(context, record)
                 response = await behavior(request, context)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("OK %s [request %s] by %s %s", self.method, call.request_id, call.actor_type, call.actor_id)
+                telemetry.end(record, grpc.StatusCode.OK)
                 return response
             except (grpc.aio.AbortError, asyncio.CancelledError):
+                telemetry.end(record, record.interrupted())  # (nothing after an abort of fail: its outcome is recorded)
                 raise
             except Exception as exc:  # noqa: BLE001 - NexusError or a bug: both become a Status
-                await self.fail(context, exc)
+                await self.fail(context, exc, record)
             finally:
                 if token is not None:
                     CURRENT_CALL.reset(token)
+                watch.handled(context, began)
 
         return guarded
 
     def stream(self, behavior: Behavior) -> Behavior:
-        gate = self.gate
+        gate, telemetry, watch = self.gate, self.telemetry, self.watch
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if gate.closed:
-                await context.abort_with_status(refused())
-            gate.entered(context)
+            record = telemetry.begin(self.method, context)
+            began = watch.started()
             token = None
             try:
-                call, token = await self.enter(context)
+                if gate.closed:
+                    telemetry.end(record, grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
+                    await context.abort_with_status(refused())
+                gate.entered(context)
+                _, token = await self.enter(context, record)
                 async for item in behavior(request, context):
                     yield item
+                telemetry.end(record, grpc.StatusCode.OK)
             except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+                telemetry.end(record, record.interrupted())  # (nothing after an abort of fail: its outcome is recorded)
                 raise
             except Exception as exc:  # noqa: BLE001
-                await self.fail(context, exc)
+                await self.fail(context, exc, record)
             finally:
                 # A stream the client ended while it waited to write is closed later by the
                 # event loop's generator finalizer, in another context: nothing to restore there
@@ -161,6 +180,7 @@ class CallGuard:
                 if token is not None:
                     with contextlib.suppress(ValueError):
                         CURRENT_CALL.reset(token)
+                watch.handled(context, began)
 
         return guarded
 
@@ -181,11 +201,15 @@ class GuardedRegistration:
     registered on the server directly and pass untouched.
     """
 
-    def __init__(self, server: grpc.aio.Server, actions: dict[str, Action], authenticator: Authenticator | None, dialect: str) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, actions: dict[str, Action], authenticator: Authenticator | None, dialect: str,
+        telemetry: CallTelemetry | None = None,
+    ) -> None:
         self.server = server
         self.actions = actions
         self.authenticator = authenticator
         self.dialect = dialect
+        self.telemetry = telemetry or CallTelemetry()
         self.gate = Gate()
         self.registered: list[str] = []
 
@@ -206,14 +230,17 @@ class GuardedRegistration:
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method not in self.actions:
             raise TypeError(f"{method} has no access rule in service/policy.py")
-        guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect, self.gate)
+        guard = CallGuard(method, self.actions[method], self.authenticator, self.dialect, self.gate, self.telemetry, metrics.grpc_type_of(handler))
         kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
+            kwargs = guard.watch.counting(**kwargs)
             return grpc.unary_unary_rpc_method_handler(guard.unary(handler.unary_unary), **kwargs)
         if handler.unary_stream is not None:
             # A stream may yield messages serialized already (service/streams.py, Offered).
             kwargs["response_serializer"] = _bytes_or(handler.response_serializer)
+            kwargs = guard.watch.counting(**kwargs)
             return grpc.unary_stream_rpc_method_handler(guard.stream(handler.unary_stream), **kwargs)
+        kwargs = guard.watch.counting(**kwargs)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(guard.unary(handler.stream_unary), **kwargs)
         return grpc.stream_stream_rpc_method_handler(guard.stream(handler.stream_stream), **kwargs)

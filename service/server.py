@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -30,7 +28,7 @@ from db.blobs import BlobStore
 from db.database import Database, first_line
 from db.engine import events
 from db.unit import SESSION_READ
-from service import policy
+from service import metrics, policy, reflection
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.chat import ChatService
 from service.config import Config, ConfigError
@@ -44,6 +42,7 @@ from service.memory import MemoryTrimmer
 from service.rpc import Runner, UploadLimits
 from service.security import SecurityService
 from service.streams import ChangeHub, HubSettings
+from service import telemetry
 from service.work import WorkService
 
 log = logging.getLogger("nexus.server")
@@ -76,6 +75,7 @@ class App:
     _readiness: asyncio.Future[None] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _trimmer: asyncio.Task[None] | None = None
+    _metrics: metrics.Exporter | None = None
     _stopping: bool = False
     ready: bool = False
     servicers: list[Any] = field(default_factory=list)
@@ -124,6 +124,7 @@ class App:
                 log.warning("change event purge failed: %s", exc)
 
     async def start(self) -> None:
+        self._metrics = metrics.start(self)  # first: a metrics port that cannot be had stops the start
         await self.hub.start()
         await self.server.start()
         await self.health.set(LIVENESS, SERVING)
@@ -163,33 +164,9 @@ class App:
             log.warning("%d calls still under way after the grace of %.1fs: cut", self.gate.calls, grace)
         if stop_server:
             await self.server.stop(max(0.0, grace - (asyncio.get_running_loop().time() - started)))
+        if self._metrics is not None:
+            self._metrics.stop()
         await asyncio.get_running_loop().run_in_executor(None, self.db.dispose)
-
-
-class _MethodAwarePool:
-    """The default descriptor pool, whose FindFileContainingSymbol also resolves methods.
-
-    grpcurl's `describe pkg.Service.Method` asks reflection for the file defining the method; the
-    upb protobuf backend's pool knows services but not their method names, so it would answer
-    "Symbol not found".
-    """
-
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pool, name)
-
-    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - the pool's API
-        try:
-            return self._pool.FindFileContainingSymbol(symbol)
-        except KeyError:
-            service, _, method = symbol.rpartition(".")
-            try:
-                self._pool.FindServiceByName(service).methods_by_name[method]
-            except KeyError:
-                raise KeyError(symbol) from None
-            return self._pool.FindFileContainingSymbol(service)
 
 
 def open_database(config: Config) -> Database:
@@ -236,29 +213,39 @@ def _setting_file(path: str, variable: str) -> bytes:
 
 
 def check_port(config: Config) -> None:
-    """ConfigError naming NEXUS_PORT when the port is taken (or not ours to take), found before
-    anything is migrated: a probe socket bound as gRPC binds (SO_REUSEADDR) and closed at once.
-    Other failures are left to gRPC's own bind, which reports them."""
-    if config.port == 0:
-        return
-    host = config.host.strip()
+    """ConfigError naming NEXUS_PORT (or NEXUS_METRICS_PORT) when the port is taken (or not ours
+    to take), found before anything is migrated: a probe socket bound as the server binds
+    (SO_REUSEADDR) and closed at once. Other failures are left to the server's own bind, which
+    reports them."""
+    why = _taken(config.host, config.port)
+    if why:
+        raise ConfigError(f"NEXUS_PORT (--port) {config.port} {why}")
+    why = _taken(config.host, config.metrics_port)
+    if why:
+        raise ConfigError(f"NEXUS_METRICS_PORT: cannot serve metrics on {config.host}:{config.metrics_port} (--metrics-port): the port {why}")
+
+
+def _taken(host_setting: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (what to do included), or None."""
+    if port == 0:
+        return None
+    host = host_setting.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host or None, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
-        raise ConfigError(f"NEXUS_HOST (--host) {config.host!r} is not an address to listen on: {exc.strerror}") from None
+        raise ConfigError(f"NEXUS_HOST (--host) {host_setting!r} is not an address to listen on: {exc.strerror}") from None
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    f"NEXUS_PORT (--port) {config.port} is in use on {config.host}: stop what listens there, or choose another port"
-                ) from None
+                return f"is in use on {host_setting}: stop what listens there, or choose another port"
             if exc.errno == errno.EACCES:
-                raise ConfigError(f"NEXUS_PORT (--port) {config.port}: not allowed to listen there ({exc.strerror}): choose a port above 1023") from None
+                return f"is not ours to listen on ({exc.strerror}): choose a port above 1023"
+    return None
 
 
 def preflight(config: Config) -> None:
@@ -313,7 +300,9 @@ def create_server(config: Config, database: Database | None = None) -> App:
     )
     names = []
     servicers = []
-    guarded = GuardedRegistration(server, actions, authenticator, db.dialect)
+    telemetry.trace_database(db)  # (only while tracing is on)
+    metrics.enable(config)  # before the methods are registered: each gets its MethodWatch
+    guarded = GuardedRegistration(server, actions, authenticator, db.dialect, telemetry.CallTelemetry(config.access_log, config.access_log_sample))
     for servicer_cls, register, full_name in DOMAIN_SERVICES:
         servicer = servicer_cls(run, hub)
         register(servicer, guarded)
@@ -323,11 +312,8 @@ def create_server(config: Config, database: Database | None = None) -> App:
         raise RuntimeError(f"domain services registered without their guard: {sorted(set(names) - set(guarded.registered))}")
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-        pool=_MethodAwarePool(descriptor_pool.Default()),
-    )
+    # v1 and v1alpha, the protos' comments included (service/reflection.py)
+    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server)
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     if port == 0:
@@ -459,7 +445,7 @@ def _log_places(config: Config) -> None:
 
 def _run_worker(config: Config) -> None:
     """Entry point of one worker process (a fresh interpreter: its own engine, its own gRPC)."""
-    logging.basicConfig(level=config.log_level, format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
+    telemetry.configure_logging(config.log_level, config.log_format)
     asyncio.run(serve(config, worker=True))
 
 
@@ -471,6 +457,7 @@ def serve_workers(config: Config) -> int:
     change-log poll on SQLite).
     """
     import multiprocessing
+    import multiprocessing.connection
 
     if config.port == 0:
         raise ConfigError("NEXUS_WORKERS (--workers) above 1 needs a fixed NEXUS_PORT (--port), not 0")
@@ -484,19 +471,27 @@ def serve_workers(config: Config) -> int:
     worker_config = dataclasses.replace(config, migrate_on_start=False)
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_run_worker, args=(worker_config,), name=f"nexus-worker-{i}") for i in range(config.workers)]
-    for worker in workers:
-        worker.start()
-    log.info("nexus-data serving on %s:%d with %d workers", config.host, config.port, config.workers)
-
-    def forward(signum: int, _frame: object) -> None:
+    # The metrics endpoint is open (and PROMETHEUS_MULTIPROC_DIR set) before the first worker starts.
+    with metrics.for_workers(config) as endpoint:
         for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
+            worker.start()
+        log.info("nexus-data serving on %s:%d with %d workers", config.host, config.port, config.workers)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.join()
+        def forward(signum: int, _frame: object) -> None:
+            for worker in workers:
+                if worker.pid is not None and worker.is_alive():
+                    os.kill(worker.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        running = list(workers)
+        while running:  # each worker as it exits, in whatever order
+            ended = multiprocessing.connection.wait([w.sentinel for w in running])
+            for worker in [w for w in running if w.sentinel in ended]:
+                worker.join()
+                running.remove(worker)
+                if endpoint is not None:
+                    endpoint.worker_exited(worker.pid)
     return max((w.exitcode or 0) for w in workers)
 
 
@@ -507,6 +502,7 @@ async def serve(config: Config, worker: bool = False) -> None:
     if not worker:
         preflight(config)
         _log_places(config)
+    telemetry.setup_tracing()  # only with an OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)
     app = create_server(config)
     _announce(config, app.bootstrap_secret)
     await app.start()
@@ -529,6 +525,7 @@ async def serve(config: Config, worker: bool = False) -> None:
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining %.1fs, grace %.1fs", config.drain_seconds, config.grace_seconds)
     await app.stop(stop_server=False)
+    telemetry.shutdown_tracing()  # the spans still buffered are exported
     log.info("stopped")
     # Out without grpc's stop (App.stop): the calls still arriving (refused with UNAVAILABLE
     # since the drain began) see their connection closed, UNAVAILABLE too, never CANCELLED.

@@ -264,6 +264,11 @@ class ChangeHub:
         self._listener: threading.Thread | None = None
         self._stopping = threading.Event()
         self.closed = False
+        # Counted as they happen, read by service/metrics.py: events StreamEvents delivered as
+        # they were offered (live) and read from the log (catch-up, gaps), streams cut off.
+        self.delivered_live = 0
+        self.delivered_from_log = 0
+        self.cut_offs = 0
 
     # -------------------------------------------------------------- lifecycle
 
@@ -620,6 +625,19 @@ class ChangeHub:
                     del self._subs[scope]
                     self._known.pop(scope, None)
 
+    def load(self) -> tuple[int, int, int]:
+        """From any thread: the open streams (StreamEvents and Watch), the events waiting in their
+        queues, and the most waiting in one queue. Each set is copied at once (list() holds the
+        GIL), so the event loop changing them meanwhile does no harm."""
+        streams = queued = deepest = 0
+        for grant in list(self._grants.values()):
+            for sub in list(grant.subs):
+                streams += 1
+                depth = sub.queue.qsize()
+                queued += depth
+                deepest = max(deepest, depth)
+        return streams, queued, deepest
+
     @property
     def subscription_count(self) -> int:
         return len({id(s) for subs in self._subs.values() for s in subs})
@@ -667,6 +685,7 @@ async def stream(
                     sub.positions[scope] = event.seq
                     response.resume_token = sub.token()
                     sub.last_sent = loop.time()
+                    hub.delivered_from_log += 1
                     yield response
                     if sub.overflowed or sub.closing:
                         break
@@ -676,6 +695,7 @@ async def stream(
                 yield pb.StreamEventsResponse(type=pb.EVENT_TYPE_SERVER_SHUTDOWN, resume_token=sub.token())
                 return
             if sub.overflowed:
+                hub.cut_offs += 1
                 raise errors.ResourceExhausted(
                     "the stream fell too far behind and was cut off; reconnect with resume_token",
                     reason="SUBSCRIBER_TOO_SLOW",
@@ -703,6 +723,7 @@ async def stream(
                 continue
             sub.positions[scope] = seq
             sub.last_sent = loop.time()
+            hub.delivered_live += 1
             yield item.alone if len(sub.positions) == 1 else with_token(item.data, sub.token())
     finally:
         hub.unsubscribe(sub)

@@ -51,3 +51,65 @@ def test_every_served_rpc_is_documented() -> None:
             row = rows[full_name].get(method.name)
             assert row, f"{full_name}/{method.name} is not in docs/API.md"
             assert f"`{method.input_type.full_name}`" in row and f"`{method.output_type.full_name}`" in row, row
+
+
+@pytest.fixture(scope="module")
+def document() -> object:
+    spec = importlib.util.spec_from_file_location("nexus_api_document_elements", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _elements(document: object) -> list[tuple[str, str, str]]:
+    """(kind, full name, one-line comment) of every service, RPC, message, field, enum and enum
+    value of the nexus protos, the comment as the guide prints it: a paragraph under the heading
+    of a service, message or enum, a table cell for the others."""
+    d: object = document
+    found = []
+    for f in d.compile_descriptors().file:  # type: ignore[attr-defined]
+        if not f.package.startswith("nexus."):
+            continue
+        comments = {tuple(loc.path): loc for loc in f.source_code_info.location}
+
+        def note(kind: str, name: str, path: tuple[int, ...]) -> None:
+            comment = d._comment(comments, path)  # type: ignore[attr-defined]
+            found.append((kind, name, comment if kind in ("service", "message", "enum") else d._cell(comment)))  # type: ignore[attr-defined]
+
+        for si, service in enumerate(f.service):
+            note("service", f"{f.package}.{service.name}", (d._FILE_SERVICE, si))  # type: ignore[attr-defined]
+            for mi, method in enumerate(service.method):
+                note("rpc", f"{f.package}.{service.name}.{method.name}", (d._FILE_SERVICE, si, d._SERVICE_METHOD, mi))  # type: ignore[attr-defined]
+        for (message, path), name in d.Renderer._walk_messages(f.package, f.message_type):  # type: ignore[attr-defined]
+            if message.options.map_entry:
+                continue
+            note("message", name, path)
+            for fi, field in enumerate(message.field):
+                note("field", f"{name}.{field.name}", (*path, d._MSG_FIELD, fi))  # type: ignore[attr-defined]
+        for (enum, path), name in d.Renderer._walk_enums(d.Renderer, f):  # type: ignore[attr-defined]
+            note("enum", name, path)
+            for vi, value in enumerate(enum.value):
+                note("enum value", f"{name}.{value.name}", (*path, d._ENUM_VALUE, vi))  # type: ignore[attr-defined]
+    return found
+
+
+def test_every_element_has_its_comment_in_the_guide(document: object) -> None:
+    """A reference, not a list of names: every service, RPC, message, field, enum and enum value
+    of the protos has a comment, and the guide shows it."""
+    text = DOC.read_text()
+    elements = _elements(document)
+    assert {kind for kind, _, _ in elements} == {"service", "rpc", "message", "field", "enum", "enum value"}
+    uncommented = [f"{kind} {name}" for kind, name, comment in elements if not comment]
+    assert uncommented == [], "elements without a comment in the protos"
+    missing = [f"{kind} {name}" for kind, name, comment in elements if comment not in text]
+    assert missing == [], "comments docs/API.md does not show"
+
+
+def test_the_guide_points_nowhere_outside_the_repository() -> None:
+    """No web address (the API is gRPC: no HTTP routes to list either) and no path out of it."""
+    text = DOC.read_text()
+    assert not re.findall(r"https?://", text)
+    assert "google.api.http" not in text
+    for target in re.findall(r"\]\(([^)]*)\)", text):
+        assert target.startswith("#"), f"docs/API.md links to {target}: only its own sections"

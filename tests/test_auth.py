@@ -24,7 +24,7 @@ from tests.conftest import Client, unique
 from tests.support import rich_error
 
 Code = grpc.StatusCode
-FREE = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+FREE = {"grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
 
 
 def discovered_methods(address: str) -> list[tuple[str, Any]]:

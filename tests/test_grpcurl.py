@@ -3,6 +3,9 @@ server, on both databases: everything it needs comes from server reflection, no 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +61,8 @@ def test_grpcurl_is_the_expected_binary() -> None:
 def test_list_services(client: Client) -> None:
     listed = ok(grpcurl(client, "list")).split()
     assert {IDENTITY, WORK} <= set(SERVICES)
-    assert sorted(listed) == sorted({*SERVICES, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
+    reflection = {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+    assert sorted(listed) == sorted({*SERVICES, "grpc.health.v1.Health", *reflection})
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
@@ -92,6 +96,42 @@ def test_describe_a_method(client: Client, method: str) -> None:
     out = ok(grpcurl(client, "describe", method))
     assert out.startswith(f"{method} is a method:")
     assert _signature(SERVICES[service].methods_by_name[name]) in out
+
+
+PROTOS = Path(__file__).resolve().parent.parent / "protos"
+
+
+def proto_comment(proto: str, declaration: str) -> list[str]:
+    """The `//` comment lines right above the line of the .proto that starts with `declaration`."""
+    lines = (PROTOS / proto).read_text().splitlines()
+    (at,) = [i for i, line in enumerate(lines) if line.strip().startswith(declaration)]
+    comment = []
+    while lines[at - 1].strip().startswith("//"):
+        at -= 1
+        comment.insert(0, lines[at].strip())
+    assert comment, f"{declaration} has no comment in {proto}"
+    return comment
+
+
+@pytest.mark.parametrize(
+    "symbol, declarations",
+    [
+        (f"{WORK}.CreateTask", ["rpc CreateTask("]),
+        (WORK, ["service WorkService", "rpc CreateTask(", "rpc GetProjectProgress("]),
+        ("nexus.work.v1.Task", ["message Task {", "string project_id = 2;", "repeated string tags = 12;"]),
+        ("nexus.work.v1.TaskStatus", ["enum TaskStatus {"]),
+        ("nexus.common.v1.Money", ["message Money {", "int32 nanos = 3;"]),
+    ],
+)
+def test_describe_shows_the_comments_of_the_protos(client: Client, symbol: str, declarations: list[str]) -> None:
+    """Reflection serves the files with their source info: grpcurl prints each comment above its
+    element, as the .proto has it."""
+    proto = f"nexus/{symbol.split('.')[1]}/v1/{symbol.split('.')[1]}.proto"
+    out = [line.strip() for line in ok(grpcurl(client, "describe", symbol)).splitlines()]
+    for declaration in declarations:
+        comment = proto_comment(proto, declaration)
+        found = [i for i in range(len(out)) if out[i : i + len(comment)] == comment]
+        assert found, f"{symbol}: the comment of {declaration!r} is not shown:\n{comment}\n---\n" + "\n".join(out)
 
 
 _SCALARS = {
@@ -276,3 +316,144 @@ def test_health_check_of_an_unknown_service(client: Client) -> None:
     result = grpcurl(client, "grpc.health.v1.Health/Check", data={"service": "nexus.nope.v1.Nope"})
     assert result.returncode != 0
     assert "Code: NotFound" in result.stderr
+
+
+# ------------------------------------------------------------------ the documents' examples
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTED_ADDRESS = "localhost:50051"
+# `<... id>` and the like in the examples (README.md tells the convention).
+PLACEHOLDER = re.compile(r"<([a-z][a-z ]*)>")
+# A documented command that makes a resource: its answer's id fills `<words id>` in the ones after.
+MAKES = re.compile(r"/(?:Create|Upload)(\w+)\b")
+METHOD = re.compile(r"\b([a-z]\w*(?:\.\w+)+)/(\w+)\b")
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def shell_statements(block: str) -> list[str]:
+    """The statements of a bash block: lines joined while a quote, a `{ ...; }` group, a `\\`
+    or a `|` keeps the statement open; comment lines between statements dropped."""
+    statements, current = [], ""
+    for line in block.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line + "\n"
+        try:
+            shlex.split(current, comments=True)
+        except ValueError:  # an open quote
+            continue
+        stripped = current.rstrip()
+        group_open = stripped.startswith("{ ") and not re.search(r";\s*}", stripped)
+        if stripped.endswith(("\\", "|", "&&")) or group_open:
+            continue
+        statements.append(current.rstrip("\n"))
+        current = ""
+    assert not current, f"an unfinished statement: {current}"
+    return statements
+
+
+def runs_grpcurl(statement: str) -> bool:
+    return re.search(r"(^|[|;&{]\s*)grpcurl\s", statement, flags=re.M) is not None
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(document, grpcurl command, the setup statements before it in its document) of every
+    bash block that runs grpcurl, in document order."""
+    found = []
+    for path in documents():
+        setup: list[str] = []
+        for block in re.findall(r"^```bash\n(.*?)^```", path.read_text(), flags=re.M | re.S):
+            statements = shell_statements(block)
+            if not any(runs_grpcurl(s) for s in statements):
+                continue
+            for statement in statements:
+                if runs_grpcurl(statement):
+                    found.append((path.name, statement, list(setup)))
+                else:
+                    setup.append(statement)
+    return found
+
+
+def _words(camel: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r" \1", camel).lower()
+
+
+def _server_streaming(command: str) -> bool:
+    match = METHOD.search(command)
+    if match is None:
+        return False
+    service, method = match.groups()
+    return descriptor_pool.Default().FindServiceByName(service).methods_by_name[method].server_streaming
+
+
+def test_the_documents_have_grpcurl_examples() -> None:
+    commands = documented_commands()
+    assert len(commands) >= 25
+    assert {doc for doc, _, _ in commands} >= {"README.md", "API.md"}
+    # The statements are whole: each parses as shell words.
+    for _, command, _ in commands:
+        assert shlex.split(command, comments=True)
+
+
+@pytest.mark.slow
+def test_every_documented_grpcurl_command_runs(database_url: str, tmp_path: Path) -> None:
+    """Every grpcurl command of README.md and docs/*.md, as written, in order, against a real
+    server (its own, stopped at the end, so the live streams end too): each exits 0."""
+    from nexus.chat.v1 import chat_pb2 as cpb
+
+    from tests.conftest import ServerThread, connect, make_config
+
+    server = ServerThread(make_config(database_url)).start()
+    c = connect("any", database_url, server)
+    # What the examples read: the admin key file the first start writes, and a file to upload.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bootstrap-admin-key").write_text(f"NEXUS_ADMIN_KEY={c.admin_secret}\n")
+    (tmp_path / "hello.txt").write_text("hello, grpcurl\n")
+    env = {**os.environ, "PATH": f"{GRPCURL.parent}{os.pathsep}{os.environ['PATH']}", "KEY": c.admin_secret}
+    # The placeholders no example makes: made here.
+    other = c.identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(username=unique("other"), email=f"{unique('o')}@example.com")))
+    channel = c.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(name=f"channel {unique()}")))
+    conversation = c.chat.CreateConversation(
+        cpb.CreateConversationRequest(conversation=cpb.Conversation(user_id=other.id, title="grpcurl"))
+    )
+    c.chat.CreateChatMessage(cpb.CreateChatMessageRequest(chat_message=cpb.ChatMessage(channel_id=channel.id, content="hello")))
+    beats = c.chat.StreamEvents(cpb.StreamEventsRequest(channel_ids=[channel.id], heartbeat_seconds=1), timeout=30)
+    token = next(iter(beats)).resume_token
+    beats.cancel()
+    values = {"other user id": other.id, "channel id": channel.id, "conversation id": conversation.id, "resume token": token}
+
+    def fill(command: str) -> str:
+        missing = [name for name in PLACEHOLDER.findall(command) if name not in values]
+        assert not missing, f"no value for {missing} in: {command} (a command above must make it, or the test)"
+        return PLACEHOLDER.sub(lambda m: values[m.group(1)], command).replace(DOCUMENTED_ADDRESS, c.address)
+
+    def script(command: str, setup: list[str]) -> list[str]:
+        # Aliases are expanded in interactive shells; this one is not.
+        return ["bash", "-c", "\n".join(["set -o pipefail", "shopt -s expand_aliases", *setup, fill(command)])]
+
+    streams = []
+    try:
+        for document, command, setup in documented_commands():
+            if _server_streaming(command):  # a live stream: it runs on while the next commands do
+                process = subprocess.Popen(script(command, setup), cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                streams.append((document, command, process))
+                continue
+            result = subprocess.run(script(command, setup), cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT_S)
+            assert result.returncode == 0, f"{document}: exit {result.returncode}\n{command}\n{result.stderr}"
+            made = MAKES.search(command)
+            if made:
+                values[f"{_words(made.group(1))} id"] = json.loads(result.stdout)["id"]
+    finally:
+        c.channel.close()
+        server.stop()  # ends the live streams (SERVER_SHUTDOWN, then OK)
+        for _, _, process in streams:
+            try:
+                process.wait(TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    for document, command, process in streams:
+        stderr = process.stderr.read() if process.stderr else ""
+        assert process.returncode == 0, f"{document}: exit {process.returncode}\n{command}\n{stderr}"

@@ -247,13 +247,15 @@ def test_a_sqlite_directory_that_cannot_be_made_names_db_path(tmp_path: Path) ->
 # ------------------------------------------------------------------ the port
 
 
-def test_a_port_in_use_is_found_before_anything_is_migrated(tmp_path: Path, empty_url: str) -> None:
+@pytest.mark.parametrize("flag, variable", [("--port", "NEXUS_PORT"), ("--metrics-port", "NEXUS_METRICS_PORT")])
+def test_a_port_in_use_is_found_before_anything_is_migrated(tmp_path: Path, empty_url: str, flag: str, variable: str) -> None:
     with socket.socket(socket.AF_INET6) as taken:  # the default host [::] covers IPv4 too
         taken.bind(("::", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = run(["serve", "--port", str(port)], tmp_path, DATABASE_URL=empty_url, NEXUS_BOOTSTRAP_KEY_FILE=str(tmp_path / "key"))
-    one_line(done, EXIT_BAD_SETTING, "NEXUS_PORT", "--port", f"{port} is in use")
+        other = ["--metrics-port", str(free_port())] if flag == "--port" else ["--port", str(free_port())]
+        done = run(["serve", flag, str(port), *other], tmp_path, DATABASE_URL=empty_url, NEXUS_BOOTSTRAP_KEY_FILE=str(tmp_path / "key"))
+    one_line(done, EXIT_BAD_SETTING, variable, flag, str(port), "is in use")
     assert tables_of(empty_url) == [], "nothing migrated"
     assert not (tmp_path / "key").exists()
 

@@ -46,6 +46,8 @@ def test_every_boolean_setting_refuses_what_is_not_true_or_false(variable: str) 
     "env, variable",
     [
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"NEXUS_ACCESS_LOG": "some"}, "NEXUS_ACCESS_LOG"),
         ({"NEXUS_JWT_ROLE_CLAIM": " "}, "NEXUS_JWT_ROLE_CLAIM"),
         ({"NEXUS_TLS_CERT": "cert.pem"}, "NEXUS_TLS_KEY"),
         ({"DB_HOST": "db", "DB_PORT": "99999"}, "DB_PORT"),

@@ -94,6 +94,8 @@ Global___File: _TypeAlias = File  # noqa: Y015
 
 @_typing.final
 class GetFileRequest(_message.Message):
+    """Request for GetFile."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -124,6 +126,8 @@ Global___GetFileRequest: _TypeAlias = GetFileRequest  # noqa: Y015
 
 @_typing.final
 class ListFilesRequest(_message.Message):
+    """Request for ListFiles."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
@@ -160,6 +164,8 @@ Global___ListFilesRequest: _TypeAlias = ListFilesRequest  # noqa: Y015
 
 @_typing.final
 class ListFilesResponse(_message.Message):
+    """Response of ListFiles."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FILES_FIELD_NUMBER: _builtins.int
@@ -190,6 +196,8 @@ Global___ListFilesResponse: _TypeAlias = ListFilesResponse  # noqa: Y015
 
 @_typing.final
 class UpdateFileRequest(_message.Message):
+    """Request for UpdateFile."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FILE_FIELD_NUMBER: _builtins.int
@@ -218,6 +226,8 @@ Global___UpdateFileRequest: _TypeAlias = UpdateFileRequest  # noqa: Y015
 
 @_typing.final
 class DeleteFileRequest(_message.Message):
+    """Request for DeleteFile."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -246,6 +256,8 @@ Global___DeleteFileRequest: _TypeAlias = DeleteFileRequest  # noqa: Y015
 
 @_typing.final
 class UndeleteFileRequest(_message.Message):
+    """Request for UndeleteFile."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -266,6 +278,8 @@ Global___UndeleteFileRequest: _TypeAlias = UndeleteFileRequest  # noqa: Y015
 
 @_typing.final
 class SearchFilesRequest(_message.Message):
+    """Request for SearchFiles."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     QUERY_FIELD_NUMBER: _builtins.int
@@ -298,6 +312,8 @@ Global___SearchFilesRequest: _TypeAlias = SearchFilesRequest  # noqa: Y015
 
 @_typing.final
 class SearchFilesResponse(_message.Message):
+    """Response of SearchFiles."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -328,6 +344,8 @@ Global___SearchFilesResponse: _TypeAlias = SearchFilesResponse  # noqa: Y015
 
 @_typing.final
 class FileSearchResult(_message.Message):
+    """One ranked search hit."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FILE_FIELD_NUMBER: _builtins.int
@@ -354,6 +372,8 @@ Global___FileSearchResult: _TypeAlias = FileSearchResult  # noqa: Y015
 
 @_typing.final
 class BatchGetFilesRequest(_message.Message):
+    """Request for BatchGetFiles."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IDS_FIELD_NUMBER: _builtins.int
@@ -382,6 +402,8 @@ Global___BatchGetFilesRequest: _TypeAlias = BatchGetFilesRequest  # noqa: Y015
 
 @_typing.final
 class BatchGetFilesResponse(_message.Message):
+    """Response of BatchGetFiles."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FILES_FIELD_NUMBER: _builtins.int
@@ -449,6 +471,8 @@ Global___UploadFileMetadata: _TypeAlias = UploadFileMetadata  # noqa: Y015
 
 @_typing.final
 class UploadFileRequest(_message.Message):
+    """One message of an UploadFile stream: the metadata first, then the file's bytes in chunks."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     METADATA_FIELD_NUMBER: _builtins.int
@@ -477,6 +501,8 @@ Global___UploadFileRequest: _TypeAlias = UploadFileRequest  # noqa: Y015
 
 @_typing.final
 class DownloadFileRequest(_message.Message):
+    """Request for DownloadFile."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -505,6 +531,8 @@ Global___DownloadFileRequest: _TypeAlias = DownloadFileRequest  # noqa: Y015
 
 @_typing.final
 class DownloadFileResponse(_message.Message):
+    """One message of a DownloadFile stream: the next bytes and where they start."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CHUNK_FIELD_NUMBER: _builtins.int
@@ -529,6 +557,8 @@ Global___DownloadFileResponse: _TypeAlias = DownloadFileResponse  # noqa: Y015
 
 @_typing.final
 class RecordFileDownloadRequest(_message.Message):
+    """Request for RecordFileDownload."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int

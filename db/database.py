@@ -589,7 +589,7 @@ class Database:
                     raise DatabaseUnreachable(self.where, seconds, first_line(exc)) from exc
                 wait = min(pause, left)
                 log.warning(
-                    "the database at %s does not answer (%s): trying again in %.1fs, %.1fs left of the wait", self.where, first_line(exc), wait, left
+                    "the database at %s does not answer (%s): trying again in %.2fs, %.2fs left of the wait", self.where, first_line(exc), wait, left
                 )
                 sleep(wait)
                 pause = min(pause * 2, MAX_WAIT_SECONDS)

@@ -375,6 +375,7 @@ class Config:
             values["bootstrap_key_file"] = env["NEXUS_BOOTSTRAP_KEY_FILE"]
         if overrides.get("database_url") is not None:
             values["database_setting"] = "--database-url"
+            overrides = {**overrides, "database_url": normalize_url(overrides["database_url"].strip())}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

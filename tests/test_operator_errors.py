@@ -7,6 +7,7 @@ environment holding only what the test sets.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -25,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
 import service
+from db.database import Database
 from service.cli import EXIT_BAD_SETTING, EXIT_DATABASE_UNREACHABLE, EXIT_REFUSED
 from service.config import Config, ConfigError
 from service.server import create_server
@@ -165,6 +167,26 @@ def test_an_unreachable_postgres_is_waited_for_then_one_line_exit_3(tmp_path: Pa
     assert not (tmp_path / "data").exists()
 
 
+def test_the_pauses_between_tries_double_up_to_a_cap() -> None:
+    pauses: list[float] = []
+
+    class Enough(Exception):
+        pass
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 8:
+            raise Enough
+
+    database = Database(f"postgresql+psycopg2://nexus@127.0.0.1:{free_port()}/nexus")
+    try:
+        with pytest.raises(Enough):
+            database.wait_until_reachable(3600, sleep=sleep)
+    finally:
+        database.dispose()
+    assert pauses == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+
+
 def test_an_unreachable_postgres_of_db_host_names_db_host(tmp_path: Path) -> None:
     port = free_port()
     done = run(["migrate"], tmp_path, DB_HOST="127.0.0.1", DB_PORT=str(port), NEXUS_DB_WAIT_SECONDS="0")
@@ -229,6 +251,15 @@ def test_a_malformed_database_url_is_one_line_and_touches_nothing(tmp_path: Path
 @pytest.mark.parametrize("command", ["migrate", "check-schema", "seed"])
 def test_an_empty_database_url_flag_names_the_flag(tmp_path: Path, command: str) -> None:
     one_line(run([command, "--database-url", ""], tmp_path), EXIT_BAD_SETTING, "--database-url", "is empty")
+
+
+def test_a_libpq_style_database_url_flag_is_taken(tmp_path: Path) -> None:
+    """--database-url postgresql://... uses psycopg2, as DATABASE_URL does (SQLAlchemy's own
+    default driver for postgresql:// is another, which the service does not use)."""
+    with fresh_postgres_database("nexus_oper") as url:
+        libpq_style = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        done = run(["check-schema", "--database-url", libpq_style], tmp_path)
+    assert done.returncode == 1 and "database schema is at nothing" in done.stderr, done.stderr  # reached, not refused
 
 
 @pytest.mark.parametrize("variable", ["DB_HOST", "DB_PATH", "NEXUS_DATA_DIR"])
@@ -300,6 +331,14 @@ def test_a_missing_tls_file_names_its_setting_and_migrates_nothing(tmp_path: Pat
     done = run(["serve", "--port", "0"], tmp_path, DATABASE_URL=empty_url, **files)
     one_line(done, EXIT_BAD_SETTING, missing, "nowhere.pem", "No such file")
     assert tables_of(empty_url) == [], "nothing migrated"
+
+
+def test_with_json_logs_the_one_line_is_a_json_line(tmp_path: Path) -> None:
+    done = run(["serve", "--tls-cert", "cert.pem", "--tls-key", "key.pem"], tmp_path, LOG_FORMAT="json")
+    assert done.returncode == EXIT_BAD_SETTING and "Traceback" not in done.stderr, done.stderr
+    last = json.loads(done.stderr.strip().splitlines()[-1])
+    assert (last["level"], last["message"]) == ("CRITICAL", "refusing to start: NEXUS_TLS_KEY (--tls-key): key.pem cannot be read (No such file or directory)")
+    assert all(line.startswith("{") for line in done.stderr.strip().splitlines())
 
 
 def test_a_missing_tls_flag_file_names_the_flag(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from db.errors import InvalidArgument
 
-_MIN_TS = dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc)
+_MIN_TS = dt.datetime(1, 1, 1, tzinfo=dt.UTC)
 NANOS = Decimal(1_000_000_000)
 
 
@@ -164,7 +164,7 @@ class TimestampCodec(FieldCodec):
             return {self.attr: None}
         ts: timestamp_pb2.Timestamp = getattr(msg, self.name)
         try:
-            value = ts.ToDatetime(tzinfo=dt.timezone.utc)
+            value = ts.ToDatetime(tzinfo=dt.UTC)
         except (ValueError, OverflowError) as exc:
             raise InvalidArgument.field(self.name, f"not a valid timestamp: {exc}") from None
         if value <= _MIN_TS:

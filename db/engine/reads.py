@@ -188,4 +188,4 @@ def search(
 
     hits, messages, more, total = read_page(size, max_bytes, fetch, lambda hit: spec.to_proto(hit[0]), SEARCH_RESULT_EXTRA)
     next_token = encode_token(query_fp, offset=offset + len(hits)) if more else ""
-    return [(message, float(score)) for message, (_, score, _) in zip(messages, hits)], next_token, total
+    return [(message, float(score)) for message, (_, score, _) in zip(messages, hits, strict=True)], next_token, total

@@ -259,13 +259,13 @@ class ResourceSpec:
         return compile_dumper(self.message, self.codecs)
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def _timestamp_into(ts: Any, value: dt.datetime) -> None:
     """Timestamp.FromDatetime without its time-tuple round trip (naive values are UTC)."""
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
     delta = value - _EPOCH
     seconds, nanos = delta.days * 86400 + delta.seconds, delta.microseconds * 1000
     if seconds or nanos:

@@ -167,7 +167,7 @@ def _apply_defaults(spec: ResourceSpec, row: Any) -> None:
             setattr(row, key, value)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scalar_defaults(spec: ResourceSpec) -> tuple[tuple[str, Any], ...]:
     return tuple((c.key, c.default.arg) for c in spec.table.c if c.default is not None and c.default.is_scalar)
 
@@ -251,7 +251,7 @@ def _own_row(spec: ResourceSpec, row: Any, values: dict[str, Any], call: Call, f
         )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _empty_row_values(spec: ResourceSpec) -> tuple[tuple[str, None], ...]:
     return tuple((c.key, None) for c in spec.table.c)
 
@@ -368,7 +368,7 @@ def insert_rows(
         bulk.insert_many(conn, spec.table, values)
         if entries:
             bulk.insert_many(conn, AuditLogEntry.__table__, entries)
-    for row, row_values in zip(rows, values):
+    for row, row_values in zip(rows, values, strict=True):
         row.__dict__.update(row_values)
         for key in spec.relation_fields:
             setattr(row, key, [])
@@ -503,7 +503,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
         relation_values = conn.execute(relations).one()
     else:
         relation_values = ()
-    for loader, value in zip(loaders, relation_values):
+    for loader, value in zip(loaders, relation_values, strict=True):
         setattr(row, loader.key, loader.rows(value))
     check_managed(session, spec, row)
     return events.publish(session, spec, row, events.UPDATED, spec.to_proto(row))
@@ -537,7 +537,7 @@ def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_p
         found_row = found_rows[0] if found_rows else None
     else:  # a statement per caller's predicate: not one to keep
         found_row = conn.execute(stmt, {"row_id": row_id}).first()
-    row = None if found_row is None else reading.row_class(spec)(dict(zip([c.key for c in table.c], found_row)))
+    row = None if found_row is None else reading.row_class(spec)(dict(zip([c.key for c in table.c], found_row, strict=True)))
     return found(spec, row, raw_id, allowed, show_deleted=False, write=True, field_path=field_path)
 
 

@@ -7,7 +7,7 @@ import functools
 import keyword
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -65,14 +65,17 @@ class ListReference:
     key: str | None = None
 
 
+M = TypeVar("M", bound=Message)
+
+
 @dataclass(eq=False)
-class ResourceSpec:
+class ResourceSpec(Generic[M]):
     """Declares one resource: its model, message and field rules. Built codecs are cached."""
 
     name: str
     plural: str
     model: type
-    message: type[Message]
+    message: type[M]
     singular_field: str
     output_only: frozenset[str] = frozenset()
     immutable: frozenset[str] = frozenset()
@@ -230,7 +233,7 @@ class ResourceSpec:
     def filter_compiler(self, dialect: str) -> FilterCompiler:
         return FilterCompiler(self.filter_fields, dialect)
 
-    def to_proto(self, row: Any, read_mask: Iterable[str] | None = None) -> Message:
+    def to_proto(self, row: Any, read_mask: Iterable[str] | None = None) -> M:
         """The message for a row (mapped or Core): every field, or those of read_mask."""
         if read_mask is None:
             msg = self.dumper(row)
@@ -254,7 +257,7 @@ class ResourceSpec:
         return owner is not None and call.actor_user_id is not None and str(owner) == str(call.actor_user_id)
 
     @functools.cached_property
-    def dumper(self) -> Callable[[Any], Message]:
+    def dumper(self) -> Callable[[Any], M]:
         """to_proto of the whole resource, as one generated function (see compile_dumper)."""
         return compile_dumper(self.message, self.codecs)
 
@@ -274,7 +277,7 @@ def _timestamp_into(ts: Any, value: dt.datetime) -> None:
         ts.SetInParent()
 
 
-def compile_dumper(message: type[Message], codecs: dict[str, FieldCodec]) -> Callable[[Any], Message]:
+def compile_dumper(message: type[M], codecs: dict[str, FieldCodec]) -> Callable[[Any], M]:
     """One straight-line function that fills every field of `message` from a row.
 
     The same as calling each codec's dump in turn, without a method call and a getattr per

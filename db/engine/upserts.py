@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic
 
 from google.protobuf.message import Message
 from sqlalchemy import bindparam, func, select, text, tuple_
@@ -23,7 +23,7 @@ from db.translate import unique_fields
 from db.base import utcnow
 from db.engine import audit, events, reading
 from db.engine.call import Call
-from db.engine.resource import ResourceSpec
+from db.engine.resource import M, ResourceSpec
 from db.engine.rules import check_create_rule, check_field_rights, check_managed_together, denied, predicate
 from db.engine.tables import AuditLogEntry
 from db.engine.writes import (
@@ -57,16 +57,16 @@ class _Upsert:
 
 
 @dataclass
-class Upserted:
+class Upserted(Generic[M]):
     """What an upsert did to one row: its message, and whether it was made or replaced (and
     then whether anything changed)."""
 
-    message: Message
+    message: M
     created: bool
     changed: bool
 
 
-def upsert(session: Session, spec: ResourceSpec, msg: Message, call: Call) -> tuple[Message, bool]:
+def upsert(session: Session, spec: ResourceSpec[M], msg: Message, call: Call) -> tuple[M, bool]:
     """(the resource, created?) of one upsert: batch_upsert of one, its fields under
     `<singular_field>.` as in UpsertXRequest."""
     (done,) = batch_upsert(session, spec, [msg], call, prefixes=[f"{spec.singular_field}."])
@@ -75,12 +75,12 @@ def upsert(session: Session, spec: ResourceSpec, msg: Message, call: Call) -> tu
 
 def batch_upsert(
     session: Session,
-    spec: ResourceSpec,
+    spec: ResourceSpec[M],
     messages: Sequence[Message],
     call: Call,
     prefixes: Sequence[str] | None = None,
     read_mask: list[str] | None = None,
-) -> list[Upserted]:
+) -> list[Upserted[M]]:
     """Upsert every message by spec.upsert_key, all or nothing, in request order. prefixes: each
     message's field path in the request (default requests[i].<singular_field>.). Two messages
     of one key: INVALID_ARGUMENT naming both. A key whose row the caller may not change:

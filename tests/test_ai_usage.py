@@ -102,7 +102,7 @@ def _hand_count(rows: list[apb.AIInteraction], group_by: list[int], start: dt.da
             completion_tokens=sum(r.completion_tokens for r in members),
             total_tokens=sum(r.total_tokens for r in members),
         )
-        for g, value in zip(group_by, key, strict=True):
+        for g, value in zip(group_by, key, strict=False):
             setattr(group, FIELD_OF[g], value)
         if key[-1]:
             nanos = sum(r.cost.units * NANOS + r.cost.nanos for r in members)

@@ -303,7 +303,7 @@ def compile_dumper(message: type[M], codecs: dict[str, FieldCodec]) -> Callable[
             lines.append(f"    _codec{i}.dump(row, m)")
     lines.append("    return m")
     exec(compile("\n".join(lines), f"<dumper of {message.DESCRIPTOR.full_name}>", "exec"), env)  # noqa: S102 - our own code
-    return env["dump"]  # type: ignore[no-any-return]
+    return env["dump"]
 
 
 def _codec_for(fd: FieldDescriptor, column: Any) -> FieldCodec:
@@ -377,7 +377,7 @@ class Registry:
     def __getitem__(self, name: str) -> ResourceSpec:
         return self._specs[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         return iter(self._specs.values())
 
     def __len__(self) -> int:

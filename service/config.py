@@ -126,7 +126,7 @@ def _parsed(env: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def check_settings(config: "Config") -> None:
+def check_settings(config: Config) -> None:
     """ConfigError naming the variable of the first setting out of its range."""
     try:
         make_url(config.database_url).port  # noqa: B018 - parses the port too
@@ -161,7 +161,7 @@ def check_settings(config: "Config") -> None:
     check_credential_settings(config)
 
 
-def check_credential_settings(config: "Config") -> None:
+def check_credential_settings(config: Config) -> None:
     """The server refuses to start with credentials it could not check well."""
     if config.bootstrap_key_file is not None and not config.bootstrap_key_file.strip():
         raise ConfigError("NEXUS_BOOTSTRAP_KEY_FILE must be a file path (unset it for the default)")
@@ -269,7 +269,7 @@ class Config:
         return min(self.max_page_bytes, self.max_message_bytes)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
         env = os.environ if env is None else env
         parsed = _parsed(env)
         pool = PoolSettings(**{k.split(".", 1)[1]: v for k, v in parsed.items() if k.startswith("pool.")})

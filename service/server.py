@@ -114,7 +114,7 @@ class App:
             await asyncio.sleep(self.config.event_purge_interval_seconds)
             cutoff = utcnow() - dt.timedelta(seconds=self.config.event_retention_seconds)
             try:
-                removed = await self.db.run(lambda s: events.purge(s, cutoff))
+                removed = await self.db.run(lambda s: events.purge(s, cutoff))  # noqa: B023 - run and awaited within this iteration
                 if removed:
                     log.info("purged %d change events older than %s", removed, cutoff.isoformat())
             except Exception as exc:  # noqa: BLE001 - retried at the next interval

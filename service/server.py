@@ -123,8 +123,11 @@ class App:
     async def start(self) -> None:
         self._metrics = metrics.start(self)  # first: a metrics port that cannot be had stops the start
         await self.hub.start()
-        await self.server.start()
+        # Every health name answers from the first accepted connection: alive, and not ready
+        # until the database has answered (a probe then reads NOT_SERVING, never NOT_FOUND).
         await self.health.set(LIVENESS, SERVING)
+        await self.set_ready(False)
+        await self.server.start()
         self._loop = asyncio.get_running_loop()
         self.db.note_reachable(await asyncio.get_running_loop().run_in_executor(None, self.db.ping))
         await self.set_ready(self.db.reachable)

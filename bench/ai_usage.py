@@ -131,7 +131,7 @@ def run_service(stub: Any, key: str, batches: list[list[dict[str, Any]]]) -> flo
 
 
 def _stamp(dialect: str, value: dt.datetime) -> Any:
-    return value if dialect == "postgresql" else value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value if dialect == "postgresql" else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _ident(dialect: str, value: str) -> str:
@@ -141,7 +141,7 @@ def _ident(dialect: str, value: str) -> str:
 def floor_rows(dialect: str, batch: list[dict[str, Any]]) -> tuple[list[tuple], list[tuple]]:
     """The rows the floor writes for a batch, and an audit entry for each naming every field set
     with its new value (as the service's entry of a create)."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     stamp = _stamp(dialect, now)
     rows, entries = [], []
     for r in batch:
@@ -274,14 +274,14 @@ def bench_dialect(dialect: str, args: argparse.Namespace, work: Path) -> tuple[l
             for round_no in range(args.rounds):
                 sides = list(SIDES) if round_no % 2 == 0 else list(reversed(SIDES))
                 for side in sides:
-                    rows = interactions(args.rows, users, random.Random(f"{round_no}-{side}"), dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc))
+                    rows = interactions(args.rows, users, random.Random(f"{round_no}-{side}"), dt.datetime(2025, 1, 1, tzinfo=dt.UTC))
                     batches = [rows[i:i + args.batch] for i in range(0, len(rows), args.batch)]
                     took = run_service(stub, key, batches) if side == "service" else run_floor(dialect, target, batches)
                     rate = args.rows / took
                     rpc_bench.log(f"{dialect} round {round_no + 1} {side}: {rate:,.0f} rows/s")
                     best[side] = max(best.get(side, 0.0), rate)
             if dialect == "postgresql" and not args.skip_summary:
-                start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+                start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
                 loaded = load_summary_rows(target, args.summary_rows, users, start)
                 rpc_bench.log(f"loaded {args.summary_rows:,} interactions in {loaded:.0f} s")
                 summary = bench_summary(stub, key, start, args.calls)

@@ -25,7 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 NEXUS_DATA = str(REPO / ".venv" / "bin" / "nexus-data")
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 # Words for titles and descriptions: no English stop words, so both engines index all of them.
 VOCABULARY = (

@@ -59,7 +59,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "generated"))
@@ -71,7 +72,7 @@ from nexus.identity.v1 import identity_pb2_grpc  # noqa: E402
 from nexus.work.v1 import work_pb2 as wpb  # noqa: E402
 from nexus.work.v1 import work_pb2_grpc  # noqa: E402
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 EPOCH_NAIVE = dt.datetime(1970, 1, 1)
 EPOCH_AWARE = dt.datetime(1970, 1, 1, tzinfo=UTC)
 ONE_US = dt.timedelta(microseconds=1)

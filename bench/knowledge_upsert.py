@@ -107,7 +107,7 @@ def floor_rows(dialect: str, batch: list[dict[str, Any]], known: dict[str, tuple
     """The rows the floor writes for a batch: the chunks, and an audit entry for each (as the
     service's: a new chunk's fields, or a replaced one's changed fields old and new). known:
     external_id -> (id, the chunk as last written), kept by the floor as a client would."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     stamp: Any = now if dialect == "postgresql" else now.strftime("%Y-%m-%d %H:%M:%S.%f")
     chunks, entries = [], []
     for c in batch:

@@ -151,7 +151,7 @@ def render_text(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
@@ -243,7 +243,7 @@ def chart(db: str, results: dict[str, Any], path: Path) -> None:
         ax.bar([x - w / 2 for x in xs], proj, w, label="project (nexus-data serve)", color="#3b75af")
         ax.bar([x + w / 2 for x in xs], flo, w, label="floor (raw driver)", color="#c9c9c9", edgecolor="#777")
         top = max(proj + flo + [1])
-        for x, (_, rpc), p, f in zip(xs, items, proj, flo):
+        for x, (_, rpc), p, f in zip(xs, items, proj, flo, strict=True):
             r = ratio(results["runs"][rpc].get("project"), results["runs"][rpc].get("floor"))
             if r is None:
                 continue

@@ -353,7 +353,7 @@ def run_loadgen(server: Server, rpc: str, spec: Path, *, key: str | None, concur
         out, err = proc.communicate(timeout=warmup + seconds + timeout + 120)
     except subprocess.TimeoutExpired:
         kill()
-        raise RuntimeError(f"loadgen {rpc} against {server.name} did not finish in time")
+        raise RuntimeError(f"loadgen {rpc} against {server.name} did not finish in time") from None
     finally:
         cleanup(kill)
     if proc.returncode != 0:
@@ -464,7 +464,7 @@ def verify(project: Server, floor: Server, key: str, spec: dict[str, Any], reser
         for q in spec["queries"][:3]:
             a, b = both(1, "SearchTasks", wpb.SearchTasksRequest(query=q, page_size=50))
             same = [r.task for r in a.results] == [r.task for r in b.results] and a.total_size == b.total_size
-            scores = all(math.isclose(x.score, y.score, rel_tol=1e-6) for x, y in zip(a.results, b.results))
+            scores = all(math.isclose(x.score, y.score, rel_tol=1e-6) for x, y in zip(a.results, b.results, strict=False))
             check(f"SearchTasks {q!r}", same and scores, f"{len(a.results)} vs {len(b.results)} hits, total {a.total_size} vs {b.total_size}")
         task = wpb.Task(project_id=spec["sink_project_id"], title="verify create", description="check both servers",
                         status=wpb.TASK_STATUS_DONE, priority=wpb.PRIORITY_LOW, tags=["x", "y", "x"], estimated_hours=1.5)
@@ -659,7 +659,7 @@ def profile_project(dialect: str, project: Server, spec: Path, key: str, args: a
                  "--gil", "--nonblocking", "--format", "raw", "--output", str(raw)]
         holder: dict[str, Any] = {}
 
-        def load() -> None:
+        def load(rpc: str = rpc, batch: bool = batch, holder: dict[str, Any] = holder) -> None:  # the thread may outlive the join below
             try:
                 holder["r"] = run_loadgen(project, rpc, spec, key=key, concurrency=args.batch_concurrency if batch else args.concurrency,
                                           seconds=args.seconds + 2, warmup=args.warmup, timeout=120.0 if batch else 30.0,
@@ -672,7 +672,7 @@ def profile_project(dialect: str, project: Server, spec: Path, key: str, args: a
         time.sleep(args.warmup + 1)
         spy = subprocess.Popen(pyspy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
-        def kill_spy() -> None:
+        def kill_spy(spy: subprocess.Popen[str] = spy) -> None:
             if spy.poll() is None:
                 spy.kill()
                 spy.wait(5)
@@ -967,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{command}  (watchdog at {args.max_runtime:.0f} s; logs in {work})")
         for dialect in args.dbs:
             load_before = loadavg()
-            started = dt.datetime.now(dt.timezone.utc)
+            started = dt.datetime.now(dt.UTC)
             results: dict[str, Any] = {"db": dialect, "runs": {}}
             if not args.no_main:
                 results = bench_database(dialect, args, work)

@@ -30,6 +30,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import asyncio  # noqa: E402
 
@@ -42,8 +43,8 @@ from nexus.identity.v1 import identity_pb2_grpc  # noqa: E402
 from nexus.work.v1 import work_pb2 as wpb  # noqa: E402
 from nexus.work.v1 import work_pb2_grpc  # noqa: E402
 
-from bench import benchdb  # noqa: E402
-from bench.stream_fanout import ServerProcess, free_port, rss_mib, run_cleanups, wait_ready  # noqa: E402
+import benchdb  # noqa: E402
+from stream_fanout import ServerProcess, free_port, rss_mib, run_cleanups, wait_ready  # noqa: E402
 from db.engine.codecs import DEFAULT_LIMITS  # noqa: E402
 
 TEXT = DEFAULT_LIMITS["text"].chars or 0
@@ -113,7 +114,7 @@ class Sampler:
             self.peak = max(self.peak, rss_mib(self.pid))
             self._stop.wait(0.05)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 

@@ -397,7 +397,7 @@ async def _loadgen(
         deadline = time.monotonic() + drain_seconds
         # Done when every stream has every acknowledged message (a write that timed out on the
         # client may have committed anyway: such "extra" messages are counted, not waited for).
-        while time.monotonic() < deadline and not all(st.error or not st.remaining for st in streams):
+        while time.monotonic() < deadline and not all(st.error or not st.remaining for st in streams):  # noqa: ASYNC110 - polls a condition over every stream, until a deadline
             await asyncio.sleep(0.05)
         stopping = True
         for call in calls:
@@ -458,7 +458,7 @@ class Writer:
         created = await self.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(name=name)), timeout=30, metadata=self.metadata)
         return str(created.id)
 
-    async def post(self, channel_id: str, content: str, timeout: float = 30.0) -> None:
+    async def post(self, channel_id: str, content: str, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - the RPC's own deadline
         request = cpb.CreateChatMessageRequest(chat_message=cpb.ChatMessage(channel_id=channel_id, content=content))
         if self.mode == "floor":
             await self.publish(request, timeout=timeout, metadata=self.metadata)
@@ -516,7 +516,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": rank(0.50), "p90": rank(0.90), "p99": rank(0.99), "max": values[-1]}
 
 
-async def wait_ready(address: str, server: ServerProcess, timeout: float) -> None:
+async def wait_ready(address: str, server: ServerProcess, timeout: float) -> None:  # noqa: ASYNC109 - the deadline of a loop of health checks, each with its own
     deadline = time.monotonic() + timeout
     async with grpc.aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -543,7 +543,7 @@ def _stop_process(p: mp.process.BaseProcess) -> None:
         p.join(5)
 
 
-async def _recv(conn: Connection, timeout: float) -> Any:
+async def _recv(conn: Connection, timeout: float) -> Any:  # noqa: ASYNC109 - handed to Connection.poll in an executor thread
     loop = asyncio.get_running_loop()
     ready = await loop.run_in_executor(None, conn.poll, timeout)
     if not ready:
@@ -608,7 +608,7 @@ async def run_case(mode: str, args: argparse.Namespace, work: Path, database_url
             argv.append("--insecure-dev")
     else:
         env = dict(os.environ)
-        argv = [sys.executable, str(Path(__file__).resolve()), "--floor-server", "--port", str(port), "--max-rpcs", str(max_rpcs)]
+        argv = [sys.executable, str(Path(__file__).resolve()), "--floor-server", "--port", str(port), "--max-rpcs", str(max_rpcs)]  # noqa: ASYNC240 - once, while the case is set up
     server = ServerProcess(f"{mode} server", argv, env, work / f"{mode}-server.log")
     loadgens: list[mp.process.BaseProcess] = []
     conns: list[Connection] = []
@@ -709,7 +709,7 @@ async def run_case(mode: str, args: argparse.Namespace, work: Path, database_url
             progress(started, "subscribers reported; stopping")
             wall = result.cpu_window = time.monotonic() - wall0
             result.cpu = {
-                k: sum(max(0.0, cpu_seconds(pid) - before) for pid, before in zip(pids, cpu0[k])) / wall for k, pids in watched.items()
+                k: sum(max(0.0, cpu_seconds(pid) - before) for pid, before in zip(pids, cpu0[k], strict=True)) / wall for k, pids in watched.items()
             }
             result.cpu["machine"] = (machine_busy_seconds() - busy0) / wall
             result.cpu["other"] = max(0.0, result.cpu["machine"] - sum(result.cpu[k] for k in watched))
@@ -813,7 +813,7 @@ def render_text(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 

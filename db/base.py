@@ -23,7 +23,7 @@ NAMING_CONVENTION = {
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class _Entropy(threading.local):
@@ -96,15 +96,15 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime")
-        value = value.astimezone(dt.timezone.utc)
+        value = value.astimezone(dt.UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=dt.timezone.utc)
-        return value.astimezone(dt.timezone.utc)
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
 
     def result_processor(self, dialect: Any, coltype: Any) -> Any:
         if dialect.name != "sqlite":
@@ -112,7 +112,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         # SQLite hands back the stored text ("2026-12-02 14:46:18.618202", UTC). SQLAlchemy's
         # DATETIME parses it and this decorator then adds the zone: datetime.fromisoformat does
         # both for less per value, and a page of tasks has many (bench/README.md).
-        utc = dt.timezone.utc
+        utc = dt.UTC
         parse = dt.datetime.fromisoformat
 
         def process(value: Any) -> dt.datetime | None:

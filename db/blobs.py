@@ -85,7 +85,7 @@ class BlobStore:
         os.close(fd)
         os.unlink(name)
 
-    def begin(self) -> "BlobWriter":
+    def begin(self) -> BlobWriter:
         """A new blob to write chunk by chunk (BlobWriter.write), then keep or discard."""
         self.root.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.root)

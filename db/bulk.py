@@ -74,18 +74,18 @@ def _decimal_text(value: Any) -> str:
     raise TypeError(f"{type(value).__name__} is not a column value insert_many can write")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _carried(table: Any, keys: tuple[str, ...]) -> bool:
     return all(isinstance(table.c[key].type, _CARRIED) for key in keys)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _one_row_insert(table: Any, keys: tuple[str, ...]) -> Any:
     """INSERT of one row's keys, parameters p_<column> (a bind named as its column is reserved)."""
     return insert(table).values({key: bindparam(f"p_{key}", type_=table.c[key].type) for key in keys})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _recordset_insert(table: Any, keys: tuple[str, ...]) -> Any:
     quote = postgresql.dialect().identifier_preparer.quote
     name = quote(table.name)
@@ -93,14 +93,14 @@ def _recordset_insert(table: Any, keys: tuple[str, ...]) -> Any:
     return text(f"INSERT INTO {name} ({columns}) SELECT {columns} FROM json_populate_recordset(NULL::{name}, :rows)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _recordset_write(table: Any, keys: tuple[str, ...]) -> Any:
     quote = postgresql.dialect().identifier_preparer.quote
     overwritten = ", ".join(f"{quote(key)} = EXCLUDED.{quote(key)}" for key in keys if key != "id")
     return text(f"{_recordset_insert(table, keys).text} ON CONFLICT (id) DO UPDATE SET {overwritten}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _overwriting_insert(table: Any, keys: tuple[str, ...], dialect: str) -> Any:
     make = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = make(table)

@@ -52,7 +52,7 @@ class InvalidArgument(NexusError):
     default_reason = "INVALID_ARGUMENT"
 
     @classmethod
-    def field(cls, field_path: str, description: str, reason: str = "INVALID_FIELD") -> "InvalidArgument":
+    def field(cls, field_path: str, description: str, reason: str = "INVALID_FIELD") -> InvalidArgument:
         return cls(
             f"invalid {field_path}: {description}",
             reason=reason,
@@ -66,7 +66,7 @@ class NotFound(NexusError):
     default_reason = "RESOURCE_NOT_FOUND"
 
     @classmethod
-    def resource(cls, resource_type: str, resource_id: str, field_path: str = "") -> "NotFound":
+    def resource(cls, resource_type: str, resource_id: str, field_path: str = "") -> NotFound:
         meta = {"resource_type": resource_type, "resource_id": resource_id}
         if field_path:
             meta["field"] = field_path

@@ -107,7 +107,7 @@ class Prepared:
             return rows
         if self._result_processors is None:
             codes = [d[1] for d in description]
-            processors = [t.result_processor(self.dialect, code) for t, code in zip(self.types, codes)]
+            processors = [t.result_processor(self.dialect, code) for t, code in zip(self.types, codes, strict=True)]
             # Only the columns that have one (timestamps, decimals…): most values pass as they are.
             self._result_processors = tuple((i, p) for i, p in enumerate(processors) if p is not None)
         result_processors = self._result_processors

@@ -551,7 +551,7 @@ def _database_state(session: Session, stems: Sequence[tuple[str, str, str]]) -> 
 
 def _names_taken(session: Session, stems: Sequence[tuple[str, str, str]], offset: int) -> bool:
     names = [_username(first, last, offset + i + 1) for i, (first, last, _) in enumerate(stems)]
-    emails = [f"{name}@{domain}" for name, (_, _, domain) in zip(names, stems)]
+    emails = [f"{name}@{domain}" for name, (_, _, domain) in zip(names, stems, strict=True)]
     for start in range(0, len(names), 500):
         chunk = or_(User.username.in_(names[start : start + 500]), User.email.in_(emails[start : start + 500]))
         if session.scalar(select(func.count()).select_from(User).where(chunk)):
@@ -882,7 +882,7 @@ def _document_plan(rng: random.Random, index: int, users: Sequence[UserPlan]) ->
     message = kpb.Document(title=title, kind=DOCUMENT_KIND[kind], content=_struct(content))
     levels = ["edit", "view", "comment"] if index == 0 else [_weighted(rng, SHARE_LEVEL_WEIGHTS) for _ in range(rng.choice((0, 0, 1, 1, 2, 3)))]
     others = [u for u in active if u != owner]
-    shares = tuple(zip(rng.sample(others, min(len(others), len(levels))), levels))
+    shares = tuple(zip(rng.sample(others, min(len(others), len(levels))), levels, strict=False))
     editors = [owner, *(user for user, level in shares if level == "edit")]
     if index == 0:
         by = editors[:2]
@@ -945,7 +945,7 @@ def _api_key_steps(users: Sequence[UserPlan], today: dt.date) -> list[Step]:
 
     def create(index: int, plan: UserPlan) -> Step:
         expire = timestamp_pb2.Timestamp()
-        expire.FromDatetime(dt.datetime.combine(today + dt.timedelta(days=365), dt.time(), dt.timezone.utc))
+        expire.FromDatetime(dt.datetime.combine(today + dt.timedelta(days=365), dt.time(), dt.UTC))
 
         def run(session: Session, call: Call, ids: Ids) -> None:
             key = ipb.ApiKey(
@@ -1188,7 +1188,7 @@ def _ai_interaction_plan(rng: random.Random, users: int, today: dt.date) -> AIIn
     prompt_tokens = rng.randint(20, 4000)
     completion_tokens = 0 if status != "succeeded" or not price_out else rng.randint(10, 1500)
     cost = (prompt_tokens * price_in + completion_tokens * price_out) // 1000
-    when = dt.datetime.combine(today, dt.time(), dt.timezone.utc) - dt.timedelta(seconds=rng.randrange(1, 30 * 86400))
+    when = dt.datetime.combine(today, dt.time(), dt.UTC) - dt.timedelta(seconds=rng.randrange(1, 30 * 86400))
     latency_ms = rng.randint(30000, 60000) if status == "timed_out" else rng.randint(80, 9000)
     message = apb.AIInteraction(
         module=rng.choice(AI_MODULES),

@@ -97,4 +97,4 @@ def plan_of(unit: Any) -> Plan:
     in its info (a Session made outside Database.run, as the seed's or a test's: a transaction)."""
     if isinstance(unit, CoreReads):
         return unit.plan
-    return unit.info.get(PLAN_KEY, TRANSACTION)  # type: ignore[no-any-return]
+    return unit.info.get(PLAN_KEY, TRANSACTION)

@@ -96,9 +96,9 @@ class Renderer:
         self.files = [f for f in files.file if f.package.startswith("nexus.")]
         self.local = {}  # ".pkg.Name" -> kind, for links
         for f in self.files:
-            for msg, name in self._walk_messages(f.package, f.message_type):
+            for _, name in self._walk_messages(f.package, f.message_type):
                 self.local["." + name] = "message"
-            for enum, name in self._walk_enums(f):
+            for _, name in self._walk_enums(f):
                 self.local["." + name] = "enum"
 
     @staticmethod

@@ -98,7 +98,7 @@ class JobMethods:
             sent = ai_jobs.revision_of(current)
             while True:
                 watched = await self.run(
-                    context, lambda s: ai_jobs.watch_next(s, spec, row_id, position, call), SESSION_READ, resource_type=spec.name
+                    context, lambda s: ai_jobs.watch_next(s, spec, row_id, position, call), SESSION_READ, resource_type=spec.name  # noqa: B023 - run and awaited within this iteration
                 )
                 if watched.gone:
                     raise errors.NotFound.resource(spec.name, str(row_id), "id")

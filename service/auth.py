@@ -196,7 +196,7 @@ class UsageStamps:
             used = max(noted.values())
             stamp = update(ApiKey).where(ApiKey.id.in_(list(noted))).values(last_used_time=used, update_time=ApiKey.update_time)
             try:
-                await self.db.run(lambda s: s.execute(stamp), deadline=time.monotonic() + self.STAMP_SECONDS)
+                await self.db.run(lambda s: s.execute(stamp), deadline=time.monotonic() + self.STAMP_SECONDS)  # noqa: B023 - run and awaited within this iteration
             except Exception as exc:  # noqa: BLE001 - a lost stamp costs nothing but its minute
                 log.info("the last use of %d API key(s) was not recorded: %s", len(noted), exc)
 
@@ -350,5 +350,5 @@ class Authenticator:
             known = ", ".join(ROLE_RANK)
             return _Known(None, f"the JWT's {self.jwt.role_claim} claim {claimed!r} is not one of {known}", None, now)
         role = lower_role(claimed, found.role)
-        expires = dt.datetime.fromtimestamp(expires_at, dt.timezone.utc)
+        expires = dt.datetime.fromtimestamp(expires_at, dt.UTC)
         return _Known(Principal("user", found.id, role, found.id), "", expires, now)

@@ -250,7 +250,7 @@ def _keys_create(args: argparse.Namespace) -> int:
     database = open_database(config)
     try:
         migrate.check(database.engine)
-        expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=args.expires_in_days) if args.expires_in_days else None
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_in_days) if args.expires_in_days else None
         with _audited("keys create", database.dialect) as request_id:
             key, secret = database.run_sync(lambda s: create_api_key(s, args.name, args.role, args.user_id or "", expires))
     except NexusError as exc:

@@ -188,7 +188,7 @@ def check_database_url(url: str, setting: str = "DATABASE_URL") -> None:
         raise ConfigError(f"{setting} {IN_MEMORY_REFUSED}")
 
 
-def check_settings(config: "Config") -> None:
+def check_settings(config: Config) -> None:
     """ConfigError naming the variable of the first setting out of its range."""
     check_database_url(config.database_url, config.database_setting)
     for name, (variable, _, least, most) in NUMBERS.items():
@@ -216,7 +216,7 @@ def check_settings(config: "Config") -> None:
     check_credential_settings(config)
 
 
-def check_credential_settings(config: "Config") -> None:
+def check_credential_settings(config: Config) -> None:
     """The server refuses to start with credentials it could not check well."""
     if config.bootstrap_key_file is not None and not config.bootstrap_key_file.strip():
         raise ConfigError("NEXUS_BOOTSTRAP_KEY_FILE must be a file path (unset it for the default)")
@@ -345,7 +345,7 @@ class Config:
         return min(self.max_page_bytes, self.max_message_bytes)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
         env = os.environ if env is None else env
         parsed = _parsed(env)
         pool = PoolSettings(**{k.split(".", 1)[1]: v for k, v in parsed.items() if k.startswith("pool.")})

@@ -67,7 +67,7 @@ class _Handoff:
     the loop, holding no thread (a thread per waiting upload could take every thread of the
     loop's pool, and the consumers would wait for blocks that never come)."""
 
-    def __init__(self, consume: Callable[["_Handoff"], None], depth: int) -> None:
+    def __init__(self, consume: Callable[[_Handoff], None], depth: int) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         self._room = asyncio.Semaphore(depth)
@@ -75,7 +75,7 @@ class _Handoff:
         self.done: asyncio.Future[None] = self._loop.create_future()
         threading.Thread(target=self._run, args=(consume,), name="nexus-upload", daemon=True).start()
 
-    def _run(self, consume: Callable[["_Handoff"], None]) -> None:
+    def _run(self, consume: Callable[[_Handoff], None]) -> None:
         failure: BaseException | None = None
         try:
             consume(self)

@@ -178,7 +178,7 @@ def enable_server_reflection(service_names: Iterable[str], server: Any, pool: An
     pool = pool or descriptor_pool.Default()
     files = Files(pool, load_descriptor_set())
     names = sorted({*service_names, *SERVICE_NAMES})
-    versions = [
+    versions: list[tuple[str, Any, Any]] = [
         (V1ALPHA, v1alpha_pb2.ServerReflectionRequest, v1alpha_pb2.ServerReflectionResponse),
         (V1, V1_REQUEST, V1_RESPONSE),
     ]

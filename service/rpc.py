@@ -176,7 +176,7 @@ class DomainServicer:
         for base in cls.__mro__:
             register = getattr(sys.modules[base.__module__], name, None)
             if register is not None:
-                return register  # type: ignore[no-any-return]
+                return register
         raise TypeError(f"{cls.__name__} extends no generated {cls.service_descriptor.name}Servicer")
 
     def unimplemented(self) -> list[str]:

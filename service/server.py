@@ -117,7 +117,7 @@ class App:
             await asyncio.sleep(self.config.event_purge_interval_seconds)
             cutoff = utcnow() - dt.timedelta(seconds=self.config.event_retention_seconds)
             try:
-                removed = await self.db.run(lambda s: events.purge(s, cutoff))
+                removed = await self.db.run(lambda s: events.purge(s, cutoff))  # noqa: B023 - run and awaited within this iteration
                 if removed:
                     log.info("purged %d change events older than %s", removed, cutoff.isoformat())
             except Exception as exc:  # noqa: BLE001 - retried at the next interval
@@ -126,8 +126,11 @@ class App:
     async def start(self) -> None:
         self._metrics = metrics.start(self)  # first: a metrics port that cannot be had stops the start
         await self.hub.start()
-        await self.server.start()
+        # Every health name answers from the first accepted connection: alive, and not ready
+        # until the database has answered (a probe then reads NOT_SERVING, never NOT_FOUND).
         await self.health.set(LIVENESS, SERVING)
+        await self.set_ready(False)
+        await self.server.start()
         self._loop = asyncio.get_running_loop()
         self.db.note_reachable(await asyncio.get_running_loop().run_in_executor(None, self.db.ping))
         await self.set_ready(self.db.reachable)

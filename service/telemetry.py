@@ -142,7 +142,7 @@ def json_formatter() -> logging.Formatter:
 
     class Formatter(JsonFormatter):
         def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
-            stamp = dt.datetime.fromtimestamp(record.created, tz=dt.timezone.utc)
+            stamp = dt.datetime.fromtimestamp(record.created, tz=dt.UTC)
             return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     return Formatter(
@@ -261,7 +261,7 @@ def trace_database(database: Any) -> None:
 
     from opentelemetry import trace
 
-    class CallStatements(EngineTracer):  # type: ignore[misc]
+    class CallStatements(EngineTracer):
         """Only the statements run for a call (under its span): the health check's `SELECT 1`
         every 2 s and the other background work would each make a trace of their own."""
 

@@ -76,7 +76,7 @@ class ServerThread:
         self._started.set()
         self.loop.run_forever()
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self._thread.start()
         self._started.wait(60)
         if self._error is not None:

@@ -24,7 +24,8 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url

@@ -442,5 +442,5 @@ def _future() -> Any:
     from google.protobuf import timestamp_pb2
 
     ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30))
+    ts.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(days=30))
     return ts

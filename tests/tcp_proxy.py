@@ -29,7 +29,7 @@ class TcpProxy:
             return s
         return socket.create_connection(self.target, timeout=5)
 
-    def open(self) -> "TcpProxy":
+    def open(self) -> TcpProxy:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))

@@ -48,11 +48,11 @@ def test_two_completes_at_once_make_one_move(kind: Kind, actor: Callable[..., Ac
         outcomes: list[Any] = [None, None]
 
         def complete(i: int) -> None:
-            barrier.wait()
+            barrier.wait()  # noqa: B023 - the threads are joined within this iteration
             try:
-                outcomes[i] = kind.move(owner.c, "Complete", job.id)
+                outcomes[i] = kind.move(owner.c, "Complete", job.id)  # noqa: B023 - the threads are joined within this iteration
             except grpc.RpcError as exc:
-                outcomes[i] = rich_error(exc)
+                outcomes[i] = rich_error(exc)  # noqa: B023 - the threads are joined within this iteration
 
         threads = [threading.Thread(target=complete, args=(i,)) for i in range(2)]
         for t in threads:
@@ -77,15 +77,15 @@ def test_an_update_racing_a_start_changes_only_a_pending_job(kind: Kind, actor: 
         outcomes: dict[str, Any] = {}
 
         def run(label: str, fn: Callable[[], Any]) -> None:
-            barrier.wait()
+            barrier.wait()  # noqa: B023 - the threads are joined within this iteration
             try:
-                outcomes[label] = fn()
+                outcomes[label] = fn()  # noqa: B023 - the threads are joined within this iteration
             except grpc.RpcError as exc:
-                outcomes[label] = rich_error(exc)
+                outcomes[label] = rich_error(exc)  # noqa: B023 - the threads are joined within this iteration
 
         threads = [
-            threading.Thread(target=run, args=("update", lambda: kind.update(owner.c, job.id, **{name: value}))),
-            threading.Thread(target=run, args=("start", lambda: kind.move(owner.c, "Start", job.id))),
+            threading.Thread(target=run, args=("update", lambda: kind.update(owner.c, job.id, **{name: value}))),  # noqa: B023 - the threads are joined within this iteration
+            threading.Thread(target=run, args=("start", lambda: kind.move(owner.c, "Start", job.id))),  # noqa: B023 - the threads are joined within this iteration
         ]
         for t in threads:
             t.start()

@@ -113,7 +113,7 @@ KINDS = [pytest.param(ANALYSIS, id="DataAnalysis"), pytest.param(GENERATION, id=
 
 
 def _time(ts: Any) -> dt.datetime:
-    return ts.ToDatetime(tzinfo=dt.timezone.utc)
+    return ts.ToDatetime(tzinfo=dt.UTC)
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +128,7 @@ def watches_woken_by_commits_only(client: Client) -> Iterator[None]:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _entries(c: Client, resource_id: str) -> list[spb.AuditLogEntry]:

@@ -48,7 +48,7 @@ _SPANS = itertools.count(random.randrange(0, 1000))
 def _span() -> dt.datetime:
     """The start of 30 days no other test writes in (summaries are over request_time): each
     call's own, in the 20th century, where the generic suites' interactions (made now) are not."""
-    return dt.datetime(1900, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=next(_SPANS) * 30, seconds=random.randrange(0, 1000))
+    return dt.datetime(1900, 1, 1, tzinfo=dt.UTC) + dt.timedelta(days=next(_SPANS) * 30, seconds=random.randrange(0, 1000))
 
 
 def _batch(c: Client, interactions: Iterable[apb.AIInteraction]) -> list[apb.AIInteraction]:
@@ -87,7 +87,7 @@ def _hand_count(rows: list[apb.AIInteraction], group_by: list[int], start: dt.da
     """The summary computed in Python from the written interactions, in key order."""
     groups: dict[tuple[str, ...], list[apb.AIInteraction]] = {}
     for row in rows:
-        at = row.request_time.ToDatetime(tzinfo=dt.timezone.utc)
+        at = row.request_time.ToDatetime(tzinfo=dt.UTC)
         if not (start <= at < end) or not keep(row):
             continue
         key = tuple(getattr(row, FIELD_OF[g]) for g in group_by) + (row.cost.currency_code if row.HasField("cost") else "",)
@@ -102,7 +102,7 @@ def _hand_count(rows: list[apb.AIInteraction], group_by: list[int], start: dt.da
             completion_tokens=sum(r.completion_tokens for r in members),
             total_tokens=sum(r.total_tokens for r in members),
         )
-        for g, value in zip(group_by, key):
+        for g, value in zip(group_by, key, strict=False):
             setattr(group, FIELD_OF[g], value)
         if key[-1]:
             nanos = sum(r.cost.units * NANOS + r.cost.nanos for r in members)
@@ -166,8 +166,8 @@ def test_a_range_that_cuts_the_data_and_a_filter_narrow_the_summary(client: Clie
     users = [new_user(client).id for _ in range(3)]
     made = _written(client, rnd, start, days, 1000, users)
     # A range within the data: its ends cut through it (end exclusive, start inclusive).
-    inner_start = made[17].request_time.ToDatetime(tzinfo=dt.timezone.utc)
-    inner_end = made[42].request_time.ToDatetime(tzinfo=dt.timezone.utc)
+    inner_start = made[17].request_time.ToDatetime(tzinfo=dt.UTC)
+    inner_end = made[42].request_time.ToDatetime(tzinfo=dt.UTC)
     if inner_end < inner_start:
         inner_start, inner_end = inner_end, inner_start
     for group_by in ([MODEL, USER], [MODULE], []):

@@ -73,7 +73,7 @@ def _elements(document: object) -> list[tuple[str, str, str]]:
             continue
         comments = {tuple(loc.path): loc for loc in f.source_code_info.location}
 
-        def note(kind: str, name: str, path: tuple[int, ...]) -> None:
+        def note(kind: str, name: str, path: tuple[int, ...], comments: dict = comments) -> None:
             comment = d._comment(comments, path)  # type: ignore[attr-defined]
             found.append((kind, name, comment if kind in ("service", "message", "enum") else d._cell(comment)))  # type: ignore[attr-defined]
 

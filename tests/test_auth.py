@@ -87,7 +87,7 @@ def keys(client: Client) -> Iterator[dict[str, str]]:
         made[label] = key
     database = Database(client.database_url)
     try:
-        past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
         database.run_sync(lambda s: s.execute(update(ApiKey).where(ApiKey.id == uuid.UUID(made["expired"].id)).values(expire_time=past)))
     finally:
         database.dispose()

@@ -20,7 +20,7 @@ from tests.conftest import Client
 
 TRICKY_TEXT = 'quote " apostrophe \' backslash \\ newline \n tab \t unicode é 中文 emoji 🚀 {"json": [1]} %(x)s ? :rows'
 CEST = dt.timezone(dt.timedelta(hours=2))
-NOW = dt.datetime(2026, 3, 4, 5, 6, 7, 890123, dt.timezone.utc)
+NOW = dt.datetime(2026, 3, 4, 5, 6, 7, 890123, dt.UTC)
 
 
 def _user(i: int, word: str) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def _write_both_ways(database: Database, model: Any, make: Any) -> uuid.UUID:
     got_ours = _read(database, model, [r["id"] for r in ours])
     got_theirs = _read(database, model, [r["id"] for r in theirs])
     assert len(got_ours) == len(got_theirs) == 3
-    for a, b in zip(got_ours, got_theirs):
+    for a, b in zip(got_ours, got_theirs, strict=True):
         differing = {k for k in a if k not in ("id", "username", "email", "name", "title") and a[k] != b[k]}
         assert not differing, {k: (a[k], b[k]) for k in differing}
     assert [r["create_time"] for r in got_ours] == [r["create_time"] for r in ours]
@@ -125,7 +125,7 @@ def test_write_many_overwrites_the_rows_of_its_ids_and_inserts_the_others(client
         got_ours = _read(database, User, [r["id"] for r in rows])
         got_theirs = _read(database, User, [r["id"] for r in theirs])
         assert len(got_ours) == len(got_theirs) == 4
-        for a, b in zip(got_ours, got_theirs):
+        for a, b in zip(got_ours, got_theirs, strict=True):
             assert {k: v for k, v in a.items() if k not in ("id", "username", "email")} == {k: v for k, v in b.items() if k not in ("id", "username", "email")}
         assert [r["full_name"] for r in got_ours[:2]] == [r["full_name"] for r in changed]
         assert _read(database, User, [first[2]["id"]]) == untouched

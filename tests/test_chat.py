@@ -505,7 +505,7 @@ def test_attachments_round_trip_with_all_their_fields(client: Client) -> None:
     assert list(created.attachments) == files
     fetched = get_message(client, created.id)
     assert list(fetched.attachments) == files
-    for a, b in zip(fetched.attachments, files):
+    for a, b in zip(fetched.attachments, files, strict=True):
         assert (a.name, a.url, a.mime_type, a.size_bytes) == (b.name, b.url, b.mime_type, b.size_bytes)
     listed = list_messages(client, f'channel_id = "{channel.id}"')
     assert list(listed.chat_messages[0].attachments) == files

@@ -141,7 +141,7 @@ class Collector:
         import threading
 
         self.call = stub.StreamEvents(request, timeout=timeout)
-        self.queue: "queue.Queue[object]" = queue.Queue()
+        self.queue: queue.Queue[object] = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -258,7 +258,7 @@ def test_migration_0005_downgrade_keeps_the_first_record_of_a_request_id(fresh_u
         migrate.upgrade(database.engine)
         uid = Base.metadata.tables["request_records"].c.id.type
         first_row, second_row = uuid.uuid4(), uuid.uuid4()
-        early = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+        early = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
         with database.engine.begin() as conn:
             store = uid.bind_processor(conn.dialect) or (lambda v: v)
             for record_id, who, resource, when in (

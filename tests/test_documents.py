@@ -140,7 +140,7 @@ def test_share_levels_hold_on_every_way_to_a_document(client: Client, actor: Cal
             try:
                 way()
                 codes.add(Code.OK)
-            except grpc.RpcError as exc:
+            except grpc.RpcError:
                 codes.add(expect_error(Code.PERMISSION_DENIED, way).code)
         assert {in_list, in_search} == {Code.OK in codes} and len(codes) == 1, (who.id, in_list, in_search, codes)
         return in_list

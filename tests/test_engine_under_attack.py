@@ -153,7 +153,7 @@ def test_concurrent_updates_chain_their_audit_entries(client: Client) -> None:
     entries = _entries(c, project.id)
     updates = [e["description"] for e in entries[1:]]
     assert len(updates) == len(values), updates
-    for before, after in zip(updates, updates[1:]):
+    for before, after in zip(updates, updates[1:], strict=False):
         assert before[1] == after[0], updates
     assert updates[-1][1] == final.description
     assert not _trail_disagreements(c, {project.id})
@@ -200,7 +200,7 @@ def test_concurrent_members_chain_their_audit_entries(client: Client) -> None:
         list(pool.map(add, users))
     entries = [e["member_ids"] for e in _entries(c, project.id)[1:]]
     assert len(entries) == len(users)
-    for before, after in zip(entries, entries[1:]):
+    for before, after in zip(entries, entries[1:], strict=False):
         assert before[1] == after[0]
     assert sorted(entries[-1][1]) == sorted(u.id for u in users)
     assert not _trail_disagreements(c, {project.id})
@@ -464,7 +464,7 @@ def test_a_user_may_create_the_tasks_the_policy_says_they_manage(client: Client)
     so a user may create a task of their own, or the table says where they may not."""
     c = client
     words = _cli(["policy"], ROOT).stdout
-    [line] = [l for l in words.splitlines() if l.split()[:2] == ["Task", "user"]]
+    [line] = [ln for ln in words.splitlines() if ln.split()[:2] == ["Task", "user"]]
     user = new_user(c)
     project = new_project(c)  # someone else's, and the user is no member
     work = _as_user(c, user)

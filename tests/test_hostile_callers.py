@@ -19,8 +19,8 @@ from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.identity.v1 import identity_pb2 as ipb
 from nexus.work.v1 import work_pb2 as wpb
 
-from tests.conftest import Client, connect, unique
-from tests.support import expect_error, mask, new_channel, new_user, rich_error
+from tests.conftest import Client, unique
+from tests.support import expect_error, mask, new_channel, new_user
 from tests.test_stream_access import Code, caller, ends_after_change, key_for, live  # noqa: F401 - a fixture
 from tests.test_streams import EventReader, post
 
@@ -226,16 +226,16 @@ def test_sigterm_lets_a_large_batch_create_under_way_deliver_its_answer(client: 
         outcome: dict[str, Any] = {}
         try:
             grpc.channel_ready_future(channel).result(timeout=30)
-            assert wait_for(lambda: health_of(channel, "readiness") == SERVING, timeout=30)
+            assert wait_for(lambda: health_of(channel, "readiness") == SERVING, timeout=30)  # noqa: B023 - called within this iteration
             request = wpb.BatchCreateTasksRequest(
                 requests=[wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title=f"b{i}", description="é" * 7_000)) for i in range(1000)]
             )
 
-            def send() -> None:
+            def send(channel: grpc.Channel = channel, request: wpb.BatchCreateTasksRequest = request, outcome: dict[str, Any] = outcome) -> None:
                 try:
                     outcome["ok"] = len(work_pb2_grpc.WorkServiceStub(channel).BatchCreateTasks(request, timeout=60).tasks)
                 except grpc.RpcError as exc:
-                    outcome["error"] = exc
+                    outcome["error"] = exc  # noqa: B023 - this except clause binds exc (the loop's exc is another name)
 
             t = threading.Thread(target=send)
             t.start()
@@ -302,7 +302,7 @@ def test_a_forged_token_cannot_follow_more_than_1000_scopes(client: Client) -> N
         letters = [i for i, ch in enumerate(cid) if ch in "abcdef"]
         for mask_ in itertools.product((0, 1), repeat=min(len(letters), 8)):
             chars = list(cid)
-            for bit, i in zip(mask_, letters):
+            for bit, i in zip(mask_, letters, strict=False):
                 if bit:
                     chars[i] = chars[i].upper()
             spelled = "".join(chars)

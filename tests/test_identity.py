@@ -51,11 +51,11 @@ def timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def as_datetime(ts: timestamp_pb2.Timestamp) -> dt.datetime:
-    return ts.ToDatetime(tzinfo=dt.timezone.utc)
+    return ts.ToDatetime(tzinfo=dt.UTC)
 
 
 def names_field(err: RichError, field: str) -> bool:

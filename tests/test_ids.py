@@ -25,7 +25,7 @@ def test_ids_are_unique_across_threads_and_well_formed() -> None:
     assert {i.version for batch in made for i in batch[3000:]} == {4}
     assert {i.variant for i in ids} == {uuid.RFC_4122}
     # v7 ids of one thread are time-ordered (their first 48 bits are milliseconds).
-    assert all(a.int >> 80 <= b.int >> 80 for batch in made for a, b in zip(batch[:2999], batch[1:3000]))
+    assert all(a.int >> 80 <= b.int >> 80 for batch in made for a, b in zip(batch[:2999], batch[1:3000], strict=True))
 
 
 def test_a_forked_child_never_reuses_the_parents_buffered_bytes() -> None:

@@ -110,7 +110,7 @@ def test_search_finds_subject_before_body(actor: Callable[..., Actor]) -> None:
 
 
 def test_bcc_is_the_senders_alone_on_every_way_to_the_email(client: Client, actor: Callable[..., Actor]) -> None:
-    sender, to, cc, bcc, stranger = actor(), actor(), actor(), actor(), actor()
+    sender, to, cc, bcc = actor(), actor(), actor(), actor()
     word = unique("w")
     made = _create(
         sender.c, f"{word} secret plans", request_id=unique("r"), body="for your eyes",

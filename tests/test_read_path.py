@@ -91,8 +91,8 @@ def _value(spec: Any, column: Any, variant: int) -> Any:
         return sorted(codec.to_number)[variant % len(codec.to_number)]
     kind = column.type
     if isinstance(kind, UTCDateTime):
-        return [dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(2026, 12, 2, 5, 6, 7, 891011, tzinfo=dt.timezone.utc),
-                dt.datetime(1961, 4, 12, 6, 7, 0, 1, tzinfo=dt.timezone.utc)][variant]
+        return [dt.datetime(1970, 1, 1, tzinfo=dt.UTC), dt.datetime(2026, 12, 2, 5, 6, 7, 891011, tzinfo=dt.UTC),
+                dt.datetime(1961, 4, 12, 6, 7, 0, 1, tzinfo=dt.UTC)][variant]
     kind = getattr(kind, "impl", kind)  # a TypeDecorator: the type it stores as
     if isinstance(kind, Uuid):
         return uuid.UUID(int=variant * 12345678901234567890)

@@ -1,6 +1,7 @@
 """The server as operators see it: every RPC served, health, outages, shutdown, generated code."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import filecmp
 import os
@@ -18,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nexus.identity.v1 import identity_pb2 as ipb
 
-from service.server import DOMAIN_SERVICES
+from service.server import DOMAIN_SERVICES, create_server
 from tests.conftest import Client, ServerThread, connect, make_config, unique
 from tests.databases import fresh_postgres_database
 from tests.support import expect_error
@@ -223,3 +224,45 @@ def test_workers_share_one_port_and_behave_as_replicas(client: Client, tmp_path:
         log.seek(0)
         output = log.read()
     assert output.count("nexus-data serving on") >= 1 and "with 2 workers" in output, output[-2000:]
+
+
+def test_every_health_name_answers_while_the_first_database_check_is_under_way(client: Client) -> None:
+    """A probe reaching a server that has just started, before its first database check has
+    answered, reads liveness SERVING and readiness (and each service) NOT_SERVING, never
+    NOT_FOUND (which Kubernetes and grpc-health-probe count as a failure of their own)."""
+    import threading
+
+    held = threading.Event()
+    thread = ServerThread(make_config(client.database_url, port=_free_port()))
+    original_ping = None
+
+    def slow_ping() -> bool:
+        held.wait(30)
+        return original_ping()  # type: ignore[misc]
+
+    def _run() -> None:  # create_server, then the ping held until the probes have looked
+        nonlocal original_ping
+        asyncio.set_event_loop(thread.loop)
+        thread.app = create_server(thread.config)
+        original_ping = thread.app.db.ping
+        thread.app.db.ping = slow_ping  # type: ignore[method-assign]
+        thread.loop.create_task(thread.app.start())
+        thread.loop.run_forever()
+
+    runner = threading.Thread(target=_run, daemon=True)
+    runner.start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{thread.config.port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        assert health_of(channel, "liveness") == SERVING
+        for name in ["", "readiness", *(full for _, _, full in DOMAIN_SERVICES)]:
+            assert health_of(channel, name) == NOT_SERVING, name
+        held.set()
+        assert wait_for(lambda: health_of(channel, "readiness") == SERVING, timeout=30)
+        channel.close()
+    finally:
+        held.set()
+        assert thread.app is not None
+        asyncio.run_coroutine_threadsafe(thread.app.stop(grace=0.5), thread.loop).result(30)
+        thread.loop.call_soon_threadsafe(thread.loop.stop)
+        runner.join(10)

@@ -186,7 +186,7 @@ def test_a_key_revoked_through_another_replica_ends_its_stream(
 def test_an_expiring_key_ends_its_stream(client: Client) -> None:
     import datetime as dt
 
-    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=2.5)
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2.5)
     request = ipb.CreateApiKeyRequest(api_key=ipb.ApiKey(name=unique("k"), role=ipb.USER_ROLE_USER, user_id=new_user(client).id))
     request.api_key.expire_time.FromDatetime(expires)
     key = client.identity.CreateApiKey(request)

@@ -430,7 +430,7 @@ def test_the_events_a_commit_hands_over_are_those_of_the_log(client: Client) -> 
     try:
         for text in ("one", "two"):
             message = cpb.ChatMessage(id=str(uuid.uuid4()), channel_id=scope.split("/")[1], content=text)
-            database.run_sync(lambda s: events.emit(s, scope, events.CREATED, "ChatMessage", uuid.UUID(message.id), message))
+            database.run_sync(lambda s: events.emit(s, scope, events.CREATED, "ChatMessage", uuid.UUID(message.id), message))  # noqa: B023 - called within this iteration
         logged = database.run_sync(lambda s: events.read_after(s, scope, 0, 10), SESSION_READ)
     finally:
         database.dispose()

@@ -112,7 +112,7 @@ def deleted_project(c: Client, force: bool) -> wpb.Project:
     return project
 
 
-TODAY = dt.datetime.now(dt.timezone.utc).date()
+TODAY = dt.datetime.now(dt.UTC).date()
 PAST = TODAY - dt.timedelta(days=30)
 FUTURE = TODAY + dt.timedelta(days=30)
 
@@ -351,8 +351,8 @@ def test_task_done_sets_completed_time_and_leaving_done_clears_it(client: Client
     assert not task.HasField("completed_time")
     done = update_task(client, wpb.Task(id=task.id, status=wpb.TASK_STATUS_DONE), "status")
     assert done.HasField("completed_time")
-    completed = done.completed_time.ToDatetime(tzinfo=dt.timezone.utc)
-    assert abs(completed - dt.datetime.now(dt.timezone.utc)) < dt.timedelta(minutes=1)
+    completed = done.completed_time.ToDatetime(tzinfo=dt.UTC)
+    assert abs(completed - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=1)
     assert get_task(client, task.id).completed_time == done.completed_time
 
     back = update_task(client, wpb.Task(id=task.id, status=wpb.TASK_STATUS_IN_PROGRESS), "status")
@@ -561,12 +561,12 @@ def test_concurrent_opposite_dependencies_cannot_both_win(client: Client) -> Non
         outcomes: list[str] = []
 
         def add(task: wpb.Task, depends_on: wpb.Task) -> None:
-            barrier.wait(10)
+            barrier.wait(10)  # noqa: B023 - the threads are joined within this iteration
             try:
                 add_dependency(client, task, depends_on)
-                outcomes.append("ok")
+                outcomes.append("ok")  # noqa: B023 - the threads are joined within this iteration
             except grpc.RpcError as exc:
-                outcomes.append(exc.code().name)
+                outcomes.append(exc.code().name)  # noqa: B023 - the threads are joined within this iteration
 
         threads = [threading.Thread(target=add, args=(a, b)), threading.Thread(target=add, args=(b, a))]
         for t in threads:
@@ -773,7 +773,7 @@ class Writer:
         self._done: queue.Queue[None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="task-writer", daemon=True)
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> Writer:
         self._thread.start()
         return self
 

@@ -250,7 +250,7 @@ def usage_summary(session: Session, request: pb.GetAIUsageSummaryRequest, call: 
 
     hist_keys = [key_of(hist, name) for name in key_names]
     groups = select(
-        *(key.label(name) for key, name in zip(hist_keys, key_names)),
+        *(key.label(name) for key, name in zip(hist_keys, key_names, strict=True)),
         # Counts summed stay integers (PostgreSQL's sum of a bigint is a numeric): the ranks are
         # integer divisions of them.
         *(cast(func.sum(hist.c[name]), BigInteger).label(name) for name in ("call_count", "error_count", "timed")),
@@ -276,7 +276,7 @@ def usage_summary(session: Session, request: pb.GetAIUsageSummaryRequest, call: 
     upto = func.sum(hist.c.timed).over(partition_by=[page.c[name] for name in key_names], order_by=hist.c.bucket)
     cumulative = (
         select(*(page.c[name] for name in key_names), hist.c.bucket, upto.label("upto"), *(rank.label(f"rank_{p}") for p, rank in ranks.items()))
-        .select_from(page.join(hist, and_(*(page.c[name] == key for name, key in zip(key_names, hist_keys)))))
+        .select_from(page.join(hist, and_(*(page.c[name] == key for name, key in zip(key_names, hist_keys, strict=True)))))
         .where(hist.c.bucket.is_not(None))
         .cte("cumulative")
     )
@@ -397,7 +397,7 @@ def _ranked_latencies(conn: Any, conditions: list[ColumnElement[bool]], key_name
     targets = union_all(*(
         select(
             literal(n, Integer).label("target"),
-            *(literal(value, String).label(name) for name, value in zip(key_names, keys)),
+            *(literal(value, String).label(name) for name, value in zip(key_names, keys, strict=True)),
             literal(low, BigInteger).label("low"), literal(high, BigInteger).label("high"), literal(k, BigInteger).label("k"),
         )
         for n, (_, _, keys, low, high, k) in enumerate(wanted)

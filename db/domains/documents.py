@@ -226,7 +226,7 @@ class _Page:
 def _visible_document(session: Session, raw_id: str) -> Document:
     """The document, if the caller may see it (its owner and admins: even soft-deleted, as its
     versions and shares are theirs to see); PERMISSION_DENIED or NOT_FOUND as a Get answers."""
-    return reads.fetch(session, DOCUMENTS, raw_id, show_deleted=True, field_path="document_id")  # type: ignore[no-any-return]
+    return reads.fetch(session, DOCUMENTS, raw_id, show_deleted=True, field_path="document_id")
 
 
 def _document_rows(session: Session, spec: ResourceSpec, request: Any, order_by: str, call: Call, max_bytes: int) -> tuple[list[Any], str, int]:
@@ -266,7 +266,7 @@ def _version_row(session: Session, document_id: str, number: int) -> DocumentVer
 
 
 def get_document_version(session: Session, request: pb.GetDocumentVersionRequest) -> pb.DocumentVersion:
-    return DOCUMENT_VERSIONS.to_proto(_version_row(session, request.document_id, request.version))  # type: ignore[return-value]
+    return DOCUMENT_VERSIONS.to_proto(_version_row(session, request.document_id, request.version))
 
 
 def restore_document_version(session: Session, request: pb.RestoreDocumentVersionRequest, call: Call) -> pb.Document:
@@ -278,13 +278,13 @@ def restore_document_version(session: Session, request: pb.RestoreDocumentVersio
     DOCUMENTS.codecs["kind"].dump(kept, document)
     DOCUMENTS.codecs["content"].dump(kept, document)
     update = pb.UpdateDocumentRequest(document=document, update_mask={"paths": ["title", "content", "kind"]})
-    return writes.update(session, DOCUMENTS, update, call)  # type: ignore[return-value]
+    return writes.update(session, DOCUMENTS, update, call)
 
 
 def _shared_document(session: Session, raw_id: str) -> Document:
     """The live document, locked, if the caller may share it: its owner (the documents' delete
     rule) and admins; PERMISSION_DENIED otherwise, also to those it is shared with."""
-    return reads.fetch(session, DOCUMENTS, raw_id, field_path="document_id", lock=True, deleting=True)  # type: ignore[no-any-return]
+    return reads.fetch(session, DOCUMENTS, raw_id, field_path="document_id", lock=True, deleting=True)
 
 
 def _share_of(session: Session, document_id: uuid.UUID, user_id: uuid.UUID) -> DocumentShare | None:
@@ -315,7 +315,7 @@ def share_document(session: Session, request: pb.ShareDocumentRequest, call: Cal
             with session.begin_nested():  # a concurrent share of the same pair wins: change its level
                 session.add(share)
                 changes.flush(session)
-            return DOCUMENT_SHARES.to_proto(share)  # type: ignore[return-value]
+            return DOCUMENT_SHARES.to_proto(share)
         except IntegrityError:
             share = _share_of(session, document.id, user.id)
             if share is None:
@@ -323,7 +323,7 @@ def share_document(session: Session, request: pb.ShareDocumentRequest, call: Cal
     if share.level != level:
         share.level, share.shared_by_id, share.update_time = level, call.actor_user_id, utcnow()
         changes.flush(session)
-    return DOCUMENT_SHARES.to_proto(share)  # type: ignore[return-value]
+    return DOCUMENT_SHARES.to_proto(share)
 
 
 def unshare_document(session: Session, request: pb.UnshareDocumentRequest) -> empty_pb2.Empty:

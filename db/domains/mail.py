@@ -167,6 +167,6 @@ def send_email(session: Session, request: pb.SendEmailRequest, call: Call) -> pb
         )
     email.status, email.sent_time = "sent", utcnow()
     changes.flush(session)
-    return EMAILS.to_proto(email)  # type: ignore[return-value]
+    return EMAILS.to_proto(email)
 
 

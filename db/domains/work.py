@@ -210,7 +210,7 @@ def _tasks_in_callers_projects(conn: Any, rows: list[Any], call: Call, prefixes:
     one query for every project the rows name."""
     wanted = {row.project_id for row in rows}
     allowed = set(conn.execute(select(Project.id).where(Project.id.in_(wanted), Project.id.in_(projects_of(call.actor_user_id)))).scalars())
-    for row, prefix in zip(rows, prefixes):
+    for row, prefix in zip(rows, prefixes, strict=True):
         if row.project_id not in allowed:
             raise errors.PermissionDenied(
                 f"the caller may create tasks only in projects it owns or is a member of, not in {row.project_id}",
@@ -261,7 +261,7 @@ def remove_project_member(session: Session, request: pb.RemoveProjectMemberReque
 
 def project_progress(session: Session, request: pb.GetProjectProgressRequest) -> pb.ProjectProgress:
     project = reads.fetch(session, PROJECTS, request.project_id, field_path="project_id")
-    today = dt.datetime.now(dt.timezone.utc).date()
+    today = dt.datetime.now(dt.UTC).date()
     live = (Task.project_id == project.id, Task.delete_time.is_(None))
     by_status = dict(session.execute(select(Task.status, func.count()).where(*live).group_by(Task.status)).all())
     sums = session.execute(

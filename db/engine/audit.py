@@ -64,7 +64,7 @@ def _bounded(value: Any) -> Any:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_names(spec: ResourceSpec) -> dict[str, str]:
     """Column attribute -> the API field it appears as."""
     names: dict[str, str] = {}
@@ -78,12 +78,12 @@ def _field_names(spec: ResourceSpec) -> dict[str, str]:
     return names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _column_keys(spec: ResourceSpec) -> tuple[str, ...]:
     return tuple(attr.key for attr in inspect(spec.model).column_attrs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reported_columns(spec: ResourceSpec) -> tuple[tuple[str, str, bool], ...]:
     """(column key, API field, secret?) of the columns an entry reports, in the mapper's order:
     bookkeeping left out, secrets under their field name."""

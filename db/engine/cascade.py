@@ -38,7 +38,7 @@ def remove_with_dependents(session: Session, spec: ResourceSpec, row: Any, last_
             metadata={"resource_type": spec.name, "dependents": named},
         )
     now = utcnow()
-    for dependent, found in changed:
+    for _, found in changed:
         found.update_time = now
     changes.flush(session)
     for dependent, found in changed:
@@ -168,7 +168,7 @@ def delete_matching(session: Session, spec: ResourceSpec, conditions: list[Any],
         return total
     writing(session)
     names = [c.key for c in table.c]
-    gone = [dict(zip(names, values)) for values in conn.execute(delete(table).where(*conditions).returning(*table.c))]
+    gone = [dict(zip(names, values, strict=True)) for values in conn.execute(delete(table).where(*conditions).returning(*table.c))]
     bulk.insert_many(conn, AuditLogEntry.__table__, audit.deleted(session, spec, gone))
     loaded = reading.row_class(spec)
     for values in gone:

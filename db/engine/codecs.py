@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from db.errors import InvalidArgument
 
-_MIN_TS = dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc)
+_MIN_TS = dt.datetime(1, 1, 1, tzinfo=dt.UTC)
 NANOS = Decimal(1_000_000_000)
 
 
@@ -75,7 +75,7 @@ class ScalarCodec(FieldCodec):
 
     def __init__(self, fd: FieldDescriptor, attr: str, nullable: bool, column_length: int | None) -> None:
         self.name = fd.name
-        self.attr = attr
+        self.attr: str = attr
         self.nullable = nullable
         self.column_length = column_length  # String(n): the database holds at most n characters
         self.has_presence = fd.has_presence
@@ -112,7 +112,7 @@ class UuidCodec(FieldCodec):
 
     def __init__(self, fd: FieldDescriptor, attr: str) -> None:
         self.name = fd.name
-        self.attr = attr
+        self.attr: str = attr
 
     def present(self, msg: Message) -> bool:
         return getattr(msg, self.name) != ""
@@ -131,7 +131,7 @@ class EnumCodec(FieldCodec):
 
     def __init__(self, fd: FieldDescriptor, attr: str) -> None:
         self.name = fd.name
-        self.attr = attr
+        self.attr: str = attr
         self.to_db, self.to_number = enum_maps(fd.enum_type)
 
     def present(self, msg: Message) -> bool:
@@ -154,7 +154,7 @@ class EnumCodec(FieldCodec):
 class TimestampCodec(FieldCodec):
     def __init__(self, fd: FieldDescriptor, attr: str) -> None:
         self.name = fd.name
-        self.attr = attr
+        self.attr: str = attr
 
     def present(self, msg: Message) -> bool:
         return msg.HasField(self.name)
@@ -164,7 +164,7 @@ class TimestampCodec(FieldCodec):
             return {self.attr: None}
         ts: timestamp_pb2.Timestamp = getattr(msg, self.name)
         try:
-            value = ts.ToDatetime(tzinfo=dt.timezone.utc)
+            value = ts.ToDatetime(tzinfo=dt.UTC)
         except (ValueError, OverflowError) as exc:
             raise InvalidArgument.field(self.name, f"not a valid timestamp: {exc}") from None
         if value <= _MIN_TS:
@@ -182,7 +182,7 @@ class DateCodec(FieldCodec):
 
     def __init__(self, fd: FieldDescriptor, attr: str) -> None:
         self.name = fd.name
-        self.attr = attr
+        self.attr: str = attr
 
     def present(self, msg: Message) -> bool:
         return msg.HasField(self.name)
@@ -210,7 +210,7 @@ class StructCodec(FieldCodec):
 
     def __init__(self, fd: FieldDescriptor, attr: str) -> None:
         self.name = fd.name
-        self.attr = attr
+        self.attr: str = attr
 
     def present(self, msg: Message) -> bool:
         return msg.HasField(self.name)
@@ -276,7 +276,7 @@ class StringListCodec(FieldCodec):
 
     def __init__(self, fd: FieldDescriptor, attr: str) -> None:
         self.name = fd.name
-        self.attr = attr
+        self.attr: str = attr
 
     def present(self, msg: Message) -> bool:
         return len(getattr(msg, self.name)) > 0
@@ -305,7 +305,7 @@ class MessageListCodec(FieldCodec):
 
     def __init__(self, name: str, attr: str, message_type: type[Message]) -> None:
         self.name = name
-        self.attr = attr
+        self.attr: str = attr
         self.message_type = message_type
 
     def present(self, msg: Message) -> bool:
@@ -419,7 +419,7 @@ class DurationCodec(FieldCodec):
 
     def __init__(self, name: str, attr: str, max_seconds: int = 366 * 86400) -> None:
         self.name = name
-        self.attr = attr
+        self.attr: str = attr
         self.max_seconds = max_seconds
 
     def present(self, msg: Message) -> bool:

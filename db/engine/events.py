@@ -16,7 +16,7 @@ import uuid
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import Engine, delete, func, select, text, update
@@ -30,6 +30,9 @@ from db.engine.tables import ChangeEvent, StreamScope
 
 if TYPE_CHECKING:
     from db.engine.resource import ResourceSpec
+
+# The message publish and publish_deleted are given, returned as it is.
+_M = TypeVar("_M", bound=Message)
 
 CREATED, UPDATED, DELETED = "created", "updated", "deleted"
 NOTIFY_CHANNEL = "nexus_events"
@@ -163,7 +166,7 @@ def decode_token(token: str) -> dict[str, int]:
         raise bad from None
 
 
-def publish(session: Session, spec: ResourceSpec, row: Any, event_type: str, msg: Message) -> Message:
+def publish(session: Session, spec: ResourceSpec, row: Any, event_type: str, msg: _M) -> _M:
     """Append the change to the resource's stream, in this transaction; returns msg."""
     if spec.stream_scope is not None:
         emit(session, spec.stream_scope(row), event_type, spec.name, row.id, msg)
@@ -174,7 +177,7 @@ def publish(session: Session, spec: ResourceSpec, row: Any, event_type: str, msg
 KEPT_WHEN_DELETED = frozenset({"id", "create_time", "update_time", "delete_time", "etag"})
 
 
-def publish_deleted(session: Session, spec: ResourceSpec, row: Any, msg: Message) -> Message:
+def publish_deleted(session: Session, spec: ResourceSpec, row: Any, msg: _M) -> _M:
     """Append a deleted row's event: its message without content (KEPT_WHEN_DELETED and its
     references), and the row's earlier events in the log lose their content too, so that no
     resume from before the delete brings back what a Get no longer shows. Returns msg whole."""

@@ -630,7 +630,7 @@ class FilterCompiler:
         column: ColumnElement[Any] = spec.column
         if subpath:
             if self._postgres:
-                return self._jsonb(column)[subpath].is_not(None)  # type: ignore[no-any-return]
+                return self._jsonb(column)[subpath].is_not(None)
             return func.json_type(column, _sqlite_json_path(subpath)).is_not(None)
         if spec.kind is FieldKind.STRING:
             return and_(column.is_not(None), column != "")

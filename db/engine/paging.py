@@ -199,9 +199,9 @@ def keyset_after(keys: list[OrderKey], values: list[Any]) -> ColumnElement[bool]
     When every key is NOT NULL and all go one way, a row-value comparison
     `(create_time, id) > (:t, :id)`, which both engines answer from an index range.
     """
-    if len({k.descending for k in keys}) == 1 and all(not _nullable(k.column) and v is not None for k, v in zip(keys, values)):
+    if len({k.descending for k in keys}) == 1 and all(not _nullable(k.column) and v is not None for k, v in zip(keys, values, strict=True)):
         columns = tuple_(*(k.column for k in keys))
-        bound = tuple_(*(v if isinstance(v, BindParameter) else bindparam(None, v, type_=k.column.type) for k, v in zip(keys, values)))
+        bound = tuple_(*(v if isinstance(v, BindParameter) else bindparam(None, v, type_=k.column.type) for k, v in zip(keys, values, strict=True)))
         return columns < bound if keys[0].descending else columns > bound
     clauses = []
     for i, key in enumerate(keys):

@@ -90,7 +90,7 @@ class Loaded:
         self.__dict__.update(values)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def row_class(spec: ResourceSpec) -> type[Loaded]:
     """Loaded plus the model's own computed attributes (properties, constants) for spec."""
     mapped = set(inspect(spec.model).all_orm_descriptors.keys())
@@ -115,7 +115,7 @@ class RelationLoader:
     targets: tuple[Any, ...]  # the related rows' columns, as stored
     order: tuple[Any, ...]
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - loaders live as long as the process
+    @functools.cache  # noqa: B019 - loaders live as long as the process
     def aggregate(self, dialect: str) -> Any:
         """The related rows of the enclosing statement's row as one JSON array of [column, ...]
         arrays: a correlated subquery, so rows and their relations come in one statement and,
@@ -147,10 +147,10 @@ class RelationLoader:
         if items and not isinstance(items[0], list):
             (name,) = self.names
             return [Loaded({name: item}) for item in items]
-        return [Loaded(dict(zip(self.names, item))) for item in items]
+        return [Loaded(dict(zip(self.names, item, strict=True))) for item in items]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def relation_loaders(spec: ResourceSpec) -> tuple[RelationLoader, ...]:
     mapper = inspect(spec.model)
     out = []
@@ -175,7 +175,7 @@ def relation_loaders(spec: ResourceSpec) -> tuple[RelationLoader, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _get_statement(spec: ResourceSpec, dialect_name: str) -> Any:
     """load_one's primary-key statement (parameter pk), built once per dialect, so that it is
     compiled once (db/prepared.py runs it on the DBAPI cursor: the statement cache lookup and
@@ -207,9 +207,9 @@ def _loaded(spec: ResourceSpec, rows: Sequence[Sequence[Any]]) -> list[Loaded]:
     keys = read_keys(spec)
     width = len(keys)
     make = row_class(spec)
-    loaded = [make(dict(zip(keys, row[:width]))) for row in rows]
+    loaded = [make(dict(zip(keys, row[:width], strict=True))) for row in rows]
     for i, loader in enumerate(relation_loaders(spec)):
-        for item, row in zip(loaded, rows):
+        for item, row in zip(loaded, rows, strict=True):
             setattr(item, loader.key, loader.rows(row[width + i]))
     return loaded
 
@@ -223,24 +223,24 @@ def load_rows(session: Session, spec: ResourceSpec, stmt: Any, extra: int = 0, p
     loaded = _loaded(spec, rows)
     if extra:
         width = len(read_keys(spec)) + len(relation_loaders(spec))
-        return [(item, *row[width:]) for item, row in zip(loaded, rows)]
+        return [(item, *row[width:]) for item, row in zip(loaded, rows, strict=True)]
     return loaded
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_columns(spec: ResourceSpec) -> tuple[Any, ...]:
     """The table's columns a read selects: all but those holding secrets (ResourceSpec.secrets),
     which no output reads and which need not leave the database."""
     return tuple(c for c in spec.table.c if c.key not in spec.secrets)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_keys(spec: ResourceSpec) -> tuple[str, ...]:
     """The keys of read_columns(spec), in order: the attributes of a Loaded row."""
     return tuple(c.key for c in read_columns(spec))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def columns(spec: ResourceSpec, dialect: str) -> tuple[Any, ...]:
     """What the read path selects, in the order load_rows expects: the table's columns but its
     secrets (read_columns; ids as text), then each relation's rows as one aggregated value
@@ -248,7 +248,7 @@ def columns(spec: ResourceSpec, dialect: str) -> tuple[Any, ...]:
     return (*(as_read(c) for c in read_columns(spec)), *(loader.aggregate(dialect) for loader in relation_loaders(spec)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def select_rows(spec: ResourceSpec, dialect: str) -> Any:
     """SELECT of columns(spec, dialect), built once (statements are immutable; .where() copies)."""
     return select(*columns(spec, dialect))

@@ -19,7 +19,7 @@ from db.engine import reading, statements
 from db.engine.call import Call
 from db.engine.codecs import parse_uuid
 from db.engine.paging import DEFAULT_PAGE_BYTES, SEARCH_RESULT_EXTRA, decode_token, encode_token, fingerprint, fitting, page_size, read_page
-from db.engine.resource import ResourceSpec
+from db.engine.resource import M, ResourceSpec
 from db.engine.rules import denied, found, predicate, read_rule
 from db.engine.search import search_query_value
 
@@ -78,7 +78,7 @@ def read_mask_paths(spec: ResourceSpec, paths: Sequence[str]) -> list[str] | Non
     return list(dict.fromkeys(paths))
 
 
-def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
+def get(session: Session, spec: ResourceSpec[M], request: Any) -> M:
     mask = read_mask_paths(spec, request.read_mask.paths)
     show_deleted = bool(getattr(request, "show_deleted", False))
     raw_id = request.id
@@ -91,7 +91,7 @@ def get(session: Session, spec: ResourceSpec, request: Any) -> Message:
     return spec.to_proto(found(spec, row, raw_id, allowed, show_deleted=show_deleted, write=False, field_path="id"), mask)
 
 
-def batch_get(session: Session, spec: ResourceSpec, request: Any, max_bytes: int = DEFAULT_PAGE_BYTES) -> list[Message]:
+def batch_get(session: Session, spec: ResourceSpec[M], request: Any, max_bytes: int = DEFAULT_PAGE_BYTES) -> list[M]:
     ids = list(request.ids)
     if not ids:
         raise errors.InvalidArgument.field("ids", "must name at least one id", reason="REQUIRED_FIELD")
@@ -188,4 +188,4 @@ def search(
 
     hits, messages, more, total = read_page(size, max_bytes, fetch, lambda hit: spec.to_proto(hit[0]), SEARCH_RESULT_EXTRA)
     next_token = encode_token(query_fp, offset=offset + len(hits)) if more else ""
-    return [(message, float(score)) for message, (_, score, _) in zip(messages, hits)], next_token, total
+    return [(message, float(score)) for message, (_, score, _) in zip(messages, hits, strict=True)], next_token, total

@@ -7,7 +7,7 @@ import functools
 import keyword
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -65,14 +65,17 @@ class ListReference:
     key: str | None = None
 
 
+M = TypeVar("M", bound=Message)
+
+
 @dataclass(eq=False)
-class ResourceSpec:
+class ResourceSpec(Generic[M]):
     """Declares one resource: its model, message and field rules. Built codecs are cached."""
 
     name: str
     plural: str
     model: type
-    message: type[Message]
+    message: type[M]
     singular_field: str
     output_only: frozenset[str] = frozenset()
     immutable: frozenset[str] = frozenset()
@@ -230,7 +233,7 @@ class ResourceSpec:
     def filter_compiler(self, dialect: str) -> FilterCompiler:
         return FilterCompiler(self.filter_fields, dialect)
 
-    def to_proto(self, row: Any, read_mask: Iterable[str] | None = None) -> Message:
+    def to_proto(self, row: Any, read_mask: Iterable[str] | None = None) -> M:
         """The message for a row (mapped or Core): every field, or those of read_mask."""
         if read_mask is None:
             msg = self.dumper(row)
@@ -254,18 +257,18 @@ class ResourceSpec:
         return owner is not None and call.actor_user_id is not None and str(owner) == str(call.actor_user_id)
 
     @functools.cached_property
-    def dumper(self) -> Callable[[Any], Message]:
+    def dumper(self) -> Callable[[Any], M]:
         """to_proto of the whole resource, as one generated function (see compile_dumper)."""
         return compile_dumper(self.message, self.codecs)
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def _timestamp_into(ts: Any, value: dt.datetime) -> None:
     """Timestamp.FromDatetime without its time-tuple round trip (naive values are UTC)."""
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
     delta = value - _EPOCH
     seconds, nanos = delta.days * 86400 + delta.seconds, delta.microseconds * 1000
     if seconds or nanos:
@@ -274,7 +277,7 @@ def _timestamp_into(ts: Any, value: dt.datetime) -> None:
         ts.SetInParent()
 
 
-def compile_dumper(message: type[Message], codecs: dict[str, FieldCodec]) -> Callable[[Any], Message]:
+def compile_dumper(message: type[M], codecs: dict[str, FieldCodec]) -> Callable[[Any], M]:
     """One straight-line function that fills every field of `message` from a row.
 
     The same as calling each codec's dump in turn, without a method call and a getattr per
@@ -300,7 +303,7 @@ def compile_dumper(message: type[Message], codecs: dict[str, FieldCodec]) -> Cal
             lines.append(f"    _codec{i}.dump(row, m)")
     lines.append("    return m")
     exec(compile("\n".join(lines), f"<dumper of {message.DESCRIPTOR.full_name}>", "exec"), env)  # noqa: S102 - our own code
-    return env["dump"]  # type: ignore[no-any-return]
+    return env["dump"]
 
 
 def _codec_for(fd: FieldDescriptor, column: Any) -> FieldCodec:
@@ -374,7 +377,7 @@ class Registry:
     def __getitem__(self, name: str) -> ResourceSpec:
         return self._specs[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self):
         return iter(self._specs.values())
 
     def __len__(self) -> int:

@@ -65,7 +65,7 @@ def build_page_statements(
     conditions = where_clauses(spec, dialect, filter_text, show_deleted, allowed)
     page_conditions = list(conditions)
     if nulls is not None:
-        placeholders = [None if null else bindparam(f"after_{i}", type_=k.column.type) for i, (k, null) in enumerate(zip(keys, nulls))]
+        placeholders = [None if null else bindparam(f"after_{i}", type_=k.column.type) for i, (k, null) in enumerate(zip(keys, nulls, strict=True))]
         page_conditions.append(keyset_after(keys, placeholders))
     count = select(func.count()).select_from(spec.table).where(*conditions).correlate(None)
     # total_size rides on the page's rows: an uncorrelated subquery, which both engines evaluate
@@ -102,7 +102,7 @@ def build_search_statements(spec: ResourceSpec, dialect: str, filter_text: str, 
     return stmt, count
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def locked_row_statement(spec: ResourceSpec, lock: bool) -> Any:
     """SELECT of the row row_id's columns, FOR UPDATE if lock (PostgreSQL); built once."""
     table = spec.table
@@ -129,7 +129,7 @@ def update_statement(spec: ResourceSpec, dialect: str, keys: tuple[str, ...], co
     return select(*updated.c).add_cte(companion_cte(companion, companion_keys, after=updated))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_statement(target: ResourceSpec, one: bool) -> Any:
     """The live ids among :id (one) or :ids of target's rows (_live_targets). Built once."""
     ids = target.table.c.id
@@ -145,7 +145,7 @@ def live_targets(target: ResourceSpec, condition: Any) -> Any:
     return stmt.with_for_update(read=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def insert_with(
     table: Any, companion: Any, keys: tuple[str, ...], companion_keys: tuple[str, ...], references: tuple[tuple[str, str], ...]
 ) -> Any:

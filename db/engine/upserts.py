@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic
 
 from google.protobuf.message import Message
 from sqlalchemy import bindparam, func, select, text, tuple_
@@ -23,7 +23,7 @@ from db.translate import unique_fields
 from db.base import utcnow
 from db.engine import audit, events, reading
 from db.engine.call import Call
-from db.engine.resource import ResourceSpec
+from db.engine.resource import M, ResourceSpec
 from db.engine.rules import check_create_rule, check_field_rights, check_managed_together, denied, predicate
 from db.engine.tables import AuditLogEntry
 from db.engine.writes import (
@@ -57,16 +57,16 @@ class _Upsert:
 
 
 @dataclass
-class Upserted:
+class Upserted(Generic[M]):
     """What an upsert did to one row: its message, and whether it was made or replaced (and
     then whether anything changed)."""
 
-    message: Message
+    message: M
     created: bool
     changed: bool
 
 
-def upsert(session: Session, spec: ResourceSpec, msg: Message, call: Call) -> tuple[Message, bool]:
+def upsert(session: Session, spec: ResourceSpec[M], msg: Message, call: Call) -> tuple[M, bool]:
     """(the resource, created?) of one upsert: batch_upsert of one, its fields under
     `<singular_field>.` as in UpsertXRequest."""
     (done,) = batch_upsert(session, spec, [msg], call, prefixes=[f"{spec.singular_field}."])
@@ -75,12 +75,12 @@ def upsert(session: Session, spec: ResourceSpec, msg: Message, call: Call) -> tu
 
 def batch_upsert(
     session: Session,
-    spec: ResourceSpec,
+    spec: ResourceSpec[M],
     messages: Sequence[Message],
     call: Call,
     prefixes: Sequence[str] | None = None,
     read_mask: list[str] | None = None,
-) -> list[Upserted]:
+) -> list[Upserted[M]]:
     """Upsert every message by spec.upsert_key, all or nothing, in request order. prefixes: each
     message's field path in the request (default requests[i].<singular_field>.). Two messages
     of one key: INVALID_ARGUMENT naming both. A key whose row the caller may not change:
@@ -94,7 +94,7 @@ def batch_upsert(
         raise TypeError(f"{spec.name}: an upsert writes neither relations nor what an on_update hook writes")
     if prefixes is None:
         prefixes = [f"requests[{i}].{spec.singular_field}." for i in range(len(messages))]
-    upserts = [_keyed(spec, msg, prefix) for msg, prefix in zip(messages, prefixes)]
+    upserts = [_keyed(spec, msg, prefix) for msg, prefix in zip(messages, prefixes, strict=True)]
     _refuse_repeated_keys(spec, upserts)
     _take_turns(session, spec, upserts)
     key_columns = {spec.codecs[name].attr for name in spec.upsert_key}
@@ -182,14 +182,14 @@ def _rows_of_keys(session: Session, spec: ResourceSpec, keys: list[tuple[Any, ..
         for start in range(0, len(keys), LOOKUP_KEYS):
             found += conn.execute(_keys_statement(spec, None).where(_key_columns(spec).in_(keys[start:start + LOOKUP_KEYS]))).all()
     loaded = reading.row_class(spec)
-    return {tuple(values[i] for i in positions): loaded(dict(zip(names, values))) for values in found}
+    return {tuple(values[i] for i in positions): loaded(dict(zip(names, values, strict=True))) for values in found}
 
 
 def _key_columns(spec: ResourceSpec) -> Any:
     return tuple_(*(spec.table.c[spec.codecs[name].attr] for name in spec.upsert_key))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _keys_statement(spec: ResourceSpec, lock: bool | None) -> Any:
     """SELECT of the rows by key, in id order. lock None: without the keys' condition, added
     per call; else (PostgreSQL) of the keys in the arrays key_0, key_1, ... (unnested
@@ -234,11 +234,11 @@ def _write(
     check_references_together(session, spec, loaded)
     drafts, inserted = insert_values(spec, [row for _, row in fresh])
     entries = audit.created(session, spec, drafts)
-    written = dict(zip((u.key for u, _ in fresh), inserted))
+    written = dict(zip((u.key for u, _ in fresh), inserted, strict=True))
     now = utcnow()
     keys = [c.key for c in spec.table.c]
     changed_keys = set()
-    for u, row in zip(upserts, rows):
+    for u, row in zip(upserts, rows, strict=True):
         before = existing.get(u.key)
         if before is None:
             row.__dict__.update(written[u.key])
@@ -259,9 +259,9 @@ def _write(
     # In key order: two upserts writing the same new keys wait on each other in one order.
     bulk.write_many(conn, spec.table, [written[key] for key in sorted(written, key=repr)])
     bulk.insert_many(conn, AuditLogEntry.__table__, entries)
-    check_managed_together(session, spec, [row for u, row in zip(upserts, rows) if u.key in written], new=frozenset(row.id for _, row in fresh))
+    check_managed_together(session, spec, [row for u, row in zip(upserts, rows, strict=True) if u.key in written], new=frozenset(row.id for _, row in fresh))
     done = []
-    for u, row in zip(upserts, rows):
+    for u, row in zip(upserts, rows, strict=True):
         made = u.key not in existing
         if spec.stream_scope is not None and (made or u.key in changed_keys):
             events.publish(session, spec, row, events.CREATED if made else events.UPDATED, spec.to_proto(row))

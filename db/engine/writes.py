@@ -25,7 +25,7 @@ from db.engine.cascade import remove_with_dependents
 from db.engine.codecs import parse_uuid
 from db.engine.paging import DEFAULT_PAGE_BYTES, fitting, refuse_unread_answer
 from db.engine.reads import fetch
-from db.engine.resource import REGISTRY, ResourceSpec, etag_of
+from db.engine.resource import REGISTRY, M, ResourceSpec, etag_of
 from db.engine.rules import check_create_rule, check_field_rights, check_managed, check_managed_together, found, predicate
 from db.engine.tables import AuditLogEntry, RequestRecord
 from db.prepared import prepared
@@ -167,7 +167,7 @@ def _apply_defaults(spec: ResourceSpec, row: Any) -> None:
             setattr(row, key, value)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scalar_defaults(spec: ResourceSpec) -> tuple[tuple[str, Any], ...]:
     return tuple((c.key, c.default.arg) for c in spec.table.c if c.default is not None and c.default.is_scalar)
 
@@ -178,7 +178,7 @@ def validate_request_id(request_id: str, field_path: str = "request_id") -> str:
     return request_id
 
 
-def earlier_result(session: Session, spec: ResourceSpec, request_id: str, call: Call) -> Message | None:
+def earlier_result(session: Session, spec: ResourceSpec[M], request_id: str, call: Call) -> M | None:
     """The result of this caller's earlier create with request_id, read as a Get would read it
     (the caller's read rule applies: PERMISSION_DENIED if it may no longer see the row)."""
     earlier = session.scalar(
@@ -193,7 +193,7 @@ def earlier_result(session: Session, spec: ResourceSpec, request_id: str, call: 
     return spec.to_proto(fetch(session, spec, str(earlier), show_deleted=True))
 
 
-def _claim_request_id(session: Session, spec: ResourceSpec, request_id: str, row_id: uuid.UUID, call: Call) -> Message | None:
+def _claim_request_id(session: Session, spec: ResourceSpec[M], request_id: str, row_id: uuid.UUID, call: Call) -> M | None:
     """Record request_id for row_id; if a concurrent call claimed it first, return that call's result."""
     try:
         # A savepoint: on PostgreSQL the insert waits for a concurrent claim to commit, then fails
@@ -251,7 +251,7 @@ def _own_row(spec: ResourceSpec, row: Any, values: dict[str, Any], call: Call, f
         )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _empty_row_values(spec: ResourceSpec) -> tuple[tuple[str, None], ...]:
     return tuple((c.key, None) for c in spec.table.c)
 
@@ -261,8 +261,8 @@ def _empty_row(spec: ResourceSpec) -> dict[str, Any]:
 
 
 def create(
-    session: Session, spec: ResourceSpec, request: Any, call: Call, prefix: str = "", server_values: dict[str, Any] | None = None
-) -> Message:
+    session: Session, spec: ResourceSpec[M], request: Any, call: Call, prefix: str = "", server_values: dict[str, Any] | None = None
+) -> M:
     """A new row from a create request. server_values: output-only columns the service itself
     computed for the row (a file's sha256 and size), set after the request's fields are checked."""
     request_id = validate_request_id(request.request_id, prefix + "request_id")
@@ -288,7 +288,7 @@ def create(
     return insert_rows(session, spec, [row], unchecked=(values, field_prefix))[0]
 
 
-def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES) -> list[Message]:
+def batch_create(session: Session, spec: ResourceSpec[M], request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES) -> list[M]:
     """_batch_create, refused before it commits when its answer would pass max_bytes: a client
     that cannot read the answer would take a committed batch for a refused one."""
     made = _batch_create(session, spec, request, call)
@@ -297,7 +297,7 @@ def batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call,
     return made
 
 
-def _batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call) -> list[Message]:
+def _batch_create(session: Session, spec: ResourceSpec[M], request: Any, call: Call) -> list[M]:
     """All or nothing (AIP-233). Without request ids the rows are written together: validated
     one by one, then one reference query per referencing field and insert_rows (one INSERT for
     the rows, one for their audit entries, one check of the caller's rights)."""
@@ -325,8 +325,8 @@ def _batch_create(session: Session, spec: ResourceSpec, request: Any, call: Call
 
 
 def insert_rows(
-    session: Session, spec: ResourceSpec, rows: list[Any], unchecked: tuple[dict[str, Any], str] | None = None
-) -> list[Message]:
+    session: Session, spec: ResourceSpec[M], rows: list[Any], unchecked: tuple[dict[str, Any], str] | None = None
+) -> list[M]:
     """Insert new rows (plain objects from _new_row, validated) and answer their messages.
 
     One INSERT of plain column values for all of them (insertmanyvalues), their audit entries
@@ -368,7 +368,7 @@ def insert_rows(
         bulk.insert_many(conn, spec.table, values)
         if entries:
             bulk.insert_many(conn, AuditLogEntry.__table__, entries)
-    for row, row_values in zip(rows, values):
+    for row, row_values in zip(rows, values, strict=True):
         row.__dict__.update(row_values)
         for key in spec.relation_fields:
             setattr(row, key, [])
@@ -436,7 +436,7 @@ def check_etag(row: Any, etag: str, field_path: str) -> None:
         )
 
 
-def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:
+def update(session: Session, spec: ResourceSpec[M], request: Any, call: Call) -> M:
     """The standard Update, with Core statements: the row locked and read, one UPDATE (which
     also answers the row's relations, read under the lock), its audit entry (engine/audit.updated)
     with it. Without a change nothing is written, as a flush would write nothing.
@@ -503,7 +503,7 @@ def update(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
         relation_values = conn.execute(relations).one()
     else:
         relation_values = ()
-    for loader, value in zip(loaders, relation_values):
+    for loader, value in zip(loaders, relation_values, strict=True):
         setattr(row, loader.key, loader.rows(value))
     check_managed(session, spec, row)
     return events.publish(session, spec, row, events.UPDATED, spec.to_proto(row))
@@ -537,7 +537,7 @@ def _fetch_for_update(session: Session, spec: ResourceSpec, raw_id: str, field_p
         found_row = found_rows[0] if found_rows else None
     else:  # a statement per caller's predicate: not one to keep
         found_row = conn.execute(stmt, {"row_id": row_id}).first()
-    row = None if found_row is None else reading.row_class(spec)(dict(zip([c.key for c in table.c], found_row)))
+    row = None if found_row is None else reading.row_class(spec)(dict(zip([c.key for c in table.c], found_row, strict=True)))
     return found(spec, row, raw_id, allowed, show_deleted=False, write=True, field_path=field_path)
 
 
@@ -549,7 +549,7 @@ def _apply_defaults_for_cleared(spec: ResourceSpec, row: Any, values: dict[str, 
             setattr(row, key, col.default.arg)
 
 
-def delete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:
+def delete(session: Session, spec: ResourceSpec[M], request: Any, call: Call) -> M | empty_pb2.Empty:
     force = bool(getattr(request, "force", False))
     if force and call.role != "admin":
         raise errors.PermissionDenied(
@@ -568,7 +568,7 @@ def delete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Me
     return last_state if spec.soft_delete else empty_pb2.Empty()
 
 
-def undelete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> Message:
+def undelete(session: Session, spec: ResourceSpec[M], request: Any, call: Call) -> M:
     row = fetch(session, spec, request.id, show_deleted=True, lock=True, deleting=True)
     if row.delete_time is None:
         raise errors.FailedPrecondition(f"{spec.name} {request.id!r} is not deleted", reason="NOT_DELETED")
@@ -577,7 +577,7 @@ def undelete(session: Session, spec: ResourceSpec, request: Any, call: Call) -> 
     return events.publish(session, spec, row, events.UPDATED, spec.to_proto(row))
 
 
-def change_membership(session: Session, spec: ResourceSpec, parent_id: str, user_id: str, *, add: bool, parent_field: str) -> Message:
+def change_membership(session: Session, spec: ResourceSpec[M], parent_id: str, user_id: str, *, add: bool, parent_field: str) -> M:
     """Add or remove a user in a resource's `members`; idempotent; a real change moves the etag."""
     parent = fetch(session, spec, parent_id, field_path=parent_field, lock=True)
     if add:

@@ -289,7 +289,10 @@ def test_a_wrong_metrics_port_is_refused_naming_it(raw: str) -> None:
     assert Config.from_env({"NEXUS_METRICS_PORT": ""}).metrics_port == 0  # empty: off
 
 
-def test_a_metrics_port_in_use_stops_the_start(database_url: str, tmp_path: Path) -> None:
+def test_a_metrics_port_in_use_stops_the_start(client: Client, tmp_path: Path) -> None:
+    # (The session's server made the database's first admin key: a start refused here after
+    # creating one would leave the other tests without it.)
+    database_url = client.database_url
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -28,7 +28,7 @@ from db.blobs import BlobStore
 from db.database import Database, first_line
 from db.engine import events
 from db.unit import SESSION_READ
-from service import metrics, policy, reflection
+from service import __version__, metrics, policy, reflection
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.chat import ChatService
 from service.config import Config, ConfigError
@@ -46,6 +46,23 @@ from service import telemetry
 from service.work import WorkService
 
 log = logging.getLogger("nexus.server")
+
+# The initial metadata key of every health answer: the server's version (service.__version__),
+# for an operator or a probe that asks what runs (`grpcurl -v ... grpc.health.v1.Health/Check`).
+VERSION_HEADER = "nexus-version"
+
+
+class VersionedHealth(health.aio.HealthServicer):
+    """The standard health service; its answers say which version of the server gives them."""
+
+    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method's name
+        await context.send_initial_metadata(((VERSION_HEADER, __version__),))
+        return await super().Check(request, context)
+
+    async def Watch(self, request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method's name
+        await context.send_initial_metadata(((VERSION_HEADER, __version__),))
+        await super().Watch(request, context)
+
 
 LIVENESS = "liveness"
 READINESS = "readiness"
@@ -313,7 +330,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
         names.append(full_name)
     if guarded.registered != names:
         raise RuntimeError(f"domain services registered without their guard: {sorted(set(names) - set(guarded.registered))}")
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = VersionedHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # v1 and v1alpha, the protos' comments included (service/reflection.py)
     reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server)
@@ -478,7 +495,7 @@ def serve_workers(config: Config) -> int:
     with metrics.for_workers(config) as endpoint:
         for worker in workers:
             worker.start()
-        log.info("nexus-data serving on %s:%d with %d workers", config.host, config.port, config.workers)
+        log.info("nexus-data %s serving on %s:%d with %d workers", __version__, config.host, config.port, config.workers)
 
         def forward(signum: int, _frame: object) -> None:
             for worker in workers:
@@ -524,7 +541,7 @@ async def serve(config: Config, worker: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # (After the handlers: a SIGTERM sent on reading this line shuts down gracefully.)
-    log.info("nexus-data serving on %s:%d (%s); blob store %s", config.host, app.port, app.db.dialect, config.blob_path)
+    log.info("nexus-data %s serving on %s:%d (%s); blob store %s", __version__, config.host, app.port, app.db.dialect, config.blob_path)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining %.1fs, grace %.1fs", config.drain_seconds, config.grace_seconds)
     await app.stop(stop_server=False)

@@ -223,7 +223,9 @@ def test_workers_share_one_port_and_behave_as_replicas(client: Client, tmp_path:
             proc.kill()
         log.seek(0)
         output = log.read()
-    assert output.count("nexus-data serving on") >= 1 and "with 2 workers" in output, output[-2000:]
+    from service import __version__
+
+    assert output.count(f"nexus-data {__version__} serving on") >= 1 and "with 2 workers" in output, output[-2000:]
 
 
 def test_every_health_name_answers_while_the_first_database_check_is_under_way(client: Client) -> None:
@@ -266,3 +268,19 @@ def test_every_health_name_answers_while_the_first_database_check_is_under_way(c
         asyncio.run_coroutine_threadsafe(thread.app.stop(grace=0.5), thread.loop).result(30)
         thread.loop.call_soon_threadsafe(thread.loop.stop)
         runner.join(10)
+
+
+def test_health_answers_carry_the_servers_version(client: Client) -> None:
+    """Check and Watch answer with `nexus-version: <service.__version__>` in their initial
+    metadata (what `grpcurl -v` shows as response headers)."""
+    from service import __version__
+    from service.server import VERSION_HEADER
+
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    response, call = stub.Check.with_call(health_pb2.HealthCheckRequest(service="readiness"), timeout=5)
+    assert response.status == SERVING
+    assert dict(call.initial_metadata())[VERSION_HEADER] == __version__ != ""
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+    assert next(watch).status == SERVING
+    assert dict(watch.initial_metadata())[VERSION_HEADER] == __version__
+    watch.cancel()

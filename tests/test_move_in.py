@@ -313,3 +313,21 @@ def test_a_conversation_of_no_user_is_refused_without_an_owner_and_named(client:
         ("messages", message): ("skipped", f"its conversation {orphan} was not moved"),
     }
     assert audit_of(client, key.id) == []
+
+
+def test_a_user_deleted_in_the_service_since_the_move_stays_deleted(client: Client, chat_store: ChatStore) -> None:
+    uid = unique("m")
+    key = client.identity.CreateApiKey(ipb.CreateApiKeyRequest(api_key=ipb.ApiKey(name=unique("move"), role=ipb.USER_ROLE_ADMIN)))
+    gone = chat_store.insert("users", external_id=f"auth|{uid}|gone", email=f"gone.{uid}@example.com")
+    chat = chat_store.insert("conversations", user_id=uuid.UUID(gone), title="Mine", status="active")
+    status, first = run(client, chat_store, key.secret)
+    assert status == 0 and first["problems"] == []
+    client.identity.DeleteUser(ipb.DeleteUserRequest(id=first["ids"]["users"][gone]))
+    audit = audit_of(client, key.id)
+
+    status, second = run(client, chat_store, key.secret)
+    assert status == 0
+    assert [(p["table"], p["id"], p["outcome"]) for p in second["problems"]] == [
+        ("users", gone, "skipped"), ("conversations", chat, "skipped")]
+    assert "FAILED_PRECONDITION" in second["problems"][0]["reason"]
+    assert audit_of(client, key.id) == audit

@@ -241,6 +241,11 @@ def move_users(conn: Connection, service: Service, namespace: str, report: Repor
                 new_id = service.call(service.identity.CreateUser, identity_pb2.CreateUserRequest(
                     user=user, request_id=request_id(namespace, "users", pk))).id
         except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # Its external_id is a user deleted in the service since: it stays deleted (and
+                # its conversations are left out) until an admin undeletes it.
+                report.problem("users", pk, "skipped", refusal(error))
+                continue
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                 report.problem("users", pk, "failed", refusal(error))
                 continue

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
@@ -550,6 +550,10 @@ def too_large(field_path: str, description: str) -> InvalidArgument:
     return InvalidArgument.field(field_path, description, reason="FIELD_TOO_LARGE")
 
 
+@overload
+def parse_uuid(value: str, field_path: str, allow_empty: Literal[False] = False) -> uuid.UUID: ...
+@overload
+def parse_uuid(value: str, field_path: str, allow_empty: bool) -> uuid.UUID | None: ...
 def parse_uuid(value: str, field_path: str, allow_empty: bool = False) -> uuid.UUID | None:
     """Parse a client-supplied id; INVALID_ARGUMENT naming the field when it is not a UUID."""
     if value == "":

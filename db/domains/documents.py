@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, field_mask_pb2
 from nexus.knowledge.v1 import knowledge_pb2 as pb
 from sqlalchemy import ForeignKey, Index, Integer, String, Uuid, and_, false, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -113,7 +113,12 @@ OWNED = mine(Document.owner_id, "their own")
 
 def _of(column: Any, rule: Rule, says: str) -> Rule:
     """The rows of `column`'s documents that rule lets through."""
-    return Rule(lambda u, r: column.in_(select(Document.id).where(rule(u, r))), says)
+
+    def build(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool] | None:
+        documents = rule(user_id, role)
+        return None if documents is None else column.in_(select(Document.id).where(documents))
+
+    return Rule(build, says)
 
 
 # ---------------------------------------------------------------- resources
@@ -277,7 +282,7 @@ def restore_document_version(session: Session, request: pb.RestoreDocumentVersio
     document = pb.Document(id=request.document_id, title=kept.title, etag=request.etag)
     DOCUMENTS.codecs["kind"].dump(kept, document)
     DOCUMENTS.codecs["content"].dump(kept, document)
-    update = pb.UpdateDocumentRequest(document=document, update_mask={"paths": ["title", "content", "kind"]})
+    update = pb.UpdateDocumentRequest(document=document, update_mask=field_mask_pb2.FieldMask(paths=["title", "content", "kind"]))
     return writes.update(session, DOCUMENTS, update, call)
 
 

@@ -54,7 +54,6 @@ def fetch(
 def visible_id(session: Session, spec: ResourceSpec, raw_id: str, field_path: str = "id") -> uuid.UUID:
     """The id of a row the caller may see, without loading the row: fetch's checks, one small query."""
     row_id = parse_uuid(raw_id, field_path)
-    assert row_id is not None
     stmt = select(spec.table.c.id).where(spec.table.c.id == row_id)
     if spec.soft_delete:
         stmt = stmt.where(spec.table.c.delete_time.is_(None))

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import String, bindparam, column, func, literal_column, table
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from db.errors import InvalidArgument
 
@@ -111,13 +111,13 @@ def search_terms(dialect: str, table_name: str, fields: tuple[tuple[str, str], .
     so a statement built from them is built and compiled once."""
     query = bindparam("search_query", type_=String())
     if dialect == "postgresql":
-        vector = literal_column(f"({_pg_vector_sql(fields)})")
+        vector: ColumnClause[Any] = literal_column(f"({_pg_vector_sql(fields)})")
         tsquery = func.websearch_to_tsquery(literal_column("'english'::regconfig"), query)
         return SearchTerms(None, vector.op("@@")(tsquery), func.ts_rank(vector, tsquery))
     fts_name = f"{table_name}_fts"
     fts = table(fts_name, column("rowid"))
     weights = [_SQLITE_WEIGHT[w] for _, w in fields]
-    fts_ref = literal_column(fts_name)
+    fts_ref: ColumnClause[Any] = literal_column(fts_name)
     return SearchTerms(
         (fts, literal_column(f"{table_name}.rowid") == fts.c.rowid),
         fts_ref.op("MATCH")(query),

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from db.errors import NexusError
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, log_setting_warnings
 
 
 # Exit statuses: 0 done; 1 refused by the service, or a check that found something (check-schema,
@@ -42,6 +42,8 @@ def _config(args: argparse.Namespace) -> Config:
         overrides[name] = getattr(args, name, None)
     config = Config.from_env(**overrides)
     args.config = config  # for the message of a failure (main)
+    if args.command != "serve":  # serve logs them once its logging is set up
+        log_setting_warnings(config)
     return config
 
 
@@ -51,6 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     configure_logging(config.log_level, config.log_format)
+    log_setting_warnings(config)
     if config.workers > 1:
         return serve_workers(config)
     asyncio.run(serve(config))

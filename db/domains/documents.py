@@ -226,6 +226,7 @@ class _Page:
     order_by: str
     page_size: int
     page_token: str
+    count_only: bool = False
 
 
 def _visible_document(session: Session, raw_id: str) -> Document:
@@ -238,7 +239,7 @@ def _document_rows(session: Session, spec: ResourceSpec, request: Any, order_by:
     """One keyset page of a document's versions or shares, under their own read rule; a page
     token is tied to its document."""
     document = _visible_document(session, request.document_id)
-    page = _Page(f'document_id = "{document.id}"', order_by, request.page_size, request.page_token)
+    page = _Page(f'document_id = "{document.id}"', order_by, request.page_size, request.page_token, request.count_only)
     return reads.list_page(session, spec, page, call, max_bytes)
 
 

@@ -2,7 +2,8 @@
 
 PostgreSQL indexes an expression over the searchable columns (no stored column to keep in sync);
 SQLite keeps an external-content FTS5 table up to date with triggers. Both are created by the
-migrations through the DDL helpers below, and queried through `search_terms`.
+migrations through the DDL helpers below, and queried through `search_terms`; `rebuild_index`
+(`nexus-data search rebuild`) builds either afresh from its table.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import String, bindparam, column, func, literal_column, table
+from sqlalchemy import String, bindparam, column, func, literal_column, table, text
+from sqlalchemy.engine import Engine
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from db.errors import InvalidArgument
@@ -57,7 +59,7 @@ def sqlite_fts_ddl(table_name: str, fields: tuple[tuple[str, str], ...]) -> list
 
     Trap: an external-content FTS5 table joins on rowid, and SQLite may renumber the implicit
     rowid of a table without an INTEGER PRIMARY KEY on VACUUM. After a VACUUM run
-    sqlite_fts_rebuild(table, fields) for each such table.
+    `nexus-data search rebuild` (rebuild_index of each such table).
     """
     fts = f"{table_name}_fts"
     cols = [c for c, _ in fields]
@@ -94,6 +96,46 @@ def sqlite_fts_rebuild(table_name: str, fields: tuple[tuple[str, str], ...]) -> 
         f"INSERT INTO {fts}({fts}) VALUES ('delete-all')",
         f"INSERT INTO {fts}(rowid, {col_list}) SELECT rowid, {_sqlite_values(fields, table_name)} FROM {table_name}",
     ]
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """What rebuild_index did to one table's search index."""
+
+    table_name: str
+    index: str  # the FTS5 table (SQLite) or the GIN index (PostgreSQL)
+    rows: int  # the table's rows, every one of them in the index now
+    action: str  # "rebuilt", or "recreated" where the index (or its triggers) was missing
+
+
+def rebuild_index(engine: Engine, table_name: str, fields: tuple[tuple[str, str], ...]) -> Rebuilt:
+    """Build the search index of `table_name` afresh from the table's rows, whatever it holds now
+    (emptied, stale after a VACUUM renumbered rowids, an index left invalid, or missing): the
+    same index afterwards however often it runs.
+
+    SQLite: FTS5's rebuild (for JSON fields: delete-all, then every row's values as the triggers
+    write them), in one write transaction; the FTS5 table and its triggers are made anew where
+    any of them is missing. PostgreSQL: REINDEX INDEX CONCURRENTLY (CREATE INDEX CONCURRENTLY
+    where the index is missing): writes and searches go on meanwhile."""
+    if engine.dialect.name == "postgresql":
+        index = f"ix_{table_name}_search"
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            present = conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": index}).scalar()
+            if present:
+                conn.execute(text(f"REINDEX INDEX CONCURRENTLY {index}"))
+            else:
+                conn.execute(text(pg_index_ddl(table_name, fields).replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY", 1)))
+            rows = conn.execute(text(f"SELECT count(*) FROM {table_name}")).scalar_one()
+        return Rebuilt(table_name, index, rows, "rebuilt" if present else "recreated")
+    fts = f"{table_name}_fts"
+    with engine.begin() as conn:
+        names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE name LIKE :prefix"), {"prefix": f"{fts}%"}).scalars())
+        whole = {fts, f"{fts}_ai", f"{fts}_ad", f"{fts}_au"} <= names
+        statements = sqlite_fts_rebuild(table_name, fields) if whole else [*sqlite_fts_drop(table_name), *sqlite_fts_ddl(table_name, fields)]
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+        rows = conn.execute(text(f"SELECT count(*) FROM {table_name}")).scalar_one()
+    return Rebuilt(table_name, fts, rows, "rebuilt" if whole else "recreated")
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,36 @@ from sqlalchemy.engine import make_url
 from db.blobs import DEFAULT_BLOB_DIR
 from db.database import IN_MEMORY_REFUSED, PoolSettings, is_in_memory
 
-# The data directory (NEXUS_DATA_DIR), under the working directory unless set: where the SQLite
-# file, the blob store and the first admin key's file go unless each is set on its own. Kept
-# relative to the working directory (the behaviour before the setting existed), so an upgrade
-# never starts on a new, empty database somewhere else; the server logs its absolute path.
-DEFAULT_DATA_DIR = "data"
+# The data directory (NEXUS_DATA_DIR): where the SQLite file, the blob store and the first admin
+# key's file go unless each is set on its own. Unset, it is the user's data directory,
+# $XDG_DATA_HOME/nexus-data (by default ~/.local/share/nexus-data): the same from any working
+# directory. A data/nexus.db under the working directory (where the service kept its data before
+# the setting existed) is still used, with a warning at start, so an upgrade never starts on a
+# new, empty database; the server logs the directory's absolute path.
+LEGACY_DATA_DIR = "data"
+DEFAULT_DATA_DIR_TEXT = "$XDG_DATA_HOME/nexus-data, by default ~/.local/share/nexus-data"
 SQLITE_FILE_NAME = "nexus.db"
-DEFAULT_DB_PATH = os.path.join(DEFAULT_DATA_DIR, SQLITE_FILE_NAME)
+
+
+def legacy_data_dir() -> str | None:
+    """data/ under the working directory when it holds a database (absolute), else None."""
+    return os.path.abspath(LEGACY_DATA_DIR) if os.path.isfile(os.path.join(LEGACY_DATA_DIR, SQLITE_FILE_NAME)) else None
+
+
+def default_data_dir(env: Mapping[str, str] | None = None) -> str:
+    """The data directory when NEXUS_DATA_DIR is not set (absolute)."""
+    env = os.environ if env is None else env
+    legacy = legacy_data_dir()
+    if legacy is not None:
+        return legacy
+    base = env.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(base):  # (the XDG rule: a relative value is ignored)
+        base = os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "nexus-data")
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{os.path.join(default_data_dir(), SQLITE_FILE_NAME)}"
 # The databases the service runs on: URL backend name -> what to call it.
 SUPPORTED_BACKENDS = {"postgresql": "PostgreSQL (postgresql+psycopg2://...)", "sqlite": "SQLite (sqlite:///path)"}
 # The one driver of each (the engine's SQL, its bulk paths and its error translation are theirs).
@@ -109,7 +132,7 @@ def _refuse_empty(env: Mapping[str, str], names: Mapping[str, str]) -> None:
         ("DATABASE_URL", "unset it for SQLite in NEXUS_DATA_DIR"),
         ("DB_HOST", "unset it for SQLite in NEXUS_DATA_DIR"),
         ("DB_PATH", "unset it for nexus.db in NEXUS_DATA_DIR"),
-        ("NEXUS_DATA_DIR", f"unset it for {DEFAULT_DATA_DIR} under the working directory"),
+        ("NEXUS_DATA_DIR", f"unset it for the default, {DEFAULT_DATA_DIR_TEXT}"),
     ):
         if variable in env and not env[variable].strip():
             raise ConfigError(f"{setting_name(variable, names)} is set but empty: give it a value, or {instead}")
@@ -153,7 +176,7 @@ def database_url_from_env(env: Mapping[str, str], names: Mapping[str, str] | Non
             port=_port(env.get("DB_PORT", "5432"), names),
             database=env.get("DB_NAME", "nexus"),
         ).render_as_string(hide_password=False)
-    return f"sqlite:///{env.get('DB_PATH') or os.path.join(env.get('NEXUS_DATA_DIR') or DEFAULT_DATA_DIR, SQLITE_FILE_NAME)}"
+    return f"sqlite:///{env.get('DB_PATH') or os.path.join(env.get('NEXUS_DATA_DIR') or default_data_dir(env), SQLITE_FILE_NAME)}"
 
 
 class ConfigError(ValueError):
@@ -269,7 +292,7 @@ def check_settings(config: Config) -> None:
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
     if config.data_dir is not None and not config.data_dir.strip():
-        raise ConfigError(f"NEXUS_DATA_DIR must be a directory path (unset it for the default, {DEFAULT_DATA_DIR} under the working directory)")
+        raise ConfigError(f"NEXUS_DATA_DIR must be a directory path (unset it for the default, {DEFAULT_DATA_DIR_TEXT})")
     if config.log_format not in LOG_FORMATS:
         raise ConfigError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {config.log_format!r}")
     if config.access_log not in ACCESS_LOG_MODES:
@@ -298,7 +321,10 @@ def check_credential_settings(config: Config) -> None:
 
 @dataclass(frozen=True)
 class Config:
-    database_url: str = f"sqlite:///{DEFAULT_DB_PATH}"
+    database_url: str = field(default_factory=default_database_url)
+    # The data directory when NEXUS_DATA_DIR is not set (default_data_dir of the environment the
+    # configuration was read from).
+    home_data_dir: str = field(default_factory=default_data_dir, compare=False)
     # Where database_url came from (a variable, or --database-url), for the messages about it.
     database_setting: str = field(default="DATABASE_URL", compare=False)
     # How long the first connection to PostgreSQL is retried at start (it may start after us).
@@ -394,12 +420,12 @@ class Config:
     @property
     def data_path(self) -> str:
         """The data directory, absolute: NEXUS_DATA_DIR, else the SQLite file's directory (by
-        default data/ under the working directory, where its nexus.db is), else data/ under
-        the working directory (PostgreSQL, whose data is elsewhere)."""
+        default the default data directory, where its nexus.db is), else the default data
+        directory (PostgreSQL, whose data is elsewhere)."""
         if self.data_dir:
             return os.path.abspath(self.data_dir)
         sqlite = self.sqlite_path
-        return os.path.dirname(sqlite) if sqlite else os.path.abspath(DEFAULT_DATA_DIR)
+        return os.path.dirname(sqlite) if sqlite else self.home_data_dir
 
     @property
     def blob_path(self) -> str:
@@ -440,6 +466,7 @@ class Config:
             tls_key=env.get("NEXUS_TLS_KEY") or None,
             tls_client_ca=env.get("NEXUS_TLS_CLIENT_CA") or None,
         )
+        values["home_data_dir"] = default_data_dir(env)
         if "NEXUS_DATA_DIR" in env:
             values["data_dir"] = env["NEXUS_DATA_DIR"]
         if "NEXUS_BLOB_DIR" in env:

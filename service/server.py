@@ -31,7 +31,7 @@ from db.unit import SESSION_READ
 from service import __version__, metrics, policy, reflection
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.chat import ChatService
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, legacy_data_dir
 from service.ai import AIService
 from service.files import FileService
 from service.identity import IdentityService
@@ -460,6 +460,12 @@ def hand_out_admin_key(config: Config, bootstrap_secret: str) -> None:
 def _log_places(config: Config) -> None:
     """Where the data is, absolute: the data directory, the SQLite file, the blob store."""
     sqlite = config.sqlite_path
+    if config.data_dir is None and config.data_path == legacy_data_dir():
+        log.warning(
+            "using the data directory %s because it holds nexus.db (where the service kept its data before "
+            "NEXUS_DATA_DIR existed): set NEXUS_DATA_DIR=%s to keep it from any working directory",
+            config.data_path, config.data_path,
+        )
     log.info(
         "data directory %s (NEXUS_DATA_DIR): %s, blob store %s", config.data_path,
         f"SQLite file {sqlite}" if sqlite else f"database at {make_url(config.database_url).render_as_string(hide_password=True)}",

@@ -409,10 +409,11 @@ def test_every_documented_grpcurl_command_runs(database_url: str, tmp_path: Path
     server = ServerThread(make_config(database_url)).start()
     c = connect("any", database_url, server)
     # What the examples read: the admin key file the first start writes, and a file to upload.
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "bootstrap-admin-key").write_text(f"NEXUS_ADMIN_KEY={c.admin_secret}\n")
+    # (the default data directory, under this test's directory: XDG_DATA_HOME below)
+    (tmp_path / "xdg" / "nexus-data").mkdir(parents=True)
+    (tmp_path / "xdg" / "nexus-data" / "bootstrap-admin-key").write_text(f"NEXUS_ADMIN_KEY={c.admin_secret}\n")
     (tmp_path / "hello.txt").write_text("hello, grpcurl\n")
-    env = {**os.environ, "PATH": f"{GRPCURL.parent}{os.pathsep}{os.environ['PATH']}", "KEY": c.admin_secret}
+    env = {**os.environ, "PATH": f"{GRPCURL.parent}{os.pathsep}{os.environ['PATH']}", "KEY": c.admin_secret, "XDG_DATA_HOME": str(tmp_path / "xdg")}
     # The placeholders no example makes: made here.
     other = c.identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(username=unique("other"), email=f"{unique('o')}@example.com")))
     channel = c.chat.CreateChannel(cpb.CreateChannelRequest(channel=cpb.Channel(name=f"channel {unique()}")))

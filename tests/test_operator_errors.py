@@ -40,7 +40,13 @@ BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NEXUS_HASH_TIME_CO
 
 
 def run(args: list[str], cwd: Path, timeout: float = 90, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([NEXUS_DATA, *args], cwd=cwd, env={**BASE_ENV, **env}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([NEXUS_DATA, *args], cwd=cwd, env={**BASE_ENV, **default_home(cwd), **env}, capture_output=True, text=True, timeout=timeout)
+
+
+def default_home(cwd: Path) -> dict[str, str]:
+    """The default data directory's parent, under the test's directory: the default data
+    directory is then cwd/xdg/nexus-data (nothing written outside the test's directory)."""
+    return {"XDG_DATA_HOME": str(cwd / "xdg")}
 
 
 def one_line(done: subprocess.CompletedProcess[str], status: int, *names: str) -> str:
@@ -95,7 +101,7 @@ class Serving:
 
     def __init__(self, cwd: Path, *args: str, **env: str) -> None:
         self.process = subprocess.Popen(
-            [NEXUS_DATA, "serve", *args], cwd=cwd, env={**BASE_ENV, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            [NEXUS_DATA, "serve", *args], cwd=cwd, env={**BASE_ENV, **default_home(cwd), **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -164,7 +170,7 @@ def test_an_unreachable_postgres_is_waited_for_then_one_line_exit_3(tmp_path: Pa
     waits = [w for w in done.stderr.splitlines() if "does not answer" in w and "trying again" in w]
     assert len(waits) >= 2, done.stderr  # each wait logged (0.25 s, then 0.5 s, then what is left)
     assert "secret-pw" not in done.stderr
-    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "xdg").exists()
 
 
 def test_the_pauses_between_tries_double_up_to_a_cap() -> None:
@@ -344,14 +350,14 @@ def test_with_json_logs_the_one_line_is_a_json_line(tmp_path: Path) -> None:
 def test_a_missing_tls_flag_file_names_the_flag(tmp_path: Path) -> None:
     done = run(["serve", "--tls-cert", "cert.pem", "--tls-key", "key.pem"], tmp_path)
     one_line(done, EXIT_BAD_SETTING, "--tls-key", "key.pem")
-    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "xdg").exists()
 
 
 def test_a_missing_jwt_public_key_file_names_its_setting(tmp_path: Path) -> None:
     done = run(["serve", "--port", "0"], tmp_path, NEXUS_JWT_RS256_PUBLIC_KEY_FILE=str(tmp_path / "jwt.pub"),
                NEXUS_JWT_ISSUER="i", NEXUS_JWT_AUDIENCE="a")
     one_line(done, EXIT_BAD_SETTING, "NEXUS_JWT_RS256_PUBLIC_KEY_FILE", "jwt.pub")
-    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "xdg").exists()
 
 
 # ------------------------------------------------------------------ keys create
@@ -431,12 +437,12 @@ def test_the_data_directory_of_postgres_holds_the_blobs_and_first_key(tmp_path: 
 @pytest.mark.parametrize(
     "env, database, blobs",
     [
-        ({}, "data/nexus.db", "data/blobs"),  # the default: data/ under the working directory
+        ({"XDG_DATA_HOME": "/home/u/.data"}, "/home/u/.data/nexus-data/nexus.db", "/home/u/.data/nexus-data/blobs"),  # the default
         ({"NEXUS_DATA_DIR": "/srv/nexus"}, "/srv/nexus/nexus.db", "/srv/nexus/blobs"),
         ({"DB_PATH": "/var/lib/x/app.db"}, "/var/lib/x/app.db", "/var/lib/x/blobs"),  # as before: beside it
         ({"DB_PATH": "/var/lib/x/app.db", "NEXUS_DATA_DIR": "/srv/nexus"}, "/var/lib/x/app.db", "/srv/nexus/blobs"),
         ({"NEXUS_DATA_DIR": "/srv/nexus", "NEXUS_BLOB_DIR": "/mnt/blobs"}, "/srv/nexus/nexus.db", "/mnt/blobs"),
-        ({"DATABASE_URL": "postgresql://db/nexus"}, None, "data/blobs"),
+        ({"DATABASE_URL": "postgresql://db/nexus", "XDG_DATA_HOME": "/home/u/.data"}, None, "/home/u/.data/nexus-data/blobs"),
         ({"DATABASE_URL": "postgresql://db/nexus", "NEXUS_DATA_DIR": "/srv/nexus"}, None, "/srv/nexus/blobs"),
     ],
 )
@@ -444,3 +450,37 @@ def test_where_the_data_goes(env: dict[str, str], database: str | None, blobs: s
     config = Config.from_env(env)
     assert config.sqlite_path == (os.path.abspath(database) if database else None)
     assert config.blob_path == os.path.abspath(blobs)
+
+
+def test_the_default_data_directory_is_the_users_from_any_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, the data directory is $XDG_DATA_HOME/nexus-data (a relative XDG_DATA_HOME is
+    ignored, as the XDG rules say), else ~/.local/share/nexus-data, whatever the working
+    directory; a data/nexus.db under the working directory (where the data was kept before the
+    setting existed) is used instead, so an upgrade never starts on a new, empty database."""
+    monkeypatch.chdir(tmp_path)
+    home = str(tmp_path / "home")
+    assert Config.from_env({"HOME": home}).sqlite_path == f"{home}/.local/share/nexus-data/nexus.db"
+    assert Config.from_env({"HOME": home, "XDG_DATA_HOME": "relative"}).sqlite_path == f"{home}/.local/share/nexus-data/nexus.db"
+    assert Config.from_env({"HOME": home, "XDG_DATA_HOME": "/x"}).blob_path == "/x/nexus-data/blobs"
+    (tmp_path / "data").mkdir()
+    assert Config.from_env({"HOME": home}).sqlite_path == f"{home}/.local/share/nexus-data/nexus.db"  # an empty data/ is not one
+    (tmp_path / "data" / "nexus.db").write_bytes(b"")
+    legacy = Config.from_env({"HOME": home})
+    assert (legacy.sqlite_path, legacy.data_path) == (str(tmp_path / "data" / "nexus.db"), str(tmp_path / "data"))
+    assert Config.from_env({"HOME": home, "NEXUS_DATA_DIR": "/srv/n"}).sqlite_path == "/srv/n/nexus.db"
+
+
+def test_a_server_on_the_old_data_directory_says_how_to_keep_it(tmp_path: Path) -> None:
+    """Started where data/nexus.db is (a directory made before NEXUS_DATA_DIR existed): it serves
+    that database, and a warning names the setting to keep it from anywhere."""
+    first = run(["migrate"], tmp_path, DB_PATH="data/nexus.db")
+    assert first.returncode == 0, first.stderr[-1500:]
+    port = free_port()
+    server = Serving(tmp_path, NEXUS_PORT=str(port), NEXUS_HOST="127.0.0.1")
+    try:
+        warning = server.wait_for_line("because it holds nexus.db")
+        assert f"NEXUS_DATA_DIR={tmp_path / 'data'}" in warning
+        server.wait_for_line("serving on")
+    finally:
+        server.stop()
+    assert not (tmp_path / "xdg").exists()

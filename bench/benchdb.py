@@ -24,11 +24,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 NEXUS_DATA = str(REPO / ".venv" / "bin" / "nexus-data")
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+PG: dict[str, Any] = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}  # psycopg2.connect's keywords
 UTC = dt.UTC
 
 # Words for titles and descriptions: no English stop words, so both engines index all of them.
-VOCABULARY = (
+_WORDS = (
     "deploy database migration schema index cache queue worker scheduler backup restore replica "
     "shard cluster gateway proxy router endpoint payload token session cookie header upload "
     "download invoice payment refund customer account profile avatar dashboard report export "
@@ -45,7 +45,7 @@ VOCABULARY = (
     "parcel courier route fleet garage engine tyre battery charger solar turbine pump valve "
     "boiler heater cooler fridge oven kettle blender mixer grinder roaster espresso"
 ).split()
-VOCABULARY = tuple(dict.fromkeys(VOCABULARY))
+VOCABULARY = tuple(dict.fromkeys(_WORDS))
 TAGS = ("backend", "frontend", "infra", "design", "ops", "data", "mobile", "billing", "security", "docs")
 # Status mix of seeded tasks: 40 % todo, the filter ListTasks uses.
 STATUS_CYCLE = ("todo", "todo", "in_progress", "done", "todo", "review", "done", "todo", "in_progress", "blocked")

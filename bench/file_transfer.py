@@ -92,7 +92,7 @@ async def serve_floor(port: int, directory: Path, hashing: bool) -> None:
                 yield fpb.DownloadFileResponse(chunk=chunk, offset=offset)
                 offset += len(chunk)
 
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "UploadFile": grpc.stream_unary_rpc_method_handler(
             upload, request_deserializer=fpb.UploadFileRequest.FromString, response_serializer=fpb.File.SerializeToString),
         "DownloadFile": grpc.unary_stream_rpc_method_handler(

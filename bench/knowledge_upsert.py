@@ -173,7 +173,8 @@ def bench_dialect(dialect: str, args: argparse.Namespace, work: Path) -> list[di
             for round_no in range(args.rounds):
                 sides = list(SIDES) if round_no % 2 == 0 else list(reversed(SIDES))
                 for side in sides:
-                    source, known = f"{side}-{round_no}", {}
+                    source = f"{side}-{round_no}"
+                    known: dict[str, Any] = {}
                     for phase, version in (("insert", 1), ("replace", 2)):
                         rows = chunks(source, args.rows, version, random.Random(f"{round_no}-{version}"))
                         batches = [rows[i:i + args.batch] for i in range(0, len(rows), args.batch)]

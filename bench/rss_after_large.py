@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import asyncio  # noqa: E402
 
 import grpc  # noqa: E402
-from google.protobuf import struct_pb2  # noqa: E402
+from google.protobuf import field_mask_pb2, struct_pb2  # noqa: E402
 from nexus.chat.v1 import chat_pb2 as cpb  # noqa: E402
 from nexus.chat.v1 import chat_pb2_grpc  # noqa: E402
 from nexus.identity.v1 import identity_pb2 as ipb  # noqa: E402
@@ -90,7 +90,7 @@ class Load:
         message = cpb.ChatMessage(channel_id=self.channel_id, content=text(i), attachments=attachments())
         made = self.chat.CreateChatMessage(cpb.CreateChatMessageRequest(chat_message=message), **md)
         patch = cpb.ChatMessage(id=made.id, content=text(i + 1))
-        total += message.ByteSize() + self.chat.UpdateChatMessage(cpb.UpdateChatMessageRequest(chat_message=patch, update_mask={"paths": ["content"]}), **md).ByteSize()
+        total += message.ByteSize() + self.chat.UpdateChatMessage(cpb.UpdateChatMessageRequest(chat_message=patch, update_mask=field_mask_pb2.FieldMask(paths=["content"])), **md).ByteSize()
         said = cpb.ConversationMessage(conversation_id=self.conversation_id, sender_type=cpb.SENDER_TYPE_ASSISTANT, content=text(i), role_metadata=struct_of(JSON_BYTES))
         total += self.chat.CreateConversationMessage(cpb.CreateConversationMessageRequest(conversation_message=said), **md).ByteSize()
         tasks = [wpb.CreateTaskRequest(task=wpb.Task(project_id=self.project_id, title=f"task {i}.{k}", description=text(i * 1000 + k))) for k in range(200)]
@@ -164,7 +164,7 @@ def run_case(db: str, env_extra: dict[str, str], args: argparse.Namespace, work:
 
 
 def parse_env(items: list[str]) -> list[dict[str, str]]:
-    variants = []
+    variants: list[dict[str, str]] = []
     for item in items or ["-"]:
         if item == "-":
             variants.append({})

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from sqlalchemy import JSON, CheckConstraint, Column, DateTime, ForeignKey, Index, Integer, MetaData, Numeric, String, Table, TypeDecorator, Uuid
 from sqlalchemy.dialects import postgresql
@@ -157,6 +157,9 @@ short_text = Annotated[str, mapped_column(String(255), nullable=False)]
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    # Every model is mapped to a Table of its own (none to a join or a select), which
+    # DeclarativeBase types as the FromClause any mapping could have.
+    __table__: ClassVar[Table]
 
 
 class ResourceMixin:

@@ -8,6 +8,7 @@ killed upload left behind are what `sweep` removes (older than an hour, so never
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -140,14 +141,15 @@ class BlobStore:
                     if SHA256_HEX.match(blob.name) and blob.name[:2] == sub.name:
                         yield blob.name
 
-    def stale_temps(self, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    # builtins.list: in the class body below the method `list`, plain `list` names that method.
+    def stale_temps(self, older_than: float = STALE_TEMP_SECONDS) -> builtins.list[Path]:
         """Temporary files no upload has touched for older_than seconds."""
         if not self.root.is_dir():
             return []
         cutoff = time.time() - older_than
         return sorted(p for p in self.root.glob(TEMP_PREFIX + "*") if p.stat().st_mtime < cutoff)
 
-    def temps(self) -> list[Path]:
+    def temps(self) -> builtins.list[Path]:
         """Every temporary file, live uploads' too."""
         return self.stale_temps(older_than=-1e12)
 

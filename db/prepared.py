@@ -17,10 +17,12 @@ or reading.RelationLoader parses, a row or none at all).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import DBAPIError, ResourceClosedError
 
 
 # True while statements are traced (service/telemetry.py): every prepared statement then goes
@@ -29,12 +31,22 @@ from sqlalchemy.exc import DBAPIError
 through_sqlalchemy = False
 
 
-def run_on_cursor(conn: Connection, sql: str, params: Any, many: bool = False) -> tuple[Any, list[Any]]:
+def driver_connection(conn: Connection) -> DBAPIConnection:
+    """conn's DBAPI connection. Connection.connection reconnects an invalidated Connection (or
+    raises), so its pooled connection has one; None is a pooled connection invalidated behind the
+    Connection's back, which is closed."""
+    dbapi_conn = conn.connection.dbapi_connection
+    if dbapi_conn is None:
+        raise ResourceClosedError("the pooled connection was invalidated: it has no DBAPI connection")
+    return dbapi_conn
+
+
+def run_on_cursor(conn: Connection, sql: str, params: Any, many: bool = False) -> tuple[Any, Sequence[Any]]:
     """Execute sql with params (many: a list of parameter sets, by executemany) on conn's DBAPI
     cursor: (cursor.description, rows); errors wrapped and lost connections invalidated as
     SQLAlchemy's own execution does it."""
     dialect = conn.dialect
-    dbapi_conn = conn.connection.dbapi_connection
+    dbapi_conn = driver_connection(conn)
     cursor = dbapi_conn.cursor()
     try:
         if many:
@@ -91,7 +103,7 @@ class Prepared:
         bound = [tuple(row[key] if process is None else process(row[key]) for key, process in columns) for row in rows]
         run_on_cursor(conn, self.sql, bound, many=True)
 
-    def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
+    def rows(self, conn: Connection, params: dict[str, Any]) -> Sequence[Any]:
         """The statement's rows (or [] for none) for params, which must name every parameter."""
         if params.keys() != self.names:
             raise KeyError(f"parameters {sorted(params.keys() ^ self.names)} do not match the statement's")
@@ -99,17 +111,16 @@ class Prepared:
             result = conn.execute(self.stmt, params)
             return result.all() if result.returns_rows else []
         processors = self.processors
-        bound = {name: (processors[name](value) if name in processors else value) for name, value in params.items()}
-        if self.positional is not None:
-            bound = tuple(bound[name] for name in self.positional)  # type: ignore[assignment]
+        named = {name: (processors[name](value) if name in processors else value) for name, value in params.items()}
+        bound: dict[str, Any] | tuple[Any, ...] = named if self.positional is None else tuple(named[name] for name in self.positional)
         description, rows = run_on_cursor(conn, self.sql, bound)
         if self.types is None:
             return rows
         if self._result_processors is None:
             codes = [d[1] for d in description]
-            processors = [t.result_processor(self.dialect, code) for t, code in zip(self.types, codes, strict=True)]
+            by_column = [t.result_processor(self.dialect, code) for t, code in zip(self.types, codes, strict=True)]
             # Only the columns that have one (timestamps, decimals…): most values pass as they are.
-            self._result_processors = tuple((i, p) for i, p in enumerate(processors) if p is not None)
+            self._result_processors = tuple((i, p) for i, p in enumerate(by_column) if p is not None)
         result_processors = self._result_processors
         if not result_processors:
             return rows

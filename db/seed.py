@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
 from nexus.ai.v1 import ai_pb2 as apb
 from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.common.v1 import common_pb2
@@ -753,7 +753,7 @@ def _channel_plan(
     return ChannelPlan(message, project, members, _chat_lines(rng, members, users, per_channel))
 
 
-def _turn(sender: int, content: str, metadata: dict[str, Any] | None) -> cpb.ConversationMessage:
+def _turn(sender: cpb.SenderType.ValueType, content: str, metadata: dict[str, Any] | None) -> cpb.ConversationMessage:
     turn = cpb.ConversationMessage(sender_type=sender, content=content)
     if metadata:
         turn.role_metadata.CopyFrom(_struct(metadata))
@@ -1134,7 +1134,7 @@ def _document_steps(plans: Sequence[DocumentPlan]) -> list[Step]:
     def edit(d: int, change: DocumentEdit) -> Step:
         def run(session: Session, call: Call, ids: Ids) -> None:
             document = kpb.Document(id=ids[("document", d)], title=change.title, content=change.content)
-            request = kpb.UpdateDocumentRequest(document=document, update_mask={"paths": list(change.paths)})
+            request = kpb.UpdateDocumentRequest(document=document, update_mask=field_mask_pb2.FieldMask(paths=list(change.paths)))
             writes.update(session, DOCUMENTS, request, _acting_for(call, ids, change.editor))
 
         return Step("document_versions", run)  # the state it leaves
@@ -1241,10 +1241,10 @@ def _job_steps(rng: random.Random, users: Sequence[UserPlan], analyses: int, gen
     for a in range(analyses):
         owner, status = rng.choice(active), JOB_FINISHES[a] if a < 4 else rng.choice(JOB_FINISHES)
         topic = rng.choice(ANALYSIS_TOPICS)
-        message = apb.DataAnalysis(title=f"{topic.capitalize()} ({a + 1})", analysis_type=rng.choice(ANALYSIS_TYPES),
+        analysis = apb.DataAnalysis(title=f"{topic.capitalize()} ({a + 1})", analysis_type=rng.choice(ANALYSIS_TYPES),
                                    parameters=_struct({"period_days": rng.choice((7, 30, 90)), "segment": rng.choice(("all", "paid", "trial"))}))
         rows = [f"{topic.replace(' ', '_')},{rng.randint(1, 500)}" for _ in range(rng.randint(3, 8))]
-        steps += _job_lifecycle(("analysis", a), ai_jobs.DATA_ANALYSES, message, owner, status, rng,
+        steps += _job_lifecycle(("analysis", a), ai_jobs.DATA_ANALYSES, analysis, owner, status, rng,
                                 {"result": _struct({"rows": len(rows), "mean": round(rng.uniform(1, 500), 2)})})
         if blobs is not None:
             steps.append(_analysis_file(("analysis", a), owner, blobs, f"{topic} input.csv", "\n".join(rows).encode(), "input"))
@@ -1253,9 +1253,9 @@ def _job_steps(rng: random.Random, users: Sequence[UserPlan], analyses: int, gen
     for g in range(generations):
         owner, status = rng.choice(active), JOB_FINISHES[g] if g < 4 else rng.choice(JOB_FINISHES)
         tool_type, prompt = rng.choice(TOOL_PROMPTS)
-        message = apb.ToolGeneration(prompt=f"Write {prompt}", tool_type=tool_type, specification=_struct({"tests": rng.random() < 0.5}))
+        generation = apb.ToolGeneration(prompt=f"Write {prompt}", tool_type=tool_type, specification=_struct({"tests": rng.random() < 0.5}))
         code = f"# {prompt}\ndef run(data):\n    return data\n"
-        steps += _job_lifecycle(("generation", g), ai_jobs.TOOL_GENERATIONS, message, owner, status, rng,
+        steps += _job_lifecycle(("generation", g), ai_jobs.TOOL_GENERATIONS, generation, owner, status, rng,
                                 {"generated_code": code, "output": "1 function, 3 lines"})
     return steps
 
@@ -1316,7 +1316,7 @@ def _execute(database: Database, steps: Sequence[Step], progress: bool) -> dict[
             batch = steps[start : start + BATCH_STEPS]
             done_before = bar.n
 
-            def work_batch(session: Session, batch: Sequence[Step] = batch, done_before: int = done_before) -> list[str]:
+            def work_batch(session: Session, batch: Sequence[Step] = batch, done_before: float = done_before) -> list[str]:
                 bar.n = done_before  # a retried transaction starts its rows again
                 kinds = []
                 for step in batch:

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from db import errors
+from db.prepared import driver_connection
 from db.translate import settled
 
 # Connection.info key: the statement_timeout (ms) the pooled connection is known to have.
@@ -65,7 +66,7 @@ def busy_timeout(conn: Connection, until: float | None, most_ms: int) -> None:
         wanted = min(wanted, timeout_step(_ms_left(until)))
     info = conn.info
     if info.get(BUSY_TIMEOUT_KEY, most_ms) != wanted:
-        conn.connection.dbapi_connection.execute(f"PRAGMA busy_timeout={int(wanted)}")
+        driver_connection(conn).execute(f"PRAGMA busy_timeout={int(wanted)}")
         info[BUSY_TIMEOUT_KEY] = wanted
 
 def statement_timeout(conn: Connection, until: float | None, record: bool = False) -> tuple[dict[Any, Any], int] | None:

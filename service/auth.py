@@ -278,8 +278,9 @@ class Authenticator:
     async def _check(self, token: str, earlier: _Known | None, peer: Callable[[], str]) -> _Known:
         if token.startswith("nx_") and "." in token:
             known = await self._check_key(token, earlier, peer)
-            if known.principal is not None and (known.last_used is None or utcnow() - known.last_used > self.last_used_resolution):
-                self._stamps.note(known.principal.actor_id)
+            key_id = known.principal.actor_id if known.principal is not None else None
+            if key_id is not None and (known.last_used is None or utcnow() - known.last_used > self.last_used_resolution):
+                self._stamps.note(key_id)
             return known
         if self.jwt.enabled and token.count(".") == 2:
             return await self._check_jwt(token)
@@ -314,8 +315,12 @@ class Authenticator:
 
     async def _check_jwt(self, token: str) -> _Known:
         now = time.monotonic()
-        key = self.jwt.hs256_secret or self.jwt.rs256_public_key
-        algorithm = "HS256" if self.jwt.hs256_secret else "RS256"
+        if self.jwt.hs256_secret:
+            key, algorithm = self.jwt.hs256_secret, "HS256"
+        elif self.jwt.rs256_public_key:
+            key, algorithm = self.jwt.rs256_public_key, "RS256"
+        else:  # _check sends a token here only when one is set (JwtSettings.enabled)
+            return _Known(None, "the credentials are not a valid API key or JWT", None, now)
         required = ["exp", "iat", "sub", *(["iss"] if self.jwt.issuer else []), *(["aud"] if self.jwt.audience else [])]
         try:
             claims = jwt.decode(

@@ -31,7 +31,10 @@ class ChatService(DomainServicer, chat_pb2_grpc.ChatServiceServicer):
     ) -> pb.Conversation:
         return await self.run(context, lambda s: chat.archive_conversation(s, request), resource_type="Conversation")
 
-    async def StreamEvents(
+    # Yields messages serialized already (service/streams.py, Offered), which the generated
+    # servicer's type leaves out: the stream's serializer passes bytes through
+    # (service/interceptors.py, _bytes_or).
+    async def StreamEvents(  # type: ignore[override]
         self, request: pb.StreamEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamEventsResponse | bytes]:
         heartbeat = request.heartbeat_seconds

@@ -1,4 +1,4 @@
-"""`nexus-data`: serve, migrate, seed, check-schema, keys, blobs, policy."""
+"""`nexus-data`: serve, migrate, seed, check-schema, keys, blobs, search, policy."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from db.errors import NexusError
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, log_setting_warnings
 
 
 # Exit statuses: 0 done; 1 refused by the service, or a check that found something (check-schema,
@@ -42,6 +42,8 @@ def _config(args: argparse.Namespace) -> Config:
         overrides[name] = getattr(args, name, None)
     config = Config.from_env(**overrides)
     args.config = config  # for the message of a failure (main)
+    if args.command != "serve":  # serve logs them once its logging is set up
+        log_setting_warnings(config)
     return config
 
 
@@ -51,6 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     configure_logging(config.log_level, config.log_format)
+    log_setting_warnings(config)
     if config.workers > 1:
         return serve_workers(config)
     asyncio.run(serve(config))
@@ -337,6 +340,42 @@ def _blobs_sweep(args: argparse.Namespace) -> int:
     return _on_the_database("blobs sweep", config, work)
 
 
+def searchable_resources() -> list[Any]:
+    """Every resource with full-text search (its ResourceSpec), by name."""
+    import db.domains  # noqa: F401 - every resource in the registry
+    from db.engine.resource import REGISTRY
+
+    return sorted((spec for spec in REGISTRY if spec.searchable), key=lambda spec: spec.name)
+
+
+def _search_rebuild(args: argparse.Namespace) -> int:
+    """The search index of every searchable resource (or of --resource) built afresh from its
+    table; one line per resource with its rows, then the totals."""
+    from db import migrate
+    from db.engine.search import rebuild_index
+
+    specs = searchable_resources()
+    if args.resource:
+        wanted = args.resource.strip().lower()
+        specs = [spec for spec in specs if wanted in (spec.name.lower(), spec.plural.lower(), spec.table.name.lower())]
+        if not specs:
+            names = ", ".join(spec.name for spec in searchable_resources())
+            print(f"nexus-data search rebuild: --resource: {args.resource!r} is not a searchable resource (one of: {names})", file=sys.stderr)
+            return EXIT_BAD_SETTING
+
+    def work(database: Any) -> int:
+        migrate.check(database.engine)
+        total = 0
+        for spec in specs:
+            done = rebuild_index(database.engine, spec.table.name, spec.search_fields)
+            total += done.rows
+            print(f"{spec.name}: {done.rows} rows indexed ({done.index} {done.action})", flush=True)
+        print(f"search index rebuilt for {len(specs)} resource{'s' if len(specs) != 1 else ''}, {total} rows")
+        return 0
+
+    return _on_the_database("search rebuild", _config(args), work)
+
+
 class _Parser(argparse.ArgumentParser):
     """A wrong flag or argument is one line (which, and where the help is), exit status 2, not
     the usage text with the error at its end."""
@@ -400,6 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     sweep.set_defaults(func=_blobs_sweep)
 
+    search = sub.add_parser("search", help="the full-text search indexes")
+    search_sub = search.add_subparsers(dest="search_command", required=True)
+    rebuild = search_sub.add_parser(
+        "rebuild", help="build the search index of every searchable resource afresh from its rows (after a VACUUM, a restore, a damaged index)"
+    )
+    common(rebuild)
+    rebuild.add_argument("--resource", help="only this resource (its name, e.g. Task, or its table, e.g. tasks)")
+    rebuild.set_defaults(func=_search_rebuild)
+
     seed = sub.add_parser("seed", help="fill the database with realistic sample data")
     common(seed)
     seed.add_argument("--users", type=int, default=50)
@@ -461,7 +509,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentPa
 
 
 def _command_words(args: argparse.Namespace) -> list[str]:
-    return [word for word in (args.command, getattr(args, "keys_command", None), getattr(args, "blobs_command", None)) if word]
+    subcommands = (getattr(args, name, None) for name in ("keys_command", "blobs_command", "search_command"))
+    return [word for word in (args.command, *subcommands) if word]
 
 
 if __name__ == "__main__":

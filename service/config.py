@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,13 +34,74 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def _port(raw: str) -> int:
+# The earlier layers' names of settings the service has under another name: earlier name ->
+# ours. An earlier name is read as ours (with a warning that names both); ours wins when both
+# are set; a wrong value is refused as ours would be, naming the earlier name.
+ALIASES: dict[str, str] = {
+    "DATABASE_HOST": "DB_HOST",
+    "DATABASE_PORT": "DB_PORT",
+    "DATABASE_NAME": "DB_NAME",
+    "DATABASE_USER": "DB_USER",
+    "DATABASE_PASSWORD": "DB_PASSWORD",
+    "POOL_SIZE": "DB_POOL_SIZE",
+    "MAX_OVERFLOW": "DB_MAX_OVERFLOW",
+    "POOL_TIMEOUT": "DB_POOL_TIMEOUT",
+    "POOL_RECYCLE": "DB_POOL_RECYCLE",
+    "SQL_ECHO": "DB_ECHO",
+}
+# The earlier layers' settings with no counterpart here: name -> why it is ignored (warned
+# about at start, never silently).
+IGNORED_SETTINGS: dict[str, str] = {
+    name: "the service uses no Redis: it caches nothing outside its database"
+    for name in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_DB")
+}
+# The PostgreSQL settings DATABASE_URL wins over.
+_DB_PARTS = ("DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD")
+_log = logging.getLogger("nexus.config")
+
+
+def resolve_aliases(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str], tuple[str, ...]]:
+    """(the environment with each earlier name's value under our name, our name -> the earlier
+    name it was read from, the warnings to log: one per earlier or ignored name that is set)."""
+    resolved = dict(env)
+    names: dict[str, str] = {}
+    warnings: list[str] = []
+    for alias, ours in ALIASES.items():
+        if alias not in env:
+            continue
+        if env.get(ours, "").strip():
+            warnings.append(f"{alias} is ignored: {ours} is set too and wins ({alias} is the earlier name of {ours})")
+        elif ours in _DB_PARTS and env.get("DATABASE_URL", "").strip():
+            warnings.append(f"{alias} is ignored: DATABASE_URL is set and wins ({alias} is the earlier name of {ours})")
+        else:
+            resolved[ours] = env[alias]
+            names[ours] = alias
+            warnings.append(f"{alias} is the earlier name of {ours}: its value is used as {ours}; rename it to {ours}")
+    for name, why in IGNORED_SETTINGS.items():
+        if name in env:
+            warnings.append(f"{name} is ignored: {why}")
+    return resolved, names, tuple(warnings)
+
+
+def setting_name(variable: str, names: Mapping[str, str]) -> str:
+    """How a message names the setting `variable`: by the earlier name it was read from, if so."""
+    alias = names.get(variable)
+    return f"{alias} (the earlier name of {variable})" if alias else variable
+
+
+def log_setting_warnings(config: Config) -> None:
+    """A WARNING line for each earlier name of a setting, and each ignored one, the environment set."""
+    for line in config.setting_warnings:
+        _log.warning("%s", line)
+
+
+def _port(raw: str, names: Mapping[str, str] | None = None) -> int:
     if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
-        raise ConfigError(f"DB_PORT must be a port number (1 to 65535), not {raw!r}")
+        raise ConfigError(f"{setting_name('DB_PORT', names or {})} must be a port number (1 to 65535), not {raw!r}")
     return int(raw)
 
 
-def _refuse_empty(env: Mapping[str, str]) -> None:
+def _refuse_empty(env: Mapping[str, str], names: Mapping[str, str]) -> None:
     """A variable set to nothing (a Kubernetes secret's missing key, `export DATABASE_URL=`) is
     a mistake, never a request for the default: without this check an empty DATABASE_URL or
     DB_HOST would start on a new SQLite file."""
@@ -50,27 +112,31 @@ def _refuse_empty(env: Mapping[str, str]) -> None:
         ("NEXUS_DATA_DIR", f"unset it for {DEFAULT_DATA_DIR} under the working directory"),
     ):
         if variable in env and not env[variable].strip():
-            raise ConfigError(f"{variable} is set but empty: give it a value, or {instead}")
+            raise ConfigError(f"{setting_name(variable, names)} is set but empty: give it a value, or {instead}")
 
 
-def database_setting_from_env(env: Mapping[str, str]) -> str:
+def database_setting_from_env(env: Mapping[str, str], names: Mapping[str, str] | None = None) -> str:
     """The variables the database URL came from, for messages about it."""
     if env.get("DATABASE_URL"):
         return "DATABASE_URL"
     if env.get("DB_HOST"):
+        if names and any(part in names for part in _DB_PARTS):
+            return "/".join(names.get(part, part) for part in ("DB_HOST", "DB_PORT", "DB_NAME", "DB_USER"))
         return "DB_HOST/DB_PORT/DB_NAME/DB_USER"
     if env.get("DB_PATH"):
         return "DB_PATH"
     return "NEXUS_DATA_DIR" if env.get("NEXUS_DATA_DIR") else "DB_PATH/NEXUS_DATA_DIR"
 
 
-def database_url_from_env(env: Mapping[str, str]) -> str:
+def database_url_from_env(env: Mapping[str, str], names: Mapping[str, str] | None = None) -> str:
     """DATABASE_URL wins; then DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD (PostgreSQL); else DB_PATH
-    (SQLite), by default nexus.db in NEXUS_DATA_DIR."""
-    _refuse_empty(env)
+    (SQLite), by default nexus.db in NEXUS_DATA_DIR. names: our name -> the earlier name it was
+    read from (resolve_aliases), for the messages."""
+    names = names or {}
+    _refuse_empty(env, names)
     if env.get("DATABASE_URL"):
         return normalize_url(env["DATABASE_URL"].strip())
-    stray = [name for name in ("DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD") if env.get(name)]
+    stray = [setting_name(name, names) for name in ("DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD") if env.get(name)]
     if stray and not env.get("DB_HOST"):
         raise ConfigError(
             f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} set but DB_HOST is not: DB_HOST is what selects "
@@ -84,7 +150,7 @@ def database_url_from_env(env: Mapping[str, str]) -> str:
             username=env.get("DB_USER", "postgres"),
             password=env.get("DB_PASSWORD") or None,
             host=env["DB_HOST"],
-            port=_port(env.get("DB_PORT", "5432")),
+            port=_port(env.get("DB_PORT", "5432"), names),
             database=env.get("DB_NAME", "nexus"),
         ).render_as_string(hide_password=False)
     return f"sqlite:///{env.get('DB_PATH') or os.path.join(env.get('NEXUS_DATA_DIR') or DEFAULT_DATA_DIR, SQLITE_FILE_NAME)}"
@@ -140,9 +206,10 @@ ACCESS_LOG_MODES = ("all", "errors", "off")
 MIN_HS256_SECRET_BYTES = 32
 
 
-def _parsed(env: Mapping[str, str]) -> dict[str, Any]:
+def _parsed(env: Mapping[str, str], names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The numeric and boolean settings the environment sets, by field; ConfigError naming the
-    variable of one that is not a number (a boolean)."""
+    variable of one that is not a number (a boolean): the earlier name it was read from, if so."""
+    names = names or {}
     values: dict[str, Any] = {}
     for name, (variable, kind, _, _) in NUMBERS.items():
         raw = env.get(variable, "").strip()
@@ -150,7 +217,7 @@ def _parsed(env: Mapping[str, str]) -> dict[str, Any]:
             try:
                 values[name] = kind(raw)
             except ValueError:
-                raise ConfigError(f"{variable}={raw!r} is not {'a whole number' if kind is int else 'a number'}") from None
+                raise ConfigError(f"{setting_name(variable, names)}={raw!r} is not {'a whole number' if kind is int else 'a number'}") from None
     for name, variable in BOOLEANS.items():
         raw = env.get(variable, "").strip().lower()
         if raw in ("1", "true", "yes", "on"):
@@ -158,7 +225,7 @@ def _parsed(env: Mapping[str, str]) -> dict[str, Any]:
         elif raw in ("0", "false", "no", "off"):
             values[name] = False
         elif raw:
-            raise ConfigError(f"{variable}={env[variable]!r} is not true or false")
+            raise ConfigError(f"{setting_name(variable, names)}={env[variable]!r} is not true or false")
     return values
 
 
@@ -196,7 +263,7 @@ def check_settings(config: Config) -> None:
         value = getattr(getattr(config, owner) if owner else config, key)
         if not value >= least or (most is not None and value > most):  # NaN too
             allowed = f"from {least:g} to {most:g}" if most is not None else f"at least {least:g}"
-            raise ConfigError(f"{variable} must be {allowed}, not {value!r}")
+            raise ConfigError(f"{setting_name(variable, config.setting_names)} must be {allowed}, not {value!r}")
     if config.metrics_port and config.metrics_port == config.port:
         raise ConfigError(f"NEXUS_METRICS_PORT must differ from NEXUS_PORT (both are {config.port}): the metrics are served over HTTP on a port of their own")
     if config.log_level not in LOG_LEVELS:
@@ -308,6 +375,10 @@ class Config:
     # stalled uploads hold neither slots of max_concurrent_rpcs nor temporary files for ever.
     upload_idle_seconds: float = 60.0
     max_uploads_per_caller: int = 4
+    # Settings read from the earlier layers' names (our name -> that name), for the messages
+    # about them; and the warnings about earlier or ignored names to log at start.
+    setting_names: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    setting_warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -346,13 +417,15 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
-        env = os.environ if env is None else env
-        parsed = _parsed(env)
+        env, names, warnings = resolve_aliases(os.environ if env is None else env)
+        parsed = _parsed(env, names)
         pool = PoolSettings(**{k.split(".", 1)[1]: v for k, v in parsed.items() if k.startswith("pool.")})
         values: dict[str, Any] = {k: v for k, v in parsed.items() if not k.startswith("pool.")}
         values.update(
-            database_url=database_url_from_env(env),
-            database_setting=database_setting_from_env(env),
+            database_url=database_url_from_env(env, names),
+            database_setting=database_setting_from_env(env, names),
+            setting_names=names,
+            setting_warnings=warnings,
             host=env.get("NEXUS_HOST", cls.host),
             pool=pool,
             log_level=env.get("LOG_LEVEL", cls.log_level).strip().upper(),
@@ -382,6 +455,7 @@ class Config:
     def describe(self) -> dict[str, Any]:
         """Every setting, with the database password masked: safe to log."""
         out = dataclasses.asdict(self)
+        del out["setting_names"], out["setting_warnings"]
         out["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
         if self.jwt_hs256_secret:
             out["jwt_hs256_secret"] = "***"

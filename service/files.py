@@ -115,8 +115,6 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
     def __init__(self, run: Any, hub: Any = None) -> None:
         super().__init__(run, hub)
         self._uploads: collections.Counter[str] = collections.Counter()  # open uploads by caller
-        self._delete = self.DeleteFile
-        self.DeleteFile = self._delete_file  # type: ignore[method-assign]
 
     async def UploadFile(self, request_iterator: AsyncIterator[pb.UploadFileRequest], context: grpc.aio.ServicerContext) -> Any:
         call = self.run.call(context)
@@ -244,7 +242,11 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def DownloadFile(self, request: pb.DownloadFileRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadFileResponse]:
+    # Yields messages serialized already, which the generated servicer's type leaves out: the
+    # stream's serializer passes bytes through (service/interceptors.py, _bytes_or).
+    async def DownloadFile(  # type: ignore[override]
+        self, request: pb.DownloadFileRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadFileResponse | bytes]:
         if request.offset < 0:
             raise errors.InvalidArgument.field("offset", f"{request.offset} is negative")
         if request.limit < 0:
@@ -286,10 +288,10 @@ class FileService(DomainServicer, files_pb2_grpc.FileServiceServicer):
         call = self.run.call(context)
         return await self.run(context, lambda s: files.record_file_download(s, request, call), resource_type="File")
 
-    async def _delete_file(self, request: pb.DeleteFileRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def DeleteFile(self, request: pb.DeleteFileRequest, context: grpc.aio.ServicerContext) -> pb.File:
         """The standard delete; a removal for good of a blob's last row removes the blob, after
         its commit (a failed removal leaves it for the sweep)."""
-        removed = await self._delete(request, context)
+        removed: pb.File = await self.standard["DeleteFile"](request, context)
         if request.force:
             await self._drop_if_unreferenced(context, removed.sha256)
         return removed

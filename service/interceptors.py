@@ -59,7 +59,9 @@ class Gate:
         """A call under way until grpc has sent its answer (not merely until its handler
         returned: a large response is still being written then)."""
         self.calls += 1
-        context.add_done_callback(self._left)
+        # types-grpcio declares the callback's type (_DoneCallback) as a class, not a Protocol
+        # or a Callable, so that no function is one.
+        context.add_done_callback(self._left)  # type: ignore[arg-type]
 
     def _left(self, _: Any) -> None:
         self.calls -= 1
@@ -185,11 +187,21 @@ class CallGuard:
         return guarded
 
 
-def _bytes_or(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    if serialize is None:  # grpc sends what the handler yields as it is: bytes already
+        return None
+
     def serializer(message: Any) -> bytes:
         return message if type(message) is bytes else serialize(message)
 
     return serializer
+
+
+def _aio(behavior: Callable[..., Any]) -> Behavior:
+    """A method handler's behaviour as grpc.aio calls it. types-grpcio types RpcMethodHandler's
+    behaviours for the sync server (a grpc.ServicerContext, iterators); grpc.aio serves the same
+    class with coroutines and async generators that take a grpc.aio.ServicerContext."""
+    return behavior
 
 
 class GuardedRegistration:
@@ -234,13 +246,15 @@ class GuardedRegistration:
         kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             kwargs = guard.watch.counting(**kwargs)
-            return grpc.unary_unary_rpc_method_handler(guard.unary(handler.unary_unary), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(guard.unary(_aio(handler.unary_unary)), **kwargs)
         if handler.unary_stream is not None:
             # A stream may yield messages serialized already (service/streams.py, Offered).
             kwargs["response_serializer"] = _bytes_or(handler.response_serializer)
             kwargs = guard.watch.counting(**kwargs)
-            return grpc.unary_stream_rpc_method_handler(guard.stream(handler.unary_stream), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(guard.stream(_aio(handler.unary_stream)), **kwargs)
         kwargs = guard.watch.counting(**kwargs)
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(guard.unary(handler.stream_unary), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(guard.stream(handler.stream_stream), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(guard.unary(_aio(handler.stream_unary)), **kwargs)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(guard.stream(_aio(handler.stream_stream)), **kwargs)
+        raise TypeError(f"{method}: the method handler has no behaviour")

@@ -83,6 +83,7 @@ def action_for(full_method: str) -> Action:
     """The action of "/pkg.Service/Method" (or "pkg.Service/Method"); KeyError if it has no rule."""
     key = full_method.lstrip("/")
     service, _, method = key.partition("/")
+    action: Action | None
     if key in CUSTOM_METHODS:
         action = CUSTOM_METHODS[key]
     else:

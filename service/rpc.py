@@ -161,12 +161,23 @@ class DomainServicer:
     def __init__(self, run: Runner, hub: Any = None) -> None:
         self.run = run
         self.hub = hub  # the process's ChangeHub, for services that stream
+        # The standard methods' handlers by RPC name; a servicer's own method of the same name
+        # is served instead (and may call its handler here).
+        self.standard: dict[str, Handler] = {}
         for spec in self.resources:
             for rpc_name, handler in standard_handlers(run, spec).items():
-                setattr(self, rpc_name, handler)
+                self.standard[rpc_name] = handler
+                if not self._defines(rpc_name):
+                    setattr(self, rpc_name, handler)
         missing = self.unimplemented()
         if missing:
             raise TypeError(f"{type(self).__name__} does not implement {', '.join(missing)}")
+
+    @classmethod
+    def _defines(cls, name: str) -> bool:
+        """Whether a servicer class (not the generated base, whose methods answer UNIMPLEMENTED)
+        defines the method `name`."""
+        return any(name in vars(klass) for klass in cls.__mro__ if issubclass(klass, DomainServicer))
 
     @classmethod
     def registration(cls) -> Callable[[Any, Any], None]:

@@ -39,7 +39,7 @@ from service.interceptors import Gate, GuardedRegistration
 from service.knowledge import KnowledgeService
 from service.mail import MailService
 from service.memory import MemoryTrimmer
-from service.rpc import Runner, UploadLimits
+from service.rpc import DomainServicer, Runner, UploadLimits
 from service.security import SecurityService
 from service.streams import ChangeHub, HubSettings
 from service import telemetry
@@ -70,7 +70,11 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Every domain service's servicer: one line per domain.
-SERVICERS = (IdentityService, WorkService, ChatService, KnowledgeService, MailService, SecurityService, FileService, AIService)
+# As DomainServicer classes (DomainServicer binds the standard RPCs when an instance is made;
+# test_server checks that every RPC of every service is implemented).
+SERVICERS: tuple[type[DomainServicer], ...] = (
+    IdentityService, WorkService, ChatService, KnowledgeService, MailService, SecurityService, FileService, AIService,
+)
 # (servicer class, registration function, service full name) of each.
 DOMAIN_SERVICES = tuple((cls, cls.registration(), cls.service_descriptor.full_name) for cls in SERVICERS)
 

@@ -6,6 +6,7 @@ The standard methods of Document are covered by the registry-driven suites
 (tests/test_standard_methods.py, test_access_matrix.py, ...) through its sample."""
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,8 @@ from google.protobuf import struct_pb2
 from nexus.knowledge.v1 import knowledge_pb2 as kpb
 from nexus.security.v1 import security_pb2 as spb
 
+from db.domains.documents import DocumentVersion, _of
+from db.engine.rules import EVERY_ROW, NO_ROW
 from tests.conftest import Client, unique
 from tests.support import expect_error, mask
 from tests.test_access import Actor, actor  # noqa: F401 - the fixture
@@ -286,3 +289,13 @@ def test_search_finds_words_of_the_title_first_then_of_the_contents_string_value
     found = owner.c.knowledge.SearchDocuments(kpb.SearchDocumentsRequest(query=word)).results
     assert [r.document.id for r in found] == [titled.id], "the index follows the content"
     assert keyed.id not in [r.document.id for r in found]
+
+
+def test_the_rows_of_documents_a_rule_lets_through_are_every_row_when_it_lets_every_document_through() -> None:
+    """A rule of versions or shares made from a documents' rule (documents._of) adds no
+    condition when that rule adds none (None: every row): `IN (SELECT id ... WHERE NULL)` would
+    let no row through instead."""
+    user_id = uuid.uuid4()
+    assert _of(DocumentVersion.document_id, EVERY_ROW, "all")(user_id, "user") is None
+    limited = _of(DocumentVersion.document_id, NO_ROW, "none")(user_id, "user")
+    assert limited is not None and "document_versions.document_id IN" in str(limited)

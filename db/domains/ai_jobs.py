@@ -118,11 +118,13 @@ OF_OWN_ANALYSES = Rule(_of_own_analyses, "those of their own analyses")
 
 # The status a job's status name stands for in the API, and back ("running" <-> JOB_STATUS_RUNNING).
 _TO_DB, _TO_NUMBER = enum_maps(pb.JobStatus.DESCRIPTOR)
+# A job's message: either resource's.
+Job = pb.DataAnalysis | pb.ToolGeneration
 
 
 def status_name(status: str) -> str:
     """The API's name of a stored status: "running" -> "JOB_STATUS_RUNNING"."""
-    return pb.JobStatus.Name(_TO_NUMBER[status])
+    return pb.JobStatus.Name(pb.JobStatus.ValueType(_TO_NUMBER[status]))
 
 
 START, COMPLETE, FAIL = "start", "complete", "fail"
@@ -302,7 +304,7 @@ class Watched:
     """What a Watch reads each time: the job's states since its position, in order (each as it
     was written: the change log's payloads), or how the stream ends."""
 
-    states: list[Message]
+    states: list[Job]
     position: int
     gone: bool  # the row was deleted (a DELETED event, or no row at all)
 
@@ -312,7 +314,7 @@ def scope_of(spec: ResourceSpec, row_id: uuid.UUID) -> str:
     return spec.stream_scope(type("Key", (), {"id": row_id}))
 
 
-def watch_start(session: Session, spec: ResourceSpec, raw_id: str) -> tuple[Message, uuid.UUID, int]:
+def watch_start(session: Session, spec: ResourceSpec, raw_id: str) -> tuple[Job, uuid.UUID, int]:
     """(the job as the caller may see it now, its id, the position in its stream that state is at
     least as new as). The position is read first: a change committed in between comes again
     later, and the Watch leaves out what is not newer than what it sent (by revision)."""
@@ -354,10 +356,10 @@ def watch_next(session: Session, spec: ResourceSpec, row_id: uuid.UUID, position
     return Watched(states, batch[-1].seq if batch else position, False)
 
 
-def revision_of(message: Message) -> int:
+def revision_of(message: Job) -> int:
     """The revision behind a message's etag (W/"<revision>")."""
     return int(message.etag.strip('W/"'))
 
 
-def finished(message: Message) -> bool:
+def finished(message: Job) -> bool:
     return message.status in (pb.JOB_STATUS_COMPLETED, pb.JOB_STATUS_FAILED)

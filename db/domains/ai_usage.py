@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from google.protobuf.message import Message
@@ -85,7 +85,7 @@ class TokenCountCodec(FieldCodec):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.attr = name
+        self.attr: str = name
 
     def present(self, msg: Message) -> bool:
         return getattr(msg, self.name) != 0
@@ -114,7 +114,7 @@ class TotalTokensCodec(TokenCountCodec):
     def load(self, msg: Message) -> dict[str, Any]:
         given = getattr(msg, self.name)
         # Their own codecs refuse negatives and counts past MAX_TOKENS (named as theirs).
-        parts = min(max(msg.prompt_tokens, 0), MAX_TOKENS) + min(max(msg.completion_tokens, 0), MAX_TOKENS)
+        parts = sum(min(max(getattr(msg, name), 0), MAX_TOKENS) for name in ("prompt_tokens", "completion_tokens"))
         if given and given != parts:
             raise errors.InvalidArgument.field(
                 self.name, f"must be prompt_tokens + completion_tokens ({parts}), or unset to be computed (got {given})"
@@ -261,13 +261,13 @@ def usage_summary(session: Session, request: pb.GetAIUsageSummaryRequest, call: 
         return column.collate("C") if postgres else column  # byte order, as SQLite's BINARY
 
     fp = paging.fingerprint("AIUsageSummary", start.isoformat(), end.isoformat(), key_names, request.filter)
-    page = select(*groups.c, select(func.count()).select_from(groups).scalar_subquery().label("total"))
+    page_rows = select(*groups.c, select(func.count()).select_from(groups).scalar_subquery().label("total"))
     if request.page_token:
         after = paging.decode_token(request.page_token, fp, len(key_names))["k"]
         if not all(isinstance(v, str) for v in after):
             raise errors.InvalidArgument.field("page_token", "is not a page token this query issued", reason="INVALID_PAGE_TOKEN")
-        page = page.where(_after([ordered(groups.c[name]) for name in key_names], after))
-    page = page.order_by(*(ordered(groups.c[name]) for name in key_names)).limit(size + 1).cte("page")
+        page_rows = page_rows.where(_after([ordered(groups.c[name]) for name in key_names], after))
+    page = page_rows.order_by(*(ordered(groups.c[name]) for name in key_names)).limit(size + 1).cte("page")
 
     # Each page group's buckets in order, with the count of its latencies up to each; the
     # bucket of rank r is the first whose count reaches r, the count before it the largest
@@ -381,7 +381,7 @@ def _snapshot(conn: Any, postgres: bool) -> Iterator[None]:
     conn.exec_driver_sql("COMMIT")
 
 
-def _ranked_latencies(conn: Any, conditions: list[ColumnElement[bool]], key_names: list[str], rows: list[Any], bits: int) -> dict[tuple[int, str], int]:
+def _ranked_latencies(conn: Any, conditions: list[ColumnElement[bool]], key_names: list[str], rows: Sequence[Any], bits: int) -> dict[tuple[int, str], int]:
     """The exact latency of each (page row, percentile): the (rank - count before)-th in order
     of the rows of that group whose latency is in the bucket its first statement found."""
     t = AIInteraction.__table__

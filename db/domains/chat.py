@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from nexus.chat.v1 import chat_pb2 as pb
 from sqlalchemy import (
@@ -16,6 +16,7 @@ from sqlalchemy import (
     or_,
     select,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -293,8 +294,8 @@ def archive_conversation(session: Session, request: pb.ArchiveConversationReques
 MAX_STREAM_SCOPES = 1000
 
 
-def _scope_ids(session: Session, spec: ResourceSpec, raw_ids: list[str], field_name: str, scope_of: object) -> list[str]:
-    return [scope_of(reads.visible_id(session, spec, raw, f"{field_name}[{i}]")) for i, raw in enumerate(raw_ids)]  # type: ignore[operator]
+def _scope_ids(session: Session, spec: ResourceSpec, raw_ids: list[str], field_name: str, scope_of: Callable[[uuid.UUID], str]) -> list[str]:
+    return [scope_of(reads.visible_id(session, spec, raw, f"{field_name}[{i}]")) for i, raw in enumerate(raw_ids)]
 
 
 def _resumed_scope(session: Session, scope: str) -> str:
@@ -359,6 +360,7 @@ def current_credential(
     if actor_type == "system":
         return role, user_id
     owner = select(User.is_active, User.delete_time, User.role.label("user_role"))
+    acting: Row[*tuple[Any, ...]] | None  # the user's columns (owner's), and the key's for a key
     if actor_type == "api_key":  # the key and the user it acts for, in one query
         key = session.execute(
             owner.add_columns(ApiKey.revoke_time, ApiKey.expire_time, ApiKey.role, ApiKey.user_id)
@@ -373,10 +375,11 @@ def current_credential(
         role, user_id, acting = key.role, key.user_id, key
     else:
         acting = session.execute(owner.where(User.id == user_id)).one_or_none() if user_id is not None else None
-    if user_id is not None and (acting is None or not acting.is_active or acting.delete_time is not None):
-        raise errors.Unauthenticated("the credentials act for a user who is not active", reason="INVALID_CREDENTIALS")
-    if user_id is not None and rules.ROLE_RANK[acting.user_role] < rules.ROLE_RANK[role]:
-        role = acting.user_role  # a credential acts with at most its user's current role
+    if user_id is not None:
+        if acting is None or not acting.is_active or acting.delete_time is not None:
+            raise errors.Unauthenticated("the credentials act for a user who is not active", reason="INVALID_CREDENTIALS")
+        if rules.ROLE_RANK[acting.user_role] < rules.ROLE_RANK[role]:
+            role = acting.user_role  # a credential acts with at most its user's current role
     return role, user_id
 
 

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, field_mask_pb2
 from nexus.knowledge.v1 import knowledge_pb2 as pb
 from sqlalchemy import ForeignKey, Index, Integer, String, Uuid, and_, false, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -113,7 +113,12 @@ OWNED = mine(Document.owner_id, "their own")
 
 def _of(column: Any, rule: Rule, says: str) -> Rule:
     """The rows of `column`'s documents that rule lets through."""
-    return Rule(lambda u, r: column.in_(select(Document.id).where(rule(u, r))), says)
+
+    def build(user_id: uuid.UUID | None, role: str) -> ColumnElement[bool] | None:
+        documents = rule(user_id, role)
+        return None if documents is None else column.in_(select(Document.id).where(documents))
+
+    return Rule(build, says)
 
 
 # ---------------------------------------------------------------- resources
@@ -221,6 +226,7 @@ class _Page:
     order_by: str
     page_size: int
     page_token: str
+    count_only: bool = False
 
 
 def _visible_document(session: Session, raw_id: str) -> Document:
@@ -233,7 +239,7 @@ def _document_rows(session: Session, spec: ResourceSpec, request: Any, order_by:
     """One keyset page of a document's versions or shares, under their own read rule; a page
     token is tied to its document."""
     document = _visible_document(session, request.document_id)
-    page = _Page(f'document_id = "{document.id}"', order_by, request.page_size, request.page_token)
+    page = _Page(f'document_id = "{document.id}"', order_by, request.page_size, request.page_token, request.count_only)
     return reads.list_page(session, spec, page, call, max_bytes)
 
 
@@ -277,7 +283,7 @@ def restore_document_version(session: Session, request: pb.RestoreDocumentVersio
     document = pb.Document(id=request.document_id, title=kept.title, etag=request.etag)
     DOCUMENTS.codecs["kind"].dump(kept, document)
     DOCUMENTS.codecs["content"].dump(kept, document)
-    update = pb.UpdateDocumentRequest(document=document, update_mask={"paths": ["title", "content", "kind"]})
+    update = pb.UpdateDocumentRequest(document=document, update_mask=field_mask_pb2.FieldMask(paths=["title", "content", "kind"]))
     return writes.update(session, DOCUMENTS, update, call)
 
 

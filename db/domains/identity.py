@@ -1,9 +1,10 @@
 """Identity domain: users, roles, API keys, and their custom methods."""
 from __future__ import annotations
 
+import datetime as dt
 import re
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nexus.identity.v1 import identity_pb2 as pb
 from sqlalchemy import (
@@ -90,6 +91,12 @@ class ApiKey(ResourceMixin, Base):
     expire_time: Mapped[optional_timestamp]
     revoke_time: Mapped[optional_timestamp]
     last_used_time: Mapped[optional_timestamp]
+
+    if TYPE_CHECKING:
+        # Not a column: a new key's secret, set on its row by _api_key_rules for the secret
+        # field of the CreateApiKey response (declared for type checking only, so the mapping
+        # never sees it).
+        plain_secret: str
 
 USERNAME = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -365,11 +372,11 @@ def revoke_api_key(session: Session, request: pb.RevokeApiKeyRequest) -> pb.ApiK
     return API_KEYS.to_proto(row)
 
 
-def create_api_key(session: Session, name: str, role: str, user_id: str = "", expire_time: object = None) -> tuple[pb.ApiKey, str]:
+def create_api_key(session: Session, name: str, role: str, user_id: str = "", expire_time: dt.datetime | None = None) -> tuple[pb.ApiKey, str]:
     """A new key through the standard create path; returns it and its secret (shown once)."""
     request = pb.CreateApiKeyRequest(api_key=pb.ApiKey(name=name, role=pb.UserRole.Value(f"USER_ROLE_{role.upper()}"), user_id=user_id))
     if expire_time is not None:
-        request.api_key.expire_time.FromDatetime(expire_time)  # type: ignore[arg-type]
+        request.api_key.expire_time.FromDatetime(expire_time)
     call = current_call() or Call(dialect=session.get_bind().dialect.name)  # the CLI's, if it runs this
     created = writes.create(session, API_KEYS, request, call)
     return created, created.secret

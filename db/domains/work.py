@@ -282,7 +282,7 @@ def project_progress(session: Session, request: pb.GetProjectProgressRequest) ->
         project_id=str(project.id),
         total_tasks=total,
         status_counts=[
-            pb.TaskStatusCount(status=number, count=by_status.get(name, 0))
+            pb.TaskStatusCount(status=pb.TaskStatus.ValueType(number), count=by_status.get(name, 0))
             for name, number in _TASK_STATUS_NUMBER.items()
         ],
         completion_percent=round(100.0 * done / total, 2) if total else 0.0,

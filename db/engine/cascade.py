@@ -110,7 +110,8 @@ def _dependents(session: Session, target: ResourceSpec, dependent: ResourceSpec,
             )
         return []
     stmt = select(dependent.model).where(fk.parent.in_(ids)).limit(MAX_CASCADE_ROWS + 1)
-    return [o for o in session.scalars(stmt) if (dependent.name, o.id) not in seen]
+    rows: list[Any] = list(session.scalars(stmt))  # instances of a resource's model: each has an id
+    return [o for o in rows if (dependent.name, o.id) not in seen]
 
 
 def _delete_leaves_first(session: Session, spec: ResourceSpec, rows: list[Any]) -> None:

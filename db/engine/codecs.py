@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, Protocol, overload
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
@@ -33,6 +33,8 @@ class SizeLimit:
     items: int | None = None  # items of a repeated field
 
 
+# Related rows a message lists, unless its resource declares another number.
+DEFAULT_RELATION_ITEMS = 1000
 # The maximum size of each kind of field, unless its resource declares another for it
 # (ResourceSpec.size_limits) or its column has a length (String(n): n characters, on SQLite
 # too). ResourceSpec.codecs decides, once, which applies to each field; the codecs check it.
@@ -42,7 +44,7 @@ DEFAULT_LIMITS: dict[str, SizeLimit] = {
     "json": SizeLimit(json_bytes=65536),  # a google.protobuf.Struct
     "strings": SizeLimit(items=100, chars=255),  # a repeated string (tags, permissions)
     "messages": SizeLimit(items=50, json_bytes=65536),  # a repeated message (attachments)
-    "relation": SizeLimit(items=1000),  # related rows a message lists (members, dependencies, roles)
+    "relation": SizeLimit(items=DEFAULT_RELATION_ITEMS),  # related rows a message lists (members, dependencies, roles)
 }
 
 
@@ -132,7 +134,7 @@ class EnumCodec(FieldCodec):
     def __init__(self, fd: FieldDescriptor, attr: str) -> None:
         self.name = fd.name
         self.attr: str = attr
-        self.to_db, self.to_number = enum_maps(fd.enum_type)
+        self.to_db, self.to_number = enum_maps(enum_of(fd))
 
     def present(self, msg: Message) -> bool:
         return getattr(msg, self.name) != 0
@@ -329,7 +331,15 @@ class MessageListCodec(FieldCodec):
             json_format.ParseDict(value, target.add(), ignore_unknown_fields=True)
 
 
-def currency_code(money: Message, field_name: str) -> str:
+class Money(Protocol):
+    """What the codecs read of a nexus.common.v1.Money (the engine imports no API message)."""
+
+    currency_code: str
+    units: int
+    nanos: int
+
+
+def currency_code(money: Money, field_name: str) -> str:
     """The Money's currency code: three upper-case ASCII letters (ISO 4217's shape; "ÄÖÜ" is
     alphabetic and upper-case too, so ASCII is checked), INVALID_ARGUMENT naming it otherwise."""
     code = money.currency_code
@@ -540,6 +550,10 @@ def too_large(field_path: str, description: str) -> InvalidArgument:
     return InvalidArgument.field(field_path, description, reason="FIELD_TOO_LARGE")
 
 
+@overload
+def parse_uuid(value: str, field_path: str, allow_empty: Literal[False] = False) -> uuid.UUID: ...
+@overload
+def parse_uuid(value: str, field_path: str, allow_empty: bool) -> uuid.UUID | None: ...
 def parse_uuid(value: str, field_path: str, allow_empty: bool = False) -> uuid.UUID | None:
     """Parse a client-supplied id; INVALID_ARGUMENT naming the field when it is not a UUID."""
     if value == "":
@@ -550,6 +564,13 @@ def parse_uuid(value: str, field_path: str, allow_empty: bool = False) -> uuid.U
         return uuid.UUID(value)
     except (ValueError, AttributeError, TypeError):
         raise InvalidArgument.field(field_path, f"{value[:80]!r} is not a valid id (a UUID)") from None
+
+
+def enum_of(fd: FieldDescriptor) -> EnumDescriptor:
+    """The enum type of an enum field (TypeError for a field of another type)."""
+    if fd.enum_type is None:
+        raise TypeError(f"{fd.full_name} is not an enum field")
+    return fd.enum_type
 
 
 def enum_maps(enum: EnumDescriptor) -> tuple[dict[int, str], dict[str, int]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import Engine, delete, func, select, text, update
+from sqlalchemy import CursorResult, Engine, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -126,7 +126,9 @@ def purge(session: Session, older_than: dt.datetime) -> int:
     ).all()
     removed = 0
     for scope, max_seq in horizons:
-        removed += session.execute(delete(ChangeEvent).where(ChangeEvent.scope == scope, ChangeEvent.seq <= max_seq)).rowcount or 0
+        result = session.execute(delete(ChangeEvent).where(ChangeEvent.scope == scope, ChangeEvent.seq <= max_seq))
+        assert isinstance(result, CursorResult)  # a DELETE's (Session.execute types every result as a Result)
+        removed += result.rowcount or 0
         session.execute(
             update(StreamScope).where(StreamScope.scope == scope, StreamScope.purged_seq < max_seq).values(purged_seq=max_seq)
         )

@@ -20,7 +20,7 @@ from sqlalchemy import String, Uuid, bindparam, func, inspect, literal_column, s
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 from sqlalchemy.types import NullType
 
 from db.engine.resource import ResourceSpec
@@ -58,7 +58,7 @@ def _id_text_sqlite(element: id_text, compiler: Any, **kw: Any) -> str:
     return f"({parts})"
 
 
-class array_of(FunctionElement[list]):
+class array_of(FunctionElement[Any]):
     """ARRAY(<select>) (PostgreSQL): the one column of a subquery's rows as an array, in the
     subquery's order. psycopg2 reads a text[] into a list in C."""
 
@@ -128,6 +128,7 @@ class RelationLoader:
         if dialect == "postgresql" and len(self.targets) == 1:
             stmt = select(as_text_if_id(self.targets[0])).select_from(self.source).where(parent_fk == parent_pk).correlate(parent_pk.table).order_by(*self.order)
             return array_of(stmt.scalar_subquery()).label(f"{self.key}_rows")
+        value: ColumnElement[Any]
         if dialect == "postgresql":
             # json_build_array writes a uuid as its canonical text.
             item = func.json_build_array(*self.targets)
@@ -150,17 +151,26 @@ class RelationLoader:
         return [Loaded(dict(zip(self.names, item, strict=True))) for item in items]
 
 
+def _key(column: ColumnElement[Any]) -> str:
+    """A table column's key (a ColumnElement's is optional: an expression has none)."""
+    if column.key is None:
+        raise TypeError(f"{column} is not a table column")
+    return column.key
+
+
 @functools.cache
 def relation_loaders(spec: ResourceSpec) -> tuple[RelationLoader, ...]:
     mapper = inspect(spec.model)
     out = []
     for key in spec.relation_fields:
         rel = mapper.relationships[key]
-        secondary = rel.secondary
+        secondary, secondary_pairs = rel.secondary, rel.secondary_synchronize_pairs
+        if secondary is None or secondary_pairs is None:
+            raise TypeError(f"{spec.name}.{key}: a relation field needs a many-to-many relationship (an association table)")
         ((parent_pk, parent_fk),) = rel.synchronize_pairs
-        ((target_pk, target_fk),) = rel.secondary_synchronize_pairs
+        ((target_pk, target_fk),) = secondary_pairs
         names = spec.relation_columns.get(key, ("id",))
-        order_names = [c.key for c in rel.order_by or ()]
+        order_names = [_key(c) for c in rel.order_by or ()]
         if names == ("id",) and order_names in ([], ["id"]):
             # Only the ids, ordered by id: the association table alone answers.
             source: Any = secondary
@@ -168,7 +178,7 @@ def relation_loaders(spec: ResourceSpec) -> tuple[RelationLoader, ...]:
         else:
             # An alias, so a relation of a table to itself can join it a second time.
             target = rel.mapper.local_table.alias(f"related_{key}")
-            source = secondary.join(target, target.c[target_pk.key] == target_fk)
+            source = secondary.join(target, target.c[_key(target_pk)] == target_fk)
             targets = [target.c[name] for name in names]
             order = [target.c[name] for name in order_names]
         out.append(RelationLoader(key, tuple(names), source, (parent_pk, parent_fk), tuple(targets), tuple(order)))

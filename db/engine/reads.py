@@ -54,7 +54,6 @@ def fetch(
 def visible_id(session: Session, spec: ResourceSpec, raw_id: str, field_path: str = "id") -> uuid.UUID:
     """The id of a row the caller may see, without loading the row: fetch's checks, one small query."""
     row_id = parse_uuid(raw_id, field_path)
-    assert row_id is not None
     stmt = select(spec.table.c.id).where(spec.table.c.id == row_id)
     if spec.soft_delete:
         stmt = stmt.where(spec.table.c.delete_time.is_(None))
@@ -120,10 +119,13 @@ def list_page(
     session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES
 ) -> tuple[list[Message], str, int]:
     """One keyset page: (resources, next_page_token, total_size). The page ends early, with a
-    token after its last row, where more rows would take the response past max_bytes."""
+    token after its last row, where more rows would take the response past max_bytes. With
+    count_only: ([], "", total_size), one COUNT under the List's own filter and row rule."""
     size = page_size(request.page_size)
     show_deleted = bool(getattr(request, "show_deleted", False))
     keys = statements.order_keys(spec, request.order_by)
+    if getattr(request, "count_only", False):
+        return [], "", count_rows(session, spec, request, call, show_deleted)
     query_fp = fingerprint(spec.name, request.filter, [(k.field, k.descending) for k in keys], show_deleted)
     after: list[Any] | None = None
     if request.page_token:
@@ -151,6 +153,22 @@ def list_page(
     rows, messages, more, total = read_page(size, max_bytes, fetch, spec.to_proto)
     next_token = encode_token(query_fp, after=[_key_value(rows[-1], column) for column in columns]) if more else ""
     return messages, next_token, total
+
+
+def count_rows(session: Session, spec: ResourceSpec, request: Any, call: Call, show_deleted: bool) -> int:
+    """The total_size of a List without its page (count_only): the COUNT statement a page's
+    total_size comes from, so the same filter, soft-delete and row rule apply. A page_token is
+    INVALID_ARGUMENT: a count has no pages."""
+    if request.page_token:
+        raise errors.InvalidArgument.field(
+            "page_token", "must be empty with count_only: a count covers every page", reason="INVALID_PAGE_TOKEN"
+        )
+    allowed = read_rule(spec, show_deleted)
+    if allowed is None:
+        _, count = statements.page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, None, 1, False)
+    else:  # the caller's row rule holds its own values: built for this call
+        _, count = statements.build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, None, 1, allowed, False)
+    return int(session.connection().execute(count).scalar() or 0)
 
 
 def _key_value(row: Any, column: Any) -> Any:

@@ -9,14 +9,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from sqlalchemy import JSON, Boolean, Date, Float, Integer, Numeric, String, Uuid, inspect
 from sqlalchemy.orm import Session
 
-from db.base import UTCDateTime
+from db.base import Base, UTCDateTime
 from db.engine.codecs import (
     DEFAULT_LIMITS,
+    DEFAULT_RELATION_ITEMS,
     DateCodec,
     EnumCodec,
     FieldCodec,
@@ -28,6 +29,7 @@ from db.engine.codecs import (
     TimestampCodec,
     UuidCodec,
     enum_filter_names,
+    enum_of,
 )
 from db.engine.filtering import FieldKind, FilterCompiler, FilterField
 from db.engine.call import current_call
@@ -74,7 +76,7 @@ class ResourceSpec(Generic[M]):
 
     name: str
     plural: str
-    model: type
+    model: type[Base]
     message: type[M]
     singular_field: str
     output_only: frozenset[str] = frozenset()
@@ -155,8 +157,17 @@ class ResourceSpec(Generic[M]):
         return bool(self.search_fields)
 
     @functools.cached_property
+    def descriptor(self) -> Descriptor:
+        """The message's descriptor. Message types DESCRIPTOR as either implementation's (pure
+        Python or upb); upb's passes isinstance for descriptor.Descriptor, the public type."""
+        descriptor = self.message.DESCRIPTOR
+        if not isinstance(descriptor, Descriptor):
+            raise TypeError(f"{self.name}: {descriptor!r} is not a message descriptor")
+        return descriptor
+
+    @functools.cached_property
     def table(self) -> Any:
-        return self.model.__table__  # type: ignore[attr-defined]
+        return self.model.__table__
 
     @functools.cached_property
     def codecs(self) -> dict[str, FieldCodec]:
@@ -164,7 +175,7 @@ class ResourceSpec(Generic[M]):
         out: dict[str, FieldCodec] = {}
         mapper = inspect(self.model)
         columns = {c.key: c for c in mapper.columns}
-        for fd in self.message.DESCRIPTOR.fields:
+        for fd in self.descriptor.fields:
             if fd.name in self.extra_codecs:
                 # A copy: the limit set below belongs to this resource's field.
                 out[fd.name] = copy.copy(self.extra_codecs[fd.name])
@@ -179,6 +190,15 @@ class ResourceSpec(Generic[M]):
         if unknown:
             raise TypeError(f"{self.name}: size_limits names no field: {', '.join(sorted(unknown))}")
         return out
+
+    @functools.cached_property
+    def upsert_attrs(self) -> tuple[str, ...]:
+        """The model attribute of each field of upsert_key, in its order."""
+        attrs = tuple(self.codecs[name].attr for name in self.upsert_key)
+        for name, attr in zip(self.upsert_key, attrs, strict=True):
+            if attr is None:
+                raise TypeError(f"{self.name}.{name}: an upsert_key field maps to one column; this one has none")
+        return tuple(attr for attr in attrs if attr is not None)
 
     def _size_limit(self, name: str, codec: FieldCodec) -> SizeLimit | None:
         """The one place that decides how large a field may be: the resource's declaration, else
@@ -198,7 +218,7 @@ class ResourceSpec(Generic[M]):
         """How many related rows the relationship `key` (one of relation_fields) may hold."""
         declared = self.size_limits.get(self.relation_fields[key][0])
         items = declared.items if declared is not None else None
-        return items if items is not None else DEFAULT_LIMITS["relation"].items  # type: ignore[return-value]
+        return items if items is not None else DEFAULT_RELATION_ITEMS
 
     @functools.cached_property
     def all_output_only(self) -> frozenset[str]:
@@ -218,13 +238,13 @@ class ResourceSpec(Generic[M]):
         """Filterable fields: every column-backed field of the message, minus exclusions."""
         fields: dict[str, FilterField] = {}
         columns = self.table.c
-        for fd in self.message.DESCRIPTOR.fields:
+        for fd in self.descriptor.fields:
             if fd.name in self.filter_exclude or fd.name in self.private_fields or fd.name not in columns:
                 continue
             kind = _filter_kind(fd, columns[fd.name])
             if kind is None:
                 continue
-            enum_values = enum_filter_names(fd.enum_type) if kind is FieldKind.ENUM else None
+            enum_values = enum_filter_names(enum_of(fd)) if kind is FieldKind.ENUM else None
             fields[fd.name] = FilterField(kind, columns[fd.name], enum_values)
         fields.update(self.extra_filters)
         return fields
@@ -286,17 +306,16 @@ def compile_dumper(message: type[M], codecs: dict[str, FieldCodec]) -> Callable[
     lines = ["def dump(row):", "    m = _message()"]
     env: dict[str, Any] = {"_message": message, "_str": str, "_timestamp_into": _timestamp_into}
     for i, (name, codec) in enumerate(codecs.items()):
-        kind = type(codec)
         attr = codec.attr
         plain = attr is not None and attr.isidentifier() and not keyword.iskeyword(attr) and name.isidentifier() and not keyword.iskeyword(name)
-        if plain and kind is ScalarCodec:
+        if plain and type(codec) is ScalarCodec:
             lines += [f"    v = row.{attr}", f"    if v is not None: m.{name} = v"]
-        elif plain and kind is UuidCodec:
+        elif plain and type(codec) is UuidCodec:
             lines += [f"    v = row.{attr}", f"    if v is not None: m.{name} = _str(v)"]
-        elif plain and kind is EnumCodec:
-            env[f"_enum{i}"] = codec.to_number  # type: ignore[attr-defined]
+        elif plain and type(codec) is EnumCodec:
+            env[f"_enum{i}"] = codec.to_number
             lines += [f"    v = row.{attr}", f"    if v is not None: m.{name} = _enum{i}[v]"]
-        elif plain and kind is TimestampCodec:
+        elif plain and type(codec) is TimestampCodec:
             lines += [f"    v = row.{attr}", f"    if v is not None: _timestamp_into(m.{name}, v)"]
         else:
             env[f"_codec{i}"] = codec
@@ -311,7 +330,7 @@ def _codec_for(fd: FieldDescriptor, column: Any) -> FieldCodec:
     attr = column.key
     if fd.type == FieldDescriptor.TYPE_ENUM:
         return EnumCodec(fd, attr)
-    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+    if fd.message_type is not None:  # a message field
         full = fd.message_type.full_name
         if full == "google.protobuf.Timestamp":
             return TimestampCodec(fd, attr)

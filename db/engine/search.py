@@ -2,7 +2,8 @@
 
 PostgreSQL indexes an expression over the searchable columns (no stored column to keep in sync);
 SQLite keeps an external-content FTS5 table up to date with triggers. Both are created by the
-migrations through the DDL helpers below, and queried through `search_terms`.
+migrations through the DDL helpers below, and queried through `search_terms`; `rebuild_index`
+(`nexus-data search rebuild`) builds either afresh from its table.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import String, bindparam, column, func, literal_column, table
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy import String, bindparam, column, func, literal_column, table, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from db.errors import InvalidArgument
 
@@ -57,7 +59,7 @@ def sqlite_fts_ddl(table_name: str, fields: tuple[tuple[str, str], ...]) -> list
 
     Trap: an external-content FTS5 table joins on rowid, and SQLite may renumber the implicit
     rowid of a table without an INTEGER PRIMARY KEY on VACUUM. After a VACUUM run
-    sqlite_fts_rebuild(table, fields) for each such table.
+    `nexus-data search rebuild` (rebuild_index of each such table).
     """
     fts = f"{table_name}_fts"
     cols = [c for c, _ in fields]
@@ -97,6 +99,46 @@ def sqlite_fts_rebuild(table_name: str, fields: tuple[tuple[str, str], ...]) -> 
 
 
 @dataclass(frozen=True)
+class Rebuilt:
+    """What rebuild_index did to one table's search index."""
+
+    table_name: str
+    index: str  # the FTS5 table (SQLite) or the GIN index (PostgreSQL)
+    rows: int  # the table's rows, every one of them in the index now
+    action: str  # "rebuilt", or "recreated" where the index (or its triggers) was missing
+
+
+def rebuild_index(engine: Engine, table_name: str, fields: tuple[tuple[str, str], ...]) -> Rebuilt:
+    """Build the search index of `table_name` afresh from the table's rows, whatever it holds now
+    (emptied, stale after a VACUUM renumbered rowids, an index left invalid, or missing): the
+    same index afterwards however often it runs.
+
+    SQLite: FTS5's rebuild (for JSON fields: delete-all, then every row's values as the triggers
+    write them), in one write transaction; the FTS5 table and its triggers are made anew where
+    any of them is missing. PostgreSQL: REINDEX INDEX CONCURRENTLY (CREATE INDEX CONCURRENTLY
+    where the index is missing): writes and searches go on meanwhile."""
+    if engine.dialect.name == "postgresql":
+        index = f"ix_{table_name}_search"
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            present = conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": index}).scalar()
+            if present:
+                conn.execute(text(f"REINDEX INDEX CONCURRENTLY {index}"))
+            else:
+                conn.execute(text(pg_index_ddl(table_name, fields).replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY", 1)))
+            rows = conn.execute(text(f"SELECT count(*) FROM {table_name}")).scalar_one()
+        return Rebuilt(table_name, index, rows, "rebuilt" if present else "recreated")
+    fts = f"{table_name}_fts"
+    with engine.begin() as conn:
+        names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE name LIKE :prefix"), {"prefix": f"{fts}%"}).scalars())
+        whole = {fts, f"{fts}_ai", f"{fts}_ad", f"{fts}_au"} <= names
+        statements = sqlite_fts_rebuild(table_name, fields) if whole else [*sqlite_fts_drop(table_name), *sqlite_fts_ddl(table_name, fields)]
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+        rows = conn.execute(text(f"SELECT count(*) FROM {table_name}")).scalar_one()
+    return Rebuilt(table_name, fts, rows, "rebuilt" if whole else "recreated")
+
+
+@dataclass(frozen=True)
 class SearchTerms:
     """What a search adds to a query: a join target (SQLite), a match condition and a score."""
 
@@ -111,13 +153,13 @@ def search_terms(dialect: str, table_name: str, fields: tuple[tuple[str, str], .
     so a statement built from them is built and compiled once."""
     query = bindparam("search_query", type_=String())
     if dialect == "postgresql":
-        vector = literal_column(f"({_pg_vector_sql(fields)})")
+        vector: ColumnClause[Any] = literal_column(f"({_pg_vector_sql(fields)})")
         tsquery = func.websearch_to_tsquery(literal_column("'english'::regconfig"), query)
         return SearchTerms(None, vector.op("@@")(tsquery), func.ts_rank(vector, tsquery))
     fts_name = f"{table_name}_fts"
     fts = table(fts_name, column("rowid"))
     weights = [_SQLITE_WEIGHT[w] for _, w in fields]
-    fts_ref = literal_column(fts_name)
+    fts_ref: ColumnClause[Any] = literal_column(fts_name)
     return SearchTerms(
         (fts, literal_column(f"{table_name}.rowid") == fts.c.rowid),
         fts_ref.op("MATCH")(query),

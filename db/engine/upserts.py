@@ -97,7 +97,7 @@ def batch_upsert(
     upserts = [_keyed(spec, msg, prefix) for msg, prefix in zip(messages, prefixes, strict=True)]
     _refuse_repeated_keys(spec, upserts)
     _take_turns(session, spec, upserts)
-    key_columns = {spec.codecs[name].attr for name in spec.upsert_key}
+    key_columns = set(spec.upsert_attrs)
     for _ in range(ATTEMPTS):
         try:
             with session.begin_nested():
@@ -148,7 +148,7 @@ def _keyed(spec: ResourceSpec, msg: Message, prefix: str) -> _Upsert:
             violations.add(prefix + name, f"is required: ({', '.join(spec.upsert_key)}) is the {spec.name}'s key", "REQUIRED_FIELD")
     violations.raise_if_any()
     values = load_fields(spec, msg, spec.upsert_key, prefix)
-    return _Upsert(msg, prefix, tuple(values[spec.codecs[name].attr] for name in spec.upsert_key))
+    return _Upsert(msg, prefix, tuple(values[attr] for attr in spec.upsert_attrs))
 
 
 def _refuse_repeated_keys(spec: ResourceSpec, upserts: list[_Upsert]) -> None:
@@ -172,7 +172,7 @@ def _rows_of_keys(session: Session, spec: ResourceSpec, keys: list[tuple[Any, ..
         return {}
     table = spec.table
     names = [c.key for c in table.c]
-    positions = [names.index(spec.codecs[name].attr) for name in spec.upsert_key]
+    positions = [names.index(attr) for attr in spec.upsert_attrs]
     conn = session.connection()
     if conn.dialect.name == "postgresql":
         params = {f"key_{i}": [key[i] for key in keys] for i in range(len(positions))}
@@ -186,7 +186,7 @@ def _rows_of_keys(session: Session, spec: ResourceSpec, keys: list[tuple[Any, ..
 
 
 def _key_columns(spec: ResourceSpec) -> Any:
-    return tuple_(*(spec.table.c[spec.codecs[name].attr] for name in spec.upsert_key))
+    return tuple_(*(spec.table.c[attr] for attr in spec.upsert_attrs))
 
 
 @functools.cache
@@ -198,7 +198,7 @@ def _keys_statement(spec: ResourceSpec, lock: bool | None) -> Any:
     stmt = select(*table.c).order_by(table.c.id)
     if lock is None:
         return stmt
-    columns = [table.c[spec.codecs[name].attr] for name in spec.upsert_key]
+    columns = [table.c[attr] for attr in spec.upsert_attrs]
     arrays = [bindparam(f"key_{i}", type_=postgresql.ARRAY(column.type)) for i, column in enumerate(columns)]
     given = func.unnest(*arrays).table_valued(*(f"key_{i}" for i in range(len(columns)))).render_derived()
     stmt = stmt.where(tuple_(*columns).in_(select(*given.c)))

@@ -221,31 +221,31 @@ def _new_row(spec: ResourceSpec, msg: Message, call: Call, field_prefix: str) ->
     check_field_rights(spec, names, field_prefix)
     values = load_fields(spec, msg, names, field_prefix)
     set_values = {k: v for k, v in values.items() if v is not None}
-    row = reading.row_class(spec)({**_empty_row(spec), **set_values})
+    row: Any = reading.row_class(spec)({**_empty_row(spec), **set_values})  # a Loaded with the model's attributes
     row.id = uuid7()
     _apply_defaults(spec, row)
     if spec.owner_field:
-        _own_row(spec, row, values, call, field_prefix)
+        _own_row(spec, spec.owner_field, row, values, call, field_prefix)
     _missing_required(spec, row, field_prefix)
     return row, values, names
 
 
-def _own_row(spec: ResourceSpec, row: Any, values: dict[str, Any], call: Call, field_prefix: str) -> None:
-    """A new row's owner field is its caller: left unset, it becomes the caller's user; only an
-    admin may name another owner (importing, making rows for others)."""
-    owner = getattr(row, spec.owner_field)
+def _own_row(spec: ResourceSpec, owner_field: str, row: Any, values: dict[str, Any], call: Call, field_prefix: str) -> None:
+    """A new row's owner field (spec.owner_field) is its caller: left unset, it becomes the
+    caller's user; only an admin may name another owner (importing, making rows for others)."""
+    owner = getattr(row, owner_field)
     if owner is None and call.actor_user_id is not None:
-        setattr(row, spec.owner_field, call.actor_user_id)
-        values[spec.owner_field] = call.actor_user_id
-    elif owner is None and spec.owner_field in spec.required and call.role != "admin":
+        setattr(row, owner_field, call.actor_user_id)
+        values[owner_field] = call.actor_user_id
+    elif owner is None and owner_field in spec.required and call.role != "admin":
         # Asking for the field would send the caller after one it may not set (below).
-        field = field_prefix + spec.owner_field
+        field = field_prefix + owner_field
         raise errors.PermissionDenied(
             f"the caller acts for no user, so it cannot own a {spec.name}: only an admin may make one for a user",
             reason="NO_USER_TO_OWN", metadata={"field": field, "resource_type": spec.name},
         )
     elif owner is not None and owner != call.actor_user_id and call.role != "admin":
-        field = field_prefix + spec.owner_field
+        field = field_prefix + owner_field
         raise errors.PermissionDenied(
             f"{field} is the caller: only an admin may set another", reason="FIELD_ACCESS_DENIED", metadata={"field": field}
         )
@@ -347,16 +347,19 @@ def insert_rows(
         params.update({f"c_{key}": value for key, value in entry.items()})
         references: tuple[tuple[str, str], ...] = ()
         if unchecked is not None:
-            references = tuple(
-                (field, target) for field, target in spec.references.items()
-                if spec.codecs[field].attr and unchecked[0].get(spec.codecs[field].attr) is not None
-            )
-            params.update({f"ref_{i}": unchecked[0][spec.codecs[field].attr] for i, (field, _) in enumerate(references)})
+            # (field, target resource, the value it names) of each reference the row makes.
+            made = [
+                (field, target, value) for field, target in spec.references.items()
+                if (attr := spec.codecs[field].attr) and (value := unchecked[0].get(attr)) is not None
+            ]
+            references = tuple((field, target) for field, target, _ in made)
+            params.update({f"ref_{i}": value for i, (_, _, value) in enumerate(made)})
         stmt = statements.insert_with(spec.table, AuditLogEntry.__table__, tuple(values[0]), tuple(entry), references)
         writing(session)
         if not prepared(stmt, conn.dialect).rows(conn, params):
             # A reference is missing: which one, as check_references reports it.
-            check_references(session, spec, *unchecked)  # type: ignore[misc]
+            if unchecked is not None:
+                check_references(session, spec, *unchecked)
             raise errors.Aborted("a referenced resource changed during the call; retry", reason="REFERENCE_CHANGED")
     else:
         if plan_of(session).mode is Mode.ONE_STATEMENT and statements.companion_ctes(conn.dialect.name):
@@ -478,12 +481,14 @@ def update(session: Session, spec: ResourceSpec[M], request: Any, call: Call) ->
         entry = audit.updated(session, spec, before.id, old, new)
         params = {f"v_{key}": value for key, value in changed.items()}
         params.update(row_id=before.id, old_revision=before.revision)
-        together = entry is not None and statements.companion_ctes(call.dialect)
-        if together:
-            # One statement: the audit entry goes in with the UPDATE as a data-modifying CTE.
-            params.update({f"c_{key}": value for key, value in entry.items()})  # type: ignore[union-attr]
+        # One statement where the database can: the audit entry goes in with the UPDATE as a
+        # data-modifying CTE.
+        companion_entry = entry if entry is not None and statements.companion_ctes(call.dialect) else None
+        together = companion_entry is not None
+        if companion_entry is not None:
+            params.update({f"c_{key}": value for key, value in companion_entry.items()})
         companion = AuditLogEntry.__table__ if together else None
-        stmt = statements.update_statement(spec, call.dialect, tuple(changed), companion, tuple(entry) if together else ())  # type: ignore[arg-type]
+        stmt = statements.update_statement(spec, call.dialect, tuple(changed), companion, tuple(companion_entry or ()))
         writing(session)
         answers = prepared(stmt, conn.dialect).rows(conn, params)
         answered = answers[0] if answers else None

@@ -625,6 +625,7 @@ class ListChannelsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
     SHOW_DELETED_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -635,6 +636,12 @@ class ListChannelsRequest(_message.Message):
     """Comma-separated order, e.g. "create_time desc, id"."""
     show_deleted: _builtins.bool
     """Include soft-deleted channels."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -643,10 +650,11 @@ class ListChannelsRequest(_message.Message):
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
         show_deleted: _builtins.bool = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -931,6 +939,7 @@ class ListChatMessagesRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
     SHOW_DELETED_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -941,6 +950,12 @@ class ListChatMessagesRequest(_message.Message):
     """Comma-separated order, e.g. "create_time desc, id"."""
     show_deleted: _builtins.bool
     """Include soft-deleted chat messages."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -949,10 +964,11 @@ class ListChatMessagesRequest(_message.Message):
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
         show_deleted: _builtins.bool = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1232,6 +1248,7 @@ class ListConversationsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -1240,6 +1257,12 @@ class ListConversationsRequest(_message.Message):
     """AIP-160 filter expression."""
     order_by: _builtins.str
     """Comma-separated order, e.g. "create_time desc, id"."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -1247,10 +1270,11 @@ class ListConversationsRequest(_message.Message):
         page_token: _builtins.str = ...,
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1504,6 +1528,7 @@ class ListConversationMessagesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -1512,6 +1537,12 @@ class ListConversationMessagesRequest(_message.Message):
     """AIP-160 filter expression."""
     order_by: _builtins.str
     """Comma-separated order, e.g. "create_time desc, id"."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -1519,10 +1550,11 @@ class ListConversationMessagesRequest(_message.Message):
         page_token: _builtins.str = ...,
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anexus/files/v1/files.proto\x12\x0enexus.files.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x02\n\x04\x46ile\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tmime_type\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x11\n\tis_public\x18\x06 \x01(\x08\x12\x16\n\x0e\x64ownload_count\x18\x07 \x01(\x03\x12\x10\n\x08owner_id\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\"a\n\x0eGetFileRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\"q\n\x10ListFilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x05 \x01(\x08\"e\n\x11ListFilesResponse\x12#\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x14.nexus.files.v1.File\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"h\n\x11UpdateFileRequest\x12\"\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x14.nexus.files.v1.File\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"<\n\x11\x44\x65leteFileRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"!\n\x13UndeleteFileRequest\x12\n\n\x02id\x18\x01 \x01(\t\"Z\n\x12SearchFilesRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"u\n\x13SearchFilesResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .nexus.files.v1.FileSearchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"E\n\x10\x46ileSearchResult\x12\"\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x14.nexus.files.v1.File\x12\r\n\x05score\x18\x02 \x01(\x01\"R\n\x14\x42\x61tchGetFilesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"<\n\x15\x42\x61tchGetFilesResponse\x12#\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x14.nexus.files.v1.File\"\x80\x01\n\x12UploadFileMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x11\n\tis_public\x18\x03 \x01(\x08\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"d\n\x11UploadFileRequest\x12\x36\n\x08metadata\x18\x01 \x01(\x0b\x32\".nexus.files.v1.UploadFileMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"@\n\x13\x44ownloadFileRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\"5\n\x14\x44ownloadFileResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\'\n\x19RecordFileDownloadRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xac\x06\n\x0b\x46ileService\x12?\n\x07GetFile\x12\x1e.nexus.files.v1.GetFileRequest\x1a\x14.nexus.files.v1.File\x12P\n\tListFiles\x12 .nexus.files.v1.ListFilesRequest\x1a!.nexus.files.v1.ListFilesResponse\x12\x45\n\nUpdateFile\x12!.nexus.files.v1.UpdateFileRequest\x1a\x14.nexus.files.v1.File\x12\x45\n\nDeleteFile\x12!.nexus.files.v1.DeleteFileRequest\x1a\x14.nexus.files.v1.File\x12I\n\x0cUndeleteFile\x12#.nexus.files.v1.UndeleteFileRequest\x1a\x14.nexus.files.v1.File\x12V\n\x0bSearchFiles\x12\".nexus.files.v1.SearchFilesRequest\x1a#.nexus.files.v1.SearchFilesResponse\x12\\\n\rBatchGetFiles\x12$.nexus.files.v1.BatchGetFilesRequest\x1a%.nexus.files.v1.BatchGetFilesResponse\x12G\n\nUploadFile\x12!.nexus.files.v1.UploadFileRequest\x1a\x14.nexus.files.v1.File(\x01\x12[\n\x0c\x44ownloadFile\x12#.nexus.files.v1.DownloadFileRequest\x1a$.nexus.files.v1.DownloadFileResponse0\x01\x12U\n\x12RecordFileDownload\x12).nexus.files.v1.RecordFileDownloadRequest\x1a\x14.nexus.files.v1.FileBS\n\x12\x63om.nexus.files.v1P\x01Z;github.com/nexus/data-service/gen/go/nexus/files/v1;filesv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anexus/files/v1/files.proto\x12\x0enexus.files.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x02\n\x04\x46ile\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tmime_type\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x11\n\tis_public\x18\x06 \x01(\x08\x12\x16\n\x0e\x64ownload_count\x18\x07 \x01(\x03\x12\x10\n\x08owner_id\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\"a\n\x0eGetFileRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\"\x85\x01\n\x10ListFilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x05 \x01(\x08\x12\x12\n\ncount_only\x18\x06 \x01(\x08\"e\n\x11ListFilesResponse\x12#\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x14.nexus.files.v1.File\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"h\n\x11UpdateFileRequest\x12\"\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x14.nexus.files.v1.File\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"<\n\x11\x44\x65leteFileRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"!\n\x13UndeleteFileRequest\x12\n\n\x02id\x18\x01 \x01(\t\"Z\n\x12SearchFilesRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"u\n\x13SearchFilesResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .nexus.files.v1.FileSearchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"E\n\x10\x46ileSearchResult\x12\"\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x14.nexus.files.v1.File\x12\r\n\x05score\x18\x02 \x01(\x01\"R\n\x14\x42\x61tchGetFilesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"<\n\x15\x42\x61tchGetFilesResponse\x12#\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x14.nexus.files.v1.File\"\x80\x01\n\x12UploadFileMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x11\n\tis_public\x18\x03 \x01(\x08\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"d\n\x11UploadFileRequest\x12\x36\n\x08metadata\x18\x01 \x01(\x0b\x32\".nexus.files.v1.UploadFileMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"@\n\x13\x44ownloadFileRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\"5\n\x14\x44ownloadFileResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\'\n\x19RecordFileDownloadRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xac\x06\n\x0b\x46ileService\x12?\n\x07GetFile\x12\x1e.nexus.files.v1.GetFileRequest\x1a\x14.nexus.files.v1.File\x12P\n\tListFiles\x12 .nexus.files.v1.ListFilesRequest\x1a!.nexus.files.v1.ListFilesResponse\x12\x45\n\nUpdateFile\x12!.nexus.files.v1.UpdateFileRequest\x1a\x14.nexus.files.v1.File\x12\x45\n\nDeleteFile\x12!.nexus.files.v1.DeleteFileRequest\x1a\x14.nexus.files.v1.File\x12I\n\x0cUndeleteFile\x12#.nexus.files.v1.UndeleteFileRequest\x1a\x14.nexus.files.v1.File\x12V\n\x0bSearchFiles\x12\".nexus.files.v1.SearchFilesRequest\x1a#.nexus.files.v1.SearchFilesResponse\x12\\\n\rBatchGetFiles\x12$.nexus.files.v1.BatchGetFilesRequest\x1a%.nexus.files.v1.BatchGetFilesResponse\x12G\n\nUploadFile\x12!.nexus.files.v1.UploadFileRequest\x1a\x14.nexus.files.v1.File(\x01\x12[\n\x0c\x44ownloadFile\x12#.nexus.files.v1.DownloadFileRequest\x1a$.nexus.files.v1.DownloadFileResponse0\x01\x12U\n\x12RecordFileDownload\x12).nexus.files.v1.RecordFileDownloadRequest\x1a\x14.nexus.files.v1.FileBS\n\x12\x63om.nexus.files.v1P\x01Z;github.com/nexus/data-service/gen/go/nexus/files/v1;filesv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,36 +38,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILE']._serialized_end=423
   _globals['_GETFILEREQUEST']._serialized_start=425
   _globals['_GETFILEREQUEST']._serialized_end=522
-  _globals['_LISTFILESREQUEST']._serialized_start=524
-  _globals['_LISTFILESREQUEST']._serialized_end=637
-  _globals['_LISTFILESRESPONSE']._serialized_start=639
-  _globals['_LISTFILESRESPONSE']._serialized_end=740
-  _globals['_UPDATEFILEREQUEST']._serialized_start=742
-  _globals['_UPDATEFILEREQUEST']._serialized_end=846
-  _globals['_DELETEFILEREQUEST']._serialized_start=848
-  _globals['_DELETEFILEREQUEST']._serialized_end=908
-  _globals['_UNDELETEFILEREQUEST']._serialized_start=910
-  _globals['_UNDELETEFILEREQUEST']._serialized_end=943
-  _globals['_SEARCHFILESREQUEST']._serialized_start=945
-  _globals['_SEARCHFILESREQUEST']._serialized_end=1035
-  _globals['_SEARCHFILESRESPONSE']._serialized_start=1037
-  _globals['_SEARCHFILESRESPONSE']._serialized_end=1154
-  _globals['_FILESEARCHRESULT']._serialized_start=1156
-  _globals['_FILESEARCHRESULT']._serialized_end=1225
-  _globals['_BATCHGETFILESREQUEST']._serialized_start=1227
-  _globals['_BATCHGETFILESREQUEST']._serialized_end=1309
-  _globals['_BATCHGETFILESRESPONSE']._serialized_start=1311
-  _globals['_BATCHGETFILESRESPONSE']._serialized_end=1371
-  _globals['_UPLOADFILEMETADATA']._serialized_start=1374
-  _globals['_UPLOADFILEMETADATA']._serialized_end=1502
-  _globals['_UPLOADFILEREQUEST']._serialized_start=1504
-  _globals['_UPLOADFILEREQUEST']._serialized_end=1604
-  _globals['_DOWNLOADFILEREQUEST']._serialized_start=1606
-  _globals['_DOWNLOADFILEREQUEST']._serialized_end=1670
-  _globals['_DOWNLOADFILERESPONSE']._serialized_start=1672
-  _globals['_DOWNLOADFILERESPONSE']._serialized_end=1725
-  _globals['_RECORDFILEDOWNLOADREQUEST']._serialized_start=1727
-  _globals['_RECORDFILEDOWNLOADREQUEST']._serialized_end=1766
-  _globals['_FILESERVICE']._serialized_start=1769
-  _globals['_FILESERVICE']._serialized_end=2581
+  _globals['_LISTFILESREQUEST']._serialized_start=525
+  _globals['_LISTFILESREQUEST']._serialized_end=658
+  _globals['_LISTFILESRESPONSE']._serialized_start=660
+  _globals['_LISTFILESRESPONSE']._serialized_end=761
+  _globals['_UPDATEFILEREQUEST']._serialized_start=763
+  _globals['_UPDATEFILEREQUEST']._serialized_end=867
+  _globals['_DELETEFILEREQUEST']._serialized_start=869
+  _globals['_DELETEFILEREQUEST']._serialized_end=929
+  _globals['_UNDELETEFILEREQUEST']._serialized_start=931
+  _globals['_UNDELETEFILEREQUEST']._serialized_end=964
+  _globals['_SEARCHFILESREQUEST']._serialized_start=966
+  _globals['_SEARCHFILESREQUEST']._serialized_end=1056
+  _globals['_SEARCHFILESRESPONSE']._serialized_start=1058
+  _globals['_SEARCHFILESRESPONSE']._serialized_end=1175
+  _globals['_FILESEARCHRESULT']._serialized_start=1177
+  _globals['_FILESEARCHRESULT']._serialized_end=1246
+  _globals['_BATCHGETFILESREQUEST']._serialized_start=1248
+  _globals['_BATCHGETFILESREQUEST']._serialized_end=1330
+  _globals['_BATCHGETFILESRESPONSE']._serialized_start=1332
+  _globals['_BATCHGETFILESRESPONSE']._serialized_end=1392
+  _globals['_UPLOADFILEMETADATA']._serialized_start=1395
+  _globals['_UPLOADFILEMETADATA']._serialized_end=1523
+  _globals['_UPLOADFILEREQUEST']._serialized_start=1525
+  _globals['_UPLOADFILEREQUEST']._serialized_end=1625
+  _globals['_DOWNLOADFILEREQUEST']._serialized_start=1627
+  _globals['_DOWNLOADFILEREQUEST']._serialized_end=1691
+  _globals['_DOWNLOADFILERESPONSE']._serialized_start=1693
+  _globals['_DOWNLOADFILERESPONSE']._serialized_end=1746
+  _globals['_RECORDFILEDOWNLOADREQUEST']._serialized_start=1748
+  _globals['_RECORDFILEDOWNLOADREQUEST']._serialized_end=1787
+  _globals['_FILESERVICE']._serialized_start=1790
+  _globals['_FILESERVICE']._serialized_end=2602
 # @@protoc_insertion_point(module_scope)

@@ -561,6 +561,7 @@ class ListUsersRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
     SHOW_DELETED_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -571,6 +572,12 @@ class ListUsersRequest(_message.Message):
     """Comma-separated order, e.g. "create_time desc, id"."""
     show_deleted: _builtins.bool
     """Include soft-deleted users."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -579,10 +586,11 @@ class ListUsersRequest(_message.Message):
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
         show_deleted: _builtins.bool = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -916,6 +924,7 @@ class ListRolesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -924,6 +933,12 @@ class ListRolesRequest(_message.Message):
     """AIP-160 filter expression."""
     order_by: _builtins.str
     """Comma-separated order, e.g. "create_time desc, id"."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -931,10 +946,11 @@ class ListRolesRequest(_message.Message):
         page_token: _builtins.str = ...,
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1188,6 +1204,7 @@ class ListApiKeysRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -1196,6 +1213,12 @@ class ListApiKeysRequest(_message.Message):
     """AIP-160 filter expression."""
     order_by: _builtins.str
     """Comma-separated order, e.g. "create_time desc, id"."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -1203,10 +1226,11 @@ class ListApiKeysRequest(_message.Message):
         page_token: _builtins.str = ...,
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

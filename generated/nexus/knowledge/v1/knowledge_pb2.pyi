@@ -186,6 +186,7 @@ class ListKnowledgeChunksRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -194,6 +195,12 @@ class ListKnowledgeChunksRequest(_message.Message):
     """AIP-160 filter expression."""
     order_by: _builtins.str
     """Comma-separated order, e.g. "create_time desc, id"."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -201,10 +208,11 @@ class ListKnowledgeChunksRequest(_message.Message):
         page_token: _builtins.str = ...,
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -932,6 +940,7 @@ class ListDocumentsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
     SHOW_DELETED_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -942,6 +951,12 @@ class ListDocumentsRequest(_message.Message):
     """Comma-separated order, e.g. "update_time desc, id"."""
     show_deleted: _builtins.bool
     """Include soft-deleted documents (those the caller owns; admins: all)."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -950,10 +965,11 @@ class ListDocumentsRequest(_message.Message):
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
         show_deleted: _builtins.bool = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1258,22 +1274,30 @@ class ListDocumentVersionsRequest(_message.Message):
     DOCUMENT_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     document_id: _builtins.str
     """The document's id."""
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
     """Token from a previous page's next_page_token."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
         document_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "document_id", b"document_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1432,22 +1456,30 @@ class ListDocumentSharesRequest(_message.Message):
     DOCUMENT_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     document_id: _builtins.str
     """The document's id."""
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
     """Token from a previous page's next_page_token."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
         document_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "document_id", b"document_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nexus/mail/v1/mail.proto\x12\rnexus.mail.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x03\n\x05\x45mail\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x03(\t\x12\n\n\x02\x63\x63\x18\x04 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x05 \x03(\t\x12\x13\n\x0bto_user_ids\x18\x06 \x03(\t\x12\x13\n\x0b\x63\x63_user_ids\x18\x07 \x03(\t\x12\x14\n\x0c\x62\x63\x63_user_ids\x18\x08 \x03(\t\x12\x0f\n\x07subject\x18\t \x01(\t\x12\x0c\n\x04\x62ody\x18\n \x01(\t\x12\x11\n\tthread_id\x18\x0b \x01(\t\x12*\n\x06status\x18\x0c \x01(\x0e\x32\x1a.nexus.mail.v1.EmailStatus\x12\x13\n\x0b\x61ttachments\x18\r \x03(\t\x12-\n\tsent_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x12 \x01(\t\"b\n\x0fGetEmailRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\"r\n\x11ListEmailsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x05 \x01(\x08\"g\n\x12ListEmailsResponse\x12$\n\x06\x65mails\x18\x01 \x03(\x0b\x32\x14.nexus.mail.v1.Email\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"M\n\x12\x43reateEmailRequest\x12#\n\x05\x65mail\x18\x01 \x01(\x0b\x32\x14.nexus.mail.v1.Email\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"j\n\x12UpdateEmailRequest\x12#\n\x05\x65mail\x18\x01 \x01(\x0b\x32\x14.nexus.mail.v1.Email\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x12\x44\x65leteEmailRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\"\n\x14UndeleteEmailRequest\x12\n\n\x02id\x18\x01 \x01(\t\"[\n\x13SearchEmailsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"G\n\x11\x45mailSearchResult\x12#\n\x05\x65mail\x18\x01 \x01(\x0b\x32\x14.nexus.mail.v1.Email\x12\r\n\x05score\x18\x02 \x01(\x01\"v\n\x14SearchEmailsResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .nexus.mail.v1.EmailSearchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"S\n\x15\x42\x61tchGetEmailsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\">\n\x16\x42\x61tchGetEmailsResponse\x12$\n\x06\x65mails\x18\x01 \x03(\x0b\x32\x14.nexus.mail.v1.Email\",\n\x10SendEmailRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t*u\n\x0b\x45mailStatus\x12\x1c\n\x18\x45MAIL_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45MAIL_STATUS_DRAFT\x10\x01\x12\x15\n\x11\x45MAIL_STATUS_SENT\x10\x02\x12\x19\n\x15\x45MAIL_STATUS_RECEIVED\x10\x03\x32\xc2\x05\n\x0bMailService\x12@\n\x08GetEmail\x12\x1e.nexus.mail.v1.GetEmailRequest\x1a\x14.nexus.mail.v1.Email\x12Q\n\nListEmails\x12 .nexus.mail.v1.ListEmailsRequest\x1a!.nexus.mail.v1.ListEmailsResponse\x12\x46\n\x0b\x43reateEmail\x12!.nexus.mail.v1.CreateEmailRequest\x1a\x14.nexus.mail.v1.Email\x12\x46\n\x0bUpdateEmail\x12!.nexus.mail.v1.UpdateEmailRequest\x1a\x14.nexus.mail.v1.Email\x12\x46\n\x0b\x44\x65leteEmail\x12!.nexus.mail.v1.DeleteEmailRequest\x1a\x14.nexus.mail.v1.Email\x12J\n\rUndeleteEmail\x12#.nexus.mail.v1.UndeleteEmailRequest\x1a\x14.nexus.mail.v1.Email\x12W\n\x0cSearchEmails\x12\".nexus.mail.v1.SearchEmailsRequest\x1a#.nexus.mail.v1.SearchEmailsResponse\x12]\n\x0e\x42\x61tchGetEmails\x12$.nexus.mail.v1.BatchGetEmailsRequest\x1a%.nexus.mail.v1.BatchGetEmailsResponse\x12\x42\n\tSendEmail\x12\x1f.nexus.mail.v1.SendEmailRequest\x1a\x14.nexus.mail.v1.EmailBP\n\x11\x63om.nexus.mail.v1P\x01Z9github.com/nexus/data-service/gen/go/nexus/mail/v1;mailv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nexus/mail/v1/mail.proto\x12\rnexus.mail.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x03\n\x05\x45mail\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x03(\t\x12\n\n\x02\x63\x63\x18\x04 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x05 \x03(\t\x12\x13\n\x0bto_user_ids\x18\x06 \x03(\t\x12\x13\n\x0b\x63\x63_user_ids\x18\x07 \x03(\t\x12\x14\n\x0c\x62\x63\x63_user_ids\x18\x08 \x03(\t\x12\x0f\n\x07subject\x18\t \x01(\t\x12\x0c\n\x04\x62ody\x18\n \x01(\t\x12\x11\n\tthread_id\x18\x0b \x01(\t\x12*\n\x06status\x18\x0c \x01(\x0e\x32\x1a.nexus.mail.v1.EmailStatus\x12\x13\n\x0b\x61ttachments\x18\r \x03(\t\x12-\n\tsent_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x12 \x01(\t\"b\n\x0fGetEmailRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\"\x86\x01\n\x11ListEmailsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x05 \x01(\x08\x12\x12\n\ncount_only\x18\x06 \x01(\x08\"g\n\x12ListEmailsResponse\x12$\n\x06\x65mails\x18\x01 \x03(\x0b\x32\x14.nexus.mail.v1.Email\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"M\n\x12\x43reateEmailRequest\x12#\n\x05\x65mail\x18\x01 \x01(\x0b\x32\x14.nexus.mail.v1.Email\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"j\n\x12UpdateEmailRequest\x12#\n\x05\x65mail\x18\x01 \x01(\x0b\x32\x14.nexus.mail.v1.Email\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x12\x44\x65leteEmailRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\"\n\x14UndeleteEmailRequest\x12\n\n\x02id\x18\x01 \x01(\t\"[\n\x13SearchEmailsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"G\n\x11\x45mailSearchResult\x12#\n\x05\x65mail\x18\x01 \x01(\x0b\x32\x14.nexus.mail.v1.Email\x12\r\n\x05score\x18\x02 \x01(\x01\"v\n\x14SearchEmailsResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .nexus.mail.v1.EmailSearchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"S\n\x15\x42\x61tchGetEmailsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\">\n\x16\x42\x61tchGetEmailsResponse\x12$\n\x06\x65mails\x18\x01 \x03(\x0b\x32\x14.nexus.mail.v1.Email\",\n\x10SendEmailRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t*u\n\x0b\x45mailStatus\x12\x1c\n\x18\x45MAIL_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45MAIL_STATUS_DRAFT\x10\x01\x12\x15\n\x11\x45MAIL_STATUS_SENT\x10\x02\x12\x19\n\x15\x45MAIL_STATUS_RECEIVED\x10\x03\x32\xc2\x05\n\x0bMailService\x12@\n\x08GetEmail\x12\x1e.nexus.mail.v1.GetEmailRequest\x1a\x14.nexus.mail.v1.Email\x12Q\n\nListEmails\x12 .nexus.mail.v1.ListEmailsRequest\x1a!.nexus.mail.v1.ListEmailsResponse\x12\x46\n\x0b\x43reateEmail\x12!.nexus.mail.v1.CreateEmailRequest\x1a\x14.nexus.mail.v1.Email\x12\x46\n\x0bUpdateEmail\x12!.nexus.mail.v1.UpdateEmailRequest\x1a\x14.nexus.mail.v1.Email\x12\x46\n\x0b\x44\x65leteEmail\x12!.nexus.mail.v1.DeleteEmailRequest\x1a\x14.nexus.mail.v1.Email\x12J\n\rUndeleteEmail\x12#.nexus.mail.v1.UndeleteEmailRequest\x1a\x14.nexus.mail.v1.Email\x12W\n\x0cSearchEmails\x12\".nexus.mail.v1.SearchEmailsRequest\x1a#.nexus.mail.v1.SearchEmailsResponse\x12]\n\x0e\x42\x61tchGetEmails\x12$.nexus.mail.v1.BatchGetEmailsRequest\x1a%.nexus.mail.v1.BatchGetEmailsResponse\x12\x42\n\tSendEmail\x12\x1f.nexus.mail.v1.SendEmailRequest\x1a\x14.nexus.mail.v1.EmailBP\n\x11\x63om.nexus.mail.v1P\x01Z9github.com/nexus/data-service/gen/go/nexus/mail/v1;mailv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,36 +34,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nexus.mail.v1.mail_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021com.nexus.mail.v1P\001Z9github.com/nexus/data-service/gen/go/nexus/mail/v1;mailv1'
-  _globals['_EMAILSTATUS']._serialized_start=1663
-  _globals['_EMAILSTATUS']._serialized_end=1780
+  _globals['_EMAILSTATUS']._serialized_start=1684
+  _globals['_EMAILSTATUS']._serialized_end=1801
   _globals['_EMAIL']._serialized_start=111
   _globals['_EMAIL']._serialized_end=573
   _globals['_GETEMAILREQUEST']._serialized_start=575
   _globals['_GETEMAILREQUEST']._serialized_end=673
-  _globals['_LISTEMAILSREQUEST']._serialized_start=675
-  _globals['_LISTEMAILSREQUEST']._serialized_end=789
-  _globals['_LISTEMAILSRESPONSE']._serialized_start=791
-  _globals['_LISTEMAILSRESPONSE']._serialized_end=894
-  _globals['_CREATEEMAILREQUEST']._serialized_start=896
-  _globals['_CREATEEMAILREQUEST']._serialized_end=973
-  _globals['_UPDATEEMAILREQUEST']._serialized_start=975
-  _globals['_UPDATEEMAILREQUEST']._serialized_end=1081
-  _globals['_DELETEEMAILREQUEST']._serialized_start=1083
-  _globals['_DELETEEMAILREQUEST']._serialized_end=1144
-  _globals['_UNDELETEEMAILREQUEST']._serialized_start=1146
-  _globals['_UNDELETEEMAILREQUEST']._serialized_end=1180
-  _globals['_SEARCHEMAILSREQUEST']._serialized_start=1182
-  _globals['_SEARCHEMAILSREQUEST']._serialized_end=1273
-  _globals['_EMAILSEARCHRESULT']._serialized_start=1275
-  _globals['_EMAILSEARCHRESULT']._serialized_end=1346
-  _globals['_SEARCHEMAILSRESPONSE']._serialized_start=1348
-  _globals['_SEARCHEMAILSRESPONSE']._serialized_end=1466
-  _globals['_BATCHGETEMAILSREQUEST']._serialized_start=1468
-  _globals['_BATCHGETEMAILSREQUEST']._serialized_end=1551
-  _globals['_BATCHGETEMAILSRESPONSE']._serialized_start=1553
-  _globals['_BATCHGETEMAILSRESPONSE']._serialized_end=1615
-  _globals['_SENDEMAILREQUEST']._serialized_start=1617
-  _globals['_SENDEMAILREQUEST']._serialized_end=1661
-  _globals['_MAILSERVICE']._serialized_start=1783
-  _globals['_MAILSERVICE']._serialized_end=2489
+  _globals['_LISTEMAILSREQUEST']._serialized_start=676
+  _globals['_LISTEMAILSREQUEST']._serialized_end=810
+  _globals['_LISTEMAILSRESPONSE']._serialized_start=812
+  _globals['_LISTEMAILSRESPONSE']._serialized_end=915
+  _globals['_CREATEEMAILREQUEST']._serialized_start=917
+  _globals['_CREATEEMAILREQUEST']._serialized_end=994
+  _globals['_UPDATEEMAILREQUEST']._serialized_start=996
+  _globals['_UPDATEEMAILREQUEST']._serialized_end=1102
+  _globals['_DELETEEMAILREQUEST']._serialized_start=1104
+  _globals['_DELETEEMAILREQUEST']._serialized_end=1165
+  _globals['_UNDELETEEMAILREQUEST']._serialized_start=1167
+  _globals['_UNDELETEEMAILREQUEST']._serialized_end=1201
+  _globals['_SEARCHEMAILSREQUEST']._serialized_start=1203
+  _globals['_SEARCHEMAILSREQUEST']._serialized_end=1294
+  _globals['_EMAILSEARCHRESULT']._serialized_start=1296
+  _globals['_EMAILSEARCHRESULT']._serialized_end=1367
+  _globals['_SEARCHEMAILSRESPONSE']._serialized_start=1369
+  _globals['_SEARCHEMAILSRESPONSE']._serialized_end=1487
+  _globals['_BATCHGETEMAILSREQUEST']._serialized_start=1489
+  _globals['_BATCHGETEMAILSREQUEST']._serialized_end=1572
+  _globals['_BATCHGETEMAILSRESPONSE']._serialized_start=1574
+  _globals['_BATCHGETEMAILSRESPONSE']._serialized_end=1636
+  _globals['_SENDEMAILREQUEST']._serialized_start=1638
+  _globals['_SENDEMAILREQUEST']._serialized_end=1682
+  _globals['_MAILSERVICE']._serialized_start=1804
+  _globals['_MAILSERVICE']._serialized_end=2510
 # @@protoc_insertion_point(module_scope)

@@ -212,6 +212,7 @@ class ListEmailsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
     SHOW_DELETED_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -222,6 +223,12 @@ class ListEmailsRequest(_message.Message):
     """Comma-separated order, e.g. "sent_time, id"."""
     show_deleted: _builtins.bool
     """Include soft-deleted emails (those the caller sent; admins: all)."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -230,10 +237,11 @@ class ListEmailsRequest(_message.Message):
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
         show_deleted: _builtins.bool = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

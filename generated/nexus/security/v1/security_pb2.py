@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n nexus/security/v1/security.proto\x12\x11nexus.security.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12)\n\told_value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tnew_value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\x80\x03\n\rAuditLogEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\nactor_type\x18\x02 \x01(\x0e\x32\x1c.nexus.security.v1.ActorType\x12\x10\n\x08\x61\x63tor_id\x18\x03 \x01(\t\x12.\n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x1e.nexus.security.v1.AuditAction\x12\x15\n\rresource_type\x18\x05 \x01(\t\x12\x13\n\x0bresource_id\x18\x06 \x01(\t\x12/\n\x07\x63hanges\x18\x07 \x03(\x0b\x32\x1e.nexus.security.v1.FieldChange\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06method\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\"T\n\x17GetAuditLogEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"e\n\x1aListAuditLogEntriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"\x87\x01\n\x1bListAuditLogEntriesResponse\x12;\n\x11\x61udit_log_entries\x18\x01 \x03(\x0b\x32 .nexus.security.v1.AuditLogEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"d\n\x1cSearchAuditLogEntriesRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"e\n\x19\x41uditLogEntrySearchResult\x12\x39\n\x0f\x61udit_log_entry\x18\x01 \x01(\x0b\x32 .nexus.security.v1.AuditLogEntry\x12\r\n\x05score\x18\x02 \x01(\x01\"\x8b\x01\n\x1dSearchAuditLogEntriesResponse\x12=\n\x07results\x18\x01 \x03(\x0b\x32,.nexus.security.v1.AuditLogEntrySearchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05*k\n\tActorType\x12\x1a\n\x16\x41\x43TOR_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TOR_TYPE_USER\x10\x01\x12\x16\n\x12\x41\x43TOR_TYPE_API_KEY\x10\x02\x12\x15\n\x11\x41\x43TOR_TYPE_SYSTEM\x10\x03*\x91\x01\n\x0b\x41uditAction\x12\x1c\n\x18\x41UDIT_ACTION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41UDIT_ACTION_CREATE\x10\x01\x12\x17\n\x13\x41UDIT_ACTION_UPDATE\x10\x02\x12\x17\n\x13\x41UDIT_ACTION_DELETE\x10\x03\x12\x19\n\x15\x41UDIT_ACTION_UNDELETE\x10\x04\x32\xe5\x02\n\x0fSecurityService\x12`\n\x10GetAuditLogEntry\x12*.nexus.security.v1.GetAuditLogEntryRequest\x1a .nexus.security.v1.AuditLogEntry\x12t\n\x13ListAuditLogEntries\x12-.nexus.security.v1.ListAuditLogEntriesRequest\x1a..nexus.security.v1.ListAuditLogEntriesResponse\x12z\n\x15SearchAuditLogEntries\x12/.nexus.security.v1.SearchAuditLogEntriesRequest\x1a\x30.nexus.security.v1.SearchAuditLogEntriesResponseB\\\n\x15\x63om.nexus.security.v1P\x01ZAgithub.com/nexus/data-service/gen/go/nexus/security/v1;securityv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n nexus/security/v1/security.proto\x12\x11nexus.security.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12)\n\told_value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tnew_value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\x80\x03\n\rAuditLogEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\nactor_type\x18\x02 \x01(\x0e\x32\x1c.nexus.security.v1.ActorType\x12\x10\n\x08\x61\x63tor_id\x18\x03 \x01(\t\x12.\n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x1e.nexus.security.v1.AuditAction\x12\x15\n\rresource_type\x18\x05 \x01(\t\x12\x13\n\x0bresource_id\x18\x06 \x01(\t\x12/\n\x07\x63hanges\x18\x07 \x03(\x0b\x32\x1e.nexus.security.v1.FieldChange\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06method\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\"T\n\x17GetAuditLogEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"y\n\x1aListAuditLogEntriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\x12\x12\n\ncount_only\x18\x05 \x01(\x08\"\x87\x01\n\x1bListAuditLogEntriesResponse\x12;\n\x11\x61udit_log_entries\x18\x01 \x03(\x0b\x32 .nexus.security.v1.AuditLogEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"d\n\x1cSearchAuditLogEntriesRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"e\n\x19\x41uditLogEntrySearchResult\x12\x39\n\x0f\x61udit_log_entry\x18\x01 \x01(\x0b\x32 .nexus.security.v1.AuditLogEntry\x12\r\n\x05score\x18\x02 \x01(\x01\"\x8b\x01\n\x1dSearchAuditLogEntriesResponse\x12=\n\x07results\x18\x01 \x03(\x0b\x32,.nexus.security.v1.AuditLogEntrySearchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05*k\n\tActorType\x12\x1a\n\x16\x41\x43TOR_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TOR_TYPE_USER\x10\x01\x12\x16\n\x12\x41\x43TOR_TYPE_API_KEY\x10\x02\x12\x15\n\x11\x41\x43TOR_TYPE_SYSTEM\x10\x03*\x91\x01\n\x0b\x41uditAction\x12\x1c\n\x18\x41UDIT_ACTION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41UDIT_ACTION_CREATE\x10\x01\x12\x17\n\x13\x41UDIT_ACTION_UPDATE\x10\x02\x12\x17\n\x13\x41UDIT_ACTION_DELETE\x10\x03\x12\x19\n\x15\x41UDIT_ACTION_UNDELETE\x10\x04\x32\xe5\x02\n\x0fSecurityService\x12`\n\x10GetAuditLogEntry\x12*.nexus.security.v1.GetAuditLogEntryRequest\x1a .nexus.security.v1.AuditLogEntry\x12t\n\x13ListAuditLogEntries\x12-.nexus.security.v1.ListAuditLogEntriesRequest\x1a..nexus.security.v1.ListAuditLogEntriesResponse\x12z\n\x15SearchAuditLogEntries\x12/.nexus.security.v1.SearchAuditLogEntriesRequest\x1a\x30.nexus.security.v1.SearchAuditLogEntriesResponseB\\\n\x15\x63om.nexus.security.v1P\x01ZAgithub.com/nexus/data-service/gen/go/nexus/security/v1;securityv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nexus.security.v1.security_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\025com.nexus.security.v1P\001ZAgithub.com/nexus/data-service/gen/go/nexus/security/v1;securityv1'
-  _globals['_ACTORTYPE']._serialized_start=1329
-  _globals['_ACTORTYPE']._serialized_end=1436
-  _globals['_AUDITACTION']._serialized_start=1439
-  _globals['_AUDITACTION']._serialized_end=1584
+  _globals['_ACTORTYPE']._serialized_start=1349
+  _globals['_ACTORTYPE']._serialized_end=1456
+  _globals['_AUDITACTION']._serialized_start=1459
+  _globals['_AUDITACTION']._serialized_end=1604
   _globals['_FIELDCHANGE']._serialized_start=152
   _globals['_FIELDCHANGE']._serialized_end=266
   _globals['_AUDITLOGENTRY']._serialized_start=269
@@ -46,15 +46,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETAUDITLOGENTRYREQUEST']._serialized_start=655
   _globals['_GETAUDITLOGENTRYREQUEST']._serialized_end=739
   _globals['_LISTAUDITLOGENTRIESREQUEST']._serialized_start=741
-  _globals['_LISTAUDITLOGENTRIESREQUEST']._serialized_end=842
-  _globals['_LISTAUDITLOGENTRIESRESPONSE']._serialized_start=845
-  _globals['_LISTAUDITLOGENTRIESRESPONSE']._serialized_end=980
-  _globals['_SEARCHAUDITLOGENTRIESREQUEST']._serialized_start=982
-  _globals['_SEARCHAUDITLOGENTRIESREQUEST']._serialized_end=1082
-  _globals['_AUDITLOGENTRYSEARCHRESULT']._serialized_start=1084
-  _globals['_AUDITLOGENTRYSEARCHRESULT']._serialized_end=1185
-  _globals['_SEARCHAUDITLOGENTRIESRESPONSE']._serialized_start=1188
-  _globals['_SEARCHAUDITLOGENTRIESRESPONSE']._serialized_end=1327
-  _globals['_SECURITYSERVICE']._serialized_start=1587
-  _globals['_SECURITYSERVICE']._serialized_end=1944
+  _globals['_LISTAUDITLOGENTRIESREQUEST']._serialized_end=862
+  _globals['_LISTAUDITLOGENTRIESRESPONSE']._serialized_start=865
+  _globals['_LISTAUDITLOGENTRIESRESPONSE']._serialized_end=1000
+  _globals['_SEARCHAUDITLOGENTRIESREQUEST']._serialized_start=1002
+  _globals['_SEARCHAUDITLOGENTRIESREQUEST']._serialized_end=1102
+  _globals['_AUDITLOGENTRYSEARCHRESULT']._serialized_start=1104
+  _globals['_AUDITLOGENTRYSEARCHRESULT']._serialized_end=1205
+  _globals['_SEARCHAUDITLOGENTRIESRESPONSE']._serialized_start=1208
+  _globals['_SEARCHAUDITLOGENTRIESRESPONSE']._serialized_end=1347
+  _globals['_SECURITYSERVICE']._serialized_start=1607
+  _globals['_SECURITYSERVICE']._serialized_end=1964
 # @@protoc_insertion_point(module_scope)

@@ -226,6 +226,7 @@ class ListAuditLogEntriesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
+    COUNT_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum results per page: default 50, at most 1000."""
     page_token: _builtins.str
@@ -234,6 +235,12 @@ class ListAuditLogEntriesRequest(_message.Message):
     """AIP-160 filter expression."""
     order_by: _builtins.str
     """Comma-separated order, e.g. "create_time desc, id"."""
+    count_only: _builtins.bool
+    """Count only: the response holds total_size, the number of resources this List would
+    return over all its pages (the same filter, show_deleted and the caller's row rules),
+    and no resources nor next_page_token; page_size is not read, and a page_token is
+    INVALID_ARGUMENT. page_size 0 keeps its AIP-158 meaning, the default page.
+    """
     def __init__(
         self,
         *,
@@ -241,10 +248,11 @@ class ListAuditLogEntriesRequest(_message.Message):
         page_token: _builtins.str = ...,
         filter: _builtins.str = ...,
         order_by: _builtins.str = ...,
+        count_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count_only", b"count_only", "filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

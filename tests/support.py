@@ -264,6 +264,8 @@ SAMPLES: dict[str, Sample] = {
         lambda c, w: {"title": f"{w} conversation", "user_id": new_user(c).id},
         ("title", None),
         lambda w: f'title = "{w} conversation"',
+        # Without a user (made by an admin acting for none): admins' alone.
+        restricted={"user_id": ""},
     ),
     "ConversationMessage": Sample(
         "nexus.chat.v1.ChatService",

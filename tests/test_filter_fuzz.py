@@ -36,7 +36,7 @@ HOSTILE = [
 
 TOKENS = st.sampled_from(
     ["AND", "OR", "NOT", "-", "(", ")", "=", "!=", "<", "<=", ">", ">=", ":", "*", ".", '"x"', "'y'", "1", "-2.5", "true", "null",
-     "id", "name", "title", "username", "status", "DONE", "tags", "preferences", "create_time", '"2026-01-01T00:00:00Z"', "due_date",
+     "id", "name", "title", "username", "status", "DONE", "tags", "member_ids", "preferences", "create_time", '"2026-01-01T00:00:00Z"', "due_date",
      '"2026-01-01"', "estimated_hours", "is_active", "role", "ADMIN", "\\", "\"", ";", "--", "/*"]
 )
 FILTERS = st.one_of(

@@ -26,6 +26,7 @@ from db.domains.identity import ApiKey, User
 from db.engine import events, reads, rules, writes, changes
 from db.engine.call import Call
 from db.engine.codecs import MessageListCodec, OutputCodec
+from db.engine.filtering import FieldKind, FilterField
 from db.engine.resource import REGISTRY, ListReference, ResourceSpec
 from db.engine.rules import Access, Rule, is_caller, mine
 
@@ -144,6 +145,10 @@ CHANNELS = REGISTRY.add(
         references={"project_id": "Project", "creator_id": "User"},
         extra_codecs={"member_ids": OutputCodec("member_ids", lambda r: sorted(str(u.id) for u in r.members), repeated=True)},
         orderable=("create_time", "update_time", "name"),
+        # member_ids:"<user id>": the channels a user is a member of (ix_channel_members_user_id).
+        extra_filters={"member_ids": FilterField(
+            FieldKind.RELATED_IDS, Channel.__table__.c.id, link=(channel_members.c.channel_id, channel_members.c.user_id),
+        )},
         search_fields=(("name", "A"), ("description", "B")),
         owner_field="creator_id",
         stream_scope=lambda r: channel_scope(r.id),
@@ -193,6 +198,20 @@ CHAT_MESSAGES = REGISTRY.add(
 )
 
 
+def _conversation_rules(session: Session, row: Conversation, changed: set[str], creating: bool, call: Call) -> None:
+    """A conversation without a user (a system's or an anonymous one) is made by admins only:
+    the only callers who see it afterwards (the row rules below never match a NULL owner)."""
+    if creating and row.user_id is None and call.role != "admin":
+        raise errors.PermissionDenied(
+            "the caller acts for no user: only an admin makes a conversation without a user",
+            reason="NO_USER_TO_OWN",
+            metadata={"field": "conversation.user_id", "resource_type": "Conversation"},
+        )
+
+
+# Conversations of a user are that user's; those without a user (user_id NULL: a system's or
+# an anonymous visitor's) are nobody's: only admins see and change them, on every way to them
+# and to their messages, because `mine` never matches a NULL owner (rules.is_caller).
 CONVERSATIONS = REGISTRY.add(
     ResourceSpec(
         name="Conversation",
@@ -201,13 +220,16 @@ CONVERSATIONS = REGISTRY.add(
         message=pb.Conversation,
         singular_field="conversation",
         immutable=frozenset({"user_id"}),
-        required=frozenset({"user_id"}),
         references={"user_id": "User"},
         orderable=("create_time", "update_time", "title"),
         search_fields=(("title", "A"),),
+        before_write=_conversation_rules,
         owner_field="user_id",
         stream_scope=lambda r: conversation_scope(r.id),
-        access=Access(read=mine(Conversation.user_id, "their own"), manage=mine(Conversation.user_id, "their own")),
+        access=Access(
+            read=mine(Conversation.user_id, "their own (those without a user: admins only)"),
+            manage=mine(Conversation.user_id, "their own (those without a user: admins only)"),
+        ),
         stream_kind="conversations",
     )
 )

@@ -34,6 +34,7 @@ from db.domains.identity import User
 from db.engine import changes, reads, writes
 from db.engine.call import Call
 from db.engine.codecs import MoneyCodec, OutputCodec, enum_maps, parse_uuid
+from db.engine.filtering import FieldKind, FilterField
 from db.engine.resource import REGISTRY, ResourceSpec
 from db.engine.rules import Access, CreateRule, Rule, is_caller
 
@@ -183,6 +184,10 @@ PROJECTS = REGISTRY.add(
             "member_ids": OutputCodec("member_ids", lambda r: sorted(str(u.id) for u in r.members), repeated=True),
         },
         orderable=("create_time", "update_time", "name", "start_date", "end_date"),
+        # member_ids:"<user id>": the projects a user is a member of (ix_project_members_user_id).
+        extra_filters={"member_ids": FilterField(
+            FieldKind.RELATED_IDS, Project.__table__.c.id, link=(project_members.c.project_id, project_members.c.user_id),
+        )},
         search_fields=(("name", "A"), ("description", "B")),
         before_write=_project_rules,
         owner_field="owner_id",

@@ -25,7 +25,10 @@ Semantics that AIP-160 leaves open:
 - A string literal ending in an unescaped ``*`` is a case-sensitive prefix match with ``=`` (and its
   negation with ``!=``); ``\\*`` is a literal star. ``:`` on a string is case-insensitive substring.
 - ``field:*`` means present: NOT NULL (strings: also non-empty; repeated: non-empty array; JSON
-  path: key present). ``field = null`` / ``!= null`` is IS NULL / IS NOT NULL for every kind.
+  path: key present; related ids: at least one). ``field = null`` / ``!= null`` is IS NULL / IS
+  NOT NULL for every kind but related ids, which are never null.
+- Related ids (ids of related rows kept in a link table: ``member_ids``) take ``:`` only, with a
+  quoted UUID: ``member_ids:"<user id>"`` matches the rows that user is related to.
 - JSON nested comparisons are typed by the literal: a string literal only matches JSON strings, a
   number only JSON numbers, true/false only JSON booleans; ``prefs.a:key`` means object has key.
 - Timestamps are compared in UTC. UUID, timestamp and date literals must be quoted.
@@ -485,15 +488,21 @@ class FieldKind(enum.Enum):
     ENUM = "enum"
     REPEATED_STRING = "repeated_string"
     JSON = "json"
+    RELATED_IDS = "related ids"  # ids of related rows, kept in a link table (a project's member_ids)
 
 
 @dataclass(frozen=True)
 class FilterField:
-    """One filterable field: its kind, its column and, for enums, accepted names -> stored value."""
+    """One filterable field: its kind, its column and, for enums, accepted names -> stored value.
+
+    RELATED_IDS: `column` is the row's id, `link` the link table's (column naming the row, column
+    naming the related row): `member_ids:"<id>"` is `id IN (SELECT row FROM link WHERE related =
+    <id>)`, which the index on the link table's related column serves on both engines."""
 
     kind: FieldKind
     column: Any
     enum_values: Mapping[str, str] | None = None
+    link: tuple[Any, Any] | None = None
 
 
 _OPERATORS: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
@@ -517,6 +526,7 @@ _ALLOWED_OPERATORS: dict[FieldKind, frozenset[str]] = {
     FieldKind.ENUM: _EQUALITY,
     FieldKind.REPEATED_STRING: frozenset({":"}),
     FieldKind.JSON: frozenset({":"}),
+    FieldKind.RELATED_IDS: frozenset({":"}),
 }
 _JSON_PATH_OPERATORS = _ORDERING | {":"}
 
@@ -543,6 +553,8 @@ class FilterCompiler:
                 if not spec.enum_values:
                     raise ValueError(f"enum filter field {name!r} needs enum_values")
                 self._enum_names[name] = {key.upper(): value for key, value in spec.enum_values.items()}
+            if spec.kind is FieldKind.RELATED_IDS and spec.link is None:
+                raise ValueError(f"related ids filter field {name!r} needs its link columns")
 
     def compile(self, text: str) -> ColumnElement[bool] | None:
         """None for an empty / whitespace-only filter; raises InvalidArgument otherwise on any problem."""
@@ -616,6 +628,12 @@ class FilterCompiler:
         if spec.kind is FieldKind.JSON and not subpath:
             absent = self._json_absent(spec.column)
             return absent if node.op == "=" else not_(absent)
+        if spec.kind is FieldKind.RELATED_IDS:
+            raise _error(
+                UNSUPPORTED_FILTER_OPERATOR,
+                f"{_quote(node.name)} at position {node.position} is never null; "
+                f"{node.name}:* matches rows with any, NOT {node.name}:* rows with none",
+            )
         # JSON paths: missing keys and JSON null both extract as SQL NULL on both engines.
         target: ColumnElement[Any] = spec.column[subpath].as_string() if subpath else spec.column
         return target.is_(None) if node.op == "=" else target.is_not(None)
@@ -644,6 +662,11 @@ class FilterCompiler:
             return and_(column.is_not(None), length > 0)
         if spec.kind is FieldKind.JSON:
             return not_(self._json_absent(column))
+        if spec.kind is FieldKind.RELATED_IDS:
+            assert spec.link is not None
+            row, _ = spec.link
+            # Correlated to the filtered row, whichever statement holds the filter.
+            return exists(select(literal(1)).where(row == column).correlate_except(row.table))
         return column.is_not(None)
 
     # -- kinds
@@ -737,6 +760,19 @@ class FilterCompiler:
         elements = func.json_each(column).table_valued("value")
         return exists(select(literal(1)).select_from(elements).where(elements.c.value == value))
 
+    def _related_ids(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
+        literal_ = node.value
+        try:
+            if literal_.kind not in _STRINGISH or literal_.wildcard:
+                raise ValueError
+            value = uuid.UUID(literal_.text)
+        except ValueError:
+            raise self._bad_value(node, 'a UUID such as "123e4567-e89b-12d3-a456-426614174000"') from None
+        assert spec.link is not None
+        row, related = spec.link
+        # Two-valued (a row id is never NULL), so NOT member_ids:"<id>" is every other row.
+        return spec.column.in_(select(row).where(related == value))
+
     def _json(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
         return self._has_key(spec.column, (), self._text(node))
 
@@ -825,6 +861,7 @@ _HANDLERS: dict[FieldKind, Callable[[FilterCompiler, Comparison, FilterField], C
     FieldKind.ENUM: FilterCompiler._enum,
     FieldKind.REPEATED_STRING: FilterCompiler._repeated_string,
     FieldKind.JSON: FilterCompiler._json,
+    FieldKind.RELATED_IDS: FilterCompiler._related_ids,
 }
 
 

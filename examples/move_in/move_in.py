@@ -276,9 +276,9 @@ def move_conversations(conn: Connection, service: Service, namespace: str, repor
         if owner and owner not in users:
             report.problem("conversations", pk, "skipped", f"its user {owner} was not moved")
             continue
-        # A conversation of no user: the service's conversations belong to a user, so it goes to
-        # --unowned-owner when given. When the service takes conversations without a user, it
-        # is sent as it is.
+        # A conversation of no user goes to --unowned-owner when given; otherwise it is sent as
+        # it is, and the service keeps it without a user (only admins see it) when the move's
+        # key is an admin's acting for no user.
         user_id = users[owner] if owner else unowned_owner
         # Made active: its messages go in first (an archived conversation takes none), then it is
         # archived as it was.
@@ -291,11 +291,15 @@ def move_conversations(conn: Connection, service: Service, namespace: str, repor
             if code == grpc.StatusCode.NOT_FOUND:
                 # Moved by an earlier run and deleted in the service since (or its user was).
                 report.problem("conversations", pk, "skipped", refusal(error))
-            elif code == grpc.StatusCode.INVALID_ARGUMENT and not owner and not unowned_owner:
-                report.problem("conversations", pk, "failed", "it has no user and the service needs one: pass --unowned-owner USER_ID")
+            elif code == grpc.StatusCode.PERMISSION_DENIED and not owner and not unowned_owner:
+                report.problem("conversations", pk, "failed", "it has no user: only an admin key acting for no user moves it as it is; or pass --unowned-owner USER_ID")
             else:
                 report.problem("conversations", pk, "failed", refusal(error))
             continue
+        if not owner and not unowned_owner and made.user_id:
+            # The key acts for a user, whose own the conversation became: moved, and listed.
+            report.problems.append({"table": "conversations", "id": pk, "outcome": "moved",
+                                    "reason": f"it had no user and is now the key's user's ({made.user_id}): move with an admin key acting for no user"})
         table.ids[pk] = made.id
         table.moved += 1
         complete = move_messages(service, namespace, report, made, messages.get(pk, []))

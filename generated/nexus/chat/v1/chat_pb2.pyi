@@ -143,7 +143,9 @@ class Channel(_message.Message):
     """Output only: changes on every update."""
     @_builtins.property
     def member_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Output only: ids of the members, managed by AddChannelMember / RemoveChannelMember."""
+        """Output only: ids of the members, managed by AddChannelMember / RemoveChannelMember.
+        Filterable: member_ids:"<user id>" lists the channels that user is a member of.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -309,7 +311,10 @@ class Conversation(_message.Message):
     id: _builtins.str
     """Server-assigned UUID."""
     user_id: _builtins.str
-    """Id of the user who owns the conversation; immutable."""
+    """Id of the user who owns the conversation; immutable. Left unset it is the caller's user; a
+    caller with the admin role that acts for no user leaves it unset to make a conversation
+    without a user, which only admins see and change (with its messages and its stream).
+    """
     title: _builtins.str
     """Title of the conversation."""
     status: Global___ConversationStatus.ValueType

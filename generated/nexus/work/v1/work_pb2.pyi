@@ -177,7 +177,9 @@ class Project(_message.Message):
 
     @_builtins.property
     def member_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Output only: ids of the members, managed by AddProjectMember / RemoveProjectMember."""
+        """Output only: ids of the members, managed by AddProjectMember / RemoveProjectMember.
+        Filterable: member_ids:"<user id>" lists the projects that user is a member of.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:

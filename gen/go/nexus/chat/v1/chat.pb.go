@@ -218,6 +218,7 @@ type Channel struct {
 	// Id of the user who created the channel; immutable.
 	CreatorId string `protobuf:"bytes,6,opt,name=creator_id,json=creatorId,proto3" json:"creator_id,omitempty"`
 	// Output only: ids of the members, managed by AddChannelMember / RemoveChannelMember.
+	// Filterable: member_ids:"<user id>" lists the channels that user is a member of.
 	MemberIds []string `protobuf:"bytes,7,rep,name=member_ids,json=memberIds,proto3" json:"member_ids,omitempty"`
 	// Output only: creation time.
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
@@ -572,7 +573,9 @@ type Conversation struct {
 
 	// Server-assigned UUID.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	// Id of the user who owns the conversation; immutable.
+	// Id of the user who owns the conversation; immutable. Left unset it is the caller's user; a
+	// caller with the admin role that acts for no user leaves it unset to make a conversation
+	// without a user, which only admins see and change (with its messages and its stream).
 	UserId string `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// Title of the conversation.
 	Title string `protobuf:"bytes,3,opt,name=title,proto3" json:"title,omitempty"`

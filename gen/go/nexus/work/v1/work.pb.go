@@ -239,6 +239,7 @@ type Project struct {
 	// Budget of the project.
 	Budget *v1.Money `protobuf:"bytes,9,opt,name=budget,proto3" json:"budget,omitempty"`
 	// Output only: ids of the members, managed by AddProjectMember / RemoveProjectMember.
+	// Filterable: member_ids:"<user id>" lists the projects that user is a member of.
 	MemberIds []string `protobuf:"bytes,10,rep,name=member_ids,json=memberIds,proto3" json:"member_ids,omitempty"`
 	// Whether the project is archived.
 	Archived bool `protobuf:"varint,11,opt,name=archived,proto3" json:"archived,omitempty"`

@@ -117,8 +117,6 @@ class Caller:
 
 
 SYSTEM_CALLER = Caller("system", None, "admin", None)
-# The method whose streams a Caller holds (re-authorised as a new call of it would be).
-STREAM_METHOD = "nexus.chat.v1.ChatService/StreamEvents"
 
 
 class TooManyStreams(errors.ResourceExhausted):

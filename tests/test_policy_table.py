@@ -56,6 +56,7 @@ def test_the_method_table_names_each_method_its_permission_and_the_built_in_role
     assert printed["nexus.security.v1.SecurityService/ListAuditLogEntries"] == ("security.audit_log_entries.admin", ["admin"])
     for method, (permission, holders) in printed.items():
         # A built-in role holds a method's permission exactly when its level may call the method.
+        assert permission == policy.permission_for(method), method
         least = policy.action_for(method).value
         assert holders == [r for r in reversed(rules.ROLES) if rules.ROLE_RANK[r] >= rules.ROLE_RANK[least]], method
 

@@ -89,18 +89,13 @@ COUNT_KINDS = (
     "tool_generations",
 )
 
-ROLES: dict[str, tuple[str, list[str]]] = {
-    "admin": (
-        "Administers the platform: users, roles, keys and every project.",
-        ["users.read", "users.write", "roles.read", "roles.write", "api_keys.read", "api_keys.write",
-         "projects.read", "projects.write", "projects.delete", "tasks.read", "tasks.write", "tasks.delete"],
-    ),
-    "manager": (
-        "Runs projects: members, plans and tasks of the projects it owns.",
-        ["users.read", "projects.read", "projects.write", "tasks.read", "tasks.write", "tasks.delete"],
-    ),
-    "user": ("Works on tasks of the projects it is a member of.", ["users.read", "projects.read", "tasks.read", "tasks.write"]),
-    "guest": ("Reads projects and tasks it is invited to.", ["projects.read", "tasks.read"]),
+# The built-in roles, one per platform role: their permissions are those of their level, fixed
+# by the service (db/domains/identity.py), so a sample row states none.
+ROLES: dict[str, str] = {
+    "admin": "Administers the platform: users, roles, keys and every project.",
+    "manager": "Runs projects: members, plans and tasks of the projects it owns.",
+    "user": "Works on tasks of the projects it is a member of.",
+    "guest": "Reads projects and tasks it is invited to.",
 }
 PLATFORM_ROLE = {
     "admin": ipb.USER_ROLE_ADMIN,
@@ -910,8 +905,7 @@ def _role_steps(existing: dict[str, str]) -> list[Step]:
         return Step("", lambda s, c, ids: ids.__setitem__(("role", name), role_id))
 
     def create(name: str) -> Step:
-        description, permissions = ROLES[name]
-        request = ipb.CreateRoleRequest(role=ipb.Role(name=name, description=description, permissions=permissions))
+        request = ipb.CreateRoleRequest(role=ipb.Role(name=name, description=ROLES[name]))
 
         def run(session: Session, call: Call, ids: Ids) -> None:
             ids[("role", name)] = writes.create(session, identity.ROLES, request, call).id

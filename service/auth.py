@@ -12,6 +12,9 @@ own role and its user's current role. JWTs (PyJWT): HS256 with a shared secret o
 the issuer's public key, issuer and audience checked, `iat` and `exp` required and at most
 `max_lifetime_seconds` apart (and `exp` at most that far ahead); `sub` is the user's
 external_id, and the role claim (default "role") may lower the user's stored role, never raise it.
+The permissions of the Roles assigned to the caller's user are read with its row, and re-read
+with it: a change of a role or of an assignment is a change of credentials (at once on the
+replica that made it, within `recheck_seconds` on the others).
 """
 from __future__ import annotations
 
@@ -26,16 +29,20 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from db import errors, secrets
 from db.base import utcnow
 from db.database import CREDENTIALS_CHANGED_KEY, Database
+from db.domains import identity
 from db.domains.identity import ApiKey, User
 from db.engine.rules import ROLE_RANK
 from db.unit import SESSION_READ
+from service import policy
 
 log = logging.getLogger("nexus.auth")
 
@@ -48,6 +55,9 @@ class Principal:
     actor_id: uuid.UUID | None
     role: str
     user_id: uuid.UUID | None  # the user the caller acts as, if any
+    # The permissions its user's assigned Roles hold together; None when none is assigned (its
+    # role's level alone decides, service/policy.py).
+    held: frozenset[str] | None = None
 
 
 INSECURE_PRINCIPAL = Principal("system", None, "admin", None)
@@ -288,7 +298,12 @@ class Authenticator:
 
     async def _check_key(self, token: str, earlier: _Known | None, peer: Callable[[], str]) -> _Known:
         prefix = token.split(".", 1)[0]
-        row = await self.db.run(lambda s: s.execute(_KEY_ROW.where(ApiKey.key_prefix == prefix)).one_or_none(), SESSION_READ)
+
+        def read(s: Session) -> tuple[Any, list[tuple[str, list[str] | None]]]:
+            found = s.execute(_KEY_ROW.where(ApiKey.key_prefix == prefix)).one_or_none()
+            return found, identity.assigned_roles(s, found.user_id if found is not None else None)
+
+        row, assigned = await self.db.run(read, SESSION_READ)
         now = time.monotonic()
         # Whatever the secret, these are refused before any hash.
         if row is None:
@@ -310,7 +325,7 @@ class Authenticator:
             self.limiter.succeeded(stamp, **subjects)
         # A key never does more than its user may do now.
         role = row.role if row.user_id is None else lower_role(row.role, row.owner_role)
-        principal = Principal("api_key", row.id, role, row.user_id)
+        principal = Principal("api_key", row.id, role, row.user_id, policy.held_permissions(assigned))
         return _Known(principal, "", row.expire_time, time.monotonic(), row.last_used_time)
 
     async def _check_jwt(self, token: str) -> _Known:
@@ -340,12 +355,13 @@ class Authenticator:
         if expires_at - issued > longest or expires_at - time.time() > longest or issued > time.time() + 60:
             return _Known(None, f"the JWT's lifetime (iat to exp) must be at most {longest:g} s and start now", None, now)
         subject = str(claims["sub"])
-        found = await self.db.run(
-            lambda s: s.execute(
+        def read(s: Session) -> tuple[Any, list[tuple[str, list[str] | None]]]:
+            user = s.execute(
                 select(User.id, User.role, User.is_active).where(User.external_id == subject, User.delete_time.is_(None))
-            ).one_or_none(),
-            SESSION_READ,
-        )
+            ).one_or_none()
+            return user, identity.assigned_roles(s, user.id if user is not None else None)
+
+        found, assigned = await self.db.run(read, SESSION_READ)
         if found is None or not found.is_active:
             return _Known(None, "the JWT's subject is not an active user", None, now)
         # The claim may lower the user's role for this token, never raise it.
@@ -356,4 +372,4 @@ class Authenticator:
             return _Known(None, f"the JWT's {self.jwt.role_claim} claim {claimed!r} is not one of {known}", None, now)
         role = lower_role(claimed, found.role)
         expires = dt.datetime.fromtimestamp(expires_at, dt.UTC)
-        return _Known(Principal("user", found.id, role, found.id), "", expires, now)
+        return _Known(Principal("user", found.id, role, found.id, policy.held_permissions(assigned)), "", expires, now)

@@ -285,25 +285,35 @@ def policy_table() -> list[dict[str, str]]:
 def _policy(args: argparse.Namespace) -> int:
     import json
 
-    from service.policy import action_for
+    from service import policy
     from service.server import DOMAIN_SERVICES
 
     table = policy_table()
+    names = [f"{full_name}/{method.name}" for cls, _, full_name in DOMAIN_SERVICES for method in cls.service_descriptor.methods]
+    catalog = policy.permission_catalog(names)
+    permissions = {name: policy.permission_for(name) for name in names}
     if args.json:
-        methods = {
-            f"{full_name}/{method.name}": action_for(f"/{full_name}/{method.name}").value
-            for cls, _, full_name in DOMAIN_SERVICES
-            for method in cls.service_descriptor.methods
-        }
-        print(json.dumps({"rows": table, "least_role_by_method": methods}, indent=2))
+        print(json.dumps({
+            "rows": table,
+            "least_role_by_method": {name: policy.action_for(name).value for name in names},
+            "permission_by_method": permissions,
+            "built_in_roles_by_permission": {p: policy.built_in_holders(p, catalog) for p in sorted(catalog)},
+        }, indent=2))
         return 0
     widths = {key: max(len(key), *(len(row[key]) for row in table)) for key in ("resource", "role", "sees")}
     print(f"{'RESOURCE':<{widths['resource']}}  {'ROLE':<{widths['role']}}  {'SEES':<{widths['sees']}}  MANAGES")
     for row in table:
         print(f"{row['resource']:<{widths['resource']}}  {row['role']:<{widths['role']}}  {row['sees']:<{widths['sees']}}  {row['manages']}")
     print()
-    print("Which role may call which RPC at all: guests read (Get, List, Search, BatchGet, StreamEvents),")
-    print("users and above write; some methods and services need more (nexus-data policy --json lists them).")
+    method_width = max(len("METHOD"), *map(len, names))
+    permission_width = max(len("PERMISSION"), *map(len, catalog))
+    print(f"{'METHOD':<{method_width}}  {'PERMISSION':<{permission_width}}  BUILT-IN ROLES")
+    for name in names:
+        print(f"{name:<{method_width}}  {permissions[name]:<{permission_width}}  {','.join(policy.built_in_holders(permissions[name], catalog))}")
+    print()
+    print("Which role may call which RPC at all: a method needs its permission; the built-in roles hold")
+    print("those of their level (guests read, users and above write, some need admin). A custom Role holds")
+    print("the permissions it was given; a user with Roles assigned may call what one of them holds and its level allows.")
     return 0
 
 
@@ -466,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed.set_defaults(func=_seed)
 
     policy = sub.add_parser("policy", help="print which rows each role sees and manages, for every resource")
-    policy.add_argument("--json", action="store_true", help="as JSON, with the least role of every served method")
+    policy.add_argument("--json", action="store_true", help="as JSON, with the least role and the permission of every served method")
     policy.set_defaults(func=_policy)
     return parser
 

@@ -1,6 +1,7 @@
-"""The guard every domain RPC passes: request id, authentication, the role gate, and the
-translation of errors into google.rpc.Status; each outcome goes to service/telemetry.py (the
-access line, the call's span). Health and reflection pass untouched."""
+"""The guard every domain RPC passes: request id, authentication, the role gate (the caller's
+level, and the permissions of its assigned roles), and the translation of errors into
+google.rpc.Status; each outcome goes to service/telemetry.py (the access line, the call's
+span). Health and reflection pass untouched."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,7 @@ from db.translate import settled
 from service import metrics
 from service.auth import INSECURE_PRINCIPAL, Authenticator, Principal
 from service.errors import internal_status, to_status
-from service.policy import Action, authorize
+from service.policy import Action, authorize, permission_for
 from service.telemetry import CallRecord, CallTelemetry, principal_of
 
 log = logging.getLogger("nexus.rpc")
@@ -92,6 +93,7 @@ class CallGuard:
     ) -> None:
         self.method = method
         self.action = action
+        self.permission = permission_for(method)
         self.authenticator = authenticator
         self.dialect = dialect
         self.gate = gate
@@ -107,7 +109,7 @@ class CallGuard:
             INSECURE_PRINCIPAL if self.authenticator is None else await self.authenticator.authenticate(metadata.get("authorization"), context.peer)
         )
         record.principal = principal_of(principal.actor_type, principal.actor_id)  # who, never a secret
-        authorize(principal.role, self.action, self.method)
+        authorize(principal.role, self.action, self.method, self.permission, principal.held)
         call.actor_type, call.actor_id, call.role, call.actor_user_id = (
             principal.actor_type, principal.actor_id, principal.role, principal.user_id,
         )

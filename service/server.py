@@ -300,6 +300,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
     ]
     methods = [f"/{full}/{m.name}" for cls, _, full in DOMAIN_SERVICES for m in cls.service_descriptor.methods]
     actions = policy.check_all_covered(methods)  # refuses to start if an RPC has no access rule
+    policy.install_permissions(methods)  # or no permission; the catalog Roles are checked against
     authenticator = None if config.insecure_dev else Authenticator(db, jwt_settings, _auth_settings(config))
     server = grpc.aio.server(
         options=options,

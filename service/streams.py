@@ -19,7 +19,9 @@ at once, when this process committed a change of credentials, when a Channel eve
 privacy) reaches one of the caller's scopes, when another replica says credentials changed
 (PostgreSQL NOTIFY), and periodically for the rest; until the answer is known, the caller's
 streams hold their next events. A stream whose right ended ends with PERMISSION_DENIED (a scope
-it may no longer see) or UNAUTHENTICATED (a revoked or expired key, an inactive user).
+it may no longer see, or no assigned role of its caller holds `chat.events.read` any more: a
+change of a role or of an assignment is a change of credentials) or UNAUTHENTICATED (a revoked
+or expired key, an inactive user).
 """
 from __future__ import annotations
 
@@ -41,11 +43,12 @@ from nexus.chat.v1 import chat_pb2 as pb
 
 from db import errors
 from db.database import COMMITTED_EVENTS_KEY, CREDENTIALS_CHANGED_KEY, Database
-from db.domains import chat
+from db.domains import chat, identity
 from db.engine import events
 from db.engine.call import Call
 from db.engine.resource import REGISTRY
 from db.unit import SESSION_READ
+from service import policy
 
 log = logging.getLogger("nexus.streams")
 
@@ -547,9 +550,15 @@ class ChangeHub:
             # row is read afresh by stream_access, which is all the Authenticator would read.
             role = (await self.authenticator.authenticate(caller.authorization)).role
         scopes = list({scope for sub in grant.subs for scope in sub.positions})
-        return await self.db.run(
-            lambda s: chat.stream_access(s, caller.actor_type, caller.actor_id, caller.user_id, role, scopes), SESSION_READ
-        )
+
+        def read(s: Any) -> tuple[dict[str, errors.NexusError], list[tuple[str, list[str] | None]]]:
+            denied = chat.stream_access(s, caller.actor_type, caller.actor_id, caller.user_id, role, scopes)
+            return denied, identity.assigned_roles(s, caller.user_id)
+
+        denied, assigned = await self.db.run(read, SESSION_READ)
+        # The method itself, as a new call would be checked: its roles may have lost the permission.
+        policy.authorize(role, policy.action_for(STREAM_METHOD), STREAM_METHOD, policy.permission_for(STREAM_METHOD), policy.held_permissions(assigned))
+        return denied
 
     async def settle(self, sub: Subscription) -> None:
         """Wait until the stream's caller is re-checked (or the server shuts down); raise the

@@ -229,7 +229,7 @@ SAMPLES: dict[str, Sample] = {
     "User": Sample("nexus.identity.v1.IdentityService", _user_fields, ("full_name", "Changed Name"), lambda w: f'username = "{w}"'),
     "Role": Sample(
         "nexus.identity.v1.IdentityService",
-        lambda c, w: {"name": w, "description": f"{w} role", "permissions": ["tasks.read"]},
+        lambda c, w: {"name": w, "description": f"{w} role", "permissions": ["work.tasks.read"]},
         ("description", "changed description"),
         lambda w: f'name = "{w}"',
     ),

@@ -41,7 +41,7 @@ def user_request(**fields: Any) -> ipb.CreateUserRequest:
 
 
 def new_role(c: Client, name: str | None = None) -> ipb.Role:
-    return c.identity.CreateRole(ipb.CreateRoleRequest(role=ipb.Role(name=name or unique("role"), permissions=["tasks.read"])))
+    return c.identity.CreateRole(ipb.CreateRoleRequest(role=ipb.Role(name=name or unique("role"), permissions=["work.tasks.read"])))
 
 
 def timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:

@@ -28,8 +28,37 @@ def test_the_table_has_every_resource_and_role() -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() == ["RESOURCE", "ROLE", "SEES", "MANAGES"]
-    listed = {tuple(line.split()[:2]) for line in lines[1:] if line and not line.startswith(("Which", "users"))}
+    rows = lines[1:lines.index("")]  # the method table follows the first blank line
+    listed = {tuple(line.split()[:2]) for line in rows}
     assert listed == {(spec.name, role) for spec in REGISTRY for role in rules.ROLES}
+
+
+def test_the_method_table_names_each_method_its_permission_and_the_built_in_roles_holding_it() -> None:
+    from service import policy
+    from service.server import DOMAIN_SERVICES
+
+    done = _cli()
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    start = lines.index("") + 1
+    assert lines[start].split() == ["METHOD", "PERMISSION", "BUILT-IN", "ROLES"]
+    printed = {}
+    for line in lines[start + 1:]:
+        if not line:
+            break
+        method, permission, holders = line.split()
+        printed[method] = (permission, holders.split(","))
+    served = [f"{full}/{m.name}" for cls, _, full in DOMAIN_SERVICES for m in cls.service_descriptor.methods]
+    assert set(printed) == set(served)
+    assert printed["nexus.work.v1.WorkService/ListTasks"] == ("work.tasks.read", ["admin", "manager", "user", "guest"])
+    assert printed["nexus.work.v1.WorkService/CreateTask"] == ("work.tasks.write", ["admin", "manager", "user"])
+    assert printed["nexus.identity.v1.IdentityService/EnsureUser"] == ("identity.users.admin", ["admin"])
+    assert printed["nexus.security.v1.SecurityService/ListAuditLogEntries"] == ("security.audit_log_entries.admin", ["admin"])
+    for method, (permission, holders) in printed.items():
+        # A built-in role holds a method's permission exactly when its level may call the method.
+        assert permission == policy.permission_for(method), method
+        least = policy.action_for(method).value
+        assert holders == [r for r in reversed(rules.ROLES) if rules.ROLE_RANK[r] >= rules.ROLE_RANK[least]], method
 
 
 def _kind(predicate: object) -> str:

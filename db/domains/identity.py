@@ -24,7 +24,7 @@ from db import errors, secrets
 from db.base import Base, ResourceMixin, SoftDeleteMixin, json_list, json_object, link_table, one_of, optional_timestamp, utcnow
 from db.engine import reads, writes, changes
 from db.engine.call import Call, current_call
-from db.engine.codecs import InputCodec, OutputCodec, SizeLimit
+from db.engine.codecs import InputCodec, OutputCodec, SizeLimit, StringListCodec
 from db.engine.resource import REGISTRY, ResourceSpec
 from db.engine.rules import ROLE_RANK, Access, mine
 
@@ -158,9 +158,80 @@ USERS = REGISTRY.add(
 )
 
 
+# ---------------------------------------------------------------- permissions
+
+# Every permission a Role may hold, with the least built-in role that holds it: the method
+# families of the service (service/policy.py), installed when it builds its method table. Until
+# then no Role's permissions can be written: refused, never taken unchecked.
+_PERMISSIONS: dict[str, str] = {}
+
+
+def install_permissions(catalog: dict[str, str]) -> None:
+    _PERMISSIONS.clear()
+    _PERMISSIONS.update(catalog)
+
+
+def built_in_permissions(role: str) -> list[str]:
+    """The fixed permissions of a built-in role (admin, manager, user, guest): what its level allows."""
+    rank = ROLE_RANK[role]
+    return sorted(p for p, least in _PERMISSIONS.items() if ROLE_RANK[least] <= rank)
+
+
+def known_permissions(permissions: Any) -> set[str]:
+    """Of stored permissions, those the service knows (a role of the earlier layers may hold others: they allow nothing)."""
+    return {p for p in permissions if p in _PERMISSIONS}
+
+
+def assigned_roles(session: Session, user_id: uuid.UUID | None) -> list[tuple[str, list[str] | None]]:
+    """(name, stored permissions) of every Role assigned to a user: one query."""
+    if user_id is None:
+        return []
+    found = session.execute(
+        select(Role.name, Role.permissions).join(user_roles, user_roles.c.role_id == Role.id).where(user_roles.c.user_id == user_id)
+    )
+    return [(name, permissions) for name, permissions in found]
+
+
+class _RolePermissions(StringListCodec):
+    """A Role's permissions; a built-in role's are always those of its level, whatever is stored."""
+
+    def __init__(self) -> None:
+        super().__init__(pb.Role.DESCRIPTOR.fields_by_name["permissions"], "permissions")
+
+    def dump(self, row: Any, msg: Any) -> None:
+        if getattr(row, "name", None) in ROLE_RANK and _PERMISSIONS:
+            msg.permissions.extend(built_in_permissions(row.name))
+            return
+        super().dump(row, msg)
+
+
 def _role_rules(session: Session, row: Role, changed: set[str], creating: bool, call: Call) -> None:
     if not USERNAME.match(row.name or ""):
         raise errors.InvalidArgument.field("role.name", "must be 3 to 64 letters, digits, '.', '_' or '-'")
+    given = list(row.permissions or ())
+    if row.name in ROLE_RANK:
+        # A built-in role: its permissions are its level's. Sent unchanged (or left out when it
+        # is created) they are taken; any other set is refused, and so is a custom role renamed
+        # to a built-in name with other permissions.
+        fixed = built_in_permissions(row.name)
+        if set(given) != set(fixed) and ("permissions" in changed or (not creating and "name" in changed)):
+            raise errors.FailedPrecondition(
+                f"{row.name!r} is a built-in role: its permissions are those of its level and do not change"
+                " (make a role of another name to hold other permissions)",
+                reason="BUILT_IN_ROLE",
+                metadata={"field": "role.permissions", "role": row.name},
+            )
+        row.permissions = fixed
+        return
+    if not (creating or "permissions" in changed) or not given:
+        return
+    if not _PERMISSIONS:
+        raise errors.FailedPrecondition("the permission catalog is not loaded: roles' permissions are written through the service", reason="PERMISSIONS_NOT_LOADED")
+    violations = errors.Violations()
+    for i, permission in enumerate(given):
+        if permission not in _PERMISSIONS:
+            violations.add(f"role.permissions[{i}]", f"{permission[:80]!r} is not a permission (`nexus-data policy` lists them)", reason="UNKNOWN_PERMISSION")
+    violations.raise_if_any()
 
 
 ROLES = REGISTRY.add(
@@ -171,9 +242,13 @@ ROLES = REGISTRY.add(
         message=pb.Role,
         singular_field="role",
         required=frozenset({"name"}),
+        extra_codecs={"permissions": _RolePermissions()},
         orderable=("create_time", "update_time", "name"),
         search_fields=(("name", "A"), ("description", "B")),
         before_write=_role_rules,
+        # A change of a role's permissions changes what its users may call: cached credentials
+        # (and open streams) are checked again.
+        credentials=True,
     )
 )
 

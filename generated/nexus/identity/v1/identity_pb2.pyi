@@ -177,7 +177,10 @@ class Role(_message.Message):
     """Output only: changes on every update."""
     @_builtins.property
     def permissions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Permission strings, e.g. "tasks.write"."""
+        """The permissions the role holds, one per family of methods, e.g. "work.tasks.write"
+        (`nexus-data policy` lists every method's); a string that is not one is refused. The
+        built-in roles (admin, manager, user, guest) hold those of their level, and no others.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:

@@ -290,7 +290,9 @@ type Role struct {
 	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
 	// What the role is for.
 	Description string `protobuf:"bytes,3,opt,name=description,proto3" json:"description,omitempty"`
-	// Permission strings, e.g. "tasks.write".
+	// The permissions the role holds, one per family of methods, e.g. "work.tasks.write"
+	// (`nexus-data policy` lists every method's); a string that is not one is refused. The
+	// built-in roles (admin, manager, user, guest) hold those of their level, and no others.
 	Permissions []string `protobuf:"bytes,4,rep,name=permissions,proto3" json:"permissions,omitempty"`
 	// Output only: creation time.
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`

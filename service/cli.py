@@ -252,7 +252,9 @@ def _keys_create(args: argparse.Namespace) -> int:
         migrate.check(database.engine)
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_in_days) if args.expires_in_days else None
         with _audited("keys create", database.dialect) as request_id:
-            key, secret = database.run_sync(lambda s: create_api_key(s, args.name, args.role, args.user_id or "", expires))
+            key, secret = database.run_sync(
+                lambda s: create_api_key(s, args.name, args.role, args.user_id or "", expires, tuple(args.scope or ()))
+            )
     except NexusError as exc:
         flag = _flag_of(exc)
         print(f"nexus-data keys create: {flag + ': ' if flag else ''}{exc.message} ({exc.reason})", file=sys.stderr)
@@ -282,7 +284,7 @@ def policy_table() -> list[dict[str, str]]:
 def _policy(args: argparse.Namespace) -> int:
     import json
 
-    from service.policy import action_for
+    from service.policy import SCOPED_METHODS, action_for
     from service.server import DOMAIN_SERVICES
 
     table = policy_table()
@@ -292,7 +294,7 @@ def _policy(args: argparse.Namespace) -> int:
             for cls, _, full_name in DOMAIN_SERVICES
             for method in cls.service_descriptor.methods
         }
-        print(json.dumps({"rows": table, "least_role_by_method": methods}, indent=2))
+        print(json.dumps({"rows": table, "least_role_by_method": methods, "key_scope_by_method": SCOPED_METHODS}, indent=2))
         return 0
     widths = {key: max(len(key), *(len(row[key]) for row in table)) for key in ("resource", "role", "sees")}
     print(f"{'RESOURCE':<{widths['resource']}}  {'ROLE':<{widths['role']}}  {'SEES':<{widths['sees']}}  MANAGES")
@@ -301,6 +303,8 @@ def _policy(args: argparse.Namespace) -> int:
     print()
     print("Which role may call which RPC at all: guests read (Get, List, Search, BatchGet, StreamEvents),")
     print("users and above write; some methods and services need more (nexus-data policy --json lists them).")
+    for method, scope in SCOPED_METHODS.items():
+        print(f"An API key with the scope {scope} may call {method} whatever its role.")
     return 0
 
 
@@ -389,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=["admin", "manager", "user", "guest"])
     create.add_argument("--user-id", type=_user_id, help="the user the key acts for (its id, a UUID)")
     create.add_argument("--expires-in-days", type=_days, help=f"days until the key stops working (1 to {MAX_KEY_DAYS}; default: never)")
+    from db.domains.identity import KEY_SCOPES
+
+    create.add_argument(
+        "--scope", action="append", choices=sorted(KEY_SCOPES),
+        help="what the key may do beyond its role (repeatable; a key without --user-id): identity.users.ensure lets it call EnsureUser",
+    )
     create.set_defaults(func=_keys_create)
 
     blobs = sub.add_parser("blobs", help="the blob store of files (NEXUS_BLOB_DIR)")

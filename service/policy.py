@@ -12,6 +12,7 @@ import enum
 from collections.abc import Iterable
 
 from db import errors
+from db.domains.identity import KEY_SCOPES
 from db.engine.rules import ROLE_RANK
 
 
@@ -75,6 +76,15 @@ CUSTOM_METHODS: dict[str, Action] = {
     "nexus.ai.v1.AIService/WatchToolGeneration": Action.READ,
 }
 
+# Methods an API key may call beyond its role when it holds the scope (KEY_SCOPES): the services
+# that own identities elsewhere make users without being admins. Only the method is opened:
+# everything else the key does, and the rows it sees and changes, its role decides.
+SCOPED_METHODS: dict[str, str] = {
+    "nexus.identity.v1.IdentityService/EnsureUser": "identity.users.ensure",
+}
+if set(SCOPED_METHODS.values()) != set(KEY_SCOPES):
+    raise RuntimeError("service/policy.py SCOPED_METHODS and db/domains/identity.py KEY_SCOPES name different scopes")
+
 # Services no role below this may call at all (the audit trail is for admins).
 SERVICE_MINIMUM: dict[str, Action] = {"nexus.security.v1.SecurityService": Action.ADMIN}
 
@@ -100,10 +110,14 @@ def check_all_covered(full_methods: Iterable[str]) -> dict[str, Action]:
     return {m: action_for(m) for m in full_methods}
 
 
-def authorize(role: str, action: Action, full_method: str) -> None:
+def authorize(role: str, action: Action, full_method: str, scopes: frozenset[str] = frozenset()) -> None:
     if ROLE_RANK.get(role, -1) < ROLE_RANK[action.value]:
+        scope = SCOPED_METHODS.get(full_method.lstrip("/"))
+        if scope is not None and scope in scopes:
+            return
+        also = f", or an API key with the scope {scope!r}" if scope is not None else ""
         raise errors.PermissionDenied(
-            f"role {role!r} may not call {full_method.lstrip('/')} (needs {action.value} or above)",
+            f"role {role!r} may not call {full_method.lstrip('/')} (needs {action.value} or above{also})",
             reason="ROLE_FORBIDS_METHOD",
             metadata={"role": role, "required_role": action.value, "method": full_method.lstrip("/")},
         )

@@ -303,8 +303,8 @@ def _policy(args: argparse.Namespace) -> int:
     print()
     print("Which role may call which RPC at all: guests read (Get, List, Search, BatchGet, StreamEvents),")
     print("users and above write; some methods and services need more (nexus-data policy --json lists them).")
-    for method, scope in SCOPED_METHODS.items():
-        print(f"An API key with the scope {scope} may call {method} whatever its role.")
+    opened = "; ".join(f"{scope} opens {method}" for method, scope in SCOPED_METHODS.items())
+    print(f"Which methods an API key's scopes open, whatever the key's role: {opened}.")
     return 0
 
 

@@ -129,9 +129,9 @@ class ReadyHashCodec(InputCodec):
         value = msg.password_hash
         if not value:
             return {}
+        check_chars(value, self.limit, self.name)
         if msg.password:
             raise errors.InvalidArgument.field("password_hash", "set either password or password_hash, not both", reason="CONFLICTING_FIELDS")
-        check_chars(value, self.limit, self.name)
         problem = secrets.ready_hash_problem(value)
         if problem is not None:
             raise errors.InvalidArgument.field("password_hash", problem, reason="INVALID_PASSWORD_HASH")
@@ -230,11 +230,13 @@ def _api_key_rules(session: Session, row: ApiKey, changed: set[str], creating: b
 def _known_scopes(row: ApiKey) -> None:
     """Scopes are KEY_SCOPES' names, each once (kept sorted), on a key without a user: a key
     acting for a user never does more than that user may."""
-    violations = errors.Violations()
-    for i, scope in enumerate(row.scopes or ()):
-        if scope not in KEY_SCOPES:
-            violations.add(f"api_key.scopes[{i}]", f"{scope[:80]!r} is not a scope; the scopes: {', '.join(sorted(KEY_SCOPES))}", "UNKNOWN_SCOPE")
-    violations.raise_if_any()
+    # The first unknown one only: a hundred of them would make an error too large to send.
+    unknown = next(((i, scope) for i, scope in enumerate(row.scopes or ()) if scope not in KEY_SCOPES), None)
+    if unknown is not None:
+        i, scope = unknown
+        raise errors.InvalidArgument.field(
+            f"api_key.scopes[{i}]", f"{scope[:80]!r} is not a scope; the scopes: {', '.join(sorted(KEY_SCOPES))}", reason="UNKNOWN_SCOPE"
+        )
     row.scopes = sorted(set(row.scopes or ()))
     if row.scopes and row.user_id is not None:
         raise errors.InvalidArgument.field(

@@ -3,7 +3,7 @@ PostgreSQL: EnsureUser by external id alone (a derived username, no e-mail addre
 a service's API key holding the scope identity.users.ensure, and users brought in with their
 existing password hashes (bcrypt, argon2id), upgraded to argon2id at their first login.
 
-Every test makes its own data with unique names: the database is shared by the whole session.
+Every test makes its own data with unique names: all the tests of a run share one database of each kind.
 """
 from __future__ import annotations
 

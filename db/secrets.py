@@ -1,9 +1,16 @@
-"""Slow hashes for passwords and API key secrets (argon2id, via argon2-cffi)."""
+"""Slow hashes for passwords and API key secrets (argon2id, via argon2-cffi).
+
+Passwords moved in from the earlier layers may carry bcrypt hashes (`$2a$`, `$2b$`, `$2y$`):
+verify_password checks them with the bcrypt library, and needs_rehash says they are to be
+replaced by an argon2id hash once the password is known (at a successful login). API key
+secrets are only ever argon2id (verify_secret)."""
 from __future__ import annotations
 
+import re
 import secrets as _random
 
-from argon2 import PasswordHasher
+import bcrypt
+from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 _hasher = PasswordHasher()
@@ -37,7 +44,61 @@ def verify_secret(stored_hash: str | None, plain: str) -> bool:
 
 
 def needs_rehash(stored_hash: str) -> bool:
-    return _hasher.check_needs_rehash(stored_hash)
+    """Whether the hash is to be replaced with one of the current argon2id cost: any other
+    algorithm (bcrypt) always is."""
+    if not stored_hash.startswith("$argon2id$"):
+        return True
+    try:
+        return _hasher.check_needs_rehash(stored_hash)
+    except InvalidHashError:
+        return True
+
+
+# bcrypt's modular crypt form: $2a$ / $2b$ / $2y$, a two-digit cost, 22 characters of salt and
+# 31 of hash in bcrypt's base64 alphabet.
+_BCRYPT = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
+# Every password bcrypt ever hashed was cut to its first 72 bytes (bcrypt 5 refuses longer ones
+# rather than cutting them): a login checks those bytes, as the hash was made from them.
+_BCRYPT_MAX_BYTES = 72
+# argon2id's PHC string form, as argon2-cffi writes it (salt and hash in unpadded base64).
+_ARGON2ID = re.compile(r"^\$argon2id\$v=19\$m=\d{1,10},t=\d{1,10},p=\d{1,3}\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{16,}$")
+
+
+def is_bcrypt(stored_hash: str) -> bool:
+    return _BCRYPT.fullmatch(stored_hash) is not None
+
+
+def verify_password(stored_hash: str | None, plain: str) -> bool:
+    """A user's password against its stored hash: argon2id (verify_secret, which also spends a
+    hash's time on a user without one), or bcrypt for a hash moved in."""
+    if stored_hash is not None and is_bcrypt(stored_hash):
+        try:
+            return bcrypt.checkpw(plain.encode()[:_BCRYPT_MAX_BYTES], stored_hash.encode())
+        except ValueError:
+            return False
+    return verify_secret(stored_hash, plain)
+
+
+def ready_hash_problem(value: str) -> str | None:
+    """Why value is not a password hash the service accepts as it is, or None when it is: a
+    bcrypt hash of cost 4 to 31, or an argon2id hash argon2-cffi can read."""
+    match = _BCRYPT.fullmatch(value)
+    if match is not None:
+        cost = int(match.group(1))
+        return None if 4 <= cost <= 31 else f"a bcrypt hash's cost must be 4 to 31, not {cost}"
+    if value.startswith("$2"):
+        return "is not a bcrypt hash ($2a$, $2b$ or $2y$, a two-digit cost, then 53 characters of salt and hash)"
+    if value.startswith("$argon2"):
+        if not value.startswith("$argon2id$"):
+            return "must be an argon2id hash, not argon2i or argon2d"
+        try:
+            parameters = extract_parameters(value)
+        except (InvalidHashError, ValueError):
+            parameters = None
+        if _ARGON2ID.fullmatch(value) is None or parameters is None or parameters.type is not Type.ID:
+            return "is not an argon2id hash ($argon2id$v=19$m=...,t=...,p=...$<salt>$<hash>)"
+        return None
+    return "must be a bcrypt ($2a$, $2b$, $2y$) or argon2id ($argon2id$) hash"
 
 
 def new_api_key() -> tuple[str, str]:

@@ -58,6 +58,8 @@ class Principal:
     # The permissions its user's assigned Roles hold together; None when none is assigned (its
     # role's level alone decides, service/policy.py).
     held: frozenset[str] | None = None
+    # An API key's scopes (db/domains/identity.KEY_SCOPES): methods it may call beyond its role.
+    scopes: frozenset[str] = frozenset()
 
 
 INSECURE_PRINCIPAL = Principal("system", None, "admin", None)
@@ -160,6 +162,7 @@ def lower_role(*roles: str) -> str:
 _KEY_ROW = (
     select(
         ApiKey.id, ApiKey.role, ApiKey.user_id, ApiKey.secret_hash, ApiKey.expire_time, ApiKey.revoke_time, ApiKey.last_used_time,
+        ApiKey.scopes,
         User.role.label("owner_role"), User.is_active.label("owner_active"), User.delete_time.label("owner_deleted"),
     )
     .outerjoin(User, User.id == ApiKey.user_id)
@@ -325,7 +328,7 @@ class Authenticator:
             self.limiter.succeeded(stamp, **subjects)
         # A key never does more than its user may do now.
         role = row.role if row.user_id is None else lower_role(row.role, row.owner_role)
-        principal = Principal("api_key", row.id, role, row.user_id, policy.held_permissions(assigned))
+        principal = Principal("api_key", row.id, role, row.user_id, policy.held_permissions(assigned), frozenset(row.scopes or ()))
         return _Known(principal, "", row.expire_time, time.monotonic(), row.last_used_time)
 
     async def _check_jwt(self, token: str) -> _Known:

@@ -255,7 +255,9 @@ def _keys_create(args: argparse.Namespace) -> int:
         migrate.check(database.engine)
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=args.expires_in_days) if args.expires_in_days else None
         with _audited("keys create", database.dialect) as request_id:
-            key, secret = database.run_sync(lambda s: create_api_key(s, args.name, args.role, args.user_id or "", expires))
+            key, secret = database.run_sync(
+                lambda s: create_api_key(s, args.name, args.role, args.user_id or "", expires, tuple(args.scope or ()))
+            )
     except NexusError as exc:
         flag = _flag_of(exc)
         print(f"nexus-data keys create: {flag + ': ' if flag else ''}{exc.message} ({exc.reason})", file=sys.stderr)
@@ -298,6 +300,7 @@ def _policy(args: argparse.Namespace) -> int:
             "least_role_by_method": {name: policy.action_for(name).value for name in names},
             "permission_by_method": permissions,
             "built_in_roles_by_permission": {p: policy.built_in_holders(p, catalog) for p in sorted(catalog)},
+            "key_scope_by_method": policy.SCOPED_METHODS,
         }, indent=2))
         return 0
     widths = {key: max(len(key), *(len(row[key]) for row in table)) for key in ("resource", "role", "sees")}
@@ -314,6 +317,8 @@ def _policy(args: argparse.Namespace) -> int:
     print("Which role may call which RPC at all: a method needs its permission; the built-in roles hold")
     print("those of their level (guests read, users and above write, some need admin). A custom Role holds")
     print("the permissions it was given; a user with Roles assigned may call what one of them holds and its level allows.")
+    opened = "; ".join(f"{scope} opens {method}" for method, scope in policy.SCOPED_METHODS.items())
+    print(f"Which methods an API key's scopes open, whatever the key's role: {opened}.")
     return 0
 
 
@@ -438,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=["admin", "manager", "user", "guest"])
     create.add_argument("--user-id", type=_user_id, help="the user the key acts for (its id, a UUID)")
     create.add_argument("--expires-in-days", type=_days, help=f"days until the key stops working (1 to {MAX_KEY_DAYS}; default: never)")
+    from db.domains.identity import KEY_SCOPES
+
+    create.add_argument(
+        "--scope", action="append", choices=sorted(KEY_SCOPES),
+        help="what the key may do beyond its role (repeatable; a key without --user-id): identity.users.ensure lets it call EnsureUser",
+    )
     create.set_defaults(func=_keys_create)
 
     blobs = sub.add_parser("blobs", help="the blob store of files (NEXUS_BLOB_DIR)")

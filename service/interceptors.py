@@ -109,7 +109,7 @@ class CallGuard:
             INSECURE_PRINCIPAL if self.authenticator is None else await self.authenticator.authenticate(metadata.get("authorization"), context.peer)
         )
         record.principal = principal_of(principal.actor_type, principal.actor_id)  # who, never a secret
-        authorize(principal.role, self.action, self.method, self.permission, principal.held)
+        authorize(principal.role, self.action, self.method, self.permission, principal.held, principal.scopes)
         call.actor_type, call.actor_id, call.role, call.actor_user_id = (
             principal.actor_type, principal.actor_id, principal.role, principal.user_id,
         )

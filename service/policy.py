@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 import db.domains  # noqa: F401 - every resource in the registry
 from db import errors
 from db.domains import identity
+from db.domains.identity import KEY_SCOPES
 from db.engine.resource import REGISTRY
 from db.engine.rules import ROLE_RANK, ROLES
 
@@ -89,6 +90,15 @@ CUSTOM_METHODS: dict[str, Action] = {
     "nexus.ai.v1.AIService/FailToolGeneration": Action.WRITE,
     "nexus.ai.v1.AIService/WatchToolGeneration": Action.READ,
 }
+
+# Methods an API key may call beyond its role when it holds the scope (KEY_SCOPES): the services
+# that own identities elsewhere make users without being admins. Only the method is opened:
+# everything else the key does, and the rows it sees and changes, its role decides.
+SCOPED_METHODS: dict[str, str] = {
+    "nexus.identity.v1.IdentityService/EnsureUser": "identity.users.ensure",
+}
+if set(SCOPED_METHODS.values()) != set(KEY_SCOPES):
+    raise RuntimeError("service/policy.py SCOPED_METHODS and db/domains/identity.py KEY_SCOPES name different scopes")
 
 # Services no role below this may call at all (the audit trail is for admins).
 SERVICE_MINIMUM: dict[str, Action] = {"nexus.security.v1.SecurityService": Action.ADMIN}
@@ -190,13 +200,21 @@ def check_all_covered(full_methods: Iterable[str]) -> dict[str, Action]:
     return {m: action_for(m) for m in full_methods}
 
 
-def authorize(role: str, action: Action, full_method: str, permission: str | None = None, held: frozenset[str] | None = None) -> None:
+def authorize(
+    role: str, action: Action, full_method: str, permission: str | None = None, held: frozenset[str] | None = None, scopes: frozenset[str] = frozenset()
+) -> None:
     """Refuse a caller of level `role` whose assigned roles hold `held` (None: no role assigned)
-    a method of `action` that needs `permission`: PERMISSION_DENIED naming what is missing."""
+    and whose API key holds `scopes` a method of `action` that needs `permission`:
+    PERMISSION_DENIED naming what is missing. A key scope (SCOPED_METHODS) opens its method
+    whatever the level; such keys act for no user, so no assigned role narrows them."""
     method = full_method.lstrip("/")
     if ROLE_RANK.get(role, -1) < ROLE_RANK[action.value]:
+        scope = SCOPED_METHODS.get(method)
+        if scope is not None and scope in scopes:
+            return
+        also = f", or an API key with the scope {scope!r}" if scope is not None else ""
         raise errors.PermissionDenied(
-            f"role {role!r} may not call {method} (needs {action.value} or above)",
+            f"role {role!r} may not call {method} (needs {action.value} or above{also})",
             reason="ROLE_FORBIDS_METHOD",
             metadata={"role": role, "required_role": action.value, "method": method},
         )

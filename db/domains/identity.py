@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -23,8 +24,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 from db import errors, secrets
 from db.base import Base, ResourceMixin, SoftDeleteMixin, json_list, json_object, link_table, one_of, optional_timestamp, utcnow
 from db.engine import reads, writes, changes
-from db.engine.call import Call, current_call
-from db.engine.codecs import InputCodec, OutputCodec, SizeLimit, StringListCodec
+from db.engine.call import CURRENT_CALL, Call, current_call
+from db.engine.codecs import InputCodec, OutputCodec, SizeLimit, StringListCodec, check_chars, check_text
 from db.engine.resource import REGISTRY, ResourceSpec
 from db.engine.rules import ROLE_RANK, Access, mine
 
@@ -45,7 +46,8 @@ class User(ResourceMixin, SoftDeleteMixin, Base):
     )
 
     username: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
-    email: Mapped[str] = mapped_column(String(320), nullable=False, unique=True)
+    # NULL for a user without one (EnsureUser by external id alone): several users may have none.
+    email: Mapped[str | None] = mapped_column(String(320), nullable=True, unique=True)
     external_id: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
     full_name: Mapped[str | None] = mapped_column(String(255))
     avatar_url: Mapped[str | None] = mapped_column(String(2048))
@@ -91,12 +93,22 @@ class ApiKey(ResourceMixin, Base):
     expire_time: Mapped[optional_timestamp]
     revoke_time: Mapped[optional_timestamp]
     last_used_time: Mapped[optional_timestamp]
+    # What the key may do beyond its role (KEY_SCOPES); only a key without a user holds any.
+    scopes: Mapped[json_list]
 
     if TYPE_CHECKING:
         # Not a column: a new key's secret, set on its row by _api_key_rules for the secret
         # field of the CreateApiKey response (declared for type checking only, so the mapping
         # never sees it).
         plain_secret: str
+
+
+# The scopes an API key may hold, and what each lets it do whatever its role (service/policy.py
+# maps each to its methods). For the services that own identities elsewhere: they make the
+# platform's users of their own without being admins.
+KEY_SCOPES = {
+    "identity.users.ensure": "EnsureUser: find or make users by their external id",
+}
 
 USERNAME = re.compile(r"^[A-Za-z0-9._-]{3,64}$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -110,12 +122,36 @@ def _password(plain: str) -> dict[str, Any]:
     return {"password_hash": secrets.hash_secret(plain)}
 
 
+MAX_PASSWORD_HASH = 255  # the column's length
+
+
+class ReadyHashCodec(InputCodec):
+    """`password_hash`: a hash made elsewhere (bcrypt, argon2id), stored as it is once its form
+    is checked; never dumped. Errors name the field, never its value."""
+
+    def __init__(self) -> None:
+        super().__init__("password_hash", lambda value: {"password_hash": value})
+
+    def load(self, msg: Any) -> dict[str, Any]:
+        value = msg.password_hash
+        if not value:
+            return {}
+        check_chars(value, self.limit, self.name)
+        if msg.password:
+            raise errors.InvalidArgument.field("password_hash", "set either password or password_hash, not both", reason="CONFLICTING_FIELDS")
+        problem = secrets.ready_hash_problem(value)
+        if problem is not None:
+            raise errors.InvalidArgument.field("password_hash", problem, reason="INVALID_PASSWORD_HASH")
+        return {"password_hash": value}
+
+
 def _user_rules(session: Session, row: User, changed: set[str], creating: bool, call: Call) -> None:
     violations = errors.Violations()
     if not USERNAME.match(row.username or ""):
         violations.add("user.username", "must be 3 to 64 letters, digits, '.', '_' or '-'")
-    row.email = (row.email or "").strip().lower()
-    if not EMAIL.match(row.email):
+    if row.email is not None:
+        row.email = row.email.strip().lower() or None  # none: a user without an address
+    if row.email is not None and not EMAIL.match(row.email):
         violations.add("user.email", f"{row.email[:80]!r} is not an e-mail address")
     if row.avatar_url and not row.avatar_url.startswith(("https://", "http://")):
         violations.add("user.avatar_url", "must be an http(s) URL")
@@ -140,18 +176,19 @@ USERS = REGISTRY.add(
         relation_fields={"roles": ("role_names", lambda role: role.name)},
         relation_columns={"roles": ("name",)},
         output_only=frozenset({"role_names", "last_login_time", "is_verified"}),
-        required=frozenset({"username", "email"}),
+        required=frozenset({"username"}),
         extra_codecs={
             "password": InputCodec("password", _password),
+            "password_hash": ReadyHashCodec(),
             "role_names": OutputCodec("role_names", lambda r: sorted(role.name for role in r.roles), repeated=True),
         },
-        size_limits={"password": SizeLimit(chars=MAX_PASSWORD)},
+        size_limits={"password": SizeLimit(chars=MAX_PASSWORD), "password_hash": SizeLimit(chars=MAX_PASSWORD_HASH)},
         orderable=("create_time", "update_time", "username", "email"),
         search_fields=(("username", "A"), ("full_name", "A"), ("email", "B")),
         batch_get=True,
         before_write=_user_rules,
         # Users change themselves; creating users is for admins.
-        access=Access(manage=mine(User.id, "themselves"), admin_only=frozenset({"role", "is_active", "external_id"})),
+        access=Access(manage=mine(User.id, "themselves"), admin_only=frozenset({"role", "is_active", "external_id", "password_hash"})),
         credentials=True,
         secrets={"password_hash": "password"},
     )
@@ -268,6 +305,25 @@ def _api_key_rules(session: Session, row: ApiKey, changed: set[str], creating: b
         _within_owner_role(session, row, explicit="role" in changed)
     if not creating and "expire_time" in changed and call.role != "admin":
         _only_sooner(session, row)
+    if creating or "scopes" in changed or "user_id" in changed:
+        _known_scopes(row)
+
+
+def _known_scopes(row: ApiKey) -> None:
+    """Scopes are KEY_SCOPES' names, each once (kept sorted), on a key without a user: a key
+    acting for a user never does more than that user may."""
+    # The first unknown one only: a hundred of them would make an error too large to send.
+    unknown = next(((i, scope) for i, scope in enumerate(row.scopes or ()) if scope not in KEY_SCOPES), None)
+    if unknown is not None:
+        i, scope = unknown
+        raise errors.InvalidArgument.field(
+            f"api_key.scopes[{i}]", f"{scope[:80]!r} is not a scope; the scopes: {', '.join(sorted(KEY_SCOPES))}", reason="UNKNOWN_SCOPE"
+        )
+    row.scopes = sorted(set(row.scopes or ()))
+    if row.scopes and row.user_id is not None:
+        raise errors.InvalidArgument.field(
+            "api_key.scopes", "only a key without user_id (a service's key) holds scopes: a user's key does what its user may", reason="SCOPE_ON_USER_KEY"
+        )
 
 
 def _within_caller_role(row: ApiKey, call: Call, explicit: bool) -> None:
@@ -334,7 +390,9 @@ API_KEYS = REGISTRY.add(
         extra_codecs={"secret": OutputCodec("secret", lambda r: getattr(r, "plain_secret", None))},
         orderable=("create_time", "update_time", "name", "expire_time"),
         before_write=_api_key_rules,
-        access=Access(read=mine(ApiKey.user_id, "their own keys"), manage=mine(ApiKey.user_id, "their own keys"), admin_only=frozenset({"user_id"})),
+        access=Access(
+            read=mine(ApiKey.user_id, "their own keys"), manage=mine(ApiKey.user_id, "their own keys"), admin_only=frozenset({"user_id", "scopes"})
+        ),
         credentials=True,
         secrets={"secret_hash": "secret"},
     )
@@ -349,6 +407,8 @@ def lookup_user(session: Session, request: pb.LookupUserRequest) -> pb.User:
     if key is None:
         raise errors.InvalidArgument.field("key", "set one of email, username or external_id", reason="REQUIRED_FIELD")
     value = getattr(request, key)
+    if not value.strip():
+        raise errors.InvalidArgument.field(key, "must not be empty", reason="REQUIRED_FIELD")
     column = User.email if key == "email" else getattr(User, key)
     if key == "email":
         value = value.strip().lower()
@@ -358,10 +418,33 @@ def lookup_user(session: Session, request: pb.LookupUserRequest) -> pb.User:
     return USERS.to_proto(row)
 
 
+# What EnsureUser takes from a caller that is not an admin (an API key with the scope
+# identity.users.ensure): a new user's own fields, never its role, state or password.
+ENSURE_FIELDS = frozenset({"external_id", "username", "email", "full_name", "avatar_url", "preferences"})
+
+
+def derived_username(external_id: str) -> str:
+    """The username of a user EnsureUser makes without one: `ext-` and 16 hex digits of the
+    SHA-256 of its external id; the same for the same id, and 64 bits apart from any other."""
+    return "ext-" + hashlib.sha256(external_id.encode()).hexdigest()[:16]
+
+
 def ensure_user(session: Session, request: pb.EnsureUserRequest, call: Call) -> pb.EnsureUserResponse:
     external_id = request.user.external_id
     if not external_id:
         raise errors.InvalidArgument.field("user.external_id", "is required", reason="REQUIRED_FIELD")
+    check_chars(external_id, USERS.codecs["external_id"].limit, "user.external_id")
+    check_text(external_id, "user.external_id")
+    if call.role != "admin":
+        for fd, _ in request.user.ListFields():
+            if fd.name not in ENSURE_FIELDS:
+                raise errors.PermissionDenied(
+                    f"only an admin may set user.{fd.name} through EnsureUser", reason="FIELD_ACCESS_DENIED", metadata={"field": f"user.{fd.name}"}
+                )
+    wanted = pb.User()
+    wanted.CopyFrom(request.user)
+    if not wanted.username:
+        wanted.username = derived_username(external_id)
     for _ in range(2):
         row = session.scalars(select(User).where(User.external_id == external_id)).one_or_none()
         if row is not None:
@@ -375,7 +458,7 @@ def ensure_user(session: Session, request: pb.EnsureUserRequest, call: Call) -> 
         try:
             # A savepoint: losing a race with a concurrent EnsureUser must not abort the call.
             with session.begin_nested():
-                created = writes.create(session, USERS, pb.CreateUserRequest(user=request.user), call)
+                created = _create_ensured(session, wanted, call)
             return pb.EnsureUserResponse(user=created, created=True)
         except IntegrityError:
             # Lost the race on external_id: the next pass finds the winner. A conflict on another
@@ -384,6 +467,24 @@ def ensure_user(session: Session, request: pb.EnsureUserRequest, call: Call) -> 
                 raise
             continue
     raise errors.Aborted("EnsureUser raced with another writer twice; retry", reason="TRANSACTION_CONFLICT")
+
+
+def _create_ensured(session: Session, user: pb.User, call: Call) -> pb.User:
+    """CreateUser of an ensured user. A caller that is not an admin was let in by its key's
+    scope and sets only ENSURE_FIELDS (checked above); the user is made as an admin's CreateUser
+    would make it (external_id is admins' to set), audited as the caller's."""
+    request = pb.CreateUserRequest(user=user)
+    if call.role == "admin":
+        return writes.create(session, USERS, request, call)
+    ensuring = Call(
+        request_id=call.request_id, method=call.method, dialect=call.dialect, actor_type=call.actor_type,
+        actor_id=call.actor_id, role="admin", actor_user_id=call.actor_user_id,
+    )
+    token = CURRENT_CALL.set(ensuring)
+    try:
+        return writes.create(session, USERS, request, ensuring)
+    finally:
+        CURRENT_CALL.reset(token)
 
 
 def authenticate_user(session: Session, request: pb.AuthenticateUserRequest) -> pb.AuthenticateUserResponse:
@@ -397,9 +498,11 @@ def authenticate_user(session: Session, request: pb.AuthenticateUserRequest) -> 
             (User.username == login) | (User.email == login.lower()), User.delete_time.is_(None)
         )
     ).first()
-    ok = secrets.verify_secret(row.password_hash if row is not None else None, request.password)
+    ok = secrets.verify_password(row.password_hash if row is not None else None, request.password)
     if row is None or not ok or not row.is_active:
         return pb.AuthenticateUserResponse(authenticated=False)
+    # A hash moved in (bcrypt) or of an older cost becomes an argon2id hash of today's cost, in
+    # this login's transaction: the password is known only now.
     if row.password_hash and secrets.needs_rehash(row.password_hash):
         row.password_hash = secrets.hash_secret(request.password)
     row.last_login_time = utcnow()
@@ -447,9 +550,13 @@ def revoke_api_key(session: Session, request: pb.RevokeApiKeyRequest) -> pb.ApiK
     return API_KEYS.to_proto(row)
 
 
-def create_api_key(session: Session, name: str, role: str, user_id: str = "", expire_time: dt.datetime | None = None) -> tuple[pb.ApiKey, str]:
+def create_api_key(
+    session: Session, name: str, role: str, user_id: str = "", expire_time: dt.datetime | None = None, scopes: tuple[str, ...] = ()
+) -> tuple[pb.ApiKey, str]:
     """A new key through the standard create path; returns it and its secret (shown once)."""
-    request = pb.CreateApiKeyRequest(api_key=pb.ApiKey(name=name, role=pb.UserRole.Value(f"USER_ROLE_{role.upper()}"), user_id=user_id))
+    request = pb.CreateApiKeyRequest(
+        api_key=pb.ApiKey(name=name, role=pb.UserRole.Value(f"USER_ROLE_{role.upper()}"), user_id=user_id, scopes=scopes)
+    )
     if expire_time is not None:
         request.api_key.expire_time.FromDatetime(expire_time)
     call = current_call() or Call(dialect=session.get_bind().dialect.name)  # the CLI's, if it runs this

@@ -235,11 +235,13 @@ class ResourceSpec(Generic[M]):
 
     @functools.cached_property
     def filter_fields(self) -> dict[str, FilterField]:
-        """Filterable fields: every column-backed field of the message, minus exclusions."""
+        """Filterable fields: every column-backed field of the message, minus exclusions and the
+        columns holding secrets (a field written straight into one, a User's password_hash: a
+        filter on it would tell what the secret is)."""
         fields: dict[str, FilterField] = {}
         columns = self.table.c
         for fd in self.descriptor.fields:
-            if fd.name in self.filter_exclude or fd.name in self.private_fields or fd.name not in columns:
+            if fd.name in self.filter_exclude or fd.name in self.private_fields or fd.name not in columns or fd.name in self.secrets:
                 continue
             kind = _filter_kind(fd, columns[fd.name])
             if kind is None:

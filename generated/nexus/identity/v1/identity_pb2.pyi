@@ -77,12 +77,15 @@ class User(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     DELETE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    PASSWORD_HASH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned UUID."""
     username: _builtins.str
     """Unique login name, 3 to 64 characters of letters, digits, '.', '_' and '-'."""
     email: _builtins.str
-    """Unique e-mail address."""
+    """E-mail address, unique among the users that have one (stored in lower case); empty for a
+    user without one: several users may have none.
+    """
     external_id: _builtins.str
     """Unique id of the user in an external identity provider."""
     full_name: _builtins.str
@@ -99,6 +102,14 @@ class User(_message.Message):
     """Input only: the password, stored as a slow hash and never returned."""
     etag: _builtins.str
     """Output only: changes on every update; send it back to update safely."""
+    password_hash: _builtins.str
+    """Input only, admins only: a password hash made elsewhere, stored as it is and never returned
+    (not by any read, answer, audit entry or error). For moving users in with their passwords:
+    a bcrypt hash (`$2a$`, `$2b$` or `$2y$`, cost 4 to 31), which AuthenticateUser accepts and
+    replaces with an argon2id hash at the user's first successful login, or an argon2id hash
+    (`$argon2id$v=19$m=...,t=...,p=...$<salt>$<hash>`). Any other form is INVALID_ARGUMENT
+    naming this field, and so is setting both it and `password`.
+    """
     @_builtins.property
     def preferences(self) -> _struct_pb2.Struct:
         """Free-form user preferences."""
@@ -143,10 +154,11 @@ class User(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         delete_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        password_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_is_active", b"_is_active", "create_time", b"create_time", "delete_time", b"delete_time", "is_active", b"is_active", "last_login_time", b"last_login_time", "preferences", b"preferences", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_is_active", b"_is_active", "avatar_url", b"avatar_url", "create_time", b"create_time", "delete_time", b"delete_time", "email", b"email", "etag", b"etag", "external_id", b"external_id", "full_name", b"full_name", "id", b"id", "is_active", b"is_active", "is_verified", b"is_verified", "last_login_time", b"last_login_time", "password", b"password", "preferences", b"preferences", "role", b"role", "role_names", b"role_names", "update_time", b"update_time", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_is_active", b"_is_active", "avatar_url", b"avatar_url", "create_time", b"create_time", "delete_time", b"delete_time", "email", b"email", "etag", b"etag", "external_id", b"external_id", "full_name", b"full_name", "id", b"id", "is_active", b"is_active", "is_verified", b"is_verified", "last_login_time", b"last_login_time", "password", b"password", "password_hash", b"password_hash", "preferences", b"preferences", "role", b"role", "role_names", b"role_names", "update_time", b"update_time", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__is_active: _TypeAlias = _typing.Literal["is_active"]  # noqa: Y015
     _WhichOneofArgType__is_active: _TypeAlias = _typing.Literal["_is_active", b"_is_active"]  # noqa: Y015
@@ -227,6 +239,7 @@ class ApiKey(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned UUID."""
     name: _builtins.str
@@ -263,6 +276,13 @@ class ApiKey(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only: last update time."""
 
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Admins only: what the key may do beyond its role, for a service's key (one without
+        user_id). The one scope: `identity.users.ensure`, which lets the key call EnsureUser. An
+        unknown scope is INVALID_ARGUMENT naming it.
+        """
+
     def __init__(
         self,
         *,
@@ -278,10 +298,11 @@ class ApiKey(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "revoke_time", b"revoke_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "etag", b"etag", "expire_time", b"expire_time", "id", b"id", "key_prefix", b"key_prefix", "last_used_time", b"last_used_time", "name", b"name", "revoke_time", b"revoke_time", "role", b"role", "secret", b"secret", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "etag", b"etag", "expire_time", b"expire_time", "id", b"id", "key_prefix", b"key_prefix", "last_used_time", b"last_used_time", "name", b"name", "revoke_time", b"revoke_time", "role", b"role", "scopes", b"scopes", "secret", b"secret", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -328,7 +349,11 @@ class EnsureUserRequest(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def user(self) -> Global___User:
-        """The user to find by external_id, or to create with these fields."""
+        """The user to find by external_id (required), or to create with these fields. A caller
+        that is not an admin (an API key with the scope `identity.users.ensure`) may set only
+        external_id, username, email, full_name, avatar_url and preferences: anything else is
+        PERMISSION_DENIED naming the field.
+        """
 
     def __init__(
         self,

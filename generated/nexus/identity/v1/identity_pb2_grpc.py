@@ -236,7 +236,11 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EnsureUser(self, request, context):
-        """Gets the user with the given external id, creating it when absent.
+        """Gets the user with the given external id, creating it when absent. The external id alone
+        is enough: a user made without a username gets `ext-` and the first 16 hex digits of the
+        SHA-256 of the external id (the same name for the same id, every time), and one made without
+        an e-mail address has none. Admins may call it, and API keys holding the scope
+        `identity.users.ensure` (the services that own those identities), whatever their role.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,7 +53,12 @@ class IdentityServiceStub:
     LookupUser: _grpc.UnaryUnaryMultiCallable[_identity_pb2.LookupUserRequest, _identity_pb2.User]
     """Finds a user by e-mail, username or external id."""
     EnsureUser: _grpc.UnaryUnaryMultiCallable[_identity_pb2.EnsureUserRequest, _identity_pb2.EnsureUserResponse]
-    """Gets the user with the given external id, creating it when absent."""
+    """Gets the user with the given external id, creating it when absent. The external id alone
+    is enough: a user made without a username gets `ext-` and the first 16 hex digits of the
+    SHA-256 of the external id (the same name for the same id, every time), and one made without
+    an e-mail address has none. Admins may call it, and API keys holding the scope
+    `identity.users.ensure` (the services that own those identities), whatever their role.
+    """
     AuthenticateUser: _grpc.UnaryUnaryMultiCallable[_identity_pb2.AuthenticateUserRequest, _identity_pb2.AuthenticateUserResponse]
     """Checks a user's password."""
     VerifyUserEmail: _grpc.UnaryUnaryMultiCallable[_identity_pb2.VerifyUserEmailRequest, _identity_pb2.User]
@@ -111,7 +116,12 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     LookupUser: _aio.UnaryUnaryMultiCallable[_identity_pb2.LookupUserRequest, _identity_pb2.User]  # type: ignore[assignment]
     """Finds a user by e-mail, username or external id."""
     EnsureUser: _aio.UnaryUnaryMultiCallable[_identity_pb2.EnsureUserRequest, _identity_pb2.EnsureUserResponse]  # type: ignore[assignment]
-    """Gets the user with the given external id, creating it when absent."""
+    """Gets the user with the given external id, creating it when absent. The external id alone
+    is enough: a user made without a username gets `ext-` and the first 16 hex digits of the
+    SHA-256 of the external id (the same name for the same id, every time), and one made without
+    an e-mail address has none. Admins may call it, and API keys holding the scope
+    `identity.users.ensure` (the services that own those identities), whatever their role.
+    """
     AuthenticateUser: _aio.UnaryUnaryMultiCallable[_identity_pb2.AuthenticateUserRequest, _identity_pb2.AuthenticateUserResponse]  # type: ignore[assignment]
     """Checks a user's password."""
     VerifyUserEmail: _aio.UnaryUnaryMultiCallable[_identity_pb2.VerifyUserEmailRequest, _identity_pb2.User]  # type: ignore[assignment]
@@ -226,7 +236,12 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_pb2.EnsureUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.EnsureUserResponse, _abc.Awaitable[_identity_pb2.EnsureUserResponse]]:
-        """Gets the user with the given external id, creating it when absent."""
+        """Gets the user with the given external id, creating it when absent. The external id alone
+        is enough: a user made without a username gets `ext-` and the first 16 hex digits of the
+        SHA-256 of the external id (the same name for the same id, every time), and one made without
+        an e-mail address has none. Admins may call it, and API keys holding the scope
+        `identity.users.ensure` (the services that own those identities), whatever their role.
+        """
 
     @_abc_1.abstractmethod
     def AuthenticateUser(

@@ -36,7 +36,11 @@ type IdentityServiceClient interface {
 	BatchGetUsers(ctx context.Context, in *BatchGetUsersRequest, opts ...grpc.CallOption) (*BatchGetUsersResponse, error)
 	// Finds a user by e-mail, username or external id.
 	LookupUser(ctx context.Context, in *LookupUserRequest, opts ...grpc.CallOption) (*User, error)
-	// Gets the user with the given external id, creating it when absent.
+	// Gets the user with the given external id, creating it when absent. The external id alone
+	// is enough: a user made without a username gets `ext-` and the first 16 hex digits of the
+	// SHA-256 of the external id (the same name for the same id, every time), and one made without
+	// an e-mail address has none. Admins may call it, and API keys holding the scope
+	// `identity.users.ensure` (the services that own those identities), whatever their role.
 	EnsureUser(ctx context.Context, in *EnsureUserRequest, opts ...grpc.CallOption) (*EnsureUserResponse, error)
 	// Checks a user's password.
 	AuthenticateUser(ctx context.Context, in *AuthenticateUserRequest, opts ...grpc.CallOption) (*AuthenticateUserResponse, error)
@@ -336,7 +340,11 @@ type IdentityServiceServer interface {
 	BatchGetUsers(context.Context, *BatchGetUsersRequest) (*BatchGetUsersResponse, error)
 	// Finds a user by e-mail, username or external id.
 	LookupUser(context.Context, *LookupUserRequest) (*User, error)
-	// Gets the user with the given external id, creating it when absent.
+	// Gets the user with the given external id, creating it when absent. The external id alone
+	// is enough: a user made without a username gets `ext-` and the first 16 hex digits of the
+	// SHA-256 of the external id (the same name for the same id, every time), and one made without
+	// an e-mail address has none. Admins may call it, and API keys holding the scope
+	// `identity.users.ensure` (the services that own those identities), whatever their role.
 	EnsureUser(context.Context, *EnsureUserRequest) (*EnsureUserResponse, error)
 	// Checks a user's password.
 	AuthenticateUser(context.Context, *AuthenticateUserRequest) (*AuthenticateUserResponse, error)

@@ -43,9 +43,9 @@ SHAPES = {
 }
 # Fields set instead of another (never both): the sample's other one is left out.
 INSTEAD_OF = {"password_hash": "password"}
-# Repeated fields whose items come from a closed set (an API key's scopes): no value at the
+# Repeated fields whose items come from a closed set (an API key's scopes, a Role's permissions): no value at the
 # limit is valid, so only the refusal past it is checked.
-CLOSED_ITEMS = {"scopes"}
+CLOSED_ITEMS = {"scopes", "permissions"}
 # Repeated fields whose items are ids (UUIDs: 36 characters, their limit) of rows that must
 # exist (and are told apart: a list keeps one of equal items), made by Ids.
 ID_ITEMS = {"to_user_ids": "User", "cc_user_ids": "User", "bcc_user_ids": "User", "attachments": "File"}

@@ -79,13 +79,24 @@ def verify_password(stored_hash: str | None, plain: str) -> bool:
     return verify_secret(stored_hash, plain)
 
 
+# The costs a hash moved in may ask of a login: a login pays its hash's cost on every attempt,
+# so a cost past these (bcrypt 2**31 rounds, argon2id gigabytes or billions of passes) would
+# make each attempt a denial of service. Wide enough for any hash made with a library's
+# defaults or hardened settings (bcrypt's default is 12; argon2-cffi's 64 MiB, 3 passes, 4 lanes).
+BCRYPT_MAX_COST = 16
+ARGON2_MAX_MEMORY_KIB = 1024 * 1024  # 1 GiB
+ARGON2_MAX_TIME_COST = 20
+ARGON2_MAX_PARALLELISM = 16
+
+
 def ready_hash_problem(value: str) -> str | None:
     """Why value is not a password hash the service accepts as it is, or None when it is: a
-    bcrypt hash of cost 4 to 31, or an argon2id hash argon2-cffi can read."""
+    bcrypt hash of cost 4 to BCRYPT_MAX_COST, or an argon2id hash argon2-cffi can read whose
+    memory, passes and lanes are within the ARGON2_MAX_* bounds."""
     match = _BCRYPT.fullmatch(value)
     if match is not None:
         cost = int(match.group(1))
-        return None if 4 <= cost <= 31 else f"a bcrypt hash's cost must be 4 to 31, not {cost}"
+        return None if 4 <= cost <= BCRYPT_MAX_COST else f"a bcrypt hash's cost must be 4 to {BCRYPT_MAX_COST}, not {cost}"
     if value.startswith("$2"):
         return "is not a bcrypt hash ($2a$, $2b$ or $2y$, a two-digit cost, then 53 characters of salt and hash)"
     if value.startswith("$argon2"):
@@ -97,6 +108,11 @@ def ready_hash_problem(value: str) -> str | None:
             parameters = None
         if _ARGON2ID.fullmatch(value) is None or parameters is None or parameters.type is not Type.ID:
             return "is not an argon2id hash ($argon2id$v=19$m=...,t=...,p=...$<salt>$<hash>)"
+        if parameters.memory_cost > ARGON2_MAX_MEMORY_KIB or parameters.time_cost > ARGON2_MAX_TIME_COST or parameters.parallelism > ARGON2_MAX_PARALLELISM:
+            return (
+                f"an argon2id hash's cost must be at most m={ARGON2_MAX_MEMORY_KIB} KiB, t={ARGON2_MAX_TIME_COST}, "
+                f"p={ARGON2_MAX_PARALLELISM} (a login pays it on every attempt)"
+            )
         return None
     return "must be a bcrypt ($2a$, $2b$, $2y$) or argon2id ($argon2id$) hash"
 

@@ -149,6 +149,8 @@ def _user_rules(session: Session, row: User, changed: set[str], creating: bool, 
     violations = errors.Violations()
     if not USERNAME.match(row.username or ""):
         violations.add("user.username", "must be 3 to 64 letters, digits, '.', '_' or '-'")
+    elif (creating or "username" in changed) and _reserved_username(row):
+        violations.add("user.username", f"{row.username!r}: usernames beginning {DERIVED_PREFIX!r} are those EnsureUser derives from an external id, each for its own")
     if row.email is not None:
         row.email = row.email.strip().lower() or None  # none: a user without an address
     if row.email is not None and not EMAIL.match(row.email):
@@ -423,16 +425,29 @@ def lookup_user(session: Session, request: pb.LookupUserRequest) -> pb.User:
 ENSURE_FIELDS = frozenset({"external_id", "username", "email", "full_name", "avatar_url", "preferences"})
 
 
+DERIVED_PREFIX = "ext-"
+
+
 def derived_username(external_id: str) -> str:
     """The username of a user EnsureUser makes without one: `ext-` and 16 hex digits of the
     SHA-256 of its external id; the same for the same id, and 64 bits apart from any other."""
-    return "ext-" + hashlib.sha256(external_id.encode()).hexdigest()[:16]
+    return DERIVED_PREFIX + hashlib.sha256(external_id.encode()).hexdigest()[:16]
+
+
+def _reserved_username(row: User) -> bool:
+    """A username of the derived form that is not the one derived from the row's own external id:
+    anyone could otherwise take the name EnsureUser will derive for an id (which is public: a
+    hash) and lock that id out of EnsureUser for good."""
+    name = (row.username or "").lower()
+    if not name.startswith(DERIVED_PREFIX):
+        return False
+    return not row.external_id or name != derived_username(row.external_id)
 
 
 def ensure_user(session: Session, request: pb.EnsureUserRequest, call: Call) -> pb.EnsureUserResponse:
     external_id = request.user.external_id
-    if not external_id:
-        raise errors.InvalidArgument.field("user.external_id", "is required", reason="REQUIRED_FIELD")
+    if not external_id.strip():  # (as LookupUser refuses it: an id of blanks could never be looked up)
+        raise errors.InvalidArgument.field("user.external_id", "is required (and not only blanks)", reason="REQUIRED_FIELD")
     check_chars(external_id, USERS.codecs["external_id"].limit, "user.external_id")
     check_text(external_id, "user.external_id")
     if call.role != "admin":

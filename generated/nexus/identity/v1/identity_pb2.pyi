@@ -105,10 +105,11 @@ class User(_message.Message):
     password_hash: _builtins.str
     """Input only, admins only: a password hash made elsewhere, stored as it is and never returned
     (not by any read, answer, audit entry or error). For moving users in with their passwords:
-    a bcrypt hash (`$2a$`, `$2b$` or `$2y$`, cost 4 to 31), which AuthenticateUser accepts and
+    a bcrypt hash (`$2a$`, `$2b$` or `$2y$`, cost 4 to 16), which AuthenticateUser accepts and
     replaces with an argon2id hash at the user's first successful login, or an argon2id hash
-    (`$argon2id$v=19$m=...,t=...,p=...$<salt>$<hash>`). Any other form is INVALID_ARGUMENT
-    naming this field, and so is setting both it and `password`.
+    (`$argon2id$v=19$m=...,t=...,p=...$<salt>$<hash>`, m at most 1 GiB, t at most 20, p at most
+    16: a login pays the cost on every attempt). Any other form is INVALID_ARGUMENT naming this
+    field, and so is setting both it and `password`.
     """
     @_builtins.property
     def preferences(self) -> _struct_pb2.Struct:

@@ -107,3 +107,18 @@ def test_an_external_id_of_only_blanks_is_refused_as_lookup_user_refuses_it(clie
     assert made is None, "EnsureUser made a user whose external id is only blanks"
     err = expect_error(Code.INVALID_ARGUMENT, ensure, client, external_id=blanks)
     assert err.violations[0].field == "user.external_id"
+
+
+def test_a_deleted_users_id_is_told_to_admins_only(client: Client, caller: Any) -> None:
+    """EnsureUser of a deleted user's external id is FAILED_PRECONDITION USER_DELETED; the user's
+    id (what an admin needs to undelete it) is in the answer for admins only: a deleted user is
+    not visible to a scoped key."""
+    external = unique("gone")
+    made = ensure(client, external_id=external)
+    client.identity.DeleteUser(ipb.DeleteUserRequest(id=made.user.id))
+    err = expect_error(grpc.StatusCode.FAILED_PRECONDITION, ensure, client, external_id=external)
+    assert err.info.reason == "USER_DELETED" and err.info.metadata["resource_id"] == made.user.id
+    _, service = caller(ipb.USER_ROLE_GUEST, (SCOPE,))
+    err = expect_error(grpc.StatusCode.FAILED_PRECONDITION, ensure, service, external_id=external)
+    assert err.info.reason == "USER_DELETED" and "resource_id" not in err.info.metadata
+    assert made.user.id not in err.message

@@ -464,10 +464,11 @@ def ensure_user(session: Session, request: pb.EnsureUserRequest, call: Call) -> 
         row = session.scalars(select(User).where(User.external_id == external_id)).one_or_none()
         if row is not None:
             if row.delete_time is not None:
+                # (Its id only to admins, who may undelete it: a deleted user is theirs alone to see.)
                 raise errors.FailedPrecondition(
                     f"the user with external_id {external_id!r} is deleted; undelete it first",
                     reason="USER_DELETED",
-                    metadata={"resource_id": str(row.id)},
+                    metadata={"resource_id": str(row.id)} if call.role == "admin" else {},
                 )
             return pb.EnsureUserResponse(user=USERS.to_proto(row), created=False)
         try:

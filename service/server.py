@@ -10,6 +10,7 @@ import os
 import logging
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -237,22 +238,23 @@ def _setting_file(path: str, variable: str) -> bytes:
 
 
 def check_port(config: Config) -> None:
-    """ConfigError naming NEXUS_PORT (or NEXUS_METRICS_PORT) when the port is taken (or not ours
-    to take), found before anything is migrated: a probe socket bound as the server binds
-    (SO_REUSEADDR) and closed at once. Other failures are left to the server's own bind, which
-    reports them."""
+    """ConfigError naming NEXUS_HOST when the address cannot be listened on at all (not an
+    address, not one of this machine's), or NEXUS_PORT (or NEXUS_METRICS_PORT) when the port is
+    taken (or not ours to take), found before anything is migrated: a probe socket bound as the
+    server binds (SO_REUSEADDR) and closed at once; with port 0 (any free port) the address
+    alone is probed. Other failures are left to the server's own bind, which reports them."""
     why = _taken(config.host, config.port)
     if why:
         raise ConfigError(f"NEXUS_PORT (--port) {config.port} {why}")
-    why = _taken(config.host, config.metrics_port)
-    if why:
-        raise ConfigError(f"NEXUS_METRICS_PORT: cannot serve metrics on {config.host}:{config.metrics_port} (--metrics-port): the port {why}")
+    if config.metrics_port:
+        why = _taken(config.host, config.metrics_port)
+        if why:
+            raise ConfigError(f"NEXUS_METRICS_PORT: cannot serve metrics on {config.host}:{config.metrics_port} (--metrics-port): the port {why}")
 
 
 def _taken(host_setting: str, port: int) -> str | None:
-    """Why the server could not listen on host:port (what to do included), or None."""
-    if port == 0:
-        return None
+    """Why the server could not listen on host:port (what to do included), or None; ConfigError
+    naming NEXUS_HOST when no port could be listened on at that address."""
     host = host_setting.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -260,14 +262,23 @@ def _taken(host_setting: str, port: int) -> str | None:
         family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
         raise ConfigError(f"NEXUS_HOST (--host) {host_setting!r} is not an address to listen on: {exc.strerror}") from None
-    with socket.socket(family, kind, proto) as probe:
+    try:
+        probe_socket = socket.socket(family, kind, proto)
+    except OSError:  # (no IPv6 on this machine: grpc binds [::] as 0.0.0.0 then) left to the server's bind
+        return None
+    with probe_socket as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise ConfigError(
+                    f"NEXUS_HOST (--host) {host_setting!r} is not an address of this machine to listen on ({exc.strerror}): "
+                    "use [::] or 0.0.0.0 for every interface, or one of this machine's addresses"
+                ) from None
+            if port and exc.errno == errno.EADDRINUSE:
                 return f"is in use on {host_setting}: stop what listens there, or choose another port"
-            if exc.errno == errno.EACCES:
+            if port and exc.errno == errno.EACCES:
                 return f"is not ours to listen on ({exc.strerror}): choose a port above 1023"
     return None
 
@@ -375,10 +386,54 @@ def _tls_credentials(config: Config) -> grpc.ServerCredentials | None:
     if not config.tls_key:
         raise ConfigError("NEXUS_TLS_CERT (--tls-cert) needs NEXUS_TLS_KEY (--tls-key)")
     pair = [(_setting_file(config.tls_key, "NEXUS_TLS_KEY (--tls-key)"), _setting_file(config.tls_cert, "NEXUS_TLS_CERT (--tls-cert)"))]
-    if config.tls_client_ca:
-        ca = _setting_file(config.tls_client_ca, "NEXUS_TLS_CLIENT_CA (--tls-client-ca)")
+    ca = _setting_file(config.tls_client_ca, "NEXUS_TLS_CLIENT_CA (--tls-client-ca)") if config.tls_client_ca else None
+    _check_tls_files(config)
+    if ca is not None:
         return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=True)
     return grpc.ssl_server_credentials(pair)
+
+
+def _no_passphrase() -> bytes:
+    raise ConfigError("NEXUS_TLS_KEY (--tls-key): the private key is encrypted (has a passphrase): gRPC needs it unencrypted")
+
+
+def _check_tls_files(config: Config) -> None:
+    """ConfigError naming the setting of a TLS file whose contents gRPC could not use: a
+    certificate file with no PEM certificate, a key file with no PEM private key or one that is
+    not the certificate's, a client CA file with no PEM certificate. (grpc reads them only when
+    the port is added, after the database was migrated, and then says only that it could not
+    bind.)"""
+    assert config.tls_cert and config.tls_key
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=config.tls_cert)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"NEXUS_TLS_CERT (--tls-cert): {config.tls_cert} holds no PEM certificate ({_ssl_reason(exc)})") from None
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key, password=_no_passphrase)
+    except ConfigError:
+        raise
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(
+            f"NEXUS_TLS_KEY (--tls-key): {config.tls_key} is not a PEM private key of the certificate in NEXUS_TLS_CERT "
+            f"{config.tls_cert} ({_ssl_reason(exc)})"
+        ) from None
+    if config.tls_client_ca:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=config.tls_client_ca)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                f"NEXUS_TLS_CLIENT_CA (--tls-client-ca): {config.tls_client_ca} holds no PEM CA certificate ({_ssl_reason(exc)})"
+            ) from None
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """OpenSSL's reason, without the library's decorations ("[SSL] PEM lib (_ssl.c:3900)")."""
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    text = str(exc.args[-1]) if exc.args else type(exc).__name__
+    return "no PEM private key found in it" if "PEM lib" in text else text
 
 
 def bootstrap_admin_key(db: Database, config: Config) -> str | None:

@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 import db.domains  # noqa: F401 - every domain's resources registered, its tables on the metadata
@@ -32,7 +31,7 @@ from db.unit import SESSION_READ
 from service import __version__, metrics, policy, reflection
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.chat import ChatService
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, redacted_url
 from service.ai import AIService
 from service.files import FileService
 from service.identity import IdentityService
@@ -517,7 +516,7 @@ def _log_places(config: Config) -> None:
     sqlite = config.sqlite_path
     log.info(
         "data directory %s (NEXUS_DATA_DIR): %s, blob store %s", config.data_path,
-        f"SQLite file {sqlite}" if sqlite else f"database at {make_url(config.database_url).render_as_string(hide_password=True)}",
+        f"SQLite file {sqlite}" if sqlite else f"database at {redacted_url(config.database_url)}",
         config.blob_path,
     )
 

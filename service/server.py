@@ -64,6 +64,10 @@ class VersionedHealth(health.aio.HealthServicer):
         await super().Watch(request, context)
 
 
+# The least time the spans still buffered at a stop get to be exported, when the drain and the
+# grace are spent.
+TRACE_FLUSH_SECONDS = 0.5
+
 LIVENESS = "liveness"
 READINESS = "readiness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -287,6 +291,8 @@ def preflight(config: Config) -> None:
     public key) and the port, so that a mistake in them migrates nothing."""
     _tls_credentials(config)
     _jwt_settings(config)
+    telemetry.check_tracing_settings()
+    metrics.check_multiproc_dir(config)
     check_port(config)
 
 
@@ -602,8 +608,11 @@ async def serve(config: Config, worker: bool = False) -> None:
     log.info("nexus-data %s serving on %s:%d (%s); blob store %s", __version__, config.host, app.port, app.db.dialect, config.blob_path)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining %.1fs, grace %.1fs", config.drain_seconds, config.grace_seconds)
+    until = loop.time() + config.drain_seconds + config.grace_seconds
     await app.stop(stop_server=False)
-    telemetry.shutdown_tracing()  # the spans still buffered are exported
+    # The spans still buffered are exported within what is left of the drain and grace (at
+    # least TRACE_FLUSH_SECONDS): a collector that is down does not hold the stop up past them.
+    telemetry.shutdown_tracing(max(TRACE_FLUSH_SECONDS, until - loop.time()))
     log.info("stopped")
     # Out without grpc's stop (App.stop): the calls still arriving (refused with UNAVAILABLE
     # since the drain began) see their connection closed, UNAVAILABLE too, never CANCELLED.

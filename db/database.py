@@ -129,7 +129,19 @@ def create_db_engine(url: str, pool: PoolSettings, echo: bool = False, autocommi
     )
     if pool.pre_ping:
         _ping_idle_connections(engine, pool.ping_after)
+    event.listen(engine, "do_connect", _cap_connect_timeout)
     return engine
+
+
+# While set (Database.wait_until_reachable), the most seconds a new PostgreSQL connection of
+# this thread may take to be made: psycopg2's connect_timeout of that attempt, lowered to it.
+_CONNECT_TIMEOUT_CAP: contextvars.ContextVar[int | None] = contextvars.ContextVar("nexus_connect_timeout_cap", default=None)
+
+
+def _cap_connect_timeout(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+    cap = _CONNECT_TIMEOUT_CAP.get()
+    if cap is not None:
+        cparams["connect_timeout"] = min(int(cparams.get("connect_timeout") or cap), cap)
 
 
 def _ping_idle_connections(engine: Engine, idle_seconds: float) -> None:
@@ -571,12 +583,17 @@ class Database:
         """Connect to PostgreSQL, retrying with doubling pauses (up to MAX_WAIT_SECONDS) for
         `seconds` while the failure may pass (worth_waiting), each wait logged; then
         DatabaseUnreachable. A failure no wait mends (a wrong password, no such database) is
-        raised at once, as is any on SQLite (a file: nothing to wait for)."""
+        raised at once, as is any on SQLite (a file: nothing to wait for).
+
+        Each attempt's connect_timeout is what is left of the wait (at least 1 s; libpq takes
+        2 s at the least): a server that accepts connections and never answers does not hold
+        the start up past the wait by the driver's own timeout (DB_POOL_TIMEOUT) per attempt."""
         if not self.is_postgres:
             return
         deadline = time.monotonic() + seconds
         pause = FIRST_WAIT_SECONDS
         while True:
+            cap = _CONNECT_TIMEOUT_CAP.set(max(1, int(deadline - time.monotonic())))
             try:
                 with self.engine.connect() as conn:
                     conn.execute(select(1))
@@ -593,6 +610,8 @@ class Database:
                 )
                 sleep(wait)
                 pause = min(pause * 2, MAX_WAIT_SECONDS)
+            finally:
+                _CONNECT_TIMEOUT_CAP.reset(cap)
 
     def ping(self) -> bool:
         """True when a connection answers SELECT 1."""

@@ -331,6 +331,29 @@ def policy_problems(rendered: dict[str, list[dict[str, Any]]], uid: int) -> list
     return problems
 
 
+# The host addresses a published port may be bound to: the host's loopback.
+LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
+
+
+def published_port(mapping: Any) -> tuple[str, int | None]:
+    """(host address, container port) of a compose ports entry, short ("127.0.0.1:9464:9464",
+    "9464:9464", "9464", "[::1]:9464:9464/tcp") or long ({target, published, host_ip}); the
+    address is "" when none is given (Docker binds every interface: 0.0.0.0 and ::)."""
+    if isinstance(mapping, dict):
+        target = mapping.get("target")
+        return str(mapping.get("host_ip") or ""), int(target) if str(target).isdigit() else None
+    text = str(mapping).rsplit("/", 1)[0]
+    host_ip = ""
+    if text.startswith("["):
+        host_ip, _, text = text[1:].partition("]")
+        text = text.lstrip(":")
+    parts = text.split(":")
+    if len(parts) == 3:
+        host_ip, parts = parts[0], parts[1:]
+    target = parts[-1]
+    return host_ip, int(target) if target.isdigit() else None
+
+
 def compose_problems(compose: dict[str, Any], uid: int) -> list[str]:
     problems: list[str] = []
     say = problems.append
@@ -381,9 +404,17 @@ def compose_problems(compose: dict[str, Any], uid: int) -> list[str]:
     shutdown = float(env.get("NEXUS_DRAIN_SECONDS", 1)) + float(env.get("NEXUS_GRACE_SECONDS", 10))
     if not match or not int(match.group(1)) > shutdown:
         say(f"compose.yaml: nexus-data's stop_grace_period (seconds: NNs) must exceed NEXUS_DRAIN_SECONDS + NEXUS_GRACE_SECONDS ({shutdown:g} s)")
-    ports = [str(p) for p in server.get("ports", [])]
-    if not any(p.endswith(f":{GRPC_PORT}") for p in ports):
+    published = [published_port(p) for p in server.get("ports", [])]
+    if not any(target == GRPC_PORT for _, target in published):
         say(f"compose.yaml: nexus-data publishes the gRPC port {GRPC_PORT}")
+    for name, service in services.items():
+        for mapping in service.get("ports", []):
+            host_ip, target = published_port(mapping)
+            if host_ip not in LOOPBACK:
+                say(
+                    f"compose.yaml: {name}: the port {mapping!r} is published on every interface of the host (Docker opens it past a host "
+                    f"firewall): publish it on the loopback, 127.0.0.1:{target}:{target}"
+                )
     # A secret in an environment value is an interpolation (${VAR}), from the environment or .env.
     for name, service in services.items():
         service_env = service.get("environment", {})

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from db.errors import NexusError
-from service.config import Config, ConfigError, log_setting_warnings
+from service.config import Config, ConfigError, log_setting_warnings, redacted_url
 
 
 # Exit statuses: 0 done; 1 refused by the service, or a check that found something (check-schema,
@@ -65,7 +65,6 @@ def operator_problem(exc: BaseException, config: Config | None) -> tuple[str, in
     database, the port, a file named by a setting, a refused command); None for anything else,
     a bug, which keeps its traceback."""
     from sqlalchemy import exc as sa_exc
-    from sqlalchemy.engine import make_url
 
     from db.database import DatabaseUnreachable, first_line
     from db.migrate import SchemaMismatch
@@ -84,8 +83,7 @@ def operator_problem(exc: BaseException, config: Config | None) -> tuple[str, in
     if isinstance(exc, NexusError):
         return f"{exc.message} ({exc.reason})", EXIT_REFUSED
     if isinstance(exc, (sa_exc.DBAPIError, sa_exc.ArgumentError, sa_exc.NoSuchModuleError)):
-        url = config.database_url if config is not None else ""
-        where = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+        where = redacted_url(config.database_url) if config is not None else ""
         return f"the database {where} cannot be used: {first_line(exc)} ({setting})", EXIT_BAD_SETTING
     if config is not None and isinstance(exc, RuntimeError) and "bind" in str(exc).lower():
         return f"cannot listen on {config.host}:{config.port}: is another server on that port? (NEXUS_HOST, NEXUS_PORT)", EXIT_BAD_SETTING

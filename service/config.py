@@ -278,6 +278,24 @@ def check_database_url(url: str, setting: str = "DATABASE_URL") -> None:
         raise ConfigError(f"{setting} {IN_MEMORY_REFUSED}")
 
 
+def redacted_url(url: str) -> str:
+    """The database URL as every log line and message shows it: the password of its user
+    (user:***@) and the value of every query key naming a password (password, sslpassword, any
+    *password*: libpq and psycopg2 take them from the query too) masked. A URL that cannot be
+    parsed is not shown at all."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - any parse failure: nothing of it is shown
+        return "(a URL that cannot be parsed)" if "://" in url or "@" in url else url
+    shown = parsed.set(query={}).render_as_string(hide_password=True)
+    query = [
+        f"{key}={'***' if 'password' in key.lower() else value}"
+        for key, values in parsed.query.items()
+        for value in (values if isinstance(values, tuple) else (values,))
+    ]
+    return f"{shown}?{'&'.join(query)}" if query else shown
+
+
 def check_settings(config: Config) -> None:
     """ConfigError naming the variable of the first setting out of its range."""
     check_database_url(config.database_url, config.database_setting)
@@ -483,7 +501,7 @@ class Config:
         """Every setting, with the database password masked: safe to log."""
         out = dataclasses.asdict(self)
         del out["setting_names"], out["setting_warnings"]
-        out["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+        out["database_url"] = redacted_url(self.database_url)
         if self.jwt_hs256_secret:
             out["jwt_hs256_secret"] = "***"
         return out

@@ -322,6 +322,29 @@ def multiprocess_mode() -> bool:
     return values.ValueClass is not values.MutexValue
 
 
+def check_multiproc_dir(config: Any) -> None:
+    """ConfigError naming PROMETHEUS_MULTIPROC_DIR when a single server with metrics would write
+    them there (prometheus_client's multiprocess mode, chosen when it was imported with the
+    variable set: inherited from a base image, a shell profile) and it is not a directory this
+    process can write to. `serve --workers N` sets its own for its workers (WorkersEndpoint):
+    an inherited one is not used there."""
+    if not config.metrics_port or config.workers > 1 or not multiprocess_mode():
+        return
+    from service.config import ConfigError
+
+    path = os.environ.get(MULTIPROC_DIR) or os.environ.get(MULTIPROC_DIR.lower()) or ""
+    if not os.path.isdir(path):
+        why = "is not set to a directory" if not path else "does not exist" if not os.path.exists(path) else "is not a directory"
+    elif not os.access(path, os.W_OK | os.X_OK):
+        why = "is a directory this process cannot write to"
+    else:
+        return
+    raise ConfigError(
+        f"{MULTIPROC_DIR}={path!r} {why}: with it set, the metrics are written there (prometheus_client's multiprocess mode); "
+        "unset it (a single server needs none, serve --workers makes its own) or name a writable directory"
+    )
+
+
 def enable(config: Any) -> bool:
     """Before a server's methods are registered: whether it counts metrics (NEXUS_METRICS_PORT
     set), the process's metrics made at the first. A worker of `serve --workers N` must have

@@ -10,6 +10,7 @@ import os
 import logging
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -18,7 +19,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 import db.domains  # noqa: F401 - every domain's resources registered, its tables on the metadata
@@ -31,7 +31,7 @@ from db.unit import SESSION_READ
 from service import __version__, metrics, policy, reflection
 from service.auth import AuthSettings, Authenticator, JwtSettings
 from service.chat import ChatService
-from service.config import Config, ConfigError, legacy_data_dir
+from service.config import Config, ConfigError, legacy_data_dir, redacted_url
 from service.ai import AIService
 from service.files import FileService
 from service.identity import IdentityService
@@ -63,6 +63,10 @@ class VersionedHealth(health.aio.HealthServicer):
         await context.send_initial_metadata(((VERSION_HEADER, __version__),))
         await super().Watch(request, context)
 
+
+# The least time the spans still buffered at a stop get to be exported, when the drain and the
+# grace are spent.
+TRACE_FLUSH_SECONDS = 0.5
 
 LIVENESS = "liveness"
 READINESS = "readiness"
@@ -237,22 +241,23 @@ def _setting_file(path: str, variable: str) -> bytes:
 
 
 def check_port(config: Config) -> None:
-    """ConfigError naming NEXUS_PORT (or NEXUS_METRICS_PORT) when the port is taken (or not ours
-    to take), found before anything is migrated: a probe socket bound as the server binds
-    (SO_REUSEADDR) and closed at once. Other failures are left to the server's own bind, which
-    reports them."""
+    """ConfigError naming NEXUS_HOST when the address cannot be listened on at all (not an
+    address, not one of this machine's), or NEXUS_PORT (or NEXUS_METRICS_PORT) when the port is
+    taken (or not ours to take), found before anything is migrated: a probe socket bound as the
+    server binds (SO_REUSEADDR) and closed at once; with port 0 (any free port) the address
+    alone is probed. Other failures are left to the server's own bind, which reports them."""
     why = _taken(config.host, config.port)
     if why:
         raise ConfigError(f"NEXUS_PORT (--port) {config.port} {why}")
-    why = _taken(config.host, config.metrics_port)
-    if why:
-        raise ConfigError(f"NEXUS_METRICS_PORT: cannot serve metrics on {config.host}:{config.metrics_port} (--metrics-port): the port {why}")
+    if config.metrics_port:
+        why = _taken(config.host, config.metrics_port)
+        if why:
+            raise ConfigError(f"NEXUS_METRICS_PORT: cannot serve metrics on {config.host}:{config.metrics_port} (--metrics-port): the port {why}")
 
 
 def _taken(host_setting: str, port: int) -> str | None:
-    """Why the server could not listen on host:port (what to do included), or None."""
-    if port == 0:
-        return None
+    """Why the server could not listen on host:port (what to do included), or None; ConfigError
+    naming NEXUS_HOST when no port could be listened on at that address."""
     host = host_setting.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -260,14 +265,23 @@ def _taken(host_setting: str, port: int) -> str | None:
         family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
         raise ConfigError(f"NEXUS_HOST (--host) {host_setting!r} is not an address to listen on: {exc.strerror}") from None
-    with socket.socket(family, kind, proto) as probe:
+    try:
+        probe_socket = socket.socket(family, kind, proto)
+    except OSError:  # (no IPv6 on this machine: grpc binds [::] as 0.0.0.0 then) left to the server's bind
+        return None
+    with probe_socket as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise ConfigError(
+                    f"NEXUS_HOST (--host) {host_setting!r} is not an address of this machine to listen on ({exc.strerror}): "
+                    "use [::] or 0.0.0.0 for every interface, or one of this machine's addresses"
+                ) from None
+            if port and exc.errno == errno.EADDRINUSE:
                 return f"is in use on {host_setting}: stop what listens there, or choose another port"
-            if exc.errno == errno.EACCES:
+            if port and exc.errno == errno.EACCES:
                 return f"is not ours to listen on ({exc.strerror}): choose a port above 1023"
     return None
 
@@ -277,6 +291,8 @@ def preflight(config: Config) -> None:
     public key) and the port, so that a mistake in them migrates nothing."""
     _tls_credentials(config)
     _jwt_settings(config)
+    telemetry.check_tracing_settings()
+    metrics.check_multiproc_dir(config)
     check_port(config)
 
 
@@ -376,10 +392,54 @@ def _tls_credentials(config: Config) -> grpc.ServerCredentials | None:
     if not config.tls_key:
         raise ConfigError("NEXUS_TLS_CERT (--tls-cert) needs NEXUS_TLS_KEY (--tls-key)")
     pair = [(_setting_file(config.tls_key, "NEXUS_TLS_KEY (--tls-key)"), _setting_file(config.tls_cert, "NEXUS_TLS_CERT (--tls-cert)"))]
-    if config.tls_client_ca:
-        ca = _setting_file(config.tls_client_ca, "NEXUS_TLS_CLIENT_CA (--tls-client-ca)")
+    ca = _setting_file(config.tls_client_ca, "NEXUS_TLS_CLIENT_CA (--tls-client-ca)") if config.tls_client_ca else None
+    _check_tls_files(config)
+    if ca is not None:
         return grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=True)
     return grpc.ssl_server_credentials(pair)
+
+
+def _no_passphrase() -> bytes:
+    raise ConfigError("NEXUS_TLS_KEY (--tls-key): the private key is encrypted (has a passphrase): gRPC needs it unencrypted")
+
+
+def _check_tls_files(config: Config) -> None:
+    """ConfigError naming the setting of a TLS file whose contents gRPC could not use: a
+    certificate file with no PEM certificate, a key file with no PEM private key or one that is
+    not the certificate's, a client CA file with no PEM certificate. (grpc reads them only when
+    the port is added, after the database was migrated, and then says only that it could not
+    bind.)"""
+    assert config.tls_cert and config.tls_key
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=config.tls_cert)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"NEXUS_TLS_CERT (--tls-cert): {config.tls_cert} holds no PEM certificate ({_ssl_reason(exc)})") from None
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key, password=_no_passphrase)
+    except ConfigError:
+        raise
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(
+            f"NEXUS_TLS_KEY (--tls-key): {config.tls_key} is not a PEM private key of the certificate in NEXUS_TLS_CERT "
+            f"{config.tls_cert} ({_ssl_reason(exc)})"
+        ) from None
+    if config.tls_client_ca:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=config.tls_client_ca)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                f"NEXUS_TLS_CLIENT_CA (--tls-client-ca): {config.tls_client_ca} holds no PEM CA certificate ({_ssl_reason(exc)})"
+            ) from None
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """OpenSSL's reason, without the library's decorations ("[SSL] PEM lib (_ssl.c:3900)")."""
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    text = str(exc.args[-1]) if exc.args else type(exc).__name__
+    return "no PEM private key found in it" if "PEM lib" in text else text
 
 
 def bootstrap_admin_key(db: Database, config: Config) -> str | None:
@@ -469,7 +529,7 @@ def _log_places(config: Config) -> None:
         )
     log.info(
         "data directory %s (NEXUS_DATA_DIR): %s, blob store %s", config.data_path,
-        f"SQLite file {sqlite}" if sqlite else f"database at {make_url(config.database_url).render_as_string(hide_password=True)}",
+        f"SQLite file {sqlite}" if sqlite else f"database at {redacted_url(config.database_url)}",
         config.blob_path,
     )
 
@@ -555,8 +615,11 @@ async def serve(config: Config, worker: bool = False) -> None:
     log.info("nexus-data %s serving on %s:%d (%s); blob store %s", __version__, config.host, app.port, app.db.dialect, config.blob_path)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining %.1fs, grace %.1fs", config.drain_seconds, config.grace_seconds)
+    until = loop.time() + config.drain_seconds + config.grace_seconds
     await app.stop(stop_server=False)
-    telemetry.shutdown_tracing()  # the spans still buffered are exported
+    # The spans still buffered are exported within what is left of the drain and grace (at
+    # least TRACE_FLUSH_SECONDS): a collector that is down does not hold the stop up past them.
+    telemetry.shutdown_tracing(max(TRACE_FLUSH_SECONDS, until - loop.time()))
     log.info("stopped")
     # Out without grpc's stop (App.stop): the calls still arriving (refused with UNAVAILABLE
     # since the drain began) see their connection closed, UNAVAILABLE too, never CANCELLED.

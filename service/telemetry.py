@@ -24,13 +24,16 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -191,6 +194,55 @@ def tracing_endpoint(env: Mapping[str, str]) -> str | None:
     return (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip() or None
 
 
+# The compressions the OTLP/gRPC exporter knows (OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION).
+OTLP_COMPRESSIONS = ("gzip", "deflate", "none")
+
+
+def check_tracing_settings(env: Mapping[str, str] | None = None) -> None:
+    """ConfigError naming the first OTEL_EXPORTER_OTLP_* setting the exporter could not use
+    (serve checks them before the database is touched; the exporter itself would raise a bare
+    ValueError, or log and go on without the file). Nothing is checked without an endpoint:
+    then no setting of the exporter is read."""
+    from service.config import ConfigError
+
+    env = os.environ if env is None else env
+    if tracing_endpoint(env) is None:
+        return
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        raw = env.get(variable, "").strip()
+        if not raw:
+            continue
+        try:
+            parsed = urlsplit(raw)
+            parsed.port  # noqa: B018 - a port that is not a number raises here
+        except ValueError as exc:
+            raise ConfigError(f"{variable}={raw!r} is not a URL ({exc}): give the collector's, e.g. http://otel-collector:4317") from None
+        if parsed.scheme in ("http", "https") and not parsed.hostname:
+            raise ConfigError(f"{variable}={raw!r} names no host: give the collector's URL, e.g. http://otel-collector:4317")
+    for prefix in ("OTEL_EXPORTER_OTLP_", "OTEL_EXPORTER_OTLP_TRACES_"):
+        timeout = prefix + "TIMEOUT"
+        raw = env.get(timeout, "").strip()
+        if timeout in env:
+            try:
+                seconds = float(raw)
+            except ValueError:
+                seconds = math.nan
+            if not 0 < seconds < math.inf:
+                raise ConfigError(f"{timeout}={env[timeout]!r} is not a number of seconds above 0 (the exporter's time for one export)")
+        compression = prefix + "COMPRESSION"
+        if compression in env and env[compression].strip().lower() not in OTLP_COMPRESSIONS:
+            raise ConfigError(f"{compression}={env[compression]!r} must be one of {', '.join(OTLP_COMPRESSIONS)}")
+        insecure = prefix + "INSECURE"
+        if insecure in env and env[insecure].strip().lower() not in ("true", "false"):
+            raise ConfigError(f"{insecure}={env[insecure]!r} must be true or false")
+        for name in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE"):
+            variable = prefix + name
+            path = env.get(variable, "")
+            if path and not os.access(path, os.R_OK):
+                why = "does not exist" if not os.path.exists(path) else "cannot be read"
+                raise ConfigError(f"{variable}: {path} {why}")
+
+
 def setup_tracing(env: Mapping[str, str] | None = None, exporter: Any = None) -> Any:
     """Turn tracing on when an OTLP endpoint is configured (or when an exporter is given: tests
     pass the SDK's InMemorySpanExporter): an SDK TracerProvider for service `nexus-data`
@@ -221,7 +273,14 @@ def setup_tracing(env: Mapping[str, str] | None = None, exporter: Any = None) ->
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # endpoint, headers, TLS: the OTEL_EXPORTER_OTLP_* variables
+        check_tracing_settings(env)
+        try:
+            otlp = OTLPSpanExporter()  # endpoint, headers, TLS: the OTEL_EXPORTER_OTLP_* variables
+        except (ValueError, RuntimeError) as exc:  # what check_tracing_settings does not know of
+            from service.config import ConfigError
+
+            raise ConfigError(f"tracing cannot be set up from the OTEL_EXPORTER_OTLP_* settings: {exc}") from None
+        provider.add_span_processor(BatchSpanProcessor(otlp))
         trace.set_tracer_provider(provider)
         log.info("tracing: spans of %s go to %s over OTLP/gRPC", resource.attributes["service.name"], endpoint)
     _provider = provider
@@ -229,15 +288,31 @@ def setup_tracing(env: Mapping[str, str] | None = None, exporter: Any = None) ->
     return provider
 
 
-def shutdown_tracing() -> None:
-    """Export what is left and turn tracing off (serve calls it before the process exits)."""
+def shutdown_tracing(timeout: float | None = None) -> bool:
+    """Export what is left and turn tracing off (serve calls it before the process exits).
+    With a timeout, the export is given that long (in a thread of its own, left behind after
+    it: the process is about to exit): a collector that is down or does not answer holds the
+    stop up no longer; returns whether the export ended in time."""
     global _tracer, _provider
     import db.prepared
 
     provider, _provider, _tracer = _provider, None, None
     db.prepared.through_sqlalchemy = False
-    if provider is not None:
+    if provider is None:
+        return True
+    if timeout is None:
         provider.shutdown()
+        return True
+    flush = threading.Thread(target=provider.shutdown, name="nexus-trace-flush", daemon=True)
+    flush.start()
+    flush.join(max(0.0, timeout))
+    if flush.is_alive():
+        log.warning(
+            "tracing: the spans still buffered were not exported within %.1fs (is the collector at %s up?): dropped",
+            timeout, tracing_endpoint(os.environ) or "the configured endpoint",
+        )
+        return False
+    return True
 
 
 def tracing() -> bool:

@@ -102,6 +102,8 @@ BREAKAGES = [
     ("compose.yaml", "condition: service_completed_successfully", "condition: service_started", False, "nexus-data must depend on migrate with condition service_completed_successfully"),
     ("compose.yaml", "POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}", "POSTGRES_PASSWORD: hunter2", False, "postgres: POSTGRES_PASSWORD carries a literal secret"),
     ("compose.yaml", "    read_only: true\n", "", True, "nexus-data runs with a read-only root filesystem"),
+    ("compose.yaml", '"127.0.0.1:9464:9464"', '"9464:9464"', False, "nexus-data: the port '9464:9464' is published on every interface"),
+    ("compose.yaml", '"127.0.0.1:50051:50051"', '"0.0.0.0:50051:50051"', False, "nexus-data: the port '0.0.0.0:50051:50051' is published on every interface"),
     ("Dockerfile", "    PYTHONDONTWRITEBYTECODE=1 \\\n", "", True, "must set PYTHONDONTWRITEBYTECODE=1"),
 ]
 

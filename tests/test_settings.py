@@ -116,3 +116,25 @@ def test_serve_refuses_an_in_memory_database_in_one_line(tmp_path: Path) -> None
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nexus-data: refusing to start: DATABASE_URL names an in-memory SQLite database"), done.stderr
     assert "use a file path" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql+psycopg2://nexus:s3cret@db:5432/nexus", "postgresql+psycopg2://nexus:***@db:5432/nexus"),
+        ("postgresql+psycopg2://nexus@db/nexus?password=s3cret&sslmode=require", "postgresql+psycopg2://nexus@db/nexus?password=***&sslmode=require"),
+        ("postgresql+psycopg2://nexus@db/nexus?sslpassword=s3cret&PGPASSWORD=s3cret", "postgresql+psycopg2://nexus@db/nexus?sslpassword=***&PGPASSWORD=***"),
+        ("postgresql+psycopg2://nexus@/nexus?host=/run/postgresql", "postgresql+psycopg2://nexus@/nexus?host=/run/postgresql"),
+        ("sqlite:///data/nexus.db", "sqlite:///data/nexus.db"),
+    ],
+    ids=["userinfo", "query-password", "query-other-passwords", "no-password", "sqlite"],
+)
+def test_a_logged_database_url_has_no_password(url: str, shown: str) -> None:
+    """The one redaction of every URL the service logs (Config.describe, the data places, the
+    refusals): the user's password and the query's password keys."""
+    from service.config import redacted_url
+
+    assert redacted_url(url) == shown
+    config = Config.from_env({"DATABASE_URL": url})
+    assert config.describe()["database_url"] == shown
+    assert "s3cret" not in repr(config.describe())

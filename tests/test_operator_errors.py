@@ -320,8 +320,9 @@ def test_a_port_grpc_would_wrap_is_never_served_on_another_port(tmp_path: Path) 
     """gRPC keeps the low 16 bits of a port: 70000 binds 4464. The settings refuse such a port;
     should one reach the server anyway, it refuses to serve rather than serve elsewhere."""
     config = make_config(f"sqlite:///{tmp_path / 'nexus.db'}")
-    object.__setattr__(config, "port", 70000)  # past the settings' own check
-    with pytest.raises(ConfigError, match=r"NEXUS_PORT \(--port\) 70000: gRPC bound port 4464 instead"):
+    wrapped = free_port()  # (a free port: 70000's 4464 may be another process's)
+    object.__setattr__(config, "port", 65536 + wrapped)  # past the settings' own check
+    with pytest.raises(ConfigError, match=rf"NEXUS_PORT \(--port\) {65536 + wrapped}: gRPC bound port {wrapped} instead"):
         create_server(config)
 
 

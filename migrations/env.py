@@ -12,6 +12,18 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def _url() -> str:
+    """sqlalchemy.url when given (`alembic -x` or a config), else the database the service's own
+    configuration names (DATABASE_URL, DB_*, NEXUS_DATA_DIR, or the default data directory), so
+    the alembic CLI and `nexus-data migrate` work on the same database."""
+    given = config.get_main_option("sqlalchemy.url")
+    if given:
+        return given
+    from service.config import Config
+
+    return Config.from_env().database_url
+
+
 def _configure(connection: object) -> None:
     context.configure(
         connection=connection,
@@ -24,7 +36,7 @@ def _configure(connection: object) -> None:
 
 def run_migrations_offline() -> None:
     context.configure(
-        url=config.get_main_option("sqlalchemy.url"),
+        url=_url(),
         target_metadata=target_metadata,
         literal_binds=True,
         render_as_batch=True,
@@ -40,7 +52,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.begin() as conn:
         _configure(conn)
         with context.begin_transaction():

@@ -29,6 +29,10 @@ BACKENDS = ["sqlite", "postgresql"]
 # The blob stores of test servers (never the working directory's data/): one per database, so
 # every server of a database, and the sweep of its files, see the same blobs.
 TEST_BLOBS = tempfile.TemporaryDirectory(prefix="nexus-test-blobs-")
+# The default data directory ($XDG_DATA_HOME/nexus-data) of every server and command the tests
+# start, in process or not: never the user's own (~/.local/share/nexus-data).
+TEST_DATA_HOME = tempfile.TemporaryDirectory(prefix="nexus-test-data-home-")
+os.environ["XDG_DATA_HOME"] = TEST_DATA_HOME.name
 
 
 def blob_dir_of(database_url: str) -> Path:

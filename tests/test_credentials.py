@@ -414,8 +414,8 @@ def test_an_owner_may_shorten_but_not_extend_its_key_expiry(client: Client, acto
 
 
 def _serve(url: str, cwd: Path, env: dict[str, str], **popen: Any) -> subprocess.Popen[bytes]:
-    # The blob store in a directory of its own: on PostgreSQL the default is data/blobs under cwd,
-    # where the tests look for what the server wrote of its bootstrap key.
+    # The blob store in a directory of its own: on PostgreSQL the default is the data directory's
+    # blobs/, where the tests look for what the server wrote of its bootstrap key.
     full = {**os.environ, "DATABASE_URL": url, "NEXUS_PORT": "0", "NEXUS_HOST": "127.0.0.1", "NEXUS_BLOB_DIR": str(cwd / "blob-store"),
             "NEXUS_HASH_TIME_COST": "1", "NEXUS_HASH_MEMORY_KIB": "1024", "NEXUS_DRAIN_SECONDS": "0", **env}
     if "NEXUS_BOOTSTRAP_KEY_FILE" not in env:
@@ -445,10 +445,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def test_the_first_admin_key_goes_to_a_private_file_not_the_log(client: Client, tmp_path: Path) -> None:
     with fresh_database(client.backend, tmp_path) as url:
         log = tmp_path / "server.log"
-        # Default place: beside the SQLite file; on PostgreSQL data/ under the working directory.
-        expected = tmp_path / "bootstrap-admin-key" if client.backend == "sqlite" else tmp_path / "data" / "bootstrap-admin-key"
+        # Default place: beside the SQLite file; on PostgreSQL the default data directory.
+        home = tmp_path / "data-home"
+        expected = tmp_path / "bootstrap-admin-key" if client.backend == "sqlite" else home / "nexus-data" / "bootstrap-admin-key"
         with log.open("wb") as out:
-            process = _serve(url, tmp_path, {}, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = _serve(url, tmp_path, {"XDG_DATA_HOME": str(home)}, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             port = int(_wait_for(log, r"serving on 127\.0\.0\.1:(\d+)").group(1))
             text = expected.read_text()

@@ -5,10 +5,9 @@ datetimes and dates itself), unpacked by `json_populate_recordset` into the tabl
 the driver quotes one string instead of adapting every value of every row (SQLAlchemy's
 insertmanyvalues renders one placeholder per value), and the server parses one literal instead
 of a VALUES list of thousands: on a large BatchCreateTasks both the service and PostgreSQL
-spend less CPU (bench/README.md). On SQLite it
-is the driver's executemany (a loop in C) over tuples bound once by the columns' own bind
-processors; for a PostgreSQL table with a column type JSON cannot carry, SQLAlchemy's
-multi-row INSERT.
+spend less CPU (bench/README.md). Elsewhere
+(SQLite: executemany in C), and for a table with a column type JSON cannot carry, it is
+SQLAlchemy's multi-row INSERT.
 """
 from __future__ import annotations
 
@@ -38,12 +37,6 @@ def insert_many(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> Non
     if len(rows) == 1:
         # One row: a statement compiled once, run on the DBAPI cursor (db/prepared.py).
         prepared(_one_row_insert(table, keys), conn.dialect).rows(conn, {f"p_{key}": value for key, value in rows[0].items()})
-        return
-    if conn.dialect.name == "sqlite":
-        # The one-row statement, run by the driver's executemany over tuples bound once (the
-        # rows' values through their types' bind processors, as SQLAlchemy's executemany binds
-        # them, without its per-row execution machinery).
-        prepared(_one_row_insert(table, keys), conn.dialect).run_many(conn, rows, prefix="p_")
         return
     if conn.dialect.name != "postgresql" or not _carried(table, keys):
         conn.execute(insert(table), rows)

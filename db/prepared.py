@@ -41,17 +41,13 @@ def driver_connection(conn: Connection) -> DBAPIConnection:
     return dbapi_conn
 
 
-def run_on_cursor(conn: Connection, sql: str, params: Any, many: bool = False) -> tuple[Any, Sequence[Any]]:
-    """Execute sql with params (many: a list of parameter sets, by executemany) on conn's DBAPI
-    cursor: (cursor.description, rows); errors wrapped and lost connections invalidated as
-    SQLAlchemy's own execution does it."""
+def run_on_cursor(conn: Connection, sql: str, params: Any) -> tuple[Any, Sequence[Any]]:
+    """Execute sql with params on conn's DBAPI cursor: (cursor.description, rows); errors
+    wrapped and lost connections invalidated as SQLAlchemy's own execution does it."""
     dialect = conn.dialect
     dbapi_conn = driver_connection(conn)
     cursor = dbapi_conn.cursor()
     try:
-        if many:
-            cursor.executemany(sql, params)
-            return None, []
         cursor.execute(sql, params)
         description = cursor.description
         return description, cursor.fetchall() if description is not None else []
@@ -86,22 +82,6 @@ class Prepared:
         self.types = tuple(c.type.dialect_impl(dialect) for c in stmt.selected_columns) if processed else None
         # The result processors need the driver's column type codes: made from the first result.
         self._result_processors: tuple[tuple[int, Any], ...] | None = None
-
-    def run_many(self, conn: Connection, rows: list[dict[str, Any]], prefix: str = "") -> None:
-        """Run a statement that returns nothing once per row by the driver's executemany (SQLite:
-        one loop in C over the bound tuples). Each row's keys, prefixed, name every parameter."""
-        if through_sqlalchemy or conn.engine.echo:
-            conn.execute(self.stmt, [{prefix + key: value for key, value in row.items()} for row in rows])
-            return
-        if self.positional is None:
-            raise ValueError("run_many binds by position: the dialect's parameters are named")
-        names = {prefix + key for key in rows[0]}
-        if names != self.names:
-            raise KeyError(f"parameters {sorted(names ^ self.names)} do not match the statement's")
-        # Each parameter's key in the rows and its type's bind processor, found once.
-        columns = [(name[len(prefix):], self.processors.get(name)) for name in self.positional]
-        bound = [tuple(row[key] if process is None else process(row[key]) for key, process in columns) for row in rows]
-        run_on_cursor(conn, self.sql, bound, many=True)
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> Sequence[Any]:
         """The statement's rows (or [] for none) for params, which must name every parameter."""

@@ -103,7 +103,7 @@ def client(port: int, key: str, world: World, stop: threading.Event, seed: int) 
                 call(op, work, chat, md, world, rng)
             except grpc.RpcError as exc:
                 with world.lock:
-                    name = f"{op}: {exc.code().name}"  # type: ignore[attr-defined]
+                    name = f"{op}: {exc.code().name}"
                     world.errors[name] = world.errors.get(name, 0) + 1
             with world.lock:
                 world.calls += 1
@@ -138,8 +138,8 @@ def call(op: str, work: Any, chat: Any, md: Any, world: World, rng: random.Rando
         world.remember(world.messages, chat.CreateChatMessage(cpb.CreateChatMessageRequest(chat_message=message), metadata=md).id)
     elif op == "UpdateChatMessage":
         if (message_id := world.pick(world.messages, rng)) is not None:
-            change = cpb.ChatMessage(id=message_id, content=sentence(rng, 15))
-            chat.UpdateChatMessage(cpb.UpdateChatMessageRequest(chat_message=change, update_mask=field_mask_pb2.FieldMask(paths=["content"])), metadata=md)
+            edit = cpb.ChatMessage(id=message_id, content=sentence(rng, 15))
+            chat.UpdateChatMessage(cpb.UpdateChatMessageRequest(chat_message=edit, update_mask=field_mask_pb2.FieldMask(paths=["content"])), metadata=md)
     elif op == "GetChatMessage":
         if (message_id := world.pick(world.messages, rng)) is not None:
             chat.GetChatMessage(cpb.GetChatMessageRequest(id=message_id), metadata=md)

@@ -10,9 +10,10 @@ never trims. Where there is no glibc (musl) or no /proc, it does nothing.
 
 glibc also gives each thread that allocates a heap of its own (an arena), up to eight per core.
 The server's threads (the event loop, gRPC's, the database threads, the hash pool) allocate in
-their own arenas and free what the others allocated: under a steady mixed load each arena's
-free holes grew, and so did the resident size, by about 2 MiB a minute for as long as the load
-lasted, with the memory in use flat (bench/soak.py, bench/README.md). limit_arenas() caps the
+their own arenas and free what the others allocated: under a steady mixed load the arenas' free
+holes grew, and so did the resident size, about 2 MiB a minute for eight minutes, to 13 MiB
+above where two arenas level off by minute 3, with the memory in use flat (bench/soak.py,
+bench/README.md). limit_arenas() caps the
 arenas at startup (NEXUS_MALLOC_ARENAS, 2 by default, as MALLOC_ARENA_MAX=2 does); heap_stats()
 tells how many there are and what they hold, for /metrics.
 """

@@ -181,16 +181,16 @@ def count_rows(session: Session, spec: ResourceSpec, request: Any, call: Call, s
     return int(session.connection().execute(count.exact).scalar() or 0)
 
 
-def total_of(session: Session, dialect: str, count: statements.Count, params: dict[str, Any], limited: int, limit: int) -> int:
+def total_of(session: Session, dialect: str, count: statements.Count, params: dict[str, Any], limited: Any, limit: int) -> int:
     """total_size from the limited count (at most limit + 1): exact up to limit matches; above,
     an estimate never below limit + 1. PostgreSQL: its planner's row estimate of the matches
     (EXPLAIN of count.estimate: the statistics ANALYZE keeps, no row read). SQLite has no
     estimator: limit + 1, a lower bound ("more than limit"). count_only counts exactly."""
-    if limited <= limit:
-        return int(limited)
+    if int(limited or 0) <= limit:
+        return int(limited or 0)
     if dialect != "postgresql":
         return limit + 1
-    plan = session.connection().execute(count.estimate, params).scalar()
+    plan: Any = session.connection().execute(count.estimate, params).scalar()
     if isinstance(plan, str):
         plan = json.loads(plan)
     return max(limit + 1, min(int(plan[0]["Plan"]["Plan Rows"]), MAX_TOTAL_SIZE))

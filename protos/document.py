@@ -53,7 +53,8 @@ the limit"). A List's `count_only` always counts exactly.
 
 **Search** ranks a window of its matches: the first 300 in the search index's own order (about the
 order rows were added). Fewer matches rank every one of them; with more, a match beyond the window
-is neither ranked nor returned (total_size still counts it), and the pages cover the window.
+is neither ranked nor returned, and the pages cover the window. A Search's total_size is exact up
+to the window's size (300) and estimated above it, as a List's is above its limit.
 """
 
 

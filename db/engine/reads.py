@@ -208,7 +208,9 @@ def search(
 ) -> tuple[list[tuple[Message, float]], str, int]:
     """Ranked full-text hits: ([(resource, score)], next_page_token, total_size); cut short
     within max_bytes as a List page is. The hits are the ranked window of the matches
-    (statements.build_search_statements); total_size counts every match as a List does."""
+    (statements.build_search_statements); total_size is exact up to the window's size (or
+    count_limit, if lower) and an estimate above it (total_of): counting the matches beyond the
+    window would cost more than ranking the window does."""
     size = page_size(request.page_size)
     query = search_query_value(call.dialect, request.query)
     query_fp = fingerprint(spec.name, "search", request.query, request.filter)
@@ -219,6 +221,7 @@ def search(
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         offset = payload["o"]
     allowed = predicate(spec, write=False)
+    count_limit = min(count_limit, statements.SEARCH_WINDOW)
 
     def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
         if allowed is None:

@@ -15,7 +15,6 @@ from sqlalchemy import bindparam, exists, func, insert, literal, select
 from sqlalchemy import update as sa_update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
-from sqlalchemy.sql.visitors import InternalTraversal
 
 from db.engine import reading
 from db.engine.paging import OrderKey, keyset_after, order_clauses, parse_order_by
@@ -96,7 +95,7 @@ def search_statements(spec: ResourceSpec, dialect: str, filter_text: str, size: 
 
 def build_search_statements(spec: ResourceSpec, dialect: str, filter_text: str, size: int, allowed: Any) -> tuple[Any, Any]:
     """(page statement, Count) of a Search: the hits from offset :search_offset, with the score
-    and total_size (the limited count of every match, as in a List) as columns.
+    and total_size (the limited count of the matches, as in a List) as columns.
 
     Only a window is ranked: the first SEARCH_WINDOW matches in the search index's own order,
     which needs no sort of the matches (SQLite: FTS5's rowid order, the order rows were added;
@@ -151,10 +150,11 @@ class Count:
 
 
 class Explain(Executable, ClauseElement):
-    """EXPLAIN (FORMAT JSON) of a select (PostgreSQL): one row, the plan as JSON."""
+    """EXPLAIN (FORMAT JSON) of a select (PostgreSQL): one row, the plan as JSON. Compiled on
+    each use, never from SQLAlchemy's cache: a cached compilation run for another statement
+    object would have its result adapted to that object's columns, which an EXPLAIN has none of."""
 
-    _traverse_internals = [("statement", InternalTraversal.dp_clauseelement)]
-    inherit_cache = True
+    inherit_cache = False
 
     def __init__(self, statement: Any) -> None:
         self.statement = statement

@@ -75,9 +75,10 @@ def _seq_scans(engine: sa.Engine, resource: str, filter_text: str = "", order_by
     """The Seq Scans of the resource's own table in the page statement of that List (EXPLAIN);
     a small table a relation reads (a user's roles) may be scanned."""
     spec = REGISTRY[resource]
-    stmt, _ = statements.build_page_statements(spec, "postgresql", filter_text, False, order_by, None, 51, None, False)
+    shape, params = spec.filter_compiler("postgresql").bind(filter_text)
+    stmt, _ = statements.build_page_statements(spec, "postgresql", shape, False, order_by, None, 51, None, False)
     with engine.connect() as conn:
-        plan = conn.execute(statements.Explain(stmt)).scalar()
+        plan = conn.execute(statements.Explain(stmt), params).scalar()
     return [n["Relation Name"] for n in _nodes(plan[0]["Plan"]) if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == spec.table.name]
 
 

@@ -143,15 +143,16 @@ def list_page(
         after = payload["k"]
     allowed = read_rule(spec, show_deleted)
     columns = [spec.table.c[k.field] for k in keys]
+    shape, filter_params = spec.filter_compiler(call.dialect).bind(request.filter)
 
     def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
         start = after if last is None else [_key_value(last, column) for column in columns]
         nulls = None if start is None else tuple(v is None for v in start)
         if allowed is None:
-            stmt, count = statements.page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, counted)
+            stmt, count = statements.page_statements(spec, call.dialect, shape, show_deleted, request.order_by, nulls, read, counted)
         else:  # the caller's row rule holds its own values: built for this call
-            stmt, count = statements.build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, allowed, counted)
-        params = {f"after_{i}": value for i, value in enumerate(start or ()) if value is not None}
+            stmt, count = statements.build_page_statements(spec, call.dialect, shape, show_deleted, request.order_by, nulls, read, allowed, counted)
+        params = {**filter_params, **{f"after_{i}": value for i, value in enumerate(start or ()) if value is not None}}
         if counted:
             params["count_limit"] = count_limit + 1
         found = reading.load_rows(session, spec, stmt, extra=int(counted), params=params)
@@ -174,11 +175,12 @@ def count_rows(session: Session, spec: ResourceSpec, request: Any, call: Call, s
             "page_token", "must be empty with count_only: a count covers every page", reason="INVALID_PAGE_TOKEN"
         )
     allowed = read_rule(spec, show_deleted)
+    shape, filter_params = spec.filter_compiler(call.dialect).bind(request.filter)
     if allowed is None:
-        _, count = statements.page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, None, 1, False)
+        _, count = statements.page_statements(spec, call.dialect, shape, show_deleted, request.order_by, None, 1, False)
     else:  # the caller's row rule holds its own values: built for this call
-        _, count = statements.build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, None, 1, allowed, False)
-    return int(session.connection().execute(count.exact).scalar() or 0)
+        _, count = statements.build_page_statements(spec, call.dialect, shape, show_deleted, request.order_by, None, 1, allowed, False)
+    return int(session.connection().execute(count.exact, filter_params).scalar() or 0)
 
 
 def total_of(session: Session, dialect: str, count: statements.Count, params: dict[str, Any], limited: Any, limit: int) -> int:
@@ -222,13 +224,14 @@ def search(
         offset = payload["o"]
     allowed = predicate(spec, write=False)
     count_limit = min(count_limit, statements.SEARCH_WINDOW)
+    shape, filter_params = spec.filter_compiler(call.dialect).bind(request.filter)
 
     def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
         if allowed is None:
-            stmt, count = statements.search_statements(spec, call.dialect, request.filter, read)
+            stmt, count = statements.search_statements(spec, call.dialect, shape, read)
         else:  # the caller's row rule holds its own values: built for this call
-            stmt, count = statements.build_search_statements(spec, call.dialect, request.filter, read, allowed)
-        params = {"search_query": query, "search_offset": offset + taken, "count_limit": count_limit + 1}
+            stmt, count = statements.build_search_statements(spec, call.dialect, shape, read, allowed)
+        params = {**filter_params, "search_query": query, "search_offset": offset + taken, "count_limit": count_limit + 1}
         found = reading.load_rows(session, spec, stmt, extra=2, params=params)
         if not counted:
             return found, None

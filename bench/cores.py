@@ -81,7 +81,8 @@ def rows_of(workers: int, data: dict[str, Any]) -> list[dict[str, Any]]:
                 "pg_bg": per_call(r, "db_background_cpu_ms_per_call"), "pg_all": per_call(r, "postgres_all_cpu_ms_per_call"),
                 "loadgen": per_call(r, "loadgen_cpu_ms_per_call"), "machine": per_call(r, "machine_cpu_ms_per_call"),
                 "server_cores": r.get("server_cores"), "pg_cores": r.get("db_cores"), "loadgen_cores": r.get("loadgen_cores"),
-                "other_cores": r.get("other_cores"), "errors": r.get("errors", 0),
+                "other_cores": r.get("other_cores"), "wal_bytes": per_call(r, "wal_bytes_per_call"),
+                "wal_syncs": per_call(r, "wal_syncs_per_call"),
                 "load": data["meta"]["load_before"],
             })
     return out
@@ -95,15 +96,19 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| RPC | server | workers | RPC/s | p50 / p99 ms | server CPU ms/call | PostgreSQL backends ms/call "
         "| PostgreSQL background ms/call | every postgres process ms/call | load generator ms/call | whole machine ms/call "
-        "| cores: server / PostgreSQL / load generator / others | load before |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| WAL bytes/call, calls per WAL sync | cores: server / PostgreSQL / load generator / others | load before |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in rows:
         cores = " / ".join(_f(r[k]) for k in ("server_cores", "pg_cores", "loadgen_cores", "other_cores"))
+        wal = "-"
+        if r["wal_bytes"] is not None and r["wal_bytes"] >= 1:
+            per_sync = f"{1 / r['wal_syncs']:.1f}" if r["wal_syncs"] else "-"
+            wal = f"{r['wal_bytes']:,.0f}, {per_sync}"
         lines.append(
             f"| {r['rpc']} | {'serve' if r['side'] == 'project' else 'floor'} | {r['workers']} | {_f(r['rps'], 0)} "
             f"| {_f(r['p50'], 1)} / {_f(r['p99'], 1)} | {_f(r['server'])} | {_f(r['pg'])} | {_f(r['pg_bg'], 3)} "
-            f"| {_f(r['pg_all'])} | {_f(r['loadgen'])} | {_f(r['machine'])} | {cores} | {r['load']} |")
+            f"| {_f(r['pg_all'])} | {_f(r['loadgen'])} | {_f(r['machine'])} | {wal} | {cores} | {r['load']} |")
     return lines
 
 
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         "CPU ms/call: CPU seconds during the run (warm-up included) ÷ calls. PostgreSQL backends: those of the benchmark "
         "database; background: the processes of no database (WAL writer, checkpointer, background writer, autovacuum "
         "launcher), shared with every other database of the server; every postgres process: all of them on the machine, "
-        "other users' included (an upper bound). cores: CPU seconds ÷ wall seconds.",
+        "other users' included (an upper bound). WAL: pg_stat_wal's bytes and syncs of the whole server during the run "
+        "÷ calls (other databases' writes included); calls per WAL sync > 1 is group commit. cores: CPU seconds ÷ wall seconds.",
         "",
         "## Model: C cores, clients elsewhere, from the N = 1 CPU per call",
         "",

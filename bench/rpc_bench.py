@@ -61,12 +61,12 @@ from nexus.work.v1 import work_pb2 as wpb  # noqa: E402
 from nexus.work.v1 import work_pb2_grpc  # noqa: E402
 
 import benchdb  # noqa: E402
+import heavy  # noqa: E402
 import report  # noqa: E402
 
 NEXUS_DATA = str(REPO / ".venv" / "bin" / "nexus-data")
 PYTHON = sys.executable
 RESULTS = BENCH / "results"
-HEAVY_SECONDS = 900  # the heavy step's share of the watchdog (bench/heavy.py aims at 10 minutes)
 MAIN_RPCS = ("GetUser", "ListTasks", "SearchTasks", "CreateTask", "UpdateTask", "BatchCreateTasks")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PYSPY = REPO / ".venv" / "bin" / "py-spy"
@@ -292,6 +292,21 @@ def pg_background_cpu() -> dict[int, float]:
     return {pid: c for pid in pids if not math.isnan(c := cpu_seconds(pid))}
 
 
+def pg_wal() -> tuple[float, float] | None:
+    """(WAL bytes, WAL syncs) of the whole PostgreSQL server so far (pg_stat_wal: every database's)."""
+    try:
+        conn = benchdb.pg_admin()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT wal_bytes, wal_sync FROM pg_stat_wal")
+                row = cur.fetchone()
+                return float(row[0]), float(row[1])
+        finally:
+            conn.close()
+    except Exception:  # noqa: BLE001 - a metric, not a reason to fail the run
+        return None
+
+
 def postgres_processes_cpu() -> dict[int, float]:
     """CPU seconds of every process named postgres on the machine, by pid (every database's
     backends and the background processes, other users' included: an upper bound)."""
@@ -381,6 +396,7 @@ def run_loadgen(server: Server, rpc: str, spec: Path, *, key: str | None, concur
     db0 = pg_backend_cpu(pg_db) if pg_db else None
     bg0 = pg_background_cpu() if pg_db else None
     all0 = postgres_processes_cpu() if pg_db else None
+    wal0 = pg_wal() if pg_db else None
     sessions0 = pg_sessions(pg_db) if pg_db else None
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -422,6 +438,11 @@ def run_loadgen(server: Server, rpc: str, spec: Path, *, key: str | None, concur
         all_cpu = _delta(all0 or {}, postgres_processes_cpu())
         result["db_background_cpu_ms_per_call"] = bg_cpu * 1000 / calls if calls else None
         result["postgres_all_cpu_ms_per_call"] = all_cpu * 1000 / calls if calls else None
+        wal1 = pg_wal()
+        if wal0 is not None and wal1 is not None and calls:
+            # The server's, not only this database's: other databases' writes are in it too.
+            result["wal_bytes_per_call"] = (wal1[0] - wal0[0]) / calls
+            result["wal_syncs_per_call"] = (wal1[1] - wal0[1]) / calls
         result["db_cores"] = db_cpu / wall
         sessions1 = pg_sessions(pg_db)
         if sessions0 is not None and sessions1 is not None:
@@ -995,7 +1016,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.max_runtime is None:
         per_db = 0 if a.no_main else 240 + len(a.rpcs) * 2 * (a.warmup + a.seconds + 25) * (a.rounds + (1 if a.profile else 0))
         per_db += sum(60 + n / 2500 + 3 * (a.scale_seconds + 150) for n in a.scale)
-        a.max_runtime = 120 + len(a.dbs) * per_db + (HEAVY_SECONDS if a.heavy else 0)
+        a.max_runtime = 120 + len(a.dbs) * per_db + (heavy.time_limit() if a.heavy else 0)
     return a
 
 
@@ -1058,8 +1079,6 @@ def main(argv: list[str] | None = None) -> int:
             texts.append("\n".join(text))
             log(f"{dialect}: wrote {(results_dir / f'{dialect}.md').relative_to(REPO) if results_dir.is_relative_to(REPO) else results_dir}")
         if args.heavy:
-            import heavy
-
             texts.append(heavy.run(args.dbs, results_dir, on_exit, cleanup, log, command))
     except Interrupted as exc:
         code = 3 if _watchdog_fired else 130

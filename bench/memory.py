@@ -13,10 +13,12 @@ out of the environment, as bench/rss_after_large.py does), in this order:
    connection, one API key); a chat message is posted every second until every stream got one,
    then VmRSS after 1 s;
 3. the streams closed (the load generator cancels them and exits), VmRSS after --settle s;
-4. the burst of bench/rss_after_large.py (CreateChatMessage, UpdateChatMessage and
+4. --bursts times (2), the burst of bench/rss_after_large.py (CreateChatMessage, UpdateChatMessage and
    CreateConversationMessage at their size limits, BatchCreateTasks of 200 tasks at the
    description limit, lists of 1,000 rows cut at the response budget; --rounds rounds from
-   --concurrency threads): VmRSS sampled every 50 ms for the peak, then read after --settle s.
+   --concurrency threads): VmRSS sampled every 50 ms for the peak, then read after --settle s;
+5. when gdb is there, malloc_trim(0) called inside the server, and VmRSS read again: what is left
+   is in use, not glibc's free memory.
 
 Each reading also splits the RSS into anonymous memory (heaps) and file-backed pages (the
 interpreter and its libraries) from /proc/<pid>/smaps_rollup. Writes bench/results/memory.md.
@@ -192,16 +194,26 @@ def run_db(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["streams_after"] = smaps(server.pid)
         print(f"{db}: {args.settle:g} s after the streams closed {out['streams_after']['Rss']:.0f} MiB", flush=True)
 
-        started = time.monotonic()
-        with Sampler(server.pid) as sampler, ThreadPoolExecutor(args.concurrency) as pool:
-            moved = sum(pool.map(load.round, range(args.rounds)))
-        out["burst_s"] = time.monotonic() - started
-        out["burst_mib"] = moved / 2**20
-        out["peak"] = sampler.peak
-        time.sleep(args.settle)
-        out["burst_after"] = smaps(server.pid)
-        print(f"{db}: burst {out['burst_mib']:.0f} MiB in {out['burst_s']:.1f} s, peak {out['peak']:.0f} MiB, "
-              f"{args.settle:g} s after {out['burst_after']['Rss']:.0f} MiB", flush=True)
+        for b in range(args.bursts):
+            suffix = "" if b == 0 else f"_{b + 1}"
+            started = time.monotonic()
+            with Sampler(server.pid) as sampler, ThreadPoolExecutor(args.concurrency) as pool:
+                moved = sum(pool.map(load.round, range(1000 * b, 1000 * b + args.rounds)))
+            out["burst_s" + suffix] = time.monotonic() - started
+            out["burst_mib" + suffix] = moved / 2**20
+            out["peak" + suffix] = sampler.peak
+            time.sleep(args.settle)
+            out["burst_after" + suffix] = smaps(server.pid)
+            print(f"{db}: burst {b + 1}: {moved / 2**20:.0f} MiB in {out['burst_s' + suffix]:.1f} s, peak {sampler.peak:.0f} MiB, "
+                  f"{args.settle:g} s after {out['burst_after' + suffix]['Rss']:.0f} MiB", flush=True)
+        if shutil.which("gdb"):
+            # What glibc holds free: malloc_trim(0) called inside the server, RSS read again.
+            probe = subprocess.run(["gdb", "-p", str(server.pid), "-batch", "-nx", "-ex", "call (int)malloc_trim(0)"],
+                                   capture_output=True, text=True, timeout=60)
+            if probe.returncode == 0:
+                time.sleep(0.5)
+                out["trimmed"] = smaps(server.pid)
+                print(f"{db}: after malloc_trim(0) {out['trimmed']['Rss']:.0f} MiB", flush=True)
         load.channel.close()
     finally:
         server.stop()
@@ -231,21 +243,25 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: s
     ]
     for r in results:
         idle = r["idle"]["Rss"]
+        second = ""
+        if "burst_after_2" in r:
+            second = (f"; second burst: peak {r['peak_2']:.0f}, after {r['burst_after_2']['Rss']:.0f} "
+                      f"({verdict(r['burst_after_2']['Rss'], idle)})")
         lines.append(
             f"| {r['db']} | {r['load']} | {idle:.0f} | {r['streams']['Rss']:.0f} ({verdict(r['streams']['Rss'], idle).split()[0]}) "
             f"| {r['streams_after']['Rss']:.0f} ({verdict(r['streams_after']['Rss'], idle)}) | {r['peak']:.0f} "
-            f"| {r['burst_after']['Rss']:.0f} ({verdict(r['burst_after']['Rss'], idle)}) "
+            f"| {r['burst_after']['Rss']:.0f} ({verdict(r['burst_after']['Rss'], idle)}){second} "
             f"| {verdict(r['burst_after']['Rss'], r['streams_after']['Rss'])} | {r['burst_mib']:.0f}, {r['burst_s']:.1f} |")
     lines += [
         "",
         "Anonymous (heap) / file-backed MiB at each reading (/proc/<pid>/smaps_rollup):",
         "",
-        "| database | idle | with streams | after streams closed | after the burst |",
-        "| --- | --- | --- | --- | --- |",
+        "| database | idle | with streams | after streams closed | after the burst | after the second burst | then after malloc_trim(0) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        cells = [f"{r[k].get('Anonymous', float('nan')):.0f} / {r[k].get('File', float('nan')):.0f}"
-                 for k in ("idle", "streams", "streams_after", "burst_after")]
+        cells = [f"{r[k].get('Anonymous', float('nan')):.0f} / {r[k].get('File', float('nan')):.0f}" if k in r else "-"
+                 for k in ("idle", "streams", "streams_after", "burst_after", "burst_after_2", "trimmed")]
         lines.append(f"| {r['db']} | " + " | ".join(cells) + " |")
     lines += ["", "Time to subscribe every stream: " + ", ".join(f"{r['db']} {r['subscribe_s']:.0f} s" for r in results), ""]
     return "\n".join(lines)
@@ -262,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-conn", type=int, default=50, help="streams per HTTP/2 connection (default 50)")
     p.add_argument("--rounds", type=int, default=16, help="rounds of the large requests (default 16)")
     p.add_argument("--concurrency", type=int, default=8, help="client threads of the burst (default 8)")
+    p.add_argument("--bursts", type=int, default=2, help="bursts, one after the other (default 2: is what stays a one-time cost?)")
     p.add_argument("--settle", type=float, default=10.0, help="seconds before the readings after (default 10)")
     p.add_argument("--subscribe-timeout", type=float, default=120.0)
     p.add_argument("--results", default=str(BENCH / "results" / "memory.md"))

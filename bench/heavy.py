@@ -17,6 +17,7 @@ are.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import re
@@ -39,9 +40,9 @@ SUMMARY_ROWS = 1_000_000
 # The short settings: the whole step in about 6-8 minutes on a 2-core machine (the 1,000,000-row
 # load of ai_usage.py is most of it). Each entry: (name, script, arguments, time limit in seconds).
 STEPS: tuple[tuple[str, str, list[str], float], ...] = (
-    ("knowledge upserts", "knowledge_upsert.py", ["--rows", "10000", "--batch", "5000", "--rounds", "3"], 300),
+    ("knowledge upserts", "knowledge_upsert.py", ["--rows", "10000", "--batch", "5000", "--rounds", "2"], 300),
     ("file transfer", "file_transfer.py", ["--mib", "64", "--rounds", "3"], 200),
-    ("AI usage", "ai_usage.py", ["--rows", "5000", "--batch", "5000", "--rounds", "3", "--calls", "10"], 420),
+    ("AI usage", "ai_usage.py", ["--rows", "5000", "--batch", "5000", "--rounds", "2", "--calls", "10"], 420),
 )
 
 NOT_BUILT = (
@@ -49,6 +50,23 @@ NOT_BUILT = (
     ("BatchCreateAnalyticsEvents", "no such RPC in protos/ yet: not built"),
     ("Export / Import", "no such RPCs in protos/ yet: not built"),
 )
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its live descendants."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree.extend(frontier)
+    return tree
 
 
 def time_limit() -> float:
@@ -80,12 +98,17 @@ def run_steps(dbs: list[str], on_exit: Callable[[str, Callable[[], None]], Any],
 
         def kill(proc: subprocess.Popen[str] = proc) -> None:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
+                # SIGINT: the benchmark's finally blocks stop its servers (sessions of their own)
+                # and drop its database; what is still there after 30 s is killed.
+                tree = process_tree(proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(30)
+                for pid in tree:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                proc.wait(5)
 
         on_exit(f"heavy {script}", kill)
         timer = None
@@ -148,6 +171,20 @@ def col(header: list[str], *needles: str, exclude: str = "") -> int | None:
     return None
 
 
+def cols(header: list[str], *specs: tuple[str, ...] | str) -> list[int] | None:
+    """The columns of every spec (a needle, or needles and then an exclusion after "!"), or None
+    when one is missing."""
+    out = []
+    for spec in specs:
+        needles = (spec,) if isinstance(spec, str) else spec
+        exclude = next((n[1:] for n in needles if n.startswith("!")), "")
+        i = col(header, *(n for n in needles if not n.startswith("!")), exclude=exclude)
+        if i is None:
+            return None
+        out.append(i)
+    return out
+
+
 def _read(name: str) -> tuple[str, str]:
     path = RESULTS / name
     if not path.exists():
@@ -168,9 +205,10 @@ def collect(meta: dict[str, dict[str, Any]] | None = None) -> tuple[list[dict[st
 
     text, fload = _read("knowledge_upsert.md")
     for header, rows in md_tables(text):
-        db, phase, svc, flo = col(header, "database"), col(header, "phase"), col(header, "service rows/s"), col(header, "floor rows/s", exclude="bare")
-        if None in (db, phase, svc, flo):
+        found = cols(header, "database", "phase", "service rows/s", ("floor rows/s", "!bare"))
+        if found is None:
             continue
+        db, phase, svc, flo = found
         for r in rows:
             service, floor = num(r[svc]), num(r[flo])
             pg = r[db] == "postgresql"
@@ -190,18 +228,20 @@ def collect(meta: dict[str, dict[str, Any]] | None = None) -> tuple[list[dict[st
                 summary.append({"grouping": r[grouping], "p50": num(r[p50]), "p95": num(r[p95]) if p95 is not None else None,
                                 "load": load_of("ai_usage.py", fload)})
             continue
-        db, svc, flo = col(header, "database"), col(header, "service rows/s"), col(header, "floor rows/s")
-        if None in (db, svc, flo) or col(header, "phase") is not None:
+        found = cols(header, "database", "service rows/s", "floor rows/s")
+        if found is None or col(header, "phase") is not None:
             continue
+        db, svc, flo = found
         for r in rows:
             ratios.append({"path": "BatchCreateAIInteractions", "db": r[db], "unit": "rows/s", "service": num(r[svc]),
                            "floor": num(r[flo]), "target": RATIO_TARGET, "note": "", "load": load_of("ai_usage.py", fload)})
     text, fload = _read("file_transfer.md")
     for header, rows in md_tables(text):
-        db, way, svc, flo = col(header, "database"), col(header, "direction"), col(header, "service mb/s"), col(header, "floor mb/s", exclude="sha256")
-        hashed = col(header, "floor+sha256 mb/s")
-        if None in (db, way, svc, flo):
+        found = cols(header, "database", "direction", "service mb/s", ("floor mb/s", "!sha256"))
+        if found is None:
             continue
+        db, way, svc, flo = found
+        hashed = col(header, "floor+sha256 mb/s")
         for r in rows:
             note = ""
             if hashed is not None and (h := num(r[hashed])) and (s := num(r[svc])):

@@ -18,7 +18,9 @@ out of the environment, as bench/rss_after_large.py does), in this order:
    description limit, lists of 1,000 rows cut at the response budget; --rounds rounds from
    --concurrency threads): VmRSS sampled every 50 ms for the peak, then read after --settle s;
 5. when gdb is there, malloc_trim(0) called inside the server, and VmRSS read again: what is left
-   is in use, not glibc's free memory.
+   is in use, not glibc's free memory; then pymalloc's arenas (sys._debugmallocstats, run inside
+   the server through gdb, at the very end: the interrupted system calls can upset the server's
+   gRPC polling afterwards). --trace: the Python allocations alive at the end, by file.
 
 Each reading also splits the RSS into anonymous memory (heaps) and file-backed pages (the
 interpreter and its libraries) from /proc/<pid>/smaps_rollup. Writes bench/results/memory.md.
@@ -71,6 +73,64 @@ def smaps(pid: int) -> dict[str, float]:
     if "Rss" in out and "Anonymous" in out:
         out["File"] = out["Rss"] - out["Anonymous"]
     return out
+
+
+def inject(pid: int, code: str, work: Path) -> bool:
+    """Run Python code inside the server (gdb: PyGILState_Ensure, PyRun_SimpleString): a
+    diagnostic, for --trace only, at the very end (the interrupted system calls can upset
+    the server's gRPC polling afterwards)."""
+    script = work / f"inject-{time.monotonic_ns()}.py"
+    script.write_text(code)
+    call = f"call (int)PyRun_SimpleString(\"exec(open('{script}').read())\")"
+    done = subprocess.run(["gdb", "-p", str(pid), "-batch", "-nx", "-ex", "call (int)PyGILState_Ensure()", "-ex", call,
+                           "-ex", "call (void)PyGILState_Release($1)"], capture_output=True, text=True, timeout=120)
+    return done.returncode == 0 and "$2 = 0" in done.stdout
+
+
+TRACE_REPORT = """
+import tracemalloc
+current, peak = tracemalloc.get_traced_memory()
+snapshot = tracemalloc.take_snapshot().filter_traces([
+    tracemalloc.Filter(False, tracemalloc.__file__),
+    tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+    tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
+])
+modules = (current - sum(t.size for t in snapshot.traces)) / 2**20
+with open({path!r}, "w") as out:
+    out.write(f"Python allocations alive: {{current / 2**20:.1f}} MiB (peak {{peak / 2**20:.1f}}), "
+              f"of which {{modules:.1f}} MiB made by imports (code, module dicts)\\n")
+    for stat in snapshot.statistics("filename")[:15]:
+        name = stat.traceback[0].filename.split("site-packages/")[-1].split("/python3.11/")[-1]
+        out.write(f"{{stat.size / 2**20:8.2f}} MiB {{stat.count:8d}} blocks  {{name}}\\n")
+"""
+
+MALLOC_STATS = """
+import os, sys
+fd = os.open({stats!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+saved = os.dup(2)
+os.dup2(fd, 2)
+sys._debugmallocstats()
+os.dup2(saved, 2)
+os.close(fd)
+os.close(saved)
+"""
+
+
+def pymalloc_summary(path: Path) -> str:
+    """The arena lines of sys._debugmallocstats()."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return ""
+    values = {}
+    for line in lines:
+        key, _, value = line.partition("=")
+        if value.strip().replace(",", "").isdigit():
+            values[" ".join(key.split())] = int(value.strip().replace(",", ""))
+    if "Total" not in values:
+        return ""
+    used = values.get("# bytes in allocated blocks", 0)
+    return f"{values['Total'] / 2**20:.0f} MiB in pymalloc's arenas, {used / 2**20:.0f} MiB of it in live objects"
 
 
 # ======================================================================== the stream holder (its own process)
@@ -145,6 +205,8 @@ def run_db(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "NEXUS_MAX_CONCURRENT_RPCS": str(max(5000, 2 * args.streams + 100)),
         "NEXUS_MAX_STREAMS_PER_CALLER": str(args.streams + 10),
         "NEXUS_HASH_TIME_COST": "1", "NEXUS_HASH_MEMORY_KIB": "1024", "NEXUS_DRAIN_SECONDS": "0", "NEXUS_GRACE_SECONDS": "2",
+        # --trace: every Python allocation traced from the start, 8 frames each.
+        **({"PYTHONTRACEMALLOC": "8"} if args.trace else {}),
     }
     server = ServerProcess(f"{db} server", [str(benchdb.NEXUS_DATA), "serve"], env, work / f"{db}-server.log")
     address = f"127.0.0.1:{port}"
@@ -161,7 +223,12 @@ def run_db(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             [sys.executable, __file__, "--hold", address, load.channel_id, str(args.streams), str(args.per_conn)],
             env={**os.environ, "NEXUS_BENCH_KEY": secret}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             start_new_session=True)
-        register_cleanup("stream holder", lambda: holder.poll() is None and holder.kill())
+
+        def stop_holder() -> None:
+            if holder.poll() is None:
+                holder.kill()
+
+        register_cleanup("stream holder", stop_holder)
         warm = [0]
         lines: list[str] = []
 
@@ -214,6 +281,16 @@ def run_db(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 time.sleep(0.5)
                 out["trimmed"] = smaps(server.pid)
                 print(f"{db}: after malloc_trim(0) {out['trimmed']['Rss']:.0f} MiB", flush=True)
+        if args.trace:
+            report = work / f"{db}-trace.txt"
+            if inject(server.pid, TRACE_REPORT.format(path=str(report)), work):
+                out["trace"] = report.read_text()
+                print(out["trace"], flush=True)
+        elif shutil.which("gdb"):
+            stats = work / f"{db}-mallocstats.txt"
+            if inject(server.pid, MALLOC_STATS.format(stats=str(stats)), work):
+                out["pymalloc"] = pymalloc_summary(stats)
+                print(f"{db}: {out['pymalloc']}", flush=True)
         load.channel.close()
     finally:
         server.stop()
@@ -263,6 +340,12 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: s
         cells = [f"{r[k].get('Anonymous', float('nan')):.0f} / {r[k].get('File', float('nan')):.0f}" if k in r else "-"
                  for k in ("idle", "streams", "streams_after", "burst_after", "burst_after_2", "trimmed")]
         lines.append(f"| {r['db']} | " + " | ".join(cells) + " |")
+    for r in results:
+        if r.get("trace"):
+            lines += ["", f"{r['db']}, --trace (at the end, after malloc_trim):", "", "```", r["trace"].rstrip(), "```"]
+    for r in results:
+        if r.get("pymalloc"):
+            lines += ["", f"{r['db']}, at the end (sys._debugmallocstats inside the server): {r['pymalloc']}"]
     lines += ["", "Time to subscribe every stream: " + ", ".join(f"{r['db']} {r['subscribe_s']:.0f} s" for r in results), ""]
     return "\n".join(lines)
 
@@ -281,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bursts", type=int, default=2, help="bursts, one after the other (default 2: is what stays a one-time cost?)")
     p.add_argument("--settle", type=float, default=10.0, help="seconds before the readings after (default 10)")
     p.add_argument("--subscribe-timeout", type=float, default=120.0)
+    p.add_argument("--trace", action="store_true",
+                   help="diagnostic: the server traced by tracemalloc from its start (PYTHONTRACEMALLOC=8); at the end, "
+                        "through gdb, the Python allocations still alive by where they were made, and pymalloc's arenas "
+                        "(tracing slows the server and takes memory: its figures are not the table's)")
     p.add_argument("--results", default=str(BENCH / "results" / "memory.md"))
     args = p.parse_args(argv)
     command = "bench/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -122,15 +122,25 @@ def pymalloc_summary(path: Path) -> str:
         lines = path.read_text().splitlines()
     except OSError:
         return ""
-    values = {}
+    values: dict[str, int] = {}
     for line in lines:
         key, _, value = line.partition("=")
         if value.strip().replace(",", "").isdigit():
-            values[" ".join(key.split())] = int(value.strip().replace(",", ""))
+            values.setdefault(" ".join(key.split()), int(value.strip().replace(",", "")))
     if "Total" not in values:
         return ""
     used = values.get("# bytes in allocated blocks", 0)
     return f"{values['Total'] / 2**20:.0f} MiB in pymalloc's arenas, {used / 2**20:.0f} MiB of it in live objects"
+
+
+def trim(pid: int) -> bool:
+    """malloc_trim(0) called inside the server (gdb): what glibc holds free goes back."""
+    if not shutil.which("gdb"):
+        return False
+    probe = subprocess.run(["gdb", "-p", str(pid), "-batch", "-nx", "-ex", "call (int)malloc_trim(0)"],
+                           capture_output=True, text=True, timeout=60)
+    time.sleep(0.5)
+    return probe.returncode == 0
 
 
 # ======================================================================== the stream holder (its own process)
@@ -207,6 +217,7 @@ def run_db(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "NEXUS_HASH_TIME_COST": "1", "NEXUS_HASH_MEMORY_KIB": "1024", "NEXUS_DRAIN_SECONDS": "0", "NEXUS_GRACE_SECONDS": "2",
         # --trace: every Python allocation traced from the start, 8 frames each.
         **({"PYTHONTRACEMALLOC": "8"} if args.trace else {}),
+        **dict(item.partition("=")[::2] for item in args.env or []),
     }
     server = ServerProcess(f"{db} server", [str(benchdb.NEXUS_DATA), "serve"], env, work / f"{db}-server.log")
     address = f"127.0.0.1:{port}"
@@ -260,6 +271,9 @@ def run_db(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         time.sleep(args.settle)
         out["streams_after"] = smaps(server.pid)
         print(f"{db}: {args.settle:g} s after the streams closed {out['streams_after']['Rss']:.0f} MiB", flush=True)
+        if args.trim_after_streams and trim(server.pid):
+            out["streams_trimmed"] = smaps(server.pid)
+            print(f"{db}: then after malloc_trim(0) {out['streams_trimmed']['Rss']:.0f} MiB", flush=True)
 
         for b in range(args.bursts):
             suffix = "" if b == 0 else f"_{b + 1}"
@@ -273,14 +287,9 @@ def run_db(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out["burst_after" + suffix] = smaps(server.pid)
             print(f"{db}: burst {b + 1}: {moved / 2**20:.0f} MiB in {out['burst_s' + suffix]:.1f} s, peak {sampler.peak:.0f} MiB, "
                   f"{args.settle:g} s after {out['burst_after' + suffix]['Rss']:.0f} MiB", flush=True)
-        if shutil.which("gdb"):
-            # What glibc holds free: malloc_trim(0) called inside the server, RSS read again.
-            probe = subprocess.run(["gdb", "-p", str(server.pid), "-batch", "-nx", "-ex", "call (int)malloc_trim(0)"],
-                                   capture_output=True, text=True, timeout=60)
-            if probe.returncode == 0:
-                time.sleep(0.5)
-                out["trimmed"] = smaps(server.pid)
-                print(f"{db}: after malloc_trim(0) {out['trimmed']['Rss']:.0f} MiB", flush=True)
+        if trim(server.pid):
+            out["trimmed"] = smaps(server.pid)
+            print(f"{db}: after malloc_trim(0) {out['trimmed']['Rss']:.0f} MiB", flush=True)
         if args.trace:
             report = work / f"{db}-trace.txt"
             if inject(server.pid, TRACE_REPORT.format(path=str(report)), work):
@@ -310,7 +319,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: s
         "",
         f"- command: `{command}`",
         f"- machine: {os.cpu_count()} CPUs, shared with other work; `nexus-data serve` with its defaults (memory trimmer "
-        f"every 2 s), MALLOC_ARENA_MAX unset",
+        f"every 2 s), MALLOC_ARENA_MAX unset" + "".join(f", {item}" for item in args.env or []),
         f"- streams: one API key, {args.per_conn} per HTTP/2 connection; burst: {args.rounds} rounds of bench/rss_after_large.py's "
         f"requests from {args.concurrency} threads; readings {args.settle:g} s after the streams closed and after the burst",
         "",
@@ -344,6 +353,10 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: s
         if r.get("trace"):
             lines += ["", f"{r['db']}, --trace (at the end, after malloc_trim):", "", "```", r["trace"].rstrip(), "```"]
     for r in results:
+        if r.get("streams_trimmed"):
+            lines += ["", f"{r['db']}: after the streams closed, then malloc_trim(0): {r['streams_trimmed']['Rss']:.0f} MiB "
+                          f"({r['streams_trimmed'].get('Anonymous', float('nan')):.0f} anonymous)"]
+    for r in results:
         if r.get("pymalloc"):
             lines += ["", f"{r['db']}, at the end (sys._debugmallocstats inside the server): {r['pymalloc']}"]
     lines += ["", "Time to subscribe every stream: " + ", ".join(f"{r['db']} {r['subscribe_s']:.0f} s" for r in results), ""]
@@ -364,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bursts", type=int, default=2, help="bursts, one after the other (default 2: is what stays a one-time cost?)")
     p.add_argument("--settle", type=float, default=10.0, help="seconds before the readings after (default 10)")
     p.add_argument("--subscribe-timeout", type=float, default=120.0)
+    p.add_argument("--trim-after-streams", action="store_true",
+                   help="also call malloc_trim(0) inside the server (gdb) after the streams closed, and read RSS again")
+    p.add_argument("--env", action="append", help="NAME=VALUE for the server (repeatable), e.g. MALLOC_ARENA_MAX=2")
     p.add_argument("--trace", action="store_true",
                    help="diagnostic: the server traced by tracemalloc from its start (PYTHONTRACEMALLOC=8); at the end, "
                         "through gdb, the Python allocations still alive by where they were made, and pymalloc's arenas "

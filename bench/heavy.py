@@ -7,7 +7,7 @@ transfer, each against its floor and its target.
     .venv/bin/python bench/heavy.py [--db sqlite,postgresql] [--parse-only]
 
 Runs bench/knowledge_upsert.py, bench/file_transfer.py and bench/ai_usage.py one after the other
-with the short settings below (each its own process and session, killed on every exit path), then
+with the short settings below (each its own process and process group, stopped on every exit path), then
 reads the tables they wrote to bench/results/{knowledge_upsert,file_transfer,ai_usage}.md and
 writes bench/results/heavy.md and heavy.png: each path's service / floor ratio (MB/s for the
 file transfer), GetAIUsageSummary's p50 at 1,000,000 interactions, their targets, and the paths
@@ -98,7 +98,7 @@ def run_steps(dbs: list[str], on_exit: Callable[[str, Callable[[], None]], Any],
 
         def kill(proc: subprocess.Popen[str] = proc) -> None:
             if proc.poll() is None:
-                # SIGINT: the benchmark's finally blocks stop its servers (sessions of their own)
+                # SIGINT: the benchmark's finally blocks stop its servers (process groups of their own)
                 # and drop its database; what is still there after 30 s is killed.
                 tree = process_tree(proc.pid)
                 with contextlib.suppress(ProcessLookupError):

@@ -293,7 +293,7 @@ def run_db(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if args.trace:
             report = work / f"{db}-trace.txt"
             if inject(server.pid, TRACE_REPORT.format(path=str(report)), work):
-                out["trace"] = report.read_text()
+                out["trace"] = report.read_text().replace(str(REPO) + "/", "")
                 print(out["trace"], flush=True)
         elif shutil.which("gdb"):
             stats = work / f"{db}-mallocstats.txt"
@@ -322,6 +322,8 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: s
         f"every 2 s), MALLOC_ARENA_MAX unset" + "".join(f", {item}" for item in args.env or []),
         f"- streams: one API key, {args.per_conn} per HTTP/2 connection; burst: {args.rounds} rounds of bench/rss_after_large.py's "
         f"requests from {args.concurrency} threads; readings {args.settle:g} s after the streams closed and after the burst",
+        *(["- --trace: the server under PYTHONTRACEMALLOC=8; its RSS includes the traces (about 100 MiB here), so "
+            "compare these figures only with each other"] if args.trace else []),
         "",
         "| database | load at start | RSS idle MiB | with streams MiB | after streams closed MiB (vs idle, within 20 %?) "
         "| burst: peak MiB | after the burst MiB (vs idle, within 20 %?) | after the burst vs before it | MiB moved, burst s |",

@@ -1,7 +1,7 @@
 """BatchCreateAIInteractions against a raw-SQL floor, and GetAIUsageSummary over 1,000,000 interactions.
 
     .venv/bin/python bench/ai_usage.py [--db postgresql,sqlite] [--rows 20000] [--batch 5000] [--rounds 3]
-                                       [--summary-rows 1000000] [--calls 20] [--skip-summary]
+                                       [--summary-rows 1000000] [--calls 20] [--skip-summary] [--ranges 1,7,30]
 
 For each database: a fresh one (PostgreSQL: created on `postgres` and dropped afterwards;
 SQLite: a temporary file), `nexus-data migrate`, an admin key, `nexus-data serve`, 20 users made
@@ -19,9 +19,11 @@ Writes, each round both sides (their order alternating), --rows interactions in 
 Rows per second, best of --rounds; ratio service / floor (target >= 0.8).
 
 Summary (PostgreSQL only; skipped with --skip-summary): --summary-rows interactions loaded with
-COPY over 30 days (20 users, 6 models, 5 modules, 3 currencies), ANALYZE; then --calls
-GetAIUsageSummary calls per grouping over the whole 30-day range (first page, 50 groups):
-p50 and p95 latency as the client sees it (target p50 < 200 ms).
+COPY over 30 days in time order, as calls are recorded (20 users, 6 models, 5 modules, 3
+currencies), ANALYZE; then --calls GetAIUsageSummary calls per grouping over ranges of the last
+--ranges days (first page, 50 groups): p50 and p95 latency as the client sees it (target p50 <
+200 ms), each call followed by the floor's: the plain exact summary as one SQL statement
+(percentile_disc), from psycopg2.
 
 Written to bench/results/ai_usage.md.
 """
@@ -198,7 +200,9 @@ def run_floor(dialect: str, target: str, batches: list[list[dict[str, Any]]]) ->
 
 
 def load_summary_rows(target: str, count: int, users: list[str], start: dt.datetime) -> float:
-    """count interactions COPYed into ai_interactions (no audit entries: a load, not writes), then ANALYZE."""
+    """count interactions COPYed into ai_interactions (no audit entries: a load, not writes), then
+    ANALYZE. They go in in the order of their request_time, as services record calls as they
+    happen: each COPY of 100,000 holds the next slice of the 30 days, its rows in time order."""
     import psycopg2
 
     rng = random.Random(7)
@@ -206,12 +210,16 @@ def load_summary_rows(target: str, count: int, users: list[str], start: dt.datet
     conn = psycopg2.connect(**benchdb.PG, dbname=target)
     try:
         chunk = 100_000
+        seconds = DAYS * 86400
         for offset in range(0, count, chunk):
+            n = min(chunk, count - offset)
+            first, last = seconds * offset // count, seconds * (offset + n) // count
+            moments = sorted(rng.randrange(first * 1_000_000, last * 1_000_000) for _ in range(n))
             buf = io.StringIO()
-            for _ in range(min(chunk, count - offset)):
+            for micros in moments:
                 pt, ct = rng.randrange(10, 4000), rng.randrange(0, 1500)
                 status = rng.choice(STATUSES)
-                at = start + dt.timedelta(seconds=rng.randrange(0, DAYS * 86400), microseconds=rng.randrange(0, 1_000_000))
+                at = start + dt.timedelta(microseconds=micros)
                 fields = (
                     str(uuid.uuid4()), rng.choice(users), rng.choice(MODULES), rng.choice(MODELS), "p", "r", pt, ct, pt + ct,
                     rng.randrange(0, 2), rng.randrange(0, 1_000_000_000), rng.choice(CURRENCIES), rng.randrange(50_000_000, 20_000_000_000),
@@ -230,24 +238,89 @@ def load_summary_rows(target: str, count: int, users: list[str], start: dt.datet
     return time.perf_counter() - began
 
 
-def bench_summary(stub: Any, key: str, start: dt.datetime, calls: int) -> list[dict[str, Any]]:
+# The floor's GROUP BY of each grouping: the raw columns, NULLs as the service's keys ('').
+FLOOR_KEYS = {
+    "model": ["model"],
+    "module": ["module"],
+    "user": ["coalesce(user_id::text, '')"],
+    "model, module, user": ["model", "module", "coalesce(user_id::text, '')"],
+    "none": [],
+}
+
+
+def floor_summary_sql(grouping: str) -> str:
+    """The plain exact summary in one statement: the sums and percentile_disc (nearest rank, as
+    the service's) per group and currency, the first page of 50 in key order, the number of
+    groups as a window over them."""
+    keys = [*FLOOR_KEYS[grouping], "coalesce(cost_currency, '')"]
+    listed = ", ".join(keys)
+    ordered = ", ".join(f'{k} COLLATE "C"' for k in keys)
+    return (
+        f"SELECT {listed}, count(*), count(latency_nanos), "
+        "sum(CASE WHEN status IN ('failed', 'timed_out') THEN 1 ELSE 0 END), sum(prompt_tokens), sum(completion_tokens), "
+        "sum(cost_units), sum(cost_nanos), "
+        "percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_nanos), percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_nanos), "
+        "count(*) OVER () "
+        "FROM ai_interactions WHERE request_time >= %s AND request_time < %s "
+        f"GROUP BY {listed} ORDER BY {ordered} LIMIT 51"
+    )
+
+
+def run_floor_summary(conn: Any, sql: str, begin: dt.datetime, end: dt.datetime) -> tuple[float, list[tuple]]:
+    """One floor summary as the service runs its own: a read-only transaction, no JIT, 64 MB of work_mem."""
+    t0 = time.perf_counter()
+    with conn.cursor() as cur:
+        cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        cur.execute("SET LOCAL jit = off")
+        cur.execute("SET LOCAL work_mem = '64MB'")
+        cur.execute(sql, (begin, end))
+        rows = cur.fetchall()
+        cur.execute("COMMIT")
+    return (time.perf_counter() - t0) * 1000, rows
+
+
+def _p50_p95(took: list[float]) -> tuple[float, float]:
+    took = sorted(took)
+    return statistics.median(took), took[min(len(took) - 1, int(len(took) * 0.95 + 0.999) - 1)]
+
+
+def bench_summary(stub: Any, key: str, target: str, start: dt.datetime, calls: int, ranges: list[int]) -> list[dict[str, Any]]:
+    """Per range (the last N days of the data) and grouping: --calls service calls and as many
+    floor statements, alternating, after one warm-up of each; p50 and p95 of each side."""
+    import psycopg2
+
     metadata = (("authorization", f"Bearer {key}"),)
-    begin, end = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
-    begin.FromDatetime(start)
-    end.FromDatetime(start + dt.timedelta(days=DAYS))
+    end_at = start + dt.timedelta(days=DAYS)
+    conn = psycopg2.connect(**benchdb.PG, dbname=target)
+    conn.autocommit = True
     out = []
-    for name, group_by in GROUPINGS.items():
-        request = apb.GetAIUsageSummaryRequest(start_time=begin, end_time=end, group_by=group_by)
-        answer = stub.GetAIUsageSummary(request, metadata=metadata, timeout=120)  # a warm-up
-        took = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            stub.GetAIUsageSummary(request, metadata=metadata, timeout=120)
-            took.append((time.perf_counter() - t0) * 1000)
-        took.sort()
-        p50, p95 = statistics.median(took), took[min(len(took) - 1, int(len(took) * 0.95 + 0.999) - 1)]
-        rpc_bench.log(f"summary by {name}: p50 {p50:.0f} ms, p95 {p95:.0f} ms, {answer.total_size} groups")
-        out.append({"grouping": name, "groups": answer.total_size, "calls": sum(g.call_count for g in answer.groups), "p50": p50, "p95": p95})
+    try:
+        for days in ranges:
+            begin_at = end_at - dt.timedelta(days=days)
+            begin, end = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
+            begin.FromDatetime(begin_at)
+            end.FromDatetime(end_at)
+            for name, group_by in GROUPINGS.items():
+                request = apb.GetAIUsageSummaryRequest(start_time=begin, end_time=end, group_by=group_by)
+                sql = floor_summary_sql(name)
+                answer = stub.GetAIUsageSummary(request, metadata=metadata, timeout=120)  # warm-ups
+                _, floor_rows = run_floor_summary(conn, sql, begin_at, end_at)
+                # The floor answers what the service does: the same groups and the same p50s.
+                assert len(floor_rows) == min(51, answer.total_size) and floor_rows[0][-1] == answer.total_size, (name, days)
+                first = answer.groups[0]
+                assert floor_rows[0][-3] == first.latency_p50.seconds * 10**9 + first.latency_p50.nanos, (name, days)
+                service, floor = [], []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    stub.GetAIUsageSummary(request, metadata=metadata, timeout=120)
+                    service.append((time.perf_counter() - t0) * 1000)
+                    floor.append(run_floor_summary(conn, sql, begin_at, end_at)[0])
+                p50, p95 = _p50_p95(service)
+                f50, f95 = _p50_p95(floor)
+                rpc_bench.log(f"summary over {days} days by {name}: p50 {p50:.0f} ms (floor {f50:.0f}), p95 {p95:.0f} ms, {answer.total_size} groups")
+                out.append({"days": days, "grouping": name, "groups": answer.total_size, "p50": p50, "p95": p95, "floor_p50": f50, "floor_p95": f95})
+    finally:
+        conn.close()
     return out
 
 
@@ -284,7 +357,7 @@ def bench_dialect(dialect: str, args: argparse.Namespace, work: Path) -> tuple[l
                 start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
                 loaded = load_summary_rows(target, args.summary_rows, users, start)
                 rpc_bench.log(f"loaded {args.summary_rows:,} interactions in {loaded:.0f} s")
-                summary = bench_summary(stub, key, start, args.calls)
+                summary = bench_summary(stub, key, target, start, args.calls, [int(d) for d in args.ranges.split(",")])
         finally:
             channel.close()
             server.stop()
@@ -303,6 +376,7 @@ def main() -> int:
     p.add_argument("--summary-rows", type=int, default=1_000_000)
     p.add_argument("--calls", type=int, default=20, help="GetAIUsageSummary calls per grouping (default 20)")
     p.add_argument("--skip-summary", action="store_true")
+    p.add_argument("--ranges", default="1,7,30", help="summary ranges: the last N days of the 30 (default 1,7,30)")
     args = p.parse_args()
     writes, summary = [], []
     load = rpc_bench.loadavg()
@@ -323,13 +397,17 @@ def main() -> int:
     if summary:
         lines += [
             "",
-            f"GetAIUsageSummary on PostgreSQL over {args.summary_rows:,} interactions spread over {DAYS} days, the whole range, "
-            f"first page (50 groups); {args.calls} calls per grouping after one warm-up, client-side latency.",
+            f"GetAIUsageSummary on PostgreSQL over {args.summary_rows:,} interactions spread over {DAYS} days; ranges of the "
+            f"last N days, first page (50 groups); {args.calls} calls per range and grouping after one warm-up, client-side "
+            "latency; the floor is the plain exact summary in one SQL statement (percentile_disc) from psycopg2, alternating with the service.",
             "",
-            "| group_by | groups | p50 ms | p95 ms |",
-            "|---|---:|---:|---:|",
+            "| range (days) | group_by | groups | service p50 ms | service p95 ms | floor p50 ms | floor / service |",
+            "|---:|---|---:|---:|---:|---:|---:|",
         ]
-        lines += [f"| {r['grouping']} | {r['groups']} | {r['p50']:.0f} | {r['p95']:.0f} |" for r in summary]
+        lines += [
+            f"| {r['days']} | {r['grouping']} | {r['groups']} | {r['p50']:.0f} | {r['p95']:.0f} | {r['floor_p50']:.0f} | {r['floor_p50'] / r['p50']:.2f} |"
+            for r in summary
+        ]
     table = "\n".join(lines) + "\n"
     print(table)
     (BENCH / "results" / "ai_usage.md").write_text(table)

@@ -229,13 +229,14 @@ class _BuildInfo:
         yield family
 
 
-def _lru_caches() -> dict[str, tuple[Callable[..., Any], ...]]:
-    """The caches of functools.lru_cache worth watching, by the name their metrics carry."""
+def _lru_caches() -> dict[str, tuple[Any, ...]]:
+    """The caches worth watching (functools.lru_cache and filtering.plans: cache_info()), by the
+    name their metrics carry."""
     from db import prepared
     from db.engine import filtering, statements
 
     return {
-        "filters": (filtering._parse_cached,),
+        "filters": (filtering.plans,),
         "statements": (statements.page_statements, statements.search_statements, statements.update_statement),
         "compiled": (prepared.prepared,),
     }
@@ -290,7 +291,7 @@ class _Refresh:
             m.queued.set(queued)
             m.deepest.set(deepest)
             for name, functions in self._caches.items():
-                infos = [f.cache_info() for f in functions]  # type: ignore[attr-defined]
+                infos = [f.cache_info() for f in functions]
                 self._advance(m.cache_hits.labels(name), (name, "hits"), sum(i.hits for i in infos))
                 self._advance(m.cache_misses.labels(name), (name, "misses"), sum(i.misses for i in infos))
 

@@ -31,7 +31,7 @@ import select
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +75,10 @@ EVENT_TYPES = {
     events.DELETED: pb.EVENT_TYPE_DELETED,
 }
 READ_BATCH = 500
+# Subscribers an event is put in front of before the event loop turns again: a fan-out to more
+# is offered in slices, so the RPCs (a write's answer among them) that wait for the loop
+# meanwhile wait for one slice's streams, not for all of them.
+FANOUT_SLICE = 64
 HEARTBEAT_TICK = 0.25  # seconds between the hub's checks for quiet streams
 RECHECK_RETRY_SECONDS = 0.25  # after a re-check the database could not answer (streams hold meanwhile)
 
@@ -262,6 +266,10 @@ class ChangeHub:
         self._dirty: set[str] = set()
         self._reading: set[str] = set()  # scopes whose log _read_and_offer is reading
         self._wakeup = asyncio.Event()
+        # Offers too large for one turn of the loop, in the order they were made (see _offer).
+        self._fanout: deque[tuple[Offered, list[Subscription]]] = deque()
+        self._fanning: dict[str, int] = {}  # scope -> its offers in _fanout or being made
+        self._fanout_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: threading.Thread | None = None
@@ -297,6 +305,10 @@ class ChangeHub:
                     pass  # it is reading already; it sees `closing` after the current event
         for task in self._tasks:
             task.cancel()
+        if self._fanout_task is not None:
+            self._fanout_task.cancel()
+        self._fanout.clear()
+        self._fanning.clear()
         for grant in self._grants.values():
             if grant.task is not None:
                 grant.task.cancel()
@@ -459,13 +471,42 @@ class ChangeHub:
             self._reading.discard(scope)
 
     def _offer(self, event: events.StoredEvent, subs: list[Subscription]) -> None:
+        """Put the event on its subscribers' queues: at once when they are few and no earlier
+        offer of its scope is still under way; otherwise behind the earlier large offers,
+        FANOUT_SLICE subscribers a turn of the loop. Either way a scope's events are offered in
+        order, which is all a stream needs (its cursor is per scope)."""
         data = to_response(event).SerializeToString()
         offered = Offered(event.scope, event.seq, data, with_token(data, events.encode_token({event.scope: event.seq})))
         if REGISTRY[event.resource_type].changes_stream_access:
             # Members or privacy may have changed: the event itself waits for the answer.
             self.require({sub.grant for sub in subs if sub.grant is not None})
-        for sub in subs:
-            sub.offer(offered)
+        if len(subs) <= FANOUT_SLICE and event.scope not in self._fanning:
+            for sub in subs:
+                sub.offer(offered)
+            return
+        self._fanning[event.scope] = self._fanning.get(event.scope, 0) + 1
+        self._fanout.append((offered, subs))
+        if self._fanout_task is None:
+            self._fanout_task = asyncio.create_task(self._fan_out())
+
+    async def _fan_out(self) -> None:
+        """The queued offers, in order, one slice of subscribers per turn of the event loop."""
+        try:
+            while self._fanout:
+                offered, subs = self._fanout.popleft()
+                for start in range(0, len(subs), FANOUT_SLICE):
+                    if start:
+                        await asyncio.sleep(0)
+                    for sub in subs[start : start + FANOUT_SLICE]:
+                        sub.offer(offered)
+                left = self._fanning[offered.scope] - 1
+                if left:
+                    self._fanning[offered.scope] = left
+                else:
+                    del self._fanning[offered.scope]
+                await asyncio.sleep(0)
+        finally:
+            self._fanout_task = None
 
     # -------------------------------------------------------------- re-authorisation
 

@@ -136,14 +136,13 @@ def test_parse_trailing_wildcard(text: str, wildcard: bool) -> None:
     assert node.value.text.endswith("*") or not wildcard
 
 
-def test_parse_is_cached_and_returns_immutable_nodes() -> None:
+def test_plans_are_cached_by_shape() -> None:
     compiler = FilterCompiler({"a": FilterField(FieldKind.INT, sa.column("a", sa.Integer))}, "sqlite")
-    text = f"a = {uuid.uuid4().int % 1000}"
-    compiler.compile(text)
-    hits = filtering._parse_cached.cache_info().hits
-    compiler.compile(text)
-    assert filtering._parse_cached.cache_info().hits == hits + 1
-    assert filtering._parse_cached.cache_info().maxsize == 512
+    compiler.compile(f"a = {uuid.uuid4().int % 1000}")
+    hits = filtering.plans.cache_info().hits
+    compiler.compile(f"a = {uuid.uuid4().int % 1000}")  # another value, the same shape
+    assert filtering.plans.cache_info().hits == hits + 1
+    assert filtering.plans.cache_info().maxsize == 512
 
 
 # -------------------------------------------------------------------------------- parse errors

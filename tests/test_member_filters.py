@@ -170,7 +170,9 @@ def _plan(engine: Engine, spec: Any, flt: str) -> str:
     """The database's plan of the List page statement the service runs for this filter (its
     values written in: this test's own filter, never a caller's text)."""
     dialect = engine.dialect.name
-    stmt, _ = statements.build_page_statements(spec, dialect, flt, False, "", None, 50, None)
+    shape, params = spec.filter_compiler(dialect).bind(flt)
+    stmt, _ = statements.build_page_statements(spec, dialect, shape, False, "", None, 50, None)
+    stmt = stmt.params(params)
     sql = str(stmt.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
     explain = "EXPLAIN QUERY PLAN " if dialect == "sqlite" else "EXPLAIN "
     with engine.connect() as conn:

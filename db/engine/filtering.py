@@ -39,21 +39,26 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import functools
+import itertools
 import math
 import operator
 import re
+import threading
 import unicodedata
 import uuid
+from collections import OrderedDict, namedtuple
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Float,
+    Integer,
+    String,
     and_,
+    bindparam,
     case,
     exists,
     false,
@@ -65,6 +70,7 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.types import NullType
 
 from db.errors import FieldViolation, InvalidArgument
 
@@ -74,6 +80,7 @@ __all__ = [
     "FieldKind",
     "FilterCompiler",
     "FilterField",
+    "FilterShape",
     "Literal",
     "LiteralKind",
     "Node",
@@ -443,23 +450,30 @@ class _Parser:
 
     def _literal(self, comparator: Token) -> Literal:
         token = self._advance()
-        if token.type is TokenType.STRING:
-            return Literal(LiteralKind.STRING, token.text, token.position, token.wildcard)
-        if token.type is TokenType.NUMBER:
-            is_int = _INT_RE.fullmatch(token.text) is not None
-            return Literal(LiteralKind.INT if is_int else LiteralKind.FLOAT, token.text, token.position)
-        if token.type is TokenType.STAR:
-            return Literal(LiteralKind.STAR, token.text, token.position)
-        if token.type is TokenType.PATH:
-            return Literal(_LITERAL_WORDS.get(token.text, LiteralKind.TEXT), token.text, token.position)
-        raise _error(
-            INVALID_FILTER,
-            f"expected a value after {_quote(comparator.text)} at position {token.position}, found {token.describe()}",
-        )
+        kind = _literal_kind(token)
+        if kind is None:
+            raise _error(
+                INVALID_FILTER,
+                f"expected a value after {_quote(comparator.text)} at position {token.position}, found {token.describe()}",
+            )
+        return Literal(kind, token.text, token.position, token.wildcard)
 
 
-def parse_filter(text: str) -> Node:
-    """Parses a non-empty AIP-160 filter into an AST; raises InvalidArgument on any problem."""
+def _literal_kind(token: Token) -> LiteralKind | None:
+    """The kind of literal a token after a comparator is (None: it is none)."""
+    if token.type is TokenType.STRING:
+        return LiteralKind.STRING
+    if token.type is TokenType.NUMBER:
+        return LiteralKind.INT if _INT_RE.fullmatch(token.text) is not None else LiteralKind.FLOAT
+    if token.type is TokenType.STAR:
+        return LiteralKind.STAR
+    if token.type is TokenType.PATH:
+        return _LITERAL_WORDS.get(token.text, LiteralKind.TEXT)
+    return None
+
+
+def _tokens(text: str) -> list[Token]:
+    """The tokens of a non-empty filter, after the checks of its text as a whole."""
     if not isinstance(text, str):
         raise _error(INVALID_FILTER, "filter must be a string")
     if len(text) > MAX_LENGTH:
@@ -468,10 +482,117 @@ def parse_filter(text: str) -> Node:
     tokens = _Tokenizer(text).tokens()
     if tokens[0].type is TokenType.EOF:
         raise _error(INVALID_FILTER, "filter is empty")
-    return _Parser(tokens).parse()
+    return tokens
 
 
-_parse_cached = functools.lru_cache(maxsize=_CACHE_SIZE)(parse_filter)
+def parse_filter(text: str) -> Node:
+    """Parses a non-empty AIP-160 filter into an AST; raises InvalidArgument on any problem."""
+    return _Parser(_tokens(text)).parse()
+
+
+# --------------------------------------------------------------------------------------- shapes
+#
+# A filter's SHAPE is what decides its SQL: its fields, operators, AND / OR / NOT, the kind of
+# each literal (string, number, true, null, '*'...) and a string's trailing wildcard. Its
+# literals are not: they are bind parameters (filter_0, filter_1, ... in the order of the text),
+# typed as their comparison needs. `id = "a"` and `id = "b"` are one shape: one plan here, one
+# List statement (engine/statements.py), one compiled form. Two caches, both bounded by shapes:
+#
+# - plans, by (compiler, skeleton): a skeleton is the filter's tokens with each literal's text
+#   and every position left out. A plan is made from a text whose whole compile succeeded (a
+#   refused text caches nothing), so a text of a known skeleton only has its literals converted,
+#   in the order of the text: the first refused value is the error the whole compile gives.
+# - the SQL of a shape, one clause per plan (FilterShape.clause).
+
+
+@dataclass(frozen=True)
+class FilterShape:
+    """A filter without its literals: `key` (equal keys, equal SQL) and `clause`, its SQL with
+    the literals as the bind parameters filter_<i>, which every execution must supply."""
+
+    key: tuple[Any, ...]
+    clause: ColumnElement[bool] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A comparison with values: its literal's number in the text, its shape, its field's name
+    as written and its literal's kind."""
+
+    ordinal: int
+    descriptor: tuple[Any, ...]
+    name: str
+    kind: LiteralKind
+
+
+@dataclass(frozen=True)
+class _Plan:
+    shape: FilterShape
+    slots: tuple[_Slot, ...]
+
+
+_CacheInfo = namedtuple("_CacheInfo", ["hits", "misses", "maxsize", "currsize"])
+
+
+class _PlanCache:
+    """The plans by (compiler, skeleton), the least recently used dropped past maxsize; with
+    cache_info() as functools.lru_cache has it (service/metrics.py reads it)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._plans: OrderedDict[Any, _Plan] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = self._misses = 0
+
+    def get(self, key: Any) -> _Plan | None:
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                self._misses += 1
+            else:
+                self._hits += 1
+                self._plans.move_to_end(key)
+            return plan
+
+    def put(self, key: Any, plan: _Plan) -> None:
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self.maxsize:
+                self._plans.popitem(last=False)
+
+    def cache_info(self) -> _CacheInfo:
+        with self._lock:
+            return _CacheInfo(self._hits, self._misses, self.maxsize, len(self._plans))
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+            self._hits = self._misses = 0
+
+
+plans = _PlanCache(_CACHE_SIZE)
+
+
+def _skeleton(tokens: list[Token]) -> tuple[tuple[Any, ...], list[Token]]:
+    """(the tokens without their literals' text and without positions, the literal tokens in
+    order). A literal is what follows a comparator; its kind and wildcard stay in the skeleton."""
+    out: list[tuple[Any, ...]] = []
+    literals: list[Token] = []
+    after_comparator = False
+    for token in tokens:
+        kind = _literal_kind(token) if after_comparator else None
+        if kind is None:
+            out.append((token.type, token.text))
+        else:
+            out.append((kind, token.wildcard))
+            literals.append(token)
+        after_comparator = token.type is TokenType.COMPARATOR
+    return tuple(out), literals
+
+
+def _like_escaped(text: str) -> str:
+    """text for LIKE ... ESCAPE '/' (what SQLAlchemy's autoescape does to a literal string)."""
+    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
 
 
 # ------------------------------------------------------------------------------------- compiler
@@ -537,10 +658,20 @@ _TIMESTAMP_RE = re.compile(
 _DATE_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 _STRINGISH = frozenset({LiteralKind.STRING, LiteralKind.TEXT})
 _SCALAR_TEXT = frozenset({LiteralKind.STRING, LiteralKind.TEXT, LiteralKind.INT, LiteralKind.FLOAT, LiteralKind.BOOL})
+# Bind types a comparison names itself; the others take the compared column's type.
+_BIND_TYPES: dict[FieldKind, Any] = {
+    # BIGINT: PostgreSQL casts the parameter to its type, and INTEGER would overflow.
+    FieldKind.INT: BigInteger(),
+    FieldKind.FLOAT: Float(),
+}
 
 
 class FilterCompiler:
-    """Compiles filter text into a SQLAlchemy boolean expression over an allow-list of fields."""
+    """Compiles filter text into a SQLAlchemy boolean expression over an allow-list of fields.
+
+    Three steps per comparison, in the order of the text: _describe (its shape: field, operator,
+    kind of literal; refuses unknown fields and operators), _values (its literal as typed
+    parameters; refuses bad values) and _sql (the SQL of a shape, with bind parameters)."""
 
     def __init__(self, fields: Mapping[str, FilterField], dialect_name: str) -> None:
         if dialect_name not in ("sqlite", "postgresql"):
@@ -556,42 +687,128 @@ class FilterCompiler:
             if spec.kind is FieldKind.RELATED_IDS and spec.link is None:
                 raise ValueError(f"related ids filter field {name!r} needs its link columns")
 
-    def compile(self, text: str) -> ColumnElement[bool] | None:
-        """None for an empty / whitespace-only filter; raises InvalidArgument otherwise on any problem."""
+    def bind(self, text: str) -> tuple[FilterShape | None, dict[str, Any]]:
+        """(shape, its parameters) of filter text: (None, {}) for an empty / whitespace-only
+        filter; raises InvalidArgument otherwise on any problem."""
         if not isinstance(text, str):
             raise _error(INVALID_FILTER, "filter must be a string")
         if not text.strip(_WHITESPACE):
-            return None
-        return self._visit(_parse_cached(text))
+            return None, {}
+        tokens = _tokens(text)
+        skeleton, literals = _skeleton(tokens)
+        key = (self, skeleton)
+        plan = plans.get(key)
+        values: list[Any] = []
+        if plan is None:
+            plan = self._plan(_Parser(tokens).parse(), values)
+            plans.put(key, plan)
+        else:
+            for slot in plan.slots:
+                token = literals[slot.ordinal]
+                values.extend(self._values(slot.descriptor, Literal(slot.kind, token.text, token.position, token.wildcard), slot.name))
+        return plan.shape, {f"filter_{i}": value for i, value in enumerate(values)}
+
+    def compile(self, text: str) -> ColumnElement[bool] | None:
+        """bind(text) as one expression holding its values (None for an empty filter), built
+        for this call: for statements that are not cached by shape."""
+        shape, params = self.bind(text)
+        return None if shape is None else self._clause(shape.key, list(params.values()))
 
     # -- tree
 
-    def _visit(self, node: Node) -> ColumnElement[bool]:
-        if isinstance(node, And):
-            return and_(*(self._visit(operand) for operand in node.operands))
-        if isinstance(node, Or):
-            return or_(*(self._visit(operand) for operand in node.operands))
-        if isinstance(node, Not):
-            return not_(self._visit(node.operand))
-        return self._comparison(node)
+    def _plan(self, node: Node, values: list[Any]) -> _Plan:
+        """The plan of a parsed filter, its values appended to values: each comparison described
+        and its literal converted in the order of the text, so the first problem is the error."""
+        slots: list[_Slot] = []
+        ordinal = 0
 
-    def _comparison(self, node: Comparison) -> ColumnElement[bool]:
+        def shape_of(node: Node) -> tuple[Any, ...]:
+            nonlocal ordinal
+            if isinstance(node, (And, Or)):
+                return ("and" if isinstance(node, And) else "or", tuple(shape_of(operand) for operand in node.operands))
+            if isinstance(node, Not):
+                return ("not", shape_of(node.operand))
+            descriptor = self._describe(node)
+            converted = self._values(descriptor, node.value, node.name)
+            if converted:
+                slots.append(_Slot(ordinal, descriptor, node.name, node.value.kind))
+                values.extend(converted)
+            ordinal += 1
+            return descriptor
+
+        key = shape_of(node)
+        clause = self._clause(key)
+        return _Plan(FilterShape(key, clause), tuple(slots))
+
+    def _clause(self, key: tuple[Any, ...], values: list[Any] | None = None) -> ColumnElement[bool]:
+        """The SQL of a shape: its literals as the required parameters filter_0, filter_1, ...,
+        or, given their values, as parameters holding them."""
+        count = itertools.count()
+
+        def bind(type_: Any = None) -> Any:
+            i = next(count)
+            if values is not None:  # untyped: typed as the compared expression, not by the value
+                return bindparam(f"filter_{i}", values[i], type_=type_ or NullType(), unique=True)
+            return bindparam(f"filter_{i}", type_=type_, required=True)
+
+        def build(key: tuple[Any, ...]) -> ColumnElement[bool]:
+            if key[0] == "and":
+                return and_(*(build(operand) for operand in key[1]))
+            if key[0] == "or":
+                return or_(*(build(operand) for operand in key[1]))
+            if key[0] == "not":
+                return not_(build(key[1]))
+            return self._sql(key, bind)
+
+        return build(key)
+
+    # -- shapes
+
+    def _describe(self, node: Comparison) -> tuple[Any, ...]:
+        """A comparison's shape, ("tag", field, ...); refuses unknown fields and operators."""
         spec = self._field(node)
-        column = spec.column
-        subpath = node.path[1:]
-        if node.value.kind is LiteralKind.NULL:
-            return self._null_check(node, spec, subpath)
-        if node.value.kind is LiteralKind.STAR:
-            if node.op != ":":
+        field_name, subpath, op, kind = node.path[0], node.path[1:], node.op, node.value.kind
+        if kind is LiteralKind.NULL:
+            if op not in _EQUALITY:
+                raise _error(
+                    UNSUPPORTED_FILTER_OPERATOR,
+                    f"operator {_quote(op)} at position {node.op_position} cannot compare "
+                    f"{_quote(node.name)} with null; use = or !=",
+                )
+            if spec.kind is FieldKind.RELATED_IDS:
+                raise _error(
+                    UNSUPPORTED_FILTER_OPERATOR,
+                    f"{_quote(node.name)} at position {node.position} is never null; "
+                    f"{node.name}:* matches rows with any, NOT {node.name}:* rows with none",
+                )
+            return ("null", field_name, subpath, op)
+        if kind is LiteralKind.STAR:
+            if op != ":":
                 raise _error(
                     INVALID_FILTER_VALUE,
                     f"'*' at position {node.value.position} is only allowed after ':' (as in {node.name}:*)",
                 )
-            return self._presence(spec, subpath)
+            return ("present", field_name, subpath)
         if subpath:
-            return self._json_path(node, column, subpath)
+            self._check_operator(node, FieldKind.JSON, _JSON_PATH_OPERATORS)
+            if op == ":":
+                return ("json_key", field_name, subpath)
+            if kind is LiteralKind.BOOL:
+                self._check_operator(node, FieldKind.BOOL, _EQUALITY)
+                return ("json_path", field_name, subpath, op, "bool")
+            return ("json_path", field_name, subpath, op, "number" if kind in (LiteralKind.INT, LiteralKind.FLOAT) else "string")
         self._check_operator(node, spec.kind, _ALLOWED_OPERATORS[spec.kind])
-        return _HANDLERS[spec.kind](self, node, spec)
+        if spec.kind is FieldKind.STRING and op == ":":
+            return ("contains", field_name)
+        if spec.kind is FieldKind.STRING and op in _EQUALITY and node.value.wildcard:
+            return ("prefix", field_name, op)
+        if spec.kind is FieldKind.REPEATED_STRING:
+            return ("element", field_name)
+        if spec.kind is FieldKind.JSON:
+            return ("json_key", field_name, ())
+        if spec.kind is FieldKind.RELATED_IDS:
+            return ("related", field_name)
+        return ("compare", field_name, op)
 
     def _field(self, node: Comparison) -> FilterField:
         spec = self._fields.get(node.path[0])
@@ -618,25 +835,155 @@ class FilterCompiler:
                 f"{kind.value} field {_quote(node.name)}; use one of: {ops}",
             )
 
-    def _null_check(self, node: Comparison, spec: FilterField, subpath: tuple[str, ...]) -> ColumnElement[bool]:
-        if node.op not in _EQUALITY:
-            raise _error(
-                UNSUPPORTED_FILTER_OPERATOR,
-                f"operator {_quote(node.op)} at position {node.op_position} cannot compare "
-                f"{_quote(node.name)} with null; use = or !=",
-            )
+    # -- values
+
+    def _values(self, descriptor: tuple[Any, ...], literal_: Literal, name: str) -> tuple[Any, ...]:
+        """The parameters of a comparison of this shape, in the order _sql binds them; refuses
+        a literal its field cannot take (INVALID_FILTER_VALUE naming it)."""
+        tag = descriptor[0]
+        if tag in ("null", "present"):
+            return ()
+        if tag == "json_path":
+            json_type = descriptor[4]
+            if json_type == "bool":
+                return (self._boolean(literal_, name),)
+            return (self._number(literal_, name),) if json_type == "number" else (literal_.text,)
+        if tag == "contains":
+            return (_like_escaped(self._text(literal_, name)),)
+        if tag == "prefix":
+            prefix = self._text(literal_, name)[:-1]
+            return (_like_escaped(prefix), prefix, len(prefix))
+        if tag == "element":
+            value = self._text(literal_, name)
+            return ([value],) if self._postgres else (value,)
+        if tag == "json_key":
+            return (self._text(literal_, name),)
+        if tag == "related":
+            if literal_.wildcard:
+                raise self._bad_value(literal_, name, _UUID_EXPECTED)
+            return (self._uuid(literal_, name),)
+        return (_CONVERTERS[self._fields[descriptor[1]].kind](self, literal_, name),)
+
+    def _uuid(self, literal_: Literal, name: str) -> uuid.UUID:
+        try:
+            if literal_.kind not in _STRINGISH:
+                raise ValueError
+            return uuid.UUID(literal_.text)
+        except ValueError:
+            raise self._bad_value(literal_, name, _UUID_EXPECTED) from None
+
+    def _int(self, literal_: Literal, name: str) -> int:
+        if literal_.kind not in (LiteralKind.INT, LiteralKind.STRING) or not _INT_RE.fullmatch(literal_.text):
+            raise self._bad_value(literal_, name, "an integer")
+        value = int(literal_.text)
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise self._bad_value(literal_, name, "an integer in the 64-bit range")
+        return value
+
+    def _timestamp(self, literal_: Literal, name: str) -> dt.datetime:
+        match = _TIMESTAMP_RE.fullmatch(literal_.text) if literal_.kind in _STRINGISH else None
+        expected = 'an RFC 3339 timestamp such as "2026-01-02T03:04:05Z"'
+        if match is None:
+            raise self._bad_value(literal_, name, expected)
+        year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+        if not zulu and not sign:
+            raise self._bad_value(literal_, name, f"{expected} with a time zone offset (Z or +hh:mm)")
+        try:
+            offset = dt.timedelta(hours=int(off_h), minutes=int(off_m)) if sign else dt.timedelta(0)
+            tz = dt.timezone(-offset if sign == "-" else offset)
+            micros = int((fraction or "0")[:6].ljust(6, "0"))
+            value = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tz)
+            # SQLite stores naive UTC text: compare in UTC on every engine.
+            return value.astimezone(dt.UTC)
+        except (ValueError, OverflowError):
+            raise self._bad_value(literal_, name, expected) from None
+
+    def _date(self, literal_: Literal, name: str) -> dt.date:
+        match = _DATE_RE.fullmatch(literal_.text) if literal_.kind in _STRINGISH else None
+        try:
+            if match is None:
+                raise ValueError
+            return dt.date(*(int(part) for part in match.groups()))
+        except ValueError:
+            raise self._bad_value(literal_, name, 'a date such as "2026-01-02"') from None
+
+    def _enum(self, literal_: Literal, name: str) -> str:
+        names = self._enum_names[name]
+        stored = names.get(literal_.text.upper()) if literal_.kind in _STRINGISH else None
+        if stored is None:
+            raise self._bad_value(literal_, name, "one of: " + ", ".join(sorted(names)))
+        return stored
+
+    def _bad_value(self, literal_: Literal, name: str, expected: str) -> InvalidArgument:
+        return _error(
+            INVALID_FILTER_VALUE,
+            f"invalid value {literal_.describe()} at position {literal_.position} "
+            f"for field {_quote(name)}: expected {expected}",
+        )
+
+    def _text(self, literal_: Literal, name: str) -> str:
+        if literal_.kind not in _SCALAR_TEXT:
+            raise self._bad_value(literal_, name, "a string")
+        return literal_.text
+
+    def _number(self, literal_: Literal, name: str) -> float:
+        numeric = literal_.kind in (LiteralKind.INT, LiteralKind.FLOAT) or (
+            literal_.kind is LiteralKind.STRING and _NUMBER_RE.fullmatch(literal_.text)
+        )
+        value = float(literal_.text) if numeric else math.nan
+        if not math.isfinite(value):
+            raise self._bad_value(literal_, name, "a finite number")
+        return value
+
+    def _boolean(self, literal_: Literal, name: str) -> bool:
+        if literal_.kind in (LiteralKind.BOOL, *_STRINGISH) and literal_.text.lower() in ("true", "false"):
+            return literal_.text.lower() == "true"
+        raise self._bad_value(literal_, name, "true or false")
+
+    # -- SQL
+
+    def _sql(self, descriptor: tuple[Any, ...], bind: Callable[..., Any]) -> ColumnElement[bool]:
+        """The SQL of a comparison's shape; bind(type_=None) makes its next parameter (a type of
+        None: the compared expression's)."""
+        tag, spec = descriptor[0], self._fields[descriptor[1]]
+        column: Any = spec.column
+        if tag == "null":
+            return self._null_check(spec, descriptor[2], descriptor[3])
+        if tag == "present":
+            return self._presence(spec, descriptor[2])
+        if tag == "json_path":
+            return self._json_path(column, descriptor[2], descriptor[3], descriptor[4], bind)
+        if tag == "json_key":
+            return self._has_key(column, descriptor[2], bind)
+        if tag == "contains":
+            return column.icontains(bind(), escape="/")
+        if tag == "prefix":
+            escaped, prefix, length = bind(), bind(String()), bind(Integer())
+            like = column.startswith(escaped, escape="/")
+            if not self._postgres:
+                # SQLite's LIKE ignores ASCII case; the prefix match must be as case-sensitive as '='.
+                like = and_(like, func.substr(column, 1, length) == prefix)
+            return like if descriptor[2] == "=" else not_(like)
+        if tag == "element":
+            if self._postgres:
+                # Two-valued like SQLite's EXISTS, so that NOT agrees on both engines for NULL columns.
+                return case((func.jsonb_typeof(column) == "array", self._jsonb(column).contains(bind())), else_=false())
+            elements = func.json_each(column).table_valued("value")
+            return exists(select(literal(1)).select_from(elements).where(elements.c.value == bind(String())))
+        if tag == "related":
+            assert spec.link is not None
+            row, related = spec.link
+            # Two-valued (a row id is never NULL), so NOT member_ids:"<id>" is every other row.
+            return column.in_(select(row).where(related == bind()))
+        return _OPERATORS[descriptor[2]](column, bind(_BIND_TYPES.get(spec.kind)))
+
+    def _null_check(self, spec: FilterField, subpath: tuple[str, ...], op: str) -> ColumnElement[bool]:
         if spec.kind is FieldKind.JSON and not subpath:
             absent = self._json_absent(spec.column)
-            return absent if node.op == "=" else not_(absent)
-        if spec.kind is FieldKind.RELATED_IDS:
-            raise _error(
-                UNSUPPORTED_FILTER_OPERATOR,
-                f"{_quote(node.name)} at position {node.position} is never null; "
-                f"{node.name}:* matches rows with any, NOT {node.name}:* rows with none",
-            )
+            return absent if op == "=" else not_(absent)
         # JSON paths: missing keys and JSON null both extract as SQL NULL on both engines.
         target: ColumnElement[Any] = spec.column[subpath].as_string() if subpath else spec.column
-        return target.is_(None) if node.op == "=" else target.is_not(None)
+        return target.is_(None) if op == "=" else target.is_not(None)
 
     def _json_absent(self, column: Any) -> ColumnElement[bool]:
         """A JSON column that holds nothing: SQL NULL, or JSON null (as rows written before every
@@ -669,135 +1016,21 @@ class FilterCompiler:
             return exists(select(literal(1)).where(row == column).correlate_except(row.table))
         return column.is_not(None)
 
-    # -- kinds
-
-    def _string(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        column: ColumnElement[Any] = spec.column
-        value = self._text(node)
-        if node.op == ":":
-            return column.icontains(value, autoescape=True)
-        if node.op in _EQUALITY and node.value.wildcard:
-            prefix = self._prefix(column, value[:-1])
-            return prefix if node.op == "=" else not_(prefix)
-        return _OPERATORS[node.op](column, value)
-
-    def _prefix(self, column: ColumnElement[Any], prefix: str) -> ColumnElement[bool]:
-        like = column.startswith(prefix, autoescape=True)
-        if self._postgres:
-            return like
-        # SQLite's LIKE ignores ASCII case; the prefix match must be as case-sensitive as '='.
-        return and_(like, func.substr(column, 1, len(prefix)) == prefix)
-
-    def _uuid(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        literal_ = node.value
-        try:
-            if literal_.kind not in _STRINGISH:
-                raise ValueError
-            value = uuid.UUID(literal_.text)
-        except ValueError:
-            raise self._bad_value(node, 'a UUID such as "123e4567-e89b-12d3-a456-426614174000"') from None
-        return _OPERATORS[node.op](spec.column, value)
-
-    def _int(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        literal_ = node.value
-        if literal_.kind not in (LiteralKind.INT, LiteralKind.STRING) or not _INT_RE.fullmatch(literal_.text):
-            raise self._bad_value(node, "an integer")
-        value = int(literal_.text)
-        if not _INT64[0] <= value <= _INT64[1]:
-            raise self._bad_value(node, "an integer in the 64-bit range")
-        # BIGINT bind: PostgreSQL casts the parameter to its type, and INTEGER would overflow.
-        return _OPERATORS[node.op](spec.column, literal(value, BigInteger()))
-
-    def _float(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        return _OPERATORS[node.op](spec.column, literal(self._number(node), Float()))
-
-    def _bool(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        return _OPERATORS[node.op](spec.column, self._boolean(node))
-
-    def _timestamp(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        literal_ = node.value
-        match = _TIMESTAMP_RE.fullmatch(literal_.text) if literal_.kind in _STRINGISH else None
-        expected = 'an RFC 3339 timestamp such as "2026-01-02T03:04:05Z"'
-        if match is None:
-            raise self._bad_value(node, expected)
-        year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
-        if not zulu and not sign:
-            raise self._bad_value(node, f"{expected} with a time zone offset (Z or +hh:mm)")
-        try:
-            offset = dt.timedelta(hours=int(off_h), minutes=int(off_m)) if sign else dt.timedelta(0)
-            tz = dt.timezone(-offset if sign == "-" else offset)
-            micros = int((fraction or "0")[:6].ljust(6, "0"))
-            value = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tz)
-            # SQLite stores naive UTC text: compare in UTC on every engine.
-            value = value.astimezone(dt.UTC)
-        except (ValueError, OverflowError):
-            raise self._bad_value(node, expected) from None
-        return _OPERATORS[node.op](spec.column, value)
-
-    def _date(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        literal_ = node.value
-        match = _DATE_RE.fullmatch(literal_.text) if literal_.kind in _STRINGISH else None
-        try:
-            if match is None:
-                raise ValueError
-            value = dt.date(*(int(part) for part in match.groups()))
-        except ValueError:
-            raise self._bad_value(node, 'a date such as "2026-01-02"') from None
-        return _OPERATORS[node.op](spec.column, value)
-
-    def _enum(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        names = self._enum_names[node.path[0]]
-        stored = names.get(node.value.text.upper()) if node.value.kind in _STRINGISH else None
-        if stored is None:
-            raise self._bad_value(node, "one of: " + ", ".join(sorted(names)))
-        return _OPERATORS[node.op](spec.column, stored)
-
-    def _repeated_string(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        value, column = self._text(node), spec.column
-        if self._postgres:
-            # Two-valued like SQLite's EXISTS, so that NOT agrees on both engines for NULL columns.
-            return case((func.jsonb_typeof(column) == "array", self._jsonb(column).contains([value])), else_=false())
-        elements = func.json_each(column).table_valued("value")
-        return exists(select(literal(1)).select_from(elements).where(elements.c.value == value))
-
-    def _related_ids(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        literal_ = node.value
-        try:
-            if literal_.kind not in _STRINGISH or literal_.wildcard:
-                raise ValueError
-            value = uuid.UUID(literal_.text)
-        except ValueError:
-            raise self._bad_value(node, 'a UUID such as "123e4567-e89b-12d3-a456-426614174000"') from None
-        assert spec.link is not None
-        row, related = spec.link
-        # Two-valued (a row id is never NULL), so NOT member_ids:"<id>" is every other row.
-        return spec.column.in_(select(row).where(related == value))
-
-    def _json(self, node: Comparison, spec: FilterField) -> ColumnElement[bool]:
-        return self._has_key(spec.column, (), self._text(node))
-
-    # -- JSON paths
-
-    def _json_path(self, node: Comparison, column: Any, subpath: tuple[str, ...]) -> ColumnElement[bool]:
-        self._check_operator(node, FieldKind.JSON, _JSON_PATH_OPERATORS)
-        if node.op == ":":
-            return self._has_key(column, subpath, self._text(node))
-        kind = node.value.kind
-        value: Any
+    def _json_path(self, column: Any, subpath: tuple[str, ...], op: str, json_type: str, bind: Callable[..., Any]) -> ColumnElement[bool]:
+        extracted: Any
         json_types: tuple[str, tuple[str, ...]]
-        if kind is LiteralKind.BOOL:
-            self._check_operator(node, FieldKind.BOOL, _EQUALITY)
-            extracted, value = column[subpath].as_boolean(), self._boolean(node)
+        if json_type == "bool":
+            extracted, value = column[subpath].as_boolean(), bind()
             json_types = ("boolean", ("true", "false"))
-        elif kind in (LiteralKind.INT, LiteralKind.FLOAT):
-            extracted, value = column[subpath].as_float(), literal(self._number(node), Float())
+        elif json_type == "number":
+            extracted, value = column[subpath].as_float(), bind(Float())
             json_types = ("number", ("integer", "real"))
         else:
-            extracted, value = column[subpath].as_string(), node.value.text
+            extracted, value = column[subpath].as_string(), bind()
             json_types = ("string", ("text",))
         # The casts raise on PostgreSQL for a value of another JSON type; CASE guards them.
         guarded = case((self._json_type_in(column, subpath, *json_types), extracted))
-        return _OPERATORS[node.op](guarded, value)
+        return _OPERATORS[op](guarded, value)
 
     def _json_type_in(
         self, column: Any, subpath: tuple[str, ...], postgres_type: str, sqlite_types: tuple[str, ...]
@@ -806,62 +1039,32 @@ class FilterCompiler:
             return func.jsonb_typeof(self._jsonb(column)[subpath]) == postgres_type
         return func.json_type(column, _sqlite_json_path(subpath)).in_(sqlite_types)
 
-    def _has_key(self, column: Any, subpath: tuple[str, ...], key: str) -> ColumnElement[bool]:
+    def _has_key(self, column: Any, subpath: tuple[str, ...], bind: Callable[..., Any]) -> ColumnElement[bool]:
         if self._postgres:
             target = self._jsonb(column)[subpath] if subpath else self._jsonb(column)
-            return case((func.jsonb_typeof(target) == "object", target.has_key(key)), else_=false())
+            return case((func.jsonb_typeof(target) == "object", target.has_key(bind(String()))), else_=false())
         # json_each compares the key as a bound value: no JSON-path quoting of user text.
         args = (column, _sqlite_json_path(subpath)) if subpath else (column,)
         entries = func.json_each(*args).table_valued("key")
-        return exists(select(literal(1)).select_from(entries).where(entries.c.key == key))
+        return exists(select(literal(1)).select_from(entries).where(entries.c.key == bind(String())))
 
     @staticmethod
     def _jsonb(column: Any) -> Any:
         return type_coerce(column, postgresql.JSONB())
 
-    # -- literals
 
-    def _bad_value(self, node: Comparison, expected: str) -> InvalidArgument:
-        return _error(
-            INVALID_FILTER_VALUE,
-            f"invalid value {node.value.describe()} at position {node.value.position} "
-            f"for field {_quote(node.name)}: expected {expected}",
-        )
+_UUID_EXPECTED = 'a UUID such as "123e4567-e89b-12d3-a456-426614174000"'
 
-    def _text(self, node: Comparison) -> str:
-        if node.value.kind not in _SCALAR_TEXT:
-            raise self._bad_value(node, "a string")
-        return node.value.text
-
-    def _number(self, node: Comparison) -> float:
-        literal_ = node.value
-        numeric = literal_.kind in (LiteralKind.INT, LiteralKind.FLOAT) or (
-            literal_.kind is LiteralKind.STRING and _NUMBER_RE.fullmatch(literal_.text)
-        )
-        value = float(literal_.text) if numeric else math.nan
-        if not math.isfinite(value):
-            raise self._bad_value(node, "a finite number")
-        return value
-
-    def _boolean(self, node: Comparison) -> bool:
-        literal_ = node.value
-        if literal_.kind in (LiteralKind.BOOL, *_STRINGISH) and literal_.text.lower() in ("true", "false"):
-            return literal_.text.lower() == "true"
-        raise self._bad_value(node, "true or false")
-
-
-_HANDLERS: dict[FieldKind, Callable[[FilterCompiler, Comparison, FilterField], ColumnElement[bool]]] = {
-    FieldKind.STRING: FilterCompiler._string,
+# How the literal of a plain comparison becomes its parameter, by the field's kind.
+_CONVERTERS: dict[FieldKind, Callable[[FilterCompiler, Literal, str], Any]] = {
+    FieldKind.STRING: FilterCompiler._text,
     FieldKind.UUID: FilterCompiler._uuid,
     FieldKind.INT: FilterCompiler._int,
-    FieldKind.FLOAT: FilterCompiler._float,
-    FieldKind.BOOL: FilterCompiler._bool,
+    FieldKind.FLOAT: FilterCompiler._number,
+    FieldKind.BOOL: FilterCompiler._boolean,
     FieldKind.TIMESTAMP: FilterCompiler._timestamp,
     FieldKind.DATE: FilterCompiler._date,
     FieldKind.ENUM: FilterCompiler._enum,
-    FieldKind.REPEATED_STRING: FilterCompiler._repeated_string,
-    FieldKind.JSON: FilterCompiler._json,
-    FieldKind.RELATED_IDS: FilterCompiler._related_ids,
 }
 
 

@@ -135,19 +135,20 @@ def list_page(
         after = payload["k"]
     allowed = read_rule(spec, show_deleted)
     columns = [spec.table.c[k.field] for k in keys]
+    shape, filter_params = spec.filter_compiler(call.dialect).bind(request.filter)
 
     def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
         start = after if last is None else [_key_value(last, column) for column in columns]
         nulls = None if start is None else tuple(v is None for v in start)
         if allowed is None:
-            stmt, count = statements.page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, counted)
+            stmt, count = statements.page_statements(spec, call.dialect, shape, show_deleted, request.order_by, nulls, read, counted)
         else:  # the caller's row rule holds its own values: built for this call
-            stmt, count = statements.build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, nulls, read, allowed, counted)
-        params = {f"after_{i}": value for i, value in enumerate(start or ()) if value is not None}
+            stmt, count = statements.build_page_statements(spec, call.dialect, shape, show_deleted, request.order_by, nulls, read, allowed, counted)
+        params = {**filter_params, **{f"after_{i}": value for i, value in enumerate(start or ()) if value is not None}}
         found = reading.load_rows(session, spec, stmt, extra=int(counted), params=params)
         if not counted:
             return found, None
-        total = found[0][1] if found else session.connection().execute(count).scalar()
+        total = found[0][1] if found else session.connection().execute(count, filter_params).scalar()
         return [row for row, _ in found], total
 
     rows, messages, more, total = read_page(size, max_bytes, fetch, spec.to_proto)
@@ -164,11 +165,12 @@ def count_rows(session: Session, spec: ResourceSpec, request: Any, call: Call, s
             "page_token", "must be empty with count_only: a count covers every page", reason="INVALID_PAGE_TOKEN"
         )
     allowed = read_rule(spec, show_deleted)
+    shape, filter_params = spec.filter_compiler(call.dialect).bind(request.filter)
     if allowed is None:
-        _, count = statements.page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, None, 1, False)
+        _, count = statements.page_statements(spec, call.dialect, shape, show_deleted, request.order_by, None, 1, False)
     else:  # the caller's row rule holds its own values: built for this call
-        _, count = statements.build_page_statements(spec, call.dialect, request.filter, show_deleted, request.order_by, None, 1, allowed, False)
-    return int(session.connection().execute(count).scalar() or 0)
+        _, count = statements.build_page_statements(spec, call.dialect, shape, show_deleted, request.order_by, None, 1, allowed, False)
+    return int(session.connection().execute(count, filter_params).scalar() or 0)
 
 
 def _key_value(row: Any, column: Any) -> Any:
@@ -192,13 +194,14 @@ def search(
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         offset = payload["o"]
     allowed = predicate(spec, write=False)
+    shape, filter_params = spec.filter_compiler(call.dialect).bind(request.filter)
 
     def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
         if allowed is None:
-            stmt, count = statements.search_statements(spec, call.dialect, request.filter, read)
+            stmt, count = statements.search_statements(spec, call.dialect, shape, read)
         else:  # the caller's row rule holds its own values: built for this call
-            stmt, count = statements.build_search_statements(spec, call.dialect, request.filter, read, allowed)
-        params = {"search_query": query, "search_offset": offset + taken}
+            stmt, count = statements.build_search_statements(spec, call.dialect, shape, read, allowed)
+        params = {**filter_params, "search_query": query, "search_offset": offset + taken}
         found = reading.load_rows(session, spec, stmt, extra=2, params=params)
         if not counted:
             return found, None

@@ -1,8 +1,10 @@
 """The statements of the standard methods, built once per shape and cached.
 
 A statement object used again keeps its SQLAlchemy cache key, so it is neither rebuilt nor
-traversed, and db/prepared.py compiles it once. Values are parameters; a statement that holds
-a caller's row rule (values of that caller) is built per call by the same functions.
+traversed, and db/prepared.py compiles it once. Values are parameters, a filter's literals too:
+List and Search statements are keyed by the filter's shape (engine/filtering.FilterShape), and
+its values (filter_<i>) come with each execution. A statement that holds a caller's row rule
+(values of that caller) is built per call by the same functions.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from sqlalchemy import bindparam, exists, func, insert, select
 from sqlalchemy import update as sa_update
 
 from db.engine import reading
+from db.engine.filtering import FilterShape
 from db.engine.paging import OrderKey, keyset_after, order_clauses, parse_order_by
 from db.engine.resource import REGISTRY, ResourceSpec
 from db.engine.search import search_terms
@@ -25,12 +28,12 @@ def companion_ctes(dialect: str) -> bool:
     return dialect == "postgresql"
 
 
-def where_clauses(spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, allowed: Any) -> list[Any]:
-    """The WHERE of a List or Search: the filter, live rows unless show_deleted, the row rule."""
+def where_clauses(spec: ResourceSpec, shape: FilterShape | None, show_deleted: bool, allowed: Any) -> list[Any]:
+    """The WHERE of a List or Search: the filter (its shape; None: none), live rows unless
+    show_deleted, the row rule."""
     conditions: list[Any] = []
-    compiled = spec.filter_compiler(dialect).compile(filter_text)
-    if compiled is not None:
-        conditions.append(compiled)
+    if shape is not None:
+        conditions.append(shape.clause)
     if spec.soft_delete and not show_deleted:
         conditions.append(spec.table.c.delete_time.is_(None))
     if allowed is not None:
@@ -45,24 +48,24 @@ def order_keys(spec: ResourceSpec, order_by: str) -> list[OrderKey]:
 
 @functools.lru_cache(maxsize=1024)
 def page_statements(
-    spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None, size: int,
+    spec: ResourceSpec, dialect: str, shape: FilterShape | None, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None, size: int,
     counted: bool = True,
 ) -> tuple[Any, Any]:
     """_build_page_statements without a row rule, built once per query shape: a statement
     object used again keeps its SQLAlchemy cache key, so it is neither rebuilt nor traversed.
     The values of the page token are parameters: after_<i>."""
-    return build_page_statements(spec, dialect, filter_text, show_deleted, order_by, nulls, size, None, counted)
+    return build_page_statements(spec, dialect, shape, show_deleted, order_by, nulls, size, None, counted)
 
 
 def build_page_statements(
-    spec: ResourceSpec, dialect: str, filter_text: str, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None,
+    spec: ResourceSpec, dialect: str, shape: FilterShape | None, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None,
     size: int, allowed: Any, counted: bool = True,
 ) -> tuple[Any, Any]:
     """(page statement, COUNT statement) of a List: the page's rows after the token's keys
     (nulls: which of them are NULL; None on the first page), with total_size as a column
     unless not counted (the later statements of a large page)."""
     keys = order_keys(spec, order_by)
-    conditions = where_clauses(spec, dialect, filter_text, show_deleted, allowed)
+    conditions = where_clauses(spec, shape, show_deleted, allowed)
     page_conditions = list(conditions)
     if nulls is not None:
         placeholders = [None if null else bindparam(f"after_{i}", type_=k.column.type) for i, (k, null) in enumerate(zip(keys, nulls, strict=True))]
@@ -79,16 +82,16 @@ def build_page_statements(
 
 
 @functools.lru_cache(maxsize=1024)
-def search_statements(spec: ResourceSpec, dialect: str, filter_text: str, size: int) -> tuple[Any, Any]:
+def search_statements(spec: ResourceSpec, dialect: str, shape: FilterShape | None, size: int) -> tuple[Any, Any]:
     """_build_search_statements without a row rule, built once per shape (see _page_statements)."""
-    return build_search_statements(spec, dialect, filter_text, size, None)
+    return build_search_statements(spec, dialect, shape, size, None)
 
 
-def build_search_statements(spec: ResourceSpec, dialect: str, filter_text: str, size: int, allowed: Any) -> tuple[Any, Any]:
+def build_search_statements(spec: ResourceSpec, dialect: str, shape: FilterShape | None, size: int, allowed: Any) -> tuple[Any, Any]:
     """(page statement, COUNT statement) of a Search: the hits ranked by score from offset
     :search_offset, with the score and total_size as columns (the COUNT as in a List)."""
     terms = search_terms(dialect, spec.table.name, spec.search_fields)
-    conditions = [*where_clauses(spec, dialect, filter_text, False, allowed), terms.match]
+    conditions = [*where_clauses(spec, shape, False, allowed), terms.match]
     score = terms.score.label("score")
     count = select(func.count()).select_from(spec.table)
     stmt = select(*reading.columns(spec, dialect), score)

@@ -942,7 +942,7 @@ def bench_scale(dialect: str, args: argparse.Namespace, work: Path) -> list[dict
                                                               metadata=(("authorization", f"Bearer {key}"),), timeout=60)
             spec = write_spec(work / "spec_scale.json", seeded, [], seeded.task_ids, ["TODO"])
             entry: dict[str, Any] = {"rows": n}
-            for rpc in ("GetTask", "ListTasks", "ListTasksDeep"):
+            for rpc in args.scale_rpcs:
                 r = run_loadgen(project, rpc, spec, key=key, concurrency=args.scale_concurrency, seconds=args.scale_seconds,
                                 warmup=min(1.0, args.warmup), timeout=120.0, extra=["--deep-pages", "20"])
                 entry[rpc] = r
@@ -980,6 +980,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="task row counts for the scale test, e.g. 10000,100000,1000000; 'none' skips it (default 10000,100000)")
     p.add_argument("--scale-concurrency", type=int, default=1, help="calls in flight in the scale test (default 1: latency without queueing)")
     p.add_argument("--scale-seconds", type=float, default=3.0, help="seconds per scale measurement (default 3)")
+    p.add_argument("--scale-rpcs", default="GetTask,ListTasks,ListTasksDeep,SearchTasks",
+                   help="RPCs of the scale test (default GetTask,ListTasks,ListTasksDeep,SearchTasks; ListTasksDeep: page 20)")
     p.add_argument("--workers", type=int, default=1, help="`serve --workers N` for the project's server; the load generator then opens 4N connections (default 1)")
     p.add_argument("--channels", type=int,
                    help="connections the load generator opens to each server (default 1; 4N with --workers N > 1: SO_REUSEPORT spreads connections, not calls)")
@@ -1008,6 +1010,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if d not in ("sqlite", "postgresql"):
             p.error(f"unknown database {d!r}")
     a.rpcs = [r.strip() for r in a.rpcs.split(",") if r.strip()]
+    a.scale_rpcs = [r.strip() for r in a.scale_rpcs.split(",") if r.strip()]
+    for r in a.scale_rpcs:
+        if r not in ("GetTask", "ListTasks", "ListTasksDeep", "SearchTasks"):
+            p.error(f"unknown scale RPC {r!r}")
     if a.channels is None:
         a.channels = 4 * a.workers if a.workers > 1 else 1
     if a.only_heavy:

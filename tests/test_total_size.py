@@ -186,3 +186,23 @@ def test_a_search_with_more_matches_than_the_window_pages_through_the_window(cli
     # Paged: the same hits in the same order, no duplicate, no gap.
     for page_size in (7, 100):
         assert _walk(client, word, page_size) == window
+
+
+def test_postgresql_connections_read_without_synchronized_scans(client: Client) -> None:
+    """The window a Search ranks is the first matches of a statement without an order: a
+    synchronized scan would start it wherever another scan of the table is, and its pages would
+    change from one call to the next. Every connection the service makes has them off."""
+    if client.backend != "postgresql":
+        pytest.skip("SQLite has no synchronized scans")
+    from db.database import Database
+
+    database = Database(client.database_url)
+    try:
+        for engine in database.engines:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW synchronize_seqscans").scalar() == "off"
+                # A later transaction on the same connection keeps it (the SET was committed).
+                conn.rollback()
+                assert conn.exec_driver_sql("SHOW synchronize_seqscans").scalar() == "off"
+    finally:
+        database.dispose()

@@ -76,6 +76,7 @@ class Workload:
         statuses = spec.get("statuses") or ["TODO"]
         self.filters = [f'project_id = "{self.project}" AND status = {s}' for s in statuses]
         self.deep_request: wpb.ListTasksRequest | None = None
+        self.total_sizes: dict[str, int] = {}  # SearchTasks: query -> the total_size it answered
         if rpc == "UpdateTask":
             ids = spec["update_ids"]
             if len(ids) < concurrency:
@@ -130,6 +131,8 @@ class Workload:
     def done(self, request: Any, response: Any) -> None:
         if self.rpc == "UpdateTask":
             self.etags[response.id] = response.etag
+        if self.rpc == "SearchTasks":
+            self.total_sizes[request.query] = response.total_size
 
 
 def method(channel: grpc.aio.Channel, rpc: str) -> Any:
@@ -230,6 +233,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await other.close()
 
     lat = sorted(latencies)
+    if work.total_sizes:
+        result["total_sizes"] = work.total_sizes
     rps = work_in_window / args.seconds
     result.update(
         calls_in_window=completed_in_window,

@@ -130,10 +130,12 @@ def scale_rows(scale: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     header = [
         "task rows", "GetTask p50 / p99 ms", "ListTasks page 1 p50 / p99 ms", "ListTasks page 20 p50 / p99 ms",
         "page 20, first walk ms", "total_size", "SQL alone: page 1 / page 20 / COUNT ms",
+        "SearchTasks p50 / p99 ms", "SearchTasks total_size (min-max)",
     ]
     rows = []
     for s in scale:
-        g, l1, l20 = s.get("GetTask"), s.get("ListTasks"), s.get("ListTasksDeep")
+        g, l1, l20, st = s.get("GetTask"), s.get("ListTasks"), s.get("ListTasksDeep"), s.get("SearchTasks")
+        search_totals = sorted((st or {}).get("total_sizes", {}).values())
         sql = s.get("sql", {})
         rows.append([
             f"{s['rows']:,}",
@@ -143,6 +145,8 @@ def scale_rows(scale: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
             _ms(l20 and l20.get("deep_last_page_ms")) + (f" (page {l20['deep_page']})" if l20 and l20.get("deep_page") != 20 else ""),
             _num(l20 and l20.get("total_size")),
             f"{_ms(sql.get('page1'))} / {_ms(sql.get('page20'))} / {_ms(sql.get('count'))}",
+            f"{_ms(st and st['p50_ms'])} / {_ms(st and st['p99_ms'])}" + _errors(st),
+            f"{search_totals[0]:,}-{search_totals[-1]:,}" if search_totals else "-",
         ])
     return header, rows
 

@@ -61,6 +61,7 @@ from nexus.work.v1 import work_pb2 as wpb  # noqa: E402
 from nexus.work.v1 import work_pb2_grpc  # noqa: E402
 
 import benchdb  # noqa: E402
+import heavy  # noqa: E402
 import report  # noqa: E402
 
 NEXUS_DATA = str(REPO / ".venv" / "bin" / "nexus-data")
@@ -275,6 +276,59 @@ def pg_backend_cpu(dbname: str) -> dict[int, float]:
     return {pid: c for pid in pids if not math.isnan(c := cpu_seconds(pid))}
 
 
+def pg_background_cpu() -> dict[int, float]:
+    """CPU seconds of PostgreSQL's processes that belong to no database (WAL writer, checkpointer,
+    background writer, autovacuum launcher, ...), by pid: shared by every database of the server."""
+    try:
+        conn = benchdb.pg_admin()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pid FROM pg_stat_activity WHERE datname IS NULL")
+                pids = [int(r[0]) for r in cur.fetchall()]
+        finally:
+            conn.close()
+    except Exception:  # noqa: BLE001 - a metric, not a reason to fail the run
+        return {}
+    return {pid: c for pid in pids if not math.isnan(c := cpu_seconds(pid))}
+
+
+def pg_wal() -> tuple[float, float] | None:
+    """(WAL bytes, WAL syncs) of the whole PostgreSQL server so far (pg_stat_wal: every database's)."""
+    try:
+        conn = benchdb.pg_admin()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT wal_bytes, wal_sync FROM pg_stat_wal")
+                row = cur.fetchone()
+                return float(row[0]), float(row[1])
+        finally:
+            conn.close()
+    except Exception:  # noqa: BLE001 - a metric, not a reason to fail the run
+        return None
+
+
+def postgres_processes_cpu() -> dict[int, float]:
+    """CPU seconds of every process named postgres on the machine, by pid (every database's
+    backends and the background processes, other users' included: an upper bound)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() != "postgres":
+                        continue
+            except OSError:
+                continue
+            if not math.isnan(c := cpu_seconds(int(entry))):
+                out[int(entry)] = c
+    return out
+
+
+def _delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU of processes alive at the end: their delta; new ones: all their CPU (ones that exit are missed)."""
+    return sum(c - before.get(pid, 0.0) for pid, c in after.items())
+
+
 def wait_ready(server: Server, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
@@ -340,6 +394,9 @@ def run_loadgen(server: Server, rpc: str, spec: Path, *, key: str | None, concur
     cpu0, busy0, t0 = tree_cpu_seconds(server.pid), machine_busy(), time.monotonic()
     kids0 = _children_cpu()
     db0 = pg_backend_cpu(pg_db) if pg_db else None
+    bg0 = pg_background_cpu() if pg_db else None
+    all0 = postgres_processes_cpu() if pg_db else None
+    wal0 = pg_wal() if pg_db else None
     sessions0 = pg_sessions(pg_db) if pg_db else None
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -368,11 +425,24 @@ def run_loadgen(server: Server, rpc: str, spec: Path, *, key: str | None, concur
     result["machine_busy_cores"] = busy
     result["loadgen_cores"] = loadgen_cpu / wall
     result["server_cores"] = cpu / wall
+    result["wall_s"] = wall
+    calls = result["calls_total"]
+    result["loadgen_cpu_ms_per_call"] = loadgen_cpu * 1000 / calls if calls else None
+    result["machine_cpu_ms_per_call"] = busy * wall * 1000 / calls if calls else None
     if db0 is not None:
         db1 = pg_backend_cpu(pg_db)
         # Backends alive at both ends: their delta; new ones: all their CPU (short-lived ones are missed).
-        db_cpu = sum(c - db0.get(pid, 0.0) for pid, c in db1.items())
-        result["db_cpu_ms_per_call"] = db_cpu * 1000 / result["calls_total"] if result["calls_total"] else None
+        db_cpu = _delta(db0, db1)
+        result["db_cpu_ms_per_call"] = db_cpu * 1000 / calls if calls else None
+        bg_cpu = _delta(bg0 or {}, pg_background_cpu())
+        all_cpu = _delta(all0 or {}, postgres_processes_cpu())
+        result["db_background_cpu_ms_per_call"] = bg_cpu * 1000 / calls if calls else None
+        result["postgres_all_cpu_ms_per_call"] = all_cpu * 1000 / calls if calls else None
+        wal1 = pg_wal()
+        if wal0 is not None and wal1 is not None and calls:
+            # The server's, not only this database's: other databases' writes are in it too.
+            result["wal_bytes_per_call"] = (wal1[0] - wal0[0]) / calls
+            result["wal_syncs_per_call"] = (wal1[1] - wal0[1]) / calls
         result["db_cores"] = db_cpu / wall
         sessions1 = pg_sessions(pg_db)
         if sessions0 is not None and sessions1 is not None:
@@ -606,7 +676,7 @@ def bench_database(dialect: str, args: argparse.Namespace, work: Path) -> dict[s
                 # Each (round, side) updates its own tasks, all still at revision 1 (etag W/"1").
                 part = update_parts[rnd * 2 + i]
                 spec = write_spec(work / f"spec_{side}_{rnd}.json", seeded, part, pool, statuses)
-                channels = 4 * args.workers if args.workers > 1 else 1  # the same client for both sides
+                channels = args.channels  # the same client for both sides
                 r = run_loadgen(server, rpc, spec, key=k, concurrency=conc, seconds=args.seconds, warmup=args.warmup,
                                 timeout=timeout, extra=["--batch-size", str(args.batch_size), "--channels", str(channels)],
                                 pg_db=target if dialect == "postgresql" else None)
@@ -872,7 +942,7 @@ def bench_scale(dialect: str, args: argparse.Namespace, work: Path) -> list[dict
                                                               metadata=(("authorization", f"Bearer {key}"),), timeout=60)
             spec = write_spec(work / "spec_scale.json", seeded, [], seeded.task_ids, ["TODO"])
             entry: dict[str, Any] = {"rows": n}
-            for rpc in ("GetTask", "ListTasks", "ListTasksDeep"):
+            for rpc in args.scale_rpcs:
                 r = run_loadgen(project, rpc, spec, key=key, concurrency=args.scale_concurrency, seconds=args.scale_seconds,
                                 warmup=min(1.0, args.warmup), timeout=120.0, extra=["--deep-pages", "20"])
                 entry[rpc] = r
@@ -910,7 +980,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="task row counts for the scale test, e.g. 10000,100000,1000000; 'none' skips it (default 10000,100000)")
     p.add_argument("--scale-concurrency", type=int, default=1, help="calls in flight in the scale test (default 1: latency without queueing)")
     p.add_argument("--scale-seconds", type=float, default=3.0, help="seconds per scale measurement (default 3)")
+    p.add_argument("--scale-rpcs", default="GetTask,ListTasks,ListTasksDeep,SearchTasks",
+                   help="RPCs of the scale test (default GetTask,ListTasks,ListTasksDeep,SearchTasks; ListTasksDeep: page 20)")
     p.add_argument("--workers", type=int, default=1, help="`serve --workers N` for the project's server; the load generator then opens 4N connections (default 1)")
+    p.add_argument("--channels", type=int,
+                   help="connections the load generator opens to each server (default 1; 4N with --workers N > 1: SO_REUSEPORT spreads connections, not calls)")
+    p.add_argument("--heavy", action="store_true",
+                   help="after the RPC tables, the heavy paths (bench/heavy.py: knowledge upserts, file transfer, AI usage) with short settings")
+    p.add_argument("--only-heavy", action="store_true", help="only the heavy paths (no RPC table, no scale test)")
     p.add_argument("--pool-size", type=int, default=10, help="DB_POOL_SIZE of the project's server (default 10, its default)")
     p.add_argument("--max-overflow", type=int, default=0, help="DB_MAX_OVERFLOW of the project's server (default 0, its default)")
     p.add_argument("--floor-threads", type=int, default=8,
@@ -933,11 +1010,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if d not in ("sqlite", "postgresql"):
             p.error(f"unknown database {d!r}")
     a.rpcs = [r.strip() for r in a.rpcs.split(",") if r.strip()]
+    a.scale_rpcs = [r.strip() for r in a.scale_rpcs.split(",") if r.strip()]
+    for r in a.scale_rpcs:
+        if r not in ("GetTask", "ListTasks", "ListTasksDeep", "SearchTasks"):
+            p.error(f"unknown scale RPC {r!r}")
+    if a.channels is None:
+        a.channels = 4 * a.workers if a.workers > 1 else 1
+    if a.only_heavy:
+        a.heavy, a.no_main, a.scale = True, True, "none"
     a.scale = [] if a.scale.strip().lower() in ("", "none", "0") else sorted(int(x.replace("_", "")) for x in a.scale.split(","))
     if a.max_runtime is None:
         per_db = 0 if a.no_main else 240 + len(a.rpcs) * 2 * (a.warmup + a.seconds + 25) * (a.rounds + (1 if a.profile else 0))
         per_db += sum(60 + n / 2500 + 3 * (a.scale_seconds + 150) for n in a.scale)
-        a.max_runtime = 120 + len(a.dbs) * per_db
+        a.max_runtime = 120 + len(a.dbs) * per_db + (heavy.time_limit() if a.heavy else 0)
     return a
 
 
@@ -965,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         log(f"{command}  (watchdog at {args.max_runtime:.0f} s; logs in {work})")
-        for dialect in args.dbs:
+        for dialect in [] if args.only_heavy else args.dbs:
             load_before = loadavg()
             started = dt.datetime.now(dt.UTC)
             results: dict[str, Any] = {"db": dialect, "runs": {}}
@@ -999,6 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
                 text.append(report.render_text(*report.scale_rows(results["scale"])))
             texts.append("\n".join(text))
             log(f"{dialect}: wrote {(results_dir / f'{dialect}.md').relative_to(REPO) if results_dir.is_relative_to(REPO) else results_dir}")
+        if args.heavy:
+            texts.append(heavy.run(args.dbs, results_dir, on_exit, cleanup, log, command))
     except Interrupted as exc:
         code = 3 if _watchdog_fired else 130
         print(f"\nbench/run: interrupted ({exc}); cleaning up", file=sys.stderr, flush=True)

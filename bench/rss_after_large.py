@@ -8,7 +8,8 @@ maximum-size requests, against a real `nexus-data serve` process on SQLite and P
 The burst, from --concurrency client threads, --rounds times over: CreateChatMessage with
 content at its limit (65,536 characters) and 50 attachments, UpdateChatMessage to another such
 content, CreateConversationMessage with content and role_metadata at their limits,
-BatchCreateTasks of 200 tasks whose descriptions are at their limit (~13 MiB a request),
+BatchCreateTasks of 200 tasks whose descriptions are at their limit, in 4 calls of 50 (~3.3 MiB a
+request: an answer past the 4 MiB response limit is refused),
 and ListChatMessages and ListTasks of 1,000 rows (pages cut at the 4 MiB response budget). No
 Search: on PostgreSQL, tables this fresh have no statistics, and a sequential scan ranks every
 long text of the table. RSS is
@@ -50,6 +51,7 @@ from db.engine.codecs import DEFAULT_LIMITS  # noqa: E402
 TEXT = DEFAULT_LIMITS["text"].chars or 0
 JSON_BYTES = DEFAULT_LIMITS["json"].json_bytes or 0
 WORDS = " ".join(benchdb.VOCABULARY)
+TASKS_PER_BATCH = 50  # ~3.3 MiB of descriptions: the answer stays under the 4 MiB response limit
 
 
 def text(seed: int, length: int = TEXT) -> str:
@@ -93,8 +95,12 @@ class Load:
         total += message.ByteSize() + self.chat.UpdateChatMessage(cpb.UpdateChatMessageRequest(chat_message=patch, update_mask=field_mask_pb2.FieldMask(paths=["content"])), **md).ByteSize()
         said = cpb.ConversationMessage(conversation_id=self.conversation_id, sender_type=cpb.SENDER_TYPE_ASSISTANT, content=text(i), role_metadata=struct_of(JSON_BYTES))
         total += self.chat.CreateConversationMessage(cpb.CreateConversationMessageRequest(conversation_message=said), **md).ByteSize()
-        tasks = [wpb.CreateTaskRequest(task=wpb.Task(project_id=self.project_id, title=f"task {i}.{k}", description=text(i * 1000 + k))) for k in range(200)]
-        total += self.work.BatchCreateTasks(wpb.BatchCreateTasksRequest(requests=tasks), **md).ByteSize()
+        # 200 tasks at the description limit, in calls whose answer fits the 4 MiB response
+        # limit (the service refuses a batch whose answer would not: 200 such tasks are ~13 MiB).
+        for first in range(0, 200, TASKS_PER_BATCH):
+            tasks = [wpb.CreateTaskRequest(task=wpb.Task(project_id=self.project_id, title=f"task {i}.{k}", description=text(i * 1000 + k)))
+                     for k in range(first, first + TASKS_PER_BATCH)]
+            total += self.work.BatchCreateTasks(wpb.BatchCreateTasksRequest(requests=tasks), **md).ByteSize()
         total += self.chat.ListChatMessages(cpb.ListChatMessagesRequest(filter=f'channel_id = "{self.channel_id}"', page_size=1000), **md).ByteSize()
         total += self.work.ListTasks(wpb.ListTasksRequest(filter=f'project_id = "{self.project_id}"', page_size=1000), **md).ByteSize()
         return total

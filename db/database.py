@@ -130,7 +130,18 @@ def create_db_engine(url: str, pool: PoolSettings, echo: bool = False, autocommi
     if pool.pre_ping:
         _ping_idle_connections(engine, pool.ping_after)
     event.listen(engine, "do_connect", _cap_connect_timeout)
+    event.listen(engine, "connect", _session_settings)
     return engine
+
+
+def _session_settings(dbapi_conn: Any, _record: Any) -> None:
+    """Each new PostgreSQL connection's settings: no synchronized scans. A sequential scan of a
+    large table otherwise starts where another one under way is, so the first rows of a
+    statement without an order (the window a Search ranks, db/engine/statements.py) could
+    differ from one call to the next, and a Search's pages with them."""
+    with dbapi_conn.cursor() as cursor:
+        cursor.execute("SET synchronize_seqscans = off")
+    dbapi_conn.commit()
 
 
 # While set (Database.wait_until_reachable), the most seconds a new PostgreSQL connection of

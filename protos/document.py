@@ -45,6 +45,16 @@ grpcurl -plaintext -H "authorization: Bearer $KEY" -d '{"id": "<task id>"}' \\
 **Field behaviour.** *output only*: set by the server; *input only*: accepted, never returned;
 *immutable*: set when the resource is created, not changed after; *required*: must be set. They
 come from `google.api.field_behavior` where a field has it, otherwise from the field's comment.
+
+**total_size** of a List or Search (AIP-158) is exact up to the server's exact count limit
+(`NEXUS_EXACT_COUNT_LIMIT`, 10,000 by default) and an estimate above it, never below the limit + 1:
+PostgreSQL's planner estimate of the matching rows, or on SQLite the limit + 1 itself ("more than
+the limit"). A List's `count_only` always counts exactly.
+
+**Search** ranks a window of its matches: the first 300 in the search index's own order (about the
+order rows were added). Fewer matches rank every one of them; with more, a match beyond the window
+is neither ranked nor returned, and the pages cover the window. A Search's total_size is exact up
+to the window's size (300) and estimated above it, as a List's is above its limit.
 """
 
 

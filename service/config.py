@@ -206,6 +206,7 @@ NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
     "stream_queue_size": ("NEXUS_STREAM_QUEUE_SIZE", int, 1, None),
     "stream_poll_seconds": ("NEXUS_STREAM_POLL_SECONDS", float, 0.05, None),
     "max_page_bytes": ("NEXUS_MAX_PAGE_BYTES", int, 4096, None),
+    "exact_count_limit": ("NEXUS_EXACT_COUNT_LIMIT", int, 1, 2**31 - 2),
     "memory_trim_seconds": ("NEXUS_MEMORY_TRIM_SECONDS", float, 0, None),
     "malloc_arenas": ("NEXUS_MALLOC_ARENAS", int, 0, None),
     "max_streams_per_caller": ("NEXUS_MAX_STREAMS_PER_CALLER", int, 1, None),
@@ -408,6 +409,10 @@ class Config:
     # passes this many bytes, or max_message_bytes if that is smaller. 4 MiB: what gRPC clients
     # accept by default.
     max_page_bytes: int = 4 * 1024 * 1024
+    # A List's or Search's total_size is exact up to this many matches (its count stops there,
+    # so its cost is bounded), an estimate above it (db/engine/reads.total_of); count_only
+    # always counts exactly.
+    exact_count_limit: int = 10_000
     # How often the resident size is looked at; 32 MiB above its lowest, freed heap
     # memory goes back to the system (service/memory.py). 0: never.
     memory_trim_seconds: float = 2.0

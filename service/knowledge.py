@@ -31,7 +31,7 @@ class KnowledgeService(DomainServicer, knowledge_pb2_grpc.KnowledgeServiceServic
 
     async def ListDocumentVersions(self, request: pb.ListDocumentVersionsRequest, context: grpc.aio.ServicerContext) -> Any:
         call = self.run.call(context)
-        work = lambda s: documents.list_document_versions(s, request, call, self.run.page_bytes)  # noqa: E731
+        work = lambda s: documents.list_document_versions(s, request, call, self.run.page_bytes, self.run.count_limit)  # noqa: E731
         return await self.run(context, work, SESSION_READ, resource_type="DocumentVersion")
 
     async def GetDocumentVersion(self, request: pb.GetDocumentVersionRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -50,5 +50,5 @@ class KnowledgeService(DomainServicer, knowledge_pb2_grpc.KnowledgeServiceServic
 
     async def ListDocumentShares(self, request: pb.ListDocumentSharesRequest, context: grpc.aio.ServicerContext) -> Any:
         call = self.run.call(context)
-        work = lambda s: documents.list_document_shares(s, request, call, self.run.page_bytes)  # noqa: E731
+        work = lambda s: documents.list_document_shares(s, request, call, self.run.page_bytes, self.run.count_limit)  # noqa: E731
         return await self.run(context, work, SESSION_READ, resource_type="DocumentShare")

@@ -40,10 +40,12 @@ class Runner:
     """Runs a unit of work for an RPC: its deadline, its call context, its database."""
 
     def __init__(
-        self, db: Database, page_bytes: int = DEFAULT_PAGE_BYTES, blobs: BlobStore | None = None, uploads: UploadLimits | None = None
+        self, db: Database, page_bytes: int = DEFAULT_PAGE_BYTES, blobs: BlobStore | None = None, uploads: UploadLimits | None = None,
+        count_limit: int = reads.DEFAULT_COUNT_LIMIT,
     ) -> None:
         self.db = db
         self.page_bytes = page_bytes  # List and Search responses stay within it (db/engine/paging.fitting)
+        self.count_limit = count_limit  # total_size is exact up to it (db/engine/reads.total_of)
         # Files' bytes (FileService) and what an upload may do.
         self.blobs = blobs if blobs is not None else BlobStore(DEFAULT_BLOB_DIR)
         self.uploads = uploads or UploadLimits()
@@ -74,7 +76,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
     async def list_(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = run.call(context)
-        items, token, total = await run(context, lambda s: reads.list_page(s, spec, request, call, run.page_bytes), READ, resource_type=name)
+        items, token, total = await run(context, lambda s: reads.list_page(s, spec, request, call, run.page_bytes, run.count_limit), READ, resource_type=name)
         response = getattr(pb, f"List{Es}Response")(next_page_token=token, total_size=total)
         getattr(response, plural_field).extend(items)
         return response
@@ -112,7 +114,7 @@ def standard_handlers(run: Runner, spec: ResourceSpec) -> dict[str, Handler]:
 
         async def search(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = run.call(context)
-            hits, token, total = await run(context, lambda s: reads.search(s, spec, request, call, run.page_bytes), READ, resource_type=name)
+            hits, token, total = await run(context, lambda s: reads.search(s, spec, request, call, run.page_bytes, run.count_limit), READ, resource_type=name)
             results = [result_type(**{spec.singular_field: item, "score": score}) for item, score in hits]
             return getattr(pb, f"Search{Es}Response")(results=results, next_page_token=token, total_size=total)
 

@@ -328,7 +328,7 @@ def create_server(config: Config, database: Database | None = None) -> App:
     except OSError as exc:
         raise ConfigError(f"NEXUS_BLOB_DIR: the blob store {config.blob_path} cannot hold files: {exc}") from None
     uploads = UploadLimits(config.max_file_bytes, config.upload_idle_seconds, config.max_uploads_per_caller)
-    run = Runner(db, config.page_bytes, blobs, uploads)
+    run = Runner(db, config.page_bytes, blobs, uploads, config.exact_count_limit)
     hub = ChangeHub(
         db,
         HubSettings(

@@ -235,23 +235,29 @@ def _visible_document(session: Session, raw_id: str) -> Document:
     return reads.fetch(session, DOCUMENTS, raw_id, show_deleted=True, field_path="document_id")
 
 
-def _document_rows(session: Session, spec: ResourceSpec, request: Any, order_by: str, call: Call, max_bytes: int) -> tuple[list[Any], str, int]:
+def _document_rows(
+    session: Session, spec: ResourceSpec, request: Any, order_by: str, call: Call, max_bytes: int, count_limit: int
+) -> tuple[list[Any], str, int]:
     """One keyset page of a document's versions or shares, under their own read rule; a page
     token is tied to its document."""
     document = _visible_document(session, request.document_id)
     page = _Page(f'document_id = "{document.id}"', order_by, request.page_size, request.page_token, request.count_only)
-    return reads.list_page(session, spec, page, call, max_bytes)
+    return reads.list_page(session, spec, page, call, max_bytes, count_limit)
 
 
-def list_document_versions(session: Session, request: pb.ListDocumentVersionsRequest, call: Call, max_bytes: int) -> pb.ListDocumentVersionsResponse:
+def list_document_versions(
+    session: Session, request: pb.ListDocumentVersionsRequest, call: Call, max_bytes: int, count_limit: int = reads.DEFAULT_COUNT_LIMIT
+) -> pb.ListDocumentVersionsResponse:
     """The document's earlier states, oldest first."""
-    items, token, total = _document_rows(session, DOCUMENT_VERSIONS, request, "version", call, max_bytes)
+    items, token, total = _document_rows(session, DOCUMENT_VERSIONS, request, "version", call, max_bytes, count_limit)
     return pb.ListDocumentVersionsResponse(document_versions=items, next_page_token=token, total_size=total)
 
 
-def list_document_shares(session: Session, request: pb.ListDocumentSharesRequest, call: Call, max_bytes: int) -> pb.ListDocumentSharesResponse:
+def list_document_shares(
+    session: Session, request: pb.ListDocumentSharesRequest, call: Call, max_bytes: int, count_limit: int = reads.DEFAULT_COUNT_LIMIT
+) -> pb.ListDocumentSharesResponse:
     """The document's shares, by user id."""
-    items, token, total = _document_rows(session, DOCUMENT_SHARES, request, "user_id", call, max_bytes)
+    items, token, total = _document_rows(session, DOCUMENT_SHARES, request, "user_id", call, max_bytes, count_limit)
     return pb.ListDocumentSharesResponse(document_shares=items, next_page_token=token, total_size=total)
 
 

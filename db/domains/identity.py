@@ -43,6 +43,8 @@ class User(ResourceMixin, SoftDeleteMixin, Base):
     __table_args__ = (
         one_of("role", USER_ROLES),
         Index("ix_users_create_time_id", "create_time", "id"),
+        # A page by update_time (migration 0017; tests/test_index_backed.py).
+        Index("ix_users_update_time_id", "update_time", "id"),
     )
 
     username: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)

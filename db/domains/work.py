@@ -64,6 +64,11 @@ class Project(ResourceMixin, SoftDeleteMixin, Base):
         CheckConstraint("end_date IS NULL OR start_date IS NULL OR end_date >= start_date", name="dates_ordered"),
         Index("ix_projects_create_time_id", "create_time", "id"),
         Index("ix_projects_owner_id_status", "owner_id", "status"),
+        # A page in each orderable field's order (migration 0017; tests/test_index_backed.py).
+        Index("ix_projects_update_time_id", "update_time", "id"),
+        Index("ix_projects_name_id", "name", "id"),
+        Index("ix_projects_start_date_id", "start_date", "id"),
+        Index("ix_projects_end_date_id", "end_date", "id"),
     )
 
     name: Mapped[short_text]
@@ -90,6 +95,11 @@ class Task(ResourceMixin, SoftDeleteMixin, Base):
         CheckConstraint("actual_hours IS NULL OR actual_hours >= 0", name="actual_hours_non_negative"),
         Index("ix_tasks_create_time_id", "create_time", "id"),
         Index("ix_tasks_project_id_status", "project_id", "status"),
+        # A page in each orderable field's order, and cut by completed_time or update_time
+        # (migration 0017; tests/test_index_backed.py).
+        Index("ix_tasks_update_time_id", "update_time", "id"),
+        Index("ix_tasks_title_id", "title", "id"),
+        Index("ix_tasks_completed_time_id", "completed_time", "id"),
         # The common task page (migration 0004): live tasks of a project in a status, by creation.
         Index(
             "ix_tasks_live_project_status_create_time", "project_id", "status", "create_time", "id",

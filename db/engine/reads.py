@@ -6,6 +6,7 @@ db/unit.py) and returns protos; the caller's row rule (engine/rules.py) is part 
 """
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,11 @@ from db.engine.search import search_query_value
 
 # Ids one BatchGet takes at most (a BatchCreate's creates: ResourceSpec.batch_create_limit).
 MAX_BATCH = 1000
+# A List's or Search's total_size is exact up to this many matches, an estimate above it
+# (NEXUS_EXACT_COUNT_LIMIT; total_of says which estimate).
+DEFAULT_COUNT_LIMIT = 10_000
+# total_size is an int32.
+MAX_TOTAL_SIZE = 2**31 - 1
 
 
 def fetch(
@@ -116,11 +122,13 @@ def batch_get(session: Session, spec: ResourceSpec[M], request: Any, max_bytes: 
 
 
 def list_page(
-    session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES
+    session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES,
+    count_limit: int = DEFAULT_COUNT_LIMIT,
 ) -> tuple[list[Message], str, int]:
     """One keyset page: (resources, next_page_token, total_size). The page ends early, with a
-    token after its last row, where more rows would take the response past max_bytes. With
-    count_only: ([], "", total_size), one COUNT under the List's own filter and row rule."""
+    token after its last row, where more rows would take the response past max_bytes.
+    total_size is exact up to count_limit matches, an estimate above (total_of). With
+    count_only: ([], "", total_size), one exact COUNT under the List's own filter and row rule."""
     size = page_size(request.page_size)
     show_deleted = bool(getattr(request, "show_deleted", False))
     keys = statements.order_keys(spec, request.order_by)
@@ -145,11 +153,13 @@ def list_page(
         else:  # the caller's row rule holds its own values: built for this call
             stmt, count = statements.build_page_statements(spec, call.dialect, shape, show_deleted, request.order_by, nulls, read, allowed, counted)
         params = {**filter_params, **{f"after_{i}": value for i, value in enumerate(start or ()) if value is not None}}
+        if counted:
+            params["count_limit"] = count_limit + 1
         found = reading.load_rows(session, spec, stmt, extra=int(counted), params=params)
         if not counted:
             return found, None
-        total = found[0][1] if found else session.connection().execute(count, filter_params).scalar()
-        return [row for row, _ in found], total
+        limited = found[0][1] if found else session.connection().execute(count.limited, params).scalar()
+        return [row for row, _ in found], total_of(session, call.dialect, count, params, limited, count_limit)
 
     rows, messages, more, total = read_page(size, max_bytes, fetch, spec.to_proto)
     next_token = encode_token(query_fp, after=[_key_value(rows[-1], column) for column in columns]) if more else ""
@@ -170,7 +180,22 @@ def count_rows(session: Session, spec: ResourceSpec, request: Any, call: Call, s
         _, count = statements.page_statements(spec, call.dialect, shape, show_deleted, request.order_by, None, 1, False)
     else:  # the caller's row rule holds its own values: built for this call
         _, count = statements.build_page_statements(spec, call.dialect, shape, show_deleted, request.order_by, None, 1, allowed, False)
-    return int(session.connection().execute(count, filter_params).scalar() or 0)
+    return int(session.connection().execute(count.exact, filter_params).scalar() or 0)
+
+
+def total_of(session: Session, dialect: str, count: statements.Count, params: dict[str, Any], limited: Any, limit: int) -> int:
+    """total_size from the limited count (at most limit + 1): exact up to limit matches; above,
+    an estimate never below limit + 1. PostgreSQL: its planner's row estimate of the matches
+    (EXPLAIN of count.estimate: the statistics ANALYZE keeps, no row read). SQLite has no
+    estimator: limit + 1, a lower bound ("more than limit"). count_only counts exactly."""
+    if int(limited or 0) <= limit:
+        return int(limited or 0)
+    if dialect != "postgresql":
+        return limit + 1
+    plan: Any = session.connection().execute(count.estimate, params).scalar()
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return max(limit + 1, min(int(plan[0]["Plan"]["Plan Rows"]), MAX_TOTAL_SIZE))
 
 
 def _key_value(row: Any, column: Any) -> Any:
@@ -180,10 +205,14 @@ def _key_value(row: Any, column: Any) -> Any:
 
 
 def search(
-    session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES
+    session: Session, spec: ResourceSpec, request: Any, call: Call, max_bytes: int = DEFAULT_PAGE_BYTES,
+    count_limit: int = DEFAULT_COUNT_LIMIT,
 ) -> tuple[list[tuple[Message, float]], str, int]:
     """Ranked full-text hits: ([(resource, score)], next_page_token, total_size); cut short
-    within max_bytes as a List page is."""
+    within max_bytes as a List page is. The hits are the ranked window of the matches
+    (statements.build_search_statements); total_size is exact up to the window's size (or
+    count_limit, if lower) and an estimate above it (total_of): counting the matches beyond the
+    window would cost more than ranking the window does."""
     size = page_size(request.page_size)
     query = search_query_value(call.dialect, request.query)
     query_fp = fingerprint(spec.name, "search", request.query, request.filter)
@@ -194,6 +223,7 @@ def search(
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         offset = payload["o"]
     allowed = predicate(spec, write=False)
+    count_limit = min(count_limit, statements.SEARCH_WINDOW)
     shape, filter_params = spec.filter_compiler(call.dialect).bind(request.filter)
 
     def fetch(read: int, counted: bool, last: Any, taken: int) -> tuple[list[Any], int | None]:
@@ -201,11 +231,12 @@ def search(
             stmt, count = statements.search_statements(spec, call.dialect, shape, read)
         else:  # the caller's row rule holds its own values: built for this call
             stmt, count = statements.build_search_statements(spec, call.dialect, shape, read, allowed)
-        params = {**filter_params, "search_query": query, "search_offset": offset + taken}
+        params = {**filter_params, "search_query": query, "search_offset": offset + taken, "count_limit": count_limit + 1}
         found = reading.load_rows(session, spec, stmt, extra=2, params=params)
         if not counted:
             return found, None
-        return found, found[0][2] if found else session.connection().execute(count, params).scalar()
+        limited = found[0][2] if found else session.connection().execute(count.limited, params).scalar()
+        return found, total_of(session, call.dialect, count, params, limited, count_limit)
 
     hits, messages, more, total = read_page(size, max_bytes, fetch, lambda hit: spec.to_proto(hit[0]), SEARCH_RESULT_EXTRA)
     next_token = encode_token(query_fp, offset=offset + len(hits)) if more else ""

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, exists, func, insert, select
+from sqlalchemy import bindparam, exists, func, insert, literal, select
 from sqlalchemy import update as sa_update
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from db.engine import reading
 from db.engine.filtering import FilterShape
@@ -61,24 +64,30 @@ def build_page_statements(
     spec: ResourceSpec, dialect: str, shape: FilterShape | None, show_deleted: bool, order_by: str, nulls: tuple[bool, ...] | None,
     size: int, allowed: Any, counted: bool = True,
 ) -> tuple[Any, Any]:
-    """(page statement, COUNT statement) of a List: the page's rows after the token's keys
-    (nulls: which of them are NULL; None on the first page), with total_size as a column
-    unless not counted (the later statements of a large page)."""
+    """(page statement, Count) of a List: the page's rows after the token's keys (nulls: which
+    of them are NULL; None on the first page), with the limited count (Count.limited, parameter
+    count_limit) as the column total_size unless not counted (the later statements of a large
+    page)."""
     keys = order_keys(spec, order_by)
     conditions = where_clauses(spec, shape, show_deleted, allowed)
     page_conditions = list(conditions)
     if nulls is not None:
         placeholders = [None if null else bindparam(f"after_{i}", type_=k.column.type) for i, (k, null) in enumerate(zip(keys, nulls, strict=True))]
         page_conditions.append(keyset_after(keys, placeholders))
-    count = select(func.count()).select_from(spec.table).where(*conditions).correlate(None)
+    count = Count.of(select(literal(1)).select_from(spec.table).where(*conditions))
     # total_size rides on the page's rows: an uncorrelated subquery, which both engines evaluate
     # once; one statement, one round trip, and on PostgreSQL's autocommit reads the count comes
     # from the page's own snapshot. An empty page counts on its own.
     stmt = reading.select_rows(spec, dialect)
     if counted:
-        stmt = stmt.add_columns(count.scalar_subquery().label("total_size"))
+        stmt = stmt.add_columns(count.limited.scalar_subquery().label("total_size"))
     stmt = stmt.where(*page_conditions).order_by(*order_clauses(keys)).limit(size + 1)
     return stmt, count
+
+
+# The matches a Search ranks: the first SEARCH_WINDOW in the order the search index yields them
+# (see build_search_statements), so a search costs what its window costs however many rows match.
+SEARCH_WINDOW = 300
 
 
 @functools.lru_cache(maxsize=1024)
@@ -88,21 +97,75 @@ def search_statements(spec: ResourceSpec, dialect: str, shape: FilterShape | Non
 
 
 def build_search_statements(spec: ResourceSpec, dialect: str, shape: FilterShape | None, size: int, allowed: Any) -> tuple[Any, Any]:
-    """(page statement, COUNT statement) of a Search: the hits ranked by score from offset
-    :search_offset, with the score and total_size as columns (the COUNT as in a List)."""
+    """(page statement, Count) of a Search: the hits from offset :search_offset, with the score
+    and total_size (the limited count of the matches, as in a List) as columns.
+
+    Only a window is ranked: the first SEARCH_WINDOW matches in the search index's own order,
+    which needs no sort of the matches (SQLite: FTS5's rowid order, the order rows were added;
+    PostgreSQL: the GIN bitmap's, the table's storage order, with no ORDER BY at all). The
+    window is scored, ordered by (score desc, id), and cut at the page; only the page's rows are
+    joined back for their columns and relations. A match beyond the window is neither ranked
+    nor returned; a query matching fewer rows than the window ranks every one of them."""
     terms = search_terms(dialect, spec.table.name, spec.search_fields)
+    table = spec.table
     conditions = [*where_clauses(spec, shape, False, allowed), terms.match]
-    score = terms.score.label("score")
-    count = select(func.count()).select_from(spec.table)
-    stmt = select(*reading.columns(spec, dialect), score)
+    window = select(table.c.id.label("id"), terms.score.label("score")).select_from(table)
+    matches = select(literal(1)).select_from(table)
     if terms.join is not None:
         target, on = terms.join
-        stmt = stmt.join_from(spec.table, target, on)
-        count = count.join(target, on)
-    count = count.where(*conditions).correlate(None)
-    stmt = stmt.add_columns(count.scalar_subquery().label("total_size")).where(*conditions)
-    stmt = stmt.order_by(score.desc(), spec.table.c.id).offset(bindparam("search_offset")).limit(size + 1)
+        window = window.join(target, on).order_by(target.c.rowid)
+        matches = matches.join(target, on)
+    ranked = window.where(*conditions).limit(SEARCH_WINDOW).subquery("search_window")
+    hits = (
+        select(ranked.c.id, ranked.c.score)
+        .order_by(ranked.c.score.desc(), ranked.c.id)
+        .offset(bindparam("search_offset"))
+        .limit(size + 1)
+        .subquery("search_hits")
+    )
+    count = Count.of(matches.where(*conditions))
+    stmt = (
+        select(*reading.columns(spec, dialect), hits.c.score.label("score"), count.limited.scalar_subquery().label("total_size"))
+        .join_from(table, hits, table.c.id == hits.c.id)
+        .order_by(hits.c.score.desc(), table.c.id)
+    )
     return stmt, count
+
+
+@dataclass(frozen=True)
+class Count:
+    """The statements of a List's or Search's total_size over one select of its matches:
+    `limited` counts at most :count_limit of them (SELECT count(*) FROM (SELECT 1 ... LIMIT
+    :count_limit)), so its cost is bounded whatever the table holds; `exact` counts them all
+    (count_only); `estimate` is EXPLAIN (FORMAT JSON) of the matches, whose top plan node's
+    "Plan Rows" is PostgreSQL's row estimate for them."""
+
+    limited: Any
+    exact: Any
+    estimate: Any
+
+    @classmethod
+    def of(cls, matches: Any) -> Count:
+        matches = matches.correlate(None)
+        limited = select(func.count()).select_from(matches.limit(bindparam("count_limit")).subquery("counted")).correlate(None)
+        exact = select(func.count()).select_from(matches.subquery("counted")).correlate(None)
+        return cls(limited, exact, Explain(matches))
+
+
+class Explain(Executable, ClauseElement):
+    """EXPLAIN (FORMAT JSON) of a select (PostgreSQL): one row, the plan as JSON. Compiled on
+    each use, never from SQLAlchemy's cache: a cached compilation run for another statement
+    object would have its result adapted to that object's columns, which an EXPLAIN has none of."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+
+
+@compiles(Explain, "postgresql")
+def _explain(element: Explain, compiler: Any, **kw: Any) -> str:
+    return f"EXPLAIN (FORMAT JSON) {compiler.process(element.statement, **kw)}"
 
 
 @functools.cache

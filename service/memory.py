@@ -98,7 +98,7 @@ _HEAP = re.compile(rb"<heap nr=")
 
 def heap_stats() -> HeapStats | None:
     """glibc's count of heaps (malloc_info) and their bytes in use and free (mallinfo2), or None
-    where there is no glibc 2.33+. Each call locks every heap in turn, briefly: for a scrape, not
+    where there is no glibc 2.33+. Each call locks every heap in turn, for a moment: for a scrape, not
     for a hot path."""
     libc = _libc()
     if libc is None or not all(hasattr(libc, name) for name in ("mallinfo2", "malloc_info", "open_memstream", "fclose", "free")):

@@ -5,8 +5,9 @@ burst of the largest requests and after it, each against idle (within 20 %?).
     .venv/bin/python bench/memory.py                         # both databases, ~3 min
     .venv/bin/python bench/memory.py --db postgresql --streams 1000 --settle 10
 
-Per database, one fresh database and one `nexus-data serve` (its defaults; MALLOC_ARENA_MAX taken
-out of the environment, as bench/rss_after_large.py does), in this order:
+Per database, one fresh database and one `nexus-data serve` (its defaults, two glibc heaps among
+them, NEXUS_MALLOC_ARENAS; MALLOC_ARENA_MAX taken out of the environment, as
+bench/rss_after_large.py does), in this order:
 
 1. idle: VmRSS 2 s after the server answers its readiness check;
 2. --streams ChatService.StreamEvents streams opened by one load-generator process (50 per HTTP/2
@@ -319,7 +320,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: s
         "",
         f"- command: `{command}`",
         f"- machine: {os.cpu_count()} CPUs, shared with other work; `nexus-data serve` with its defaults (memory trimmer "
-        f"every 2 s), MALLOC_ARENA_MAX unset" + "".join(f", {item}" for item in args.env or []),
+        f"every 2 s, NEXUS_MALLOC_ARENAS 2 unless set below), MALLOC_ARENA_MAX unset" + "".join(f", {item}" for item in args.env or []),
         f"- streams: one API key, {args.per_conn} per HTTP/2 connection; burst: {args.rounds} rounds of bench/rss_after_large.py's "
         f"requests from {args.concurrency} threads; readings {args.settle:g} s after the streams closed and after the burst",
         *(["- --trace: the server under PYTHONTRACEMALLOC=8; its RSS includes the traces (about 100 MiB here), so "

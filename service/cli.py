@@ -48,10 +48,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.memory import limit_arenas
     from service.server import serve, serve_workers
     from service.telemetry import configure_logging
 
     config = _config(args)
+    limit_arenas(config.malloc_arenas)  # before any thread starts (and for the workers it spawns)
     configure_logging(config.log_level, config.log_format)
     log_setting_warnings(config)
     if config.workers > 1:

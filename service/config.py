@@ -208,6 +208,7 @@ NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
     "max_page_bytes": ("NEXUS_MAX_PAGE_BYTES", int, 4096, None),
     "exact_count_limit": ("NEXUS_EXACT_COUNT_LIMIT", int, 1, 2**31 - 2),
     "memory_trim_seconds": ("NEXUS_MEMORY_TRIM_SECONDS", float, 0, None),
+    "malloc_arenas": ("NEXUS_MALLOC_ARENAS", int, 0, None),
     "max_streams_per_caller": ("NEXUS_MAX_STREAMS_PER_CALLER", int, 1, None),
     # A right that ended ends its streams within about twice this.
     "stream_recheck_seconds": ("NEXUS_STREAM_RECHECK_SECONDS", float, 0.01, 1),
@@ -415,6 +416,9 @@ class Config:
     # How often the resident size is looked at; 32 MiB above its lowest, freed heap
     # memory goes back to the system (service/memory.py). 0: never.
     memory_trim_seconds: float = 2.0
+    # glibc heaps (arenas) of a server process, set as it starts (service/memory.py
+    # limit_arenas); MALLOC_ARENA_MAX, when set, wins. 0: glibc's own limit, eight per core.
+    malloc_arenas: int = 2
     # Files (FileService): the blob store's directory (None: `blobs` beside the SQLite file, or
     # data/blobs on PostgreSQL) and the largest file an upload may send.
     blob_dir: str | None = None

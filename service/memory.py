@@ -7,6 +7,15 @@ far above where it was, for good (bench/rss_after_large.py, bench/README.md). ma
 free pages of every heap: a MemoryTrimmer calls it, on a thread (ctypes releases the GIL),
 whenever the resident size has grown by `growth` bytes since the last trim; a steady server
 never trims. Where there is no glibc (musl) or no /proc, it does nothing.
+
+glibc also gives each thread that allocates a heap of its own (an arena), up to eight per core.
+The server's threads (the event loop, gRPC's, the database threads, the hash pool) allocate in
+their own arenas and free what the others allocated: under a steady mixed load the arenas' free
+holes grew, and so did the resident size, about 2 MiB a minute for eight minutes, to 13 MiB
+above where two arenas level off by minute 3, with the memory in use flat (bench/soak.py,
+bench/README.md). limit_arenas() caps the
+arenas at startup (NEXUS_MALLOC_ARENAS, 2 by default, as MALLOC_ARENA_MAX=2 does); heap_stats()
+tells how many there are and what they hold, for /metrics.
 """
 from __future__ import annotations
 
@@ -15,7 +24,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 from collections.abc import Callable
+from typing import NamedTuple
 
 log = logging.getLogger("nexus.memory")
 
@@ -41,6 +52,77 @@ def malloc_trim() -> Callable[[], int] | None:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return lambda: int(trim(0))
+
+
+_M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def limit_arenas(arenas: int) -> bool:
+    """At most `arenas` glibc heaps in this process and in the processes it starts after this
+    (workers: MALLOC_ARENA_MAX, which glibc reads as it starts). To be called before the process
+    starts threads: a thread that has an arena keeps it. 0, MALLOC_ARENA_MAX already set (the
+    operator's, which glibc has applied) or no glibc: nothing is changed. Whether the limit is set."""
+    if arenas <= 0 or os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    if mallopt(_M_ARENA_MAX, arenas) != 1:
+        return False
+    os.environ["MALLOC_ARENA_MAX"] = str(arenas)
+    return True
+
+
+class HeapStats(NamedTuple):
+    arenas: int  # glibc heaps (arenas) in use by the process
+    in_use: int  # bytes malloc handed out and not yet freed
+    free: int  # bytes the heaps hold free (holes and tops not given back)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_HEAP = re.compile(rb"<heap nr=")
+
+
+def heap_stats() -> HeapStats | None:
+    """glibc's count of heaps (malloc_info) and their bytes in use and free (mallinfo2), or None
+    where there is no glibc 2.33+. Each call locks every heap in turn, for a moment: for a scrape, not
+    for a hot path."""
+    libc = _libc()
+    if libc is None or not all(hasattr(libc, name) for name in ("mallinfo2", "malloc_info", "open_memstream", "fclose", "free")):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.free.argtypes = [ctypes.c_void_p]
+    buf, size = ctypes.c_void_p(), ctypes.c_size_t()
+    stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+    if not stream:
+        return None
+    try:
+        libc.malloc_info(0, stream)
+    finally:
+        libc.fclose(stream)
+    try:
+        arenas = len(_HEAP.findall(ctypes.string_at(buf.value, size.value) if buf.value else b""))
+    finally:
+        libc.free(buf)
+    info = libc.mallinfo2()
+    return HeapStats(arenas, int(info.uordblks) + int(info.hblkhd), int(info.fordblks))
 
 
 class MemoryTrimmer:

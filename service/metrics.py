@@ -10,7 +10,8 @@ Two kinds, both with prometheus_client:
 - Read from the service's own counters and state when the metrics are refreshed: the pools
   (Database.load), the open streams and their queues, cut-offs and delivered events
   (ChangeHub.load and its counters), refused credentials and the credential cache
-  (Authenticator), and the hits of the other caches (functools.lru_cache's cache_info). The
+  (Authenticator), the hits of the other caches (functools.lru_cache's cache_info), and the
+  glibc heaps: how many, their bytes in use and free (service/memory.py heap_stats). The
   code that counts them adds to a plain integer; nothing is done per event for the metrics.
   Refreshed on every scrape in a single process; every SAMPLE_SECONDS in each worker of
   `serve --workers N` (and once more as it stops).
@@ -53,6 +54,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 import service
 from db.unit import Mode, Plan
+from service import memory
 
 log = logging.getLogger("nexus.metrics")
 
@@ -119,6 +121,13 @@ class _Metrics:
         self.auth_failures = Counter("nexus_auth_failures", "Calls refused for their credentials, by reason.", ("reason",), registry=r)
         self.cache_hits = Counter("nexus_cache_hits", "Lookups a cache answered, by cache.", ("cache",), registry=r)
         self.cache_misses = Counter("nexus_cache_misses", "Lookups a cache could not answer, by cache.", ("cache",), registry=r)
+        self.malloc_arenas = Gauge(
+            "nexus_malloc_arenas", "glibc heaps (arenas) of a server process (NEXUS_MALLOC_ARENAS caps them).", multiprocess_mode="livemax", registry=r
+        )
+        self.malloc_bytes = Gauge(
+            "nexus_malloc_bytes", "Bytes of the glibc heaps: handed out (in_use) and held free by the heaps (free).",
+            ("state",), multiprocess_mode="livesum", registry=r,
+        )
         self.db_children = {mode: self.db_seconds.labels(mode.name.lower()) for mode in Mode}
 
     def time_database(self, plan: Plan, seconds: float) -> None:
@@ -290,6 +299,11 @@ class _Refresh:
             m.open_streams.set(streams)
             m.queued.set(queued)
             m.deepest.set(deepest)
+            heap = memory.heap_stats()
+            if heap is not None:
+                m.malloc_arenas.set(heap.arenas)
+                m.malloc_bytes.labels("in_use").set(heap.in_use)
+                m.malloc_bytes.labels("free").set(heap.free)
             for name, functions in self._caches.items():
                 infos = [f.cache_info() for f in functions]
                 self._advance(m.cache_hits.labels(name), (name, "hits"), sum(i.hits for i in infos))

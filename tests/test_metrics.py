@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -167,7 +168,7 @@ def test_scrape_counts_every_call_by_method_and_code(metered: tuple[Client, str]
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     documented = set(re.findall(r"`((?:grpc_server|nexus)_[a-z_]+)`", readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]))
     ours = {f.name for f in text_string_to_metric_families(scrape_text(url)) if f.name.startswith(("grpc_server_", "nexus_"))}
-    assert len(ours) == 17
+    assert len(ours) == 19
     assert sorted(name for name in ours if name not in documented and f"{name}_total" not in documented) == []
 
 
@@ -278,6 +279,67 @@ def test_workers_counters_add_up_and_outlive_a_worker(client: Client, tmp_path: 
         log.seek(0)
         output = log.read()
     assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in output, output[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("settings", "most", "least"),
+    [
+        ({}, 2, 1),  # the default, NEXUS_MALLOC_ARENAS=2
+        ({"NEXUS_MALLOC_ARENAS": "0"}, None, 3),  # glibc's own limit: a heap for most threads that allocate
+        ({"MALLOC_ARENA_MAX": "3"}, 3, 3),  # the operator's MALLOC_ARENA_MAX wins
+    ],
+    ids=["default", "glibc", "operator"],
+)
+def test_glibc_heaps_of_a_server_under_mixed_load_are_capped(client: Client, tmp_path: Path, settings: dict[str, str], most: int | None, least: int) -> None:
+    """However many threads allocate (gRPC's, the database threads, the hash pool) and free
+    what the others allocated, a server keeps at most NEXUS_MALLOC_ARENAS glibc heaps
+    (nexus_malloc_arenas): each heap a thread has to itself grew its free holes under a mixed
+    soak (bench/soak.py)."""
+    from tests.test_server import serve_process
+
+    if sys.platform != "linux":
+        pytest.skip("glibc's heaps")
+    port, metrics_port = free_port(), free_port()
+    env = {"MALLOC_ARENA_MAX": "", "NEXUS_METRICS_PORT": str(metrics_port), **settings}
+    log = (tmp_path / "server.log").open("w+")
+    proc = serve_process(client.database_url, port, log, NEXUS_DRAIN_SECONDS="0", NEXUS_GRACE_SECONDS="1", **env)
+    address, url = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    failures: list[BaseException] = []
+
+    def load(n: int) -> None:
+        channel = authed_channel(address, client.admin_secret, options=[("grpc.use_local_subchannel_pool", 1)])
+        identity = identity_pb2_grpc.IdentityServiceStub(channel)
+        try:
+            for i in range(25):
+                name = unique(f"arena{n}x{i}")
+                user = identity.CreateUser(ipb.CreateUserRequest(user=ipb.User(username=name, email=f"{name}@example.com")), timeout=30)
+                identity.GetUser(ipb.GetUserRequest(id=user.id), timeout=30)
+                identity.ListUsers(ipb.ListUsersRequest(filter=f'username = "{name}"'), timeout=30)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's thread
+            failures.append(exc)
+        finally:
+            channel.close()
+
+    try:
+        probe = grpc.insecure_channel(address)
+        grpc.channel_ready_future(probe).result(timeout=60)
+        assert wait_until(lambda: _health(probe) == health_pb2.HealthCheckResponse.SERVING, timeout=30)
+        probe.close()
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert failures == []
+        scraped = scrape(url)
+        arenas = value(scraped, "nexus_malloc_arenas")
+        assert arenas >= least and (most is None or arenas <= most), arenas
+        assert value(scraped, "nexus_malloc_bytes", state="in_use") > 1 << 20
+        assert ("nexus_malloc_bytes", (("state", "free"),)) in scraped
+    finally:
+        proc.kill()
+        proc.wait(30)
+        log.close()
 
 
 @pytest.mark.parametrize("raw", ["http", "-1", "65536", "9090.5"])

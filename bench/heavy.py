@@ -52,23 +52,6 @@ NOT_BUILT = (
 )
 
 
-def process_tree(pid: int) -> list[int]:
-    """pid and its live descendants."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, frontier = [pid], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        tree.extend(frontier)
-    return tree
-
-
 def time_limit() -> float:
     """The heavy step's share of bench/run's watchdog: every step's limit, and a minute."""
     return sum(limit for *_, limit in STEPS) + 60
@@ -100,6 +83,8 @@ def run_steps(dbs: list[str], on_exit: Callable[[str, Callable[[], None]], Any],
             if proc.poll() is None:
                 # SIGINT: the benchmark's finally blocks stop its servers (process groups of their own)
                 # and drop its database; what is still there after 30 s is killed.
+                from rpc_bench import process_tree  # rpc_bench imports this module
+
                 tree = process_tree(proc.pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGINT)

@@ -204,6 +204,16 @@ def _health(channel: grpc.Channel) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=5).status
 
 
+def _wait_serving(address: str) -> None:
+    """Until the server at address answers its health check SERVING."""
+    probe = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(probe).result(timeout=60)
+        assert wait_until(lambda: _health(probe) == health_pb2.HealthCheckResponse.SERVING, timeout=30)
+    finally:
+        probe.close()
+
+
 def _per_worker(directory: str, name: str, labels: dict[str, str]) -> dict[int, float]:
     """A counter's value in each worker's own file (counter_<pid>.db)."""
     counts = {}
@@ -241,10 +251,7 @@ def test_workers_counters_add_up_and_outlive_a_worker(client: Client, tmp_path: 
             channel.close()
 
     try:
-        probe = grpc.insecure_channel(address)
-        grpc.channel_ready_future(probe).result(timeout=60)
-        assert wait_until(lambda: _health(probe) == health_pb2.HealthCheckResponse.SERVING, timeout=30)
-        probe.close()
+        _wait_serving(address)
         [directory] = glob.glob(str(scratch / "nexus-metrics-*"))
         calls = 0
         while calls < 6 or sum(1 for n in _per_worker(directory, "grpc_server_started_total", get).values() if n) < 2:
@@ -321,10 +328,7 @@ def test_glibc_heaps_of_a_server_under_mixed_load_are_capped(client: Client, tmp
             channel.close()
 
     try:
-        probe = grpc.insecure_channel(address)
-        grpc.channel_ready_future(probe).result(timeout=60)
-        assert wait_until(lambda: _health(probe) == health_pb2.HealthCheckResponse.SERVING, timeout=30)
-        probe.close()
+        _wait_serving(address)
         threads = [threading.Thread(target=load, args=(n,)) for n in range(6)]
         for thread in threads:
             thread.start()

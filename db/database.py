@@ -495,6 +495,15 @@ class Database:
         for engine in self.engines:
             engine.dispose(close=False)
 
+    def release_connections(self) -> None:
+        """Close the idle connections (the pools' now, each thread's kept one before its next
+        use) so that the next calls open new ones: what a connection's driver keeps (libpq's
+        buffers at the size of the largest statement or result it carried) goes with it. Called by
+        the server's MemoryTrimmer after a burst; connections in use finish their work first."""
+        self._kept.lost()
+        for engine in self.engines:
+            engine.dispose()
+
     @property
     def engines(self) -> list[Engine]:
         """Every engine of the database, each once: the main one, the reads' and SQLite's writer's."""

@@ -130,14 +130,22 @@ class MemoryTrimmer:
     above the lowest it has been: at once while it grows (again by `growth` since the last
     trim), else after a wait that doubles, up to 64 intervals, each time a trim gives back less
     than a quarter of `growth` (memory in use, a thousand streams, is not trimmed for nothing
-    every few seconds)."""
+    every few seconds).
+
+    `release` (Database.release_connections) is called, on a thread, when such a trim of memory
+    that stopped growing gave back little, and the heaps trimmed again: what a burst of large
+    requests leaves in use is mostly the database connections' own buffers (libpq keeps each
+    connection's input and output buffers at the largest statement or result it carried: ~13
+    MiB after a batch of large rows), which only closing the connection gives back."""
 
     MAX_WAIT = 64
 
-    def __init__(self, interval: float, growth: int = 32 << 20) -> None:
+    def __init__(self, interval: float, growth: int = 32 << 20, release: Callable[[], None] | None = None) -> None:
         self.interval = interval
         self.growth = growth
         self.trims = 0
+        self.releases = 0
+        self._release = release
         self._trim = malloc_trim() if interval > 0 else None
         self._low = resident_bytes()
         self._last = self._low or 0  # the resident size after the last trim
@@ -161,11 +169,19 @@ class MemoryTrimmer:
         growing = now - self._last >= self.growth
         if not growing and self._waited < self._wait:
             return
-        await asyncio.get_running_loop().run_in_executor(None, self._trim)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._trim)
         self.trims += 1
         after = resident_bytes() or now
         log.debug("malloc_trim: resident %d -> %d MiB", now >> 20, after >> 20)
         released = now - after
+        if not growing and released < self.growth // 4 and self._release is not None:
+            await loop.run_in_executor(None, self._release)
+            await loop.run_in_executor(None, self._trim)
+            self.releases += 1
+            after = resident_bytes() or after
+            log.debug("database connections renewed: resident %d MiB", after >> 20)
+            released = now - after
         self._wait = 1 if growing or released >= self.growth // 4 else min(self._wait * 2, self.MAX_WAIT)
         self._waited = 0
         self._last = after

@@ -162,7 +162,7 @@ class App:
         self.db.add_reachability_listener(self._database_changed)
         self._monitor = asyncio.create_task(self._watch_database())
         self._purger = asyncio.create_task(self._purge_old_events())
-        self._trimmer = asyncio.create_task(MemoryTrimmer(self.config.memory_trim_seconds).run())
+        self._trimmer = asyncio.create_task(MemoryTrimmer(self.config.memory_trim_seconds, release=self.db.release_connections).run())
 
     async def stop(self, grace: float | None = None, stop_server: bool = True) -> None:
         """NOT_SERVING and new calls refused with UNAVAILABLE (clients retry them elsewhere), a

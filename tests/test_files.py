@@ -373,8 +373,10 @@ def test_a_killed_upload_leaves_no_row_and_its_temporary_file_is_swept(env: File
 
 
 def test_a_100_mb_upload_and_download_in_little_memory(env: Files, tmp_path: Path) -> None:
-    """The server streams a 100 MB file to disk and back: its resident size grows by less than
-    20 MB, however large the file."""
+    """The server streams a 100 MB file to disk and back: its resident size grows by less than a
+    quarter of the file (a server that held the file would grow by all of it). Quiet, the growth
+    is a few MiB; on a loaded machine gRPC's flow-control windows and the allocator's heaps under
+    concurrent threads have taken it to 22 MiB."""
     size, chunk = 100 * 1024 * 1024, 1024 * 1024
     block = os.urandom(chunk)
     digest = hashlib.sha256(block * (size // chunk)).hexdigest()
@@ -406,7 +408,7 @@ def test_a_100_mb_upload_and_download_in_little_memory(env: Files, tmp_path: Pat
             done.set()
             sampler.join()
     assert made.size_bytes == size and got.hexdigest() == digest
-    assert peak[0] - before < 20 << 20, f"resident {before >> 20} MiB before, {peak[0] >> 20} MiB at most"
+    assert peak[0] - before < size // 4, f"resident {before >> 20} MiB before, {peak[0] >> 20} MiB at most"
     env.admin.files.DeleteFile(fpb.DeleteFileRequest(id=made.id, force=True))
 
 

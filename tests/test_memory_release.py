@@ -58,7 +58,8 @@ def test_memory_that_stays_high_after_a_trim_renews_the_idle_connections(databas
         assert releases[:2] == [0, 0] and releases[-1] >= 1, releases
         assert trimmer.trims >= 3
         after = _identity(database)
-        assert after != before
+        # PostgreSQL: new connections (libpq's buffers went with the old ones); SQLite keeps its own.
+        assert (after != before) == database.is_postgres
         # The database answers as before, on new connections.
         assert database.run_sync(lambda s: s.execute(text("SELECT 1")).scalar_one()) == 1
     finally:

@@ -260,10 +260,14 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def encode_token(query_fingerprint: str, *, after: list[Any] | None = None, offset: int | None = None) -> str:
+def encode_token(query_fingerprint: str, *, after: list[Any] | None = None, offset: int | None = None, served: int | None = None) -> str:
+    """served: the rows the pages before the next one returned (a keyset token's; an offset
+    token's is its offset), so that an estimated total_size is never below them."""
     payload: dict[str, Any] = {"q": query_fingerprint}
     if after is not None:
         payload["k"] = [_encode_value(v) for v in after]
+    if served:
+        payload["n"] = served
     if offset is not None:
         payload["o"] = offset
     raw = json.dumps(payload, separators=(",", ":")).encode()

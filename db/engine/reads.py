@@ -136,11 +136,15 @@ def list_page(
         return [], "", count_rows(session, spec, request, call, show_deleted)
     query_fp = fingerprint(spec.name, request.filter, [(k.field, k.descending) for k in keys], show_deleted)
     after: list[Any] | None = None
+    served = 0
     if request.page_token:
         payload = decode_token(request.page_token, query_fp, len(keys))
         if "k" not in payload:
             raise errors.InvalidArgument.field("page_token", "is not a page token of this method", reason="INVALID_PAGE_TOKEN")
         after = payload["k"]
+        served = payload.get("n", 0)
+        if not isinstance(served, int) or isinstance(served, bool) or not 0 <= served <= MAX_TOTAL_SIZE:
+            raise errors.InvalidArgument.field("page_token", "is not a page token this query issued", reason="INVALID_PAGE_TOKEN")
     allowed = read_rule(spec, show_deleted)
     columns = [spec.table.c[k.field] for k in keys]
     shape, filter_params = spec.filter_compiler(call.dialect).bind(request.filter)
@@ -159,11 +163,21 @@ def list_page(
         if not counted:
             return found, None
         limited = found[0][1] if found else session.connection().execute(count.limited, params).scalar()
-        return [row for row, _ in found], total_of(session, call.dialect, count, params, limited, count_limit)
+        return [row for row, _ in found], total_of(session, call.dialect, count, params, limited, count_limit, allowed is not None)
 
     rows, messages, more, total = read_page(size, max_bytes, fetch, spec.to_proto)
-    next_token = encode_token(query_fp, after=[_key_value(rows[-1], column) for column in columns]) if more else ""
-    return messages, next_token, total
+    shown = served + len(rows)
+    next_token = encode_token(query_fp, after=[_key_value(rows[-1], column) for column in columns], served=shown) if more else ""
+    return messages, next_token, at_least_shown(total, count_limit, shown, more)
+
+
+def at_least_shown(total: int, count_limit: int, shown: int, more: bool) -> int:
+    """An estimated total_size (above count_limit) is never below the rows the pages up to this
+    one returned, and one more when there is a next page: a planner's estimate can be far below
+    the matches (SQLite's limit + 1 always is, past the limit)."""
+    if total <= count_limit:
+        return total
+    return min(max(total, shown + int(more)), MAX_TOTAL_SIZE)
 
 
 def count_rows(session: Session, spec: ResourceSpec, request: Any, call: Call, show_deleted: bool) -> int:
@@ -183,14 +197,17 @@ def count_rows(session: Session, spec: ResourceSpec, request: Any, call: Call, s
     return int(session.connection().execute(count.exact, filter_params).scalar() or 0)
 
 
-def total_of(session: Session, dialect: str, count: statements.Count, params: dict[str, Any], limited: Any, limit: int) -> int:
+def total_of(session: Session, dialect: str, count: statements.Count, params: dict[str, Any], limited: Any, limit: int, restricted: bool) -> int:
     """total_size from the limited count (at most limit + 1): exact up to limit matches; above,
     an estimate never below limit + 1. PostgreSQL: its planner's row estimate of the matches
-    (EXPLAIN of count.estimate: the statistics ANALYZE keeps, no row read). SQLite has no
-    estimator: limit + 1, a lower bound ("more than limit"). count_only counts exactly."""
+    (EXPLAIN of count.estimate: the statistics ANALYZE keeps, no row read), for callers with no
+    row rule. A caller with one (restricted) gets limit + 1: the planner's estimate of its rule
+    grows with the rows it may not see (1,500 private channels took a member's estimate from 15
+    to 765), which would tell it how many there are. SQLite has no estimator: limit + 1, a lower
+    bound ("more than limit"). count_only counts exactly."""
     if int(limited or 0) <= limit:
         return int(limited or 0)
-    if dialect != "postgresql":
+    if dialect != "postgresql" or restricted:
         return limit + 1
     plan: Any = session.connection().execute(count.estimate, params).scalar()
     if isinstance(plan, str):
@@ -236,8 +253,9 @@ def search(
         if not counted:
             return found, None
         limited = found[0][2] if found else session.connection().execute(count.limited, params).scalar()
-        return found, total_of(session, call.dialect, count, params, limited, count_limit)
+        return found, total_of(session, call.dialect, count, params, limited, count_limit, allowed is not None)
 
     hits, messages, more, total = read_page(size, max_bytes, fetch, lambda hit: spec.to_proto(hit[0]), SEARCH_RESULT_EXTRA)
+    total = at_least_shown(total, count_limit, offset + len(hits), more)
     next_token = encode_token(query_fp, offset=offset + len(hits)) if more else ""
     return [(message, float(score)) for message, (_, score, _) in zip(messages, hits, strict=True)], next_token, total

@@ -49,7 +49,10 @@ come from `google.api.field_behavior` where a field has it, otherwise from the f
 **total_size** of a List or Search (AIP-158) is exact up to the server's exact count limit
 (`NEXUS_EXACT_COUNT_LIMIT`, 10,000 by default) and an estimate above it, never below the limit + 1:
 PostgreSQL's planner estimate of the matching rows, or on SQLite the limit + 1 itself ("more than
-the limit"). A List's `count_only` always counts exactly.
+the limit"). A caller whose role limits the rows it may see gets the limit + 1 on both databases
+(an estimate would move with the rows hidden from it). An estimate is never below the rows the
+pages so far returned, plus one while there is a next page. A List's `count_only` always counts
+exactly.
 
 **Search** ranks a window of its matches: the first 300 in the search index's own order (about the
 order rows were added). Fewer matches rank every one of them; with more, a match beyond the window

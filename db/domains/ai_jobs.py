@@ -20,7 +20,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 from nexus.ai.v1 import ai_pb2 as pb
-from sqlalchemy import ForeignKey, Index, String, Text, Uuid, select
+from sqlalchemy import ForeignKey, Index, String, Text, Uuid, case, select, true
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -335,14 +335,16 @@ def watch_next(session: Session, spec: ResourceSpec, row_id: uuid.UUID, position
     batch = events.read_after(session, scope, position, limit)
     if any(event.event_type == events.DELETED for event in batch):
         return Watched([], position, True)
-    exists = session.execute(select(spec.table.c.id).where(spec.table.c.id == row_id)).first() is not None
-    if not exists:
-        return Watched([], position, True)
     allowed = rules.read_predicate(spec, role, user_id)
-    if allowed is not None:
-        visible = session.execute(select(spec.table.c.id).where(spec.table.c.id == row_id, allowed)).first() is not None
-        if not visible:
-            raise rules.denied(spec, str(row_id), False)
+    # Whether the row is there and whether the caller may see it, in one statement (one
+    # snapshot): read apart, a delete committed between them made a deleted job look hidden
+    # (PERMISSION_DENIED instead of NOT_FOUND).
+    seen = select(spec.table.c.id, case((allowed, True), else_=False) if allowed is not None else true())
+    found = session.execute(seen.where(spec.table.c.id == row_id)).first()
+    if found is None:
+        return Watched([], position, True)
+    if not found[1]:
+        raise rules.denied(spec, str(row_id), False)
     states = []
     for event in batch:
         message = spec.message()

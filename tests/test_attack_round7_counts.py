@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -14,20 +14,10 @@ from nexus.chat.v1 import chat_pb2 as cpb
 from nexus.work.v1 import work_pb2 as wpb
 
 from db.engine.paging import fingerprint
-from tests.conftest import Client, ServerThread, connect, make_config, unique
+from tests.conftest import Client, connect, unique
 from tests.support import new_project
 from tests.test_access import Actor, actor  # noqa: F401 - the fixture
-
-LIMIT = 5
-
-
-@pytest.fixture
-def counting(client: Client) -> Iterator[Client]:
-    server = ServerThread(make_config(client.database_url, exact_count_limit=LIMIT)).start()
-    c = connect(client.backend, client.database_url, server)
-    yield c
-    c.channel.close()
-    server.stop()
+from tests.test_total_size import LIMIT, counting  # noqa: F401 - the fixture: a server counting exactly up to LIMIT
 
 
 def _analyze(client: Client, table: str) -> None:

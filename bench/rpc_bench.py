@@ -261,35 +261,30 @@ def pg_sessions(dbname: str) -> int | None:
         return None
 
 
-def pg_backend_cpu(dbname: str) -> dict[int, float]:
-    """CPU seconds of every PostgreSQL backend connected to dbname, by pid."""
+def _pg_cpu(where: str, params: tuple[Any, ...] = ()) -> dict[int, float]:
+    """CPU seconds of the PostgreSQL processes pg_stat_activity lists under `where`, by pid."""
     try:
         conn = benchdb.pg_admin()
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (dbname,))
+                cur.execute(f"SELECT pid FROM pg_stat_activity WHERE {where}", params)
                 pids = [int(r[0]) for r in cur.fetchall()]
         finally:
             conn.close()
     except Exception:  # noqa: BLE001 - a metric, not a reason to fail the run
         return {}
     return {pid: c for pid in pids if not math.isnan(c := cpu_seconds(pid))}
+
+
+def pg_backend_cpu(dbname: str) -> dict[int, float]:
+    """CPU seconds of every PostgreSQL backend connected to dbname, by pid."""
+    return _pg_cpu("datname = %s", (dbname,))
 
 
 def pg_background_cpu() -> dict[int, float]:
     """CPU seconds of PostgreSQL's processes that belong to no database (WAL writer, checkpointer,
     background writer, autovacuum launcher, ...), by pid: shared by every database of the server."""
-    try:
-        conn = benchdb.pg_admin()
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pid FROM pg_stat_activity WHERE datname IS NULL")
-                pids = [int(r[0]) for r in cur.fetchall()]
-        finally:
-            conn.close()
-    except Exception:  # noqa: BLE001 - a metric, not a reason to fail the run
-        return {}
-    return {pid: c for pid in pids if not math.isnan(c := cpu_seconds(pid))}
+    return _pg_cpu("datname IS NULL")
 
 
 def pg_wal() -> tuple[float, float] | None:

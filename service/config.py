@@ -208,6 +208,7 @@ NUMBERS: dict[str, tuple[str, type, float, float | None]] = {
     "max_page_bytes": ("NEXUS_MAX_PAGE_BYTES", int, 4096, None),
     "exact_count_limit": ("NEXUS_EXACT_COUNT_LIMIT", int, 1, 2**31 - 2),
     "memory_trim_seconds": ("NEXUS_MEMORY_TRIM_SECONDS", float, 0, None),
+    "usage_fold_seconds": ("NEXUS_USAGE_FOLD_SECONDS", float, 0, None),
     "malloc_arenas": ("NEXUS_MALLOC_ARENAS", int, 0, None),
     "max_streams_per_caller": ("NEXUS_MAX_STREAMS_PER_CALLER", int, 1, None),
     # A right that ended ends its streams within about twice this.
@@ -416,6 +417,10 @@ class Config:
     # How often the resident size is looked at; 32 MiB above its lowest, freed heap
     # memory goes back to the system (service/memory.py). 0: never.
     memory_trim_seconds: float = 2.0
+    # PostgreSQL: how often the rows the AI usage triggers appended are folded into one per day
+    # and key (db/domains/ai_usage.fold_usage_days). 0: never (the sums stay right, the
+    # summary reads more rows).
+    usage_fold_seconds: float = 30.0
     # glibc heaps (arenas) of a server process, set as it starts (service/memory.py
     # limit_arenas); MALLOC_ARENA_MAX, when set, wins. 0: glibc's own limit, eight per core.
     malloc_arenas: int = 2

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 import db.domains  # noqa: F401 - every domain's resources registered, its tables on the metadata
 from db import migrate, secrets
 from db.base import utcnow
+from db.domains import ai_usage
 from db.blobs import BlobStore
 from db.database import Database, first_line
 from db.engine import events
@@ -97,6 +98,7 @@ class App:
     gate: Gate
     _monitor: asyncio.Task[None] | None = None
     _purger: asyncio.Task[None] | None = None
+    _folder: asyncio.Task[None] | None = None
     _readiness: asyncio.Future[None] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _trimmer: asyncio.Task[None] | None = None
@@ -148,6 +150,18 @@ class App:
             except Exception as exc:  # noqa: BLE001 - retried at the next interval
                 log.warning("change event purge failed: %s", exc)
 
+    async def _fold_usage_days(self) -> None:
+        """PostgreSQL: the AI usage triggers' appended rows folded, every usage_fold_seconds."""
+        mark = 0
+        while not self._stopping:
+            await asyncio.sleep(self.config.usage_fold_seconds)
+            try:
+                days, mark = await self.db.run(lambda s: ai_usage.fold_usage_days(s.connection(), mark))  # noqa: B023 - awaited within this iteration
+                if days:
+                    log.info("folded the AI usage of %d days", days)
+            except Exception as exc:  # noqa: BLE001 - retried at the next interval
+                log.warning("AI usage fold failed: %s", exc)
+
     async def start(self) -> None:
         self._metrics = metrics.start(self)  # first: a metrics port that cannot be had stops the start
         await self.hub.start()
@@ -162,6 +176,8 @@ class App:
         self.db.add_reachability_listener(self._database_changed)
         self._monitor = asyncio.create_task(self._watch_database())
         self._purger = asyncio.create_task(self._purge_old_events())
+        if self.db.dialect == "postgresql" and self.config.usage_fold_seconds > 0:
+            self._folder = asyncio.create_task(self._fold_usage_days())
         self._trimmer = asyncio.create_task(MemoryTrimmer(self.config.memory_trim_seconds, release=self.db.release_connections).run())
 
     async def stop(self, grace: float | None = None, stop_server: bool = True) -> None:
@@ -177,7 +193,7 @@ class App:
         self._stopping = True
         self.gate.close()
         await self.set_ready(False)
-        for task in (self._monitor, self._purger, self._trimmer):
+        for task in (self._monitor, self._purger, self._trimmer, self._folder):
             if task is not None:
                 task.cancel()
         if self.config.drain_seconds > 0:

@@ -16,7 +16,7 @@ from typing import Any
 from google.protobuf.message import Message
 from nexus.ai.v1 import ai_pb2 as pb
 from nexus.common.v1 import common_pb2
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, Text, Uuid, and_, case, cast, func, literal, literal_column, or_, select, true, union_all
+from sqlalchemy import BigInteger, CheckConstraint, Date, ForeignKey, Index, Integer, String, Text, Uuid, and_, case, cast, column, func, literal, literal_column, or_, select, true, union_all, values
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -49,6 +49,12 @@ class AIInteraction(ResourceMixin, Base):
         # The summary's range (an admin's, over everyone) and a user's (their own rows).
         Index("ix_ai_interactions_request_time", "request_time"),
         Index("ix_ai_interactions_user_id_request_time", "user_id", "request_time"),
+        # The summary's walks to a percentile (PERCENTILE_WALKS): a group's latencies in order,
+        # the range's bounds and the other grouped columns read from the index alone.
+        Index("ix_ai_interactions_latency_by_currency", "cost_currency", "latency_nanos", "request_time"),
+        Index("ix_ai_interactions_latency_by_model", "model", "cost_currency", "latency_nanos", "request_time", "module"),
+        Index("ix_ai_interactions_latency_by_module", "module", "cost_currency", "latency_nanos", "request_time"),
+        Index("ix_ai_interactions_latency_by_user", "user_id", "cost_currency", "latency_nanos", "request_time", "model", "module"),
     )
 
     # Cleared (the record kept for admins' sums) if the user is deleted for good.
@@ -70,6 +76,144 @@ class AIInteraction(ResourceMixin, Base):
     request_metadata: Mapped[json_object]
     # When the call was made: the creation time unless the writer says (the same instant).
     request_time: Mapped[timestamp] = mapped_column(default=utcnow)
+
+
+class AIUsageDay(Base):
+    """The sums of one UTC day's interactions per (model, module, user, currency), kept by the
+    database's own triggers on ai_interactions (usage_days_ddl), in the transaction of every
+    insert, update, delete or truncate, whoever writes (the service, COPY, an operator's SQL).
+    The summary reads the whole days of its range here.
+
+    PostgreSQL's triggers append one row per key and statement (negative for rows removed):
+    writers never wait on each other's rows; the server folds them (fold_usage_days). SQLite's
+    (one writer at a time) add to the key's row. A key's sums are those of all its rows."""
+
+    __tablename__ = "ai_usage_days"
+    __table_args__ = (Index("ix_ai_usage_days_day_keys", "day", "model", "module", "user_key", "currency"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    day: Mapped[dt.date] = mapped_column(Date, nullable=False)
+    model: Mapped[str] = mapped_column(String(255), nullable=False)
+    module: Mapped[str] = mapped_column(String(255), nullable=False)
+    # The summary's keys: the user's id as the database writes it as text, '' for none; the
+    # currency, '' for no cost.
+    user_key: Mapped[str] = mapped_column(String(36), nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    call_count: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    timed: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    error_count: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cost_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+SUMS = ("call_count", "timed", "error_count", "prompt_tokens", "completion_tokens", "cost_units", "cost_nanos")
+DAY_KEYS = ("day", "model", "module", "user_key", "currency")
+_ERRORS_SQL = ", ".join(f"'{status}'" for status in ERROR_STATUSES)
+
+
+def _day_sums_sql(dialect: str, source: str, sign: str = "") -> str:
+    """SELECT of the ai_usage_days columns (but id) summed from the interactions of source."""
+    day, user = (
+        ("(request_time AT TIME ZONE 'UTC')::date", "user_id::text") if dialect == "postgresql" else ("substr(request_time, 1, 10)", "user_id")
+    )
+    return (
+        f"SELECT {day}, model, module, coalesce({user}, ''), coalesce(cost_currency, ''), "
+        f"{sign}count(*), {sign}count(latency_nanos), {sign}count(*) FILTER (WHERE status IN ({_ERRORS_SQL})), "
+        f"{sign}coalesce(sum(prompt_tokens), 0), {sign}coalesce(sum(completion_tokens), 0), "
+        f"{sign}coalesce(sum(cost_units), 0), {sign}coalesce(sum(cost_nanos), 0) "
+        f"FROM {source} GROUP BY 1, 2, 3, 4, 5"
+    )
+
+
+def _sqlite_add_row(row: str, sign: str) -> str:
+    """SQLite trigger statements adding (sign '') or taking away (sign '-') the interaction row
+    (NEW or OLD) to its key's row of ai_usage_days, made if missing."""
+    keys = f"day = substr({row}.request_time, 1, 10) AND model = {row}.model AND module = {row}.module AND user_key = coalesce({row}.user_id, '') AND currency = coalesce({row}.cost_currency, '')"
+    values = {
+        "call_count": "1",
+        "timed": f"({row}.latency_nanos IS NOT NULL)",
+        "error_count": f"({row}.status IN ({_ERRORS_SQL}))",
+        "prompt_tokens": f"{row}.prompt_tokens",
+        "completion_tokens": f"{row}.completion_tokens",
+        "cost_units": f"coalesce({row}.cost_units, 0)",
+        "cost_nanos": f"coalesce({row}.cost_nanos, 0)",
+    }
+    op = "-" if sign else "+"
+    assignments = ", ".join(f"{name} = {name} {op} {value}" for name, value in values.items())
+    inserted = ", ".join(f"{sign}{value}" for value in values.values())
+    return (
+        f"UPDATE ai_usage_days SET {assignments} WHERE {keys}; "
+        f"INSERT INTO ai_usage_days ({', '.join(DAY_KEYS + SUMS)}) "
+        f"SELECT substr({row}.request_time, 1, 10), {row}.model, {row}.module, coalesce({row}.user_id, ''), coalesce({row}.cost_currency, ''), {inserted} "
+        f"WHERE NOT EXISTS (SELECT 1 FROM ai_usage_days WHERE {keys}); "
+    )
+
+
+# The interaction columns the sums read: an update of any other leaves them as they are.
+_SUMMED_COLUMNS = "request_time, model, module, user_id, cost_currency, latency_nanos, status, prompt_tokens, completion_tokens, cost_units, cost_nanos"
+
+
+def usage_days_ddl(dialect: str) -> list[str]:
+    """The triggers that keep ai_usage_days, and the statement that fills it from the
+    interactions already written (run once, when the table is made)."""
+    columns = ", ".join(DAY_KEYS + SUMS)
+    fill = f"INSERT INTO ai_usage_days ({columns}) {_day_sums_sql(dialect, 'ai_interactions')}"
+    if dialect == "postgresql":
+        return [
+            "CREATE FUNCTION ai_usage_days_count() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF TG_OP = 'TRUNCATE' THEN TRUNCATE ai_usage_days; RETURN NULL; END IF; "
+            f"IF TG_OP IN ('UPDATE', 'DELETE') THEN INSERT INTO ai_usage_days ({columns}) {_day_sums_sql(dialect, 'old_rows', '-')}; END IF; "
+            f"IF TG_OP IN ('UPDATE', 'INSERT') THEN INSERT INTO ai_usage_days ({columns}) {_day_sums_sql(dialect, 'new_rows')}; END IF; "
+            "RETURN NULL; END $$",
+            "CREATE TRIGGER ai_usage_days_insert AFTER INSERT ON ai_interactions REFERENCING NEW TABLE AS new_rows "
+            "FOR EACH STATEMENT EXECUTE FUNCTION ai_usage_days_count()",
+            "CREATE TRIGGER ai_usage_days_update AFTER UPDATE ON ai_interactions REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+            "FOR EACH STATEMENT EXECUTE FUNCTION ai_usage_days_count()",
+            "CREATE TRIGGER ai_usage_days_delete AFTER DELETE ON ai_interactions REFERENCING OLD TABLE AS old_rows "
+            "FOR EACH STATEMENT EXECUTE FUNCTION ai_usage_days_count()",
+            "CREATE TRIGGER ai_usage_days_truncate AFTER TRUNCATE ON ai_interactions FOR EACH STATEMENT EXECUTE FUNCTION ai_usage_days_count()",
+            fill,
+        ]
+    return [
+        f"CREATE TRIGGER ai_usage_days_insert AFTER INSERT ON ai_interactions BEGIN {_sqlite_add_row('NEW', '')}END",
+        f"CREATE TRIGGER ai_usage_days_update AFTER UPDATE OF {_SUMMED_COLUMNS} ON ai_interactions BEGIN "
+        f"{_sqlite_add_row('OLD', '-')}{_sqlite_add_row('NEW', '')}END",
+        f"CREATE TRIGGER ai_usage_days_delete AFTER DELETE ON ai_interactions BEGIN {_sqlite_add_row('OLD', '-')}END",
+        fill,
+    ]
+
+
+def usage_days_drop(dialect: str) -> list[str]:
+    """usage_days_ddl undone (the table is the migration's)."""
+    drops = [f"DROP TRIGGER IF EXISTS ai_usage_days_{what}" + (" ON ai_interactions" if dialect == "postgresql" else "") for what in ("insert", "update", "delete", "truncate")]
+    return drops + (["DROP FUNCTION IF EXISTS ai_usage_days_count()"] if dialect == "postgresql" else [])
+
+
+def fold_usage_days(conn: Any, after: int) -> tuple[int, int]:
+    """PostgreSQL: fold the rows of each day that got rows with id > after into one per key (the
+    sums unchanged), in one statement: a row appended meanwhile by a writer not yet committed is
+    not deleted, and is folded next time. Returns (days folded, the id to pass next time).
+    SQLite keeps one row per key already: nothing to do."""
+    if conn.dialect.name != "postgresql":
+        return 0, after
+    d = AIUsageDay.__table__
+    days = conn.execute(
+        select(d.c.day).where(d.c.day.in_(select(d.c.day).where(d.c.id > after).distinct()))
+        .group_by(d.c.day).having(func.count() > func.count(func.distinct(func.row(*(d.c[k] for k in DAY_KEYS[1:])))))
+    ).scalars().all()
+    if days:
+        columns = ", ".join(DAY_KEYS + SUMS)
+        summed = ", ".join(f"sum({name})" for name in SUMS)
+        conn.exec_driver_sql(
+            f"WITH gone AS (DELETE FROM ai_usage_days WHERE day = ANY(%(days)s) RETURNING {columns}) "
+            f"INSERT INTO ai_usage_days ({columns}) SELECT {', '.join(DAY_KEYS)}, {summed} FROM gone "
+            f"GROUP BY {', '.join(DAY_KEYS)} HAVING sum(call_count) <> 0",
+            {"days": list(days)},
+        )
+    top = conn.execute(select(func.coalesce(func.max(d.c.id), after))).scalar_one()
+    return len(days), int(top)
 
 
 # ---------------------------------------------------------------- codecs
@@ -194,19 +338,21 @@ def _groupings(request: pb.GetAIUsageSummaryRequest) -> list[str]:
     return names
 
 
-def usage_summary(session: Session, request: pb.GetAIUsageSummaryRequest, call: Call) -> pb.GetAIUsageSummaryResponse:
+def usage_summary(session: Session, request: pb.GetAIUsageSummaryRequest, call: Call, path: str | None = None) -> pb.GetAIUsageSummaryResponse:
     """The interactions of [start_time, end_time) the caller may see (its read rule) and the
     filter picks, grouped by the asked columns and the currency of their cost, summed in SQL:
     counts, errors, tokens, exact cost (integer sums), latency percentiles by nearest rank (the
     smallest latency at least p% of the group's latencies do not exceed). Groups in key order,
     keyset pages; total_size counts all groups.
 
-    Two statements in one snapshot, the same on both databases: the first sums each (group,
-    latency bucket) in one hash aggregate (LATENCY_BUCKETS), folds them into the groups, takes
-    the page, and finds for each group of the page the bucket holding rank ceil(n / 2) and the
-    one holding ceil(95 n / 100), with the count before each; the second reads only the rows of
-    those groups' buckets and takes the (rank - count before)-th latency of each in order. No
-    sort of every row, and each answer is a latency that was written."""
+    Two ways to the same answer, in one snapshot, chosen by summary_path (path forces one):
+    - "walk": the sums of the range's whole days from ai_usage_days and of its partial days
+      from their rows; then each page group's percentiles by a walk of an index holding its
+      latencies in order (_picked_latencies). Its cost follows the groups and the days, not
+      the rows, but a walk reads the group's rows of every day: for ranges that hold much of
+      the table, and callers who see every row without a filter.
+    - "plain": one pass over the range's rows (_plain_groups: sums and latency buckets in one
+      hash aggregate), then walks within the buckets found (_picked_latencies)."""
     start, end = _range(request)
     grouped = _groupings(request)
     size = paging.page_size(request.page_size)
@@ -220,14 +366,91 @@ def usage_summary(session: Session, request: pb.GetAIUsageSummaryRequest, call: 
     allowed = predicate(AI_INTERACTIONS, write=False)
     if allowed is not None:
         conditions.append(allowed)
+    key_names = [*grouped, "currency"]
 
-    # The rows are grouped on their raw columns (cheapest to hash); the keys the answer orders
-    # and pages by are made of those sums' few rows: never NULL ('' for no user, no cost), so
-    # that they order and compare alike on both databases.
+    conn = session.connection()
+    with _snapshot(conn, postgres):
+        if path is None:
+            path = summary_path(conn, start, end, narrowed is None and allowed is None)
+        if path == "walk":
+            groups, hist, bits = _walk_groups(start, end, grouped), None, 0  # bits: unused
+        else:
+            bits = BUCKET_BITS[len(grouped)]
+            groups, hist = _plain_groups(conditions, grouped, bits)
+
+        def ordered(column: Any) -> Any:
+            return column.collate("C") if postgres else column  # byte order, as SQLite's BINARY
+
+        fp = paging.fingerprint("AIUsageSummary", start.isoformat(), end.isoformat(), key_names, request.filter)
+        page_rows = select(*groups.c, select(func.count()).select_from(groups).scalar_subquery().label("total"))
+        if request.page_token:
+            after = paging.decode_token(request.page_token, fp, len(key_names))["k"]
+            if not all(isinstance(v, str) for v in after):
+                raise errors.InvalidArgument.field("page_token", "is not a page token this query issued", reason="INVALID_PAGE_TOKEN")
+            page_rows = page_rows.where(_after([ordered(groups.c[name]) for name in key_names], after))
+        page = page_rows.order_by(*(ordered(groups.c[name]) for name in key_names)).limit(size + 1).cte("page")
+        stmt: Any = select(*page.c)
+        if hist is not None:
+            stmt = _with_bucket_targets(page, hist, key_names)
+
+        rows = conn.execute(stmt.order_by(*(ordered(page.c[name]) for name in key_names))).all()
+        if not rows and request.page_token:
+            total = conn.execute(select(func.count()).select_from(groups)).scalar_one()
+        else:
+            total = rows[0].total if rows else 0
+        rows = rows[: size + 1]
+        latencies = _picked_latencies(conn, conditions, grouped, rows[:size], None if path == "walk" else bits)
+
+    response = pb.GetAIUsageSummaryResponse(total_size=total)
+    for i, row in enumerate(rows[:size]):
+        response.groups.append(_group(row, grouped, latencies.get((i, "p50")), latencies.get((i, "p95"))))
+    if len(rows) > size:
+        last = rows[size - 1]
+        response.next_page_token = paging.encode_token(fp, after=[getattr(last, name) for name in key_names])
+    return response
+
+
+# A walk reads its group's latencies of every day in order (half of them for p50), the pass
+# reads the range's rows once but hashes each (about four times the cost of a step of a walk):
+# the walk is the cheaper once the range holds about a seventh of the table's rows. Taken from
+# a fifth on (bench/ai_usage.py: 7 of 30 days, 0.23, walks in 39-99 ms, passes in 104-256).
+WALK_FROM_SHARE = 0.2
+# PostgreSQL: a walk reads the index alone only on pages VACUUM marked all-visible; on the
+# others it reads the row too, and is then slower than the pass (a fresh bulk load: 4x). Below
+# this share of such pages (pg_class.relallvisible, as VACUUM and ANALYZE last saw it) the
+# summary takes the pass. Migration 0018 has autovacuum visit the table every 2 % of growth.
+WALK_FROM_VISIBLE = 0.8
+
+
+def summary_path(conn: Any, start: dt.datetime, end: dt.datetime, every_row: bool) -> str:
+    """"walk" for a caller who sums every row (no filter, no row rule) over a range whose whole
+    days hold at least WALK_FROM_SHARE of the table's rows (ai_usage_days against the table's
+    size: PostgreSQL's estimate, pg_class.reltuples; SQLite's largest rowid), on PostgreSQL
+    while at least WALK_FROM_VISIBLE of the table is all-visible; else "plain". Only speed
+    depends on it: both answer alike (tests/test_ai_usage_days.py)."""
+    first, last = _whole_days(start, end)
+    if not every_row or first >= last:
+        return "plain"
+    if conn.dialect.name == "postgresql":
+        pages, visible, size = conn.exec_driver_sql(
+            "SELECT relpages, relallvisible, reltuples FROM pg_class WHERE oid = 'ai_interactions'::regclass"
+        ).one()
+        if visible < WALK_FROM_VISIBLE * max(pages, 1):
+            return "plain"
+    else:
+        size = conn.exec_driver_sql("SELECT max(rowid) FROM ai_interactions").scalar() or 0
+    d = AIUsageDay.__table__
+    held = conn.execute(select(func.coalesce(func.sum(d.c.call_count), 0)).where(d.c.day >= first, d.c.day < last)).scalar_one()
+    return "walk" if int(held) >= WALK_FROM_SHARE * float(size) else "plain"
+
+
+def _plain_groups(conditions: list[ColumnElement[bool]], grouped: list[str], bits: int) -> tuple[Any, Any]:
+    """The plain path's groups and its histogram: the rows are summed per (group, latency bucket)
+    in one hash aggregate (LATENCY_BUCKETS) on their raw columns (cheapest to hash), then folded
+    into the groups."""
+    t = AIInteraction.__table__
     raw = {name: t.c[name] for name in grouped}
     raw["currency"] = t.c.cost_currency
-    key_names = [*grouped, "currency"]
-    bits = BUCKET_BITS[len(grouped)]
     bucket = latency_bucket(t.c.latency_nanos, bits)
     hist = select(
         *(column.label(name) for name, column in raw.items()),
@@ -240,38 +463,33 @@ def usage_summary(session: Session, request: pb.GetAIUsageSummaryRequest, call: 
         func.sum(t.c.cost_units).label("cost_units"),
         func.sum(t.c.cost_nanos).label("cost_nanos"),
     ).where(*conditions).group_by(*raw.values(), bucket).cte("histogram")
-
-    def key_of(source: Any, name: str) -> Any:
-        if name == "user_id":
-            return func.coalesce(cast(source.c.user_id, String), "")
-        if name == "currency":
-            return func.coalesce(source.c.currency, "")
-        return source.c[name]
-
-    hist_keys = [key_of(hist, name) for name in key_names]
+    hist_keys = [_key_of(hist, name) for name in [*grouped, "currency"]]
     groups = select(
-        *(key.label(name) for key, name in zip(hist_keys, key_names, strict=True)),
+        *(key.label(name) for key, name in zip(hist_keys, [*grouped, "currency"], strict=True)),
         # Counts summed stay integers (PostgreSQL's sum of a bigint is a numeric): the ranks are
         # integer divisions of them.
         *(cast(func.sum(hist.c[name]), BigInteger).label(name) for name in ("call_count", "error_count", "timed")),
         *(func.sum(hist.c[name]).label(name) for name in ("prompt_tokens", "completion_tokens", "cost_units", "cost_nanos")),
     ).group_by(*hist_keys).cte("groups")
+    return groups, hist
 
-    def ordered(column: Any) -> Any:
-        return column.collate("C") if postgres else column  # byte order, as SQLite's BINARY
 
-    fp = paging.fingerprint("AIUsageSummary", start.isoformat(), end.isoformat(), key_names, request.filter)
-    page_rows = select(*groups.c, select(func.count()).select_from(groups).scalar_subquery().label("total"))
-    if request.page_token:
-        after = paging.decode_token(request.page_token, fp, len(key_names))["k"]
-        if not all(isinstance(v, str) for v in after):
-            raise errors.InvalidArgument.field("page_token", "is not a page token this query issued", reason="INVALID_PAGE_TOKEN")
-        page_rows = page_rows.where(_after([ordered(groups.c[name]) for name in key_names], after))
-    page = page_rows.order_by(*(ordered(groups.c[name]) for name in key_names)).limit(size + 1).cte("page")
+def _key_of(source: Any, name: str) -> Any:
+    """The answer's key of a grouped column (or currency) of the rows: never NULL ('' for no
+    user, no cost), so that keys order and compare alike on both databases."""
+    if name == "user_id":
+        return func.coalesce(cast(source.c.user_id, String), "")
+    if name == "currency":
+        return func.coalesce(source.c.cost_currency if "cost_currency" in source.c else source.c.currency, "")
+    return source.c[name]
 
-    # Each page group's buckets in order, with the count of its latencies up to each; the
-    # bucket of rank r is the first whose count reaches r, the count before it the largest
-    # below r (the counts grow with the bucket).
+
+def _with_bucket_targets(page: Any, hist: Any, key_names: list[str]) -> Any:
+    """The page with, for each group, the bucket holding rank ceil(n / 2) and the one holding
+    ceil(95 n / 100), with the count before each: each page group's buckets in order, with the
+    count of its latencies up to each; the bucket of rank r is the first whose count reaches r,
+    the count before it the largest below r (the counts grow with the bucket)."""
+    hist_keys = [_key_of(hist, name) for name in key_names]
     ranks = {"p50": (page.c.timed + 1) // 2, "p95": (page.c.timed * 95 + 99) // 100}
     upto = func.sum(hist.c.timed).over(partition_by=[page.c[name] for name in key_names], order_by=hist.c.bucket)
     cumulative = (
@@ -287,29 +505,158 @@ def usage_summary(session: Session, request: pb.GetAIUsageSummaryRequest, call: 
         *(func.coalesce(func.max(case((c.upto < c[f"rank_{p}"], c.upto))), 0).label(f"before_{p}") for p in ranks),
         *(func.min(c[f"rank_{p}"]).label(f"rank_{p}") for p in ranks),
     ).group_by(*(c[name] for name in key_names)).cte("targets")
-    stmt = (
-        select(*page.c, *(targets.c[f"{what}_{p}"] for p in ranks for what in ("bucket", "before", "rank")))
-        .select_from(page.outerjoin(targets, and_(*(page.c[name] == targets.c[name] for name in key_names))))
-        .order_by(*(ordered(page.c[name]) for name in key_names))
+    return select(*page.c, *(targets.c[f"{what}_{p}"] for p in ranks for what in ("bucket", "before", "rank"))).select_from(
+        page.outerjoin(targets, and_(*(page.c[name] == targets.c[name] for name in key_names)))
     )
 
-    conn = session.connection()
-    with _snapshot(conn, postgres):
-        rows = conn.execute(stmt).all()
-        if not rows and request.page_token:
-            total = conn.execute(select(func.count()).select_from(groups)).scalar_one()
-        else:
-            total = rows[0].total if rows else 0
-        rows = rows[: size + 1]
-        latencies = _ranked_latencies(conn, conditions, key_names, rows[:size], bits)
 
-    response = pb.GetAIUsageSummaryResponse(total_size=total)
-    for i, row in enumerate(rows[:size]):
-        response.groups.append(_group(row, grouped, latencies.get((i, "p50")), latencies.get((i, "p95"))))
-    if len(rows) > size:
-        last = rows[size - 1]
-        response.next_page_token = paging.encode_token(fp, after=[getattr(last, name) for name in key_names])
-    return response
+def _whole_days(start: dt.datetime, end: dt.datetime) -> tuple[dt.date, dt.date]:
+    """The UTC days [first, last) wholly inside [start, end) (first >= last: none)."""
+    first = start.astimezone(dt.UTC).date()
+    if dt.datetime.combine(first, dt.time(), dt.UTC) < start:
+        first += dt.timedelta(days=1)
+    return first, end.astimezone(dt.UTC).date()
+
+
+def _walk_groups(start: dt.datetime, end: dt.datetime, grouped: list[str]) -> Any:
+    """The walk path's groups: the sums of ai_usage_days over the range's whole days and of the
+    rows of its partial days (at most one at each end), per group."""
+    t, d = AIInteraction.__table__, AIUsageDay.__table__
+    first, last = _whole_days(start, end)
+    parts = []
+    edges = [(start, end)]
+    if first < last:
+        parts.append(select(d.c.model, d.c.module, d.c.user_key.label("user_id"), d.c.currency, *(d.c[name] for name in SUMS)).where(d.c.day >= first, d.c.day < last))
+        edges = [(start, dt.datetime.combine(first, dt.time(), dt.UTC)), (dt.datetime.combine(last, dt.time(), dt.UTC), end)]
+    for low, high in edges:
+        if low < high:
+            parts.append(select(
+                t.c.model, t.c.module, _key_of(t, "user_id").label("user_id"), _key_of(t, "currency").label("currency"),
+                literal(1, BigInteger).label("call_count"),
+                case((t.c.latency_nanos.is_not(None), 1), else_=0).label("timed"),
+                case((t.c.status.in_(ERROR_STATUSES), 1), else_=0).label("error_count"),
+                t.c.prompt_tokens, t.c.completion_tokens,
+                func.coalesce(t.c.cost_units, 0).label("cost_units"), func.coalesce(t.c.cost_nanos, 0).label("cost_nanos"),
+            ).where(t.c.request_time >= low, t.c.request_time < high))
+    source = union_all(*parts).subquery("days")
+    keys = [source.c[name] for name in [*grouped, "currency"]]
+    return select(
+        *keys,
+        *(cast(func.sum(source.c[name]), BigInteger).label(name) for name in ("call_count", "error_count", "timed")),
+        *(func.sum(source.c[name]).label(name) for name in ("prompt_tokens", "completion_tokens", "cost_units", "cost_nanos")),
+    ).group_by(*keys).having(func.sum(source.c.call_count) > 0).cte("groups")
+
+
+# The index each walk reads, by the grouped column that leads it (none: currency alone), and the
+# index's columns before latency_nanos: the group's rows in latency order, the range and the other
+# grouped columns checked in the index. The walk orders by those columns too (each one value in
+# it): PostgreSQL infers the index's order from an equality, not from an IS NULL.
+PERCENTILE_WALKS = {
+    None: ("ix_ai_interactions_latency_by_currency", ("cost_currency",)),
+    "model": ("ix_ai_interactions_latency_by_model", ("model", "cost_currency")),
+    "module": ("ix_ai_interactions_latency_by_module", ("module", "cost_currency")),
+    "user_id": ("ix_ai_interactions_latency_by_user", ("user_id", "cost_currency")),
+}
+
+
+def walk_lead(grouped: list[str]) -> str | None:
+    """Which of PERCENTILE_WALKS serves the grouping: the user's (it holds model and module),
+    else the model's (it holds module), else the module's, else the currency's."""
+    return next((name for name in ("user_id", "model", "module") if name in grouped), None)
+
+
+_LARGEST_LATENCY = 2**63 - 1
+
+
+def _picked_latencies(conn: Any, conditions: list[ColumnElement[bool]], grouped: list[str], rows: Sequence[Any], bits: int | None) -> dict[tuple[int, str], int]:
+    """The exact latency of each (page row, percentile), by walks of the group's timed rows that
+    conditions keep, in latency order, all in one statement:
+    - bits None (the walk path): from the smallest to rank ceil(n / 2) for p50; from the
+      largest to rank ceil(95 n / 100) for p95 (a short walk from the end it is near);
+    - else (the plain path): within the bucket of bits its first statement found, to the
+      (rank - count before)-th."""
+    walks: list[tuple[int, str, dict[str, str], int, int, int, bool]] = []  # (row, p, keys, low, high, offset, descending)
+    for i, row in enumerate(rows):
+        timed = int(row.timed)
+        if not timed:
+            continue
+        keys = {name: getattr(row, name) for name in [*grouped, "currency"]}
+        for p, rank in (("p50", (timed + 1) // 2), ("p95", (timed * 95 + 99) // 100)):
+            if bits is None:
+                descending = p == "p95"
+                walks.append((i, p, keys, 0, _LARGEST_LATENCY, timed - rank if descending else rank - 1, descending))
+                continue
+            bucket = getattr(row, f"bucket_{p}")
+            if bucket is not None:
+                low, high = bucket_range(int(bucket), bits)
+                walks.append((i, p, keys, low, high - 1, int(getattr(row, f"rank_{p}")) - int(getattr(row, f"before_{p}")) - 1, False))
+    if not walks:
+        return {}
+    build = _lateral_walks if conn.dialect.name == "postgresql" else _literal_walks
+    found = conn.execute(build(conditions, grouped, walks)).all()
+    return {walks[target][:2]: value for target, value in found}
+
+
+def _walk_conditions(grouped: list[str], keys: dict[str, Any], conditions: list[ColumnElement[bool]], low: Any, high: Any) -> tuple[list[Any], list[Any]]:
+    """A walk's WHERE (the group's timed rows of [low, high] that conditions keep; '' keys are
+    NULLs) and its ascending ORDER BY: the walk index's columns before latency_nanos (each one
+    value here), then latency_nanos."""
+    t = AIInteraction.__table__
+    same = [*conditions, t.c.latency_nanos.is_not(None), t.c.latency_nanos >= low, t.c.latency_nanos <= high]
+    for name in [*grouped, "currency"]:
+        column = t.c.cost_currency if name == "currency" else t.c[name]
+        value = keys[name]
+        if isinstance(value, str) and value == "" and name in ("user_id", "currency"):
+            same.append(column.is_(None))
+        else:
+            same.append(column == value)
+    leading = [t.c[name] for name in PERCENTILE_WALKS[walk_lead(grouped)][1]]
+    return same, [*leading, t.c.latency_nanos]
+
+
+def _literal_walks(conditions: list[ColumnElement[bool]], grouped: list[str], walks: list[Any]) -> Any:
+    """SQLite (a LIMIT or OFFSET may not name an outer column there): one subquery per walk,
+    its values literal. SQLite plans each in microseconds."""
+    t = AIInteraction.__table__
+    parts = []
+    for n, (_, _, keys, low, high, offset, descending) in enumerate(walks):
+        values = {**keys, **({"user_id": uuid.UUID(keys["user_id"])} if keys.get("user_id") else {})}
+        same, order = _walk_conditions(grouped, values, conditions, low, high)
+        walk = (
+            select(literal(n, Integer).label("target"), t.c.latency_nanos).where(*same)
+            .order_by(*(c.desc() if descending else c.asc() for c in order)).limit(1).offset(offset).subquery()
+        )
+        parts.append(select(walk.c.target, walk.c.latency_nanos))
+    return union_all(*parts)
+
+
+def _lateral_walks(conditions: list[ColumnElement[bool]], grouped: list[str], walks: list[Any]) -> Any:
+    """PostgreSQL: the walks as rows of a VALUES list, each joined LATERAL to one walk statement
+    taking its keys, bounds and offset from the row: planned once, not once per walk (a
+    hundred literal walks took 50 ms to plan, 3 to run). One statement for each direction and
+    each pattern of NULL keys (an IS NULL, unlike an equality, is not a parameter)."""
+    t = AIInteraction.__table__
+    names = [*grouped, "currency"]
+    shapes: dict[tuple[bool, tuple[bool, ...]], list[tuple[int, Any]]] = {}
+    for n, walk in enumerate(walks):
+        keys, descending = walk[2], walk[6]
+        nulls = tuple(keys[name] == "" and name in ("user_id", "currency") for name in names)
+        shapes.setdefault((descending, nulls), []).append((n, walk))
+    parts = []
+    for (descending, nulls), members in shapes.items():
+        given = [name for name, null in zip(names, nulls, strict=True) if not null]
+        v = values(
+            column("target", Integer), *(column(name, String) for name in given),
+            column("low", BigInteger), column("high", BigInteger), column("skip", BigInteger), name="walks",
+        ).data([(n, *(walk[2][name] for name in given), walk[3], walk[4], walk[5]) for n, walk in members])
+        keys = {name: (cast(v.c[name], Uuid) if name == "user_id" else v.c[name]) if name in given else "" for name in names}
+        same, order = _walk_conditions(grouped, keys, conditions, v.c.low, v.c.high)
+        walk = (
+            select(t.c.latency_nanos).where(*same)
+            .order_by(*(c.desc() if descending else c.asc() for c in order)).limit(1).offset(v.c.skip).lateral("walk")
+        )
+        parts.append(select(v.c.target, walk.c.latency_nanos).select_from(v.join(walk, true())))
+    return union_all(*parts)
 
 
 # ---------------------------------------------------------------- latency buckets
@@ -379,54 +726,6 @@ def _snapshot(conn: Any, postgres: bool) -> Iterator[None]:
         conn.exec_driver_sql("ROLLBACK")
         raise
     conn.exec_driver_sql("COMMIT")
-
-
-def _ranked_latencies(conn: Any, conditions: list[ColumnElement[bool]], key_names: list[str], rows: Sequence[Any], bits: int) -> dict[tuple[int, str], int]:
-    """The exact latency of each (page row, percentile): the (rank - count before)-th in order
-    of the rows of that group whose latency is in the bucket its first statement found."""
-    t = AIInteraction.__table__
-    wanted = []
-    for i, row in enumerate(rows):
-        for p in ("p50", "p95"):
-            bucket = getattr(row, f"bucket_{p}")
-            if bucket is not None:
-                low, high = bucket_range(int(bucket), bits)
-                wanted.append((i, p, [getattr(row, name) for name in key_names], low, high, int(getattr(row, f"rank_{p}")) - int(getattr(row, f"before_{p}"))))
-    if not wanted:
-        return {}
-    targets = union_all(*(
-        select(
-            literal(n, Integer).label("target"),
-            *(literal(value, String).label(name) for name, value in zip(key_names, keys, strict=True)),
-            literal(low, BigInteger).label("low"), literal(high, BigInteger).label("high"), literal(k, BigInteger).label("k"),
-        )
-        for n, (_, _, keys, low, high, k) in enumerate(wanted)
-    )).cte("targets")
-    # Only the rows in the buckets' latency ranges (merged where they meet) reach the join.
-    spans: list[list[int]] = []
-    for low, high in sorted({(w[3], w[4]) for w in wanted}):
-        if spans and low <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], high)
-        else:
-            spans.append([low, high])
-    latency = t.c.latency_nanos
-    in_spans = or_(*(and_(latency >= low, latency < high) for low, high in spans))
-
-    def key_of(name: str) -> Any:
-        if name == "user_id":
-            return func.coalesce(cast(t.c.user_id, String), "")
-        if name == "currency":
-            return func.coalesce(t.c.cost_currency, "")
-        return t.c[name]
-
-    picked = (
-        select(targets.c.target, targets.c.k, latency, func.row_number().over(partition_by=targets.c.target, order_by=latency).label("n"))
-        .select_from(t.join(targets, and_(*(key_of(name) == targets.c[name] for name in key_names), latency >= targets.c.low, latency < targets.c.high)))
-        .where(*conditions, in_spans)
-        .subquery()
-    )
-    found = conn.execute(select(picked.c.target, picked.c.latency_nanos).where(picked.c.n == picked.c.k)).all()
-    return {(wanted[n][0], wanted[n][1]): value for n, value in found}
 
 
 def _after(keys: list[Any], values: list[Any]) -> ColumnElement[bool]:

@@ -391,6 +391,21 @@ def _search_rebuild(args: argparse.Namespace) -> int:
     return _on_the_database("search rebuild", _config(args), work)
 
 
+def _usage_rebuild(args: argparse.Namespace) -> int:
+    """ai_usage_days (the AI usage summary's daily sums) made afresh from the interactions."""
+    from db import migrate
+    from db.domains.ai_usage import rebuild_usage_days
+
+    def work(database: Any) -> int:
+        migrate.check(database.engine)
+        with database.engine.begin() as conn:
+            rows = rebuild_usage_days(conn)
+        print(f"AI usage daily sums rebuilt: {rows} rows")
+        return 0
+
+    return _on_the_database("usage rebuild", _config(args), work)
+
+
 class _Parser(argparse.ArgumentParser):
     """A wrong flag or argument is one line (which, and where the help is), exit status 2, not
     the usage text with the error at its end."""
@@ -468,6 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(rebuild)
     rebuild.add_argument("--resource", help="only this resource (its name, e.g. Task, or its table, e.g. tasks)")
     rebuild.set_defaults(func=_search_rebuild)
+
+    usage = sub.add_parser("usage", help="the AI usage summary's daily sums")
+    usage_sub = usage.add_subparsers(dest="usage_command", required=True)
+    usage_rebuild = usage_sub.add_parser(
+        "rebuild", help="make the daily sums of AI interactions afresh from their rows (after SQL that went around their triggers, a restore of one table)"
+    )
+    common(usage_rebuild)
+    usage_rebuild.set_defaults(func=_usage_rebuild)
 
     seed = sub.add_parser("seed", help="fill the database with realistic sample data")
     common(seed)

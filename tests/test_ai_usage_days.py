@@ -12,9 +12,12 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -166,6 +169,45 @@ def test_folding_keeps_the_sums_while_writers_append(client: Client, engine: Eng
     with engine.connect() as conn:
         repeated = conn.execute(text(f"SELECT count(*) FROM (SELECT {keys} FROM ai_usage_days GROUP BY {keys} HAVING count(*) > 1) x")).scalar_one()
     assert repeated == 0, "with no writer, a fold leaves one row per key"
+    assert _sums_differ(engine) == []
+
+
+def test_the_rebuild_command_puts_damaged_sums_right(client: Client, engine: Engine, database_url: str) -> None:
+    """`nexus-data usage rebuild` after the sums went wrong behind the triggers' back (rows of
+    ai_usage_days deleted and one changed by hand): the sums are the rows' again."""
+    _written(client, random.Random(27), _span(), 2, 100, [new_user(client).id, ""])
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM ai_usage_days WHERE id IN (SELECT id FROM ai_usage_days ORDER BY id LIMIT 5)"))
+        conn.execute(text("UPDATE ai_usage_days SET call_count = call_count + 7 WHERE id = (SELECT max(id) FROM ai_usage_days)"))
+    assert _sums_differ(engine) != []
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "nexus-data"), "usage", "rebuild", "--database-url", database_url],
+        capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("AI usage daily sums rebuilt: "), done.stdout
+    assert _sums_differ(engine) == []
+    # Rebuilt while a writer appends: each interaction counted once.
+    rnd, start, stop = random.Random(28), _span(), threading.Event()
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            while not stop.is_set():
+                _written(client, rnd, start, 2, 40, [""])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for _ in range(5):
+            with engine.begin() as conn:
+                ai_usage.rebuild_usage_days(conn)
+    finally:
+        stop.set()
+        writer.join()
+    assert not failures, failures
     assert _sums_differ(engine) == []
 
 

@@ -89,7 +89,10 @@ class AIUsageDay(Base):
     (one writer at a time) add to the key's row. A key's sums are those of all its rows."""
 
     __tablename__ = "ai_usage_days"
-    __table_args__ = (Index("ix_ai_usage_days_day_keys", "day", "model", "module", "user_key", "currency"),)
+    __table_args__ = (
+        Index("ix_ai_usage_days_day_keys", "day", "model", "module", "user_key", "currency"),
+        Index("ix_ai_usage_days_xact", "xact"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     day: Mapped[dt.date] = mapped_column(Date, nullable=False)
@@ -106,6 +109,9 @@ class AIUsageDay(Base):
     completion_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     cost_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
     cost_nanos: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # PostgreSQL: the transaction that appended the row (its default there), which
+    # fold_usage_days picks the days to fold by. SQLite: none.
+    xact: Mapped[int | None] = mapped_column(BigInteger)
 
 
 SUMS = ("call_count", "timed", "error_count", "prompt_tokens", "completion_tokens", "cost_units", "cost_nanos")
@@ -192,15 +198,18 @@ def usage_days_drop(dialect: str) -> list[str]:
 
 
 def fold_usage_days(conn: Any, after: int) -> tuple[int, int]:
-    """PostgreSQL: fold the rows of each day that got rows with id > after into one per key (the
-    sums unchanged), in one statement: a row appended meanwhile by a writer not yet committed is
-    not deleted, and is folded next time. Returns (days folded, the id to pass next time).
-    SQLite keeps one row per key already: nothing to do."""
+    """PostgreSQL: fold into one row per key the days that got rows from transactions numbered
+    after or later (each row's xact, the transaction that appended it), in one statement per
+    call: a row its writer has not committed yet is not deleted. Returns (days folded, the
+    number to pass next time): the oldest transaction still running as this fold began, so a
+    writer that commits later, whatever ids it took, is among the next fold's. SQLite keeps
+    one row per key already: nothing to do."""
     if conn.dialect.name != "postgresql":
         return 0, after
+    running = int(conn.exec_driver_sql("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").scalar_one())
     d = AIUsageDay.__table__
     days = conn.execute(
-        select(d.c.day).where(d.c.day.in_(select(d.c.day).where(d.c.id > after).distinct()))
+        select(d.c.day).where(d.c.day.in_(select(d.c.day).where(d.c.xact >= after).distinct()))
         .group_by(d.c.day).having(func.count() > func.count(func.distinct(func.row(*(d.c[k] for k in DAY_KEYS[1:])))))
     ).scalars().all()
     if days:
@@ -212,8 +221,21 @@ def fold_usage_days(conn: Any, after: int) -> tuple[int, int]:
             f"GROUP BY {', '.join(DAY_KEYS)} HAVING sum(call_count) <> 0",
             {"days": list(days)},
         )
-    top = conn.execute(select(func.coalesce(func.max(d.c.id), after))).scalar_one()
-    return len(days), int(top)
+    return len(days), running
+
+
+def rebuild_usage_days(conn: Any) -> int:
+    """ai_usage_days made afresh from the interactions (after SQL that went around the
+    triggers: SQLite's INSERT OR REPLACE without recursive_triggers, triggers disabled, a
+    restore of one table); the number of rows it then holds. The first statement of its
+    transaction: on PostgreSQL it makes it REPEATABLE READ, so that the rows it deletes and the
+    interactions it sums are of one snapshot while writers go on (a writer that commits later
+    appended rows it does not delete, for interactions it does not sum)."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    conn.exec_driver_sql("DELETE FROM ai_usage_days")
+    conn.exec_driver_sql(f"INSERT INTO ai_usage_days ({', '.join(DAY_KEYS + SUMS)}) {_day_sums_sql(conn.dialect.name, 'ai_interactions')}")
+    return int(conn.exec_driver_sql("SELECT count(*) FROM ai_usage_days").scalar_one())
 
 
 # ---------------------------------------------------------------- codecs
@@ -425,18 +447,24 @@ WALK_FROM_VISIBLE = 0.8
 def summary_path(conn: Any, start: dt.datetime, end: dt.datetime, every_row: bool) -> str:
     """"walk" for a caller who sums every row (no filter, no row rule) over a range whose whole
     days hold at least WALK_FROM_SHARE of the table's rows (ai_usage_days against the table's
-    size: PostgreSQL's estimate, pg_class.reltuples; SQLite's largest rowid), on PostgreSQL
-    while at least WALK_FROM_VISIBLE of the table is all-visible; else "plain". Only speed
+    size: PostgreSQL's estimate, pg_class.reltuples scaled to the pages there are now; SQLite's
+    largest rowid), on PostgreSQL while at least WALK_FROM_VISIBLE of the table's pages are
+    all-visible; else "plain". Only speed
     depends on it: both answer alike (tests/test_ai_usage_days.py)."""
     first, last = _whole_days(start, end)
     if not every_row or first >= last:
         return "plain"
     if conn.dialect.name == "postgresql":
-        pages, visible, size = conn.exec_driver_sql(
-            "SELECT relpages, relallvisible, reltuples FROM pg_class WHERE oid = 'ai_interactions'::regclass"
+        # relallvisible and reltuples are as the last VACUUM or ANALYZE saw them; the table's
+        # pages now are its file's size. After a load since, most pages are not all-visible,
+        # and the rows are scaled by the pages as the planner scales them.
+        pages, seen_pages, visible, seen_rows = conn.exec_driver_sql(
+            "SELECT pg_relation_size(oid) / current_setting('block_size')::int, relpages, relallvisible, reltuples "
+            "FROM pg_class WHERE oid = 'ai_interactions'::regclass"
         ).one()
         if visible < WALK_FROM_VISIBLE * max(pages, 1):
             return "plain"
+        size = max(float(seen_rows), 0.0) * pages / max(seen_pages, 1)
     else:
         size = conn.exec_driver_sql("SELECT max(rowid) FROM ai_interactions").scalar() or 0
     d = AIUsageDay.__table__
@@ -511,11 +539,14 @@ def _with_bucket_targets(page: Any, hist: Any, key_names: list[str]) -> Any:
 
 
 def _whole_days(start: dt.datetime, end: dt.datetime) -> tuple[dt.date, dt.date]:
-    """The UTC days [first, last) wholly inside [start, end) (first >= last: none)."""
-    first = start.astimezone(dt.UTC).date()
+    """The UTC days [first, last) wholly inside [start, end) (first >= last: none; a start
+    after midnight of the last day there is, 9999-12-31, has none)."""
+    first, last = start.astimezone(dt.UTC).date(), end.astimezone(dt.UTC).date()
     if dt.datetime.combine(first, dt.time(), dt.UTC) < start:
+        if first == dt.date.max:
+            return last, last
         first += dt.timedelta(days=1)
-    return first, end.astimezone(dt.UTC).date()
+    return first, last
 
 
 def _walk_groups(start: dt.datetime, end: dt.datetime, grouped: list[str]) -> Any:

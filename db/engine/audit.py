@@ -36,8 +36,16 @@ AUDIT_VALUE_CHARS = 1024
 # Bookkeeping columns every change touches: not news in an audit entry.
 _NOISE = {"update_time", "revision"}
 
+_AS_IS = frozenset({int, float, bool, type(None)})
+
+
 def _plain(value: Any) -> Any:
     """A JSON-safe form of a column value, bounded (_bounded)."""
+    kind = type(value)
+    if kind in _AS_IS:  # most values of a row: asked first (a batch of creates reports every column)
+        return value
+    if kind is str:
+        return value if len(value) <= AUDIT_VALUE_CHARS else _bounded(value)
     if isinstance(value, Decimal):  # one form, whatever scale the value was read with
         return format(value.normalize(), "f")
     if isinstance(value, uuid.UUID):

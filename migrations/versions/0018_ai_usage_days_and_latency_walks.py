@@ -43,9 +43,13 @@ def upgrade() -> None:
         sa.Column('currency', sa.String(length=3), nullable=False),
         *(sa.Column(name, sa.BigInteger(), nullable=False)
           for name in ('call_count', 'timed', 'error_count', 'prompt_tokens', 'completion_tokens', 'cost_units', 'cost_nanos')),
+        # PostgreSQL: the transaction that appended the row, which the server's folds go by.
+        sa.Column('xact', sa.BigInteger(), nullable=True,
+                  server_default=sa.text('(pg_current_xact_id()::text::bigint)') if op.get_bind().dialect.name == 'postgresql' else None),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_ai_usage_days')),
     )
     op.create_index('ix_ai_usage_days_day_keys', 'ai_usage_days', ['day', 'model', 'module', 'user_key', 'currency'], unique=False)
+    op.create_index('ix_ai_usage_days_xact', 'ai_usage_days', ['xact'], unique=False)
     for name, columns in WALKS:
         op.create_index(name, 'ai_interactions', columns, unique=False)
     dialect = op.get_bind().dialect.name
@@ -63,5 +67,6 @@ def downgrade() -> None:
         op.execute(statement)
     for name, _ in reversed(WALKS):
         op.drop_index(name, table_name='ai_interactions')
+    op.drop_index('ix_ai_usage_days_xact', table_name='ai_usage_days')
     op.drop_index('ix_ai_usage_days_day_keys', table_name='ai_usage_days')
     op.drop_table('ai_usage_days')

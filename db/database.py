@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError
@@ -97,6 +98,13 @@ def is_in_memory(url: str) -> bool:
     return database in ("", ":memory:") or database.startswith("file::memory:") or parsed.query.get("mode") == "memory"
 
 
+def json_text(value: Any) -> str:
+    """A JSON column's text on SQLite (a Struct, an audit entry's changes): orjson's, compact. The
+    standard library's took a twentieth of a batch of 5,000 creates, for two values a row. Keys
+    that are not strings are written as text, as json.dumps writes them."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def create_db_engine(url: str, pool: PoolSettings, echo: bool = False, autocommit: bool = False) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -113,6 +121,7 @@ def create_db_engine(url: str, pool: PoolSettings, echo: bool = False, autocommi
             max_overflow=pool.max_overflow,
             pool_timeout=pool.timeout,
             connect_args={"check_same_thread": False, "timeout": pool.timeout},
+            json_serializer=json_text,
         )
         _configure_sqlite(engine, int(pool.timeout * 1000))
         return engine

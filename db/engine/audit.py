@@ -112,6 +112,8 @@ def changes(spec: ResourceSpec, old: dict[str, Any] | None, new: dict[str, Any] 
     and after (None: deleted) the change, in the mapper's order; a field of two columns (Money)
     once. A new row reports its set columns; a deleted one every column, as it was; an update
     the columns whose values differ."""
+    if old is None and new is not None:
+        return _created(spec, new)
     merged: dict[str, dict[str, Any]] = {}
     for key, field_name, secret in _reported_columns(spec):
         before = None if old is None else old.get(key)
@@ -127,6 +129,19 @@ def changes(spec: ResourceSpec, old: dict[str, Any] | None, new: dict[str, Any] 
         else:
             merged[field_name] = {"field": field_name, "old_value": _plain(before), "new_value": _plain(after)}
     return list(merged.values())
+
+
+def _created(spec: ResourceSpec, new: dict[str, Any]) -> list[dict[str, Any]]:
+    """changes(spec, None, new) in fewer steps (a batch of creates asks it of every row): the set
+    columns, a field of two columns once."""
+    found, seen = [], set()
+    for key, field_name, secret in _reported_columns(spec):
+        after = new.get(key)
+        if after is None or field_name in seen:
+            continue
+        seen.add(field_name)
+        found.append({"field": field_name, "old_value": None, "new_value": MASK if secret else _plain(after)})
+    return found
 
 
 def _action(action: str, found: list[dict[str, Any]]) -> str:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import uuid
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 
@@ -66,7 +66,7 @@ def _bounded(value: Any) -> Any:
             return value
         return f"{value[:AUDIT_VALUE_CHARS]}…[truncated: {len(value)} characters]"
     if isinstance(value, (dict, list)) and value:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()  # compact, as stored
         if len(text) > AUDIT_VALUE_CHARS:
             return f"{text[:AUDIT_VALUE_CHARS]}…[truncated: {len(text.encode())} bytes of JSON]"
     return value

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, Protocol, overload
 
+import orjson
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -522,10 +523,13 @@ def check_json_text(value: Any, field_path: str, limit: SizeLimit | None = None)
 def json_size(value: Any, field_path: str) -> int:
     """The size of value as compact JSON, in UTF-8 bytes; INVALID_ARGUMENT if a string in it
     holds a NUL character."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    if "\\u0000" in text:
+    try:
+        raw = orjson.dumps(value)  # compact UTF-8, a tenth of json.dumps' time
+    except TypeError:  # what orjson does not write (an integer past 64 bits, a lone surrogate)
+        raw = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    if b"\\u0000" in raw:
         raise InvalidArgument.field(field_path, "must not contain NUL characters")
-    return len(text.encode("utf-8", "surrogatepass"))
+    return len(raw)
 
 
 def check_json_size(size: int, limit: SizeLimit | None, field_path: str) -> None:

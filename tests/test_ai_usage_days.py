@@ -9,6 +9,7 @@
 - Which path a summary takes, and that PostgreSQL's walks read the index they are meant to."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import random
@@ -80,6 +81,30 @@ def _sums_differ(engine: Engine) -> list[Any]:
     return sorted((k, a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+@contextlib.contextmanager
+def appending(client: Client, rnd: random.Random, start: dt.datetime, users: list[str], size: int) -> Iterator[None]:
+    """A writer thread appending batches of size interactions to two days from start while the
+    block runs; on leaving, it is stopped and whatever it raised fails the test."""
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            while not stop.is_set():
+                _written(client, rnd, start, 2, size, users)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        writer.join()
+    assert not failures, failures
+
+
 def test_the_walk_answers_as_the_plain_path_and_the_hand_count(client: Client, engine: Engine) -> None:
     rnd = random.Random(20)
     start = _span()
@@ -139,36 +164,17 @@ def test_folding_keeps_the_sums_while_writers_append(client: Client, engine: Eng
     users = [new_user(client).id, ""]
     _written(client, rnd, start, 2, 200, users)
     _written(client, rnd, start, 2, 200, users)
-    stop = threading.Event()
-    failures: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            while not stop.is_set():
-                _written(client, rnd, start, 2, 50, users)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            failures.append(exc)
-
-    writer = threading.Thread(target=write)
-    writer.start()
     mark, folded = 0, 0
-    try:
+    with appending(client, rnd, start, users, 50):
         for _ in range(5):
             with engine.begin() as conn:
                 days, mark = ai_usage.fold_usage_days(conn, mark)
                 folded += days
-    finally:
-        stop.set()
-        writer.join()
-    assert not failures, failures
     assert folded >= 2, "the two days of many appended rows were folded"
     assert _sums_differ(engine) == []
-    keys = ", ".join(ai_usage.DAY_KEYS)
     with engine.begin() as conn:
         ai_usage.fold_usage_days(conn, 0)
-    with engine.connect() as conn:
-        repeated = conn.execute(text(f"SELECT count(*) FROM (SELECT {keys} FROM ai_usage_days GROUP BY {keys} HAVING count(*) > 1) x")).scalar_one()
-    assert repeated == 0, "with no writer, a fold leaves one row per key"
+    assert _repeated_keys(engine) == 0, "with no writer, a fold leaves one row per key"
     assert _sums_differ(engine) == []
 
 
@@ -188,26 +194,10 @@ def test_the_rebuild_command_puts_damaged_sums_right(client: Client, engine: Eng
     assert done.stdout.startswith("AI usage daily sums rebuilt: "), done.stdout
     assert _sums_differ(engine) == []
     # Rebuilt while a writer appends: each interaction counted once.
-    rnd, start, stop = random.Random(28), _span(), threading.Event()
-    failures: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            while not stop.is_set():
-                _written(client, rnd, start, 2, 40, [""])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            failures.append(exc)
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
+    with appending(client, random.Random(28), _span(), [""], 40):
         for _ in range(5):
             with engine.begin() as conn:
                 ai_usage.rebuild_usage_days(conn)
-    finally:
-        stop.set()
-        writer.join()
-    assert not failures, failures
     assert _sums_differ(engine) == []
 
 

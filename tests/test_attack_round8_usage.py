@@ -39,7 +39,7 @@ from tests.databases import fresh_postgres_database
 from tests.support import new_user
 from tests.test_access import Actor, actor  # noqa: F401 - the fixture
 from tests.test_ai_usage import MODEL, MODULE, NANOS, USER, _batch, _hand_count, _random_interaction, _span, _summary, _ts, _written
-from tests.test_ai_usage_days import GROUPINGS, _direct, _sums_differ, engine  # noqa: F401 - the fixture
+from tests.test_ai_usage_days import GROUPINGS, _direct, _sums_differ, appending, engine  # noqa: F401 - the fixture
 
 T = AIInteraction.__table__
 LARGEST = 2**63 - 1
@@ -328,15 +328,7 @@ def test_two_servers_folding_at_once_while_writers_append_keep_the_sums(client: 
     rnd = random.Random(84)
     start = _span()
     users = [new_user(client).id, ""]
-    stop = threading.Event()
     failures: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            while not stop.is_set():
-                _written(client, rnd, start, 2, 40, users)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            failures.append(exc)
 
     def fold() -> None:
         mark = 0
@@ -347,15 +339,12 @@ def test_two_servers_folding_at_once_while_writers_append_keep_the_sums(client: 
         except BaseException as exc:  # noqa: BLE001 - reported below
             failures.append(exc)
 
-    writer = threading.Thread(target=write)
-    folders = [threading.Thread(target=fold) for _ in range(2)]
-    writer.start()
-    for f in folders:
-        f.start()
-    for f in folders:
-        f.join()
-    stop.set()
-    writer.join()
+    with appending(client, rnd, start, users, 40):
+        folders = [threading.Thread(target=fold) for _ in range(2)]
+        for f in folders:
+            f.start()
+        for f in folders:
+            f.join()
     assert not failures, failures
     assert _sums_differ(engine) == []
     end = start + dt.timedelta(days=3)

@@ -237,6 +237,10 @@ class Authenticator:
         # A key or user changed through this replica: its cached checks go at once.
         db.add_commit_listener(self._on_commit)
 
+    def close(self) -> None:
+        """The hashing threads ended (a server that stops; another may start in the process)."""
+        self._hashing.shutdown(wait=False, cancel_futures=True)
+
     def _on_commit(self, notes: dict[str, object]) -> None:
         if notes.get(CREDENTIALS_CHANGED_KEY):
             # Stale, not forgotten: the next call re-reads the row (a primary-key lookup) but a

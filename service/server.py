@@ -211,6 +211,8 @@ class App:
         if self._metrics is not None:
             self._metrics.stop()
         await asyncio.get_running_loop().run_in_executor(None, self.db.dispose)
+        if self.hub.authenticator is not None:
+            self.hub.authenticator.close()
 
 
 def open_database(config: Config) -> Database:

@@ -79,6 +79,10 @@ class ServerThread:
             return
         self._started.set()
         self.loop.run_forever()
+        # The loop's default executor ended and the loop closed: a test process starts hundreds
+        # of servers, whose idle executor threads would otherwise stay.
+        self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        self.loop.close()
 
     def start(self) -> ServerThread:
         self._thread.start()

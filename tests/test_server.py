@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,3 +285,21 @@ def test_health_answers_carry_the_servers_version(client: Client) -> None:
     assert next(watch).status == SERVING
     assert dict(watch.initial_metadata())[VERSION_HEADER] == __version__
     watch.cancel()
+
+
+def test_a_stopped_server_leaves_no_threads_of_its_own(database_url: str) -> None:
+    """Its database threads, its credential-hashing threads and its loop's executor end with it:
+    a process that starts servers again (tests, an embedding) does not gather idle threads."""
+    before = {t.ident for t in threading.enumerate()}
+    server = ServerThread(make_config(database_url)).start()
+    c = connect("any", database_url, server)
+    c.identity.ListUsers(ipb.ListUsersRequest(page_size=1))  # a credential checked: a hashing thread
+    c.channel.close()
+    server.stop()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith(('nexus-', 'asyncio_'))]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert left == [], [t.name for t in left]

@@ -118,3 +118,57 @@ def _uuid_of(md5_sql: str) -> str:
 @pytest.mark.parametrize("filter_text", _task_filters())
 def test_every_task_filter_is_read_through_an_index(engine: sa.Engine, filter_text: str) -> None:
     assert _seq_scans(engine, "Task", filter_text=filter_text) == []
+
+
+def test_sqlite_counts_a_task_page_from_the_live_index_alone(tmp_path: Any) -> None:
+    """SQLite: the common task page (live tasks of a project in a status) and its count are read
+    through the live tasks index, the count from the index alone (a covering index: the
+    delete_time its partial WHERE names is one of its columns). Without the column SQLite counted
+    through (project_id, status), reading every matching row for its delete_time."""
+    import uuid
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'tasks.db'}")
+    try:
+        migrate.upgrade(engine)
+        users = [uuid.uuid4().hex for _ in range(50)]
+        projects = [uuid.uuid4().hex for _ in range(20)]
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO users (id, username, email, role, is_active, is_verified, create_time, update_time, revision) "
+                "VALUES (?, ?, ?, 'user', 1, 1, '2025-01-01 00:00:00', '2025-01-01 00:00:00', 1)",
+                [(u, f"user{i}", f"user{i}@example.com") for i, u in enumerate(users)],
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO projects (id, name, owner_id, status, priority, archived, create_time, update_time, revision) "
+                "VALUES (?, ?, ?, 'active', 'medium', 0, '2025-01-01 00:00:00', '2025-01-01 00:00:00', 1)",
+                [(p, f"project {i}", users[i % len(users)]) for i, p in enumerate(projects)],
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO tasks (id, project_id, title, creator_id, status, priority, estimated_hours, actual_hours, tags, create_time, update_time, revision, delete_time) "
+                "VALUES (?, ?, ?, ?, ?, 'low', 0, 0, '[]', ?, ?, 1, ?)",
+                [
+                    (uuid.uuid4().hex, projects[i % len(projects)], f"task {i}", users[i % len(users)], ("todo", "done", "blocked")[i % 3],
+                     f"2025-01-01 00:{i // 600 % 60:02d}:{i // 10 % 60:02d}", "2025-01-01 00:00:00", "2025-02-01 00:00:00" if i % 50 == 0 else None)
+                    for i in range(6_000)
+                ],
+            )
+            conn.exec_driver_sql("ANALYZE")
+        spec = REGISTRY["Task"]
+        shape, params = spec.filter_compiler("sqlite").bind(f'project_id = "{uuid.UUID(projects[3])}" AND status = TODO')
+        stmt, _ = statements.build_page_statements(spec, "sqlite", shape, False, "", None, 51, None, True)
+        bound = {**params, "count_limit": 10_001}
+        compiled = stmt.compile(dialect=engine.dialect)
+        values = compiled.construct_params(bound)
+        # SQLite holds ids as 32 hex digits (the Uuid type's own binding).
+        args = tuple(v.hex if isinstance(v, uuid.UUID) else v for v in (values[name] for name in compiled.positiontup or ()))
+        with engine.connect() as conn:
+            plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), args)]
+            found = conn.execute(stmt, bound).all()
+    finally:
+        engine.dispose()
+    live = "ix_tasks_live_project_status_create_time"
+    assert f"SEARCH tasks USING INDEX {live} (project_id=? AND status=?)" in plan, plan
+    assert f"SEARCH tasks USING COVERING INDEX {live} (project_id=? AND status=?)" in plan, plan
+    assert not any("ix_tasks_project_id_status" in step for step in plan), plan
+    # And it answers: 6,000 tasks over 20 projects, a third of each project's in TODO, the deleted left out.
+    assert found and found[0][-1] == sum(1 for i in range(6_000) if i % 20 == 3 and i % 3 == 0 and i % 50)

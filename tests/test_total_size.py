@@ -193,6 +193,28 @@ def test_a_search_with_more_matches_than_the_window_pages_through_the_window(cli
         assert _walk(client, word, page_size) == window
 
 
+def test_the_window_counts_its_own_matches_at_its_edge(client: Client) -> None:
+    """The page's total_size comes from the window itself, which reads one match more than it
+    ranks: exactly SEARCH_WINDOW matches are counted exactly and all ranked; one more is counted
+    as more than the window (SQLite: SEARCH_WINDOW + 1) and is not ranked, whichever it is."""
+    word = unique("e")
+    project, made = _tasks(client, SEARCH_WINDOW, word)
+    whole = _search(client, word, page_size=1000)
+    assert whole.total_size == SEARCH_WINDOW and not whole.next_page_token
+    assert {i for _, i in _ranked(whole.results)} == {t.id for t in made}
+    extra = client.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title=f"{word} {word} {word} best")))
+    whole = _search(client, word, page_size=1000)
+    assert whole.total_size > SEARCH_WINDOW
+    if client.backend == "sqlite":
+        assert whole.total_size == SEARCH_WINDOW + 1
+    ranked = _ranked(whole.results)
+    assert len(ranked) == SEARCH_WINDOW and not whole.next_page_token
+    ids = {i for _, i in ranked}
+    assert len(ids & ({t.id for t in made} | {extra.id})) == SEARCH_WINDOW
+    if client.backend == "sqlite":  # FTS5's order: the last one added is the one left out
+        assert extra.id not in ids
+
+
 def test_postgresql_connections_read_without_synchronized_scans() -> None:
     """The window a Search ranks is the first matches of a statement without an order: a
     synchronized scan would start it wherever another scan of the table is, and its pages would

@@ -252,7 +252,8 @@ def search(
         found = reading.load_rows(session, spec, stmt, extra=2, params=params)
         if not counted:
             return found, None
-        limited = found[0][2] if found else session.connection().execute(count.limited, params).scalar()
+        # The window's count (at most SEARCH_WINDOW + 1) stops at count_limit + 1 as a List's does.
+        limited = min(found[0][2], count_limit + 1) if found else session.connection().execute(count.limited, params).scalar()
         return found, total_of(session, call.dialect, count, params, limited, count_limit, allowed is not None)
 
     hits, messages, more, total = read_page(size, max_bytes, fetch, lambda hit: spec.to_proto(hit[0]), SEARCH_RESULT_EXTRA)

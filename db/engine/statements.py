@@ -98,24 +98,34 @@ def search_statements(spec: ResourceSpec, dialect: str, shape: FilterShape | Non
 
 def build_search_statements(spec: ResourceSpec, dialect: str, shape: FilterShape | None, size: int, allowed: Any) -> tuple[Any, Any]:
     """(page statement, Count) of a Search: the hits from offset :search_offset, with the score
-    and total_size (the limited count of the matches, as in a List) as columns.
+    and total_size (the matches in the window, at most SEARCH_WINDOW + 1) as columns. The Count
+    serves a page with no hits (its limited count) and the estimate above the window.
 
     Only a window is ranked: the first SEARCH_WINDOW matches in the search index's own order,
     which needs no sort of the matches (SQLite: FTS5's rowid order, the order rows were added;
     PostgreSQL: the GIN bitmap's, the table's storage order, with no ORDER BY at all). The
     window is scored, ordered by (score desc, id), and cut at the page; only the page's rows are
     joined back for their columns and relations. A match beyond the window is neither ranked
-    nor returned; a query matching fewer rows than the window ranks every one of them."""
+    nor returned; a query matching fewer rows than the window ranks every one of them.
+
+    The window reads one match more than it ranks, and total_size counts what it read: up to
+    SEARCH_WINDOW that is every match, and SEARCH_WINDOW + 1 says there are more. So the
+    matches are looked up once (PostgreSQL: one GIN bitmap, the cost that grows with the words'
+    rows) for both the page and its count. Each read match carries its place in the index's
+    order (`n`), by which the extra one is left out of the ranking."""
     terms = search_terms(dialect, spec.table.name, spec.search_fields)
     table = spec.table
     conditions = [*where_clauses(spec, shape, False, allowed), terms.match]
-    window = select(table.c.id.label("id"), terms.score.label("score")).select_from(table)
     matches = select(literal(1)).select_from(table)
     if terms.join is not None:
         target, on = terms.join
-        window = window.join(target, on).order_by(target.c.rowid)
+        place = target.c.rowid
+        window = select(table.c.id.label("id"), terms.score.label("score"), place.label("n")).select_from(table).join(target, on).order_by(place)
         matches = matches.join(target, on)
-    ranked = window.where(*conditions).limit(SEARCH_WINDOW).subquery("search_window")
+    else:  # row_number() over () numbers the rows in the order the scan yields them, as it goes
+        window = select(table.c.id.label("id"), terms.score.label("score"), func.row_number().over().label("n")).select_from(table)
+    read = window.where(*conditions).limit(SEARCH_WINDOW + 1).cte("search_window")
+    ranked = select(read.c.id, read.c.score).order_by(read.c.n).limit(SEARCH_WINDOW).subquery("search_ranked")
     hits = (
         select(ranked.c.id, ranked.c.score)
         .order_by(ranked.c.score.desc(), ranked.c.id)
@@ -123,13 +133,13 @@ def build_search_statements(spec: ResourceSpec, dialect: str, shape: FilterShape
         .limit(size + 1)
         .subquery("search_hits")
     )
-    count = Count.of(matches.where(*conditions))
+    in_window = select(func.count()).select_from(read).scalar_subquery()
     stmt = (
-        select(*reading.columns(spec, dialect), hits.c.score.label("score"), count.limited.scalar_subquery().label("total_size"))
+        select(*reading.columns(spec, dialect), hits.c.score.label("score"), in_window.label("total_size"))
         .join_from(table, hits, table.c.id == hits.c.id)
         .order_by(hits.c.score.desc(), table.c.id)
     )
-    return stmt, count
+    return stmt, Count.of(matches.where(*conditions))
 
 
 @dataclass(frozen=True)

@@ -175,16 +175,23 @@ def test_a_search_with_fewer_matches_than_the_window_ranks_every_one(client: Cli
     assert _walk(client, word, 1) == ranked
 
 
+def _full_window(c: Client, word: str) -> list[tuple[float, str]]:
+    """The ranked hits of a search with more matches than the window, in one page: as many as
+    the window, no next page, and total_size above the window (exact up to its size, an
+    estimate above it; SQLite's is the window + 1)."""
+    whole = _search(c, word, page_size=1000)
+    assert whole.total_size > SEARCH_WINDOW
+    if c.backend == "sqlite":
+        assert whole.total_size == SEARCH_WINDOW + 1
+    ranked = _ranked(whole.results)
+    assert len(ranked) == SEARCH_WINDOW and not whole.next_page_token
+    return ranked
+
+
 def test_a_search_with_more_matches_than_the_window_pages_through_the_window(client: Client) -> None:
     word = unique("s")
     _, made = _tasks(client, SEARCH_WINDOW + 40, word)
-    whole = _search(client, word, page_size=1000)
-    # Exact up to the window's size, an estimate above it.
-    assert whole.total_size > SEARCH_WINDOW
-    if client.backend == "sqlite":
-        assert whole.total_size == SEARCH_WINDOW + 1
-    window = _ranked(whole.results)
-    assert len(window) == SEARCH_WINDOW and not whole.next_page_token
+    window = _full_window(client, word)
     assert window == sorted(window) and {i for _, i in window} <= {t.id for t in made}
     if client.backend == "sqlite":  # FTS5's order: the first rows added
         assert {i for _, i in window} == {t.id for t in made[:SEARCH_WINDOW]}
@@ -203,13 +210,7 @@ def test_the_window_counts_its_own_matches_at_its_edge(client: Client) -> None:
     assert whole.total_size == SEARCH_WINDOW and not whole.next_page_token
     assert {i for _, i in _ranked(whole.results)} == {t.id for t in made}
     extra = client.work.CreateTask(wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title=f"{word} {word} {word} best")))
-    whole = _search(client, word, page_size=1000)
-    assert whole.total_size > SEARCH_WINDOW
-    if client.backend == "sqlite":
-        assert whole.total_size == SEARCH_WINDOW + 1
-    ranked = _ranked(whole.results)
-    assert len(ranked) == SEARCH_WINDOW and not whole.next_page_token
-    ids = {i for _, i in ranked}
+    ids = {i for _, i in _full_window(client, word)}
     assert len(ids & ({t.id for t in made} | {extra.id})) == SEARCH_WINDOW
     if client.backend == "sqlite":  # FTS5's order: the last one added is the one left out
         assert extra.id not in ids

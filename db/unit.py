@@ -7,7 +7,9 @@ dialect to decide again. The engine decides the plan of its writes in db/engine/
 """
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,28 @@ class CoreReads:
 
     def get_bind(self) -> Engine:
         return self._conn.engine
+
+
+@contextlib.contextmanager
+def one_snapshot(unit: Any) -> Iterator[None]:
+    """The statements run inside see the database as the first of them does: for a page read in
+    more than one statement, so that its total_size and its rows, and a Search's window in each
+    statement, are of one moment. PostgreSQL: REPEATABLE READ, READ ONLY; SQLite: a read
+    transaction (in WAL mode its snapshot is taken at its first read). Only for a CoreReads of
+    plan READ, whose connection holds no transaction of its own (PostgreSQL's is in
+    autocommit); any other unit reads as it is."""
+    if not (isinstance(unit, CoreReads) and not isinstance(unit, OneStatement) and unit.plan.mode is Mode.READ):
+        yield
+        return
+    conn = unit.connection()
+    conn.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if conn.dialect.name == "postgresql" else "BEGIN DEFERRED")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that ended it is the one to report
+            conn.exec_driver_sql("ROLLBACK")
+        raise
+    conn.exec_driver_sql("COMMIT")  # reads only: nothing written, nothing to lose
 
 
 class OneStatement(CoreReads):

@@ -233,3 +233,47 @@ def test_postgresql_connections_read_without_synchronized_scans() -> None:
                 assert conn.exec_driver_sql("SHOW synchronize_seqscans").scalar() == "off"
     finally:
         database.dispose()
+
+
+def test_a_list_page_read_in_two_statements_is_of_one_moment(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page larger than the first read (FIRST_READ rows) is read in more statements, all in one
+    snapshot: a task another caller adds between them, in the part the second statement reads,
+    is neither on the page nor counted, so total_size and the rows agree. Without the snapshot
+    the page held 151 tasks and total_size said 150."""
+    import uuid
+
+    from db.engine import paging, reads
+
+    project = new_project(client)
+    made = client.work.BatchCreateTasks(wpb.BatchCreateTasksRequest(requests=[
+        wpb.CreateTaskRequest(task=wpb.Task(project_id=project.id, title=f"task {i}")) for i in range(150)
+    ])).tasks
+    engine = sa.create_engine(client.database_url)
+    statements = [0]
+
+    def read_page(size: int, max_bytes: int, fetch: Any, to_message: Any, extra: int = 0) -> Any:
+        def fetch_with_a_write_between(read: int, counted: bool, last: Any, taken: int) -> Any:
+            statements[0] += 1
+            if statements[0] == 2:  # another caller's task, sorting last (its id the largest): the second statement's part
+                with engine.begin() as conn:
+                    conn.execute(sa.text(
+                        "INSERT INTO tasks (id, project_id, title, creator_id, status, priority, estimated_hours, actual_hours, tags, "
+                        "create_time, update_time, revision) SELECT :id, project_id, 'late', creator_id, status, priority, 0, 0, tags, "
+                        "update_time, update_time, 1 FROM tasks WHERE id = :last"
+                    ).bindparams(sa.bindparam("id", type_=sa.Uuid()), sa.bindparam("last", type_=sa.Uuid())),
+                        {"id": uuid.UUID(f"ffffffff-ffff-7fff-bfff-{uuid.uuid4().hex[:12]}"), "last": uuid.UUID(made[-1].id)})
+            return fetch(read, counted, last, taken)
+
+        return paging.read_page(size, max_bytes, fetch_with_a_write_between, to_message, extra)
+
+    monkeypatch.setattr(reads, "read_page", read_page)
+    try:
+        page = _list(client, filter=f'project_id = "{project.id}"', page_size=200)
+    finally:
+        monkeypatch.undo()
+        engine.dispose()
+    assert statements[0] == 2, "the page was read in one statement"
+    assert page.total_size == len(page.tasks) == 150 and not page.next_page_token
+    assert {t.id for t in page.tasks} == {t.id for t in made}
+    # The task is there for the next read.
+    assert _list(client, filter=f'project_id = "{project.id}"', page_size=200).total_size == 151

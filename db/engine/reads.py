@@ -6,6 +6,7 @@ db/unit.py) and returns protos; the caller's row rule (engine/rules.py) is part 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Sequence
@@ -19,10 +20,11 @@ from db import errors
 from db.engine import reading, statements
 from db.engine.call import Call
 from db.engine.codecs import parse_uuid
-from db.engine.paging import DEFAULT_PAGE_BYTES, SEARCH_RESULT_EXTRA, decode_token, encode_token, fingerprint, fitting, page_size, read_page
+from db.engine.paging import DEFAULT_PAGE_BYTES, FIRST_READ, SEARCH_RESULT_EXTRA, decode_token, encode_token, fingerprint, fitting, page_size, read_page
 from db.engine.resource import M, ResourceSpec
 from db.engine.rules import denied, found, predicate, read_rule
 from db.engine.search import search_query_value
+from db.unit import one_snapshot
 
 # Ids one BatchGet takes at most (a BatchCreate's creates: ResourceSpec.batch_create_limit).
 MAX_BATCH = 1000
@@ -165,7 +167,8 @@ def list_page(
         limited = found[0][1] if found else session.connection().execute(count.limited, params).scalar()
         return [row for row, _ in found], total_of(session, call.dialect, count, params, limited, count_limit, allowed is not None)
 
-    rows, messages, more, total = read_page(size, max_bytes, fetch, spec.to_proto)
+    with one_snapshot(session) if size > FIRST_READ else contextlib.nullcontext():
+        rows, messages, more, total = read_page(size, max_bytes, fetch, spec.to_proto)
     shown = served + len(rows)
     next_token = encode_token(query_fp, after=[_key_value(rows[-1], column) for column in columns], served=shown) if more else ""
     return messages, next_token, at_least_shown(total, count_limit, shown, more)
@@ -256,7 +259,8 @@ def search(
         limited = min(found[0][2], count_limit + 1) if found else session.connection().execute(count.limited, params).scalar()
         return found, total_of(session, call.dialect, count, params, limited, count_limit, allowed is not None)
 
-    hits, messages, more, total = read_page(size, max_bytes, fetch, lambda hit: spec.to_proto(hit[0]), SEARCH_RESULT_EXTRA)
+    with one_snapshot(session) if size > FIRST_READ else contextlib.nullcontext():
+        hits, messages, more, total = read_page(size, max_bytes, fetch, lambda hit: spec.to_proto(hit[0]), SEARCH_RESULT_EXTRA)
     total = at_least_shown(total, count_limit, offset + len(hits), more)
     next_token = encode_token(query_fp, offset=offset + len(hits)) if more else ""
     return [(message, float(score)) for message, (_, score, _) in zip(messages, hits, strict=True)], next_token, total

@@ -58,6 +58,12 @@ exactly.
 order rows were added). Fewer matches rank every one of them; with more, a match beyond the window
 is neither ranked nor returned, and the pages cover the window. A Search's total_size is exact up
 to the window's size (300) and estimated above it, as a List's is above its limit.
+
+**Pages.** One page is read as of one moment: its total_size and its rows agree whatever is written
+meanwhile. Each page of a walk is read on its own: a List's page token holds the last row's key, so
+a walk neither repeats nor skips a row that stays; a Search's holds an offset into its ranking, so
+while its matches change (a hit deleted, rows written that move the scores) a walk may repeat or
+miss one.
 """
 
 

@@ -103,7 +103,9 @@ def build_search_statements(spec: ResourceSpec, dialect: str, shape: FilterShape
 
     Only a window is ranked: the first SEARCH_WINDOW matches in the search index's own order,
     which needs no sort of the matches (SQLite: FTS5's rowid order, the order rows were added;
-    PostgreSQL: the GIN bitmap's, the table's storage order, with no ORDER BY at all). The
+    PostgreSQL: the order of the scan its plan chooses, with no ORDER BY at all: the GIN
+    bitmap's, the table's storage order, unless a filter's index is cheaper, and a plan chosen
+    after new statistics may read another window; README "One page, one moment"). The
     window is scored, ordered by (score desc, id), and cut at the page; only the page's rows are
     joined back for their columns and relations. A match beyond the window is neither ranked
     nor returned; a query matching fewer rows than the window ranks every one of them.

@@ -17,12 +17,11 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-import orjson
 from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 
 from db.base import utcnow, uuid7
-from db.database import CREDENTIALS_CHANGED_KEY
+from db.database import CREDENTIALS_CHANGED_KEY, json_text
 from db.engine.call import current_call
 from db.engine.codecs import InputCodec, OutputCodec
 from db.engine.resource import ResourceSpec
@@ -66,7 +65,7 @@ def _bounded(value: Any) -> Any:
             return value
         return f"{value[:AUDIT_VALUE_CHARS]}…[truncated: {len(value)} characters]"
     if isinstance(value, (dict, list)) and value:
-        text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()  # compact, as stored
+        text = json_text(value)  # compact, as stored
         if len(text) > AUDIT_VALUE_CHARS:
             return f"{text[:AUDIT_VALUE_CHARS]}…[truncated: {len(text.encode())} bytes of JSON]"
     return value

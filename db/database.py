@@ -52,6 +52,14 @@ class PoolSettings:
 
 _BEGIN = {mode: f"BEGIN {mode}" for mode in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE")}
 
+# SQLite's soft heap limit, for the whole process (every connection's page cache, schema and
+# statements together). Each connection caches up to 2 MB of pages (cache_size -2000), and a
+# server keeps a dozen connections: a burst of large rows left ~20 MiB in their caches for
+# good (bench/memory.py). Above this limit a cache reuses its own pages instead of growing;
+# the pages are also in the operating system's file cache, which is where SQLite reads them
+# from again.
+SQLITE_SOFT_HEAP_LIMIT = 8 << 20
+
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
@@ -63,6 +71,7 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA soft_heap_limit={SQLITE_SOFT_HEAP_LIMIT}")
         cur.close()
 
     @event.listens_for(engine, "begin")

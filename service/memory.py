@@ -136,16 +136,26 @@ class MemoryTrimmer:
     that stopped growing gave back little, and the heaps trimmed again: what a burst of large
     requests leaves in use is mostly the database connections' own buffers (libpq keeps each
     connection's input and output buffers at the largest statement or result it carried: ~13
-    MiB after a batch of large rows), which only closing the connection gives back."""
+    MiB after a batch of large rows), which only closing the connection gives back.
+
+    `busy` (the calls under way) ends a wait: at the first look that finds no call under way
+    after one that found some, memory still high is trimmed at once. The load that left it is
+    over, and a wait doubled by the trims during a burst would otherwise keep what the burst left
+    for up to two minutes."""
 
     MAX_WAIT = 64
 
-    def __init__(self, interval: float, growth: int = 32 << 20, release: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, interval: float, growth: int = 32 << 20, release: Callable[[], None] | None = None,
+        busy: Callable[[], int] | None = None,
+    ) -> None:
         self.interval = interval
         self.growth = growth
         self.trims = 0
         self.releases = 0
         self._release = release
+        self._busy = busy
+        self._was_busy = False
         self._trim = malloc_trim() if interval > 0 else None
         self._low = resident_bytes()
         self._last = self._low or 0  # the resident size after the last trim
@@ -163,11 +173,13 @@ class MemoryTrimmer:
             return
         self._low = min(self._low, now)
         self._waited += 1
+        busy = self._busy is not None and self._busy() > 0
+        went_quiet, self._was_busy = self._was_busy and not busy, busy
         if now - self._low < self.growth:
             self._wait, self._waited = 1, 0
             return
         growing = now - self._last >= self.growth
-        if not growing and self._waited < self._wait:
+        if not growing and self._waited < self._wait and not went_quiet:
             return
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._trim)

@@ -178,7 +178,8 @@ class App:
         self._purger = asyncio.create_task(self._purge_old_events())
         if self.db.dialect == "postgresql" and self.config.usage_fold_seconds > 0:
             self._folder = asyncio.create_task(self._fold_usage_days())
-        self._trimmer = asyncio.create_task(MemoryTrimmer(self.config.memory_trim_seconds, release=self.db.release_connections).run())
+        self._trimmer = asyncio.create_task(MemoryTrimmer(
+            self.config.memory_trim_seconds, release=self.db.release_connections, busy=lambda: self.gate.calls).run())
 
     async def stop(self, grace: float | None = None, stop_server: bool = True) -> None:
         """NOT_SERVING and new calls refused with UNAVAILABLE (clients retry them elsewhere), a

@@ -4,12 +4,14 @@ database close its idle connections (Database.release_connections), and the next
 new ones. Never while memory is still growing (a burst under way), and calls keep working."""
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from db.database import Database
+from db.database import SQLITE_SOFT_HEAP_LIMIT, Database, PoolSettings
 from service.memory import MemoryTrimmer, malloc_trim, resident_bytes
 from tests.support import run_async
 
@@ -66,6 +68,32 @@ def test_memory_that_stays_high_after_a_trim_renews_the_idle_connections(databas
         database.dispose()
 
 
+@pytest.mark.skipif(malloc_trim() is None or resident_bytes() is None, reason="needs glibc and /proc")
+def test_memory_left_high_is_trimmed_at_once_when_the_calls_end() -> None:
+    """Trims that give nothing back double the wait before the next; the first look that finds no
+    call under way, after calls, trims at once whatever the wait (the load that left the memory is
+    over), and only that look: the wait goes on after it."""
+    calls = [3]
+    trimmer = MemoryTrimmer(1.0, growth=GROWTH, busy=lambda: calls[0])
+
+    async def scenario() -> list[int]:
+        held = _held(2 * GROWTH)
+        trims = []
+        for _ in range(9):  # growing: a trim; then high and level: trims at looks 2, 4 and 8
+            await trimmer.check()
+            trims.append(trimmer.trims)
+        calls[0] = 0
+        await trimmer.check()  # the calls ended: a trim, though the wait is 8 looks
+        trims.append(trimmer.trims)
+        await trimmer.check()  # still no call: the wait again
+        trims.append(trimmer.trims)
+        del held
+        return trims
+
+    trims = run_async(scenario())
+    assert trims == [1, 2, 2, 3, 3, 3, 3, 4, 4, 5, 5], trims
+
+
 def test_without_a_release_the_trimmer_only_trims() -> None:
     """The CLI's commands and tests build trimmers without a database: nothing is released."""
     trimmer = MemoryTrimmer(1.0, growth=GROWTH)
@@ -78,3 +106,38 @@ def test_without_a_release_the_trimmer_only_trims() -> None:
 
     run_async(scenario())
     assert trimmer.releases == 0
+
+
+def _sqlite_memory_used() -> int:
+    """SQLite's own count of the bytes it has allocated, in this process (sqlite3_memory_used, from
+    the library the sqlite3 module uses: its extension's symbols include its dependencies')."""
+    import _sqlite3
+
+    used = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used
+    used.restype = ctypes.c_int64
+    return int(used())
+
+
+def test_sqlite_page_caches_stay_under_the_soft_heap_limit_after_large_reads(tmp_path: Path) -> None:
+    """Ten connections each reading 20 MB of rows would keep ~2 MB of pages each (cache_size
+    -2000) for as long as they live; under the soft heap limit they reuse their pages instead."""
+    database = Database(f"sqlite:///{tmp_path / 'caches.db'}", pool=PoolSettings(size=10))
+    try:
+        with database.engine.begin() as conn:
+            assert conn.exec_driver_sql("PRAGMA soft_heap_limit").scalar_one() == SQLITE_SOFT_HEAP_LIMIT
+            conn.exec_driver_sql("CREATE TABLE big (id INTEGER PRIMARY KEY, body TEXT)")
+            conn.exec_driver_sql("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000) "
+                                 "INSERT INTO big (body) SELECT zeroblob(4000) FROM n")
+        before = _sqlite_memory_used()
+        assert before > 0, "sqlite3_memory_used reads another copy of SQLite than the sqlite3 module's"
+        conns = [database.engine.connect() for _ in range(10)]  # ten distinct pooled connections
+        try:
+            for conn in conns:
+                assert conn.exec_driver_sql("SELECT sum(length(body)) FROM big").scalar_one() == 5000 * 4000
+            grown = _sqlite_memory_used() - before
+        finally:
+            for conn in conns:
+                conn.close()
+        assert grown < 6 << 20, f"SQLite's heap grew by {grown / 2**20:.1f} MiB"
+    finally:
+        database.dispose()

@@ -111,16 +111,30 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             return super().result_processor(dialect, coltype)
         # SQLite hands back the stored text ("2026-12-02 14:46:18.618202", UTC). SQLAlchemy's
         # DATETIME parses it and this decorator then adds the zone: datetime.fromisoformat does
-        # both for less per value, and a page of tasks has many (bench/README.md).
+        # both for less per value, and a page of tasks has many (bench/README.md). The zone goes
+        # in as text: parsing "...+00:00" takes 0.08 µs, parsing and then replace(tzinfo=) 0.64.
+        # Text that has a zone already fails that parse and takes the plain path, as does a date.
         utc = dt.UTC
         parse = dt.datetime.fromisoformat
+
+        def plain(value: Any) -> dt.datetime:
+            parsed = parse(value) if isinstance(value, str) else value
+            return parsed.replace(tzinfo=utc) if parsed.tzinfo is None else parsed.astimezone(utc)
 
         def process(value: Any) -> dt.datetime | None:
             if value is None:
                 return None
-            parsed = parse(value) if isinstance(value, str) else value
-            return parsed.replace(tzinfo=utc) if parsed.tzinfo is None else parsed.astimezone(utc)
+            if isinstance(value, str):
+                try:
+                    parsed = parse(value + "+00:00")
+                except ValueError:
+                    pass
+                else:
+                    if parsed.tzinfo is utc:  # not date-only text, whose zone fromisoformat drops
+                        return parsed
+            return plain(value)
 
+        process.plain = plain  # type: ignore[attr-defined]  # the test compares the two
         return process
 
 

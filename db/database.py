@@ -131,6 +131,7 @@ def create_db_engine(url: str, pool: PoolSettings, echo: bool = False, autocommi
             pool_timeout=pool.timeout,
             connect_args={"check_same_thread": False, "timeout": pool.timeout},
             json_serializer=json_text,
+            json_deserializer=orjson.loads,  # the stdlib's json.loads took ~7 % of a task page's CPU
         )
         _configure_sqlite(engine, int(pool.timeout * 1000))
         return engine

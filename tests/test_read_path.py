@@ -161,3 +161,21 @@ def test_a_resource_with_an_undeclared_secret_column_is_refused() -> None:
     with pytest.raises(TypeError, match="password_hash"):
         Registry().add(dataclasses.replace(users, secrets={}))
     assert Registry().add(dataclasses.replace(users)).secrets == {"password_hash": "password"}
+
+
+@pytest.mark.parametrize("text", [
+    "2026-12-02 14:46:18.618202", "2026-12-02 14:46:18", "1970-01-01 00:00:00.000000", "1961-04-12 06:07:00.000001",
+    "2026-12-02T14:46:18.618202", "2026-12-02 14:46:18+02:00", "2026-12-02T23:30:00-05:30", "2026-12-02 14:46:18Z",
+    "2026-12-02", "2026-12-02 14:46",
+])
+def test_sqlite_datetime_text_reads_as_the_plain_parse_reads_it(text: str) -> None:
+    """UTCDateTime's SQLite result processor parses stored text with the zone appended (the fast
+    path) and falls back to parsing it alone: both give the same UTC datetime, for text with a
+    zone of its own too."""
+    from sqlalchemy.dialects import sqlite
+
+    process = UTCDateTime().result_processor(sqlite.dialect(), None)
+    got = process(text)
+    assert got == process.plain(text)
+    assert got.tzinfo is dt.UTC and got.utcoffset() == dt.timedelta(0)
+    assert process(None) is None

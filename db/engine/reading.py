@@ -11,11 +11,11 @@ form the messages carry; code that binds one back to a Uuid column parses it.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from sqlalchemy import String, Uuid, bindparam, func, inspect, literal_column, select
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.compiler import compiles
@@ -144,7 +144,7 @@ class RelationLoader:
     def rows(self, value: Any) -> list[Loaded]:
         """Loaded related rows from aggregate's value (parsed by psycopg2: a list of values or of
         [value, ...] lists; JSON text on SQLite)."""
-        items = json.loads(value) if isinstance(value, str) else value or ()
+        items = orjson.loads(value) if isinstance(value, str) else value or ()
         if items and not isinstance(items[0], list):
             (name,) = self.names
             return [Loaded({name: item}) for item in items]

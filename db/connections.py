@@ -61,6 +61,9 @@ class KeptConnections:
         self.is_postgres = is_postgres
         self._owned = _Owned()
         self._all: set[Connection] = set()
+        # The kept read connections between units of work: release_idle may take them from
+        # their threads (a thread claims its own back, under the lock, before each use).
+        self._idle: set[Connection] = set()
         self._lock = threading.Lock()
         # Bumped when a unit of work lost its connection (lost()): the connections the threads
         # keep were most likely lost with it, and are given up (invalidated) before their next use.
@@ -122,6 +125,12 @@ class KeptConnections:
         own = self._owned
         conn = own.conn
         if conn is not None:
+            with self._lock:
+                claimed = conn in self._idle
+                self._idle.discard(conn)
+            if not claimed:  # release_idle took it: it closes it
+                own.conn = conn = None
+        if conn is not None:
             now = time.monotonic()
             if conn.invalidated or conn.closed or own.generation != self.generation:
                 self.give_up(conn, invalidate=True)
@@ -148,6 +157,9 @@ class KeptConnections:
                 self.give_up(conn, invalidate=True)
                 return
         self._owned.idle_since = time.monotonic()
+        with self._lock:
+            if conn in self._all:
+                self._idle.add(conn)
 
     def give_up(self, conn: Connection, invalidate: bool = False) -> None:
         """Stop keeping conn: back to the pool, or closed for good when it may be lost."""
@@ -155,6 +167,7 @@ class KeptConnections:
             self._owned.conn = None
         with self._lock:
             self._all.discard(conn)
+            self._idle.discard(conn)
         try:
             if invalidate and not conn.invalidated and not conn.closed:
                 conn.invalidate()
@@ -162,10 +175,25 @@ class KeptConnections:
         except Exception:  # noqa: BLE001 - it is being dropped: nothing more to do with it
             log.debug("a kept read connection failed to close", exc_info=True)
 
+    def release_idle(self) -> int:
+        """Close the kept read connections no unit of work is using now (their threads open new
+        ones at their next use): a thread that sits idle after a burst would otherwise keep its
+        connection, and libpq's buffers in it, until then. The number closed."""
+        with self._lock:
+            taken, self._idle = list(self._idle), set()
+            self._all.difference_update(taken)
+        for conn in taken:
+            try:
+                conn.invalidate()  # the DBAPI connection closed now, not checked in to a pool
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is being dropped: nothing more to do with it
+                log.debug("a kept read connection failed to close", exc_info=True)
+        return len(taken)
+
     def close(self) -> None:
         """Close every kept read connection (the threads that kept them have ended)."""
         with self._lock:
-            kept, self._all = list(self._all), set()
+            kept, self._all, self._idle = list(self._all), set(), set()
         for conn in kept:
             try:
                 conn.close()

@@ -515,15 +515,17 @@ class Database:
             engine.dispose(close=False)
 
     def release_connections(self) -> None:
-        """PostgreSQL: close the idle connections (the pools' now, each thread's kept one before
-        its next use) so that the next calls open new ones: libpq's buffers, kept at the size of
-        the largest statement or result a connection carried, go with it. Called by the server's
-        MemoryTrimmer after a burst; connections in use finish their work first. SQLite: nothing
-        (closing its connections gave back 3 MiB after a burst, and new ones opened while writes
-        run met a busy database, UNAVAILABLE, under releases every 0.1 s)."""
+        """PostgreSQL: close the idle connections (the pools' and the threads' kept ones now, a
+        kept one in use before its thread's next use) so that the next calls open new ones:
+        libpq's buffers, kept at the size of the largest statement or result a connection
+        carried, go with it. Called by the server's MemoryTrimmer after a burst; connections in
+        use finish their work first. SQLite: nothing (closing its connections gave back 3 MiB
+        after a burst, and new ones opened while writes run met a busy database, UNAVAILABLE,
+        under releases every 0.1 s; its page caches are bounded by SQLITE_SOFT_HEAP_LIMIT)."""
         if not self.is_postgres:
             return
         self._kept.lost()
+        self._kept.release_idle()
         for engine in self.engines:
             engine.dispose()
 

@@ -4,7 +4,9 @@ database close its idle connections (Database.release_connections), and the next
 new ones. Never while memory is still growing (a burst under way), and calls keep working."""
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from db.database import SQLITE_SOFT_HEAP_LIMIT, Database, PoolSettings
+from db.unit import SESSION_READ
 from service.memory import MemoryTrimmer, malloc_trim, resident_bytes
 from tests.support import run_async
 
@@ -92,6 +95,78 @@ def test_memory_left_high_is_trimmed_at_once_when_the_calls_end() -> None:
 
     trims = run_async(scenario())
     assert trims == [1, 2, 2, 3, 3, 3, 3, 4, 4, 5, 5], trims
+
+
+def test_a_release_closes_the_connections_idle_threads_keep(database_url: str) -> None:
+    """A database thread keeps its read connection between units of work. A release closes the
+    kept ones no unit of work is using at once (PostgreSQL): a thread that stays idle after a
+    burst does not keep its connection, and libpq's buffers, until its next call. Its next read
+    opens a new one. SQLite's are left as they are."""
+    database = Database(database_url, pool=PoolSettings(size=4))
+    threads = 4  # the database's threads: one per pooled connection
+
+    def identities() -> set[Any]:
+        """The connection each database thread keeps: one read on every thread at once (each
+        waits for the others, so none takes two)."""
+        barrier = threading.Barrier(threads)
+
+        def identity(session: Any) -> Any:
+            barrier.wait(10)
+            if database.is_postgres:
+                return session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            return id(session.connection().connection.dbapi_connection)
+
+        async def reads() -> set[Any]:
+            return set(await asyncio.gather(*(database.run(identity, SESSION_READ) for _ in range(threads))))
+
+        return run_async(reads())
+
+    try:
+        kept = identities()
+        assert len(kept) == threads and identities() == kept  # each thread kept its connection
+        database.release_connections()
+        if database.is_postgres:
+            with database.engine.connect() as conn:  # a new pool's connection: not one of the kept
+                alive = set(conn.execute(text("SELECT pid FROM pg_stat_activity WHERE pid = ANY(:pids)"),
+                                         {"pids": list(kept)}).scalars())
+            assert not alive, f"backends of kept connections still open after the release: {alive}"
+        after = identities()
+        assert len(after) == threads
+        assert after.isdisjoint(kept) if database.is_postgres else after == kept, (kept, after)
+    finally:
+        database.dispose()
+
+
+def test_reads_under_way_while_releases_run_all_answer(database_url: str) -> None:
+    """Releases every few milliseconds while 2,000 reads run on the database's threads: a thread
+    never has its connection closed under a read (each claims its own back before using it, and
+    a release takes only the ones not claimed), and every read answers."""
+    database = Database(database_url, pool=PoolSettings(size=4))
+    stop = threading.Event()
+    releases = [0]
+
+    def release() -> None:
+        while not stop.is_set():
+            database.release_connections()
+            releases[0] += 1
+            stop.wait(0.002)
+
+    def read(session: Any) -> int:
+        return int(session.execute(text("SELECT 1")).scalar_one())
+
+    async def reads() -> list[int]:
+        return list(await asyncio.gather(*(database.run(read, SESSION_READ) for _ in range(2000))))
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    try:
+        answers = run_async(reads())
+    finally:
+        stop.set()
+        releaser.join()
+        database.dispose()
+    assert answers == [1] * 2000
+    assert releases[0] > 10
 
 
 def test_without_a_release_the_trimmer_only_trims() -> None:

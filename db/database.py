@@ -347,6 +347,13 @@ class Database:
         # submission to its answer, the wait for a database thread included (service/metrics.py).
         self.timing: Callable[[Plan, float], None] | None = None
         event.listen(self._write_sessions, "after_commit", self._after_commit)
+        # release_connections' count: a pooled connection checked out before the last release
+        # is closed as it comes back (a disposed pool keeps what is checked in to it later).
+        self._releases = 0
+        if self.is_postgres:
+            for pooled in (self.engine, self.read_engine):
+                event.listen(pooled, "checkout", self._note_checkout)
+                event.listen(pooled, "checkin", self._close_if_released)
         self._kept = KeptConnections(self.read_engine, write_engine, self.pool, self.is_postgres)
         self._runners = {
             Mode.READ: self._run_read,
@@ -524,10 +531,22 @@ class Database:
         under releases every 0.1 s; its page caches are bounded by SQLITE_SOFT_HEAP_LIMIT)."""
         if not self.is_postgres:
             return
+        self._releases += 1
         self._kept.lost()
         self._kept.release_idle()
         for engine in self.engines:
             engine.dispose()
+
+    def _note_checkout(self, _dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        record.info["nexus_releases"] = self._releases
+
+    def _close_if_released(self, dbapi_conn: Any, record: Any) -> None:
+        """A connection in use during a release (a burst's write, with libpq's buffers at its
+        largest statement) closes as it is checked in: engine.dispose closed only the idle ones,
+        and the old pool would keep this one, unused, until the garbage collector's next full
+        pass, which an idle server does not make."""
+        if dbapi_conn is not None and record.info.get("nexus_releases", self._releases) != self._releases:
+            record.close()
 
     @property
     def engines(self) -> list[Engine]:

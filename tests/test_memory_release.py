@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,38 @@ def test_a_release_closes_the_connections_idle_threads_keep(database_url: str) -
         after = identities()
         assert len(after) == threads
         assert after.isdisjoint(kept) if database.is_postgres else after == kept, (kept, after)
+    finally:
+        database.dispose()
+
+
+def test_a_connection_in_use_during_a_release_closes_when_it_comes_back(database_url: str) -> None:
+    """engine.dispose closes a pool's idle connections; one checked out then (a write under way)
+    goes back to the old pool, which would keep it. It closes as it is checked in (PostgreSQL)."""
+    database = Database(database_url)
+    try:
+        if not database.is_postgres:
+            with database.engine.connect() as conn:
+                before = id(conn.connection.dbapi_connection)
+                database.release_connections()
+            with database.engine.connect() as conn:  # SQLite's pool is left as it was
+                assert id(conn.connection.dbapi_connection) == before
+            return
+        conn = database.engine.connect()
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+        def alive() -> bool:
+            with database.read_engine.connect() as other:
+                return bool(other.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}).scalar_one())
+
+        database.release_connections()
+        assert alive()  # in use: left to finish its work
+        conn.close()
+        until = time.monotonic() + 5
+        while alive() and time.monotonic() < until:
+            time.sleep(0.05)
+        assert not alive(), "the connection in use during the release stayed open after it came back"
+        with database.engine.connect() as again:  # the pool opens a new one
+            assert again.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
     finally:
         database.dispose()
 

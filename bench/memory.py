@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Server memory in one table: idle, with 1,000 open streams, after they close, at the peak of a
-burst of the largest requests and after it, each against idle (within 20 %?).
+burst of the largest requests and after it, each event against the reading before it (within 20 %?).
 
     .venv/bin/python bench/memory.py                         # both databases, ~3 min
     .venv/bin/python bench/memory.py --db postgresql --streams 1000 --settle 10
@@ -9,7 +9,11 @@ Per database, one fresh database and one `nexus-data serve` (its defaults, two g
 them, NEXUS_MALLOC_ARENAS; MALLOC_ARENA_MAX taken out of the environment, as
 bench/rss_after_large.py does), in this order:
 
-1. idle: VmRSS 2 s after the server answers its readiness check;
+1. idle, cold: VmRSS 2 s after the server answers its readiness check, before any call;
+   idle, warm: after the load's setup (a user, a channel, a conversation, a project) and
+   --warm-streams (50) streams opened, sent a message and closed, VmRSS after --settle s. The first
+   calls start the database threads, open their connections (each reads the schema) and fill
+   the statement caches, once; the streams below are measured against this reading;
 2. --streams ChatService.StreamEvents streams opened by one load-generator process (50 per HTTP/2
    connection, one API key); a chat message is posted every second until every stream got one,
    then VmRSS after 1 s;
@@ -17,7 +21,8 @@ bench/rss_after_large.py does), in this order:
 4. --bursts times (2), the burst of bench/rss_after_large.py (CreateChatMessage, UpdateChatMessage and
    CreateConversationMessage at their size limits, BatchCreateTasks of 200 tasks at the
    description limit, lists of 1,000 rows cut at the response budget; --rounds rounds from
-   --concurrency threads): VmRSS sampled every 50 ms for the peak, then read after --settle s;
+   --concurrency threads): VmRSS sampled every 50 ms for the peak, then read after --settle s,
+   against the reading before the burst;
 5. when gdb is there, malloc_trim(0) called inside the server, and VmRSS read again: what is left
    is in use, not glibc's free memory; then pymalloc's arenas (sys._debugmallocstats, run inside
    the server through gdb, at the very end: the interrupted system calls can upset the server's
@@ -229,47 +234,59 @@ def run_db(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["idle"] = smaps(server.pid)
         print(f"{db}: idle {out['idle']['Rss']:.0f} MiB", flush=True)
 
+        def streams(count: int) -> float:
+            """Open `count` streams from a load-generator process, post a chat message every second
+            until each got one, read VmRSS (out["streams"]) 1 s later, close them, wait --settle s.
+            The seconds it took to subscribe them."""
+            holder = subprocess.Popen(
+                [sys.executable, __file__, "--hold", address, load.channel_id, str(count), str(args.per_conn)],
+                env={**os.environ, "NEXUS_BENCH_KEY": secret}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                start_new_session=True)
+
+            def stop_holder() -> None:
+                if holder.poll() is None:
+                    holder.kill()
+
+            register_cleanup("stream holder", stop_holder)
+            warm = [0]
+            lines: list[str] = []
+
+            def read() -> None:
+                assert holder.stdout is not None
+                for line in holder.stdout:
+                    lines.append(line.strip())
+                    if line.startswith("warm"):
+                        warm[0] = int(line.split()[1])
+
+            threading.Thread(target=read, daemon=True).start()
+            t0 = time.monotonic()
+            k = 0
+            while warm[0] < count:
+                if time.monotonic() - t0 > args.subscribe_timeout or holder.poll() is not None:
+                    raise RuntimeError(f"{db}: {warm[0]} of {count} streams subscribed after {time.monotonic() - t0:.0f} s: {lines[-3:]}")
+                chat.CreateChatMessage(cpb.CreateChatMessageRequest(chat_message=cpb.ChatMessage(channel_id=load.channel_id, content=f"w {k}")),
+                                       metadata=load.metadata, timeout=30)
+                k += 1
+                time.sleep(1.0)
+            took = time.monotonic() - t0
+            time.sleep(1.0)
+            out["streams"] = smaps(server.pid)
+            assert holder.stdin is not None
+            holder.stdin.write("stop\n")
+            holder.stdin.flush()
+            holder.wait(60)
+            time.sleep(args.settle)
+            return took
+
         load = Load(address, secret)  # a user, a channel, a conversation, a project
         chat = chat_pb2_grpc.ChatServiceStub(load.channel)
-        holder = subprocess.Popen(
-            [sys.executable, __file__, "--hold", address, load.channel_id, str(args.streams), str(args.per_conn)],
-            env={**os.environ, "NEXUS_BENCH_KEY": secret}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            start_new_session=True)
-
-        def stop_holder() -> None:
-            if holder.poll() is None:
-                holder.kill()
-
-        register_cleanup("stream holder", stop_holder)
-        warm = [0]
-        lines: list[str] = []
-
-        def read() -> None:
-            assert holder.stdout is not None
-            for line in holder.stdout:
-                lines.append(line.strip())
-                if line.startswith("warm"):
-                    warm[0] = int(line.split()[1])
-
-        threading.Thread(target=read, daemon=True).start()
-        t0 = time.monotonic()
-        k = 0
-        while warm[0] < args.streams:
-            if time.monotonic() - t0 > args.subscribe_timeout or holder.poll() is not None:
-                raise RuntimeError(f"{db}: {warm[0]} of {args.streams} streams subscribed after {time.monotonic() - t0:.0f} s: {lines[-3:]}")
-            chat.CreateChatMessage(cpb.CreateChatMessageRequest(chat_message=cpb.ChatMessage(channel_id=load.channel_id, content=f"w {k}")),
-                                   metadata=load.metadata, timeout=30)
-            k += 1
-            time.sleep(1.0)
-        out["subscribe_s"] = time.monotonic() - t0
-        time.sleep(1.0)
-        out["streams"] = smaps(server.pid)
+        if args.warm_streams:
+            # Idle, warm: the setup's creates, a few streams and their messages served, then --settle s of rest.
+            streams(args.warm_streams)  # (it waits --settle s after they close)
+            out["warm"] = smaps(server.pid)
+            print(f"{db}: idle after a warm-up {out['warm']['Rss']:.0f} MiB", flush=True)
+        out["subscribe_s"] = streams(args.streams)
         print(f"{db}: {args.streams} streams in {out['subscribe_s']:.0f} s, {out['streams']['Rss']:.0f} MiB", flush=True)
-        assert holder.stdin is not None
-        holder.stdin.write("stop\n")
-        holder.stdin.flush()
-        holder.wait(60)
-        time.sleep(args.settle)
         out["streams_after"] = smaps(server.pid)
         print(f"{db}: {args.settle:g} s after the streams closed {out['streams_after']['Rss']:.0f} MiB", flush=True)
         if args.trim_after_streams and trim(server.pid):
@@ -326,31 +343,34 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, command: s
         *(["- --trace: the server under PYTHONTRACEMALLOC=8; its RSS includes the traces (about 100 MiB here), so "
             "compare these figures only with each other"] if args.trace else []),
         "",
-        "| database | load at start | RSS idle MiB | with streams MiB | after streams closed MiB (vs idle, within 20 %?) "
-        "| burst: peak MiB | after the burst MiB (vs idle, within 20 %?) | after the burst vs before it | MiB moved, burst s |",
-        "| --- | --- | ---: | ---: | --- | ---: | --- | --- | ---: |",
+        "Each event against the reading just before it (within 20 %?): the streams against idle after the warm-up, "
+        "each burst against the reading before that burst. The last column puts the end against both idle readings.",
+        "",
+        "| database | load at start | idle, cold MiB | idle, warm MiB | with streams MiB | after streams closed MiB "
+        "| burst: peak MiB | after the burst MiB | after the second burst MiB | at the end vs idle warm / cold | MiB moved, burst s |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- | --- | ---: |",
     ]
     for r in results:
-        idle = r["idle"]["Rss"]
-        second = ""
-        if "burst_after_2" in r:
-            second = (f"; second burst: peak {r['peak_2']:.0f}, after {r['burst_after_2']['Rss']:.0f} "
-                      f"({verdict(r['burst_after_2']['Rss'], idle)})")
+        cold = r["idle"]["Rss"]
+        before = r["warm"]["Rss"] if "warm" in r else cold
+        after = r["streams_after"]["Rss"]
+        burst = r["burst_after"]["Rss"]
+        second = f"{r['burst_after_2']['Rss']:.0f} ({verdict(r['burst_after_2']['Rss'], burst)})" if "burst_after_2" in r else "-"
+        end = r["burst_after_2" if "burst_after_2" in r else "burst_after"]["Rss"]
         lines.append(
-            f"| {r['db']} | {r['load']} | {idle:.0f} | {r['streams']['Rss']:.0f} ({verdict(r['streams']['Rss'], idle).split()[0]}) "
-            f"| {r['streams_after']['Rss']:.0f} ({verdict(r['streams_after']['Rss'], idle)}) | {r['peak']:.0f} "
-            f"| {r['burst_after']['Rss']:.0f} ({verdict(r['burst_after']['Rss'], idle)}){second} "
-            f"| {verdict(r['burst_after']['Rss'], r['streams_after']['Rss'])} | {r['burst_mib']:.0f}, {r['burst_s']:.1f} |")
+            f"| {r['db']} | {r['load']} | {cold:.0f} | {before:.0f} | {r['streams']['Rss']:.0f} ({verdict(r['streams']['Rss'], before).split()[0]}) "
+            f"| {after:.0f} ({verdict(after, before)}) | {r['peak']:.0f} | {burst:.0f} ({verdict(burst, after)}) | {second} "
+            f"| {verdict(end, before).split()[0]} / {verdict(end, cold).split()[0]} | {r['burst_mib']:.0f}, {r['burst_s']:.1f} |")
     lines += [
         "",
         "Anonymous (heap) / file-backed MiB at each reading (/proc/<pid>/smaps_rollup):",
         "",
-        "| database | idle | with streams | after streams closed | after the burst | after the second burst | then after malloc_trim(0) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| database | idle, cold | idle, warm | with streams | after streams closed | after the burst | after the second burst | then after malloc_trim(0) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         cells = [f"{r[k].get('Anonymous', float('nan')):.0f} / {r[k].get('File', float('nan')):.0f}" if k in r else "-"
-                 for k in ("idle", "streams", "streams_after", "burst_after", "burst_after_2", "trimmed")]
+                 for k in ("idle", "warm", "streams", "streams_after", "burst_after", "burst_after_2", "trimmed")]
         lines.append(f"| {r['db']} | " + " | ".join(cells) + " |")
     for r in results:
         if r.get("trace"):
@@ -378,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=16, help="rounds of the large requests (default 16)")
     p.add_argument("--concurrency", type=int, default=8, help="client threads of the burst (default 8)")
     p.add_argument("--bursts", type=int, default=2, help="bursts, one after the other (default 2: is what stays a one-time cost?)")
+    p.add_argument("--warm-streams", type=int, default=50,
+                   help="streams of the warm-up before 'idle, warm' (default 50; 0: no warm-up)")
     p.add_argument("--settle", type=float, default=10.0, help="seconds before the readings after (default 10)")
     p.add_argument("--subscribe-timeout", type=float, default=120.0)
     p.add_argument("--trim-after-streams", action="store_true",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import logging
 import queue
 import random
@@ -51,6 +52,21 @@ class PoolSettings:
 
 
 _BEGIN = {mode: f"BEGIN {mode}" for mode in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE")}
+
+
+def _note_pool(_dbapi_conn: Any, record: Any, proxy: Any) -> None:
+    """Pool checkout: the pool the connection belongs to (its proxy's; None where SQLAlchemy has
+    no such attribute, and then nothing is closed for it)."""
+    record.info["nexus_pool"] = getattr(proxy, "_pool", None)
+
+
+def _close_if_replaced(engine: Engine, dbapi_conn: Any, record: Any) -> None:
+    """Pool checkin: a connection in use when Database.release_connections replaced its engine's
+    pool (a burst's write, libpq's buffers at its largest statement) is closed as it comes back,
+    to the pool that was replaced, which would otherwise keep it."""
+    pool = record.info.get("nexus_pool")
+    if dbapi_conn is not None and pool is not None and pool is not engine.pool:
+        record.close()
 
 # SQLite's soft heap limit, for the whole process (every connection's page cache, schema and
 # statements together). Each connection caches up to 2 MB of pages (cache_size -2000), and a
@@ -347,13 +363,13 @@ class Database:
         # submission to its answer, the wait for a database thread included (service/metrics.py).
         self.timing: Callable[[Plan, float], None] | None = None
         event.listen(self._write_sessions, "after_commit", self._after_commit)
-        # release_connections' count: a pooled connection checked out before the last release
-        # is closed as it comes back (a disposed pool keeps what is checked in to it later).
-        self._releases = 0
+        # A pooled connection checked in to a pool release_connections replaced is closed: the
+        # replaced pool would keep it, with libpq's buffers, until the garbage collector's next
+        # full pass, which an idle server does not make.
         if self.is_postgres:
             for pooled in (self.engine, self.read_engine):
-                event.listen(pooled, "checkout", self._note_checkout)
-                event.listen(pooled, "checkin", self._close_if_released)
+                event.listen(pooled, "checkout", _note_pool)
+                event.listen(pooled, "checkin", functools.partial(_close_if_replaced, pooled))
         self._kept = KeptConnections(self.read_engine, write_engine, self.pool, self.is_postgres)
         self._runners = {
             Mode.READ: self._run_read,
@@ -531,22 +547,10 @@ class Database:
         under releases every 0.1 s; its page caches are bounded by SQLITE_SOFT_HEAP_LIMIT)."""
         if not self.is_postgres:
             return
-        self._releases += 1
         self._kept.lost()
         self._kept.release_idle()
         for engine in self.engines:
             engine.dispose()
-
-    def _note_checkout(self, _dbapi_conn: Any, record: Any, _proxy: Any) -> None:
-        record.info["nexus_releases"] = self._releases
-
-    def _close_if_released(self, dbapi_conn: Any, record: Any) -> None:
-        """A connection in use during a release (a burst's write, with libpq's buffers at its
-        largest statement) closes as it is checked in: engine.dispose closed only the idle ones,
-        and the old pool would keep this one, unused, until the garbage collector's next full
-        pass, which an idle server does not make."""
-        if dbapi_conn is not None and record.info.get("nexus_releases", self._releases) != self._releases:
-            record.close()
 
     @property
     def engines(self) -> list[Engine]:

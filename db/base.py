@@ -113,7 +113,9 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         # DATETIME parses it and this decorator then adds the zone: datetime.fromisoformat does
         # both for less per value, and a page of tasks has many (bench/README.md). The zone goes
         # in as text: parsing "...+00:00" takes 0.08 µs, parsing and then replace(tzinfo=) 0.64.
-        # Text that has a zone already fails that parse and takes the plain path, as does a date.
+        # Only the stored forms take it (19 or 26 characters ending in a digit: "+00:00" after
+        # a trailing space or "z" would parse); text with a zone fails that parse, and a date
+        # parses without its zone: both take the plain path.
         utc = dt.UTC
         parse = dt.datetime.fromisoformat
 
@@ -124,7 +126,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         def process(value: Any) -> dt.datetime | None:
             if value is None:
                 return None
-            if isinstance(value, str):
+            if isinstance(value, str) and len(value) in (19, 26) and value[-1].isdigit():  # as stored
                 try:
                     parsed = parse(value + "+00:00")
                 except ValueError:

@@ -7,6 +7,7 @@ import gc
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
@@ -15,8 +16,18 @@ from db import errors
 from db.base import UTCDateTime
 from db.database import Database, PoolSettings
 from db.unit import READ, SESSION_READ, TRANSACTION
+from tests.databases import fresh_postgres_database
 
 PG = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+
+
+@pytest.fixture
+def own_pg_url() -> Iterator[str]:
+    """A PostgreSQL database no server of the session uses: these tests count its backends, and
+    one terminates them all; the session's servers would reconnect into the count (and lose their
+    connections)."""
+    with fresh_postgres_database("nexus_atk10") as url:
+        yield url
 
 
 def _dbname(database: Database) -> str:
@@ -91,15 +102,14 @@ def _storm(database: Database, table: str, seconds: float, workers: int = 8, ext
     return failures, counts, releases
 
 
-@PG
 @pytest.mark.parametrize("via_executor", [False, True], ids=["borrowed", "kept"])
-def test_releases_in_a_tight_loop_under_a_mixed_load_fail_no_call_and_leak_no_connection(database_url: str, via_executor: bool) -> None:
+def test_releases_in_a_tight_loop_under_a_mixed_load_fail_no_call_and_leak_no_connection(own_pg_url: str, via_executor: bool) -> None:
     """Releases every ~2 ms while reads (Core, Session, large), writes, transactions and past-deadline
     calls run: no call fails, and once all is idle a last release leaves no connection open (the
     garbage collector not run: an idle server does not run it)."""
     gc.collect()
-    database = Database(database_url, PoolSettings(size=4, max_overflow=4, timeout=5))
-    admin = Database(database_url, PoolSettings(size=1, max_overflow=0))
+    database = Database(own_pg_url, PoolSettings(size=4, max_overflow=4, timeout=5))
+    admin = Database(own_pg_url, PoolSettings(size=1, max_overflow=0))
     try:
         table = _table(database)
         dbname = _dbname(database)
@@ -127,13 +137,12 @@ def test_releases_in_a_tight_loop_under_a_mixed_load_fail_no_call_and_leak_no_co
         admin.dispose()
 
 
-@PG
-def test_releases_while_the_backends_are_terminated_recover(database_url: str) -> None:
+def test_releases_while_the_backends_are_terminated_recover(own_pg_url: str) -> None:
     """An operator's bad day: every backend of the database terminated, repeatedly, while the
     trimmer releases. Calls may fail UNAVAILABLE while it happens, nothing else; after it, every
     call works, and no connection is left behind."""
-    database = Database(database_url, PoolSettings(size=4, max_overflow=4, timeout=5, ping_after=0.05))
-    admin = Database(database_url, PoolSettings(size=1, max_overflow=0))
+    database = Database(own_pg_url, PoolSettings(size=4, max_overflow=4, timeout=5, ping_after=0.05))
+    admin = Database(own_pg_url, PoolSettings(size=1, max_overflow=0))
     try:
         table = _table(database)
         dbname = _dbname(database)

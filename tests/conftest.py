@@ -57,6 +57,22 @@ def make_config(database_url: str, **overrides: Any) -> Config:
     return Config(**values)
 
 
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """End a stopped loop as asyncio.run ends its own: its tasks cancelled and run to their end,
+    its async generators closed, its default executor's threads ended, the loop closed. A test
+    process starts hundreds of servers, each on a loop of its own: a task or generator left
+    pending would be finalized later by the garbage collector, on whatever thread runs it, long
+    after its server and its loop are gone; idle executor threads would stay."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+    loop.close()
+
+
 class ServerThread:
     """The real grpc.aio server, running on its own event loop in a background thread."""
 
@@ -76,13 +92,11 @@ class ServerThread:
         except BaseException as exc:  # noqa: BLE001 - reported to the test thread
             self._error = exc
             self._started.set()
+            close_loop(self.loop)
             return
         self._started.set()
         self.loop.run_forever()
-        # The loop's default executor ended and the loop closed: a test process starts hundreds
-        # of servers, whose idle executor threads would otherwise stay.
-        self.loop.run_until_complete(self.loop.shutdown_default_executor())
-        self.loop.close()
+        close_loop(self.loop)
 
     def start(self) -> ServerThread:
         self._thread.start()

@@ -28,7 +28,7 @@ from db.domains import files
 from db.engine import writes
 from db.engine.call import Call
 from db.engine.resource import REGISTRY, ResourceSpec
-from tests.conftest import Client, unique
+from tests.conftest import Client, close_loop, unique
 
 # Every writable resource: the generic suites make its rows somehow (make_row), by its Create
 # RPC or, for one without Create, as its Sample says (a File: by an upload).
@@ -48,7 +48,7 @@ def run_async(coro: Any) -> Any:
     try:
         return loop.run_until_complete(coro)
     finally:
-        loop.close()
+        close_loop(loop)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nexus.identity.v1 import identity_pb2 as ipb
 
 from service.server import DOMAIN_SERVICES, create_server
-from tests.conftest import Client, ServerThread, connect, make_config, unique
+from tests.conftest import Client, ServerThread, close_loop, connect, make_config, unique
 from tests.databases import fresh_postgres_database
 from tests.support import expect_error
 from tests.tcp_proxy import TcpProxy, proxied
@@ -251,6 +251,7 @@ def test_every_health_name_answers_while_the_first_database_check_is_under_way(c
         thread.app.db.ping = slow_ping  # type: ignore[method-assign]
         thread.loop.create_task(thread.app.start())
         thread.loop.run_forever()
+        close_loop(thread.loop)
 
     runner = threading.Thread(target=_run, daemon=True)
     runner.start()

@@ -75,3 +75,41 @@ def test_every_package_is_a_regular_package() -> None:
     folders = {p.parent for top in ("db", "service") for p in (ROOT / top).rglob("*.py")}
     missing = sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").exists())
     assert not missing, f"no __init__.py in {missing}"
+
+
+# Calls that fork the calling process: the pytest worker runs the session's servers (gRPC's
+# threads and fork handlers, the databases' threads), which a fork of it does not survive
+# reliably. A test that needs a fork runs it in a fresh interpreter (tests/test_ids.py).
+FORKING = {("os", "fork"), ("os", "forkpty"), ("multiprocessing", "Process"), ("multiprocessing", "Pool"), ("", "fork"), ("", "forkpty")}
+
+
+def forks(path: Path) -> list[str]:
+    """Calls of os.fork, os.forkpty, multiprocessing.Process or Pool (which fork on Linux) and
+    get_context("fork") in path, as "line: name"; code in strings (a child interpreter's script)
+    is not code here."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute):
+            owner, name = (func.value.id if isinstance(func.value, ast.Name) else "?"), func.attr
+        else:
+            owner, name = "", getattr(func, "id", "")
+        if (owner, name) in FORKING or (name == "get_context" and any(isinstance(a, ast.Constant) and a.value == "fork" for a in node.args)):
+            found.append(f"{node.lineno}: {name}")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tests").glob("*.py")), ids=lambda p: p.name)
+def test_no_test_forks_the_test_process(path: Path) -> None:
+    assert not forks(path), f"tests/{path.name} forks the pytest worker at {forks(path)}"
+
+
+def test_the_fork_rule_sees_a_fork(tmp_path: Path) -> None:
+    module = tmp_path / "forking.py"
+    module.write_text(
+        'import os, multiprocessing, psutil\ndef f():\n    pid = os.fork()\n    multiprocessing.get_context("fork")\n'
+        '    multiprocessing.Process(target=f)\n    psutil.Process(1)\n    s = "os.fork()"\n'
+    )
+    assert forks(module) == ["3: fork", "4: get_context", "5: Process"]

@@ -48,6 +48,15 @@ from service.work import WorkService
 
 log = logging.getLogger("nexus.server")
 
+# grpcio's AioServer.__dealloc__ logs itself at DEBUG ("__dealloc__ called on running server %s")
+# when a server that never stopped is freed (one made and never started, as when create_server
+# refuses a setting after making it). A log record is kept past the call by any handler that
+# keeps records (a test's log capture, a buffering handler): it holds the freed server, and when
+# it goes, the server is freed a second time and the process dies of a segmentation fault. That
+# logger is held at INFO, whatever LOG_LEVEL says (tests/test_server.py).
+GRPC_DEALLOC_LOGGER = "grpc._cython.cygrpc"
+logging.getLogger(GRPC_DEALLOC_LOGGER).setLevel(logging.INFO)
+
 # The initial metadata key of every health answer: the server's version (service.__version__),
 # for an operator or a probe that asks what runs (`grpcurl -v ... grpc.health.v1.Health/Check`).
 VERSION_HEADER = "nexus-version"

@@ -304,3 +304,42 @@ def test_a_stopped_server_leaves_no_threads_of_its_own(database_url: str) -> Non
             break
         time.sleep(0.1)
     assert left == [], [t.name for t in left]
+
+
+# An interpreter of its own: without the fix the process dies.
+_UNSTARTED_SERVER_UNDER_DEBUG = """
+import gc, logging, warnings
+warnings.simplefilter("ignore")
+import grpc
+import service.server  # as the service runs: the logger it holds at INFO
+
+records = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(record)
+
+root = logging.getLogger()
+root.setLevel(logging.DEBUG)
+root.addHandler(Keep())
+for _ in range(3):
+    server = grpc.aio.server()
+    server.add_insecure_port("127.0.0.1:0")
+    del server  # made, never started: grpc cannot stop it
+    gc.collect()
+held = sum(1 for r in records if "__dealloc__" in str(r.msg))
+records.clear()  # a record holding the freed server would free it again here
+gc.collect()
+print(held)
+"""
+
+
+def test_a_never_started_grpc_server_freed_under_debug_logging_does_not_crash_the_process() -> None:
+    """grpcio logs an unstopped AioServer from its __dealloc__ at DEBUG, with the server as an
+    argument: a handler that keeps the record frees the server a second time when it lets it go
+    (a segmentation fault; the worker crashes seen in CI, read from a core file). The service
+    holds that logger at INFO, so no such record is made even when the root logs DEBUG."""
+    done = subprocess.run([sys.executable, "-c", _UNSTARTED_SERVER_UNDER_DEBUG], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["0"], done.stdout

@@ -23,7 +23,8 @@ Implemented (everything else answers UNIMPLEMENTED):
   WorkService/ListTasks               filter `project_id = "<uuid>" AND status = <STATUS>` only;
                                       keyset page (create_time, id) + dependencies + COUNT(*)
   WorkService/SearchTasks             the service's FTS SQL (PostgreSQL websearch_to_tsquery on
-                                      the GIN expression; SQLite FTS5 MATCH + bm25) + COUNT(*)
+                                      the GIN expression; SQLite FTS5 MATCH, its score
+                                      from highlight()) + COUNT(*)
   WorkService/CreateTask              PostgreSQL, autocommit: one INSERT with the audit entry and the
                                       project read FOR SHARE as CTEs guarding it; SQLite: BEGIN
                                       IMMEDIATE, the project check, the INSERT, the audit INSERT, COMMIT.
@@ -93,6 +94,11 @@ WORD = re.compile(r"\w+", re.UNICODE)
 PG_VECTOR = (
     "(setweight(to_tsvector('english'::regconfig, coalesce(title, '')), 'A') || "
     "setweight(to_tsvector('english'::regconfig, coalesce(description, '')), 'B'))"
+)
+# A task's own score (the service's): title weight 10, description 4, times the words' occurrences.
+SQLITE_SCORE = (
+    "(10.0 * coalesce(length(highlight(tasks_fts, 0, char(1), '')) - length(tasks.title), 0) + "
+    "4.0 * coalesce(length(highlight(tasks_fts, 1, char(1), '')) - length(tasks.description), 0))"
 )
 
 
@@ -533,10 +539,10 @@ class Store:
         if d.name == "sqlite":
             match = " ".join(f'"{w}"' for w in words)
             page_sql = (
-                f"SELECT {TASK_COLS}, -bm25(tasks_fts, ?, ?) AS score FROM tasks JOIN tasks_fts ON tasks.rowid = tasks_fts.rowid "
+                f"SELECT {TASK_COLS}, {SQLITE_SCORE} AS score FROM tasks JOIN tasks_fts ON tasks.rowid = tasks_fts.rowid "
                 "WHERE tasks.delete_time IS NULL AND (tasks_fts MATCH ?) ORDER BY score DESC, tasks.id LIMIT ? OFFSET ?"
             )
-            page_params: list[Any] = [10.0, 4.0, match, size + 1, offset]
+            page_params: list[Any] = [match, size + 1, offset]
             count_sql = (
                 "SELECT count(*) FROM tasks JOIN tasks_fts ON tasks.rowid = tasks_fts.rowid "
                 "WHERE tasks.delete_time IS NULL AND (tasks_fts MATCH ?)"

@@ -291,6 +291,29 @@ def test_search_finds_words_of_the_title_first_then_of_the_contents_string_value
     assert keyed.id not in [r.document.id for r in found]
 
 
+def test_a_documents_score_counts_the_word_in_its_contents_string_values_and_never_in_its_keys(client: Client, actor: Callable[..., Actor]) -> None:
+    """The content is JSON: its string values are its text. A value holding the word twice scores
+    above one holding it once, and a key named as the word adds nothing (SQLite counts the
+    word's occurrences in the indexed values, however the stored JSON lays them out)."""
+    owner = actor()
+    word = unique("wombat")
+
+    def made(content: dict[str, Any]) -> str:
+        struct = struct_pb2.Struct()
+        struct.update(content)
+        return _create(owner.c, "Plain title", content=struct).id
+
+    twice = made({"count": 7, "notes": [f"{word} and again {word}"]})
+    once = made({"body": f"a {word} here"})
+    keyed_once = made({word: f"the {word} value", "other": "nothing"})
+    found = owner.c.knowledge.SearchDocuments(kpb.SearchDocumentsRequest(query=word)).results
+    scores = {r.document.id: r.score for r in found}
+    assert set(scores) == {twice, once, keyed_once}
+    assert found[0].document.id == twice
+    assert scores[twice] > scores[once] > 0
+    assert scores[keyed_once] == scores[once]
+
+
 def test_the_rows_of_documents_a_rule_lets_through_are_every_row_when_it_lets_every_document_through() -> None:
     """A rule of versions or shares made from a documents' rule (documents._of) adds no
     condition when that rule adds none (None: every row): `IN (SELECT id ... WHERE NULL)` would

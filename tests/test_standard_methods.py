@@ -316,6 +316,27 @@ def test_search_ranks_matches_first(searchable_api: Api) -> None:
     assert filtered.total_size == 0
 
 
+def test_a_hit_scores_by_its_own_row_whatever_the_others_hold(searchable_api: Api) -> None:
+    """A hit's score is its own row's: rows added since that hold the same word change neither
+    its score nor its place, so pages read at different moments rank alike (SQLite's bm25 weighed
+    a word by the number of rows holding it, and each new one moved every score)."""
+    api = searchable_api
+    word = unique("s")
+    made = api.create(word)
+
+    def score() -> float:
+        result = api.call("Search{Es}", query=word)
+        return {getattr(hit, api.spec.singular_field).id: hit.score for hit in result.results}[made.id]
+
+    first = score()
+    assert first > 0
+    for i in range(3):  # the word, and another: unique fields (a user's email) stay unique
+        api.create(f"{word}_{i}")
+    api.create()
+    assert api.call("Search{Es}", query=word).total_size == 4
+    assert score() == first
+
+
 def test_batch_methods_are_all_or_nothing(batch_api: Api) -> None:
     api = batch_api
     if api.spec.batch_get:

@@ -4,8 +4,8 @@ Rows are written straight into the tables in the formats the service's SQLAlchem
 SQLite stores UUIDs as 32-char hex (`Uuid`), timestamps as naive UTC text
 'YYYY-MM-DD HH:MM:SS.ffffff', booleans as 0/1 and JSON as text; PostgreSQL gets uuid,
 timestamptz, boolean and jsonb. SQLite rows go through executemany in one transaction (the FTS5
-triggers keep `tasks_fts` in sync), PostgreSQL rows through COPY (the GIN expression index is
-maintained by PostgreSQL itself). No audit entries are written for seeded rows.
+triggers keep `tasks_fts` in sync), PostgreSQL rows through COPY (the stored search vector and its
+GIN index are computed by PostgreSQL itself). No audit entries are written for seeded rows.
 """
 from __future__ import annotations
 

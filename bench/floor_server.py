@@ -91,10 +91,9 @@ PRIORITY_NUM, PRIORITY_DB = _enum_maps(wpb.Priority.DESCRIPTOR)
 ROLE_NUM, _ = _enum_maps(ipb.UserRole.DESCRIPTOR)
 FILTER = re.compile(r'^\s*project_id\s*=\s*"([0-9a-fA-F-]{32,36})"\s+AND\s+status\s*=\s*(?:TASK_STATUS_)?([A-Z_]+)\s*$')
 WORD = re.compile(r"\w+", re.UNICODE)
-PG_VECTOR = (
-    "(setweight(to_tsvector('english'::regconfig, coalesce(title, '')), 'A') || "
-    "setweight(to_tsvector('english'::regconfig, coalesce(description, '')), 'B'))"
-)
+# A task's stored tsvector (the database computes it from the title, weight A, and the
+# description, weight B), which the GIN index covers.
+PG_VECTOR = "tasks.search_vector"
 # A task's own score (the service's): title weight 10, description 4, times the words' occurrences.
 SQLITE_SCORE = (
     "(10.0 * coalesce(length(highlight(tasks_fts, 0, char(1), '')) - length(tasks.title), 0) + "

@@ -878,6 +878,7 @@ def sql_timings(dialect: str, target: str, project_id: str) -> dict[str, float]:
     order = "ORDER BY tasks.create_time ASC NULLS LAST, tasks.id ASC NULLS LAST"
     limit = "LIMIT ? OFFSET ?" if dialect == "sqlite" else "LIMIT %s"
     lim = [51, 0] if dialect == "sqlite" else [51]
+    columns = ", ".join(f"tasks.{c}" for c in benchdb.TASK_COLUMNS)  # a task's fields, not its search vector
     keyset = (f" AND (tasks.create_time > {ph} OR tasks.create_time IS NULL OR tasks.create_time = {ph} "
               f"AND (tasks.id > {ph} OR tasks.id IS NULL))")
     cur = conn.cursor()
@@ -895,11 +896,11 @@ def sql_timings(dialect: str, target: str, project_id: str) -> dict[str, float]:
         cur.execute(f"SELECT tasks.create_time, tasks.id FROM tasks WHERE {where} {order} LIMIT 1 OFFSET 949", [pid, "todo"])
         after = cur.fetchone()
         out = {
-            "page1": timed(f"SELECT * FROM tasks WHERE {where} {order} {limit}", [pid, "todo", *lim]),
+            "page1": timed(f"SELECT {columns} FROM tasks WHERE {where} {order} {limit}", [pid, "todo", *lim]),
             "count": timed(f"SELECT count(*) FROM tasks WHERE {where}", [pid, "todo"]),
         }
         if after:
-            out["page20"] = timed(f"SELECT * FROM tasks WHERE {where}{keyset} {order} {limit}",
+            out["page20"] = timed(f"SELECT {columns} FROM tasks WHERE {where}{keyset} {order} {limit}",
                                   [pid, "todo", after[0], after[0], after[1], *lim])
         if dialect != "sqlite":
             conn.rollback()

@@ -18,6 +18,11 @@ MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 _ADVISORY_LOCK_KEY = 7_340_221
 
 
+# PostgreSQL's column of each searchable table's tsvector (migration 0020; db/engine/search.py):
+# kept by the database, never declared on the models.
+SEARCH_VECTOR = "search_vector"
+
+
 class SchemaMismatch(RuntimeError):
     """The database is not at the schema this build expects."""
 
@@ -28,10 +33,13 @@ class UnknownRevision(ValueError):
 
 def include_name(name: str | None, type_: str, parent_names: object) -> bool:
     """Autogenerate's filter: full-text search objects (SQLite FTS5 tables and their shadow
-    tables, PostgreSQL GIN expression indexes) are made by migrations, not declared on models."""
+    tables, PostgreSQL's stored search vectors and their GIN indexes) are made by migrations,
+    not declared on models."""
     if name is None:
         return True
     if type_ == "table" and "_fts" in name:
+        return False
+    if type_ == "column" and name == SEARCH_VECTOR:
         return False
     return not (type_ == "index" and name.startswith("ix_") and name.endswith("_search"))
 

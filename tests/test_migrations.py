@@ -81,8 +81,13 @@ def test_search_index_exists_after_upgrade(empty_url: str) -> None:
             searchable = [spec.table.name for spec in REGISTRY if spec.searchable]
             assert searchable
             if database.is_postgres:
-                names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE indexname LIKE '%_search'")).scalars())
-                assert {f"ix_{t}_search" for t in searchable} <= names
+                # each one a GIN index on the table's stored vector, which the database computes
+                defs = dict(conn.execute(text("SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE '%_search'")).all())
+                assert {t: defs.get(f"ix_{t}_search") for t in searchable} == {t: f"CREATE INDEX ix_{t}_search ON public.{t} USING gin (search_vector)" for t in searchable}
+                generated = set(conn.execute(text(
+                    "SELECT table_name FROM information_schema.columns WHERE column_name = 'search_vector' AND data_type = 'tsvector' AND is_generated = 'ALWAYS'"
+                )).scalars())
+                assert set(searchable) <= generated
             else:
                 names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '%_fts'")).scalars())
                 assert {f"{t}_fts" for t in searchable} <= names
@@ -134,5 +139,55 @@ def test_request_records_take_their_creators_principal(empty_url: str) -> None:
         assert found == {"r-1": f"api_key:{key_id}", "r-2": ""}
         migrate.downgrade(database.engine, "0004")
         migrate.upgrade(database.engine)
+    finally:
+        database.dispose()
+
+
+def test_every_row_stays_searchable_across_0020_both_ways(empty_url: str) -> None:
+    """0020 moves PostgreSQL's search index from the tsvector expression onto a stored column:
+    a row written before it is found after it (the rewrite computes every row's vector), and a
+    row written after it is found again below it. Each step searches as that revision's index
+    does (SQLite's FTS5 table, which 0020 leaves as it is)."""
+    import uuid
+
+    database = Database(empty_url)
+    word = f"wombat{uuid.uuid4().hex[:8]}"
+    uid = Base.metadata.tables["audit_log_entries"].c.id.type
+
+    def write(summary: str) -> None:
+        with database.engine.begin() as conn:
+            store = uid.bind_processor(conn.dialect) or (lambda v: v)
+            conn.execute(
+                text("INSERT INTO audit_log_entries (id, actor_type, actor_id, action, resource_type, resource_id, request_id, changes, summary, create_time) "
+                     "VALUES (:id, 'system', NULL, 'create', 'Task', :res, '', '{}', :summary, CURRENT_TIMESTAMP)"),
+                {"id": store(uuid.uuid4()), "res": store(uuid.uuid4()), "summary": summary},
+            )
+
+    def found(stored: bool) -> set[str]:
+        if not database.is_postgres:
+            sql = "SELECT e.summary FROM audit_log_entries e JOIN audit_log_entries_fts f ON e.rowid = f.rowid WHERE audit_log_entries_fts MATCH :q"
+        elif stored:
+            sql = "SELECT summary FROM audit_log_entries WHERE search_vector @@ websearch_to_tsquery('english', :q)"
+        else:
+            sql = ("SELECT summary FROM audit_log_entries "
+                   "WHERE setweight(to_tsvector('english'::regconfig, coalesce(summary, '')), 'A') @@ websearch_to_tsquery('english', :q)")
+        with database.engine.connect() as conn:
+            return set(conn.execute(text(sql), {"q": word}).scalars())
+
+    try:
+        migrate.upgrade(database.engine, "0019")
+        write(f"before the {word}")
+        assert found(stored=False) == {f"before the {word}"}
+        migrate.upgrade(database.engine)
+        assert found(stored=True) == {f"before the {word}"}
+        write(f"after the {word}")
+        assert found(stored=True) == {f"before the {word}", f"after the {word}"}
+        migrate.downgrade(database.engine, "0019")
+        assert found(stored=False) == {f"before the {word}", f"after the {word}"}
+        if database.is_postgres:
+            with database.engine.connect() as conn:
+                assert conn.execute(text("SELECT count(*) FROM information_schema.columns WHERE column_name = 'search_vector'")).scalar() == 0
+        migrate.upgrade(database.engine)
+        assert found(stored=True) == {f"before the {word}", f"after the {word}"}
     finally:
         database.dispose()

@@ -201,7 +201,7 @@ def upgrade() -> None:
     with op.batch_alter_table('task_dependencies', schema=None) as batch_op:
         batch_op.create_index('ix_task_dependencies_depends_on_id', ['depends_on_id'], unique=False)
 
-    create_search_objects(op, SEARCH)
+    create_search_objects(op, SEARCH, stored=False)
 
 
 def downgrade() -> None:

@@ -130,7 +130,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_chat_messages_channel_id_create_time', ['channel_id', 'create_time'], unique=False)
         batch_op.create_index('ix_chat_messages_create_time_id', ['create_time', 'id'], unique=False)
         batch_op.create_index(batch_op.f('ix_chat_messages_parent_id'), ['parent_id'], unique=False)
-    create_search_objects(op, SEARCH)
+    create_search_objects(op, SEARCH, stored=False)
 
 
 def downgrade() -> None:

@@ -42,7 +42,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_audit_log_entries_create_time_id', ['create_time', 'id'], unique=False)
         batch_op.create_index(batch_op.f('ix_audit_log_entries_request_id'), ['request_id'], unique=False)
         batch_op.create_index('ix_audit_log_entries_resource_type_resource_id', ['resource_type', 'resource_id'], unique=False)
-    create_search_objects(op, SEARCH)
+    create_search_objects(op, SEARCH, stored=False)
 
 
 def downgrade() -> None:

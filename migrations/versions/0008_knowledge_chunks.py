@@ -41,7 +41,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_knowledge_chunks_source', ['source'], unique=False)
         batch_op.create_index('uq_knowledge_chunks_source_external_id', ['source', 'external_id'], unique=True,
                               postgresql_where=WITH_EXTERNAL_ID, sqlite_where=WITH_EXTERNAL_ID)
-    create_search_objects(op, SEARCH)
+    create_search_objects(op, SEARCH, stored=False)
 
 
 def downgrade() -> None:

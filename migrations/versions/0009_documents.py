@@ -83,7 +83,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('document_versions', schema=None) as batch_op:
         batch_op.create_index('uq_document_versions_document_id_version', ['document_id', 'version'], unique=True)
-    create_search_objects(op, SEARCH)
+    create_search_objects(op, SEARCH, stored=False)
 
 
 def downgrade() -> None:

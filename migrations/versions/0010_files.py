@@ -42,7 +42,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_files_create_time_id', ['create_time', 'id'], unique=False)
         batch_op.create_index('ix_files_owner_id', ['owner_id'], unique=False)
         batch_op.create_index('ix_files_sha256', ['sha256'], unique=False)
-    create_search_objects(op, SEARCH)
+    create_search_objects(op, SEARCH, stored=False)
 
 
 def downgrade() -> None:

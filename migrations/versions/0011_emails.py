@@ -50,7 +50,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_emails_create_time_id', ['create_time', 'id'], unique=False)
         batch_op.create_index('ix_emails_sender_id', ['sender_id'], unique=False)
         batch_op.create_index('ix_emails_thread_id', ['thread_id'], unique=False)
-    create_search_objects(op, SEARCH)
+    create_search_objects(op, SEARCH, stored=False)
 
 
 def downgrade() -> None:

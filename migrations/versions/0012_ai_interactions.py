@@ -57,7 +57,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_ai_interactions_create_time_id', ['create_time', 'id'], unique=False)
         batch_op.create_index('ix_ai_interactions_request_time', ['request_time'], unique=False)
         batch_op.create_index('ix_ai_interactions_user_id_request_time', ['user_id', 'request_time'], unique=False)
-    create_search_objects(op, SEARCH)
+    create_search_objects(op, SEARCH, stored=False)
 
 
 def downgrade() -> None:

@@ -98,7 +98,7 @@ def upgrade() -> None:
     with op.batch_alter_table('tool_generations', schema=None) as batch_op:
         batch_op.create_index('ix_tool_generations_create_time_id', ['create_time', 'id'], unique=False)
         batch_op.create_index('ix_tool_generations_user_id', ['user_id'], unique=False)
-    create_search_objects(op, SEARCH)
+    create_search_objects(op, SEARCH, stored=False)
 
 
 def downgrade() -> None:

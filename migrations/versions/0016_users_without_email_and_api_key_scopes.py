@@ -36,7 +36,7 @@ def _users_nullable_email(nullable: bool) -> None:
     with op.batch_alter_table('users', schema=None) as batch_op:
         batch_op.alter_column('email', existing_type=sa.String(length=320), nullable=nullable)
     if sqlite:
-        create_search_objects(op, USERS_SEARCH)
+        create_search_objects(op, USERS_SEARCH, stored=False)  # SQLite only: FTS5 either way
 
 
 def upgrade() -> None:

@@ -107,10 +107,20 @@ def connect(dialect: str, target: str) -> Any:
 # ---------------------------------------------------------------- the CLI of the service
 
 
+# Another checkout whose CLI makes the databases (bench/run --project-src): its migrations, not
+# this one's, so that the server run from it finds the schema it expects.
+PROJECT_SRC: str | None = None
+
+
 def _cli(args: list[str], url: str, timeout: float = 180) -> str:
     env = {**os.environ, "NEXUS_HASH_TIME_COST": "1", "NEXUS_HASH_MEMORY_KIB": "1024"}
+    argv, cwd = [NEXUS_DATA], None
+    if PROJECT_SRC:
+        src = str(Path(PROJECT_SRC).resolve())
+        env["PYTHONPATH"] = os.pathsep.join([src, os.path.join(src, "generated"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        argv, cwd = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"], src
     out = subprocess.run(
-        [NEXUS_DATA, *args, "--database-url", url], env=env, capture_output=True, text=True, timeout=timeout
+        [*argv, *args, "--database-url", url], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
     if out.returncode != 0:
         raise RuntimeError(f"nexus-data {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")

@@ -1024,6 +1024,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    benchdb.PROJECT_SRC = args.project_src  # its migrations make the benchmark's databases too
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     command = ("bench/run " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))).rstrip()

@@ -63,7 +63,7 @@ def sqlite_case(data: list[tuple[str, str]], hits: int, rounds: int) -> dict[str
     return out
 
 
-def pg_case(data: list[tuple[str, str]], hits: int, rounds: int, dbname: str) -> dict[str, float]:
+def pg_case(data: list[tuple[str, str]], hits: int, rounds: int, dbname: str) -> dict[str, Any]:
     import psycopg2
 
     conn = psycopg2.connect(host="127.0.0.1", user="postgres", dbname=dbname, connect_timeout=10)
@@ -79,7 +79,7 @@ def pg_case(data: list[tuple[str, str]], hits: int, rounds: int, dbname: str) ->
         cur.execute("VACUUM ANALYZE bench_search_window_text")
         cur.execute("SET jit = off")
         query = "websearch_to_tsquery('english'::regconfig, 'needle')"
-        out = {}
+        out: dict[str, Any] = {}
         for name, vector in (("stored", "search_vector"), ("expression", f"({PG_VECTOR})")):
             sql = (f"SELECT id, ts_rank({vector}, {query}) FROM bench_search_window_text "
                    f"WHERE {vector} @@ {query} LIMIT {hits + 1}")

@@ -121,11 +121,11 @@ def main() -> int:
         cells = []
         for d in dbs:
             if d == "sqlite":
-                r = sqlite_case(data, args.hits, args.rounds)
-                cells += [f"{r['highlight']:.1f}", f"{r['bm25']:.1f}"]
+                lite = sqlite_case(data, args.hits, args.rounds)
+                cells += [f"{lite['highlight']:.1f}", f"{lite['bm25']:.1f}"]
             else:
-                r = pg_case(data, args.hits, args.rounds, args.pg_db)
-                cells += [f"{r['stored']:.1f}", f"{r['expression']:.1f}", f"{r['sizes'][0]} / {r['sizes'][1]}"]
+                pg = pg_case(data, args.hits, args.rounds, args.pg_db)
+                cells += [f"{pg['stored']:.1f}", f"{pg['expression']:.1f}", f"{pg['sizes'][0]} / {pg['sizes'][1]}"]
         lines.append(f"| {kib} KiB | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     RESULTS.write_text("\n".join(lines) + "\n")

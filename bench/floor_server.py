@@ -22,7 +22,7 @@ Implemented (everything else answers UNIMPLEMENTED):
   WorkService/GetTask                 one SELECT by primary key, dependency ids in a subquery
   WorkService/ListTasks               filter `project_id = "<uuid>" AND status = <STATUS>` only;
                                       keyset page (create_time, id) + dependencies + COUNT(*)
-  WorkService/SearchTasks             the service's FTS SQL (PostgreSQL websearch_to_tsquery on
+  WorkService/SearchTasks             the service's FTS SQL (PostgreSQL plainto_tsquery on
                                       the GIN expression; SQLite FTS5 MATCH, its score
                                       from highlight()) + COUNT(*)
   WorkService/CreateTask              PostgreSQL, autocommit: one INSERT with the audit entry and the
@@ -548,7 +548,7 @@ class Store:
             )
             count_params: list[Any] = [match]
         else:
-            q = "websearch_to_tsquery('english'::regconfig, %s)"
+            q = "plainto_tsquery('english'::regconfig, %s)"
             page_sql = (
                 f"SELECT {TASK_COLS}, ts_rank({PG_VECTOR}, {q}) AS score FROM tasks "
                 f"WHERE tasks.delete_time IS NULL AND {PG_VECTOR} @@ {q} ORDER BY score DESC, tasks.id LIMIT %s OFFSET %s"

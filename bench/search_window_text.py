@@ -1,6 +1,6 @@
 """What scoring a Search's window costs as its hits' text grows, by the way each database scores.
 
-    .venv/bin/python bench/search_window_text.py [--db sqlite,postgresql] [--hits 300] [--kib 1,8,42] [--rounds 5]
+    .venv/bin/python bench/search_window_text.py [--db sqlite,postgresql] [--hits 300] [--kib 1,8,42] [--rounds 5] [--pg-db postgres]
 
 For each text size: a table of --hits rows, each a title and a body of about that many KiB of
 words drawn from 2,000, every row matching the query word once in each field, indexed as the
@@ -14,12 +14,15 @@ read and scored (LIMIT hits + 1), timed in each scoring form; the best of --roun
 - SQLite: the field weights times the words' occurrences, counted with `highlight()` (the
   service's), and `bm25()` (before), which reads the index alone.
 
-A PostgreSQL table is made and dropped in the database `postgres` on 127.0.0.1 (NEXUS_BENCH_PG_DB
-to choose another); SQLite's lives in memory. Written to bench/results/search_window_text.md.
+PostgreSQL: a table is made and dropped in the database --pg-db (default NEXUS_BENCH_PG_DB, else
+`postgres`) on 127.0.0.1:5432 as the user postgres without a password, as on the benchmark
+machine (`--db sqlite` needs none); SQLite's lives in memory. Written to
+bench/results/search_window_text.md, or --results.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sqlite3
 import time
@@ -105,7 +108,8 @@ def main() -> int:
     p.add_argument("--hits", type=int, default=300)
     p.add_argument("--kib", default="1,8,42")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--pg-db", default="postgres")
+    p.add_argument("--pg-db", default=os.environ.get("NEXUS_BENCH_PG_DB", "postgres"), help="PostgreSQL database for the table (default NEXUS_BENCH_PG_DB, else postgres)")
+    p.add_argument("--results", default=str(RESULTS), help=f"the table's file (default {RESULTS})")
     args = p.parse_args()
     dbs = [d.strip() for d in args.db.split(",") if d.strip()]
     lines = ["# Scoring a Search's window as its hits' text grows", "",
@@ -128,7 +132,7 @@ def main() -> int:
                 cells += [f"{pg['stored']:.1f}", f"{pg['expression']:.1f}", f"{pg['sizes'][0]} / {pg['sizes'][1]}"]
         lines.append(f"| {kib} KiB | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    Path(args.results).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

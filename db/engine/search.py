@@ -25,6 +25,23 @@ from db.migrate import SEARCH_VECTOR
 # {0.1, 0.2, 0.4, 1.0} to D..A; SQLite's score uses these (see _sqlite_score).
 _SQLITE_WEIGHT = {"A": 10.0, "B": 4.0, "C": 2.0, "D": 1.0}
 _WORD = re.compile(r"\w+", re.UNICODE)
+# PostgreSQL's English stop words (tsearch_data/english.stop, which the 'english' configuration
+# drops from a query and from the text): SQLite's search leaves them out of a query too, so both
+# databases match and score the same words.
+STOP_WORDS = frozenset({
+    "i", "me", "my", "myself", "we", "our", "ours", "ourselves", "you", "your", "yours",
+    "yourself", "yourselves", "he", "him", "his", "himself", "she", "her", "hers", "herself", "it",
+    "its", "itself", "they", "them", "their", "theirs", "themselves", "what", "which", "who",
+    "whom", "this", "that", "these", "those", "am", "is", "are", "was", "were", "be", "been",
+    "being", "have", "has", "had", "having", "do", "does", "did", "doing", "a", "an", "the", "and",
+    "but", "if", "or", "because", "as", "until", "while", "of", "at", "by", "for", "with", "about",
+    "against", "between", "into", "through", "during", "before", "after", "above", "below", "to",
+    "from", "up", "down", "in", "out", "on", "off", "over", "under", "again", "further", "then",
+    "once", "here", "there", "when", "where", "why", "how", "all", "any", "both", "each", "few",
+    "more", "most", "other", "some", "such", "no", "nor", "not", "only", "own", "same", "so",
+    "than", "too", "very", "s", "t", "can", "will", "just", "don", "should", "now",
+})
+
 MAX_QUERY_LENGTH = 1024
 
 
@@ -132,17 +149,25 @@ def rebuild_index(engine: Engine, table_name: str, fields: tuple[tuple[str, str]
     SQLite: FTS5's rebuild (for JSON fields: delete-all, then every row's values as the triggers
     write them), in one write transaction; the FTS5 table and its triggers are made anew where
     any of them is missing. PostgreSQL: REINDEX INDEX CONCURRENTLY (CREATE INDEX CONCURRENTLY
-    where the index is missing): writes and searches go on meanwhile."""
+    where the index is missing): writes and searches go on meanwhile. Where the stored vector
+    itself is missing (dropped by hand), it is added first, which rewrites the table under an
+    exclusive lock: reads and writes of the table wait for it."""
     if engine.dialect.name == "postgresql":
         index = f"ix_{table_name}_search"
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            present = conn.execute(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": index}).scalar()
-            if present:
+            no_vector = f"{table_name}.{SEARCH_VECTOR}" in missing_search_objects(engine, table_name)
+            if no_vector:
+                conn.execute(text(f"DROP INDEX IF EXISTS {index}"))
+                conn.execute(text(pg_vector_column_ddl(table_name, fields)))
+            form = conn.execute(text("SELECT pg_get_indexdef(to_regclass(:name))"), {"name": index}).scalar()
+            whole = form is not None and form.endswith(f"USING gin ({SEARCH_VECTOR})")
+            if whole:  # invalid or not ready, too: built afresh in place
                 conn.execute(text(f"REINDEX INDEX CONCURRENTLY {index}"))
-            else:
+            else:  # missing, or an index of another form under its name
+                conn.execute(text(f"DROP INDEX IF EXISTS {index}"))
                 conn.execute(text(pg_index_ddl(table_name).replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY", 1)))
             rows = conn.execute(text(f"SELECT count(*) FROM {table_name}")).scalar_one()
-        return Rebuilt(table_name, index, rows, "rebuilt" if present else "recreated")
+        return Rebuilt(table_name, index, rows, "rebuilt" if whole and not no_vector else "recreated")
     fts = f"{table_name}_fts"
     with engine.begin() as conn:
         names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE name LIKE :prefix"), {"prefix": f"{fts}%"}).scalars())
@@ -152,6 +177,32 @@ def rebuild_index(engine: Engine, table_name: str, fields: tuple[tuple[str, str]
             conn.exec_driver_sql(statement)
         rows = conn.execute(text(f"SELECT count(*) FROM {table_name}")).scalar_one()
     return Rebuilt(table_name, fts, rows, "rebuilt" if whole else "recreated")
+
+
+def missing_search_objects(engine: Engine, table_name: str) -> list[str]:
+    """What of the table's search index is missing or unusable: SQLite's FTS5 table and its
+    three triggers; PostgreSQL's stored vector (`<table>.search_vector`, a generated tsvector)
+    and its GIN index on that column, valid and ready. Empty when the search index is whole."""
+    with engine.connect() as conn:
+        if engine.dialect.name != "postgresql":
+            fts = f"{table_name}_fts"
+            names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE name LIKE :prefix"), {"prefix": f"{fts}%"}).scalars())
+            return sorted({fts, f"{fts}_ai", f"{fts}_ad", f"{fts}_au"} - names)
+        missing = []
+        vector = conn.execute(text(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = :table "
+            "AND column_name = :column AND data_type = 'tsvector' AND is_generated = 'ALWAYS'"
+        ), {"table": table_name, "column": SEARCH_VECTOR}).first()
+        if vector is None:
+            missing.append(f"{table_name}.{SEARCH_VECTOR}")
+        index = f"ix_{table_name}_search"
+        usable = conn.execute(text(
+            "SELECT i.indisvalid AND i.indisready AND pg_get_indexdef(i.indexrelid) LIKE :form FROM pg_index i "
+            "WHERE i.indexrelid = to_regclass(:name)"
+        ), {"name": index, "form": f"%USING gin ({SEARCH_VECTOR})"}).scalar()
+        if not usable:
+            missing.append(index)
+        return missing
 
 
 @dataclass(frozen=True)
@@ -170,7 +221,7 @@ def search_terms(dialect: str, table_name: str, fields: tuple[tuple[str, str], .
     query = bindparam("search_query", type_=String())
     if dialect == "postgresql":
         vector: ColumnClause[Any] = literal_column(f"{table_name}.{SEARCH_VECTOR}")
-        tsquery = func.websearch_to_tsquery(literal_column("'english'::regconfig"), query)
+        tsquery = func.plainto_tsquery(literal_column("'english'::regconfig"), query)
         return SearchTerms(None, vector.op("@@")(tsquery), func.ts_rank(vector, tsquery))
     fts_name = f"{table_name}_fts"
     fts = table(fts_name, column("rowid"))
@@ -206,9 +257,10 @@ def search_query_value(dialect: str, query: str) -> str:
     if not words:
         raise InvalidArgument.field("query", "must contain at least one word", reason="EMPTY_QUERY")
     if dialect == "postgresql":
-        return query
-    # Each word quoted: user text never reaches FTS5's query syntax as operators.
-    return " ".join(f'"{w}"' for w in words)
+        return query  # plainto_tsquery: its words, every one required, stop words left out
+    # Each word quoted: user text never reaches FTS5's query syntax as operators. A query of stop
+    # words only matches nothing, as on PostgreSQL: the empty phrase "" matches no row.
+    return " ".join(f'"{w}"' for w in words if w not in STOP_WORDS) or '""'
 
 
 def create_search_objects(op: Any, tables: dict[str, tuple[tuple[str, str], ...]], *, stored: bool) -> None:

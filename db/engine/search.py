@@ -2,7 +2,8 @@
 
 PostgreSQL keeps each searchable table's tsvector in a stored generated column,
 `search_vector`, with a GIN index on it (migration 0020; before it, the GIN index was on the
-expression, and ranking a hit rebuilt its tsvector from the text: 1.4 s for 300 hits of 42 KB);
+expression, and ranking a hit rebuilt its tsvector from the text: 2.8 s for 300 hits of 42 KiB,
+bench/search_window_text.py);
 SQLite keeps an external-content FTS5 table up to date with triggers. Both are created by the
 migrations through the DDL helpers below, and queried through `search_terms`; `rebuild_index`
 (`nexus-data search rebuild`) builds either afresh from its table.

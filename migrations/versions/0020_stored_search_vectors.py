@@ -1,9 +1,9 @@
 """stored search vectors (PostgreSQL)
 
-Each searchable table keeps its tsvector in a stored generated column, search_vector, and its
-GIN index moves from the expression to that column. A Search ranks its window with ts_rank of
+Each searchable table keeps its tsvector in a stored generated column, search_vector, with a
+GIN index on that column, which the service searches on. A Search ranks its window with ts_rank of
 the stored vectors: with the index on the expression, ranking rebuilt each hit's vector from
-its text (300 hits of 42 KB: 1.4 s; from the stored vectors, 3 ms; 300 tasks: 4.4 ms and about
+its text (300 hits of 42 KiB: 2.8 s; from the stored vectors, 3.5 ms; 300 tasks: 4.4 ms and about
 0.3 ms). The column costs its vectors' room (about the size of the text again) and is computed
 by the database on each INSERT and on each UPDATE of a column it is made from.
 

@@ -627,7 +627,11 @@ class SearchAIInteractionsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the AI interactions' prompts and responses."""
+    """Full-text query over the AI interactions' prompts and responses.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int
@@ -1159,7 +1163,11 @@ class SearchDataAnalysesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the analyses' titles."""
+    """Full-text query over the analyses' titles.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int
@@ -1843,7 +1851,11 @@ class SearchToolGenerationsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the tool generations' prompts and generated code."""
+    """Full-text query over the tool generations' prompts and generated code.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int

@@ -813,7 +813,11 @@ class SearchChannelsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the channel's text fields."""
+    """Full-text query over the channel's text fields.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int
@@ -1127,7 +1131,11 @@ class SearchChatMessagesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the chat message's text fields."""
+    """Full-text query over the chat message's text fields.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int
@@ -1407,7 +1415,11 @@ class SearchConversationsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the conversation's text fields."""
+    """Full-text query over the conversation's text fields.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int
@@ -1687,7 +1699,11 @@ class SearchConversationMessagesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the conversation message's text fields."""
+    """Full-text query over the conversation message's text fields.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int

@@ -778,7 +778,11 @@ class SearchUsersRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the user's text fields."""
+    """Full-text query over the user's text fields.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int
@@ -1112,7 +1116,11 @@ class SearchRolesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the role's text fields."""
+    """Full-text query over the role's text fields.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int

@@ -345,7 +345,11 @@ class SearchKnowledgeChunksRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the chunk's title and content."""
+    """Full-text query over the chunk's title and content.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query (e.g. source = "docs" AND chunk_metadata.lang = "en")."""
     page_size: _builtins.int
@@ -1128,7 +1132,11 @@ class SearchDocumentsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the documents' titles and the string values of their content."""
+    """Full-text query over the documents' titles and the string values of their content.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int

@@ -301,7 +301,11 @@ class SearchAuditLogEntriesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """Full-text query over the audit log entry's text fields."""
+    """Full-text query over the audit log entry's text fields.
+    Its words, each one required, each found in its English forms; English stop words
+    ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+    quotes, "-" and "OR" are punctuation or stop words.
+    """
     filter: _builtins.str
     """AIP-160 filter applied on top of the query."""
     page_size: _builtins.int

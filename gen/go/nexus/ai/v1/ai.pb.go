@@ -1228,6 +1228,9 @@ type SearchAIInteractionsRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the AI interactions' prompts and responses.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query.
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`
@@ -2322,6 +2325,9 @@ type SearchDataAnalysesRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the analyses' titles.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query.
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`
@@ -3752,6 +3758,9 @@ type SearchToolGenerationsRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the tool generations' prompts and generated code.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query.
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`

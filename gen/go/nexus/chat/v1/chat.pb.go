@@ -1654,6 +1654,9 @@ type SearchChannelsRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the channel's text fields.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query.
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`
@@ -2318,6 +2321,9 @@ type SearchChatMessagesRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the chat message's text fields.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query.
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`
@@ -2906,6 +2912,9 @@ type SearchConversationsRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the conversation's text fields.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query.
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`
@@ -3494,6 +3503,9 @@ type SearchConversationMessagesRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the conversation message's text fields.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query.
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`

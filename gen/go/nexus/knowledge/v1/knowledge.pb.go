@@ -659,6 +659,9 @@ type SearchKnowledgeChunksRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the chunk's title and content.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query (e.g. source = "docs" AND chunk_metadata.lang = "en").
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`
@@ -2271,6 +2274,9 @@ type SearchDocumentsRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the documents' titles and the string values of their content.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query.
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`

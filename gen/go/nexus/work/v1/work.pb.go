@@ -1504,6 +1504,9 @@ type SearchProjectsRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the project's text fields.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query.
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`
@@ -2168,6 +2171,9 @@ type SearchTasksRequest struct {
 	unknownFields protoimpl.UnknownFields
 
 	// Full-text query over the task's text fields.
+	// Its words, each one required, each found in its English forms; English stop words
+	// ("the", "of", "or"...) are left out, and a query of them only finds nothing. No operators:
+	// quotes, "-" and "OR" are punctuation or stop words.
 	Query string `protobuf:"bytes,1,opt,name=query,proto3" json:"query,omitempty"`
 	// AIP-160 filter applied on top of the query.
 	Filter string `protobuf:"bytes,2,opt,name=filter,proto3" json:"filter,omitempty"`

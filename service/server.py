@@ -346,15 +346,17 @@ def create_server(config: Config, database: Database | None = None) -> App:
     actions = policy.check_all_covered(methods)  # refuses to start if an RPC has no access rule
     policy.install_permissions(methods)  # or no permission; the catalog Roles are checked against
     authenticator = None if config.insecure_dev else Authenticator(db, jwt_settings, _auth_settings(config))
-    server = grpc.aio.server(
-        options=options,
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-    )
+    # Checked before the gRPC server is made: a server made and never started stays in the
+    # process until the garbage collector frees it (GRPC_DEALLOC_LOGGER above).
     blobs = BlobStore(config.blob_path)
     try:
         blobs.check()
     except OSError as exc:
         raise ConfigError(f"NEXUS_BLOB_DIR: the blob store {config.blob_path} cannot hold files: {exc}") from None
+    server = grpc.aio.server(
+        options=options,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
     uploads = UploadLimits(config.max_file_bytes, config.upload_idle_seconds, config.max_uploads_per_caller)
     run = Runner(db, config.page_bytes, blobs, uploads, config.exact_count_limit)
     hub = ChangeHub(

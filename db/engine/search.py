@@ -10,7 +10,7 @@ migrations through the DDL helpers below, and queried through `search_terms`; `r
 """
 from __future__ import annotations
 
-import re
+import unicodedata
 from dataclasses import dataclass
 from collections.abc import Iterable
 from typing import Any
@@ -25,7 +25,6 @@ from db.migrate import SEARCH_VECTOR
 # The weight of a word found in a field of weight A..D: PostgreSQL's ts_rank applies its own
 # {0.1, 0.2, 0.4, 1.0} to D..A; SQLite's score uses these (see _sqlite_score).
 _SQLITE_WEIGHT = {"A": 10.0, "B": 4.0, "C": 2.0, "D": 1.0}
-_WORD = re.compile(r"\w+", re.UNICODE)
 # PostgreSQL's English stop words (tsearch_data/english.stop, which the 'english' configuration
 # drops from a query and from the text): SQLite's search leaves them out of a query too, so both
 # databases match and score the same words.
@@ -157,11 +156,11 @@ def rebuild_index(engine: Engine, table_name: str, fields: tuple[tuple[str, str]
         index = f"ix_{table_name}_search"
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             no_vector = f"{table_name}.{SEARCH_VECTOR}" in missing_search_objects(engine, table_name)
-            if no_vector:
+            if no_vector:  # missing, or not a generated tsvector: made afresh
                 conn.execute(text(f"DROP INDEX IF EXISTS {index}"))
+                conn.execute(text(f"ALTER TABLE {table_name} DROP COLUMN IF EXISTS {SEARCH_VECTOR}"))
                 conn.execute(text(pg_vector_column_ddl(table_name, fields)))
-            form = conn.execute(text("SELECT pg_get_indexdef(to_regclass(:name))"), {"name": index}).scalar()
-            whole = form is not None and form.endswith(f"USING gin ({SEARCH_VECTOR})")
+            whole = _pg_index_of_vector(conn, table_name, usable=False)
             if whole:  # invalid or not ready, too: built afresh in place
                 conn.execute(text(f"REINDEX INDEX CONCURRENTLY {index}"))
             else:  # missing, or an index of another form under its name
@@ -197,13 +196,22 @@ def missing_search_objects(engine: Engine, table_name: str) -> list[str]:
         if vector is None:
             missing.append(f"{table_name}.{SEARCH_VECTOR}")
         index = f"ix_{table_name}_search"
-        usable = conn.execute(text(
-            "SELECT i.indisvalid AND i.indisready AND pg_get_indexdef(i.indexrelid) LIKE :form FROM pg_index i "
-            "WHERE i.indexrelid = to_regclass(:name)"
-        ), {"name": index, "form": f"%USING gin ({SEARCH_VECTOR})"}).scalar()
-        if not usable:
+        if not _pg_index_of_vector(conn, table_name, usable=True):
             missing.append(index)
         return missing
+
+
+def _pg_index_of_vector(conn: Any, table_name: str, *, usable: bool) -> bool:
+    """Whether ix_<table>_search is a GIN index of the table's search_vector column alone (no
+    expression, no predicate; storage parameters such as fastupdate are the operator's), and
+    if usable, valid and ready too."""
+    return bool(conn.execute(text(
+        "SELECT (NOT :usable OR (i.indisvalid AND i.indisready)) FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
+        "WHERE i.indexrelid = to_regclass(:index) AND i.indrelid = to_regclass(:table) AND am.amname = 'gin' "
+        "AND i.indnatts = 1 AND i.indexprs IS NULL AND i.indpred IS NULL AND a.attname = :column"
+    ), {"index": f"ix_{table_name}_search", "table": table_name, "column": SEARCH_VECTOR, "usable": usable}).scalar())
 
 
 @dataclass(frozen=True)
@@ -250,18 +258,35 @@ def _sqlite_score(table_name: str, fields: tuple[tuple[str, str], ...]) -> str:
     return " + ".join(parts)
 
 
+def query_words(query: str) -> list[str]:
+    """A query's words: runs of letters, digits and the marks that combine with them (the vowel
+    signs of Devanagari, a combining accent), as they are written: everything else, the
+    underscore included, parts them, and case is the index's to fold (lower-casing first would
+    turn "İ" into "i" and a combining dot)."""
+    words, word = [], []
+    for ch in query:
+        if unicodedata.category(ch)[0] in "LNM":
+            word.append(ch)
+        elif word:
+            words.append("".join(word))
+            word = []
+    if word:
+        words.append("".join(word))
+    return words
+
+
 def search_query_value(dialect: str, query: str) -> str:
     """The value of `search_query` for a client's query; INVALID_ARGUMENT for an empty one."""
     if len(query) > MAX_QUERY_LENGTH:
         raise InvalidArgument.field("query", f"must be at most {MAX_QUERY_LENGTH} characters")
-    words = _WORD.findall(query.lower())
+    words = query_words(query)
     if not words:
         raise InvalidArgument.field("query", "must contain at least one word", reason="EMPTY_QUERY")
     if dialect == "postgresql":
         return query  # plainto_tsquery: its words, every one required, stop words left out
     # Each word quoted: user text never reaches FTS5's query syntax as operators. A query of stop
     # words only matches nothing, as on PostgreSQL: the empty phrase "" matches no row.
-    return " ".join(f'"{w}"' for w in words if w not in STOP_WORDS) or '""'
+    return " ".join(f'"{w}"' for w in words if w.lower() not in STOP_WORDS) or '""'
 
 
 def create_search_objects(op: Any, tables: dict[str, tuple[tuple[str, str], ...]], *, stored: bool) -> None:

@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -31,6 +30,7 @@ from db.engine.resource import REGISTRY
 from tests.conftest import Client, ServerThread, connect, make_config
 from tests.databases import fresh_postgres_database
 from tests.support import new_project, new_task
+from tests.test_attack_round11_search import _sql
 
 NEXUS_DATA = Path(sys.executable).parent / "nexus-data"
 PREFIX = "nexus_atk21_"
@@ -186,19 +186,6 @@ def pg_url() -> Iterator[str]:
         finally:
             database.dispose()
         yield url
-
-
-def _sql(url: str, *statements_: str) -> list[Any]:
-    engine = sa.create_engine(url, poolclass=NullPool)
-    try:
-        with engine.begin() as conn:
-            out = []
-            for s in statements_:
-                result = conn.exec_driver_sql(s)
-                out.append(result.scalar() if result.returns_rows else None)
-            return out
-    finally:
-        engine.dispose()
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:

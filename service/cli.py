@@ -123,7 +123,6 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from db import migrate
-
     from db.engine.search import missing_search_objects
 
     def work(database: Any) -> int:

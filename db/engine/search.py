@@ -170,8 +170,7 @@ def rebuild_index(engine: Engine, table_name: str, fields: tuple[tuple[str, str]
         return Rebuilt(table_name, index, rows, "rebuilt" if whole and not no_vector else "recreated")
     fts = f"{table_name}_fts"
     with engine.begin() as conn:
-        names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE name LIKE :prefix"), {"prefix": f"{fts}%"}).scalars())
-        whole = {fts, f"{fts}_ai", f"{fts}_ad", f"{fts}_au"} <= names
+        whole = not _sqlite_missing(conn, table_name)
         statements = sqlite_fts_rebuild(table_name, fields) if whole else [*sqlite_fts_drop(table_name), *sqlite_fts_ddl(table_name, fields)]
         for statement in statements:
             conn.exec_driver_sql(statement)
@@ -185,9 +184,7 @@ def missing_search_objects(engine: Engine, table_name: str) -> list[str]:
     and its GIN index on that column, valid and ready. Empty when the search index is whole."""
     with engine.connect() as conn:
         if engine.dialect.name != "postgresql":
-            fts = f"{table_name}_fts"
-            names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE name LIKE :prefix"), {"prefix": f"{fts}%"}).scalars())
-            return sorted({fts, f"{fts}_ai", f"{fts}_ad", f"{fts}_au"} - names)
+            return _sqlite_missing(conn, table_name)
         missing = []
         vector = conn.execute(text(
             "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = :table "
@@ -199,6 +196,13 @@ def missing_search_objects(engine: Engine, table_name: str) -> list[str]:
         if not _pg_index_of_vector(conn, table_name, usable=True):
             missing.append(index)
         return missing
+
+
+def _sqlite_missing(conn: Any, table_name: str) -> list[str]:
+    """Which of the table's FTS5 table and its three triggers are missing (SQLite)."""
+    fts = f"{table_name}_fts"
+    names = set(conn.execute(text("SELECT name FROM sqlite_master WHERE name LIKE :prefix"), {"prefix": f"{fts}%"}).scalars())
+    return sorted({fts, f"{fts}_ai", f"{fts}_ad", f"{fts}_au"} - names)
 
 
 def _pg_index_of_vector(conn: Any, table_name: str, *, usable: bool) -> bool:
